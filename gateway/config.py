@@ -1,0 +1,287 @@
+"""Typed settings loaded from one YAML file (``coffer.yaml``).
+
+Every key, its meaning and its default is listed in docs/configuration.md; the
+models below are the single source of truth for both.  A mistake is reported as
+a :class:`gateway.errors.ConfigError` naming file, line and key, and the process
+refuses to start (or, on SIGHUP, keeps the configuration it has).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from gateway import yamlsource
+from gateway.errors import ConfigError
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def parse_duration(value: Any) -> float:
+    """'30s', '5m', '2h', '5d', '1w' or a number of seconds -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30s, 5m, 2h or 5d")
+    if isinstance(value, int | float):
+        return float(value)
+    m = _DURATION.match(str(value))
+    if not m:
+        raise ValueError(f"{value!r} is not a duration (use e.g. 30s, 5m, 2h, 5d)")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+def parse_size(value: Any) -> int:
+    """'10M', '512k', '1G' (powers of 1024) or a number of bytes -> bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 512k, 10M or 1G")
+    if isinstance(value, int):
+        return value
+    m = _SIZE.match(str(value))
+    if not m:
+        raise ValueError(f"{value!r} is not a size (use e.g. 512k, 10M, 1G)")
+    unit = (m.group(2) or "").lower()[:1]
+    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Size = Annotated[int, BeforeValidator(parse_size)]
+
+
+def parse_hostport(value: str, default_port: int) -> tuple[str, int]:
+    """'127.0.0.1:2525', '[::1]:25', 'host' -> (host, port)."""
+    value = value.strip()
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif value.count(":") == 1:
+        host, port = value.split(":")
+    else:
+        host, port = value, ""
+    if not host:
+        raise ValueError(f"{value!r}: missing host")
+    try:
+        return host, int(port) if port else default_port
+    except ValueError:
+        raise ValueError(f"{value!r}: port is not a number") from None
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ListenerConfig(_Model):
+    name: str = Field(description="Name used in logs and metrics")
+    role: Literal["inbound", "submission"] = Field(
+        "inbound", description="inbound: MX role; submission: clients that authenticate"
+    )
+    address: str = Field("127.0.0.1:2525", description="host:port to listen on")
+    tls: Literal["none", "starttls", "implicit"] = Field(
+        "starttls", description="STARTTLS offered, implicit TLS (port 465 role) or none"
+    )
+    require_auth: bool | None = Field(
+        None, description="AUTH required before MAIL; default: true for submission"
+    )
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        return parse_hostport(self.address, 25)
+
+    @property
+    def auth_required(self) -> bool:
+        return self.require_auth if self.require_auth is not None else self.role == "submission"
+
+
+def _default_listeners() -> list[ListenerConfig]:
+    return [ListenerConfig(name="inbound")]
+
+
+class TlsConfig(_Model):
+    cert: Path | None = Field(None, description="PEM certificate chain (relative to data_dir)")
+    key: Path | None = Field(None, description="PEM private key (relative to data_dir)")
+
+
+class RelayConfig(_Model):
+    local_domains: list[str] = Field(
+        default_factory=list, description="Domains Coffer accepts mail for from anyone"
+    )
+    trusted_networks: list[str] = Field(
+        default_factory=list,
+        description="CIDRs allowed to relay to any domain without AUTH (like Postfix mynetworks)",
+    )
+
+    def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(n, strict=False) for n in self.trusted_networks]
+
+
+class LimitsConfig(_Model):
+    max_message_size: Size = Field(
+        36700160, description="SIZE advertised and enforced (552 5.3.4), bytes or 35M"
+    )
+    max_recipients: int = Field(100, ge=1, description="RCPT TO per transaction (452 4.5.3)")
+    max_line_length: int = Field(
+        1000, ge=80, description="Longest command or text line incl. CRLF (RFC 5321 §4.5.3.1)"
+    )
+    max_commands: int = Field(1000, ge=10, description="Commands per session before 421")
+    idle_timeout: Duration = Field(300.0, description="Idle time before 421 4.4.2")
+    max_connections_per_ip: int = Field(20, ge=1, description="Concurrent sessions per client IP")
+    max_connections: int = Field(1000, ge=1, description="Concurrent sessions per process")
+    max_auth_failures: int = Field(3, ge=1, description="Failed AUTH attempts before 421")
+
+
+class AuthConfig(_Model):
+    passwd_file: Path | None = Field(
+        None, description="File of 'user:argon2-hash' lines for SMTP AUTH (relative to data_dir)"
+    )
+
+
+class QueueConfig(_Model):
+    fsync: bool = Field(True, description="fsync spool writes before 250 (never turn off)")
+    max_age: Duration = Field(5 * 86400.0, description="Give up and bounce after this long")
+    retry_initial: Duration = Field(300.0, description="First retry delay")
+    retry_max: Duration = Field(3600.0, description="Longest retry delay")
+    retry_jitter: float = Field(0.2, ge=0, le=1, description="Random spread of retry delays")
+    scan_interval: Duration = Field(5.0, description="How often the spool is rescanned")
+    min_free_space: Size = Field(
+        100 * 1024 * 1024, description="Answer 452 4.3.1 below this much free disk"
+    )
+    workers: int = Field(1, ge=1, le=64, description="Processes sharing the SMTP ports")
+    delivery_concurrency: int = Field(50, ge=1, description="Messages delivered at once")
+    destination_concurrency: int = Field(10, ge=1, description="Connections per destination")
+
+
+class DeliveryConfig(_Model):
+    routes: dict[str, str] = Field(
+        default_factory=lambda: {"*": "mx"},
+        description="domain (or '*', or '.sub.example') -> mx | smtp://host:port[?tls=...] "
+        "| maildir:PATH",
+    )
+    helo_name: str | None = Field(None, description="EHLO name (default: hostname)")
+    connect_timeout: Duration = Field(30.0, description="TCP connect timeout")
+    command_timeout: Duration = Field(300.0, description="Per-command timeout (RFC 5321 §4.5.3.2)")
+    mx_tls: Literal["required", "opportunistic", "off"] = Field(
+        "opportunistic", description="TLS towards MX hosts"
+    )
+
+
+class DnsConfig(_Model):
+    nameservers: list[str] = Field(
+        default_factory=list, description="host or host:port; empty: /etc/resolv.conf"
+    )
+    timeout: Duration = Field(5.0, description="DNS lifetime per query")
+
+
+class MetricsConfig(_Model):
+    address: str | None = Field(
+        "127.0.0.1:9025", description="Prometheus /metrics on this loopback address; null: off"
+    )
+
+
+class LogConfig(_Model):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level")
+    format: Literal["json", "text"] = Field("json", description="One JSON object per line")
+    file: Path | None = Field(None, description="Log file (default: standard error)")
+
+
+class Config(_Model):
+    hostname: str = Field("localhost", description="Name in the banner, EHLO and Received")
+    data_dir: Path = Field(Path("."), description="Root of spool, archive, maildirs (rel. to file)")
+    relay: RelayConfig = Field(default_factory=RelayConfig)
+    listeners: list[ListenerConfig] = Field(default_factory=_default_listeners)
+    tls: TlsConfig = Field(default_factory=TlsConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    queue: QueueConfig = Field(default_factory=QueueConfig)
+    delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
+    dns: DnsConfig = Field(default_factory=DnsConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+    policy: Path | None = Field(None, description="Policy file (relative to data_dir)")
+
+    source: str = Field("<defaults>", exclude=True, description="File this was loaded from")
+
+    def path(self, p: Path | str) -> Path:
+        """A configured path, resolved against data_dir."""
+        p = Path(p)
+        return p if p.is_absolute() else self.data_dir / p
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+
+def _check_semantics(cfg: Config, loc: yamlsource.Locator) -> None:
+    for i, lst in enumerate(cfg.listeners):
+        try:
+            lst.host_port  # noqa: B018 - validates the address
+        except ValueError as exc:
+            raise loc.error(["listeners", i, "address"], str(exc)) from None
+        if lst.tls != "none" and not (cfg.tls.cert and cfg.tls.key):
+            raise loc.error(
+                ["listeners", i, "tls"],
+                f"listener {lst.name!r} offers TLS ({lst.tls}) but tls.cert and tls.key are "
+                "not set: set them (coffer init writes a self-signed pair) or set tls: none",
+            )
+    names = [lst.name for lst in cfg.listeners]
+    if len(set(names)) != len(names):
+        raise loc.error(["listeners"], "listener names must be unique")
+    for i, net in enumerate(cfg.relay.trusted_networks):
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise loc.error(["relay", "trusted_networks", i], f"{net!r} is not a CIDR") from None
+    from gateway.deliver.routes import RouteError, parse_route
+
+    for dom, spec in cfg.delivery.routes.items():
+        try:
+            parse_route(spec)
+        except RouteError as exc:
+            raise loc.error(["delivery", "routes", dom], str(exc)) from None
+
+
+def from_data(data: Any, loc: yamlsource.Locator, base: Path) -> Config:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise loc.error([], "the configuration must be a mapping of keys")
+    try:
+        cfg = Config.model_validate({**data, "source": loc.file})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        path = [p for p in err["loc"]]
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        more = len(exc.errors()) - 1
+        if more:
+            msg += f" (and {more} more error{'s' if more > 1 else ''})"
+        raise loc.error(path, msg) from None
+    data_dir = cfg.data_dir if cfg.data_dir.is_absolute() else (base / cfg.data_dir)
+    cfg = cfg.model_copy(update={"data_dir": data_dir.resolve()})
+    _check_semantics(cfg, loc)
+    return cfg
+
+
+def load(path: Path | str) -> Config:
+    path = Path(path)
+    data, loc = yamlsource.load(path)
+    return from_data(data, loc, path.resolve().parent)
+
+
+def find_config(arg: str | None) -> Path:
+    """--config, else $COFFER_CONFIG, else ./coffer.yaml."""
+    value = arg or os.environ.get("COFFER_CONFIG") or "coffer.yaml"
+    return Path(value)
+
+
+def defaults(data_dir: Path) -> Config:
+    return Config(data_dir=data_dir.resolve())
+
+
+__all__ = ["Config", "ConfigError", "load", "parse_duration", "parse_size"]

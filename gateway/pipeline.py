@@ -1,0 +1,81 @@
+"""The pipeline: named stages in order, and the runner that alone acts on their results.
+
+    receive ─▶ check ─▶ decide ─▶ [spool, 250] ─▶ transform ─▶ archive ─▶ deliver
+    (SMTP)     (auth,    (policy)                 (sign,        (store,     (next hop,
+                spam)                               encrypt)      ledger)     maildir)
+
+*Before-queue* stages (check, decide) run while the client waits for the reply
+to DATA, so a rejection is an SMTP reply and nothing is queued.  *After-queue*
+stages (transform, archive, deliver) run on the spooled copy, so a crash between
+them only repeats work; a stage that already completed (``once``) is recorded in
+the spool and is not run again.
+
+A stage returns a :class:`StageResult`; it never replies to a client nor touches
+the queue itself.  An unexpected exception inside a stage becomes a held message
+with the stage name and the error (never a dropped one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol
+
+from gateway.envelope import Envelope
+from gateway.replies import Reply
+
+
+class Action(StrEnum):
+    CONTINUE = "continue"
+    REJECT = "reject"  # 5xx to the client (before queue) or a bounce (after queue)
+    TEMPFAIL = "tempfail"  # 4xx to the client, or retry later
+    QUARANTINE = "quarantine"  # archive and hold, do not deliver
+    DISCARD = "discard"  # accept, archive, do not deliver
+    HOLD = "hold"  # keep in the held area for an operator
+
+
+TERMINAL = frozenset({Action.REJECT, Action.TEMPFAIL, Action.QUARANTINE, Action.DISCARD})
+
+
+@dataclass(slots=True)
+class StageResult:
+    action: Action = Action.CONTINUE
+    reply: Reply | None = None  # what the client (or the DSN) is told, for reject/tempfail
+    reason: str = ""  # internal explanation, logged and archived
+    headers: list[tuple[str, str]] = field(default_factory=list)  # to prepend to the message
+    facts: dict[str, Any] = field(default_factory=dict)  # verdicts, decisions: stored with it
+    data: bytes | None = None  # a transformed message body (transform stage)
+
+
+@dataclass(slots=True)
+class MessageContext:
+    """One message as the stages see it.  Stages read it; only the runner changes it."""
+
+    envelope: Envelope
+    data: bytes
+    facts: dict[str, Any] = field(default_factory=dict)
+    qid: str = ""
+    trace: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Stage(Protocol):
+    """A named step of the pipeline."""
+
+    name: str
+    once: bool  # after-queue only: recorded when done, skipped on retries
+
+    async def run(self, ctx: MessageContext) -> StageResult: ...
+
+
+def apply(ctx: MessageContext, stage: str, result: StageResult) -> None:
+    """Merge a stage's result into the context (the runner's job, not the stage's)."""
+    if result.headers:
+        prefix = b"".join(
+            f"{name}: {value}\r\n".encode() for name, value in result.headers
+        )
+        ctx.data = prefix + ctx.data
+    if result.data is not None:
+        ctx.data = result.data
+    if result.facts:
+        ctx.facts.setdefault(stage, {}).update(result.facts)
+    ctx.trace.append({"stage": stage, "action": str(result.action), "reason": result.reason})

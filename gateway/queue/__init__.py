@@ -1,0 +1,1 @@
+"""The durable queue: the spool on disk and the scheduler that drains it."""

@@ -1,0 +1,242 @@
+"""The spool: messages and their envelopes on disk, durable before the 250.
+
+Layout under the spool directory::
+
+    tmp/<qid>.msg      being written; never read (removed at start-up)
+    queue/<qid>.msg    header line, envelope JSON line, then the exact message bytes
+    queue/<qid>.state  append-only JSON event log (see gateway.queue.state)
+
+A message is made durable by writing it under ``tmp/``, fsyncing it, renaming it
+into ``queue/`` and fsyncing the directory (so both the data and the name survive
+a power cut).  Only then does the SMTP layer answer 250.  Per-recipient results
+are appended to the state log and fsynced before the next step relies on them,
+so a restart never delivers twice to a recipient the next hop accepted.
+
+Several processes may share one spool: a process works on a message only while
+it holds an exclusive ``flock`` on its ``.msg`` file, which the kernel releases
+if the process dies (kill -9 included).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway.envelope import Envelope
+from gateway.errors import SpoolError, SpoolFullError
+from gateway.queue.state import QueueState, fold, parse_events
+
+MAGIC = b"COFFER-SPOOL 1\n"
+
+
+def new_queue_id(now: float | None = None) -> str:
+    """A unique, time-sortable queue id: 12 hex digits of milliseconds + 8 random."""
+    ms = int((time.time() if now is None else now) * 1000)
+    return f"{ms:012X}{secrets.token_hex(4).upper()}"
+
+
+@dataclass(slots=True)
+class SpooledMessage:
+    qid: str
+    envelope: Envelope
+    facts: dict[str, Any]
+    data: bytes
+    state: QueueState
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    def __init__(self, root: Path, *, fsync: bool = True, min_free_bytes: int = 0) -> None:
+        self.root = root
+        self.fsync = fsync
+        self.min_free_bytes = min_free_bytes
+        self.tmp_dir = root / "tmp"
+        self.queue_dir = root / "queue"
+        for d in (self.tmp_dir, self.queue_dir):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    # -- paths ---------------------------------------------------------------
+    def msg_path(self, qid: str) -> Path:
+        return self.queue_dir / f"{qid}.msg"
+
+    def state_path(self, qid: str) -> Path:
+        return self.queue_dir / f"{qid}.state"
+
+    # -- writing -------------------------------------------------------------
+    def has_room(self, size: int = 0) -> bool:
+        """Whether the spool's file system can take ``size`` more bytes above the reserve."""
+        if not self.min_free_bytes:
+            return True
+        free = shutil.disk_usage(self.root).free
+        return free - size >= self.min_free_bytes
+
+    def store(
+        self, envelope: Envelope, data: bytes, facts: dict[str, Any] | None = None,
+        qid: str | None = None,
+    ) -> str:
+        """Write a message durably and return its queue id.
+
+        Raises SpoolFullError when the disk is (nearly) full and SpoolError for
+        any other I/O failure; in both cases nothing is left in ``queue/``.
+        """
+        qid = qid or new_queue_id(envelope.received_at or None)
+        if not self.has_room(len(data)):
+            raise SpoolFullError("spool file system is below its free-space reserve")
+        header = json.dumps(
+            {"qid": qid, "envelope": envelope.to_dict(), "facts": facts or {}, "size": len(data)},
+            separators=(",", ":"), ensure_ascii=False,
+        ).encode()
+        tmp = self.tmp_dir / f"{qid}.msg"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                with os.fdopen(fd, "wb", closefd=False) as fh:
+                    fh.write(MAGIC)
+                    fh.write(header)
+                    fh.write(b"\n")
+                    fh.write(data)
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, self.msg_path(qid))
+            if self.fsync:
+                _fsync_dir(self.queue_dir)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            self.msg_path(qid).unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise SpoolFullError(f"spool write failed: {exc}") from exc
+            raise SpoolError(f"spool write failed: {exc}") from exc
+        return qid
+
+    def append_event(self, qid: str, event: dict[str, Any], *, sync: bool = True) -> None:
+        """Append one event to a message's state log (fsynced unless sync=False)."""
+        event.setdefault("at", time.time())
+        line = json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+        path = self.state_path(qid)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                os.write(fd, line)
+                if sync and self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise SpoolFullError(f"state write failed: {exc}") from exc
+            raise SpoolError(f"state write failed: {exc}") from exc
+
+    def append_events(self, qid: str, events: list[dict[str, Any]]) -> None:
+        """Append several events with a single fsync."""
+        for ev in events[:-1]:
+            self.append_event(qid, ev, sync=False)
+        if events:
+            self.append_event(qid, events[-1], sync=True)
+
+    # -- reading -------------------------------------------------------------
+    def exists(self, qid: str) -> bool:
+        return self.msg_path(qid).exists()
+
+    def queue_ids(self) -> list[str]:
+        """Every queued message id, oldest first."""
+        return sorted(p.name[:-4] for p in self.queue_dir.glob("*.msg"))
+
+    def read_header(self, qid: str) -> tuple[Envelope, dict[str, Any], int]:
+        with open(self.msg_path(qid), "rb") as fh:
+            return self._parse_header(qid, fh.read(len(MAGIC)), fh.readline())
+
+    def _parse_header(
+        self, qid: str, magic: bytes, line: bytes
+    ) -> tuple[Envelope, dict[str, Any], int]:
+        if magic != MAGIC:
+            raise SpoolError(f"{qid}: not a spool file")
+        try:
+            hdr = json.loads(line)
+            return Envelope.from_dict(hdr["envelope"]), hdr.get("facts", {}), int(hdr["size"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise SpoolError(f"{qid}: corrupt spool header: {exc}") from exc
+
+    def read_state(self, qid: str, recipients: list[str]) -> QueueState:
+        try:
+            raw = self.state_path(qid).read_bytes()
+        except FileNotFoundError:
+            raw = b""
+        return fold(recipients, parse_events(raw))
+
+    def load(self, qid: str) -> SpooledMessage:
+        try:
+            with open(self.msg_path(qid), "rb") as fh:
+                env, facts, size = self._parse_header(qid, fh.read(len(MAGIC)), fh.readline())
+                data = fh.read()
+        except FileNotFoundError as exc:
+            raise SpoolError(f"{qid}: no such queued message") from exc
+        if len(data) != size:
+            raise SpoolError(f"{qid}: spool file truncated ({len(data)} of {size} bytes)")
+        return SpooledMessage(qid, env, facts, data, self.read_state(qid, env.rcpt_to))
+
+    # -- ownership and removal ----------------------------------------------
+    @contextmanager
+    def claim(self, qid: str, *, wait: bool = False) -> Iterator[bool]:
+        """Hold the message's lock; yields False if another process holds it."""
+        try:
+            fd = os.open(self.msg_path(qid), os.O_RDONLY)
+        except FileNotFoundError:
+            yield False
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            # The file may have been removed between open and lock.
+            yield self.msg_path(qid).exists()
+        finally:
+            os.close(fd)  # closing releases the flock
+
+    def remove(self, qid: str) -> None:
+        """Forget a finished (or deleted) message.  The caller holds its claim."""
+        self.state_path(qid).unlink(missing_ok=True)
+        self.msg_path(qid).unlink(missing_ok=True)
+        if self.fsync:
+            _fsync_dir(self.queue_dir)
+
+    def clean_tmp(self, older_than: float = 600.0) -> int:
+        """Remove half-written files left by a crash (never acknowledged).
+
+        Only files older than ``older_than`` seconds go: another process sharing
+        the spool may be writing a fresh one right now.
+        """
+        n = 0
+        limit = time.time() - older_than
+        for p in self.tmp_dir.iterdir():
+            try:
+                if p.stat().st_mtime < limit:
+                    p.unlink(missing_ok=True)
+                    n += 1
+            except FileNotFoundError:
+                continue
+        # A state log without its message can only be left by a crash in remove().
+        for p in self.queue_dir.glob("*.state"):
+            if not p.with_suffix(".msg").exists():
+                p.unlink(missing_ok=True)
+        return n

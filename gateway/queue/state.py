@@ -1,0 +1,110 @@
+"""Per-message queue state, folded from the append-only event log (pure logic).
+
+The spool keeps, beside each message, a log of JSON events.  Folding the log
+gives the current state; nothing is ever rewritten, so a crash can at worst
+lose (or tear) the last event, which this fold ignores.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class RcptStatus(StrEnum):
+    PENDING = "pending"
+    DEFERRED = "deferred"
+    DELIVERED = "delivered"
+    BOUNCED = "bounced"
+
+
+FINAL_STATUSES = frozenset({RcptStatus.DELIVERED, RcptStatus.BOUNCED})
+
+
+@dataclass(slots=True)
+class RecipientState:
+    address: str
+    status: RcptStatus = RcptStatus.PENDING
+    reply: str = ""
+    updated_at: float = 0.0
+
+
+@dataclass(slots=True)
+class QueueState:
+    recipients: dict[str, RecipientState]
+    attempts: int = 0
+    next_attempt_at: float = 0.0
+    last_error: str = ""
+    held: bool = False
+    held_stage: str = ""
+    held_error: str = ""
+    stages_done: set[str] = field(default_factory=set)
+    deleted: bool = False
+
+    @property
+    def pending(self) -> list[str]:
+        return [r.address for r in self.recipients.values() if r.status not in FINAL_STATUSES]
+
+    @property
+    def finished(self) -> bool:
+        return not self.pending
+
+    @property
+    def status(self) -> str:
+        if self.held:
+            return "held"
+        if self.finished:
+            return "done"
+        if self.attempts:
+            return "deferred"
+        return "active"
+
+
+def fold(recipients: list[str], events: list[dict[str, Any]]) -> QueueState:
+    """Apply events in order to the initial state of a message with these recipients."""
+    st = QueueState(recipients={r: RecipientState(r) for r in recipients})
+    for ev in events:
+        kind = ev.get("ev")
+        at = float(ev.get("at", 0.0))
+        if kind == "rcpt":
+            rs = st.recipients.get(ev["rcpt"])
+            if rs is None or rs.status in FINAL_STATUSES:
+                continue  # a final status is never revised: no double delivery
+            rs.status = RcptStatus(ev["status"])
+            rs.reply = ev.get("reply", "")
+            rs.updated_at = at
+        elif kind == "attempt":
+            st.attempts = int(ev.get("attempts", st.attempts + 1))
+            st.next_attempt_at = float(ev.get("next_at", 0.0))
+            st.last_error = ev.get("error", st.last_error)
+        elif kind == "stage":
+            st.stages_done.add(ev["stage"])
+        elif kind == "held":
+            st.held = True
+            st.held_stage = ev.get("stage", "")
+            st.held_error = ev.get("error", "")
+        elif kind == "released":
+            st.held = False
+        elif kind == "retry":
+            st.next_attempt_at = 0.0
+            st.held = False
+        elif kind == "deleted":
+            st.deleted = True
+    return st
+
+
+def parse_events(raw: bytes) -> list[dict[str, Any]]:
+    """Parse the event log; a torn or corrupt line (crash mid-append) is skipped."""
+    events: list[dict[str, Any]] = []
+    for line in raw.split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(obj, dict):
+            events.append(obj)
+    return events
