@@ -64,7 +64,9 @@ MUST_STARTTLS = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
 AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
 AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
-AUTH_TLS_REQUIRED = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+AUTH_TLS_REQUIRED = Reply(
+    538, "5.7.11", "Encryption required for requested authentication mechanism"
+)
 RELAY_DENIED = Reply(550, "5.7.1", "Relay access denied")
 BAD_MAILBOX_SYNTAX = Reply(553, "5.1.3", "Bad destination mailbox address syntax")
 BAD_SENDER_SYNTAX = Reply(553, "5.1.7", "Bad sender mailbox address syntax")

@@ -59,14 +59,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
     seen: set[Any] = set()
     for key_node, _ in node.value:
-        key = loader.construct_object(key_node)  # type: ignore[no-untyped-call]
+        key = loader.construct_object(key_node)
         if key in seen:
             raise ConfigError(
                 f"duplicate key {key!r}", line=key_node.start_mark.line + 1,
                 column=key_node.start_mark.column + 1, key=str(key),
             )
         seen.add(key)
-    return loader.construct_mapping(node)  # type: ignore[no-untyped-call,no-any-return]
+    return loader.construct_mapping(node)
 
 
 _UniqueKeyLoader.add_constructor(

@@ -1,0 +1,43 @@
+"""Prometheus metrics, served on a loopback HTTP port (``metrics.address``).
+
+The names follow Prometheus conventions (``_total`` for counters, base units).
+Metric objects live here so every module increments the same ones.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+CONNECTIONS = Counter(
+    "coffer_smtp_connections_total", "SMTP sessions opened", ["listener"], registry=REGISTRY
+)
+ACCEPTED = Counter(
+    "coffer_messages_accepted_total", "Messages acknowledged with 250 after DATA",
+    ["listener"], registry=REGISTRY,
+)
+REJECTED = Counter(
+    "coffer_messages_rejected_total", "Commands or messages refused, by reason",
+    ["reason"], registry=REGISTRY,
+)
+DELIVERED = Counter(
+    "coffer_recipients_delivered_total", "Recipients delivered", ["route"], registry=REGISTRY
+)
+DEFERRED = Counter(
+    "coffer_recipients_deferred_total", "Recipients deferred for retry", ["route"],
+    registry=REGISTRY,
+)
+BOUNCED = Counter(
+    "coffer_recipients_bounced_total", "Recipients bounced", ["route"], registry=REGISTRY
+)
+HELD = Counter(
+    "coffer_messages_held_total", "Messages moved to the held area", ["stage"], registry=REGISTRY
+)
+QUEUE_DEPTH = Gauge(
+    "coffer_queue_depth", "Messages in the spool, by status", ["status"], registry=REGISTRY
+)
+STAGE_SECONDS = Histogram(
+    "coffer_stage_seconds", "Time spent in each pipeline stage", ["stage"], registry=REGISTRY,
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)

@@ -1,0 +1,112 @@
+"""The before-queue runner: check and decide while the client waits, then spool.
+
+The SMTP adapter (gateway.receive) hands each complete message to
+:meth:`Runner.accept` and sends back exactly the reply it returns.  The runner
+alone turns stage results into replies: a reject becomes 5xx, a tempfail 4xx,
+anything else is spooled durably (fsync) and only then answered 250.  An
+unexpected exception in a stage does not lose the message: it is spooled in the
+held area with the stage name and the error, and the client still gets 250 —
+the message is safe, and an operator decides (``coffer queue``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from typing import Protocol
+
+from gateway import log, metrics, replies
+from gateway.envelope import Envelope
+from gateway.errors import SpoolError, SpoolFullError
+from gateway.pipeline import Action, MessageContext, Stage, apply
+from gateway.queue.spool import Spool
+from gateway.replies import Reply
+
+
+class Acceptor(Protocol):
+    """What the SMTP adapter needs from the rest of the gateway."""
+
+    def room_for(self, size: int) -> Reply | None:
+        """None if a message of ``size`` bytes can be taken now, else the 4xx to answer."""
+
+    async def accept(self, envelope: Envelope, data: bytes) -> Reply:
+        """Run the before-queue stages and spool the message; the reply to DATA."""
+
+
+class Runner:
+    def __init__(
+        self,
+        spool: Spool,
+        stages: Sequence[Stage] = (),
+        *,
+        on_queued: Callable[[str], None] | None = None,
+        executor: Executor | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.spool = spool
+        self.stages = list(stages)
+        self.on_queued = on_queued
+        self.executor = executor
+        self.clock = clock
+
+    def room_for(self, size: int) -> Reply | None:
+        return None if self.spool.has_room(size) else replies.SPOOL_FULL
+
+    async def accept(self, envelope: Envelope, data: bytes) -> Reply:
+        ctx = MessageContext(envelope=envelope, data=data)
+        held: tuple[str, str] | None = None
+        for stage in self.stages:
+            started = time.perf_counter()
+            try:
+                result = await stage.run(ctx)
+            except Exception as exc:
+                held = (stage.name, f"{type(exc).__name__}: {exc}")
+                log.event("stage_error", stage=stage.name, error=held[1])
+                break
+            finally:
+                metrics.STAGE_SECONDS.labels(stage.name).observe(time.perf_counter() - started)
+            apply(ctx, stage.name, result)
+            if result.action in (Action.REJECT, Action.TEMPFAIL):
+                reply = result.reply or (
+                    replies.REJECTED_POLICY if result.action is Action.REJECT
+                    else replies.TEMPFAIL_POLICY
+                )
+                metrics.REJECTED.labels(f"{stage.name}:{result.action}").inc()
+                log.event("rejected", stage=stage.name, reply=str(reply), reason=result.reason,
+                          sender=envelope.mail_from, recipients=envelope.rcpt_to,
+                          client=envelope.client_ip)
+                return reply
+            if result.action is not Action.CONTINUE:
+                # quarantine / discard / hold are carried out after the queue.
+                ctx.facts.setdefault("runner", {})["action"] = str(result.action)
+                break
+        ctx.facts["trace"] = ctx.trace
+        try:
+            qid = await self._store(ctx)
+        except SpoolFullError as exc:
+            log.event("spool_full", error=str(exc), sender=envelope.mail_from)
+            metrics.REJECTED.labels("spool_full").inc()
+            return replies.SPOOL_FULL
+        except SpoolError as exc:
+            log.event("spool_error", error=str(exc), sender=envelope.mail_from)
+            metrics.REJECTED.labels("spool_error").inc()
+            return replies.LOCAL_ERROR
+        if held is not None:
+            self.spool.append_event(qid, {"ev": "held", "stage": held[0], "error": held[1]})
+            metrics.HELD.labels(held[0]).inc()
+        metrics.ACCEPTED.labels(envelope.listener).inc()
+        log.event("accepted", qid=qid, sender=envelope.mail_from, recipients=envelope.rcpt_to,
+                  size=len(ctx.data), client=envelope.client_ip, held=held is not None)
+        if self.on_queued is not None and held is None:
+            self.on_queued(qid)
+        return replies.QUEUED.with_text(f"OK: queued as {qid}")
+
+    async def _store(self, ctx: MessageContext) -> str:
+        loop = asyncio.get_running_loop()
+        # fsync blocks: keep it off the event loop so other sessions keep moving,
+        # and so concurrent fsyncs are merged by the file system's journal.
+        return await loop.run_in_executor(
+            self.executor, self.spool.store, ctx.envelope, ctx.data, ctx.facts
+        )

@@ -1,0 +1,149 @@
+"""The spool keeps every acknowledged message, and never half of one."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from gateway.envelope import Envelope, TlsInfo
+from gateway.errors import SpoolError, SpoolFullError
+from gateway.queue.spool import Spool
+from gateway.queue.state import RcptStatus
+
+
+def _env(*rcpts: str) -> Envelope:
+    return Envelope(
+        mail_from="alice@src.example", rcpt_to=list(rcpts) or ["bob@dst.example"],
+        client_ip="127.0.0.1", helo="client.example", tls=TlsInfo("TLSv1.3", "TLS_AES_256_GCM"),
+        auth_user="alice", received_at=1_700_000_000.0,
+    )
+
+
+def test_store_then_load_returns_exact_bytes_and_envelope(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    data = b"Subject: hi\r\n\r\nbody \xff\x00 bytes\r\n"
+    qid = spool.store(_env("bob@dst.example", "carol@dst.example"), data, {"check": {"x": 1}})
+    msg = spool.load(qid)
+    assert msg.data == data
+    assert msg.envelope == _env("bob@dst.example", "carol@dst.example")
+    assert msg.facts == {"check": {"x": 1}}
+    assert msg.state.pending == ["bob@dst.example", "carol@dst.example"]
+    assert list(spool.tmp_dir.iterdir()) == []
+
+
+def test_queue_ids_are_unique_and_time_ordered(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    ids = [spool.store(_env(), b"x") for _ in range(50)]
+    assert len(set(ids)) == 50
+    assert spool.queue_ids() == sorted(ids)
+
+
+def test_recipient_final_status_is_never_revised(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    qid = spool.store(_env("a@d.example", "b@d.example"), b"x")
+    spool.append_events(qid, [
+        {"ev": "rcpt", "rcpt": "a@d.example", "status": "delivered", "reply": "250 ok"},
+        {"ev": "rcpt", "rcpt": "b@d.example", "status": "deferred", "reply": "451 later"},
+    ])
+    # A later, conflicting event for a delivered recipient must not make it pending again.
+    spool.append_event(qid, {"ev": "rcpt", "rcpt": "a@d.example", "status": "deferred"})
+    state = spool.load(qid).state
+    assert state.recipients["a@d.example"].status is RcptStatus.DELIVERED
+    assert state.pending == ["b@d.example"]
+
+
+def test_torn_last_state_line_is_ignored(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    qid = spool.store(_env("a@d.example"), b"x")
+    spool.append_event(qid, {"ev": "rcpt", "rcpt": "a@d.example", "status": "delivered"})
+    with open(spool.state_path(qid), "ab") as fh:
+        fh.write(b'{"ev":"rcpt","rcpt":"a@d.exa')  # crash in the middle of an append
+    assert spool.load(qid).state.finished
+
+
+def test_truncated_spool_file_is_reported_not_delivered(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    qid = spool.store(_env(), b"0123456789")
+    path = spool.msg_path(qid)
+    path.write_bytes(path.read_bytes()[:-3])
+    with pytest.raises(SpoolError, match="truncated"):
+        spool.load(qid)
+
+
+def test_claim_is_exclusive_across_processes(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    qid = spool.store(_env(), b"x")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys, time
+            from pathlib import Path
+            from gateway.queue.spool import Spool
+            with Spool(Path({str(tmp_path)!r})).claim({qid!r}) as ok:
+                print(ok, flush=True)
+                sys.stdin.readline()
+        """)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "True"
+        with spool.claim(qid) as ok:
+            assert ok is False
+    finally:
+        holder.kill()  # kill -9: the kernel must release the lock
+        holder.wait()
+        assert holder.stdin is not None and holder.stdout is not None
+        holder.stdin.close()
+        holder.stdout.close()
+    with spool.claim(qid) as ok:
+        assert ok is True
+
+
+def test_disk_full_raises_spool_full_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = Spool(tmp_path)
+    real_fsync = os.fsync
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(SpoolFullError):
+        spool.store(_env(), b"x" * 1000)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert spool.queue_ids() == []
+    assert list(spool.tmp_dir.iterdir()) == []
+
+
+def test_free_space_reserve_refuses_before_writing(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, min_free_bytes=1 << 62)  # more than any disk has
+    assert not spool.has_room(10)
+    with pytest.raises(SpoolFullError):
+        spool.store(_env(), b"x")
+    assert spool.queue_ids() == []
+
+
+def test_remove_forgets_message_and_state(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    qid = spool.store(_env(), b"x")
+    spool.append_event(qid, {"ev": "attempt", "attempts": 1})
+    spool.remove(qid)
+    assert not spool.exists(qid)
+    assert not spool.state_path(qid).exists()
+
+
+def test_clean_tmp_removes_only_stale_files(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    stale = spool.tmp_dir / "OLD.msg"
+    fresh = spool.tmp_dir / "NEW.msg"
+    stale.write_bytes(b"half")
+    fresh.write_bytes(b"being written")
+    os.utime(stale, (1, 1))
+    assert spool.clean_tmp() == 1
+    assert not stale.exists() and fresh.exists()
