@@ -5,6 +5,7 @@ Layout under the spool directory::
     tmp/<qid>.msg      being written; never read (removed at start-up)
     queue/<qid>.msg    header line, envelope JSON line, then the exact message bytes
     queue/<qid>.state  append-only JSON event log (see gateway.queue.state)
+    queue/<qid>.data   the message as an after-queue ``once`` stage left it (optional)
 
 A message is made durable by writing it under ``tmp/``, fsyncing it, renaming it
 into ``queue/`` and fsyncing the directory (so both the data and the name survive
@@ -19,6 +20,7 @@ if the process dies (kill -9 included).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -78,6 +80,9 @@ class Spool:
 
     def state_path(self, qid: str) -> Path:
         return self.queue_dir / f"{qid}.state"
+
+    def data_path(self, qid: str) -> Path:
+        return self.queue_dir / f"{qid}.data"
 
     # -- writing -------------------------------------------------------------
     def has_room(self, size: int = 0) -> bool:
@@ -152,6 +157,33 @@ class Spool:
         if events:
             self.append_event(qid, events[-1], sync=True)
 
+    def save_data(self, qid: str, data: bytes) -> None:
+        """Durably keep the transformed bytes of a message (the caller holds its claim).
+
+        A ``once`` stage that changed the message (signed, encrypted) is not run
+        again on a retry, so its output must survive a restart: it is written
+        beside the original (tmp, fsync, rename, fsync dir) and :meth:`load`
+        returns it instead of the received bytes.
+        """
+        tmp = self.tmp_dir / f"{qid}.data"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                with os.fdopen(fd, "wb", closefd=False) as fh:
+                    fh.write(data)
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, self.data_path(qid))
+            if self.fsync:
+                _fsync_dir(self.queue_dir)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise SpoolFullError(f"spool write failed: {exc}") from exc
+            raise SpoolError(f"spool write failed: {exc}") from exc
+
     # -- reading -------------------------------------------------------------
     def exists(self, qid: str) -> bool:
         return self.msg_path(qid).exists()
@@ -191,6 +223,8 @@ class Spool:
             raise SpoolError(f"{qid}: no such queued message") from exc
         if len(data) != size:
             raise SpoolError(f"{qid}: spool file truncated ({len(data)} of {size} bytes)")
+        with contextlib.suppress(FileNotFoundError):
+            data = self.data_path(qid).read_bytes()  # a once-stage's output, if any
         return SpooledMessage(qid, env, facts, data, self.read_state(qid, env.rcpt_to))
 
     # -- ownership and removal ----------------------------------------------
@@ -213,10 +247,25 @@ class Spool:
         finally:
             os.close(fd)  # closing releases the flock
 
-    def remove(self, qid: str) -> None:
-        """Forget a finished (or deleted) message.  The caller holds its claim."""
-        self.state_path(qid).unlink(missing_ok=True)
+    def remove(self, qid: str, *, sync: bool = True) -> None:
+        """Forget a finished (or deleted) message.  The caller holds its claim.
+
+        With ``sync=False`` the directory is not fsynced: the removal is visible
+        at once (a kill -9 cannot undo it) and the caller makes it durable
+        against power loss later with :meth:`sync_queue_dir`, one fsync for many
+        removals (group commit).
+        """
+        # The .msg goes first: a crash before the state log is gone leaves an orphan
+        # log (cleaned at start-up), never a message without its delivery record,
+        # which would be delivered again to every recipient.
         self.msg_path(qid).unlink(missing_ok=True)
+        self.data_path(qid).unlink(missing_ok=True)
+        self.state_path(qid).unlink(missing_ok=True)
+        if sync and self.fsync:
+            _fsync_dir(self.queue_dir)
+
+    def sync_queue_dir(self) -> None:
+        """Make earlier ``remove(sync=False)`` calls durable."""
         if self.fsync:
             _fsync_dir(self.queue_dir)
 
@@ -236,7 +285,8 @@ class Spool:
             except FileNotFoundError:
                 continue
         # A state log without its message can only be left by a crash in remove().
-        for p in self.queue_dir.glob("*.state"):
-            if not p.with_suffix(".msg").exists():
-                p.unlink(missing_ok=True)
+        for pattern in ("*.state", "*.data"):
+            for p in self.queue_dir.glob(pattern):
+                if not p.with_suffix(".msg").exists():
+                    p.unlink(missing_ok=True)
         return n

@@ -18,9 +18,12 @@ class RcptStatus(StrEnum):
     DEFERRED = "deferred"
     DELIVERED = "delivered"
     BOUNCED = "bounced"
+    # A stage (or the policy before the queue) decided not to deliver (Action.DISCARD):
+    # final, but not a failure, so no DSN is sent for it.
+    DISCARDED = "discarded"
 
 
-FINAL_STATUSES = frozenset({RcptStatus.DELIVERED, RcptStatus.BOUNCED})
+FINAL_STATUSES = frozenset({RcptStatus.DELIVERED, RcptStatus.BOUNCED, RcptStatus.DISCARDED})
 
 
 @dataclass(slots=True)
@@ -41,7 +44,16 @@ class QueueState:
     held_stage: str = ""
     held_error: str = ""
     stages_done: set[str] = field(default_factory=set)
+    # Facts a completed once-stage reported; given back to later stages when it is skipped.
+    stage_facts: dict[str, dict[str, Any]] = field(default_factory=dict)
     deleted: bool = False
+    # Why it is held: "error" (a stage failed), "quarantine" or "hold" (a decision);
+    # "" for older or operator events.
+    held_reason: str = ""
+    # An operator released the message from a quarantine or hold decision: that
+    # decision is not applied again, the message goes on to delivery.  (Releasing a
+    # message held for a stage error only retries it: decisions still apply.)
+    released: bool = False
 
     @property
     def pending(self) -> list[str]:
@@ -81,11 +93,15 @@ def fold(recipients: list[str], events: list[dict[str, Any]]) -> QueueState:
             st.last_error = ev.get("error", st.last_error)
         elif kind == "stage":
             st.stages_done.add(ev["stage"])
+            if isinstance(ev.get("facts"), dict):
+                st.stage_facts[ev["stage"]] = ev["facts"]
         elif kind == "held":
             st.held = True
             st.held_stage = ev.get("stage", "")
             st.held_error = ev.get("error", "")
+            st.held_reason = ev.get("reason", "")
         elif kind == "released":
+            st.released = st.released or (st.held and st.held_reason in ("quarantine", "hold"))
             st.held = False
         elif kind == "retry":
             st.next_attempt_at = 0.0

@@ -1,0 +1,201 @@
+"""The deliver stage: hand each pending recipient to its route, report per-recipient outcomes.
+
+Recipients are grouped by route (``delivery.routes``, see gateway.deliver.routes):
+one SMTP transaction per smarthost, one per recipient domain for MX delivery
+(trying the exchangers in preference order), one Maildir file per local
+recipient.  The groups run concurrently.  The deliverer only reports what
+happened; the queue worker persists the outcomes and decides about retries and
+bounces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway import log
+from gateway.config import Config
+from gateway.deliver import maildir
+from gateway.deliver.mx import MxResolver
+from gateway.deliver.routes import (
+    MaildirRoute,
+    MxRoute,
+    Route,
+    SmtpRoute,
+    parse_routes,
+    select_route,
+)
+from gateway.deliver.smtp import Destination, SmtpClient
+from gateway.envelope import Envelope, domain_of
+from gateway.errors import DeliveryError
+from gateway.queue.state import RcptStatus
+
+# RFC 5321 §5.1 leaves the number of exchangers to try open; Postfix tries 5 addresses.
+MAX_MX_ADDRESSES = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    rcpt: str
+    status: RcptStatus  # DELIVERED, DEFERRED or BOUNCED
+    reply: str  # the reply that decided it, e.g. "250 2.0.0 Ok: queued as X"
+    route: str  # e.g. "smtp:relay.example:25", "mx:example.com", "maildir:/srv/mail"
+    remote: str = ""  # the host that answered ("" when Coffer decided itself)
+
+
+def status_of(reply: str) -> RcptStatus:
+    """RFC 5321 §4.2.1: 2yz delivered, 4yz try again later, 5yz permanent failure."""
+    first = reply[:1]
+    if first == "2":
+        return RcptStatus.DELIVERED
+    if first == "5":
+        return RcptStatus.BOUNCED
+    return RcptStatus.DEFERRED
+
+
+class Deliverer:
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        resolver: MxResolver | None = None,
+        tls_context: ssl.SSLContext | None = None,
+        mx_port: int = 25,
+        executor: Executor | None = None,
+    ) -> None:
+        """``tls_context`` verifies next hops for ``tls=required`` and ``smtps://``
+        (default: the system trust store); ``mx_port`` exists for tests on loopback."""
+        self.cfg = cfg
+        self.routes: dict[str, Route] = parse_routes(cfg.delivery.routes, cfg.data_dir)
+        self.resolver = resolver or MxResolver.from_config(cfg.dns)
+        self.mx_port = mx_port
+        self.executor = executor
+        self.client = SmtpClient(
+            helo_name=cfg.delivery.helo_name or cfg.hostname,
+            connect_timeout=cfg.delivery.connect_timeout,
+            command_timeout=cfg.delivery.command_timeout,
+            destination_concurrency=cfg.queue.destination_concurrency,
+            verified_context=tls_context,
+        )
+
+    async def deliver(
+        self, envelope: Envelope, data: bytes, rcpts: Sequence[str], *, qid: str = ""
+    ) -> list[Outcome]:
+        """One outcome per recipient in ``rcpts``, in the same order."""
+        groups: dict[str, tuple[Route | None, str, list[str]]] = {}
+        for rcpt in rcpts:
+            domain = domain_of(rcpt)
+            route = select_route(self.routes, domain)
+            if isinstance(route, MxRoute):
+                key = f"mx:{domain}"
+            elif route is None:
+                key = f"none:{domain}"
+            else:
+                key = route.key
+            groups.setdefault(key, (route, domain, []))[2].append(rcpt)
+
+        results = await asyncio.gather(
+            *(self._guarded(key, route, domain, envelope, data, group)
+              for key, (route, domain, group) in groups.items())
+        )
+        by_rcpt = {o.rcpt: o for outcomes in results for o in outcomes}
+        return [by_rcpt[r] for r in rcpts]
+
+    async def _guarded(
+        self, key: str, route: Route | None, domain: str, envelope: Envelope, data: bytes,
+        rcpts: list[str],
+    ) -> list[Outcome]:
+        try:
+            return await self._deliver_group(key, route, domain, envelope, data, rcpts)
+        except Exception as exc:
+            # A bug or an unforeseen error for one destination must not block the
+            # message's other destinations, nor keep it forever: it is deferred like
+            # a 4xx, so queue.max_age still ends in a bounce the sender hears about.
+            log.event("delivery_error", route=key, error=f"{type(exc).__name__}: {exc}")
+            reply = f"451 4.3.0 Internal error delivering via {key}"
+            return [Outcome(r, RcptStatus.DEFERRED, reply, key) for r in rcpts]
+
+    async def _deliver_group(
+        self, key: str, route: Route | None, domain: str, envelope: Envelope, data: bytes,
+        rcpts: list[str],
+    ) -> list[Outcome]:
+        if route is None:
+            # A configuration gap, not the recipient's fault: keep the mail and retry,
+            # so fixing delivery.routes delivers it.
+            reply = f"451 4.4.4 No route for domain {domain!r} (set delivery.routes)"
+            return [Outcome(r, RcptStatus.DEFERRED, reply, key) for r in rcpts]
+        if isinstance(route, MaildirRoute):
+            return await self._maildir(route, envelope, data, rcpts)
+        if isinstance(route, SmtpRoute):
+            dest = Destination(route.host, route.port, route.tls, route.host)
+            result = await self.client.send(
+                dest, envelope.mail_from, rcpts, data, smtputf8=envelope.smtputf8
+            )
+            return [Outcome(r, status_of(result.replies[r]), result.replies[r], key, dest.label)
+                    for r in rcpts]
+        return await self._mx(key, domain, envelope, data, rcpts)
+
+    async def _maildir(
+        self, route: MaildirRoute, envelope: Envelope, data: bytes, rcpts: list[str]
+    ) -> list[Outcome]:
+        loop = asyncio.get_running_loop()
+        out: list[Outcome] = []
+        for rcpt in rcpts:
+            try:
+                path: Path = await loop.run_in_executor(
+                    self.executor, _maildir_deliver, route.path, rcpt, envelope.mail_from, data,
+                    self.cfg.queue.fsync, self.cfg.hostname,
+                )
+            except DeliveryError as exc:
+                reply = exc.reply or f"451 4.3.0 {exc}"
+                out.append(Outcome(rcpt, status_of(reply), reply, route.key))
+                continue
+            out.append(Outcome(rcpt, RcptStatus.DELIVERED,
+                               f"250 2.0.0 Delivered to maildir as {path.name}", route.key))
+        return out
+
+    async def _mx(
+        self, key: str, domain: str, envelope: Envelope, data: bytes, rcpts: list[str]
+    ) -> list[Outcome]:
+        try:
+            hosts = await self.resolver.lookup(domain)
+        except DeliveryError as exc:
+            reply = exc.reply or f"451 4.4.3 {exc}"
+            status = RcptStatus.DEFERRED if exc.transient else RcptStatus.BOUNCED
+            return [Outcome(r, status, reply, key) for r in rcpts]
+        tls = self.cfg.delivery.mx_tls
+        tried = 0
+        outcomes: list[Outcome] = []
+        for host in hosts:
+            for addr in host.addresses:
+                if tried >= MAX_MX_ADDRESSES:
+                    break
+                tried += 1
+                dest = Destination(addr, self.mx_port, tls, host.name)
+                result = await self.client.send(
+                    dest, envelope.mail_from, rcpts, data, smtputf8=envelope.smtputf8
+                )
+                outcomes = [
+                    Outcome(r, status_of(result.replies[r]), result.replies[r], key, dest.label)
+                    for r in rcpts
+                ]
+                # RFC 5321 §5.1: when a host cannot be reached or fails the session
+                # temporarily, try the next one; a per-recipient answer is final for
+                # this attempt, and so is a permanent refusal.
+                if not (result.session_failed
+                        and all(o.status is RcptStatus.DEFERRED for o in outcomes)):
+                    return outcomes
+        return outcomes
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+def _maildir_deliver(
+    root: Path, rcpt: str, sender: str, data: bytes, fsync: bool, hostname: str
+) -> Path:
+    return maildir.deliver(root, rcpt, sender, data, fsync=fsync, hostname=hostname)

@@ -1,0 +1,558 @@
+"""The queue worker: drains the spool through the after-queue stages and delivery.
+
+For each due message (not held, not locked by another process: ``Spool.claim``):
+
+1. run the after-queue stages in order (transform, archive, ...).  A ``once``
+   stage already recorded as done is skipped; when a once-stage succeeds its
+   completion (and facts) are recorded, and if it changed the message the new
+   bytes are saved first (``Spool.save_data``), so a retry delivers exactly what
+   was archived.  Stage results become queue actions here and only here:
+
+   ===========  =========================================================
+   exception    held with the stage name and the error (never dropped)
+   HOLD         held with the stage name and its reason
+   QUARANTINE   the remaining stages run (archive), then held ("quarantine")
+   DISCARD      the remaining stages run, then every recipient is recorded
+                ``discarded`` (a final status that is not a failure: no DSN)
+                and the message is removed
+   REJECT       every pending recipient bounces with the stage's reply
+   TEMPFAIL     the whole message is deferred like a 4xx from the next hop
+   ===========  =========================================================
+
+   A quarantine/discard/hold decided before the queue (``facts["runner"]``) is
+   carried out the same way; an operator's release skips quarantine and hold.
+
+2. deliver the pending recipients (gateway.deliver.Deliverer) and persist every
+   outcome with one fsync (``Spool.append_events``) before anything relies on it.
+   A recipient with a final status is never tried again.  4xx and network
+   errors are retried with the scheduler's backoff until ``queue.max_age``, then
+   bounced; 5xx bounce at once.
+
+3. when every recipient is final: one DSN (RFC 3464) for all bounced recipients
+   is spooled as a new message from the null sender (never to the null sender),
+   then the message is removed.  If the delivery attempt itself made every
+   recipient final without a bounce, removing the message is the durable record:
+   the window in which a crash repeats the delivery is the same as with a log
+   write first, and it saves an fsync per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import random
+import re
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from typing import Any, Protocol, TypeVar
+
+from gateway import log, metrics, replies
+from gateway.config import Config
+from gateway.deliver.deliverer import Outcome
+from gateway.deliver.dsn import FailedRecipient, build_dsn
+from gateway.envelope import Envelope
+from gateway.errors import SpoolError
+from gateway.pipeline import Action, MessageContext, Stage, apply
+from gateway.queue import scheduler
+from gateway.queue.spool import Spool, SpooledMessage
+from gateway.queue.state import FINAL_STATUSES, QueueState, RcptStatus, fold, parse_events
+
+T = TypeVar("T")
+
+_MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(.*?)\r?$", re.IGNORECASE | re.MULTILINE)
+
+
+class DeliveryBackend(Protocol):
+    """What the worker needs from gateway.deliver.Deliverer."""
+
+    async def deliver(
+        self, envelope: Envelope, data: bytes, rcpts: Sequence[str], *, qid: str = ""
+    ) -> list[Outcome]: ...
+
+    async def aclose(self) -> None: ...
+
+
+def message_id(data: bytes) -> str:
+    """The Message-ID of a message ("" if none), looked up in the header section only."""
+    end = data.find(b"\r\n\r\n")
+    head = data if end < 0 else data[: end + 2]
+    m = _MESSAGE_ID.search(head)
+    return m.group(1).decode("utf-8", "replace").strip() if m else ""
+
+
+def arrival_time(qid: str, envelope: Envelope) -> float:
+    """When the message was received: the envelope's time, else the queue id's."""
+    if envelope.received_at:
+        return envelope.received_at
+    try:
+        return int(qid[:12], 16) / 1000.0  # new_queue_id: 12 hex digits of milliseconds
+    except ValueError:
+        return 0.0
+
+
+# Messages up to this size are read on the event loop: they were just written and
+# sit in the page cache, so the read is cheaper than a hop to a thread.
+INLINE_READ_BYTES = 256 * 1024
+
+
+class _GroupSync:
+    """Coalesces fsyncs: while one runs, every new request is served by the next one."""
+
+    def __init__(self, run: Callable[[], Any]) -> None:
+        self._run = run
+        self._dirty = False
+        self._task: asyncio.Task[None] | None = None
+
+    def request(self) -> None:
+        self._dirty = True
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._loop(), name="queue-dir-sync")
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._dirty:
+            self._dirty = False
+            await loop.run_in_executor(None, self._run)
+
+    async def flush(self) -> None:
+        if self._task is not None:
+            await self._task
+
+
+class QueueWorker:
+    def __init__(
+        self,
+        cfg: Config,
+        spool: Spool,
+        stages: Sequence[Stage],
+        deliverer: DeliveryBackend,
+        *,
+        clock: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
+        executor: Executor | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.spool = spool
+        self.stages = list(stages)
+        self.deliverer = deliverer
+        self.clock = clock
+        self.rand = rand
+        self.executor = executor
+        self._ready: asyncio.Queue[str] = asyncio.Queue()
+        self._pending: set[str] = set()  # waiting in _ready or being processed here
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(cfg.queue.delivery_concurrency)
+        # qid -> (state log mtime_ns, held, next attempt): saves re-reading the logs of
+        # deferred messages at every scan; a changed mtime (CLI retry/release) re-reads.
+        self._due: dict[str, tuple[int, bool, float]] = {}
+        self._stopping = False
+        self._wake = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._dir_sync = _GroupSync(spool.sync_queue_dir)
+
+    # -- entry points ------------------------------------------------------------
+    def notify(self, qid: str) -> None:
+        """A message was just spooled: process it as soon as a slot is free."""
+        if self._stopping or qid in self._pending:
+            return
+        self._pending.add(qid)
+        self._ready.put_nowait(qid)
+
+    def wake(self) -> None:
+        """Scan the spool now rather than at the next interval (e.g. after a CLI retry)."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Scan now and every ``queue.scan_interval``; deliver until :meth:`stop`."""
+        self._tasks = [
+            asyncio.create_task(self._dispatch(), name="queue-dispatch"),
+            asyncio.create_task(self._scan_loop(), name="queue-scan"),
+        ]
+        try:
+            await self._stopped.wait()
+        except asyncio.CancelledError:
+            await self._shutdown(0.0)
+            raise
+
+    async def stop(self, drain_timeout: float = 30.0) -> None:
+        """Finish in-flight deliveries (up to ``drain_timeout`` s), leave the rest queued."""
+        await self._shutdown(drain_timeout)
+
+    async def run_due(self) -> int:
+        """Scan once and process every due message; returns how many were processed."""
+        due = await self._io(self._scan_sync, self.clock())
+        for qid in due:
+            self.notify(qid)
+        work: list[str] = []
+        while not self._ready.empty():
+            work.append(self._ready.get_nowait())
+
+        async def one(qid: str) -> None:
+            async with self._slots:
+                await self._process_guarded(qid)
+
+        await asyncio.gather(*(one(q) for q in work))
+        return len(work)
+
+    async def process(self, qid: str) -> None:
+        """Process one message now (if due and not claimed elsewhere)."""
+        with self.spool.claim(qid) as mine:
+            if not mine:
+                return
+            try:
+                if self.spool.msg_path(qid).stat().st_size <= INLINE_READ_BYTES:
+                    msg = self.spool.load(qid)
+                else:
+                    msg = await self._io(self.spool.load, qid)
+            except FileNotFoundError:
+                return  # finished by another process between claim and load
+            except SpoolError as exc:
+                # A damaged spool file: keep it for an operator, never guess.
+                await self._hold(qid, "spool", str(exc))
+                return
+            await self._process_claimed(msg)
+
+    # -- the loop ------------------------------------------------------------------
+    async def _dispatch(self) -> None:
+        while True:
+            await self._slots.acquire()
+            try:
+                qid = await self._ready.get()
+            except BaseException:
+                self._slots.release()
+                raise
+            task = asyncio.create_task(self._process_guarded(qid), name=f"deliver-{qid}")
+            self._inflight.add(task)
+            task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        self._slots.release()
+
+    async def _process_guarded(self, qid: str) -> None:
+        try:
+            await self.process(qid)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # Not a stage failure (those hold the message): a bug or an I/O error in
+            # the queue itself.  The message stays in the spool for the next scan.
+            log.event("queue_error", qid=qid, error=f"{type(exc).__name__}: {exc}")
+        finally:
+            self._pending.discard(qid)
+
+    async def _scan_loop(self) -> None:
+        while not self._stopping:
+            try:
+                due = await self._io(self._scan_sync, self.clock())
+            except Exception as exc:
+                log.event("queue_scan_error", error=f"{type(exc).__name__}: {exc}")
+                due = []
+            for qid in due:
+                self.notify(qid)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.cfg.queue.scan_interval)
+            if not self._stopping:
+                self._wake.clear()
+
+    def _scan_sync(self, now: float) -> list[str]:
+        """The queue ids due now, oldest first; updates the queue depth gauge."""
+        due: list[str] = []
+        counts = {"active": 0, "deferred": 0, "held": 0}
+        ids = self.spool.queue_ids()
+        for qid in ids:
+            if qid in self._pending:
+                counts["active"] += 1
+                continue
+            try:
+                mtime = self.spool.state_path(qid).stat().st_mtime_ns
+            except FileNotFoundError:
+                mtime = -1
+            cached = self._due.get(qid)
+            if cached is None or cached[0] != mtime:
+                raw = b""
+                if mtime >= 0:
+                    with contextlib.suppress(FileNotFoundError):
+                        raw = self.spool.state_path(qid).read_bytes()
+                st = fold([], parse_events(raw))
+                cached = (mtime, st.held, st.next_attempt_at)
+                self._due[qid] = cached
+            _, held, next_at = cached
+            if held:
+                counts["held"] += 1
+            elif next_at > now:
+                counts["deferred"] += 1
+            else:
+                counts["active"] += 1
+                due.append(qid)
+        live = set(ids)
+        for gone in [q for q in self._due if q not in live]:
+            del self._due[gone]
+        for status, n in counts.items():
+            metrics.QUEUE_DEPTH.labels(status).set(n)
+        return due
+
+    async def _shutdown(self, drain_timeout: float) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopping = True
+        self._wake.set()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        inflight = set(self._inflight)
+        if inflight:
+            _, late = await asyncio.wait(inflight, timeout=max(drain_timeout, 0.0))
+            for task in late:
+                task.cancel()  # left queued; a recipient mid-transaction may see it twice
+            for task in late:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await self._dir_sync.flush()
+        await self.deliverer.aclose()
+        self._stopped.set()
+
+    # -- one message ---------------------------------------------------------------
+    async def _io(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, functools.partial(fn, *args))
+
+    async def _process_claimed(self, msg: SpooledMessage) -> None:
+        qid, st = msg.qid, msg.state
+        if st.deleted:
+            await self._remove(qid)
+            return
+        if st.held:
+            return
+        now = self.clock()
+        if st.next_attempt_at > now:
+            return  # not due: a stale notification, or another process deferred it
+        if st.finished:
+            # Every recipient is final but the message is still here: a crash
+            # between the last record and the removal.  Finish it.
+            await self._finish(msg, st, {})
+            return
+
+        ctx = MessageContext(envelope=msg.envelope, data=msg.data, facts=dict(msg.facts),
+                             qid=qid)
+        disposition = self._prequeue_disposition(msg, st)
+        if disposition is not None and disposition[0] is Action.HOLD:
+            # A hold waits for an operator before anything else runs.
+            await self._hold(qid, disposition[1], f"hold: {disposition[2]}", reason="hold")
+            return
+        for stage in self.stages:
+            if stage.once and stage.name in st.stages_done:
+                if stage.name in st.stage_facts:
+                    ctx.facts.setdefault(stage.name, {}).update(st.stage_facts[stage.name])
+                continue
+            started = time.perf_counter()
+            before = ctx.data
+            try:
+                result = await stage.run(ctx)
+            except Exception as exc:
+                await self._hold(qid, stage.name, f"{type(exc).__name__}: {exc}")
+                return
+            finally:
+                metrics.STAGE_SECONDS.labels(stage.name).observe(time.perf_counter() - started)
+            apply(ctx, stage.name, result)
+            action = result.action
+            if action in (Action.CONTINUE, Action.QUARANTINE, Action.DISCARD) and stage.once:
+                await self._record_stage(qid, stage.name, ctx.data, before, result.facts)
+            if action is Action.HOLD:
+                if not st.released:
+                    await self._hold(qid, stage.name, f"hold: {result.reason}", reason="hold")
+                    return
+            elif action in (Action.QUARANTINE, Action.DISCARD):
+                if action is Action.DISCARD or not st.released:
+                    disposition = (action, stage.name, result.reason)
+            elif action is Action.REJECT:
+                reply = str(result.reply or replies.REJECTED_POLICY)
+                outcomes = [Outcome(r, RcptStatus.BOUNCED, reply, f"stage:{stage.name}")
+                            for r in st.pending]
+                await self._record(msg, st, ctx, outcomes)
+                return
+            elif action is Action.TEMPFAIL:
+                reply = str(result.reply or replies.TEMPFAIL_POLICY)
+                outcomes = [Outcome(r, RcptStatus.DEFERRED, reply, f"stage:{stage.name}")
+                            for r in st.pending]
+                await self._record(msg, st, ctx, outcomes)
+                return
+
+        if disposition is not None:
+            action, stage_name, reason = disposition
+            if action is Action.DISCARD:
+                outcomes = [Outcome(r, RcptStatus.DISCARDED, f"discarded by {stage_name}: {reason}",
+                                    f"stage:{stage_name}") for r in st.pending]
+                await self._record(msg, st, ctx, outcomes)
+                return
+            await self._hold(qid, stage_name, f"{action}: {reason}", reason=str(action))
+            return
+
+        outcomes = await self.deliverer.deliver(ctx.envelope, ctx.data, st.pending, qid=qid)
+        await self._record(msg, st, ctx, outcomes)
+
+    def _prequeue_disposition(
+        self, msg: SpooledMessage, st: QueueState
+    ) -> tuple[Action, str, str] | None:
+        """A quarantine/discard/hold the before-queue runner decided, to carry out now."""
+        runner = msg.facts.get("runner")
+        if not isinstance(runner, dict) or "action" not in runner:
+            return None
+        try:
+            action = Action(runner["action"])
+        except ValueError:
+            return None
+        if action not in (Action.QUARANTINE, Action.DISCARD, Action.HOLD):
+            return None
+        if st.released and action is not Action.DISCARD:
+            return None
+        stage, reason = "decide", ""
+        for step in reversed(msg.facts.get("trace") or []):
+            if isinstance(step, dict) and step.get("action") == str(action):
+                stage, reason = str(step.get("stage", stage)), str(step.get("reason", ""))
+                break
+        return action, stage, reason
+
+    async def _record_stage(
+        self, qid: str, stage: str, data: bytes, before: bytes, facts: dict[str, Any]
+    ) -> None:
+        if data is not before and data != before:
+            await self._io(self.spool.save_data, qid, data)
+        event: dict[str, Any] = {"ev": "stage", "stage": stage}
+        if facts:
+            try:
+                json.dumps(facts)
+                event["facts"] = facts
+            except (TypeError, ValueError):
+                pass  # not serialisable: the stage's completion still counts
+        await self._io(self.spool.append_event, qid, event)
+
+    async def _remove(self, qid: str) -> None:
+        # The unlink is immediate (a restart after kill -9 never sees the message
+        # again); its durability against power loss is group-committed: one
+        # directory fsync covers every message finished meanwhile.
+        self.spool.remove(qid, sync=False)
+        if self.spool.fsync:
+            self._dir_sync.request()
+
+    async def _hold(self, qid: str, stage: str, error: str, *, reason: str = "error") -> None:
+        event = {"ev": "held", "stage": stage, "error": error, "reason": reason}
+        await self._io(self.spool.append_event, qid, event)
+        metrics.HELD.labels(stage).inc()
+        log.event("held", qid=qid, stage=stage, error=error, reason=reason)
+
+    async def _record(
+        self, msg: SpooledMessage, st: QueueState, ctx: MessageContext, outcomes: list[Outcome]
+    ) -> None:
+        """Persist one delivery attempt's outcomes, then retry, bounce or finish."""
+        qid = msg.qid
+        now = self.clock()
+        arrived = arrival_time(qid, msg.envelope)
+        too_old = scheduler.expired(arrived, now, self.cfg.queue)
+        attempts = st.attempts + 1
+        mid = message_id(ctx.data)
+        seen = {o.rcpt for o in outcomes}
+        outcomes = list(outcomes) + [
+            Outcome(r, RcptStatus.DEFERRED, "451 4.3.0 No delivery result (internal)", "")
+            for r in st.pending if r not in seen
+        ]
+        events: list[dict[str, Any]] = []
+        remote: dict[str, str] = {}
+        first_error = ""
+        for o in outcomes:
+            status = o.status
+            if status is RcptStatus.DEFERRED and too_old:
+                status = RcptStatus.BOUNCED  # RFC 5321 §4.5.4.1: give up after max_age
+            elif status is RcptStatus.DEFERRED:
+                first_error = first_error or o.reply
+            events.append({"ev": "rcpt", "rcpt": o.rcpt, "status": str(status),
+                           "reply": o.reply, "route": o.route})
+            remote[o.rcpt] = o.remote
+            rs = st.recipients.get(o.rcpt)
+            if rs is not None and rs.status not in FINAL_STATUSES:
+                rs.status, rs.reply, rs.updated_at = status, o.reply, now
+        next_at = 0.0
+        if first_error:
+            next_at = scheduler.next_attempt(arrived, attempts, now, self.cfg.queue, self.rand) \
+                or now
+            events.append({"ev": "attempt", "attempts": attempts, "next_at": next_at,
+                           "error": first_error})
+            st.attempts, st.next_attempt_at, st.last_error = attempts, next_at, first_error
+
+        # Record first, log after: the time between the next hop's 250 and our
+        # record is the only window in which a crash repeats a delivery (RFC 1047).
+        if st.finished and not any(
+            r.status is RcptStatus.BOUNCED for r in st.recipients.values()
+        ):
+            await self._remove(qid)
+            self._log_attempt(msg, mid, attempts, events)
+            log.event("done", qid=qid, message_id=mid, attempts=attempts)
+            return
+        # One fsync for the whole attempt, before a DSN or a retry relies on it.
+        await self._io(self.spool.append_events, qid, events)
+        self._log_attempt(msg, mid, attempts, events)
+        if st.finished:
+            await self._finish(msg, st, remote)
+
+    def _log_attempt(
+        self, msg: SpooledMessage, mid: str, attempt: int, events: list[dict[str, Any]]
+    ) -> None:
+        for ev in events:
+            if ev["ev"] != "rcpt":
+                continue
+            self._count(RcptStatus(ev["status"]), ev["route"])
+            log.event("delivery", qid=msg.qid, message_id=mid, sender=msg.envelope.mail_from,
+                      rcpt=ev["rcpt"], result=ev["status"], reply=ev["reply"],
+                      route=ev["route"], attempt=attempt)
+
+    def _count(self, status: RcptStatus, route: str) -> None:
+        if status is RcptStatus.DELIVERED:
+            metrics.DELIVERED.labels(route).inc()
+        elif status is RcptStatus.DEFERRED:
+            metrics.DEFERRED.labels(route).inc()
+        elif status is RcptStatus.BOUNCED:
+            metrics.BOUNCED.labels(route).inc()
+
+    async def _finish(self, msg: SpooledMessage, st: QueueState, remote: dict[str, str]) -> None:
+        """Every recipient is final: bounce the failures in one DSN, then forget it."""
+        qid = msg.qid
+        bounced = [r for r in st.recipients.values() if r.status is RcptStatus.BOUNCED]
+        if bounced and not msg.envelope.mail_from:
+            # RFC 5321 §4.5.5 / RFC 3464 §2: never a DSN to the null reverse-path.
+            log.event("dsn_suppressed", qid=qid, recipients=[r.address for r in bounced],
+                      reason="null sender")
+        elif bounced:
+            failed = [
+                FailedRecipient(r.address, r.reply, remote.get(r.address, ""),
+                                expired=r.reply.startswith("4"))
+                for r in bounced
+            ]
+            now = self.clock()
+            data = build_dsn(
+                sender=msg.envelope.mail_from, original=msg.data, failed=failed,
+                reporting_mta=self.cfg.hostname, arrival=arrival_time(qid, msg.envelope),
+                now=now, qid=qid,
+            )
+            sender = msg.envelope.mail_from
+            env = Envelope(
+                mail_from="", rcpt_to=[sender], received_at=now, helo=self.cfg.hostname,
+                listener="dsn", role="local",
+                mail_options=[] if sender.isascii() else ["SMTPUTF8"],
+            )
+            try:
+                dsn_qid = await self._io(self.spool.store, env, data, {"dsn": {"of": qid}})
+            except SpoolError as exc:
+                # Keep the original (every recipient is final): the next scan tries again.
+                log.event("dsn_error", qid=qid, error=str(exc))
+                return
+            log.event("dsn", qid=qid, dsn_qid=dsn_qid, to=sender,
+                      recipients=[r.address for r in bounced])
+            self.notify(dsn_qid)
+        await self._remove(qid)
+        log.event("done", qid=qid, message_id=message_id(msg.data), attempts=st.attempts)
