@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from gateway import yamlsource
+from gateway.check.config import CheckConfig
 from gateway.errors import ConfigError
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
@@ -200,6 +201,7 @@ class Config(_Model):
     queue: QueueConfig = Field(default_factory=QueueConfig)
     delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
     dns: DnsConfig = Field(default_factory=DnsConfig)
+    check: CheckConfig = Field(default_factory=CheckConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     policy: Path | None = Field(None, description="Policy file (relative to data_dir)")

@@ -8,7 +8,12 @@
     ├── SpoolError                   the durable queue could not do what was asked
     │   └── SpoolFullError           not enough disk: answer 452 4.3.1, never 250
     ├── StageError                   an unexpected failure inside a pipeline stage
-    └── DeliveryError                the next hop could not be used (per destination)
+    ├── DeliveryError                the next hop could not be used (per destination)
+    ├── RouteError                   a delivery route spec is malformed (deliver/routes.py)
+    ├── DnsTempError                 a DNS query timed out or failed (check/dns.py)
+    ├── DkimSignError                outbound DKIM signing failed (transform/dkim_sign.py)
+    ├── ArcSealError                 ARC sealing failed (check/arc.py)
+    └── AlreadyRunning               another gateway holds the data directory (service.py)
 
 Errors are translated at the edge: SmtpReplyError into a reply (gateway.receive),
 ConfigError into an exit code and a one-line message (gateway.cli), StageError

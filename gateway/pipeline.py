@@ -69,13 +69,15 @@ class Stage(Protocol):
 
 def apply(ctx: MessageContext, stage: str, result: StageResult) -> None:
     """Merge a stage's result into the context (the runner's job, not the stage's)."""
+    # Replaced data first, then prepended headers: a stage may do both (the check
+    # stage removes forged Authentication-Results and adds its own).
+    if result.data is not None:
+        ctx.data = result.data
     if result.headers:
         prefix = b"".join(
             f"{name}: {value}\r\n".encode() for name, value in result.headers
         )
         ctx.data = prefix + ctx.data
-    if result.data is not None:
-        ctx.data = result.data
     if result.facts:
         ctx.facts.setdefault(stage, {}).update(result.facts)
     ctx.trace.append({"stage": stage, "action": str(result.action), "reason": result.reason})

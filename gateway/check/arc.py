@@ -1,0 +1,124 @@
+"""ARC (RFC 8617): verify the chain a message arrives with, and seal outbound.
+
+Verification gives the chain validation status cv= of RFC 8617 §5.2: ``none``
+(no ARC sets), ``pass`` (every set verifies, the last AMS too) or ``fail``.  A
+failure caused by a DNS timeout is still ``fail`` (RFC 8617 has no temperror),
+with the DNS error in the reason so an operator can tell.
+
+Sealing (RFC 8617 §5.1) adds the next ARC set, carrying Coffer's own
+Authentication-Results, so a downstream receiver can trust our verdicts after a
+transformation breaks the original DKIM signatures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import dkim
+
+from gateway.check.config import ArcSealingConfig
+from gateway.check.dkim_verify import LIBRARY_ERRORS, MIN_KEY_BITS, _Log
+from gateway.check.dns import DkimDnsFunc, Resolver
+from gateway.check.verdicts import ArcVerdict, Result
+from gateway.errors import CofferError
+from gateway.pipeline import MessageContext, StageResult
+
+
+class ArcSealError(CofferError):
+    """The message could not be sealed (bad key, no A-R of ours, chain limit)."""
+
+
+def verify_sync(resolver: Resolver, data: bytes, *, min_key_bits: int = MIN_KEY_BITS
+                ) -> ArcVerdict:
+    """The chain's cv= (blocking)."""
+    log = _Log()
+    dnsfunc = DkimDnsFunc(resolver)
+    try:
+        arc = dkim.ARC(data, logger=log, minkey=min_key_bits, timeout=resolver.timeout)
+        cv, _results, comment = arc.verify(dnsfunc=dnsfunc)
+    except LIBRARY_ERRORS as exc:  # an unparsable message or chain
+        if not re.search(rb"(?im)^arc-seal\s*:", re.split(rb"\r?\n\r?\n", data, maxsplit=1)[0]):
+            return ArcVerdict("none", "no ARC set (message not parsable by dkimpy)")
+        return ArcVerdict("fail", f"chain not parsable: {exc!r}")
+    result: Result = {b"pass": "pass", b"none": "none"}.get(cv, "fail")  # type: ignore[assignment]
+    reason = str(comment or "")
+    if result == "fail" and dnsfunc.temperror:
+        reason = f"{reason}; DNS: {dnsfunc.temperror}".lstrip("; ")
+    return ArcVerdict(result, reason)
+
+
+async def verify(resolver: Resolver, data: bytes, *, min_key_bits: int = MIN_KEY_BITS
+                 ) -> ArcVerdict:
+    return await resolver.run(verify_sync, resolver, data, min_key_bits=min_key_bits)
+
+
+def seal(data: bytes, domain: str, selector: str, key: bytes, authserv_id: str,
+         *, timestamp: int | None = None, include_headers: list[str] | None = None,
+         standardize: bool = False) -> bytes:
+    """The message with the next ARC set prepended (RFC 8617 §5.1).
+
+    The message must already carry our Authentication-Results (authserv-id
+    ``authserv_id``); its ``arc=`` result becomes the new set's cv=, and its other
+    results the ARC-Authentication-Results.  ``key`` is a PEM RSA private key
+    (RFC 8617 §4.1.3 uses the DKIM algorithms; dkimpy seals with rsa-sha256 only).
+    ``standardize`` writes the tags sorted and unfolded, as the arc_test_suite's
+    reference signatures are.
+    """
+    from gateway.transform.dkim_sign import DkimSignError, dkimpy_key
+
+    try:
+        algorithm, pk = dkimpy_key(key)
+    except DkimSignError as exc:
+        raise ArcSealError(f"ARC key for {domain}: {exc}") from None
+    if algorithm != b"rsa-sha256":
+        raise ArcSealError(f"ARC key for {domain}: sealing needs an RSA key")
+    try:
+        lines = dkim.arc_sign(
+            data, selector.encode(), domain.encode(), pk, authserv_id.encode(),
+            signature_algorithm=algorithm, timestamp=timestamp,
+            include_headers=[h.encode() for h in include_headers] if include_headers else None,
+            logger=_Log(), standardize=standardize, linesep=b"\r\n" if b"\r\n" in data else b"\n",
+        )
+    except (dkim.DKIMException, ImportError) as exc:
+        raise ArcSealError(f"cannot ARC-seal for {domain}: {exc}") from None
+    if not lines:
+        raise ArcSealError(f"cannot ARC-seal for {domain}: no Authentication-Results of "
+                           f"{authserv_id} to seal, or the chain was already broken")
+    return b"".join(lines) + data
+
+
+class ArcSealStage:
+    """Seals every message that carries our Authentication-Results (after-queue,
+    after any transformation and DKIM signing, so the seal covers what is sent)."""
+
+    name = "arc_seal"
+    once = True
+
+    def __init__(self, domain: str, selector: str, key: bytes, authserv_id: str) -> None:
+        from gateway.transform.dkim_sign import dkimpy_key
+
+        if dkimpy_key(key)[0] != b"rsa-sha256":  # refuse to start with an unusable key
+            raise ArcSealError(f"ARC key for {domain}: sealing needs an RSA key")
+        self.domain, self.selector, self.key = domain, selector, key
+        self.authserv_id = authserv_id
+
+    @classmethod
+    def from_config(cls, sealing: ArcSealingConfig, authserv_id: str,
+                    resolve: Callable[[Path], Path] = Path) -> ArcSealStage:
+        path = resolve(sealing.key_file)
+        try:
+            key = path.read_bytes()
+        except OSError as exc:
+            raise ArcSealError(f"ARC key: cannot read {path}: {exc}") from None
+        return cls(sealing.domain, sealing.selector, key, authserv_id)
+
+    async def run(self, ctx: MessageContext) -> StageResult:
+        try:
+            sealed = await asyncio.to_thread(seal, ctx.data, self.domain, self.selector,
+                                             self.key, self.authserv_id)
+        except ArcSealError as exc:
+            return StageResult(reason=f"not sealed: {exc}")
+        return StageResult(data=sealed, reason=f"ARC-sealed d={self.domain} s={self.selector}")
