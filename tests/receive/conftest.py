@@ -1,0 +1,104 @@
+"""Fixtures: real SMTP listeners on 127.0.0.1 with a real spool, and raw clients.
+
+``start_gateway(**overrides)`` starts :func:`gateway.receive.start_listeners`
+with a ``Runner`` spooling into a temporary directory (fsync off: durability is
+not what these tests are about) and closes everything at the end of the test.
+TLS uses a throw-away self-signed certificate for ``localhost``/127.0.0.1 made
+with ``cryptography``; clients verify it against that certificate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from receive_helpers import (
+    CHEAP_HASHER,
+    LOCAL,
+    PASSWORD,
+    USER,
+    Gateway,
+    RawClient,
+    StartGateway,
+    TlsFiles,
+    make_tls_files,
+    merge,
+)
+
+from gateway.config import Config
+from gateway.queue.spool import Spool
+from gateway.receive import start_listeners
+from gateway.receive.auth import hash_password
+from gateway.runner import Runner
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """asyncio's loop; uvloop's with COFFER_EVENT_LOOP=uvloop (as gateway.service offers)."""
+    if os.environ.get("COFFER_EVENT_LOOP", "").lower() == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        return {"uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    return make_tls_files(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="session")
+def passwd_line() -> str:
+    return f"{USER}:{hash_password(PASSWORD, CHEAP_HASHER)}\n"
+
+
+def base_config(tmp_path: Path, tls_files: TlsFiles) -> dict[str, Any]:
+    return {
+        "hostname": "mx.coffer.test",
+        "data_dir": str(tmp_path),
+        "relay": {"local_domains": [LOCAL, "Other.Example"]},
+        "tls": {"cert": str(tls_files.cert), "key": str(tls_files.key)},
+        "auth": {"passwd_file": "passwd"},
+        "queue": {"fsync": False},
+        "listeners": [{"name": "inbound", "address": "127.0.0.1:0", "tls": "starttls"}],
+    }
+
+
+@pytest.fixture
+async def start_gateway(
+    tmp_path: Path, tls_files: TlsFiles, passwd_line: str
+) -> AsyncIterator[StartGateway]:
+    started: list[Gateway] = []
+
+    async def start(**overrides: Any) -> Gateway:
+        (tmp_path / "passwd").write_text(passwd_line)
+        cfg = Config.model_validate(merge(base_config(tmp_path, tls_files), overrides))
+        spool = Spool(tmp_path / f"spool{len(started)}", fsync=False)
+        accepted: list[str] = []
+        runner = Runner(spool, on_queued=accepted.append)
+        gw = Gateway(cfg, spool, await start_listeners(cfg, runner), accepted)
+        started.append(gw)
+        return gw
+
+    yield start
+    for gw in started:
+        await gw.listeners.close(drain_timeout=2.0)
+
+
+@pytest.fixture
+async def raw() -> AsyncIterator[Callable[..., Awaitable[RawClient]]]:
+    clients: list[RawClient] = []
+
+    async def connect(port: int, *, tls: ssl.SSLContext | None = None) -> RawClient:
+        c = await RawClient.connect(port, tls=tls)
+        clients.append(c)
+        return c
+
+    yield connect
+    for c in clients:
+        await c.close()

@@ -1,0 +1,146 @@
+"""Helpers for the receive tests: TLS files, the Gateway handle, a raw SMTP client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import ipaddress
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from argon2 import PasswordHasher
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from gateway.config import Config
+from gateway.queue.spool import Spool, SpooledMessage
+from gateway.receive import Listeners
+
+# Verification reads the costs from the hash: cheap hashes keep AUTH tests fast.
+CHEAP_HASHER = PasswordHasher(time_cost=1, memory_cost=64, parallelism=1)
+
+LOCAL = "local.example"
+USER, PASSWORD = "alice@local.example", "correct horse battery staple"
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    cert: Path
+    key: Path
+
+    def client_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.cert))
+        return ctx
+
+
+class RawClient:
+    """An SMTP client that sends exactly the bytes it is given (asyncio streams)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def connect(cls, port: int, *, tls: ssl.SSLContext | None = None) -> RawClient:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=tls, server_hostname="localhost" if tls else None
+        )
+        return cls(reader, writer)
+
+    async def reply(self) -> list[str]:
+        """One (possibly multi-line) reply, as its lines without CRLF."""
+        lines: list[str] = []
+        while True:
+            raw = await asyncio.wait_for(self.reader.readline(), 10)
+            if not raw:
+                raise ConnectionError(f"connection closed; got so far {lines!r}")
+            line = raw.decode("utf-8").rstrip("\r\n")
+            lines.append(line)
+            if len(line) < 4 or line[3] != "-":
+                return lines
+
+    async def line(self) -> str:
+        return (await self.reply())[-1]
+
+    async def cmd(self, text: str | bytes) -> str:
+        self.send(text if isinstance(text, bytes) else text.encode() + b"\r\n")
+        return await self.line()
+
+    def send(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    async def rest(self) -> list[str]:
+        """Every line until the server closes the connection."""
+        data = await asyncio.wait_for(self.reader.read(), 10)
+        return [x.decode() for x in data.split(b"\r\n") if x]
+
+    async def start_tls(self, ctx: ssl.SSLContext) -> None:
+        await self.writer.start_tls(ctx, server_hostname="localhost")
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await self.writer.wait_closed()
+
+
+@dataclass
+class Gateway:
+    cfg: Config
+    spool: Spool
+    listeners: Listeners
+    accepted: list[str] = field(default_factory=list)
+
+    def port(self, name: str = "inbound") -> int:
+        return self.listeners.address(name)[1]
+
+    def spooled(self) -> list[SpooledMessage]:
+        return [self.spool.load(q) for q in self.spool.queue_ids()]
+
+    async def sessions_down_to(self, n: int = 0, timeout: float = 5.0) -> None:
+        """Wait until at most ``n`` sessions are open (connection_lost runs a turn later)."""
+        async def poll() -> None:
+            while self.listeners.sessions > n:
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(poll(), timeout)
+
+
+StartGateway = Callable[..., Awaitable[Gateway]]
+Connect = Callable[..., Awaitable[RawClient]]  # the ``raw`` fixture
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+
+def make_tls_files(d: Path) -> TlsFiles:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([
+            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        ]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    (d / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (d / "key.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ))
+    return TlsFiles(d / "cert.pem", d / "key.pem")
