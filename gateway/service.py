@@ -49,7 +49,10 @@ from typing import Any
 
 from gateway import config as config_mod
 from gateway import log
+from gateway.check.arc import ArcSealStage
+from gateway.check.stage import CheckStage
 from gateway.config import Config
+from gateway.decide import DecideStage
 from gateway.deliver.deliverer import Deliverer
 from gateway.deliver.routes import parse_routes
 from gateway.errors import CofferError, ConfigError
@@ -61,6 +64,9 @@ from gateway.queue.worker import QueueWorker
 from gateway.receive.relay_control import RelayRules
 from gateway.receive.server import Listeners, start_listeners
 from gateway.runner import Runner
+from gateway.transform.dkim_sign import DkimSignStage
+from policies.loader import load_policy
+from policies.schema import Policy
 
 DRAIN_TIMEOUT = 30.0
 PID_FILE = "coffer.pid"
@@ -158,14 +164,49 @@ class PidFile:
 # -- one process: listeners + worker ---------------------------------------------
 
 
-def before_queue_stages(cfg: Config) -> list[Stage]:
-    """Stages run while the client waits (check, decide); none yet (issues 4-6)."""
-    return []
+class PolicyHolder:
+    """The current policy; replaced whole on reload, so a message never sees half of one."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.policy: Policy | None = self.load(cfg)
+
+    @staticmethod
+    def load(cfg: Config) -> Policy | None:
+        """The configured policy, or None; raises a located PolicyError on any mistake."""
+        return load_policy(cfg.path(cfg.policy)) if cfg.policy is not None else None
+
+    def __call__(self) -> Policy | None:
+        return self.policy
+
+
+def before_queue_stages(cfg: Config, policy: PolicyHolder) -> list[Stage]:
+    """check -> decide, run while the client waits (docs/architecture.md)."""
+    stages: list[Stage] = []
+    if cfg.check.checks:
+        stages.append(CheckStage.from_config(cfg))
+    stages.append(DecideStage(policy, cfg.relay.local_domains))
+    return stages
 
 
 def after_queue_stages(cfg: Config) -> list[Stage]:
-    """Stages run on the spooled copy before delivery (transform, archive); none yet."""
-    return []
+    """transform (DKIM sign, ARC seal) -> archive, run on the spooled copy before delivery.
+
+    Signing comes after any transformation that changes the body, and the ARC seal
+    after signing, so both verify downstream (RFC 6376 §5.3, RFC 8617 §5.1).
+    """
+    stages: list[Stage] = []
+    if cfg.check.dkim_signing:
+        stages.append(DkimSignStage.from_config(cfg.check.dkim_signing, cfg.path))
+    if cfg.check.arc_sealing is not None:
+        authserv = cfg.check.authserv_id or cfg.hostname
+        stages.append(ArcSealStage.from_config(cfg.check.arc_sealing, authserv, cfg.path))
+    return stages
+
+
+def close_stages(stages: list[Stage]) -> None:
+    for stage in stages:
+        if isinstance(stage, CheckStage):
+            stage.close()
 
 
 @dataclass
@@ -185,6 +226,7 @@ class Service:
     _worker_task: asyncio.Task[None] | None = field(default=None, init=False)
     _metrics: MetricsServer | None = field(default=None, init=False)
     runner: Runner | None = field(default=None, init=False)
+    policy: PolicyHolder = field(init=False)
     _bg: set[asyncio.Task[None]] = field(default_factory=set, init=False)
 
     async def start(self) -> None:
@@ -195,12 +237,13 @@ class Service:
         if removed:
             log.event("spool_tmp_cleaned", files=removed)
         self._executor = ThreadPoolExecutor(SPOOL_THREADS, thread_name_prefix="spool")
+        self.policy = PolicyHolder(cfg)
         self._deliverer = Deliverer(cfg, executor=self._executor)
         self._worker = QueueWorker(
             cfg, self.spool, after_queue_stages(cfg), self._deliverer, executor=self._executor
         )
         self.runner = Runner(
-            self.spool, before_queue_stages(cfg), on_queued=self._worker.notify,
+            self.spool, before_queue_stages(cfg, self.policy), on_queued=self._worker.notify,
             executor=self._executor,
         )
         # The worker starts first: a message accepted in the first millisecond is
@@ -232,6 +275,8 @@ class Service:
             except Exception as exc:  # the worker's own failure: log, still exit cleanly
                 log.event("worker_failed", level=logging.ERROR, error=repr(exc))
         # QueueWorker.stop closes the deliverer's connections.
+        if self.runner is not None:
+            close_stages(self.runner.stages)
         if self._executor is not None:
             self._executor.shutdown(wait=True)
         if self._metrics is not None:
@@ -262,6 +307,7 @@ class Service:
         try:
             new = load_checked(self.cfg_path)
             routes = parse_routes(new.delivery.routes, new.data_dir)
+            policy = PolicyHolder.load(new)
             RelayRules.from_config(new.relay)  # validates the networks before anything changes
         except CofferError as exc:
             where = exc if isinstance(exc, ConfigError) else None
@@ -285,6 +331,13 @@ class Service:
                 return False
         old = self.cfg
         self.cfg = new
+        self.policy.policy = policy
+        if self.runner is not None:
+            # Relay domains feed the policy's idea of direction: rebuild decide only.
+            self.runner.stages = [
+                DecideStage(self.policy, new.relay.local_domains)
+                if isinstance(st, DecideStage) else st for st in self.runner.stages
+            ]
         try:
             setup_logging(new)
         except OSError as exc:

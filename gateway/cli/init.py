@@ -297,6 +297,20 @@ dns:
   # Lifetime of one DNS query.
   timeout: 5s
 
+check:
+  # Sender authentication before the queue; verdicts go to the policy and the archive.
+  # authserv-id of the Authentication-Results header we add (default: hostname).
+  # authserv_id: mx.example.com
+  # Checks to run: spf, dkim, dmarc, arc ([] turns them off).
+  checks: [spf, dkim, dmarc, arc]
+  # DMARC for a message with several or no From addresses: fail | reject.
+  multiple_from: fail
+  # Outbound DKIM keys per From domain (coffer dkim keygen DOMAIN SELECTOR writes one).
+  # dkim_signing:
+  #   example.com: {{selector: s2026, key_file: dkim/example.com.s2026.key}}
+  # Seal outbound mail with an ARC set (RFC 8617).
+  # arc_sealing: {{domain: example.com, selector: arc2026, key_file: dkim/arc.key}}
+
 metrics:
   # Prometheus /metrics on this loopback address (null: off). With queue.workers N,
   # worker k serves on port+k.

@@ -3,7 +3,7 @@
     python sink.py PORT OUT_FILE [--defer-prefix PREFIX] [--accept-file PATH]
 
 Every accepted (message, recipient) pair is appended to OUT_FILE as one JSON
-line ``{"rcpt", "mail_from", "token", "subject"}`` (an O_APPEND write, so it is
+line ``{"rcpt", "mail_from", "token", "subject", "auth_results", "external"}`` (an O_APPEND write, so it is
 in the file before the 250 goes out).  ``token`` is the message's ``X-Token``
 header.  A recipient whose local part starts with PREFIX gets ``450 4.2.0`` at
 RCPT TO until the file ACCEPT_FILE exists.  Prints ``ready`` once listening and
@@ -46,7 +46,9 @@ class Recorder:
         )
         lines = b"".join(
             json.dumps({"rcpt": rcpt, "mail_from": envelope.mail_from,
-                        "token": msg.get("X-Token", ""), "subject": msg.get("Subject", "")}
+                        "token": msg.get("X-Token", ""), "subject": msg.get("Subject", ""),
+                        "auth_results": msg.get("Authentication-Results", ""),
+                        "external": msg.get("X-Coffer-External", "")}
                        ).encode() + b"\n"
             for rcpt in envelope.rcpt_tos
         )

@@ -153,6 +153,10 @@ def write_config(
         "delivery:\n"
         "  connect_timeout: 2s\n  command_timeout: 10s\n"
         "  routes:\n" + routes_yaml +
+        # Loopback only: no lookup may leave the machine; the check stage is exercised
+        # with its own loopback DNS server in test_pipeline_wiring.
+        'dns:\n  nameservers: ["127.0.0.1:9"]\n  timeout: 1s\n'
+        "check:\n  checks: []\n"
         f"metrics:\n  address: {metrics}\n"
         "log:\n  level: INFO\n  format: json\n" + extra
     )

@@ -93,6 +93,10 @@ def test_init_then_serve_delivers_local_mail_into_the_maildir(
                           ("127.0.0.1:9025", metrics_port)):
         assert old in text
         text = text.replace(old, f"127.0.0.1:{new_port}")
+    # Loopback only: the sender's SPF/DMARC lookups must not reach the system resolver.
+    assert "nameservers: []" in text and "checks: [spf, dkim, dmarc, arc]" in text
+    text = text.replace("nameservers: []", 'nameservers: ["127.0.0.1:9"]').replace(
+        "checks: [spf, dkim, dmarc, arc]", "checks: []")
     cfg.write_text(text)
     gw = Gateway(cfg, port, tmp_path / "coffer.log")
     procs.append(gw.start())

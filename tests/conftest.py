@@ -1,0 +1,65 @@
+"""Suite-wide guards.
+
+Tests talk to loopback only (127.0.0.0/8, ::1).  This guard makes an accidental
+lookup through the system resolver, or a connection to any other address, fail
+loudly in the process running the tests instead of leaking traffic.  (Gateways
+started as subprocesses are configured with loopback nameservers and routes.)
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+_real_connect = socket.socket.connect
+_real_connect_ex = socket.socket.connect_ex
+_real_sendto = socket.socket.sendto
+
+
+def _check(sock: socket.socket, address: Any) -> None:
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    host = address[0] if isinstance(address, tuple) else address
+    if isinstance(host, bytes):
+        host = host.decode()
+    if host in ("localhost", ""):
+        return
+    try:
+        ip = ipaddress.ip_address(str(host).split("%")[0])
+    except ValueError:
+        raise PermissionError(f"test tried to reach {host!r}: tests use loopback IPs only")
+    mapped = getattr(ip, "ipv4_mapped", None)
+    if not (ip.is_loopback or (mapped is not None and mapped.is_loopback)):
+        raise PermissionError(f"test tried to reach {host}: tests use loopback addresses only")
+
+
+def _connect(self: socket.socket, address: Any) -> None:
+    _check(self, address)
+    _real_connect(self, address)
+
+
+def _connect_ex(self: socket.socket, address: Any) -> int:
+    _check(self, address)
+    return _real_connect_ex(self, address)
+
+
+def _sendto(self: socket.socket, data: Any, *args: Any) -> int:
+    _check(self, args[-1])
+    return _real_sendto(self, data, *args)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def loopback_only() -> Iterator[None]:
+    socket.socket.connect = _connect  # type: ignore[method-assign]
+    socket.socket.connect_ex = _connect_ex  # type: ignore[method-assign]
+    socket.socket.sendto = _sendto  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        socket.socket.connect = _real_connect  # type: ignore[method-assign]
+        socket.socket.connect_ex = _real_connect_ex  # type: ignore[method-assign]
+        socket.socket.sendto = _real_sendto  # type: ignore[method-assign]
