@@ -31,7 +31,7 @@ def _check(sock: socket.socket, address: Any) -> None:
     try:
         ip = ipaddress.ip_address(str(host).split("%")[0])
     except ValueError:
-        raise PermissionError(f"test tried to reach {host!r}: tests use loopback IPs only")
+        raise PermissionError(f"test tried to reach {host!r}: loopback IPs only") from None
     mapped = getattr(ip, "ipv4_mapped", None)
     if not (ip.is_loopback or (mapped is not None and mapped.is_loopback)):
         raise PermissionError(f"test tried to reach {host}: tests use loopback addresses only")

@@ -2,10 +2,10 @@
 
     python sink.py PORT OUT_FILE [--defer-prefix PREFIX] [--accept-file PATH]
 
-Every accepted (message, recipient) pair is appended to OUT_FILE as one JSON
-line ``{"rcpt", "mail_from", "token", "subject", "auth_results", "external"}`` (an O_APPEND write, so it is
-in the file before the 250 goes out).  ``token`` is the message's ``X-Token``
-header.  A recipient whose local part starts with PREFIX gets ``450 4.2.0`` at
+Every accepted (message, recipient) pair is appended to OUT_FILE as one JSON line
+``{"rcpt", "mail_from", "token", "subject", "auth_results", "external"}`` (an
+O_APPEND write, so it is in the file before the 250 goes out).  ``token`` is the
+message's ``X-Token`` header.  A recipient whose local part starts with PREFIX gets ``450 4.2.0`` at
 RCPT TO until the file ACCEPT_FILE exists.  Prints ``ready`` once listening and
 runs until SIGTERM.
 """

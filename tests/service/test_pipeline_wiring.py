@@ -18,7 +18,7 @@ import pytest
 from svcproc import Gateway, Sink, free_port, wait_for, write_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "check"))
-from authdns import DnsTestServer, Zone  # noqa: E402
+from authdns import DnsTestServer, Zone
 
 POLICY = """\
 version: 1
