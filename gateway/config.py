@@ -19,6 +19,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from gateway import yamlsource
 from gateway.check.config import CheckConfig
 from gateway.errors import ConfigError
+from gateway.transform.config import CryptoConfig
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
@@ -202,6 +203,7 @@ class Config(_Model):
     delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
     dns: DnsConfig = Field(default_factory=DnsConfig)
     check: CheckConfig = Field(default_factory=CheckConfig)
+    crypto: CryptoConfig = Field(default_factory=CryptoConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     policy: Path | None = Field(None, description="Policy file (relative to data_dir)")

@@ -65,6 +65,7 @@ from gateway.receive.relay_control import RelayRules
 from gateway.receive.server import Listeners, start_listeners
 from gateway.runner import Runner
 from gateway.transform.dkim_sign import DkimSignStage
+from gateway.transform.encrypt_stage import EncryptStage
 from policies.loader import load_policy
 from policies.schema import Policy
 
@@ -189,12 +190,12 @@ def before_queue_stages(cfg: Config, policy: PolicyHolder) -> list[Stage]:
 
 
 def after_queue_stages(cfg: Config) -> list[Stage]:
-    """transform (DKIM sign, ARC seal) -> archive, run on the spooled copy before delivery.
+    """transform (encrypt, DKIM sign, ARC seal) -> archive, on the spooled copy.
 
     Signing comes after any transformation that changes the body, and the ARC seal
     after signing, so both verify downstream (RFC 6376 §5.3, RFC 8617 §5.1).
     """
-    stages: list[Stage] = []
+    stages: list[Stage] = [EncryptStage.open(cfg.data_dir, cfg.crypto)]
     if cfg.check.dkim_signing:
         stages.append(DkimSignStage.from_config(cfg.check.dkim_signing, cfg.path))
     if cfg.check.arc_sealing is not None:
@@ -205,7 +206,7 @@ def after_queue_stages(cfg: Config) -> list[Stage]:
 
 def close_stages(stages: list[Stage]) -> None:
     for stage in stages:
-        if isinstance(stage, CheckStage):
+        if isinstance(stage, CheckStage | EncryptStage):
             stage.close()
 
 
@@ -227,6 +228,7 @@ class Service:
     _metrics: MetricsServer | None = field(default=None, init=False)
     runner: Runner | None = field(default=None, init=False)
     policy: PolicyHolder = field(init=False)
+    _after_stages: list[Stage] = field(default_factory=list, init=False)
     _bg: set[asyncio.Task[None]] = field(default_factory=set, init=False)
 
     async def start(self) -> None:
@@ -238,9 +240,10 @@ class Service:
             log.event("spool_tmp_cleaned", files=removed)
         self._executor = ThreadPoolExecutor(SPOOL_THREADS, thread_name_prefix="spool")
         self.policy = PolicyHolder(cfg)
+        self._after_stages = after_queue_stages(cfg)
         self._deliverer = Deliverer(cfg, executor=self._executor)
         self._worker = QueueWorker(
-            cfg, self.spool, after_queue_stages(cfg), self._deliverer, executor=self._executor
+            cfg, self.spool, self._after_stages, self._deliverer, executor=self._executor
         )
         self.runner = Runner(
             self.spool, before_queue_stages(cfg, self.policy), on_queued=self._worker.notify,
@@ -277,6 +280,7 @@ class Service:
         # QueueWorker.stop closes the deliverer's connections.
         if self.runner is not None:
             close_stages(self.runner.stages)
+        close_stages(self._after_stages)
         if self._executor is not None:
             self._executor.shutdown(wait=True)
         if self._metrics is not None:

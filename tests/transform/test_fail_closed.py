@@ -1,0 +1,177 @@
+"""Fail closed: under ``require`` no plaintext ever reaches the next hop.
+
+Each case runs the real queue worker with the transform stage and a Maildir next
+hop, then looks at every byte the next hop received.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptokit import crypto_config, message
+
+from gateway.config import Config, DeliveryConfig
+from gateway.deliver.deliverer import Deliverer
+from gateway.envelope import Envelope
+from gateway.queue.spool import Spool
+from gateway.queue.worker import QueueWorker
+from gateway.transform import mime
+from gateway.transform.encrypt_stage import EncryptStage
+
+SECRET = b"The secret figure is 42."
+SENDER = "signer@corp.test"
+
+
+class Rig:
+    def __init__(self, data_dir: Path, **crypto: Any) -> None:
+        self.data_dir = data_dir
+        self.cfg = Config(hostname="coffer.test", data_dir=data_dir,
+                          delivery=DeliveryConfig(routes={"*": "maildir:mail"}))
+        self.stage = EncryptStage.open(data_dir, crypto_config(data_dir, **crypto))
+        self.store = self.stage.store
+        self.spool = Spool(data_dir / "spool")
+        self.worker = QueueWorker(self.cfg, self.spool, [self.stage], Deliverer(self.cfg))
+
+    async def send(self, rcpts: list[str], actions: list[dict[str, Any]]) -> str:
+        env = Envelope(mail_from=SENDER, rcpt_to=rcpts)
+        data = message(to=", ".join(rcpts))
+        qid = self.spool.store(env, data, {"decide": {"actions": actions,
+                                                      "direction": "outbound"}})
+        await self.worker.run_due()
+        return qid
+
+    def received(self, rcpt: str) -> list[bytes]:
+        d = self.data_dir / "mail" / rcpt.lower() / "new"
+        return [p.read_bytes() for p in sorted(d.iterdir())] if d.exists() else []
+
+    def everything_delivered(self) -> bytes:
+        root = self.data_dir / "mail"
+        return b"".join(p.read_bytes() for p in root.rglob("*") if p.is_file()) \
+            if root.exists() else b""
+
+    def statuses(self, qid: str) -> dict[str, str]:
+        return {r: s.status.value for r, s in self.spool.load(qid).state.recipients.items()}
+
+    def dsn_text(self) -> str:
+        """The DSN to the sender, delivered by a second worker pass."""
+        return "".join(m.decode("utf-8", "replace") for m in self.received(SENDER))
+
+
+@pytest.fixture
+async def rig(data_dir: Path) -> AsyncIterator[Callable[..., Rig]]:
+    rigs: list[Rig] = []
+
+    def make(**crypto: Any) -> Rig:
+        r = Rig(data_dir, **crypto)
+        rigs.append(r)
+        return r
+
+    yield make
+    for r in rigs:
+        await r.worker.stop(0)
+        r.stage.close()
+
+
+def require(method: str = "auto") -> list[dict[str, Any]]:
+    return [{"action": "encrypt", "method": method, "require": True, "rule": "confidential"}]
+
+
+@pytest.mark.parametrize("rcpt,why", [
+    ("nokey@partner.test", "no pgp key"),
+    ("expired@partner.test", "expired"),
+    ("revoked@partner.test", "revoked"),
+    ("old@smime.test", "expired"),
+    ("frank@smime.test", "revoked"),
+])
+async def test_recipient_without_usable_key_bounces_and_nothing_is_sent_in_clear(
+        rig: Callable[..., Rig], rcpt: str, why: str) -> None:
+    r = rig()
+    qid = await r.send([rcpt], require())
+    assert r.received(rcpt) == []
+    assert SECRET not in r.everything_delivered()
+    await r.worker.run_due()  # delivers the DSN to the sender
+    dsn = r.dsn_text()
+    assert rcpt in dsn and "5.7.1" in dsn and why in dsn
+    assert SECRET.decode() not in dsn
+    assert not r.spool.queue_ids() or qid not in r.spool.queue_ids()
+
+
+async def test_mixed_recipients_under_require_bounce_all_naming_the_keyless_one(
+        rig: Callable[..., Rig]) -> None:
+    r = rig()
+    await r.send(["bob@partner.test", "nokey@partner.test"], require("pgp"))
+    assert r.received("bob@partner.test") == [] and r.received("nokey@partner.test") == []
+    await r.worker.run_due()
+    dsn = r.dsn_text()
+    assert "nokey@partner.test (no pgp key)" in dsn
+    assert SECRET not in r.everything_delivered()
+
+
+async def test_every_recipient_with_a_key_receives_only_ciphertext(
+        rig: Callable[..., Rig]) -> None:
+    r = rig()
+    await r.send(["bob@partner.test", "carol@partner.test"], require())
+    for who in ("bob@partner.test", "carol@partner.test"):
+        (got,) = r.received(who)
+        assert mime.encryption_of(mime.split(got)[0] + b"\r\n") == "pgp"
+        assert SECRET not in got
+
+
+async def test_opportunistic_without_key_is_sent_in_clear_and_recorded(
+        rig: Callable[..., Rig]) -> None:
+    r = rig()
+    env = Envelope(mail_from=SENDER, rcpt_to=["nokey@partner.test"])
+    ctx_facts = {"decide": {"actions": [{"action": "encrypt", "method": "auto",
+                                         "require": False}], "direction": "outbound"}}
+    from gateway.pipeline import MessageContext
+    res = await r.stage.run(MessageContext(envelope=env, data=message(), facts=ctx_facts))
+    assert res.data is None and res.facts["encrypted"] is False
+    assert "nokey@partner.test" in res.facts["clear_reason"]
+    await r.send(["nokey@partner.test"], [{"action": "encrypt", "require": False}])
+    (got,) = r.received("nokey@partner.test")
+    assert SECRET in got
+
+
+def _crashing_gpg(tmp: Path) -> Path:
+    """A gpg that answers python-gnupg's start-up probe, then dies on encryption."""
+    script = tmp / "gpg-crash"
+    script.write_text(
+        "#!/bin/sh\n"
+        'for a in "$@"; do case "$a" in --encrypt) kill -SEGV $$;; esac; done\n'
+        'exec gpg "$@"\n')
+    script.chmod(0o755)
+    return script
+
+
+async def test_gpg_crashing_during_encryption_defers_and_sends_nothing(
+        rig: Callable[..., Rig], tmp_path: Path) -> None:
+    r = rig(gpg_binary=str(_crashing_gpg(tmp_path)))
+    qid = await r.send(["bob@partner.test"], require("pgp"))
+    assert r.statuses(qid) == {"bob@partner.test": "deferred"}
+    assert r.everything_delivered() == b""
+    state = r.spool.load(qid).state
+    assert "4.7.5" in state.last_error
+
+
+async def test_gpg_missing_from_path_defers_and_sends_nothing(
+        rig: Callable[..., Rig], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    r = rig()
+    qid = await r.send(["bob@partner.test"], require("pgp"))
+    assert r.statuses(qid) == {"bob@partner.test": "deferred"}
+    assert r.everything_delivered() == b""
+
+
+async def test_gpg_missing_even_for_opportunistic_never_falls_back_to_clear(
+        rig: Callable[..., Rig]) -> None:
+    # A recipient with a key whose encryption fails must not get plaintext either.
+    r = rig(gpg_binary="/nonexistent/gpg")
+    qid = await r.send(["bob@partner.test"], [{"action": "encrypt", "require": False}])
+    assert r.statuses(qid) == {"bob@partner.test": "deferred"}
+    assert r.everything_delivered() == b""
+

@@ -1,0 +1,204 @@
+"""S/MIME (RFC 8551) through the transform stage, checked with the real openssl."""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+from cryptokit import (
+    Identities,
+    corpus_dir,
+    crypto_config,
+    ctx_for,
+    fast_agent,
+    kill_agent,
+    message,
+    run_stage,
+)
+
+from gateway.pipeline import Action
+from gateway.transform import mime
+from gateway.transform.config import CryptoConfig
+from gateway.transform.encrypt_stage import EncryptStage
+from gateway.transform.keystore import KeyStore
+
+ENCRYPT_SMIME = {"action": "encrypt", "method": "smime", "require": True, "rule": "r"}
+SIGN_SMIME = {"action": "sign", "method": "smime", "rule": "r"}
+# thunderbird-signed.txt was signed on 2 Nov 2013; its StartCom chain expired in 2017.
+THUNDERBIRD_SIGNED_AT = 1383424084
+
+
+# Note: `openssl cms -verify -binary` on S/MIME input keeps the CR of the CRLF that
+# belongs to the boundary, so verification of multipart/signed uses the text mode.
+def openssl(*args: str, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    r = subprocess.run(["openssl", *args], input=input, capture_output=True, timeout=60,
+                       check=False)
+    assert r.returncode == 0, r.stderr.decode(errors="replace")
+    return r
+
+
+def cms_decrypt(data: bytes, who: str, ids: Identities) -> bytes:
+    sid = ids.smime[who]
+    return openssl("cms", "-decrypt", "-binary", "-recip", str(sid.cert_pem), "-inkey",
+                   str(sid.key_pem), input=data).stdout
+
+
+async def test_enveloped_data_decrypts_with_openssl_cms_to_the_original_entity(
+        store: KeyStore, data_dir: Path, identities: Identities) -> None:
+    data = message(to="dave@smime.test")
+    res = await run_stage(store, data_dir, ctx_for(data, ["dave@smime.test"], [ENCRYPT_SMIME]))
+    assert res.action is Action.CONTINUE and res.data is not None
+    assert mime.encryption_of(res.data) == "smime"
+    assert b"secret figure" not in res.data
+    assert cms_decrypt(res.data, "dave@smime.test", identities) == mime.protect(data).entity
+    # AES-256-CBC: what cryptography 50's PKCS7EnvelopeBuilder offers (no GCM).
+    printed = openssl("cms", "-cmsout", "-print", "-inform", "DER",
+                      input=mime.smime_der(res.data)).stdout
+    assert b"aes-256-cbc" in printed
+
+
+async def test_two_recipients_each_open_the_same_message(
+        store: KeyStore, data_dir: Path, identities: Identities) -> None:
+    data = message(to="dave@smime.test, erin@smime.test")
+    res = await run_stage(store, data_dir, ctx_for(
+        data, ["dave@smime.test", "erin@smime.test"], [ENCRYPT_SMIME]))
+    assert res.data is not None
+    for who in ("dave@smime.test", "erin@smime.test"):
+        assert cms_decrypt(res.data, who, identities) == mime.protect(data).entity
+
+
+async def test_sign_then_encrypt_verifies_with_openssl_cms(
+        store: KeyStore, data_dir: Path, identities: Identities, tmp_path: Path) -> None:
+    assert identities.ca is not None
+    data = message(to="dave@smime.test")
+    res = await run_stage(store, data_dir, ctx_for(data, ["dave@smime.test"],
+                                                   [ENCRYPT_SMIME, SIGN_SMIME]))
+    assert res.data is not None and res.facts["signed"] == "smime"
+    inner = cms_decrypt(res.data, "dave@smime.test", identities)
+    assert mime.signature_of(inner) == "smime"
+    content = openssl("cms", "-verify", "-CAfile", str(identities.ca.cert_pem),
+                      input=inner).stdout
+    assert content == mime.protect(data).entity
+
+
+async def test_detached_signature_verifies_with_openssl_and_in_coffer(
+        store: KeyStore, data_dir: Path, identities: Identities) -> None:
+    assert identities.ca is not None
+    data = message(to="dave@smime.test")
+    res = await run_stage(store, data_dir, ctx_for(data, ["dave@smime.test"], [SIGN_SMIME]))
+    assert res.data is not None and mime.signature_of(res.data) == "smime"
+    content = openssl("cms", "-verify", "-CAfile", str(identities.ca.cert_pem),
+                      input=res.data).stdout
+    assert content == mime.protect(data).entity
+    stage = EncryptStage(store, crypto_config(data_dir,
+                                              smime_trust_anchors=identities.ca.cert_pem))
+    back = await stage.run(ctx_for(res.data, ["x@corp.test"], [], direction="inbound"))
+    sig = back.facts["signature"]
+    assert sig["valid"] is True and sig["trusted"] is True
+    assert sig["addresses"] == ["signer@corp.test"]
+
+
+async def test_tampered_signed_message_is_reported_invalid(
+        store: KeyStore, data_dir: Path) -> None:
+    data = message(to="dave@smime.test")
+    res = await run_stage(store, data_dir, ctx_for(data, ["dave@smime.test"], [SIGN_SMIME]))
+    assert res.data is not None
+    forged = res.data.replace(b"The secret figure is 42.", b"The secret figure is 43.")
+    back = await run_stage(store, data_dir, ctx_for(forged, ["x@corp.test"], []))
+    assert back.facts["signature"]["valid"] is False
+
+
+@pytest.mark.parametrize("cipher,keyopt", [
+    ("-aes-256-cbc", []),
+    ("-aes-256-gcm", []),  # authEnveloped-data (RFC 5083): decrypted through openssl
+    ("-aes-128-cbc", ["-keyopt", "rsa_padding_mode:oaep"]),  # RSAES-OAEP key transport
+])
+async def test_inbound_smime_made_by_openssl_is_decrypted_for_the_archive(
+        store: KeyStore, data_dir: Path, identities: Identities, cipher: str,
+        keyopt: list[str]) -> None:
+    org = identities.smime["signer@corp.test"]
+    entity = b"Content-Type: text/plain; charset=us-ascii\r\n\r\nInbound, for the archive.\r\n"
+    recip = ["-recip", str(org.cert_pem), *keyopt] if keyopt else [str(org.cert_pem)]
+    der = openssl("cms", "-encrypt", "-binary", cipher, "-outform", "DER", *recip,
+                  input=entity).stdout
+    smime_type = "authEnveloped-data" if "gcm" in cipher else "enveloped-data"
+    data = mime.smime_enveloped([b"From: dave@smime.test\r\n", b"To: signer@corp.test\r\n"],
+                                der, smime_type)
+    res = await run_stage(store, data_dir, ctx_for(data, ["signer@corp.test"], [],
+                                                   sender="dave@smime.test",
+                                                   direction="inbound"))
+    assert res.data is None, "the recipient gets the message as sent"
+    assert res.facts["already_encrypted"] == "smime"
+    assert base64.b64decode(res.facts["decrypted"]) == entity
+
+
+def _corpus(*parts: str) -> Path:
+    c = corpus_dir()
+    p = c.joinpath("smime-pgp", *parts) if c else None
+    if p is None or not p.exists():
+        pytest.skip("test corpus not found: set COFFER_CORPUS or check out ../shared/corpus")
+    return p
+
+
+async def test_corpus_pkcs12_key_decrypts_mail_openssl_encrypted_to_it(
+        store: KeyStore, data_dir: Path, tmp_path: Path) -> None:
+    pfx = _corpus("smime", "rsa", "smime.pfx")
+    store.import_file(pfx, password=b"no.secret")
+    cert = tmp_path / "rsa.crt"
+    cert.write_bytes(openssl("pkcs12", "-in", str(pfx), "-passin", "pass:no.secret",
+                             "-nokeys", "-clcerts", "-legacy").stdout)
+    entity = b"Content-Type: text/plain\r\n\r\nTo the MimeKit test key.\r\n"
+    der = openssl("cms", "-encrypt", "-binary", "-aes256", "-outform", "DER", str(cert),
+                  input=entity).stdout
+    data = mime.smime_enveloped([b"To: rsa@mimekit.net\r\n"], der)
+    res = await run_stage(store, data_dir, ctx_for(data, ["rsa@mimekit.net"], []))
+    assert base64.b64decode(res.facts["decrypted"]) == entity
+
+
+async def test_thunderbird_signed_mail_verifies_at_its_signing_time(
+        store: KeyStore, data_dir: Path, tmp_path: Path) -> None:
+    msg = _corpus("smime", "thunderbird-signed.txt")
+    anchors = tmp_path / "startcom.pem"
+    anchors.write_bytes(b"".join(_corpus("smime", n).read_bytes() for n in (
+        "StartComCertificationAuthority.crt", "StartComClass1PrimaryIntermediateClientCA.crt")))
+    cfg = CryptoConfig.model_validate({**crypto_config(data_dir).model_dump(),
+                                       "smime_trust_anchors": anchors})
+    stage = EncryptStage(store, cfg, verify_attime=lambda: THUNDERBIRD_SIGNED_AT)
+    data = mime.crlf(msg.read_bytes())
+    res = await stage.run(ctx_for(data, ["fejj@gnome.org"], [], direction="inbound"))
+    sig = res.facts["signature"]
+    assert sig["valid"] is True and sig["trusted"] is True, sig
+    assert sig["addresses"] == ["fejj@gnome.org"]
+
+
+async def test_enveloped_data_also_decrypts_with_gpgsm(
+        store: KeyStore, data_dir: Path, identities: Identities, tmp_path: Path) -> None:
+    dave = identities.smime["dave@smime.test"]
+    data = message(to="dave@smime.test")
+    res = await run_stage(store, data_dir, ctx_for(data, ["dave@smime.test"], [ENCRYPT_SMIME]))
+    assert res.data is not None
+    # gpgsm reads PKCS#12 with the older (legacy) encryption only.
+    p12 = tmp_path / "dave.p12"
+    openssl("pkcs12", "-export", "-legacy", "-inkey", str(dave.key_pem), "-in",
+            str(dave.cert_pem), "-out", str(p12), "-passout", "pass:pw")
+    home = Path(tempfile.mkdtemp(prefix="gs", dir=identities.root))
+    home.chmod(0o700)
+    fast_agent(home)
+    base = ["gpgsm", "--homedir", str(home), "--batch", "--pinentry-mode", "loopback",
+            "--passphrase-fd", "0", "--disable-crl-checks"]
+    try:
+        imp = subprocess.run([*base, "--import", str(p12)], input=b"pw\n", capture_output=True,
+                             timeout=60, check=False)
+        assert imp.returncode == 0, imp.stderr
+        (tmp_path / "m.der").write_bytes(mime.smime_der(res.data))
+        dec = subprocess.run([*base, "--decrypt", str(tmp_path / "m.der")], input=b"pw\n",
+                             capture_output=True, timeout=60, check=False)
+        assert dec.returncode == 0, dec.stderr
+        assert dec.stdout == mime.protect(data).entity
+    finally:
+        kill_agent(home)
+        shutil.rmtree(home, ignore_errors=True)
