@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from archive.s3config import S3Config
 from gateway import yamlsource
 from gateway.check.config import CheckConfig
 from gateway.errors import ConfigError
@@ -204,6 +205,10 @@ class Config(_Model):
     dns: DnsConfig = Field(default_factory=DnsConfig)
     check: CheckConfig = Field(default_factory=CheckConfig)
     crypto: CryptoConfig = Field(default_factory=CryptoConfig)
+    s3: S3Config | None = Field(
+        None, description="S3 object storage with Object Lock for archive blobs and ledger "
+        "segments (default: local files)",
+    )
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     policy: Path | None = Field(None, description="Policy file (relative to data_dir)")

@@ -22,6 +22,15 @@ EXIT_PROBLEM = 1
 EXIT_USAGE = 2
 
 COMMAND_MODULES: tuple[str, ...] = (
+    "gateway.cli.init",
+    "gateway.cli.serve",
+    "gateway.cli.check_config",
+    "gateway.cli.auth",
+    "gateway.cli.queue",
+    "gateway.cli.policy",
+    "archive.cli_search",
+    "archive.cli_verify",
+    "gateway.cli.keys",
 )
 
 

@@ -1,0 +1,25 @@
+"""The immutable, encrypted, tamper-evident, searchable archive.
+
+    archive/
+    ├── errors.py       the exception tree (ArchiveError and below)
+    ├── keys.py         archive keys (AES-256, with ids, rotation, OpenPGP escrow)
+    │                   and the Ed25519 ledger-signing key
+    ├── store.py        write-once blob store: SHA-256 addressed, zstd, AES-256-GCM
+    │                   under a per-blob data key wrapped by the archive key
+    ├── ledger.py       append-only hash-chained ledger with signed checkpoints
+    ├── facade.py       ``Archive`` (put/get/shred/append) and the asyncio ``BatchWriter``
+    ├── verify.py       re-checks store + ledger with only the public key
+    ├── metadata.py     the metadata database (SQLAlchemy 2)
+    ├── index/          full-text engines (FTS5, whoosh, PostgreSQL)
+    ├── query.py        the officers' query language
+    ├── extract.py      text from messages and attachments for the index
+    ├── search.py       audited search and view
+    ├── cli_verify.py   ``coffer archive verify|checkpoint|keys ...``
+    ├── cli_search.py   ``coffer search``, ``coffer show``
+    └── cli_common.py   the shared ``coffer archive`` sub-command
+
+On disk, under the data directory: ``archive/store/`` (blobs and their wrapped
+data keys), ``archive/ledger/`` (segments), ``archive/keys/`` and the index and
+database.  The store and the ledger are the proof; the database and the index
+are rebuildable views of them.
+"""

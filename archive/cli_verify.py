@@ -1,0 +1,205 @@
+"""``coffer archive verify``, ``coffer archive checkpoint`` and ``coffer archive keys``.
+
+    coffer archive verify [--data-dir DIR | --config FILE] [--json] [--progress]
+                          [--public-key FILE] [--ciphertext-only]
+    coffer archive checkpoint            sign the ledger head now
+    coffer archive keys list             archive key ids, the current one, signing key id
+    coffer archive keys rotate           new blobs use a new archive key from now on
+    coffer archive keys escrow --recipient FPR [--gnupghome DIR] [--output FILE]
+    coffer archive keys restore FILE [--gnupghome DIR]
+
+verify exits 1 when it finds any problem (see archive.verify for the codes), 0
+when the archive is intact; warnings (a torn ledger tail or an interrupted batch
+after a crash) do not fail it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from archive.cli_common import (
+    SubParsers,
+    add_location_arguments,
+    archive_subparsers,
+    data_dir_from_args,
+)
+from archive.errors import ArchiveError
+from archive.facade import Archive, ArchivePaths
+from archive.keys import KeyRing, escrow_restore, load_public_key, public_key_id
+from archive.verify import Finding, verify
+
+EXIT_OK, EXIT_PROBLEM = 0, 1
+
+
+def register(sub: SubParsers) -> None:
+    asub = archive_subparsers(sub)
+    v = asub.add_parser(
+        "verify", help="check every blob, ledger link and checkpoint signature",
+        description="Re-read every blob and check its SHA-256, every ledger link and every "
+        "checkpoint signature, using only the store, the ledger and the public key (not the "
+        "database).  Exit 1 if anything is missing, altered, reordered or extra.",
+    )
+    add_location_arguments(v)
+    v.add_argument("--json", action="store_true",
+                   help="one JSON object per finding, then a summary object")
+    v.add_argument("--progress", action="store_true",
+                   help="show progress on stderr even when it is not a terminal")
+    v.add_argument("--public-key", metavar="FILE",
+                   help="ledger public key (PEM) kept apart from the server "
+                   "(default: archive/keys/ledger-signing.pub)")
+    v.add_argument("--ciphertext-only", action="store_true",
+                   help="do not decrypt blobs even if the archive keys are present")
+    v.set_defaults(func=cmd_verify)
+
+    c = asub.add_parser("checkpoint", help="sign the current ledger head now",
+                        description="Append a checkpoint entry signed with the ledger key.")
+    add_location_arguments(c)
+    c.set_defaults(func=cmd_checkpoint)
+
+    k = asub.add_parser("keys", help="archive keys: list, rotate, escrow",
+                        description="Manage the archive's encryption and signing keys.")
+    ksub = k.add_subparsers(dest="keys_command", metavar="KEYS_COMMAND")
+    ksub.required = True
+    kl = ksub.add_parser("list", help="list archive key ids and the signing key id")
+    add_location_arguments(kl)
+    kl.add_argument("--json", action="store_true", help="print one JSON object")
+    kl.set_defaults(func=cmd_keys_list)
+    kr = ksub.add_parser("rotate", help="make a new archive key current")
+    add_location_arguments(kr)
+    kr.set_defaults(func=cmd_keys_rotate)
+    ke = ksub.add_parser(
+        "escrow", help="export the archive keys encrypted to an officer's OpenPGP key",
+        description="Write every archive key as one OpenPGP message (ASCII armour) that only "
+        "the named recipients can decrypt, for escrow with compliance officers.",
+    )
+    add_location_arguments(ke)
+    ke.add_argument("--recipient", action="append", required=True, metavar="FPR",
+                    help="recipient key fingerprint (repeat for several officers)")
+    ke.add_argument("--gnupghome", metavar="DIR", help="gpg home holding the recipients' keys")
+    ke.add_argument("--output", metavar="FILE", help="write here (default: standard output)")
+    ke.set_defaults(func=cmd_keys_escrow)
+    ks = ksub.add_parser(
+        "restore", help="write archive keys back from an escrow file (needs the officer's key)",
+        description="Decrypt an escrow file with gpg and write the archive keys it holds into "
+        "archive/keys; existing key files are never overwritten.",
+    )
+    add_location_arguments(ks)
+    ks.add_argument("file", metavar="FILE", help="the escrow file (ASCII armour)")
+    ks.add_argument("--gnupghome", metavar="DIR", help="gpg home holding the officer's key")
+    ks.set_defaults(func=cmd_keys_restore)
+
+
+class _Progress:
+    """A one-line counter on stderr, redrawn at most five times a second."""
+
+    def __init__(self) -> None:
+        self.last = 0.0
+
+    def __call__(self, what: str, done: int, total: int | None) -> None:
+        now = time.monotonic()
+        if now - self.last < 0.2 and done != total:
+            return
+        self.last = now
+        of = f"/{total}" if total is not None else ""
+        end = "\n" if done == total else ""
+        print(f"\rverify: {what} {done}{of}", end=end, file=sys.stderr, flush=True)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    paths = ArchivePaths(data_dir_from_args(args))
+    show_progress = args.progress or sys.stderr.isatty()
+
+    def emit(f: Finding) -> None:
+        if args.json:
+            print(json.dumps(f.as_dict(), ensure_ascii=False), flush=True)
+        else:
+            print(str(f), flush=True)
+
+    summary, _ = verify(
+        paths.root,
+        public_key_path=Path(args.public_key) if args.public_key else None,
+        use_keys=not args.ciphertext_only,
+        on_finding=emit,
+        progress=_Progress() if show_progress else None,
+    )
+    if args.json:
+        print(json.dumps(summary.as_dict(), ensure_ascii=False))
+    else:
+        verdict = "OK" if summary.ok else "PROBLEMS FOUND"
+        print(f"{verdict}: {summary.blobs} blobs ({summary.blobs_decrypted} decrypted, "
+              f"{summary.tombstoned} tombstoned), {summary.ledger_entries} ledger entries, "
+              f"{summary.checkpoints} checkpoints, head {summary.head_seq} "
+              f"{summary.head_hash[:16]}; {summary.errors} errors, {summary.warnings} warnings "
+              f"[{summary.mode}]")
+    return EXIT_OK if summary.ok else EXIT_PROBLEM
+
+
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    with _open(args) as archive:
+        entry = archive.checkpoint()
+    print(f"checkpoint {entry.seq}: head {entry.fields['head_seq']} {entry.fields['head_hash']}")
+    return EXIT_OK
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    paths = ArchivePaths(data_dir_from_args(args))
+    ring = KeyRing.open(paths.keys, need_signer=False)
+    pub = paths.keys / "ledger-signing.pub"
+    signing = public_key_id(load_public_key(pub)) if pub.exists() else None
+    if args.json:
+        print(json.dumps({"keys": ring.ids(), "current": ring.current.id,
+                          "signing_key_id": signing}))
+        return EXIT_OK
+    for kid in ring.ids():
+        key = ring.get(kid)
+        mark = "  (current)" if kid == ring.current.id else ""
+        print(f"{kid}  created {key.created}{mark}")
+    print(f"ledger signing key {signing or '(missing)'}  {pub}")
+    return EXIT_OK
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    with _open(args) as archive:
+        kid = archive.rotate_key()
+    print(f"new blobs are now wrapped with archive key {kid}; export it to escrow "
+          "(coffer archive keys escrow)")
+    return EXIT_OK
+
+
+def cmd_keys_escrow(args: argparse.Namespace) -> int:
+    paths = ArchivePaths(data_dir_from_args(args))
+    ring = KeyRing.open(paths.keys, need_signer=False)
+    armored = ring.escrow_export(list(args.recipient),
+                                 Path(args.gnupghome) if args.gnupghome else None)
+    if args.output:
+        out = Path(args.output)
+        try:
+            fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            raise ArchiveError(f"{out}: already exists, not overwriting") from None
+        with os.fdopen(fd, "w", encoding="ascii") as fh:
+            fh.write(armored)
+    else:
+        sys.stdout.write(armored)
+    return EXIT_OK
+
+
+def cmd_keys_restore(args: argparse.Namespace) -> int:
+    paths = ArchivePaths(data_dir_from_args(args))
+    try:
+        armored = Path(args.file).read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ArchiveError(f"{args.file}: cannot read the escrow file ({exc})") from None
+    written = escrow_restore(paths.keys, armored,
+                             Path(args.gnupghome) if args.gnupghome else None)
+    print(f"restored archive keys: {', '.join(written) or '(none: all were present)'}")
+    return EXIT_OK
+
+
+def _open(args: argparse.Namespace) -> Archive:
+    return Archive.open(data_dir_from_args(args), create=False)

@@ -1,0 +1,703 @@
+"""Turn the raw bytes of a message into what the archive indexes and records.
+
+``extract(raw)`` parses an RFC 5322 message with the standard library
+(``email.policy.default``) and returns an :class:`Extracted`: decoded headers
+(RFC 2047 encoded-words), the body as text (text/plain preferred, HTML converted
+to text, charsets decoded), and every attachment with its name, type, size,
+SHA-256 and extracted text (text/*, HTML, PDF, DOCX, XLSX, nested messages and
+zip archives, within :class:`Limits`).
+
+It NEVER raises: the archive must keep and index every message it is given,
+including the malformed ones.  A piece that cannot be read is recorded as a flag
+(``"could not be scanned: ..."``) on the message or the attachment, so an officer
+can see what the index could not look into.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import email
+import email.message
+import email.policy
+import email.utils
+import hashlib
+import html
+import io
+import logging
+import re
+import warnings
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.header import decode_header, make_header
+from html.parser import HTMLParser
+from xml.etree import ElementTree
+
+__all__ = [
+    "Attachment", "Extracted", "Limits", "Participant", "body_text", "clean_text", "extract",
+    "html_to_text",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds that keep a hostile message from exhausting the indexer."""
+
+    max_depth: int = 3  # nested message/rfc822 and zip levels
+    max_parts: int = 500  # MIME leaves and zip members, all levels together
+    max_part_bytes: int = 25 * 1024 * 1024  # a single decoded part or zip member
+    max_zip_total: int = 100 * 1024 * 1024  # uncompressed bytes read from one archive
+    max_text_chars: int = 2_000_000  # text kept per body or attachment
+    max_pdf_pages: int = 200
+    scan_attachments: bool = True  # False: headers and body only (snippets)
+
+
+@dataclass(frozen=True, slots=True)
+class Participant:
+    role: str  # from | to | cc | bcc | sender | reply_to
+    address: str  # lower-cased addr-spec, "" when the header held only a name
+    name: str
+
+
+@dataclass(slots=True)
+class Attachment:
+    name: str
+    content_type: str
+    size: int
+    sha256: str
+    text: str = ""
+    depth: int = 0  # 0: part of the message itself; 1+: inside a nested message or zip
+    flags: list[str] = field(default_factory=list)
+
+    @property
+    def scanned(self) -> bool:
+        return not self.flags
+
+
+@dataclass(slots=True)
+class Extracted:
+    message_id: str = ""  # without the angle brackets
+    subject: str = ""
+    date: datetime | None = None  # aware, UTC
+    participants: list[Participant] = field(default_factory=list)
+    body: str = ""
+    attachments: list[Attachment] = field(default_factory=list)
+    flags: list[str] = field(default_factory=list)
+    size: int = 0
+
+    def addresses(self, role: str) -> list[Participant]:
+        return [p for p in self.participants if p.role == role]
+
+    @property
+    def from_address(self) -> str:
+        found = self.addresses("from")
+        return found[0].address if found else ""
+
+    def participants_text(self) -> str:
+        """Names and addresses from the headers, for bare-word full-text search."""
+        return " ".join(f"{p.name} {p.address}".strip() for p in self.participants)
+
+    def attachment_text(self) -> str:
+        return "\n".join(a.text for a in self.attachments if a.text)
+
+    def attachment_names(self) -> str:
+        return "\n".join(a.name for a in self.attachments if a.name)
+
+
+def extract(raw: bytes, limits: Limits | None = None) -> Extracted:
+    """Parse ``raw`` into an :class:`Extracted`; never raises."""
+    limits = limits or Limits()
+    out = Extracted(size=len(raw))
+    try:
+        _Extractor(limits).run(raw, out, depth=0)
+    except RecursionError:
+        out.flags.append("could not be scanned: structure nested too deeply")
+    except Exception as exc:  # the archive keeps every message; this is the last resort
+        out.flags.append(f"could not be scanned: {type(exc).__name__}: {exc}"[:300])
+    return _cleaned(out)
+
+
+_SURROGATES = re.compile(r"[\ud800-\udfff]")
+
+
+def clean_text(text: str) -> str:
+    """Text safe for every database: 8-bit header bytes the parser kept as surrogate
+    escapes are decoded (UTF-8, else Windows-1252) and NUL characters dropped."""
+    if _SURROGATES.search(text):
+        raw = text.encode("utf-8", "surrogateescape")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = raw.decode("cp1252", errors="replace")
+        text = _SURROGATES.sub("\ufffd", text)
+    return text.replace("\x00", "")
+
+
+def _cleaned(out: Extracted) -> Extracted:
+    try:
+        out.message_id = clean_text(out.message_id)
+        out.subject = clean_text(out.subject)
+        out.body = clean_text(out.body)
+        out.participants = [Participant(p.role, clean_text(p.address), clean_text(p.name))
+                            for p in out.participants]
+        out.flags = [clean_text(f) for f in out.flags]
+        for a in out.attachments:
+            a.name = clean_text(a.name)
+            a.content_type = clean_text(a.content_type)
+            a.text = clean_text(a.text)
+            a.flags = [clean_text(f) for f in a.flags]
+    except Exception as exc:  # pragma: no cover - clean_text handles every str
+        out.flags.append(f"could not be scanned: {type(exc).__name__}")
+    return out
+
+
+def body_text(raw: bytes, limits: Limits | None = None) -> str:
+    """Only the body text (as in :func:`extract`), fast: for snippets at query time.
+
+    Parses with the compat32 policy, which builds no header objects; attachments
+    are not opened.  Never raises.
+    """
+    limits = limits or Limits(scan_attachments=False)
+    try:
+        msg = email.message_from_bytes(raw, policy=email.policy.compat32)
+        out = Extracted(size=len(raw))
+        bodies: list[str] = []
+        _Extractor(Limits(max_depth=0, max_parts=limits.max_parts,
+                          max_text_chars=limits.max_text_chars, scan_attachments=False)
+                   )._walk(msg, out, bodies, 0)
+        return clean_text("\n\n".join(b for b in bodies if b)[: limits.max_text_chars])
+    except Exception:
+        return ""
+
+
+# -- headers ---------------------------------------------------------------
+
+_ADDRESS_HEADERS = (("from", "From"), ("sender", "Sender"), ("reply_to", "Reply-To"),
+                    ("to", "To"), ("cc", "Cc"), ("bcc", "Bcc"))
+
+
+def _decode_words(value: str) -> str:
+    """RFC 2047 §6: decode encoded-words; unknown charsets degrade, never raise."""
+    try:
+        return str(make_header(decode_header(value)))
+    except Exception:
+        parts = []
+        for chunk, charset in decode_header(value):
+            if isinstance(chunk, bytes):
+                parts.append(_decode_bytes(chunk, charset)[0])
+            else:
+                parts.append(chunk)
+        return "".join(parts)
+
+
+def _unfold(value: str) -> str:
+    # RFC 5322 §2.2.3: unfolding removes the CRLF before folding white space.
+    return re.sub(r"\r?\n(?=[ \t])", "", value).strip()
+
+
+def _raw_values(msg: email.message.Message, name: str) -> list[str]:
+    return [str(v) for k, v in msg.raw_items() if k.lower() == name.lower()]
+
+
+def _header_text(msg: email.message.Message, name: str, flags: list[str]) -> str:
+    raw = _raw_values(msg, name)
+    if raw and _SURROGATES.search(raw[0]):
+        # 8-bit bytes in a header (RFC 6532 UTF-8, or a legacy charset): the policy
+        # would replace them with U+FFFD; decode them as UTF-8, else Windows-1252.
+        return _unfold(_decode_words(clean_text(raw[0])))
+    try:
+        value = msg.get(name)
+    except Exception as exc:
+        flags.append(f"header {name}: unparsable ({type(exc).__name__})")
+        return _raw_header(msg, name)
+    if value is None:
+        return ""
+    text = str(value)
+    if "=?" in text:  # encoded-words the policy left alone (e.g. malformed ones)
+        text = _decode_words(text)
+    return _unfold(text)
+
+
+def _raw_header(msg: email.message.Message, name: str) -> str:
+    for key, value in msg.raw_items():
+        if key.lower() == name.lower():
+            return _unfold(_decode_words(str(value)))
+    return ""
+
+
+def _participants(msg: email.message.Message, flags: list[str]) -> list[Participant]:
+    result: list[Participant] = []
+    for role, name in _ADDRESS_HEADERS:
+        try:
+            values = msg.get_all(name) or []
+        except Exception as exc:
+            flags.append(f"header {name}: unparsable ({type(exc).__name__})")
+            values = [_raw_header(msg, name)] if _raw_header(msg, name) else []
+        raw = _raw_values(msg, name)
+        for i, value in enumerate(values):
+            if i < len(raw) and _SURROGATES.search(raw[i]):
+                value = clean_text(raw[i])  # see _header_text: keep 8-bit names readable
+            result.extend(_parse_addresses(role, value, flags))
+    return result
+
+
+def _parse_addresses(role: str, value: object, flags: list[str]) -> list[Participant]:
+    found: list[Participant] = []
+    addresses = getattr(value, "addresses", None)
+    try:
+        if addresses is not None:
+            for a in addresses:
+                spec = a.addr_spec if a.username or a.domain else ""
+                found.append(Participant(role, spec.strip().lower(), str(a.display_name)))
+            if found or not str(value).strip():
+                return found
+    except Exception:
+        found = []
+    # Fallback: the permissive compat32 parser for headers the default policy rejects.
+    try:
+        text = _decode_words(str(value))
+        for name, addr in email.utils.getaddresses([text]):
+            if name or addr:
+                found.append(Participant(role, addr.strip().lower(), name))
+    except Exception as exc:
+        flags.append(f"header {role}: unparsable address list ({type(exc).__name__})")
+    return found
+
+
+def _message_id(msg: email.message.Message, flags: list[str]) -> str:
+    text = _header_text(msg, "Message-ID", flags)
+    text = text.strip().split()[0] if text.strip() else ""
+    return text.removeprefix("<").removesuffix(">")
+
+
+def _date(msg: email.message.Message, flags: list[str]) -> datetime | None:
+    text = _header_text(msg, "Date", flags)
+    if not text:
+        return None
+    try:
+        # RFC 5322 §3.3 date-time; obsolete forms (§4.3) are accepted by the parser.
+        when = email.utils.parsedate_to_datetime(text)
+    except Exception:
+        flags.append("header Date: unparsable")
+        return None
+    if when.tzinfo is None:  # RFC 5322 §3.3: "-0000" means no zone information
+        when = when.replace(tzinfo=UTC)
+    try:
+        return when.astimezone(UTC)
+    except (OverflowError, ValueError):
+        flags.append("header Date: out of range")
+        return None
+
+
+# -- text decoding ---------------------------------------------------------
+
+
+def _decode_bytes(data: bytes, charset: str | None) -> tuple[str, str | None]:
+    """Decode with the declared charset; fall back to UTF-8, then Windows-1252.
+
+    Returns (text, flag) where flag names a problem worth recording.
+    """
+    flag = None
+    name = (charset or "us-ascii").strip().strip('"').lower()
+    try:
+        codec = codecs.lookup(name).name
+    except LookupError:
+        codec = None
+        flag = f"unknown charset {name[:40]!r}"
+    if codec is not None:
+        with contextlib.suppress(UnicodeDecodeError):
+            return data.decode(codec), flag
+    # Declared us-ascii but 8-bit data is common in the wild (RFC 6532 allows UTF-8).
+    with contextlib.suppress(UnicodeDecodeError):
+        return data.decode("utf-8"), flag
+    if codec is not None:
+        flag = f"text not valid {codec}"
+    return data.decode("cp1252", errors="replace"), flag
+
+
+def _part_bytes(part: email.message.Message, flags: list[str]) -> bytes:
+    try:
+        payload = part.get_payload(decode=True)
+    except Exception as exc:
+        flags.append(f"could not be scanned: undecodable body ({type(exc).__name__})")
+        return b""
+    if isinstance(payload, bytes):
+        return payload
+    return b""
+
+
+class _HtmlText(HTMLParser):
+    _SKIP = frozenset({"script", "style", "head", "title", "template", "noscript"})
+    _BLOCK = frozenset({
+        "p", "div", "br", "tr", "li", "ul", "ol", "table", "h1", "h2", "h3", "h4", "h5",
+        "h6", "blockquote", "pre", "hr", "section", "article", "header", "footer", "td", "th",
+    })
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.out: list[str] = []
+        self.skip = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in self._SKIP:
+            self.skip += 1
+        elif tag in self._BLOCK:
+            self.out.append("\n")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in self._SKIP:
+            self.skip = max(0, self.skip - 1)
+        elif tag in self._BLOCK:
+            self.out.append("\n")
+
+    def handle_data(self, data: str) -> None:
+        if not self.skip:
+            self.out.append(data)
+
+
+def html_to_text(markup: str) -> str:
+    """Visible text of an HTML document: no tags, scripts or styles; entities decoded."""
+    parser = _HtmlText()
+    try:
+        parser.feed(markup)
+        parser.close()
+    except Exception:
+        return re.sub(r"<[^>]*>", " ", html.unescape(markup))
+    text = "".join(parser.out)
+    text = re.sub(r"[ \t\r\f\v]+", " ", text)
+    return re.sub(r"\n\s*\n+", "\n\n", text).strip()
+
+
+# -- documents ---------------------------------------------------------------
+
+_W_NS = "{http://schemas.openxmlformats.org/wordprocessingml/2006/main}"
+_S_NS = "{http://schemas.openxmlformats.org/spreadsheetml/2006/main}"
+
+
+def _safe_xml(data: bytes) -> ElementTree.Element:
+    # A DOCTYPE can declare entities (billion laughs); Office documents never need one.
+    if b"<!DOCTYPE" in data[:4096].upper() or b"<!ENTITY" in data.upper():
+        raise ValueError("XML with a DOCTYPE or entity declaration")
+    return ElementTree.fromstring(data)
+
+
+def _docx_text(zf: zipfile.ZipFile, limits: Limits) -> str:
+    paragraphs: list[str] = []
+    extra = sorted(n for n in zf.namelist()
+                   if re.fullmatch(r"word/(header|footer|footnotes)\d*\.xml", n))
+    names = ["word/document.xml", *extra]
+    for name in names:
+        if name not in zf.namelist():
+            continue
+        root = _safe_xml(_read_member(zf, name, limits))
+        for p in root.iter(f"{_W_NS}p"):
+            paragraphs.append("".join(t.text or "" for t in p.iter(f"{_W_NS}t")))
+    return "\n".join(paragraphs)
+
+
+def _xlsx_text(zf: zipfile.ZipFile, limits: Limits) -> str:
+    cells: list[str] = []
+    if "xl/sharedStrings.xml" in zf.namelist():
+        root = _safe_xml(_read_member(zf, "xl/sharedStrings.xml", limits))
+        for si in root.iter(f"{_S_NS}si"):
+            cells.append("".join(t.text or "" for t in si.iter(f"{_S_NS}t")))
+    for name in sorted(n for n in zf.namelist() if n.startswith("xl/worksheets/sheet")):
+        root = _safe_xml(_read_member(zf, name, limits))
+        for c in root.iter(f"{_S_NS}c"):
+            if c.get("t") == "inlineStr":
+                cells.append("".join(t.text or "" for t in c.iter(f"{_S_NS}t")))
+            elif c.get("t") in (None, "n"):
+                v = c.find(f"{_S_NS}v")
+                if v is not None and v.text:
+                    cells.append(v.text)
+    return "\n".join(cells)
+
+
+def _read_member(zf: zipfile.ZipFile, name: str, limits: Limits) -> bytes:
+    info = zf.getinfo(name)
+    if info.file_size > limits.max_part_bytes:
+        raise ValueError(f"{name}: {info.file_size} bytes is over the limit")
+    with zf.open(info) as fh:
+        # file_size is declared by the archive; read one byte more to catch a lie.
+        data = fh.read(limits.max_part_bytes + 1)
+    if len(data) > limits.max_part_bytes:
+        raise ValueError(f"{name}: larger than declared")
+    return data
+
+
+@contextlib.contextmanager
+def _quiet(logger: logging.Logger) -> Iterator[None]:
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _pdf_text(data: bytes, limits: Limits) -> str:
+    from pypdf import PdfReader
+
+    logger = logging.getLogger("pypdf")
+    with warnings.catch_warnings(), _quiet(logger):
+        # pypdf warns and logs about every oddity of a damaged PDF; we record one flag.
+        warnings.simplefilter("ignore")
+        reader = PdfReader(io.BytesIO(data), strict=False)
+        pages = []
+        for i, page in enumerate(reader.pages):
+            if i >= limits.max_pdf_pages:
+                break
+            pages.append(page.extract_text() or "")
+    return "\n".join(pages)
+
+
+_EXT_TYPES = {
+    ".txt": "text/plain", ".csv": "text/csv", ".htm": "text/html", ".html": "text/html",
+    ".pdf": "application/pdf", ".eml": "message/rfc822", ".zip": "application/zip",
+    ".docx": "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+    ".xlsx": "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+    ".md": "text/plain", ".json": "application/json", ".xml": "text/xml",
+}
+
+
+def _guess_type(name: str, declared: str, data: bytes) -> str:
+    lower = name.lower()
+    ext = lower[lower.rfind("."):] if "." in lower else ""
+    if declared in ("application/octet-stream", "") and ext in _EXT_TYPES:
+        return _EXT_TYPES[ext]
+    if declared in ("application/octet-stream", "") and data[:5] == b"%PDF-":
+        return "application/pdf"
+    if declared in ("application/zip", "application/x-zip-compressed") and ext in (
+        ".docx", ".xlsx"
+    ):
+        return _EXT_TYPES[ext]
+    return declared
+
+
+class _Extractor:
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.parts = 0
+        self.zip_bytes = 0
+
+    def run(self, raw: bytes, out: Extracted, depth: int) -> None:
+        msg = email.message_from_bytes(raw, policy=email.policy.default)
+        for defect in getattr(msg, "defects", [])[:5]:
+            out.flags.append(f"defect: {type(defect).__name__}")
+        out.message_id = _message_id(msg, out.flags)
+        out.subject = _header_text(msg, "Subject", out.flags)
+        out.date = _date(msg, out.flags)
+        out.participants = _participants(msg, out.flags)
+        bodies: list[str] = []
+        self._walk(msg, out, bodies, depth)
+        out.body = "\n\n".join(b for b in bodies if b)[: self.limits.max_text_chars]
+
+    # RFC 2046 §5.1: walk the multipart tree; §5.1.4: alternatives hold the same content.
+    def _walk(self, part: email.message.Message, out: Extracted, bodies: list[str],
+              depth: int) -> None:
+        self.parts += 1
+        if self.parts > self.limits.max_parts:
+            if "could not be scanned: too many parts" not in out.flags:
+                out.flags.append("could not be scanned: too many parts")
+            return
+        ctype = _content_type(part)
+        if ctype in ("message/rfc822", "message/global"):
+            self._nested_message(part, out, depth)
+            return
+        if part.is_multipart():
+            payload = part.get_payload()
+            if not isinstance(payload, list):
+                return
+            children = [c for c in payload if isinstance(c, email.message.Message)]
+            if ctype == "multipart/alternative":
+                chosen = _best_alternative(children)
+                for child in children:
+                    if child is chosen or _is_attachment(child):
+                        self._walk(child, out, bodies, depth)
+                return
+            for child in children:
+                self._walk(child, out, bodies, depth)
+            return
+        if not _is_attachment(part) and ctype in ("text/plain", "text/html", "text/enriched"):
+            data = _part_bytes(part, out.flags)
+            text, flag = _decode_bytes(data, _charset(part))
+            if flag:
+                out.flags.append(f"body: {flag}")
+            bodies.append(html_to_text(text) if ctype == "text/html" else text)
+            return
+        if ctype.startswith("multipart/"):
+            # RFC 2046 §5.1.1: no usable boundary; index the raw text rather than nothing.
+            out.flags.append(f"malformed {ctype[:40]}: indexed as plain text")
+            text, _ = _decode_bytes(_part_bytes(part, out.flags), _charset(part))
+            bodies.append(text)
+            return
+        self._attachment(part, ctype, out, depth)
+
+    def _attachment(self, part: email.message.Message, ctype: str, out: Extracted,
+                    depth: int) -> None:
+        flags: list[str] = []
+        data = _part_bytes(part, flags)
+        name = _filename(part, flags)
+        att = Attachment(name=name, content_type=ctype, size=len(data),
+                         sha256=hashlib.sha256(data).hexdigest(), depth=depth, flags=flags)
+        out.attachments.append(att)
+        if flags:
+            return
+        self._scan(att, data, out, depth)
+
+    def _scan(self, att: Attachment, data: bytes, out: Extracted, depth: int) -> None:
+        """Fill in ``att.text`` (and nested attachments) from ``data``."""
+        limits = self.limits
+        if not limits.scan_attachments:
+            return
+        if len(data) > limits.max_part_bytes:
+            att.flags.append(f"could not be scanned: larger than {limits.max_part_bytes} bytes")
+            return
+        ctype = _guess_type(att.name, att.content_type, data)
+        try:
+            if ctype == "text/html":
+                att.text = html_to_text(_decode_bytes(data, None)[0])
+            elif ctype.startswith("text/") or ctype in ("application/json", "application/xml"):
+                att.text = _decode_bytes(data, None)[0]
+            elif ctype == "application/pdf":
+                att.text = _pdf_text(data, limits)
+            elif ctype.endswith("wordprocessingml.document"):
+                with zipfile.ZipFile(io.BytesIO(data)) as zf:
+                    att.text = _docx_text(zf, limits)
+            elif ctype.endswith("spreadsheetml.sheet"):
+                with zipfile.ZipFile(io.BytesIO(data)) as zf:
+                    att.text = _xlsx_text(zf, limits)
+            elif ctype in ("application/zip", "application/x-zip-compressed"):
+                self._zip(att, data, out, depth)
+            elif ctype == "message/rfc822":
+                self._nested_bytes(att, data, out, depth)
+        except RecursionError:
+            att.flags.append("could not be scanned: nested too deeply")
+        except Exception as exc:
+            att.flags.append(f"could not be scanned: {type(exc).__name__}: {exc}"[:300])
+        att.text = att.text[: limits.max_text_chars]
+
+    def _zip(self, att: Attachment, data: bytes, out: Extracted, depth: int) -> None:
+        if depth + 1 > self.limits.max_depth:
+            att.flags.append("could not be scanned: archive nested too deeply")
+            return
+        names: list[str] = []
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            for info in zf.infolist():
+                if info.is_dir():
+                    continue
+                self.parts += 1
+                if self.parts > self.limits.max_parts:
+                    att.flags.append("could not be scanned: too many members")
+                    break
+                names.append(info.filename)
+                member = Attachment(name=info.filename, content_type=_guess_type(
+                    info.filename, "application/octet-stream", b""), size=info.file_size,
+                    sha256="", depth=depth + 1)
+                out.attachments.append(member)
+                if info.flag_bits & 0x1:
+                    member.flags.append("could not be scanned: encrypted archive member")
+                    continue
+                self.zip_bytes += info.file_size
+                if (info.file_size > self.limits.max_part_bytes
+                        or self.zip_bytes > self.limits.max_zip_total):
+                    member.flags.append("could not be scanned: over the size limit")
+                    continue
+                try:
+                    content = _read_member(zf, info.filename, self.limits)
+                except Exception as exc:
+                    member.flags.append(f"could not be scanned: {type(exc).__name__}")
+                    continue
+                member.size = len(content)
+                member.sha256 = hashlib.sha256(content).hexdigest()
+                member.content_type = _guess_type(info.filename, "application/octet-stream",
+                                                  content)
+                self._scan(member, content, out, depth + 1)
+        att.text = "\n".join(names)
+
+    def _nested_message(self, part: email.message.Message, out: Extracted, depth: int) -> None:
+        flags: list[str] = []
+        payload = part.get_payload()
+        inner = payload[0] if isinstance(payload, list) and payload else None
+        if isinstance(inner, email.message.Message):
+            try:
+                data = inner.as_bytes(policy=email.policy.default.clone(linesep="\r\n"))
+            except Exception:
+                data = _part_bytes(part, flags)
+        else:
+            data = _part_bytes(part, flags)
+        name = _filename(part, flags)
+        att = Attachment(name=name, content_type="message/rfc822", size=len(data),
+                         sha256=hashlib.sha256(data).hexdigest(), depth=depth, flags=flags)
+        out.attachments.append(att)
+        if flags:
+            return
+        try:
+            self._nested_bytes(att, data, out, depth)
+        except RecursionError:
+            att.flags.append("could not be scanned: nested too deeply")
+        except Exception as exc:  # one bad nested message must not hide the rest
+            att.flags.append(f"could not be scanned: {type(exc).__name__}: {exc}"[:300])
+
+    def _nested_bytes(self, att: Attachment, data: bytes, out: Extracted, depth: int) -> None:
+        if depth + 1 > self.limits.max_depth:
+            att.flags.append("could not be scanned: message nested too deeply")
+            return
+        inner = Extracted(size=len(data))
+        self.run(data, inner, depth + 1)
+        if not att.name:
+            att.name = (inner.subject or "message")[:100] + ".eml"
+        people = inner.participants_text()
+        att.text = "\n".join(x for x in (inner.subject, people, inner.body) if x)
+        out.attachments.extend(inner.attachments)
+        att.flags.extend(f for f in inner.flags if f.startswith("could not be scanned"))
+
+
+def _content_type(part: email.message.Message) -> str:
+    try:
+        return part.get_content_type().lower()
+    except Exception:
+        return "application/octet-stream"
+
+
+def _charset(part: email.message.Message) -> str | None:
+    try:
+        return part.get_content_charset()
+    except Exception:
+        return None
+
+
+def _is_attachment(part: email.message.Message) -> bool:
+    try:
+        disposition = (part.get_content_disposition() or "").lower()
+    except Exception:
+        disposition = ""
+    if disposition == "attachment":
+        return True
+    try:
+        return bool(part.get_filename())
+    except Exception:
+        return False
+
+
+def _filename(part: email.message.Message, flags: list[str]) -> str:
+    try:
+        # RFC 2231 §4 parameter value continuations/charsets are decoded by the policy;
+        # RFC 2047 words in a filename are not legal but common, so decode them too.
+        name = part.get_filename() or ""
+    except Exception:
+        flags.append("attachment name unparsable")
+        return ""
+    return _decode_words(name) if "=?" in name else name
+
+
+def _best_alternative(children: list[email.message.Message]) -> email.message.Message | None:
+    candidates = [c for c in children if not _is_attachment(c)]
+    for wanted in ("text/plain", "text/html"):
+        for child in candidates:
+            if _content_type(child) == wanted:
+                return child
+    # e.g. multipart/related holding the HTML: the richest is last (RFC 2046 §5.1.4)
+    return candidates[-1] if candidates else None

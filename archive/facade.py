@@ -1,0 +1,238 @@
+"""``Archive``: the one object the gateway's archive stage and the metadata code use.
+
+    archive = Archive.open(cfg.data_dir)            # creates keys on first use
+    ref = archive.put(raw_bytes, {"archive_id": mid})
+    archive.get(ref.sha256) == raw_bytes
+    archive.append("hold_placed", case="C-17", query_sha256=...)
+    archive.shred(ref.sha256, reason="retention")   # tombstone + destroy the data key
+
+It composes the key ring (archive.keys), the blob store (archive.store) and the
+ledger (archive.ledger): every stored message gets a ``message_stored`` ledger
+entry in the same group commit, so there is never an acknowledged blob the
+ledger does not know.  ``BatchWriter`` gives asyncio callers group commit
+without having to batch themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from archive.errors import ArchiveError
+from archive.keys import KeyRing
+from archive.ledger import Ledger, LedgerEntry, Timestamper
+from archive.store import BlobRef, BlobStore, Recovered, check_sha
+
+Record = Mapping[str, Any]
+_Item = tuple[bytes, Record, "asyncio.Future[BlobRef]"]
+
+
+class ArchivePaths:
+    """Where the archive lives under a data directory."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.root = data_dir / "archive"
+        self.store = self.root / "store"
+        self.ledger = self.root / "ledger"
+        self.keys = self.root / "keys"
+
+
+class Archive:
+    """Blob store + ledger + keys.  Thread-safe; several processes may share one archive.
+
+    Synchronous (each call may fsync): asyncio code uses ``BatchWriter`` or
+    ``asyncio.to_thread``.
+    """
+
+    def __init__(self, paths: ArchivePaths, keys: KeyRing, store: BlobStore,
+                 ledger: Ledger) -> None:
+        self.paths = paths
+        self.keys = keys
+        self.store = store
+        self.ledger = ledger
+        self.recovered: list[Recovered] = []
+
+    @classmethod
+    def open(
+        cls,
+        data_dir: Path,
+        *,
+        create: bool = True,
+        segment_entries: int = 10000,
+        checkpoint_every: int = 1000,
+        clock: Callable[[], datetime] | None = None,
+        timestamper: Timestamper | None = None,
+        compression_level: int = 3,
+    ) -> Archive:
+        """Open for reading and writing; finishes any batch a crashed writer left."""
+        paths = ArchivePaths(data_dir)
+        if not create and not paths.keys.exists():
+            raise ArchiveError(f"{paths.root}: no archive here (no keys directory)")
+        if create:
+            paths.root.mkdir(parents=True, exist_ok=True, mode=0o750)
+            paths.store.mkdir(exist_ok=True, mode=0o750)
+        keys = KeyRing.open(paths.keys, create=create)
+        store = BlobStore(paths.store, keys, level=compression_level)
+        ledger = Ledger(paths.ledger, signer=keys.signer, segment_entries=segment_entries,
+                        checkpoint_every=checkpoint_every, clock=clock,
+                        timestamper=timestamper)
+        archive = cls(paths, keys, store, ledger)
+        ledger.repair()
+        archive.recovered = store.recover(archive._ledger_recovered)
+        return archive
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> Archive:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- messages --
+
+    def put(self, data: bytes, record: Record | None = None) -> BlobRef:
+        """Store ``data`` once; ``record`` (ids, not personal data) goes into the ledger."""
+        return self.put_many([data], [record or {}])[0]
+
+    def put_many(self, datas: Sequence[bytes],
+                 records: Sequence[Record] | None = None) -> list[BlobRef]:
+        """Group commit: one fsync round for all blobs, one ledger append."""
+        if records is None:
+            records = [{}] * len(datas)
+        if len(records) != len(datas):
+            raise ValueError("put_many: one record per message")
+        for rec in records:  # fail before any blob is written, not in the ledger append
+            Ledger.check_fields("message_stored", rec)
+
+        def ledger_batch(start: int, refs: list[BlobRef]) -> None:
+            self.ledger.append_many([
+                ("message_stored", {"sha256": r.sha256, "size": r.size,
+                                    "stored_size": r.stored_size, "new": r.new, **rec})
+                for r, rec in zip(refs, records[start:start + len(refs)], strict=True)
+            ])
+
+        return self.store.write_many(datas, ledger_batch)
+
+    def get(self, sha256: str) -> bytes:
+        """The exact original bytes (decrypted, decompressed, hash-checked)."""
+        return self.store.read(sha256)
+
+    def exists(self, sha256: str) -> bool:
+        return self.store.exists(sha256)
+
+    def shred(self, sha256: str, *, reason: str, delete_blob: bool = False,
+              **fields: Any) -> LedgerEntry:
+        """Crypto-shred: record a tombstone, then destroy the blob's data key.
+
+        The tombstone comes first: if we crash before the key is gone, verify
+        reports an unfinished shred and calling shred again completes it.  The
+        caller (retention) must have checked that no envelope or hold still needs
+        the blob: shredding is for every envelope that shares it.
+        """
+        check_sha(sha256)
+        entry = self.ledger.append("tombstone", sha256=sha256, reason=reason, **fields)
+        self.store.shred(sha256)
+        if delete_blob:
+            self.store.delete(sha256)
+        return entry
+
+    # -- ledger --
+
+    def append(self, kind: str, **fields: Any) -> LedgerEntry:
+        return self.ledger.append(kind, **fields)
+
+    def checkpoint(self) -> LedgerEntry:
+        return self.ledger.checkpoint()
+
+    def rotate_key(self) -> str:
+        """New blobs use a new archive key from now on; old keys keep unwrapping."""
+        old = self.keys.current.id
+        new = self.keys.rotate().id
+        self.ledger.append("key_rotated", old_key=old, new_key=new)
+        return new
+
+    def _ledger_recovered(self, batch: list[Recovered]) -> None:
+        self.ledger.append_many([
+            ("blob_recovered", {"sha256": r.sha256, "stored_size": r.stored_size,
+                                "journal": r.journal})
+            for r in batch
+        ])
+
+
+class BatchWriter:
+    """Group commit for asyncio callers: concurrent ``put`` calls share one fsync round.
+
+    Each caller awaits its own BlobRef, which is returned only after the blob and
+    its ledger entry are durable, so the SMTP 250 can follow it.  Up to
+    ``in_flight`` batches are written at once (in threads), so one batch's files
+    are written while the previous one waits for its fsyncs.
+    """
+
+    def __init__(self, archive: Archive, *, max_batch: int = 128, in_flight: int = 2) -> None:
+        self.archive = archive
+        self.max_batch = max_batch
+        self.in_flight = in_flight
+        self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    async def put(self, data: bytes, record: Record | None = None) -> BlobRef:
+        if self._closed:
+            raise ArchiveError("the archive batch writer is closed")
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="archive-batch-writer")
+        fut: asyncio.Future[BlobRef] = asyncio.get_running_loop().create_future()
+        await self._queue.put((data, record or {}, fut))
+        return await fut
+
+    async def close(self) -> None:
+        """Finish every put already queued, then stop."""
+        self._closed = True
+        if self._task is not None:
+            await self._queue.put(None)
+            await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        slots = asyncio.Semaphore(self.in_flight)
+        running: set[asyncio.Task[None]] = set()
+        stop = False
+        while not stop:
+            first = await self._queue.get()
+            if first is None:
+                break
+            await slots.acquire()
+            batch = [first]
+            # Whatever arrived while earlier batches were being written joins this one.
+            while len(batch) < self.max_batch and not self._queue.empty():
+                item = self._queue.get_nowait()
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            task = asyncio.create_task(self._commit(batch, slots))
+            running.add(task)
+            task.add_done_callback(running.discard)
+        if running:
+            await asyncio.gather(*running)
+
+    async def _commit(self, batch: list[_Item], slots: asyncio.Semaphore) -> None:
+        try:
+            refs = await asyncio.to_thread(
+                self.archive.put_many, [b[0] for b in batch], [b[1] for b in batch]
+            )
+        except Exception as exc:
+            for _, _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        finally:
+            slots.release()
+        for (_, _, fut), ref in zip(batch, refs, strict=True):
+            if not fut.done():
+                fut.set_result(ref)

@@ -1,0 +1,156 @@
+"""SQLite FTS5 engine: the embedded default.
+
+The table is contentless (``content=''``): SQLite keeps the inverted index (terms,
+positions, per-column sizes for bm25) but not the text, so the index file holds as
+little of the message as a word index can.  Document ids are the rowids.
+
+Deleting from a contentless table needs ``contentless_delete=1`` (SQLite 3.43+).
+On older SQLite the index records deleted ids in a ``deleted`` table and excludes
+them from every search; their terms stay until ``coffer archive reindex``
+rebuilds the index from the store.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable
+from pathlib import Path
+
+from archive.index import FullTextError, IndexDoc
+from archive.query import And, Node, Or, Term, split_and
+
+_COLUMNS = ("subject", "body", "attachment", "filename", "participants")
+# bm25 weights per column, in _COLUMNS order: a hit in the subject counts most.
+_WEIGHTS = "10.0, 1.0, 0.5, 2.0, 2.0"
+_FIELD_COLUMNS = {
+    "text": "",
+    "subject": "subject : ",
+    "body": "body : ",
+    "attachment": "{attachment filename} : ",
+    "filename": "filename : ",
+}
+
+
+def _has_contentless_delete() -> bool:
+    return sqlite3.sqlite_version_info >= (3, 43, 0)
+
+
+def match_expression(node: Node) -> str:
+    """The FTS5 MATCH string for a full-text query tree.
+
+    Every term is a quoted FTS5 string, so the user's text is never read as FTS5
+    syntax; FTS5 tokenizes it with the table's tokenizer (a multi-token string is
+    a phrase).
+    """
+    if isinstance(node, Term):
+        quoted = '"' + node.text.replace('"', '""') + '"'
+        return _FIELD_COLUMNS[node.field] + quoted + (" *" if node.prefix else "")
+    if isinstance(node, Or):
+        return "(" + " OR ".join(match_expression(n) for n in node.items) + ")"
+    if isinstance(node, And):
+        positive, negative = split_and(node)
+        expr = "(" + " AND ".join(match_expression(n) for n in positive) + ")"
+        for n in negative:  # FTS5's NOT is binary: "a NOT b"
+            expr = f"({expr} NOT {match_expression(n)})"
+        return expr
+    raise FullTextError(f"not a full-text query: {node!r}")
+
+
+class Fts5Index:
+    name = "fts5"
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        if str(path) != ":memory:":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA busy_timeout=10000")
+            self._create()
+        except sqlite3.Error as exc:
+            raise FullTextError(f"{path}: cannot open the FTS5 index: {exc}") from exc
+        self.contentless_delete = bool(self.db.execute(
+            "SELECT value FROM meta WHERE key='contentless_delete'").fetchone()[0] == "1")
+
+    def _create(self) -> None:
+        if self.db.execute("SELECT 1 FROM sqlite_master WHERE name='docs'").fetchone():
+            return
+        delete = _has_contentless_delete()
+        options = ", contentless_delete=1" if delete else ""
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.execute(
+                f"CREATE VIRTUAL TABLE docs USING fts5({', '.join(_COLUMNS)}, content=''"
+                f"{options}, tokenize='unicode61 remove_diacritics 2')")
+            # Which ids are in the index (FTS5 cannot answer that for contentless rows).
+            self.db.execute("CREATE TABLE present (id INTEGER PRIMARY KEY)")
+            self.db.execute("CREATE TABLE deleted (id INTEGER PRIMARY KEY)")
+            self.db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
+            self.db.execute("INSERT INTO meta VALUES ('contentless_delete', ?)",
+                            ("1" if delete else "0",))
+
+    def add(self, docs: Iterable[IndexDoc]) -> int:
+        added = 0
+        try:
+            with self.db:
+                self.db.execute("BEGIN")
+                for doc in docs:
+                    if self.db.execute("SELECT 1 FROM present WHERE id=?",
+                                       (doc.doc_id,)).fetchone():
+                        continue  # same id, same content: blobs are content-addressed
+                    self.db.execute(
+                        "INSERT INTO docs(rowid, subject, body, attachment, filename, "
+                        "participants) VALUES (?, ?, ?, ?, ?, ?)",
+                        (doc.doc_id, doc.subject, doc.body, doc.attachment, doc.filename,
+                         doc.participants))
+                    self.db.execute("INSERT INTO present VALUES (?)", (doc.doc_id,))
+                    added += 1
+        except sqlite3.Error as exc:
+            raise FullTextError(f"{self.path}: cannot add to the index: {exc}") from exc
+        return added
+
+    def delete(self, ids: Iterable[int]) -> None:
+        with self.db:
+            self.db.execute("BEGIN")
+            for i in ids:
+                if self.contentless_delete:
+                    self.db.execute("DELETE FROM docs WHERE rowid=?", (i,))
+                    self.db.execute("DELETE FROM present WHERE id=?", (i,))
+                else:
+                    self.db.execute("INSERT OR IGNORE INTO deleted VALUES (?)", (i,))
+
+    def search(self, query: Node, *, scored: bool = True) -> dict[int, float]:
+        expr = match_expression(query)
+        score = f", bm25(docs, {_WEIGHTS})" if scored else ""
+        sql = f"SELECT rowid{score} FROM docs WHERE docs MATCH ?"
+        if not self.contentless_delete:
+            sql += " AND rowid NOT IN (SELECT id FROM deleted)"
+        try:
+            rows = self.db.execute(sql, (expr,)).fetchall()
+            if not scored:
+                return dict.fromkeys([r[0] for r in rows], 0.0)
+            # bm25 is lower-is-better; the interface wants higher-is-better.
+            return {r: -s for r, s in rows}
+        except sqlite3.Error as exc:
+            raise FullTextError(f"full-text query {expr!r} failed: {exc}") from exc
+
+    def count(self) -> int:
+        row = self.db.execute(
+            "SELECT (SELECT count(*) FROM present) - "
+            "(SELECT count(*) FROM deleted WHERE id IN (SELECT id FROM present))").fetchone()
+        return int(row[0])
+
+    def optimize(self) -> None:
+        self.db.execute("INSERT INTO docs(docs) VALUES ('optimize')")
+
+    def clear(self) -> None:
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.execute("INSERT INTO docs(docs) VALUES ('delete-all')")
+            self.db.execute("DELETE FROM present")
+            self.db.execute("DELETE FROM deleted")
+
+    def close(self) -> None:
+        self.db.close()

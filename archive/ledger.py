@@ -1,0 +1,406 @@
+"""The append-only, hash-chained ledger that makes the archive tamper-evident.
+
+Each entry is one line of canonical JSON::
+
+    {"seq": 42, "time": "2026-11-27T15:00:00.123+00:00", "kind": "message_stored",
+     "sha256": "...", "size": 10234, ..., "prev": "<hash of entry 41>", "hash": "<hash>"}
+
+``hash`` is the SHA-256 of the entry without its ``hash`` key, serialised with
+sorted keys and no spaces (``canonical()``); ``prev`` of entry 1 is 64 zeros.
+Changing, removing, inserting or reordering any entry therefore breaks a link,
+and rewriting every later entry to hide that is caught by the signed checkpoints:
+an entry of kind ``checkpoint`` carries ``head_seq``/``head_hash`` of the entry
+just before it and an Ed25519 signature over them, made with
+``archive/keys/ledger-signing.key`` and checked with ``ledger-signing.pub``.
+
+Entry kinds written by the archive: ``message_stored`` (sha256, size,
+stored_size, new, plus the caller's record fields such as the archive id),
+``blob_recovered`` (a blob from an interrupted batch, see archive.store),
+``tombstone`` (sha256, reason: the data key was destroyed), ``key_rotated``,
+``checkpoint``, ``ledger_repaired``; other modules add ``audit``,
+``hold_placed``, ``hold_released``.  The ledger is never erased, so record
+fields must be identifiers and hashes, never personal data such as addresses.
+
+Files: ``archive/ledger/<first seq, 12 digits>.jsonl`` segments of at most
+``segment_entries`` entries, read in name order to rebuild the whole chain, and
+``archive/ledger/.lock``.  Appenders in several processes serialise on an
+exclusive ``flock`` of the lock file; each batch is written with one write and
+made durable with one fsync before ``append`` returns (group commit).
+
+Torn tail rule: a crash can leave the last line of the last segment without its
+newline.  That line was never fsynced, so ``append`` never returned for it and
+nothing was acknowledged on its strength.  A writer opening the archive
+(``Archive.open`` calls ``repair()``), or else the next appender, truncates it
+under the lock and records a ``ledger_repaired`` entry (with the number of bytes
+dropped);
+``coffer archive verify`` reports such a tail as a warning, not as tampering.  A
+malformed line anywhere else is corruption.
+
+RFC 3161 timestamps: ``Ledger(timestamper=...)`` accepts an object with
+``token(digest: bytes) -> bytes`` and stores its result base64-encoded as the
+checkpoint's ``tsa_token`` (the token covers SHA-256 of the signed payload).  No
+network TSA client ships yet: a deployment wires one in; the hook is tested with
+a local stand-in only.
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import hashlib
+import json
+import os
+import re
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from archive.errors import LedgerCorruptError, LedgerError
+from archive.keys import fsync_dir, public_key_id
+
+GENESIS = "0" * 64
+RESERVED = frozenset({"seq", "time", "kind", "prev", "hash"})
+SEGMENT_NAME = re.compile(r"^(\d{12})\.jsonl$")
+CHECKPOINT_CONTEXT = b"coffer-ledger-checkpoint-v1\n"
+_TAIL_CHUNK = 65536
+
+
+class Timestamper(Protocol):
+    """RFC 3161 hook: return a TimeStampToken (DER) over ``digest`` (SHA-256)."""
+
+    def token(self, digest: bytes) -> bytes: ...
+
+
+def canonical(obj: Mapping[str, Any]) -> bytes:
+    """The bytes that are hashed: sorted keys, no whitespace, ASCII only."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      allow_nan=False).encode()
+
+
+def entry_hash(entry: Mapping[str, Any]) -> str:
+    return hashlib.sha256(canonical({k: v for k, v in entry.items() if k != "hash"})).hexdigest()
+
+
+def checkpoint_payload(head_seq: int, head_hash: str) -> bytes:
+    """What a checkpoint signs (domain-separated so no other signature can pass)."""
+    return CHECKPOINT_CONTEXT + f"{head_seq}\n{head_hash}\n".encode("ascii")
+
+
+def segment_name(first_seq: int) -> str:
+    return f"{first_seq:012d}.jsonl"
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    seq: int
+    time: str
+    kind: str
+    prev: str
+    hash: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"seq": self.seq, "time": self.time, "kind": self.kind, **self.fields,
+                "prev": self.prev, "hash": self.hash}
+
+
+@dataclass(frozen=True)
+class RawLine:
+    """One line as stored, for verification: ``complete`` is False for a torn tail."""
+
+    segment: Path
+    lineno: int
+    data: bytes
+    complete: bool
+
+
+def segments(path: Path) -> list[tuple[int, Path]]:
+    """(first seq from the name, path) of every segment, in chain order."""
+    try:
+        names = os.listdir(path)
+    except FileNotFoundError:
+        return []
+    found = [(int(m.group(1)), path / n) for n in names if (m := SEGMENT_NAME.match(n))]
+    return sorted(found)
+
+
+def read_lines(path: Path, segs: list[tuple[int, Path]] | None = None) -> Iterator[RawLine]:
+    """Every line of every segment (of ``segs``, if given) in order; the last may be torn."""
+    for _first, seg in segments(path) if segs is None else segs:
+        with open(seg, "rb") as fh:
+            for lineno, line in enumerate(fh, 1):
+                complete = line.endswith(b"\n")
+                yield RawLine(seg, lineno, line.rstrip(b"\n"), complete)
+
+
+class Ledger:
+    """Appends entries to ``path`` (``archive/ledger``), one batch per fsync."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        signer: Ed25519PrivateKey | None = None,
+        segment_entries: int = 10000,
+        checkpoint_every: int = 1000,
+        clock: Callable[[], datetime] | None = None,
+        timestamper: Timestamper | None = None,
+    ) -> None:
+        if segment_entries < 1 or checkpoint_every < 1:
+            raise ValueError("segment_entries and checkpoint_every must be >= 1")
+        self.path = path
+        self.signer = signer
+        self.segment_entries = segment_entries
+        self.checkpoint_every = checkpoint_every
+        self.clock = clock or (lambda: datetime.now(UTC))
+        self.timestamper = timestamper
+        self.repaired_bytes = 0  # torn-tail bytes this process truncated (for logs/tests)
+        self.repaired_bytes_pending = 0
+        self._thread_lock = threading.Lock()
+        path.mkdir(parents=True, exist_ok=True, mode=0o750)
+
+    # -- public API --------------------------------------------------------------
+
+    def append(self, kind: str, **fields: Any) -> LedgerEntry:
+        return self.append_many([(kind, fields)])[0]
+
+    def append_many(self, items: Sequence[tuple[str, Mapping[str, Any]]]) -> list[LedgerEntry]:
+        """Append a batch atomically with respect to other appenders; durable on return.
+
+        A checkpoint is added after the batch whenever it crosses a multiple of
+        ``checkpoint_every`` (when a signing key is configured).
+        """
+        for kind, fields in items:
+            self.check_fields(kind, fields)
+        with self._locked():
+            written, first = self._append_locked(items)
+        # Only the caller's entries: not a ledger_repaired before, nor a checkpoint after.
+        return written[first:first + len(items)]
+
+    def checkpoint(self) -> LedgerEntry:
+        """Sign the current head now (e.g. at shutdown, or before a verify)."""
+        if self.signer is None:
+            raise LedgerError(f"{self.path}: no signing key, cannot write a checkpoint")
+        with self._locked():
+            return self._append_locked([], force_checkpoint=True)[0][-1]
+
+    def repair(self) -> int:
+        """Truncate a torn last line now and record it; returns the bytes dropped."""
+        with self._locked():
+            self._tail(repair=True)
+            dropped = self.repaired_bytes_pending
+            if dropped:
+                self._append_locked([])
+        return dropped
+
+    def head(self) -> tuple[int, str]:
+        """(seq, hash) of the last entry; (0, GENESIS) for an empty ledger."""
+        with self._locked():
+            seq, h, _ = self._tail(repair=False)
+            return seq, h
+
+    def entries(self) -> Iterator[LedgerEntry]:
+        """Parse every complete entry in order (no verification: see archive.verify)."""
+        for raw in read_lines(self.path):
+            if not raw.complete:
+                return
+            yield parse_entry(raw)
+
+    # -- internals ---------------------------------------------------------------
+
+    @staticmethod
+    def check_fields(kind: str, fields: Mapping[str, Any]) -> None:
+        """Refuse reserved names and values JSON cannot represent exactly."""
+        if not kind or not isinstance(kind, str):
+            raise LedgerError("a ledger entry needs a kind")
+        bad = RESERVED.intersection(fields)
+        if bad:
+            raise LedgerError(f"ledger entry fields may not be named {sorted(bad)}")
+        try:
+            canonical(fields)
+        except (TypeError, ValueError) as exc:
+            raise LedgerError(f"{kind} entry: fields must be JSON values ({exc})") from None
+
+    def _locked(self) -> _FileLock:
+        return _FileLock(self.path / ".lock", self._thread_lock)
+
+    def _append_locked(
+        self, items: Sequence[tuple[str, Mapping[str, Any]]], *, force_checkpoint: bool = False
+    ) -> tuple[list[LedgerEntry], int]:
+        """Write the batch; returns (all entries written, index of the first of ``items``)."""
+        seq, prev, seg = self._tail(repair=True)
+        now = self.clock().isoformat(timespec="milliseconds")
+        first_item = 0
+        if self.repaired_bytes_pending:
+            first_item = 1
+            items = [("ledger_repaired", {"truncated_bytes": self.repaired_bytes_pending}),
+                     *items]
+            self.repaired_bytes += self.repaired_bytes_pending
+            self.repaired_bytes_pending = 0
+        out: list[LedgerEntry] = []
+        first_seq = seq + 1
+        for kind, fields in items:
+            seq += 1
+            e = self._make(seq, now, kind, dict(fields), prev)
+            out.append(e)
+            prev = e.hash
+        crossed = (seq // self.checkpoint_every) > ((first_seq - 1) // self.checkpoint_every)
+        if self.signer is not None and (force_checkpoint or (items and crossed)):
+            seq += 1
+            out.append(self._make(seq, now, "checkpoint", self._sign(seq - 1, prev), prev))
+        self._write(out, seg)
+        return out, first_item
+
+    def _make(self, seq: int, now: str, kind: str, fields: dict[str, Any],
+              prev: str) -> LedgerEntry:
+        body = {"seq": seq, "time": now, "kind": kind, **fields, "prev": prev}
+        return LedgerEntry(seq=seq, time=now, kind=kind, prev=prev, hash=entry_hash(body),
+                           fields=fields)
+
+    def _sign(self, head_seq: int, head_hash: str) -> dict[str, Any]:
+        assert self.signer is not None
+        payload = checkpoint_payload(head_seq, head_hash)
+        fields: dict[str, Any] = {
+            "head_seq": head_seq, "head_hash": head_hash,
+            "key_id": public_key_id(self.signer.public_key()),
+            "signature": base64.b64encode(self.signer.sign(payload)).decode("ascii"),
+        }
+        if self.timestamper is not None:
+            token = self.timestamper.token(hashlib.sha256(payload).digest())
+            fields["tsa_token"] = base64.b64encode(token).decode("ascii")
+        return fields
+
+    def _tail(self, *, repair: bool) -> tuple[int, str, tuple[int, Path] | None]:
+        """(seq, hash) of the last complete entry and the last segment (first, path).
+
+        With ``repair`` (lock held, about to write) a torn final line is
+        truncated; see the module docstring for why that is safe.
+        """
+        segs = segments(self.path)
+        while segs:
+            first, seg = segs[-1]
+            line, torn = _last_line(seg)
+            if torn and repair:
+                size = seg.stat().st_size
+                keep = size - torn
+                with open(seg, "r+b") as fh:
+                    fh.truncate(keep)
+                    os.fsync(fh.fileno())
+                self.repaired_bytes_pending += torn
+            if line is None:
+                if len(segs) == 1:
+                    return 0, GENESIS, (first, seg)
+                # An empty last segment (crash right after creating it): the head is
+                # in the previous one; the empty file is reused by the next write.
+                prev_seq, prev_hash, _ = self._tail_of(segs[-2][1])
+                return prev_seq, prev_hash, (first, seg)
+            entry = _parse_json(line, seg, None)
+            return int(entry["seq"]), str(entry["hash"]), (first, seg)
+        return 0, GENESIS, None
+
+    @staticmethod
+    def _tail_of(seg: Path) -> tuple[int, str, None]:
+        line, _torn = _last_line(seg)
+        if line is None:
+            raise LedgerCorruptError(f"{seg}: empty segment in the middle of the ledger")
+        entry = _parse_json(line, seg, None)
+        return int(entry["seq"]), str(entry["hash"]), None
+
+    def _write(self, entries: list[LedgerEntry], seg: tuple[int, Path] | None) -> None:
+        """Write entries into the right segments; one fsync per touched segment."""
+        i = 0
+        while i < len(entries):
+            seq = entries[i].seq
+            if seg is None or seq - seg[0] >= self.segment_entries:
+                seg = (seq, self.path / segment_name(seq))
+            room = self.segment_entries - (seq - seg[0])
+            chunk = entries[i:i + room]
+            data = b"".join(json.dumps(e.as_dict(), ensure_ascii=True,
+                                       separators=(",", ":")).encode() + b"\n" for e in chunk)
+            created = not seg[1].exists()
+            fd = os.open(seg[1], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            try:
+                view = memoryview(data)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if created:
+                fsync_dir(self.path)
+            i += len(chunk)
+
+
+class _FileLock:
+    """flock on ledger/.lock (between processes) plus a thread lock (within one)."""
+
+    def __init__(self, path: Path, thread_lock: threading.Lock) -> None:
+        self.path = path
+        self.thread_lock = thread_lock
+        self.fd = -1
+
+    def __enter__(self) -> None:
+        self.thread_lock.acquire()
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o640)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        except BaseException:
+            if self.fd >= 0:
+                os.close(self.fd)
+            self.thread_lock.release()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            os.close(self.fd)  # closing releases the flock
+        finally:
+            self.fd = -1
+            self.thread_lock.release()
+
+
+def _last_line(seg: Path) -> tuple[bytes | None, int]:
+    """(last complete line or None, length of a torn tail after it)."""
+    with open(seg, "rb") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        pos, buf = size, b""
+        while pos > 0:
+            step = min(_TAIL_CHUNK, pos)
+            pos -= step
+            fh.seek(pos)
+            buf = fh.read(step) + buf
+            # Need the newline ending the last complete line and the one before it.
+            if buf.count(b"\n") >= 2 or pos == 0:
+                break
+    nl = buf.rfind(b"\n")
+    if nl < 0:
+        return None, len(buf)
+    torn = len(buf) - nl - 1
+    start = buf.rfind(b"\n", 0, nl) + 1
+    return buf[start:nl], torn
+
+
+def _parse_json(line: bytes, seg: Path, lineno: int | None) -> dict[str, Any]:
+    where = f"{seg}:{lineno}" if lineno else f"{seg} (last line)"
+    try:
+        obj = json.loads(line)
+    except ValueError as exc:
+        raise LedgerCorruptError(f"{where}: not a JSON ledger entry ({exc})") from None
+    if not isinstance(obj, dict):
+        raise LedgerCorruptError(f"{where}: not a JSON object")
+    for key, typ in (("seq", int), ("hash", str), ("prev", str), ("kind", str), ("time", str)):
+        if not isinstance(obj.get(key), typ):
+            raise LedgerCorruptError(f"{where}: missing or invalid {key!r}")
+    return obj
+
+
+def parse_entry(raw: RawLine) -> LedgerEntry:
+    obj = _parse_json(raw.data, raw.segment, raw.lineno)
+    fields = {k: v for k, v in obj.items() if k not in RESERVED}
+    return LedgerEntry(seq=obj["seq"], time=obj["time"], kind=obj["kind"], prev=obj["prev"],
+                       hash=obj["hash"], fields=fields)

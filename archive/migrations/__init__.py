@@ -1,0 +1,1 @@
+"""Alembic migrations of the archive metadata database (see archive.metadata.Metadata.migrate)."""

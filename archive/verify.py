@@ -1,0 +1,479 @@
+"""``coffer archive verify``: prove the store and the ledger are what was written.
+
+Needs only ``archive/store``, ``archive/ledger`` and the ledger's public key --
+not the database -- so it also shows that nobody edited the database to hide a
+message.  With the archive keys present (``archive/keys``) every blob is
+decrypted and its SHA-256 recomputed ("full" mode); without them only blob
+presence, headers, data key files and the ledger are checked ("ciphertext-only").
+
+What is checked, and the finding codes (severity error unless noted):
+
+  ledger_malformed         a line that is not a ledger entry
+  ledger_torn_tail         (warning) the last line of the last segment is incomplete:
+                           a crash during an append that was never acknowledged
+  ledger_entry_altered     an entry's content does not match its own hash
+  ledger_link_broken       an entry's ``prev`` is not the hash of the entry before it
+  ledger_entry_missing     a sequence number never appears (a deleted entry)
+  ledger_reordered         an entry appears after a later one
+  ledger_duplicate         a sequence number appears twice
+  ledger_segment_misnamed  a segment's name does not match its first entry
+  checkpoint_head_mismatch a checkpoint names a head that is not the entry before it
+  checkpoint_bad_signature a checkpoint whose signature the public key rejects
+  checkpoint_unchecked     (warning) no public key, signatures not checked
+  ledger_unsigned_tail     (info) entries after the last checkpoint
+  blob_missing             the ledger lists a blob (not tombstoned) the store lacks
+  blob_unlisted            a blob no ledger entry mentions (an extra item)
+  blob_unacknowledged      (warning) a blob from an interrupted batch (journal)
+  journal_stale            (warning) a batch journal whose writer died (see archive.store)
+  blob_altered             a blob that fails to decrypt or whose hash is wrong
+  data_key_missing         a live blob without its data key (shredded untracked)
+  blob_tombstoned          (info) a shredded blob whose ciphertext is still present
+  shred_incomplete         (warning) tombstoned, but the data key file still exists
+  store_extra_file         a file or directory the store never writes
+  archive_key_missing      a blob wrapped with an archive key we do not have
+
+Exit status 1 when any error is found, else 0.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from archive.errors import ArchiveError, KeyFileError
+from archive.keys import SIGNING_PUB_FILE, KeyRing, load_public_key, verify_signature
+from archive.ledger import (
+    GENESIS,
+    SEGMENT_NAME,
+    checkpoint_payload,
+    entry_hash,
+    read_lines,
+    segments,
+)
+from archive.store import (
+    BLOB_NAME,
+    FANOUT,
+    JOURNAL_DIR,
+    KEY_NAME,
+    SHA_RE,
+    TMP_NAME,
+    BlobStore,
+    parse_header,
+    parse_key_file,
+)
+
+Severity = Literal["error", "warning", "info"]
+_MAX_GAP = 1_000_000  # report larger seq jumps as one range, never materialise them
+LIVE_KINDS = frozenset({"message_stored", "blob_recovered"})
+
+
+@dataclass(frozen=True)
+class Finding:
+    severity: Severity
+    code: str
+    message: str
+    path: str | None = None
+    sha256: str | None = None
+    seq: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"type": "finding", **{k: v for k, v in asdict(self).items() if v is not None}}
+
+    def __str__(self) -> str:
+        return f"{self.severity.upper()} {self.code}: {self.message}"
+
+
+@dataclass
+class Summary:
+    mode: str = "full"
+    ledger_entries: int = 0
+    checkpoints: int = 0
+    head_seq: int = 0
+    head_hash: str = GENESIS
+    blobs: int = 0
+    blobs_decrypted: int = 0
+    tombstoned: int = 0
+    errors: int = 0
+    warnings: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.errors == 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"type": "summary", **asdict(self), "ok": self.ok}
+
+
+Progress = Callable[[str, int, int | None], None]
+
+
+@dataclass
+class _LedgerState:
+    blobs: dict[str, str] = field(default_factory=dict)  # sha256 -> "live" | "tombstoned"
+
+
+class Verifier:
+    def __init__(
+        self,
+        archive_root: Path,
+        *,
+        public_key: Ed25519PublicKey | None,
+        keyring: KeyRing | None,
+        on_finding: Callable[[Finding], None] | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        self.root = archive_root
+        self.public_key = public_key
+        self.keyring = keyring
+        self.on_finding = on_finding
+        self.progress = progress
+        self.findings: list[Finding] = []
+        self.summary = Summary(mode="full" if keyring else "ciphertext-only")
+
+    def report(self, severity: Severity, code: str, message: str, **where: Any) -> None:
+        f = Finding(severity, code, message, **where)
+        self.findings.append(f)
+        if severity == "error":
+            self.summary.errors += 1
+        elif severity == "warning":
+            self.summary.warnings += 1
+        if self.on_finding:
+            self.on_finding(f)
+
+    def run(self) -> Summary:
+        # Order matters when a writer is running: a batch removes its journal only
+        # after its ledger append, so listing the store, then the journals, then
+        # reading the ledger never mistakes a blob being written for an extra one.
+        store = BlobStore(self.root / "store", self.keyring, fsync_threads=1)
+        try:
+            files = list(self._walk(store.root))
+            journals = list(store.journals())
+            state = self.verify_ledger(self.root / "ledger")
+            self._verify_store(store, files, journals, state)
+        finally:
+            store.close()
+        return self.summary
+
+    # -- the ledger -----------------------------------------------------------------
+
+    def verify_ledger(self, path: Path) -> _LedgerState:
+        state = _LedgerState()
+        segs = segments(path)
+        last_seg = segs[-1][1] if segs else None
+        first_of = {p: first for first, p in segs}
+        self._extra_ledger_files(path)
+        phys_seq: int | None = 0  # seq of the physically previous entry (None: unknown)
+        phys_hash = GENESIS
+        max_seq = 0
+        missing: set[int] = set()
+        big_gaps: list[tuple[int, int]] = []
+        last_checkpoint = 0
+        if self.public_key is None:
+            self.report("warning", "checkpoint_unchecked",
+                        "no ledger public key: checkpoint signatures were not checked")
+        for raw in read_lines(path, segs):
+            where = f"{raw.segment}:{raw.lineno}"
+            if not raw.complete:
+                if raw.segment == last_seg:
+                    self.report("warning", "ledger_torn_tail",
+                                f"{where}: incomplete last line (a crash during an append "
+                                "that was never acknowledged; the next writer truncates it)",
+                                path=str(raw.segment))
+                else:
+                    self.report("error", "ledger_malformed",
+                                f"{where}: incomplete line inside the ledger",
+                                path=str(raw.segment))
+                phys_seq = None
+                continue
+            try:
+                obj = json.loads(raw.data)
+                seq, stored_hash, prev = obj["seq"], obj["hash"], obj["prev"]
+                kind = obj["kind"]
+                if not (isinstance(seq, int) and isinstance(stored_hash, str)
+                        and isinstance(prev, str) and isinstance(kind, str)):
+                    raise TypeError("seq, hash, prev or kind has the wrong type")
+            except (ValueError, KeyError, TypeError) as exc:
+                self.report("error", "ledger_malformed", f"{where}: not a ledger entry ({exc})",
+                            path=str(raw.segment))
+                phys_seq = None
+                continue
+            self.summary.ledger_entries += 1
+            if raw.lineno == 1 and first_of.get(raw.segment) != seq:
+                self.report("error", "ledger_segment_misnamed",
+                            f"{raw.segment.name}: first entry has seq {seq}",
+                            path=str(raw.segment), seq=seq)
+            try:
+                actual = entry_hash(obj)
+            except ValueError:  # NaN or Infinity: no writer produces them
+                actual = ""
+            if actual != stored_hash:
+                self.report("error", "ledger_entry_altered",
+                            f"{where}: entry {seq} does not match its hash (content altered)",
+                            path=str(raw.segment), seq=seq)
+            # Ordering: every seq from 1 to the maximum must appear exactly once, in order.
+            if seq > max_seq:
+                gap = seq - max_seq - 1
+                if gap > _MAX_GAP:
+                    big_gaps.append((max_seq + 1, seq - 1))
+                elif gap > 0:
+                    missing.update(range(max_seq + 1, seq))
+                max_seq = seq
+            elif seq in missing:
+                missing.discard(seq)
+                self.report("error", "ledger_reordered",
+                            f"{where}: entry {seq} appears after entry {max_seq}",
+                            path=str(raw.segment), seq=seq)
+            else:
+                self.report("error", "ledger_duplicate", f"{where}: seq {seq} appears again",
+                            path=str(raw.segment), seq=seq)
+            if phys_seq is not None and seq == phys_seq + 1 and prev != phys_hash:
+                self.report("error", "ledger_link_broken",
+                            f"{where}: entry {seq} does not link to entry {phys_seq} "
+                            "(an entry was replaced or rewritten)",
+                            path=str(raw.segment), seq=seq)
+            if kind == "checkpoint":
+                self.summary.checkpoints += 1
+                last_checkpoint = seq
+                self._check_checkpoint(obj, where, str(raw.segment), phys_seq, phys_hash)
+            if not self._track_blob(state, kind, obj):
+                self.report("error", "ledger_malformed",
+                            f"{where}: entry {seq} ({kind}) has no valid sha256",
+                            path=str(raw.segment), seq=seq)
+            phys_seq, phys_hash = seq, stored_hash
+            self.summary.head_seq, self.summary.head_hash = seq, stored_hash
+        for lo, hi in _ranges(sorted(missing)) + big_gaps:
+            what = f"entry {lo}" if lo == hi else f"entries {lo}..{hi}"
+            self.report("error", "ledger_entry_missing", f"ledger {what} missing (deleted)",
+                        seq=lo)
+        unsigned = self.summary.head_seq - last_checkpoint
+        if unsigned > 0:
+            self.report("info", "ledger_unsigned_tail",
+                        f"{unsigned} entries after the last checkpoint are not signed yet "
+                        "(run `coffer archive checkpoint`)", seq=last_checkpoint + 1)
+        return state
+
+    def _extra_ledger_files(self, path: Path) -> None:
+        if not path.is_dir():
+            return
+        for p in sorted(path.iterdir()):
+            if p.name == ".lock" or SEGMENT_NAME.match(p.name):
+                continue
+            self.report("error", "store_extra_file", f"{p}: not a ledger segment", path=str(p))
+
+    def _check_checkpoint(self, obj: dict[str, Any], where: str, seg: str,
+                          phys_seq: int | None, phys_hash: str) -> None:
+        seq = obj["seq"]
+        head_seq, head_hash = obj.get("head_seq"), obj.get("head_hash")
+        if head_seq != seq - 1 or (phys_seq == seq - 1 and head_hash != phys_hash):
+            self.report("error", "checkpoint_head_mismatch",
+                        f"{where}: checkpoint {seq} names head {head_seq} {head_hash}, "
+                        "which is not the entry before it", path=seg, seq=seq)
+        if self.public_key is None:
+            return
+        try:
+            sig = base64.b64decode(str(obj.get("signature", "")), validate=True)
+            payload = checkpoint_payload(int(str(head_seq)), str(head_hash))
+        except ValueError:
+            sig, payload = b"", b""
+        if not verify_signature(self.public_key, sig, payload):
+            self.report("error", "checkpoint_bad_signature",
+                        f"{where}: checkpoint {seq} is not signed by the ledger key "
+                        "(forged or altered)", path=seg, seq=seq)
+
+    @staticmethod
+    def _track_blob(state: _LedgerState, kind: str, obj: dict[str, Any]) -> bool:
+        """Follow a blob's life in the ledger; False if a blob entry names no valid hash."""
+        if kind not in LIVE_KINDS and kind != "tombstone":
+            return True
+        sha = obj.get("sha256")
+        if not isinstance(sha, str) or not SHA_RE.match(sha):
+            return False
+        state.blobs[sha] = "live" if kind in LIVE_KINDS else "tombstoned"
+        return True
+
+    # -- the store ------------------------------------------------------------------
+
+    def _verify_store(
+        self, store: BlobStore, files: list[Path],
+        journals: list[tuple[Path, bool, list[tuple[str, str]]]], state: _LedgerState,
+    ) -> None:
+        journaled: set[tuple[str, str]] = set()
+        journaled_sha: set[str] = set()
+        for jpath, stale, items in journals:
+            journaled.update(items)
+            journaled_sha.update(sha for sha, _ in items)
+            if stale:
+                self.report("warning", "journal_stale",
+                            f"{jpath}: a batch interrupted by a crash ({len(items)} blobs); "
+                            "the next writer finishes it", path=str(jpath))
+        blobs: list[Path] = []
+        keys: dict[str, list[str]] = {}
+        for path in files:
+            name = path.name
+            expect_dir = store.dir_for(name[:64]) if len(name) >= 64 else None
+            if (m := BLOB_NAME.match(name)) and path.parent == expect_dir:
+                blobs.append(path)
+            elif (m := KEY_NAME.match(name)) and path.parent == expect_dir:
+                keys.setdefault(m.group(1), []).append(m.group(2))
+            elif (m := TMP_NAME.match(name)) and path.parent == expect_dir:
+                if (m.group(1), m.group(2)) not in journaled and not path.exists():
+                    continue  # a batch that finished while we were listing
+                sev: Severity = "warning" if (m.group(1), m.group(2)) in journaled else "error"
+                self.report(sev, "store_extra_file", f"{path}: temporary file of an "
+                            "unfinished write", path=str(path), sha256=m.group(1))
+            else:
+                self.report("error", "store_extra_file", f"{path}: not a file the store writes",
+                            path=str(path))
+        total = len(blobs)
+        self.summary.blobs = total
+        present: set[str] = set()
+        for i, path in enumerate(blobs, 1):
+            if self.progress:
+                self.progress("blobs", i, total)
+            sha = path.name
+            present.add(sha)
+            used = self._verify_blob(store, path, sha, state.blobs.get(sha),
+                                     sha in journaled_sha, keys.get(sha, []))
+            keys[sha] = [k for k in keys.get(sha, []) if k != used]
+        for sha, dkids in sorted(keys.items()):
+            for dkid in dkids:
+                kpath = store.key_path(sha, dkid)
+                if (sha, dkid) in journaled:
+                    self.report("warning", "store_extra_file",
+                                f"{kpath}: data key of an unfinished write", path=str(kpath),
+                                sha256=sha)
+                elif state.blobs.get(sha) == "live" and sha not in present:
+                    continue  # the blob itself is gone: reported once, as blob_missing
+                elif not kpath.exists() or self._blob_uses(store, sha, dkid):
+                    continue  # its batch finished (or lost a race) while we were listing
+                elif state.blobs.get(sha) == "tombstoned":
+                    self.report("warning", "shred_incomplete",
+                                f"{kpath}: blob {sha} is tombstoned but this data key remains "
+                                "(run the shred again)", path=str(kpath), sha256=sha)
+                else:
+                    self.report("error", "store_extra_file",
+                                f"{kpath}: data key file with no blob using it", path=str(kpath),
+                                sha256=sha)
+        for sha, st in sorted(state.blobs.items()):
+            # (A blob that exists now was stored while we were reading: not missing.)
+            if st == "live" and sha not in present and not store.exists(sha):
+                self.report("error", "blob_missing",
+                            f"blob {sha} is in the ledger but not in the store (deleted)",
+                            path=str(store.blob_path(sha)), sha256=sha)
+            elif st == "tombstoned":
+                self.summary.tombstoned += 1
+
+    @staticmethod
+    def _blob_uses(store: BlobStore, sha: str, dkid: str) -> bool:
+        try:
+            with open(store.blob_path(sha), "rb") as fh:
+                return parse_header(fh.read(64)).dkid == dkid
+        except (OSError, ArchiveError):
+            return False
+
+    def _verify_blob(self, store: BlobStore, path: Path, sha: str, st: str | None,
+                     journaled: bool, dkids: list[str]) -> str | None:
+        """Check one blob; returns the dkid of the key file it uses (if any)."""
+        where = {"path": str(path), "sha256": sha}
+        if st is None:
+            if journaled:
+                self.report("warning", "blob_unacknowledged",
+                            f"blob {sha} from an interrupted batch, not yet in the ledger",
+                            **where)
+            else:
+                self.report("error", "blob_unlisted",
+                            f"blob {sha} is in the store but in no ledger entry (extra)",
+                            **where)
+        try:
+            blob = path.read_bytes()
+            head = parse_header(blob)
+        except FileNotFoundError:
+            return None  # deleted (expired) while we were verifying
+        except (OSError, ArchiveError) as exc:
+            self.report("error", "blob_altered", f"blob {sha}: {exc}", **where)
+            return None
+        if st == "tombstoned":
+            if head.dkid not in dkids:
+                self.report("info", "blob_tombstoned",
+                            f"blob {sha} was shredded (tombstone in the ledger); its "
+                            "unreadable ciphertext is still stored", **where)
+            return None  # a remaining key file is reported as shred_incomplete
+        if head.dkid not in dkids:
+            self.report("error", "data_key_missing",
+                        f"blob {sha}: its data key file is gone but the ledger has no "
+                        "tombstone (shredded outside the archive)", **where)
+            return None
+        kpath = store.key_path(sha, head.dkid)
+        try:
+            kf = parse_key_file(kpath.read_bytes())
+        except (OSError, ArchiveError) as exc:
+            self.report("error", "blob_altered", f"{kpath}: {exc}", **where)
+            return head.dkid
+        if self.keyring is None:
+            return head.dkid
+        try:
+            self.keyring.get(kf.kid)
+            store.read(sha)
+            self.summary.blobs_decrypted += 1
+        except KeyFileError as exc:
+            self.report("error", "archive_key_missing", f"blob {sha}: {exc}", **where)
+        except ArchiveError as exc:
+            self.report("error", "blob_altered", str(exc), **where)
+        return head.dkid
+
+    def _walk(self, root: Path) -> Iterator[Path]:
+        if not root.is_dir():
+            return
+        for top in sorted(root.iterdir()):
+            if top.name == JOURNAL_DIR and top.is_dir():
+                continue
+            if not (FANOUT.match(top.name) and top.is_dir()):
+                yield top
+                continue
+            yield from sorted(top.iterdir())
+
+
+def _ranges(seqs: list[int]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for s in seqs:
+        if out and s == out[-1][1] + 1:
+            out[-1] = (out[-1][0], s)
+        else:
+            out.append((s, s))
+    return out
+
+
+def verify(
+    archive_root: Path,
+    *,
+    public_key_path: Path | None = None,
+    use_keys: bool = True,
+    on_finding: Callable[[Finding], None] | None = None,
+    progress: Progress | None = None,
+) -> tuple[Summary, list[Finding]]:
+    """Verify the archive under ``archive_root`` (``<data dir>/archive``).
+
+    The archive keys are used when ``archive/keys`` holds them (and ``use_keys``);
+    otherwise the check is ciphertext-only.  A key file with loose permissions is
+    refused (KeyFileError), never silently skipped.
+    """
+    if not archive_root.is_dir():
+        raise ArchiveError(f"{archive_root}: no archive here")
+    keys_dir = archive_root / "keys"
+    keyring = None
+    if use_keys and os.access(keys_dir, os.R_OK | os.X_OK) and (keys_dir / "current").exists():
+        # Readable keys are used (and refused if their permissions are loose); an
+        # auditor without access to them gets the ciphertext-only check.
+        keyring = KeyRing.open(keys_dir, need_signer=False)
+    pub_path = public_key_path or keys_dir / SIGNING_PUB_FILE
+    public_key = load_public_key(pub_path) if pub_path.exists() or public_key_path else None
+    v = Verifier(archive_root, public_key=public_key, keyring=keyring, on_finding=on_finding,
+                 progress=progress)
+    return v.run(), v.findings

@@ -1,0 +1,127 @@
+"""The three full-text engines answer the same queries the same way."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from archive_db import *  # noqa: F403 - fixtures: pg_admin
+from archive_db import PgAdmin, pg_metadata
+
+from archive.index import Index, IndexDoc, open_index, tokenize
+from archive.index.fts5 import Fts5Index, match_expression
+from archive.index.pg import tsquery_literal, tsvector_literal
+from archive.metadata import Metadata
+from archive.query import Term, parse
+
+DOCS = [
+    IndexDoc(1, subject="Quarterly report", body="The merger with Falcon Corp is on track.",
+             attachment="Revenue forecast 2024", filename="forecast.xlsx",
+             participants="Alice Example alice@example.com"),
+    IndexDoc(2, subject="Lunch", body="Café au lait at noon? Wire transfer done.",
+             filename="menu.pdf\nmap.png", participants="Bob bob@example.org"),
+    IndexDoc(3, subject="Re: merger", body="Please wire the transfer today.",
+             attachment="Signed contract for the merger", filename="contract.docx",
+             participants="Carol carol@example.net"),
+]
+
+
+@pytest.fixture(params=["fts5", "whoosh", "pg"])
+def index(request: pytest.FixtureRequest, tmp_path: Path, pg_admin: PgAdmin
+          ) -> Iterator[Index]:
+    meta: Metadata | None = None
+    if request.param == "pg":
+        meta = pg_metadata(pg_admin)
+        meta.migrate()
+    ix = open_index(request.param, data_dir=tmp_path, meta=meta)
+    assert ix.add(DOCS) == 3
+    yield ix
+    ix.close()
+    if meta is not None:
+        pg_admin.close(meta)
+
+
+@pytest.mark.parametrize(("query", "ids"), [
+    ("merger", {1, 3}),
+    ("subject:merger", {3}),
+    ("body:merger", {1}),
+    ("attachment:merger", {3}),
+    ("attachment:contract", {3}),  # attachment: covers names too
+    ("filename:contract", {3}),
+    ("filename:forecast", {1}),
+    ("attachment:forecast", {1}),
+    ('body:"wire transfer"', {2}),
+    ('"transfer today"', {3}),
+    ("body:wire body:transfer", {2, 3}),
+    ("cafe", {2}),  # accents folded: café
+    ("CAFÉ", {2}),
+    ("merg*", {1, 3}),
+    ("subject:quart*", {1}),
+    ("lunch OR contract", {2, 3}),
+    ("(lunch OR report) merger", {1}),
+    ("alice", {1}),  # header participants are in bare-word search
+    ("alice@example.com", {1}),
+    ("body:alice", set()),
+    ("merger -contract", {1}),  # the index subtracts: "a NOT b"
+    ("merger NOT (subject:merger OR lunch)", {1}),
+    ("merger -merger", set()),
+    ("nonexistent", set()),
+])
+def test_engines_agree_on_matches(index: Index, query: str, ids: set[int]) -> None:
+    assert set(index.search(parse(query))) == ids
+
+
+def test_more_specific_fields_score_higher(index: Index) -> None:
+    scores = index.search(parse("merger"))
+    assert scores[3] > 0 or scores[1] > 0
+    assert all(isinstance(v, float) for v in scores.values())
+
+
+def test_adding_an_indexed_document_again_is_a_no_op(index: Index) -> None:
+    assert index.add([DOCS[0]]) == 0
+    assert index.count() == 3
+    assert set(index.search(parse("quarterly"))) == {1}
+
+
+def test_deleted_documents_never_match_again(index: Index) -> None:
+    index.delete([3])
+    assert set(index.search(parse("merger"))) == {1}
+    assert index.count() == 2
+    index.optimize()
+    assert set(index.search(parse("merger"))) == {1}
+
+
+def test_clear_empties_the_index_for_a_rebuild(index: Index) -> None:
+    index.clear()
+    assert index.count() == 0
+    assert index.search(parse("merger")) == {}
+    index.add(DOCS[:1])
+    assert set(index.search(parse("merger"))) == {1}
+
+
+def test_fts5_file_holds_terms_not_the_text(tmp_path: Path) -> None:
+    ix = Fts5Index(tmp_path / "fts5.db")
+    sentence = "zebras juggle turquoise lollipops beneath quantum waterfalls"
+    ix.add([IndexDoc(7, body=sentence)])
+    ix.close()
+    data = b"".join(p.read_bytes() for p in tmp_path.iterdir())
+    assert sentence.encode() not in data
+    assert b"juggle turquoise" not in data
+
+
+def test_fts5_match_expression_quotes_user_text() -> None:
+    assert match_expression(Term("body", 'a "b" OR c')) == 'body : "a ""b"" OR c"'
+    assert match_expression(parse("subject:x* OR y")) == '(subject : "x" * OR "y")'
+    assert match_expression(parse("a b -c -d")) == '((("a" AND "b") NOT "c") NOT "d")'
+
+
+def test_pg_literals_escape_quotes_and_carry_field_weights() -> None:
+    assert tsvector_literal([("A", "it's it"), ("B", "x")]) == "'it':1A,3A 's':2A 'x':14B"
+    assert tsquery_literal(Term("attachment", "o'neil deal", prefix=True)) == \
+        "'o':CD <-> 'neil':CD <-> 'deal':*CD"
+    assert tsquery_literal(Term("text", "x")) == "'x'"
+
+
+def test_tokenizer_folds_case_and_accents_and_splits_on_underscore() -> None:
+    assert tokenize("Crème_Brûlée AT 10:30, ÉTÉ") == ["creme", "brulee", "at", "10", "30", "ete"]

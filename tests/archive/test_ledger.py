@@ -1,0 +1,137 @@
+"""The hash-chained ledger: links, segments, checkpoints, torn tails, concurrent appenders."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import itertools
+import multiprocessing
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from archive.errors import LedgerError
+from archive.keys import load_public_key, verify_signature
+from archive.ledger import GENESIS, Ledger, checkpoint_payload, entry_hash
+from archive.verify import verify
+
+
+def test_each_entry_commits_to_the_previous_one(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger")
+    a = ledger.append("audit", action="search", results=3)
+    b = ledger.append("hold_placed", case="C-1")
+    assert (a.seq, a.prev) == (1, GENESIS)
+    assert (b.seq, b.prev) == (2, a.hash)
+    stored = list(ledger.entries())
+    assert stored == [a, b]
+    assert all(e.hash == entry_hash(e.as_dict()) for e in stored)
+    assert ledger.head() == (2, b.hash)
+
+
+def test_segments_rotate_and_the_chain_reads_back_in_order(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger", segment_entries=3)
+    ledger.append_many([("audit", {"n": i}) for i in range(5)])
+    for i in range(5, 10):
+        ledger.append("audit", n=i)
+    names = sorted(p.name for p in (tmp_path / "ledger").glob("*.jsonl"))
+    assert names == ["000000000001.jsonl", "000000000004.jsonl", "000000000007.jsonl",
+                     "000000000010.jsonl"]
+    entries = list(ledger.entries())
+    assert [e.seq for e in entries] == list(range(1, 11))
+    assert [e.fields["n"] for e in entries] == list(range(10))
+    # A reopened ledger (another process) continues the same chain.
+    again = Ledger(tmp_path / "ledger", segment_entries=3)
+    e = again.append("audit", n=10)
+    assert (e.seq, e.prev) == (11, entries[-1].hash)
+
+
+def test_checkpoints_are_signed_every_n_entries(tmp_path: Path) -> None:
+    signer = Ed25519PrivateKey.generate()
+    ledger = Ledger(tmp_path / "ledger", signer=signer, checkpoint_every=4)
+    for i in range(7):
+        ledger.append("audit", n=i)
+    kinds = [e.kind for e in ledger.entries()]
+    # A batch that reaches a multiple of 4 is followed by a checkpoint (seq 5 and 9).
+    assert kinds == ["audit"] * 4 + ["checkpoint"] + ["audit"] * 3 + ["checkpoint"]
+    cp = next(e for e in ledger.entries() if e.kind == "checkpoint")
+    head = list(ledger.entries())[3]
+    assert (cp.fields["head_seq"], cp.fields["head_hash"]) == (head.seq, head.hash)
+    sig = base64.b64decode(cp.fields["signature"])
+    signer.public_key().verify(sig, checkpoint_payload(head.seq, head.hash))
+
+
+def test_archive_checkpoint_verifies_with_the_published_public_key(tmp_path: Path) -> None:
+    from archive.facade import Archive
+
+    with Archive.open(tmp_path) as a:
+        a.put(b"x")
+        cp = a.checkpoint()
+        pub = load_public_key(a.paths.keys / "ledger-signing.pub")
+    payload = checkpoint_payload(cp.fields["head_seq"], cp.fields["head_hash"])
+    assert verify_signature(pub, base64.b64decode(cp.fields["signature"]), payload)
+
+
+def test_reserved_field_names_are_refused(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger")
+    with pytest.raises(LedgerError, match="prev"):
+        ledger.append("audit", prev="forged")
+    assert list(ledger.entries()) == []
+
+
+def test_torn_last_line_is_truncated_by_the_next_append_and_recorded(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger")
+    first = ledger.append("audit", n=1)
+    seg = tmp_path / "ledger" / "000000000001.jsonl"
+    with open(seg, "ab") as fh:  # what a crash in the middle of a write leaves
+        fh.write(b'{"seq":2,"time":"2026-')
+    assert ledger.head() == (1, first.hash)
+    nxt = Ledger(tmp_path / "ledger").append("audit", n=2)
+    entries = list(ledger.entries())
+    assert [e.kind for e in entries] == ["audit", "ledger_repaired", "audit"]
+    assert entries[1].fields["truncated_bytes"] == len(b'{"seq":2,"time":"2026-')
+    assert entries[1].prev == first.hash and nxt.seq == 3
+    assert seg.read_bytes().endswith(b"\n")
+
+
+class _LocalTsa:
+    """Stands in for an RFC 3161 TSA client (no network): returns a recognisable token."""
+
+    def token(self, digest: bytes) -> bytes:
+        return b"TST:" + digest
+
+
+def test_timestamper_hook_stores_its_token_in_the_checkpoint(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger", signer=Ed25519PrivateKey.generate(),
+                    timestamper=_LocalTsa())
+    ledger.append("audit")
+    cp = ledger.checkpoint()
+    digest = hashlib.sha256(checkpoint_payload(1, cp.prev)).digest()
+    assert base64.b64decode(cp.fields["tsa_token"]) == b"TST:" + digest
+
+
+def _append_worker(path: str, worker: int, n: int) -> None:
+    ledger = Ledger(Path(path), segment_entries=7)
+    for i in range(n):
+        if i % 3 == 0:
+            ledger.append_many([("audit", {"w": worker, "i": i}), ("audit", {"w": worker})])
+        else:
+            ledger.append("audit", w=worker, i=i)
+
+
+def test_appenders_in_several_processes_serialise_into_one_chain(tmp_path: Path) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_append_worker, args=(str(tmp_path / "ledger"), w, 30))
+             for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    entries = list(Ledger(tmp_path / "ledger").entries())
+    assert [e.seq for e in entries] == list(range(1, 4 * 40 + 1))
+    for before, after in itertools.pairwise(entries):
+        assert after.prev == before.hash
+    summary, findings = verify(tmp_path)  # ledger at <root>/ledger, no store: chain only
+    assert [f.code for f in findings if f.severity == "error"] == []
+    assert summary.ledger_entries == 160

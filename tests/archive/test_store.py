@@ -1,0 +1,299 @@
+"""The write-once blob store and the Archive facade, on real files."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from archive.errors import (
+    ArchiveError,
+    BlobIntegrityError,
+    BlobNotFoundError,
+    BlobShreddedError,
+    LedgerError,
+)
+from archive.facade import Archive, BatchWriter
+from archive.store import HEADER_LEN, parse_header, parse_key_file
+from archive.verify import verify
+
+MARKER = b"Zq7-COFFER-PLAINTEXT-MARKER-41d9"
+MESSAGE = (
+    b"From: Alice <alice@example.com>\r\nTo: bob@example.net\r\n"
+    b"Subject: quarterly figures " + MARKER + b"\r\n\r\n"
+    + b"Body line with the marker " + MARKER + b" and 8-bit \xe9\xe8 bytes.\r\n" * 40
+)
+
+
+@pytest.fixture
+def archive(tmp_path: Path) -> Iterator[Archive]:
+    a = Archive.open(tmp_path)
+    yield a
+    a.close()
+
+
+def all_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file()]
+
+
+def blob_files(a: Archive) -> list[Path]:
+    return [p for p in all_files(a.paths.store) if len(p.name) == 64]
+
+
+def test_round_trip_returns_the_exact_bytes(archive: Archive) -> None:
+    ref = archive.put(MESSAGE)
+    assert ref.sha256 == hashlib.sha256(MESSAGE).hexdigest()
+    assert ref.size == len(MESSAGE) and ref.new
+    assert archive.get(ref.sha256) == MESSAGE
+    empty = archive.put(b"")
+    assert archive.get(empty.sha256) == b""
+
+
+def test_blob_is_compressed_and_stored_under_its_fanout_path(archive: Archive) -> None:
+    ref = archive.put(MESSAGE)
+    path = archive.paths.store / ref.sha256[:2] / ref.sha256
+    assert path.stat().st_size == ref.stored_size < len(MESSAGE) / 2
+    assert stat.S_IMODE(path.stat().st_mode) & 0o222 == 0  # written once, then read-only
+
+
+def test_same_bytes_twice_are_stored_once(archive: Archive) -> None:
+    first = archive.put(MESSAGE)
+    blob = blob_files(archive)[0]
+    before = blob.stat()
+    second = archive.put(MESSAGE)
+    assert first.new and not second.new
+    assert second.sha256 == first.sha256
+    assert len(blob_files(archive)) == 1
+    after = blob.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    kinds = [(e.kind, e.fields["new"]) for e in archive.ledger.entries()]
+    assert kinds == [("message_stored", True), ("message_stored", False)]
+
+
+def test_same_bytes_twice_in_one_batch_are_stored_once(archive: Archive) -> None:
+    refs = archive.put_many([MESSAGE, b"other", MESSAGE],
+                            [{"archive_id": 1}, {"archive_id": 2}, {"archive_id": 3}])
+    assert [r.new for r in refs] == [True, True, False]
+    assert len(blob_files(archive)) == 2
+    ids = [e.fields["archive_id"] for e in archive.ledger.entries()]
+    assert ids == [1, 2, 3]
+
+
+def test_no_plaintext_of_a_message_anywhere_under_the_archive_dir(archive: Archive) -> None:
+    archive.put(MESSAGE, {"archive_id": 7})
+    archive.put(MARKER)  # even a message that is nothing but the marker
+    archive.checkpoint()
+    files = all_files(archive.paths.root)
+    assert len(files) > 5
+    for path in files:
+        data = path.read_bytes()
+        assert MARKER not in data, path
+        assert MARKER.lower() not in data.lower(), path
+
+
+def test_each_blob_has_its_own_data_key_wrapped_by_the_archive_key(archive: Archive) -> None:
+    a, b = archive.put(b"message one"), archive.put(b"message two")
+    keys = {}
+    for ref in (a, b):
+        blob = archive.store.blob_path(ref.sha256).read_bytes()
+        head = parse_header(blob)
+        kf = parse_key_file(archive.store.key_path(ref.sha256, head.dkid).read_bytes())
+        assert kf.kid == archive.keys.current.id
+        keys[ref.sha256] = (head.dkid, kf.wrapped)
+    assert keys[a.sha256] != keys[b.sha256]
+
+
+def test_blob_moved_to_another_hash_fails_to_decrypt(archive: Archive) -> None:
+    a, b = archive.put(b"message A"), archive.put(b"message B")
+    st = archive.store
+    a_head = parse_header(st.blob_path(a.sha256).read_bytes())
+    b_head = parse_header(st.blob_path(b.sha256).read_bytes())
+    # Swap A's blob and key file into B's names: the AAD binds the SHA-256.
+    st.blob_path(b.sha256).unlink()
+    st.key_path(b.sha256, b_head.dkid).unlink()
+    os.link(st.blob_path(a.sha256), st.blob_path(b.sha256))
+    os.link(st.key_path(a.sha256, a_head.dkid), st.key_path(b.sha256, a_head.dkid))
+    with pytest.raises(BlobIntegrityError, match=b.sha256):
+        archive.get(b.sha256)
+    assert archive.get(a.sha256) == b"message A"
+
+
+def test_flipped_ciphertext_byte_is_an_integrity_error(archive: Archive) -> None:
+    ref = archive.put(MESSAGE)
+    path = archive.store.blob_path(ref.sha256)
+    data = bytearray(path.read_bytes())
+    data[HEADER_LEN + 10] ^= 0x01
+    path.chmod(0o640)
+    path.write_bytes(bytes(data))
+    with pytest.raises(BlobIntegrityError, match="authentication failed"):
+        archive.get(ref.sha256)
+
+
+def test_unknown_hash_is_not_found(archive: Archive) -> None:
+    with pytest.raises(BlobNotFoundError):
+        archive.get("0" * 64)
+
+
+def test_shredded_blob_cannot_be_read_and_cannot_be_stored_again(archive: Archive) -> None:
+    ref = archive.put(MESSAGE)
+    archive.shred(ref.sha256, reason="retention expired")
+    assert archive.exists(ref.sha256)  # the ciphertext stays until deleted
+    with pytest.raises(BlobShreddedError, match="data key was destroyed"):
+        archive.get(ref.sha256)
+    with pytest.raises(BlobShreddedError, match="cannot be stored again"):
+        archive.put(MESSAGE)
+    last = list(archive.ledger.entries())[-1]
+    assert (last.kind, last.fields["sha256"]) == ("tombstone", ref.sha256)
+
+
+def test_shred_with_delete_removes_the_blob_and_allows_storing_again(archive: Archive) -> None:
+    ref = archive.put(MESSAGE)
+    archive.shred(ref.sha256, reason="retention expired", delete_blob=True)
+    assert not archive.exists(ref.sha256)
+    with pytest.raises(BlobNotFoundError):
+        archive.get(ref.sha256)
+    again = archive.put(MESSAGE)
+    assert again.new and archive.get(ref.sha256) == MESSAGE
+    summary, _ = verify(archive.paths.root)
+    assert summary.ok
+
+
+def test_key_rotation_new_blobs_use_new_key_and_old_blobs_still_open(tmp_path: Path) -> None:
+    with Archive.open(tmp_path) as a:
+        old = a.put(b"before rotation")
+        new_kid = a.rotate_key()
+        new = a.put(b"after rotation")
+        for ref, kid in ((old, "k1"), (new, new_kid)):
+            head = parse_header(a.store.blob_path(ref.sha256).read_bytes())
+            assert parse_key_file(a.store.key_path(ref.sha256, head.dkid).read_bytes()).kid == kid
+    assert new_kid == "k2"
+    with Archive.open(tmp_path, create=False) as a:  # a fresh process sees both keys
+        assert a.get(old.sha256) == b"before rotation"
+        assert a.get(new.sha256) == b"after rotation"
+        assert [e.kind for e in a.ledger.entries()][1] == "key_rotated"
+
+
+def test_interrupted_batch_is_recovered_into_the_ledger_on_next_open(tmp_path: Path) -> None:
+    a = Archive.open(tmp_path)
+
+    def ledger_fails(start: int, refs: object) -> None:
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        a.store.write_many([b"linked but never ledgered"], ledger_fails)
+    a.close()
+    # Before any writer reopens it, verify sees an unacknowledged blob: a warning.
+    summary, findings = verify(a.paths.root)
+    assert summary.ok
+    assert {f.code for f in findings if f.severity == "warning"} >= {
+        "blob_unacknowledged", "journal_stale"}
+    with Archive.open(tmp_path) as b:
+        assert [r.sha256 for r in b.recovered] == [
+            hashlib.sha256(b"linked but never ledgered").hexdigest()]
+        assert list(b.ledger.entries())[-1].kind == "blob_recovered"
+        assert not list(b.paths.store.joinpath("journal").iterdir())
+    summary, findings = verify(a.paths.root)
+    assert summary.ok and summary.warnings == 0, findings
+
+
+async def test_batch_writer_group_commits_concurrent_puts(archive: Archive) -> None:
+    writer = BatchWriter(archive, max_batch=8)
+    try:
+        msgs = [b"message %d" % i for i in range(20)]
+        refs = await asyncio.gather(*(writer.put(m, {"archive_id": i})
+                                      for i, m in enumerate(msgs)))
+    finally:
+        await writer.close()
+    assert [r.sha256 for r in refs] == [hashlib.sha256(m).hexdigest() for m in msgs]
+    assert sorted(e.fields["archive_id"] for e in archive.ledger.entries()
+                  if e.kind == "message_stored") == list(range(20))
+    assert all(archive.get(r.sha256) == m for r, m in zip(refs, msgs, strict=True))
+
+
+async def test_batch_writer_close_finishes_queued_puts_then_refuses_more(
+    archive: Archive,
+) -> None:
+    writer = BatchWriter(archive, max_batch=4)
+    pending = [asyncio.ensure_future(writer.put(b"queued %d" % i)) for i in range(10)]
+    await asyncio.sleep(0)  # let them queue
+    await writer.close()
+    refs = await asyncio.gather(*pending)
+    assert len({r.sha256 for r in refs}) == 10
+    with pytest.raises(ArchiveError, match="closed"):
+        await writer.put(b"too late")
+
+
+async def test_batch_writer_reports_a_failed_batch_to_each_caller(tmp_path: Path) -> None:
+    a = Archive.open(tmp_path)
+    a.shred(a.put(b"shredded").sha256, reason="test")
+    writer = BatchWriter(a)
+    try:
+        with pytest.raises(BlobShreddedError):
+            await writer.put(b"shredded")
+        assert (await writer.put(b"fine")).new  # the writer keeps working
+    finally:
+        await writer.close()
+        a.close()
+
+
+def test_record_that_is_not_json_is_refused_before_anything_is_written(
+    archive: Archive,
+) -> None:
+    from datetime import datetime
+
+    with pytest.raises(LedgerError, match="fields must be JSON values"):
+        archive.put(MESSAGE, {"received": datetime(2026, 1, 1)})
+    with pytest.raises(LedgerError, match="may not be named"):
+        archive.put(MESSAGE, {"seq": 1})
+    assert blob_files(archive) == [] and list(archive.ledger.entries()) == []
+
+
+def test_put_many_larger_than_one_chunk_keeps_records_in_order(archive: Archive) -> None:
+    from archive.store import MAX_BATCH
+
+    n = MAX_BATCH * 2 + 3
+    msgs = [b"bulk %d" % i for i in range(n)]
+    refs = archive.put_many(msgs, [{"archive_id": i} for i in range(n)])
+    entries = [e for e in archive.ledger.entries() if e.kind == "message_stored"]
+    assert [e.fields["archive_id"] for e in entries] == list(range(n))
+    assert [e.fields["sha256"] for e in entries] == [r.sha256 for r in refs]
+
+
+def _store_worker(data_dir: str, worker: int) -> None:
+    with Archive.open(Path(data_dir)) as a:
+        for i in range(0, 40, 8):
+            shared = [b"shared message %d" % j for j in range(i, i + 8)]
+            own = [b"own message %d of %d" % (j, worker) for j in range(2)]
+            a.put_many(shared + own, [{"w": worker}] * 10)
+
+
+def test_processes_storing_the_same_messages_at_once_store_each_once(tmp_path: Path) -> None:
+    import multiprocessing
+
+    Archive.open(tmp_path).close()  # keys first, so the workers only race on blobs
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_store_worker, args=(str(tmp_path), w)) for w in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    with Archive.open(tmp_path) as a:
+        blobs = blob_files(a)
+        assert len(blobs) == 40 + 3 * 2
+        keys = [p for p in all_files(a.paths.store) if p.name.endswith(".key")]
+        assert len(keys) == len(blobs)  # the losers of each race removed their key files
+        entries = [e for e in a.ledger.entries() if e.kind == "message_stored"]
+        assert len(entries) == 3 * 5 * 10
+        shared_new: dict[str, list[bool]] = {}
+        for e in entries:
+            shared_new.setdefault(e.fields["sha256"], []).append(e.fields["new"])
+        assert all(flags.count(True) == 1 for flags in shared_new.values())
+        assert a.get(hashlib.sha256(b"shared message 7").hexdigest()) == b"shared message 7"
+    summary, findings = verify(tmp_path / "archive")
+    assert summary.ok and summary.warnings == 0, findings

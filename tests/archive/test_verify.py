@@ -1,0 +1,374 @@
+"""``coffer archive verify`` finds every kind of tampering, and accepts a crashed archive."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from archive_verify_cli import run_coffer
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from archive.facade import Archive
+from archive.ledger import Ledger, entry_hash
+from archive.store import HEADER_LEN
+from archive.verify import Finding, verify
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def make_archive(data_dir: Path, n: int = 6) -> list[str]:
+    """n messages (checkpoint every 4 entries), one audit entry; returns the hashes."""
+    with Archive.open(data_dir, checkpoint_every=4, segment_entries=5) as a:
+        refs = a.put_many([b"Subject: message %d\r\n\r\nbody %d\r\n" % (i, i) for i in range(n)],
+                          [{"archive_id": i} for i in range(n)])
+        a.append("audit", action="search", results=2)
+        a.checkpoint()
+    return [r.sha256 for r in refs]
+
+
+def run_verify(data_dir: Path, **kw: object) -> tuple[bool, list[Finding]]:
+    summary, findings = verify(data_dir / "archive", **kw)  # type: ignore[arg-type]
+    return summary.ok, findings
+
+
+def errors(findings: list[Finding]) -> set[str]:
+    return {f.code for f in findings if f.severity == "error"}
+
+
+def ledger_lines(data_dir: Path) -> list[tuple[Path, list[bytes]]]:
+    segs = sorted((data_dir / "archive" / "ledger").glob("*.jsonl"))
+    return [(s, s.read_bytes().splitlines(keepends=True)) for s in segs]
+
+
+def find_line(data_dir: Path, seq: int) -> tuple[Path, list[bytes], int]:
+    for seg, lines in ledger_lines(data_dir):
+        for i, line in enumerate(lines):
+            if json.loads(line)["seq"] == seq:
+                return seg, lines, i
+    raise AssertionError(f"no seq {seq}")
+
+
+def blob_path(data_dir: Path, sha: str) -> Path:
+    return data_dir / "archive" / "store" / sha[:2] / sha
+
+
+def test_untouched_archive_verifies_clean(tmp_path: Path) -> None:
+    make_archive(tmp_path)
+    ok, findings = run_verify(tmp_path)
+    assert ok
+    assert [f for f in findings if f.severity != "info"] == []
+
+
+def test_flipped_byte_in_a_blob_is_reported_altered(tmp_path: Path) -> None:
+    shas = make_archive(tmp_path)
+    path = blob_path(tmp_path, shas[2])
+    data = bytearray(path.read_bytes())
+    data[HEADER_LEN + 3] ^= 0x40
+    path.write_bytes(bytes(data))
+    ok, findings = run_verify(tmp_path)
+    assert not ok
+    assert [(f.code, f.sha256) for f in findings if f.severity == "error"] == [
+        ("blob_altered", shas[2])]
+
+
+def test_deleted_blob_is_reported_missing(tmp_path: Path) -> None:
+    shas = make_archive(tmp_path)
+    blob_path(tmp_path, shas[0]).unlink()
+    ok, findings = run_verify(tmp_path)
+    assert not ok
+    missing = [f for f in findings if f.code == "blob_missing"]
+    assert [f.sha256 for f in missing] == [shas[0]]
+
+
+def test_deleted_ledger_entry_is_reported_missing(tmp_path: Path) -> None:
+    make_archive(tmp_path)
+    seg, lines, i = find_line(tmp_path, 3)
+    del lines[i]
+    seg.write_bytes(b"".join(lines))
+    ok, findings = run_verify(tmp_path)
+    assert not ok
+    assert "ledger_entry_missing" in errors(findings)
+    assert [f.seq for f in findings if f.code == "ledger_entry_missing"] == [3]
+    # Its blob is now listed nowhere: an extra item.
+    assert "blob_unlisted" in errors(findings)
+
+
+def test_altered_ledger_entry_is_reported(tmp_path: Path) -> None:
+    make_archive(tmp_path)
+    seg, lines, i = find_line(tmp_path, 2)
+    obj = json.loads(lines[i])
+    obj["archive_id"] = 999
+    lines[i] = json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+    seg.write_bytes(b"".join(lines))
+    ok, findings = run_verify(tmp_path)
+    assert not ok
+    assert errors(findings) == {"ledger_entry_altered"}
+    assert [f.seq for f in findings if f.code == "ledger_entry_altered"] == [2]
+
+
+def test_altered_and_rehashed_entry_breaks_the_next_link(tmp_path: Path) -> None:
+    make_archive(tmp_path)
+    seg, lines, i = find_line(tmp_path, 2)
+    obj = json.loads(lines[i])
+    obj["archive_id"] = 999
+    obj["hash"] = entry_hash(obj)
+    lines[i] = json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+    seg.write_bytes(b"".join(lines))
+    ok, findings = run_verify(tmp_path)
+    assert not ok
+    assert "ledger_link_broken" in errors(findings)
+
+
+def test_reordered_ledger_entries_are_reported(tmp_path: Path) -> None:
+    make_archive(tmp_path)
+    seg, lines, i = find_line(tmp_path, 2)
+    lines[i], lines[i + 1] = lines[i + 1], lines[i]
+    seg.write_bytes(b"".join(lines))
+    ok, findings = run_verify(tmp_path)
+    assert not ok
+    assert errors(findings) == {"ledger_reordered"}
+
+
+def test_rewritten_chain_is_caught_by_the_signed_checkpoint(tmp_path: Path) -> None:
+    """Delete entry 2 and renumber and rehash everything after it: links are consistent
+    again, but the attacker cannot re-sign the checkpoints."""
+    make_archive(tmp_path)
+    entries = [json.loads(line) for _, lines in ledger_lines(tmp_path) for line in lines]
+    del entries[1]
+    prev = "0" * 64
+    for seq, e in enumerate(entries, 1):
+        e["seq"], e["prev"] = seq, prev
+        if e["kind"] == "checkpoint":
+            e["head_seq"], e["head_hash"] = seq - 1, prev
+        e["hash"] = prev = entry_hash(e)
+    ledger_dir = tmp_path / "archive" / "ledger"
+    for seg in ledger_dir.glob("*.jsonl"):
+        seg.unlink()
+    (ledger_dir / "000000000001.jsonl").write_bytes(
+        b"".join(json.dumps(e).encode() + b"\n" for e in entries))
+    ok, findings = run_verify(tmp_path)
+    assert not ok
+    assert "checkpoint_bad_signature" in errors(findings)
+    assert "ledger_link_broken" not in errors(findings)  # the forgery is otherwise consistent
+
+
+def test_checkpoint_signed_by_another_key_is_reported_forged(tmp_path: Path) -> None:
+    make_archive(tmp_path)
+    forger = Ledger(tmp_path / "archive" / "ledger", signer=Ed25519PrivateKey.generate())
+    forged = forger.checkpoint()
+    ok, findings = run_verify(tmp_path)
+    assert not ok
+    assert [(f.code, f.seq) for f in findings if f.severity == "error"] == [
+        ("checkpoint_bad_signature", forged.seq)]
+
+
+def test_extra_blob_with_no_ledger_entry_is_reported(tmp_path: Path) -> None:
+    make_archive(tmp_path)
+    with Archive.open(tmp_path) as a:
+        [planted] = a.store.write_many([b"planted message"])  # no ledger entry
+    ok, findings = run_verify(tmp_path)
+    assert not ok
+    assert [(f.code, f.sha256) for f in findings if f.severity == "error"] == [
+        ("blob_unlisted", planted.sha256)]
+
+
+def test_stray_file_in_the_store_is_reported(tmp_path: Path) -> None:
+    make_archive(tmp_path)
+    (tmp_path / "archive" / "store" / "notes.txt").write_text("hello")
+    ok, findings = run_verify(tmp_path)
+    assert not ok and errors(findings) == {"store_extra_file"}
+
+
+def test_shredded_blob_is_reported_tombstoned_not_tampered(tmp_path: Path) -> None:
+    shas = make_archive(tmp_path)
+    with Archive.open(tmp_path) as a:
+        a.shred(shas[1], reason="retention expired")
+        a.shred(shas[2], reason="retention expired", delete_blob=True)
+    ok, findings = run_verify(tmp_path)
+    assert ok, findings
+    assert [(f.code, f.sha256) for f in findings if f.code == "blob_tombstoned"] == [
+        ("blob_tombstoned", shas[1])]
+
+
+def test_data_key_deleted_without_a_tombstone_is_tampering(tmp_path: Path) -> None:
+    shas = make_archive(tmp_path)
+    for key in blob_path(tmp_path, shas[0]).parent.glob(f"{shas[0]}.*.key"):
+        key.unlink()
+    ok, findings = run_verify(tmp_path)
+    assert not ok and errors(findings) == {"data_key_missing"}
+
+
+def test_ciphertext_only_mode_works_without_the_archive_keys(tmp_path: Path) -> None:
+    shas = make_archive(tmp_path)
+    keys = tmp_path / "archive" / "keys"
+    for p in keys.iterdir():
+        if p.name != "ledger-signing.pub":
+            p.unlink()
+    summary, findings = verify(tmp_path / "archive")
+    assert summary.ok and summary.mode == "ciphertext-only" and summary.blobs_decrypted == 0
+    blob_path(tmp_path, shas[0]).unlink()
+    ok, findings = run_verify(tmp_path)
+    assert not ok and errors(findings) == {"blob_missing"}
+
+
+def test_public_key_kept_apart_overrides_a_replaced_one(tmp_path: Path) -> None:
+    make_archive(tmp_path)
+    pub = tmp_path / "archive" / "keys" / "ledger-signing.pub"
+    officer_copy = tmp_path / "officer.pub"
+    shutil.copy(pub, officer_copy)
+    # An attacker re-signs everything with a new key and replaces the .pub file.
+    from cryptography.hazmat.primitives import serialization
+
+    forger = Ed25519PrivateKey.generate()
+    pub.write_bytes(forger.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    Ledger(tmp_path / "archive" / "ledger", signer=forger).checkpoint()
+    ok, _ = run_verify(tmp_path, public_key_path=officer_copy)
+    assert not ok
+
+
+def test_cli_json_prints_one_object_per_finding_and_a_summary(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shas = make_archive(tmp_path)
+    assert run_coffer(["archive", "verify", "--data-dir", str(tmp_path), "--json"]) == 0
+    objs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert objs[-1]["type"] == "summary" and objs[-1]["ok"] is True
+    assert objs[-1]["blobs"] == 6 and objs[-1]["mode"] == "full"
+    blob_path(tmp_path, shas[0]).unlink()
+    assert run_coffer(["archive", "verify", "--data-dir", str(tmp_path), "--json"]) == 1
+    objs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [o for o in objs if o["type"] == "finding" and o["severity"] == "error"] == [{
+        "type": "finding", "severity": "error", "code": "blob_missing", "sha256": shas[0],
+        "path": str(blob_path(tmp_path, shas[0])),
+        "message": f"blob {shas[0]} is in the ledger but not in the store (deleted)"}]
+    assert objs[-1]["ok"] is False and objs[-1]["errors"] == 1
+
+
+def test_cli_with_config_file_and_progress(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_archive(tmp_path / "data")
+    cfg = tmp_path / "coffer.yaml"
+    cfg.write_text("data_dir: data\nlisteners:\n  - name: inbound\n    tls: none\n")
+    assert run_coffer(["archive", "verify", "--config", str(cfg), "--progress"]) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith("OK: 6 blobs (6 decrypted")
+    assert "verify: blobs 6/6" in out.err
+
+
+def test_cli_refuses_a_world_readable_key_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_archive(tmp_path)
+    key = tmp_path / "archive" / "keys" / "archive-k1.key"
+    key.chmod(0o644)
+    assert run_coffer(["archive", "verify", "--data-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{key}: key file is accessible" in err
+
+
+def test_torn_ledger_tail_is_a_warning_then_truncated_and_recorded_on_open(tmp_path: Path) -> None:
+    make_archive(tmp_path)
+    seg, _lines = ledger_lines(tmp_path)[-1]
+    with open(seg, "ab") as fh:
+        fh.write(b'{"seq":12,"time":"20')
+    ok, findings = run_verify(tmp_path)
+    assert ok
+    assert [f.code for f in findings if f.severity == "warning"] == ["ledger_torn_tail"]
+    # The next writer to open the archive truncates it and says so in the ledger.
+    with Archive.open(tmp_path) as a:
+        last = list(a.ledger.entries())[-1]
+    assert (last.kind, last.fields["truncated_bytes"]) == ("ledger_repaired", 20)
+    ok, findings = run_verify(tmp_path)
+    assert ok and not [f for f in findings if f.severity == "warning"]
+
+
+WRITER = textwrap.dedent("""
+    import os, sys
+    from pathlib import Path
+    from archive.facade import Archive
+    a = Archive.open(Path(sys.argv[1]), checkpoint_every=50, segment_entries=40)
+    n = 0
+    while True:
+        batch = [os.urandom(64) + b"crash test message %d" % (n + i) for i in range(16)]
+        # Also a duplicate of an earlier message now and then (dedup under crash).
+        batch.append(b"crash test message dup %d" % (n % 5))
+        a.put_many(batch, [{"archive_id": n + i} for i in range(len(batch))])
+        a.append("audit", action="batch", n=n)
+        n += len(batch)
+        print(n, flush=True)
+""")
+
+
+def test_kill_9_during_ingest_leaves_an_archive_that_verify_accepts(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for round_ in range(3):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            assert proc.stdout is not None
+            for _ in range(3 + round_ * 2):  # let some batches be acknowledged
+                assert proc.stdout.readline(), proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.003 * (round_ + 1))  # and kill in the middle of a later one
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.wait()
+            for stream in (proc.stdout, proc.stderr):
+                if stream:
+                    stream.close()
+        assert proc.returncode == -signal.SIGKILL
+        ok, findings = run_verify(tmp_path)
+        assert ok, [f for f in findings if f.severity == "error"]
+        assert {f.code for f in findings if f.severity == "warning"} <= {
+            "ledger_torn_tail", "journal_stale", "blob_unacknowledged", "store_extra_file"}
+    # The next writer finishes the interrupted batch; then nothing is left to warn about.
+    with Archive.open(tmp_path) as a:
+        a.checkpoint()
+        live = {e.fields["sha256"] for e in a.ledger.entries() if e.kind == "message_stored"}
+        for sha in live:
+            assert a.get(sha)
+    summary, findings = verify(tmp_path / "archive")
+    assert summary.ok and summary.warnings == 0, findings
+
+
+def test_garbage_in_the_ledger_is_reported_never_a_crash(tmp_path: Path) -> None:
+    make_archive(tmp_path)
+    seg, lines, i = find_line(tmp_path, 2)
+    bogus = {"seq": 99, "time": "t", "kind": "message_stored", "sha256": "../../etc/passwd",
+             "prev": "0" * 64}
+    bogus["hash"] = entry_hash(bogus)
+    lines[i:i] = [b"not json\n", b"[1, 2]\n", b'{"seq": 98, "x": NaN, "hash": "h", '
+                  b'"prev": "p", "kind": "k", "time": "t"}\n', json.dumps(bogus).encode() + b"\n"]
+    seg.write_bytes(b"".join(lines))
+    ok, findings = run_verify(tmp_path)
+    assert not ok
+    assert [f.code for f in findings if f.code == "ledger_malformed"] == ["ledger_malformed"] * 3
+    assert "ledger_entry_altered" in errors(findings)  # the NaN line
+
+
+def test_verify_while_a_writer_is_running_reports_no_errors(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline()
+        for _ in range(5):
+            ok, findings = run_verify(tmp_path)
+            assert ok, [f for f in findings if f.severity == "error"]
+            assert proc.stdout.readline()  # the writer is still making progress
+    finally:
+        proc.kill()
+        proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream:
+                stream.close()
