@@ -47,8 +47,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from archive.index import Indexer, open_index
 from gateway import config as config_mod
 from gateway import log
+from gateway.archive_stage import ArchiveStage
 from gateway.check.arc import ArcSealStage
 from gateway.check.stage import CheckStage
 from gateway.config import Config
@@ -192,6 +194,9 @@ def before_queue_stages(cfg: Config, policy: PolicyHolder) -> list[Stage]:
 def after_queue_stages(cfg: Config) -> list[Stage]:
     """transform (encrypt, DKIM sign, ARC seal) -> archive, on the spooled copy.
 
+    The archive keeps the message exactly as it is delivered (after signing and
+    encryption); nothing is delivered that was not archived first.
+
     Signing comes after any transformation that changes the body, and the ARC seal
     after signing, so both verify downstream (RFC 6376 §5.3, RFC 8617 §5.1).
     """
@@ -201,7 +206,25 @@ def after_queue_stages(cfg: Config) -> list[Stage]:
     if cfg.check.arc_sealing is not None:
         authserv = cfg.check.authserv_id or cfg.hostname
         stages.append(ArcSealStage.from_config(cfg.check.arc_sealing, authserv, cfg.path))
+    stages.append(ArchiveStage.open(cfg))
     return stages
+
+
+async def index_loop(stage: ArchiveStage, data_dir: Path, idle: float = 1.0) -> None:
+    """Index newly archived messages in batches, off the SMTP path (lag: about ``idle`` s)."""
+    index = open_index("fts5", data_dir=data_dir)
+    indexer = Indexer(stage.meta, index, stage.archive.get)
+    try:
+        while True:
+            try:
+                done = await asyncio.to_thread(indexer.run_once)
+            except CofferError as exc:  # the index is rebuildable: log, retry later
+                log.event("index_failed", level=logging.ERROR, error=str(exc))
+                done = 0
+            if not done:
+                await asyncio.sleep(idle)
+    finally:
+        index.close()
 
 
 def close_stages(stages: list[Stage]) -> None:
@@ -229,6 +252,7 @@ class Service:
     runner: Runner | None = field(default=None, init=False)
     policy: PolicyHolder = field(init=False)
     _after_stages: list[Stage] = field(default_factory=list, init=False)
+    _indexer_task: asyncio.Task[None] | None = field(default=None, init=False)
     _bg: set[asyncio.Task[None]] = field(default_factory=set, init=False)
 
     async def start(self) -> None:
@@ -252,6 +276,11 @@ class Service:
         # The worker starts first: a message accepted in the first millisecond is
         # notified to a worker that is already running.
         self._worker_task = asyncio.create_task(self._worker.run(), name="queue-worker")
+        archive = next((st for st in self._after_stages if isinstance(st, ArchiveStage)), None)
+        if archive is not None and self.worker_index == 0:
+            # One indexer per node: the full-text index has a single writer.
+            self._indexer_task = asyncio.create_task(
+                index_loop(archive, cfg.data_dir), name="archive-indexer")
         self._listeners = await start_listeners(cfg, self.runner, reuse_port=self.reuse_port)
         if cfg.metrics.address is not None:
             self._metrics = MetricsServer(cfg.metrics.address, self.worker_index)
@@ -277,10 +306,17 @@ class Service:
                 pass
             except Exception as exc:  # the worker's own failure: log, still exit cleanly
                 log.event("worker_failed", level=logging.ERROR, error=repr(exc))
+        if self._indexer_task is not None:
+            self._indexer_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._indexer_task
         # QueueWorker.stop closes the deliverer's connections.
         if self.runner is not None:
             close_stages(self.runner.stages)
         close_stages(self._after_stages)
+        for stage in self._after_stages:
+            if isinstance(stage, ArchiveStage):
+                await stage.close()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
         if self._metrics is not None:

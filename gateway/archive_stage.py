@@ -1,0 +1,149 @@
+"""The archive stage: every message that passes the gateway is kept, before delivery.
+
+Runs after the queue, once per message (``once``: a retry of the delivery does
+not archive again).  The exact bytes about to be delivered go into the
+encrypted write-once store (archive.facade, group-committed with their ledger
+entry), and the envelope, verdicts, policy decision with its rule trace and the
+retention end go into the metadata database, batched into one transaction per
+burst.  Indexing happens later, off this path (archive.index.Indexer).
+
+A failure here raises: the worker holds the message with stage "archive", so
+nothing is delivered that was not archived.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import re
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from archive.extract import extract
+from archive.facade import Archive, BatchWriter
+from archive.metadata import MessageRecord, Metadata, StoredMessage
+from gateway.config import Config
+from gateway.pipeline import MessageContext, StageResult
+
+_PERIOD = re.compile(r"^(\d+)(y|mo|w|d)$")
+
+
+def retention_end(start: datetime, label: str | None) -> datetime | None:
+    """When a retention period that began at ``start`` ends; None for forever/unset.
+
+    Years and months are counted on the calendar (a message received on
+    29 February and kept one year expires on 28 February).
+    """
+    if not label or label == "forever":
+        return None
+    m = _PERIOD.match(label.strip().lower())
+    if not m:
+        raise ValueError(f"unknown retention period {label!r}")
+    n, unit = int(m.group(1)), m.group(2)
+    if unit in ("y", "mo"):
+        months = start.month - 1 + (n * 12 if unit == "y" else n)
+        year, month = start.year + months // 12, months % 12 + 1
+        day = min(start.day, calendar.monthrange(year, month)[1])
+        return start.replace(year=year, month=month, day=day)
+    return start + timedelta(days=n * (7 if unit == "w" else 1))
+
+
+def record_for(ctx: MessageContext, sha256: str, now: datetime) -> MessageRecord:
+    """The metadata row of one receipt (pure: the caller did the I/O)."""
+    env = ctx.envelope
+    decide: dict[str, Any] = ctx.facts.get("decide") or {}
+    received = datetime.fromtimestamp(env.received_at, UTC) if env.received_at else now
+    verdicts = dict(ctx.facts.get("check") or {})
+    if "spam" in ctx.facts:
+        verdicts["spam"] = ctx.facts["spam"]
+    return MessageRecord(
+        sha256=sha256,
+        extracted=extract(ctx.data),
+        received_at=received,
+        direction=str(decide.get("direction") or env.role),
+        source="smtp",
+        state=str(decide.get("decision") or "accepted"),
+        mail_from=env.mail_from,
+        rcpt_to=list(env.rcpt_to),
+        client_ip=env.client_ip,
+        helo=env.helo,
+        tls=f"{env.tls.version} {env.tls.cipher}" if env.tls else "",
+        auth_user=env.auth_user or "",
+        retention_until=retention_end(received, decide.get("retention")),
+        verdicts=verdicts,
+        decision=decide or None,
+        rules=[r["name"] for r in decide.get("rules", []) if r.get("matched")],
+    )
+
+
+class _MetadataBatcher:
+    """Concurrent archive stages share one database transaction per burst."""
+
+    def __init__(self, meta: Metadata, max_batch: int = 256) -> None:
+        self.meta = meta
+        self.max_batch = max_batch
+        self._pending: list[tuple[MessageRecord, asyncio.Future[StoredMessage]]] = []
+        self._running: asyncio.Task[None] | None = None
+
+    async def add(self, rec: MessageRecord) -> StoredMessage:
+        fut: asyncio.Future[StoredMessage] = asyncio.get_running_loop().create_future()
+        self._pending.append((rec, fut))
+        if self._running is None or self._running.done():
+            self._running = asyncio.create_task(self._drain(), name="archive-metadata")
+        return await fut
+
+    async def _drain(self) -> None:
+        while self._pending:
+            batch, self._pending = (self._pending[: self.max_batch],
+                                    self._pending[self.max_batch :])
+            try:
+                stored = await asyncio.to_thread(self.meta.add_messages, [r for r, _ in batch])
+            except Exception as exc:  # every waiter sees the failure; none is lost
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for (_, fut), row in zip(batch, stored, strict=True):
+                if not fut.done():
+                    fut.set_result(row)
+
+
+class ArchiveStage:
+    name = "archive"
+    once = True
+
+    def __init__(self, archive: Archive, meta: Metadata,
+                 clock: Callable[[], datetime] | None = None) -> None:
+        self.archive = archive
+        self.meta = meta
+        self.writer = BatchWriter(archive)
+        self.batcher = _MetadataBatcher(meta)
+        self.clock = clock or (lambda: datetime.now(UTC))
+
+    @classmethod
+    def open(cls, cfg: Config) -> ArchiveStage:
+        """The embedded archive under the data directory (store, ledger, SQLite)."""
+        meta = Metadata.for_data_dir(cfg.data_dir)
+        meta.migrate()
+        return cls(Archive.open(cfg.data_dir), meta)
+
+    async def run(self, ctx: MessageContext) -> StageResult:
+        decide = ctx.facts.get("decide") or {}
+        if decide.get("archive") is False:
+            # Only a policy that explicitly allows exemptions can say this (policies/).
+            return StageResult(reason="not archived: exempted by policy rule")
+        ref = await self.writer.put(ctx.data, {"qid": ctx.qid})
+        rec = await asyncio.to_thread(record_for, ctx, ref.sha256, self.clock())
+        row = await self.batcher.add(rec)
+        return StageResult(
+            reason=f"archived {ref.sha256[:16]} as message {row.id}",
+            facts={"sha256": ref.sha256, "message": row.id, "new_blob": ref.new,
+                   "retention_until": rec.retention_until.isoformat()
+                   if rec.retention_until else None},
+        )
+
+    async def close(self) -> None:
+        await self.writer.close()
+        self.meta.close()
+
