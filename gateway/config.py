@@ -19,6 +19,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from archive.s3config import S3Config
 from gateway import yamlsource
 from gateway.check.config import CheckConfig
+from gateway.check.spam.config import SpamConfig
 from gateway.errors import ConfigError
 from gateway.transform.config import CryptoConfig
 
@@ -204,6 +205,7 @@ class Config(_Model):
     delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
     dns: DnsConfig = Field(default_factory=DnsConfig)
     check: CheckConfig = Field(default_factory=CheckConfig)
+    spam: SpamConfig = Field(default_factory=SpamConfig)
     crypto: CryptoConfig = Field(default_factory=CryptoConfig)
     s3: S3Config | None = Field(
         None, description="S3 object storage with Object Lock for archive blobs and ledger "

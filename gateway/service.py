@@ -52,6 +52,7 @@ from gateway import config as config_mod
 from gateway import log
 from gateway.archive_stage import ArchiveStage
 from gateway.check.arc import ArcSealStage
+from gateway.check.spam.stage import SpamStage
 from gateway.check.stage import CheckStage
 from gateway.config import Config
 from gateway.decide import DecideStage
@@ -183,10 +184,14 @@ class PolicyHolder:
 
 
 def before_queue_stages(cfg: Config, policy: PolicyHolder) -> list[Stage]:
-    """check -> decide, run while the client waits (docs/architecture.md)."""
+    """check (sender auth, spam) -> decide, run while the client waits."""
     stages: list[Stage] = []
-    if cfg.check.checks:
-        stages.append(CheckStage.from_config(cfg))
+    check = CheckStage.from_config(cfg) if cfg.check.checks else None
+    if check is not None:
+        stages.append(check)
+    if cfg.spam.enabled:
+        # The spam scorer reads the check stage's verdicts and shares its resolver.
+        stages.append(SpamStage.from_config(cfg, resolver=check.resolver if check else None))
     stages.append(DecideStage(policy, cfg.relay.local_domains))
     return stages
 
@@ -229,7 +234,7 @@ async def index_loop(stage: ArchiveStage, data_dir: Path, idle: float = 1.0) -> 
 
 def close_stages(stages: list[Stage]) -> None:
     for stage in stages:
-        if isinstance(stage, CheckStage | EncryptStage):
+        if isinstance(stage, CheckStage | SpamStage | EncryptStage):
             stage.close()
 
 

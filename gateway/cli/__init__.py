@@ -30,7 +30,10 @@ COMMAND_MODULES: tuple[str, ...] = (
     "gateway.cli.policy",
     "archive.cli_search",
     "archive.cli_verify",
+    "gateway.cli.users",
+    "archive.imap.cli",
     "gateway.cli.keys",
+    "gateway.cli.spam",
 )
 
 

@@ -65,7 +65,8 @@ def test_relayed_message_is_archived_searchable_byte_exact_and_verifiable(
     raw = _coffer("show", "--config", str(cfg), "--raw", str(hit["id"]))
     assert raw.returncode == 0, raw.stderr
     assert raw.stdout.endswith(body)  # the received bytes, behind our trace headers
-    assert raw.stdout.startswith(b"Received: ")
+    trace = b"\r\n" + raw.stdout[: -len(body)]
+    assert b"\r\nReceived: " in trace and b"\r\nX-Spam-Status: " in trace
 
     verify = _coffer("archive", "verify", "--config", str(cfg), "--json")
     assert verify.returncode == 0, verify.stdout + verify.stderr

@@ -1,0 +1,117 @@
+"""The classifier: tokens, chi-square combining, the token database, and a corpus run."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+from spamkit import corpus_subset, message
+
+from gateway.check.spam.bayes import Model, TokenStore, chi2q, digest, tokenize
+from gateway.check.spam.message import parse
+from gateway.check.spam.scorer import Scorer
+
+
+def test_tokens_are_prefixed_by_their_header_and_include_link_domains() -> None:
+    html = ('<html><body><p>Cheap <b>watches</b> at '
+            '<a href="http://shop.replica.example.net/buy?id=7">our shop</a></p></body></html>')
+    data = message(html, content_type="text/html; charset=us-ascii",
+                   headers={"Subject": "Rolex watches", "X-Mailer": "BulkMailer 3"})
+    tokens = tokenize(parse(data))
+    assert {"subject:rolex", "subject:watches", "x-mailer:bulkmailer", "watches",
+            "url:replica.example.net", "url:example.net", "from:addr:example.com"} <= tokens
+    assert "b" not in tokens and "<b>" not in tokens  # markup is not text
+    assert not any(t.startswith("html:") and "watches" in t for t in tokens)
+
+
+def test_our_own_verdict_header_is_not_learned() -> None:
+    data = message(headers={"X-Spam-Status": "Yes, score=9.0 required=6.0 tests=BAYES_SPAM"})
+    assert not any("bayes_spam" in t or "x-spam" in t for t in tokenize(parse(data)))
+    assert digest(data) == digest(message())
+
+
+def test_chi2q_matches_known_values() -> None:
+    assert chi2q(0.0, 2) == pytest.approx(1.0)
+    assert chi2q(2.0, 2) == pytest.approx(0.3679, abs=1e-4)  # e**-1
+    assert chi2q(10.0, 4) == pytest.approx(0.0404, abs=1e-4)
+
+
+def test_combining_leans_towards_the_class_the_tokens_were_seen_in() -> None:
+    m = Model(nspam=100, nham=100, counts={"viagra": (90, 1), "meeting": (1, 80),
+                                          "the": (50, 50)})
+    assert m.classify({"viagra", "the"}).probability > 0.9
+    assert m.classify({"meeting", "the"}).probability < 0.1
+    assert m.classify({"the", "unknown"}).probability == 0.5  # no clue: unsure
+    assert m.classify({"viagra", "meeting"}).probability == pytest.approx(0.5, abs=0.1)
+
+
+def test_learning_is_idempotent_and_relearning_moves_a_message(tmp_path: Path) -> None:
+    store = TokenStore(tmp_path / "b.sqlite")
+    scorer = Scorer(store=store)
+    spam = message("Cheap pills, order now\n", headers={"Subject": "pills"})
+    assert scorer.learn([(spam, True)]) == 1
+    assert scorer.learn([(spam, True)]) == 0  # already known as spam
+    assert store.counts()[:2] == (1, 0)
+    pills = store.model().counts["pills"]
+    assert pills == (1, 0)
+    assert scorer.learn([(spam, False)]) == 1  # an operator's correction
+    assert store.counts()[:2] == (0, 1)
+    assert store.model().counts["pills"] == (0, 1)
+    store.close()
+
+
+def test_a_learn_by_another_process_is_seen_by_a_running_scorer(tmp_path: Path) -> None:
+    db = tmp_path / "b.sqlite"
+    running = TokenStore(db)
+    assert running.counts() == (0, 0, 0)  # no database yet: nothing learned, nothing created
+    assert not db.exists()
+    other = Scorer(store=TokenStore(db))  # e.g. `coffer spam learn` in another process
+    other.learn([(message("buy pills now\n"), True), (message(), False)])
+    assert running.counts()[:2] == (1, 1)
+    other.close()
+    running.close()
+
+
+def test_the_database_is_sqlite_and_a_failed_learn_changes_nothing(tmp_path: Path) -> None:
+    db = tmp_path / "b.sqlite"
+    scorer = Scorer(store=TokenStore(db))
+    scorer.learn([(message(), False)])
+
+    def bad() -> object:
+        yield ("d1", True, {"x"})
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        scorer.store.learn(bad())  # type: ignore[union-attr, arg-type]
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT value FROM meta WHERE key='nspam'").fetchone()[0] == 0
+        assert conn.execute("SELECT COUNT(*) FROM learned").fetchone()[0] == 1
+    conn.close()
+    scorer.close()
+
+
+def test_classifier_trained_on_a_corpus_sample_beats_the_trivial_baseline(
+    corpus: Path, tmp_path: Path
+) -> None:
+    if not (corpus / "spam-ham" / "train").is_dir():
+        pytest.skip("spam-ham corpus not found")
+    train_ham = corpus_subset(corpus, "train", "ham", 150)
+    train_spam = corpus_subset(corpus, "train", "spam", 150)
+    test_ham = corpus_subset(corpus, "test", "ham", 100)
+    test_spam = corpus_subset(corpus, "test", "spam", 100)
+    scorer = Scorer(store=TokenStore(tmp_path / "b.sqlite"))
+    assert scorer.learn([(m, False) for m in train_ham] + [(m, True) for m in train_spam]) == 300
+    model = scorer.store.model()  # type: ignore[union-attr]
+
+    def prob(data: bytes) -> float:
+        return model.classify(tokenize(parse(data))).probability
+
+    correct = sum(prob(m) < 0.5 for m in test_ham) + sum(prob(m) > 0.5 for m in test_spam)
+    # the trivial baseline (always the majority class) is right on 100 of these 200
+    assert correct >= 180, f"{correct}/200 correct"
+    # and the whole scorer's verdicts agree
+    spam_verdicts = sum(scorer.score(m).verdict == "spam" for m in test_spam)
+    ham_verdicts = sum(scorer.score(m).verdict == "ham" for m in test_ham)
+    assert spam_verdicts >= 75 and ham_verdicts >= 97, (spam_verdicts, ham_verdicts)
+    scorer.close()
