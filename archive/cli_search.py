@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from archive.audit import ledger_audit
 from archive.cli_common import SubParsers, add_location_arguments, archive_subparsers
 from archive.errors import ArchiveError
 from archive.extract import extract
@@ -152,9 +153,10 @@ def cmd_search(args: argparse.Namespace, out: TextIO | None = None) -> int:
                 close = getattr(reader, "close", None)
                 if close is not None:
                     close()
-            audit(be.meta, who, "search", query=result.query, result_count=result.total,
-                  detail={"limit": args.limit, "offset": args.offset, "order": args.order,
-                          "index": be.index.name})
+            with ledger_audit(be.data_dir):  # the database and the ledger (archive.audit)
+                audit(be.meta, who, "search", query=result.query, result_count=result.total,
+                      detail={"limit": args.limit, "offset": args.offset, "order": args.order,
+                              "index": be.index.name})
     except QueryError as exc:
         print(f"coffer: {exc}\n{_indent(exc.pointer())}", file=sys.stderr)
         return EXIT_USAGE
@@ -208,8 +210,9 @@ def cmd_show(args: argparse.Namespace, out: TextIO | None = None) -> int:
             raise ArchiveError(f"no archived message with id {pk}")
         assert be.reader is not None
         raw = be.reader.get(msg.sha256)
-        audit(be.meta, who, "show", target=str(pk), result_count=1,
-              detail={"raw": bool(args.raw), "sha256": msg.sha256})
+        with ledger_audit(be.data_dir):
+            audit(be.meta, who, "show", target=str(pk), result_count=1,
+                  detail={"raw": bool(args.raw), "sha256": msg.sha256})
         if args.raw:
             if out is not None:
                 out.write(raw.decode("utf-8", "surrogateescape"))

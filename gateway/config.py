@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from archive.imap.config import ImapSection
 from archive.s3config import S3Config
 from gateway import yamlsource
 from gateway.check.config import CheckConfig
@@ -211,6 +212,7 @@ class Config(_Model):
         None, description="S3 object storage with Object Lock for archive blobs and ledger "
         "segments (default: local files)",
     )
+    imap: ImapSection = Field(default_factory=ImapSection)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     policy: Path | None = Field(None, description="Policy file (relative to data_dir)")

@@ -62,6 +62,8 @@ def preflight(cfg: Config) -> None:
         problems = check_policy(p)
         if problems:
             raise problems[0]
+    if cfg.imap.enabled and cfg.imap.tls == "implicit" and not cfg.tls.cert:
+        raise config_error(cfg, ["imap", "tls"], "implicit TLS needs tls.cert and tls.key")
     if cfg.metrics.address is not None:
         try:
             endpoint(cfg.metrics.address)

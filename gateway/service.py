@@ -14,8 +14,9 @@ Signals
                      load (or fails the preflight checks) is ignored and the error is
                      logged with file, line and key; the old configuration keeps
                      running.  Relay domains, trusted networks, limits, routes and the
-                     log level apply at once; listener addresses, data_dir and the
-                     number of workers need a restart (logged as such, old values kept).
+                     log level apply at once; listener addresses, data_dir, the
+                     number of workers and the imap section need a restart (logged as
+                     such, old values kept).
     SIGUSR1          rescan the spool now (``coffer queue retry/release`` sends it).
 
 Several workers (``queue.workers`` > 1): a supervisor process forks N children.
@@ -42,12 +43,14 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from archive.index import Indexer, open_index
+from archive.imap.embedded import EmbeddedImap
+from archive.index import Index, IndexDoc, Indexer, open_index
 from gateway import config as config_mod
 from gateway import log
 from gateway.archive_stage import ArchiveStage
@@ -109,6 +112,8 @@ def restart_required(old: Config, new: Config) -> list[str]:
         keys.append("listeners")
     if old.queue.workers != new.queue.workers:
         keys.append("queue.workers")
+    if old.imap != new.imap:
+        keys.append("imap")
     return keys
 
 
@@ -119,6 +124,7 @@ def effective_reload(old: Config, new: Config) -> Config:
             "data_dir": old.data_dir,
             "listeners": old.listeners,
             "queue": new.queue.model_copy(update={"workers": old.queue.workers}),
+            "imap": old.imap,
         }
     )
 
@@ -215,10 +221,40 @@ def after_queue_stages(cfg: Config) -> list[Stage]:
     return stages
 
 
+class _StageIndexer(Indexer):
+    """An Indexer that takes what the archive stage already extracted from a message.
+
+    The archive stage parsed the exact bytes it stored; fetching the blob back
+    (decrypt, decompress) and parsing it again gave the same result for twice the
+    CPU.  Blobs archived by another process (or evicted) are fetched as before.
+    """
+
+    def __init__(self, stage: ArchiveStage, index: Index) -> None:
+        super().__init__(stage.meta, index, stage.archive.get)
+        self.stage = stage
+
+    def docs(self, blobs: Iterable[tuple[int, str]]) -> list[IndexDoc]:
+        out: list[IndexDoc] = []
+        missed: list[tuple[int, str]] = []
+        for blob_id, sha256 in blobs:
+            ex = self.stage.take_extracted(sha256)
+            if ex is None:
+                missed.append((blob_id, sha256))
+            else:
+                out.append(IndexDoc.from_extracted(blob_id, ex))
+        return out + super().docs(missed) if missed else out
+
+
+# Extractions kept for the indexer: it runs about once a second, so this covers
+# bursts of several hundred messages per second; past it, it fetches the blob.
+KEEP_EXTRACTED = 2048
+
+
 async def index_loop(stage: ArchiveStage, data_dir: Path, idle: float = 1.0) -> None:
     """Index newly archived messages in batches, off the SMTP path (lag: about ``idle`` s)."""
     index = open_index("fts5", data_dir=data_dir)
-    indexer = Indexer(stage.meta, index, stage.archive.get)
+    indexer = _StageIndexer(stage, index)
+    stage.keep_extracted = KEEP_EXTRACTED
     try:
         while True:
             try:
@@ -229,6 +265,7 @@ async def index_loop(stage: ArchiveStage, data_dir: Path, idle: float = 1.0) -> 
             if not done:
                 await asyncio.sleep(idle)
     finally:
+        stage.keep_extracted = 0
         index.close()
 
 
@@ -258,6 +295,7 @@ class Service:
     policy: PolicyHolder = field(init=False)
     _after_stages: list[Stage] = field(default_factory=list, init=False)
     _indexer_task: asyncio.Task[None] | None = field(default=None, init=False)
+    _imap: EmbeddedImap | None = field(default=None, init=False)
     _bg: set[asyncio.Task[None]] = field(default_factory=set, init=False)
 
     async def start(self) -> None:
@@ -287,6 +325,9 @@ class Service:
             self._indexer_task = asyncio.create_task(
                 index_loop(archive, cfg.data_dir), name="archive-indexer")
         self._listeners = await start_listeners(cfg, self.runner, reuse_port=self.reuse_port)
+        if cfg.imap.enabled and archive is not None and self.worker_index == 0:
+            # One IMAP server per node, reading through the archive stage's store.
+            self._imap = await EmbeddedImap.start(cfg, archive.archive, archive.meta)
         if cfg.metrics.address is not None:
             self._metrics = MetricsServer(cfg.metrics.address, self.worker_index)
             host, port = self._metrics.start()
@@ -301,6 +342,8 @@ class Service:
         log.event("draining", pid=os.getpid(), timeout=self.drain_timeout)
         if self._listeners is not None:
             await self._listeners.close(self.drain_timeout)
+        if self._imap is not None:
+            await self._imap.close()
         if self._worker is not None:
             remaining = max(self.drain_timeout - (time.monotonic() - started), 1.0)
             await self._worker.stop(remaining)
@@ -478,11 +521,13 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     uvloop is opt-in, not a dependency.  Measured with bench/relay.py (coffer
     target, 2,000-3,000 messages over 20 connections, five interleaved pairs on
     the shared 2-core machine) it used 3.7 ms of CPU per message against
-    asyncio's 4.5 ms (-18 %, lower in every pair), with the end-to-end rate
-    within the machine's noise.  But its transports are not instances of
-    asyncio.WriteTransport, and code that checks that (the SMTP session's 421 on
-    drain, for one) silently behaves differently, while the test suite runs on
-    asyncio's loop.  Make it the default only with the receive tests run on it.
+    asyncio's 4.5 ms (-18 %, lower in every pair) when the relay had no archive
+    and no spam stage.  With both wired (2026-11-27, 2,000 messages, two
+    interleaved pairs) the event-loop thread is about a quarter of the process's
+    CPU, and the difference (15.1 and 16.9 ms against asyncio's 15.8 and 16.3)
+    was within the machine's noise, so it stays opt-in.  The SMTP session
+    duck-types its transport, and tests/receive passes on uvloop
+    (COFFER_EVENT_LOOP=uvloop .venv/bin/pytest tests/receive).
     """
     if os.environ.get("COFFER_EVENT_LOOP", "").lower() == "uvloop":
         import uvloop  # type: ignore[import-not-found, unused-ignore]

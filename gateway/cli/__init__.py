@@ -30,10 +30,13 @@ COMMAND_MODULES: tuple[str, ...] = (
     "gateway.cli.policy",
     "archive.cli_search",
     "archive.cli_verify",
+    "archive.cli_admin",
     "gateway.cli.users",
+    "gateway.cli.smtp_users",
     "archive.imap.cli",
     "gateway.cli.keys",
     "gateway.cli.spam",
+    "reports.cli",
 )
 
 

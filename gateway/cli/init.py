@@ -4,7 +4,8 @@ Writes ``DIR/coffer.yaml`` (every key commented), a self-signed TLS certificate
 and key in ``DIR/tls/`` (key mode 0600) and, when the package ships one, the
 sample policy as ``DIR/policy.yaml``.  The embedded defaults need no other
 service: spool, archive and the Maildir for local domains all live under DIR,
-and SMTP listens on 127.0.0.1:2525.  An existing ``coffer.yaml`` is never
+SMTP listens on 127.0.0.1:2525 and IMAP (the archive, read-only) on
+127.0.0.1:1143.  An existing ``coffer.yaml`` is never
 overwritten.
 """
 
@@ -326,4 +327,39 @@ log:
 
 # Policy rules (relative to data_dir).
 {policy_line}
+
+# Read the archive over IMAP (read-only, RFC 3501) from any mail client; coffer serve runs
+# it in worker 0. Accounts: coffer users add NAME --role user|officer --password-stdin.
+# Changing this section needs a restart (SIGHUP logs that).
+imap:
+  # false: no IMAP from coffer serve (coffer imap serve runs it on its own).
+  enabled: true
+  # host:port to listen on (993 for implicit TLS in production).
+  address: "127.0.0.1:1143"
+  # starttls | implicit | none, with the certificate of tls: above.
+  tls: starttls
+  # LOGIN without TLS, from 127.0.0.1/::1 only (local tools and scripts). Nothing but a
+  # loopback client is ever let in without TLS; set false to require STARTTLS everywhere.
+  allow_plaintext_loopback: true
+  # SELECT answers [READ-ONLY] (the archive is immutable); false answers [READ-WRITE] for
+  # clients such as Python's imaplib that refuse read-only folders.
+  select_read_only: true
+  # Account database as an SQLAlchemy URL (default: archive/imap.db under data_dir).
+  # accounts_database: "postgresql://coffer@db.internal/coffer"
+  # Domains/ folders officers see (default: relay.local_domains).
+  # domains: [example.com]
+  # Autologout after this long idle (RFC 3501 §5.4: at least 30m), and time to log in.
+  idle_timeout: 30m
+  login_timeout: 1m
+  # IDLE re-checks the selected folder this often (new mail also wakes it sooner).
+  idle_poll: 30s
+  # Concurrent sessions; longest command line, largest literal and command.
+  max_sessions: 1000
+  max_line: 64k
+  max_literal: 1M
+  max_command: 4M
+  # Failed logins per account and per client IP within the window, then refused.
+  max_login_failures_per_account: 5
+  max_login_failures_per_ip: 20
+  login_failure_window: 5m
 """

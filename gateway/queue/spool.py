@@ -27,6 +27,7 @@ import json
 import os
 import secrets
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -64,6 +65,52 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class _DirSync:
+    """Group commit for a directory's fsync, shared by threads (thread-safe).
+
+    ``renamed()`` is called after a rename into the directory; ``sync(ticket)``
+    returns once an fsync of the directory that *started after* that rename has
+    completed.  Writers that renamed while another thread's fsync was running all
+    share the next one, so N concurrent messages cost one or two directory fsyncs
+    instead of N, and each still gets its 250 only after its name is durable.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._cond = threading.Condition()
+        self._renamed = 0  # tickets handed out
+        self._synced = 0  # every ticket <= this is durable
+        self._running = False
+        self.rounds = 0  # directory fsyncs done (observability, tests)
+
+    def renamed(self) -> int:
+        with self._cond:
+            self._renamed += 1
+            return self._renamed
+
+    def sync(self, ticket: int) -> None:
+        with self._cond:
+            while True:
+                if self._synced >= ticket:
+                    return
+                if not self._running:
+                    self._running = True
+                    target = self._renamed  # every rename so far precedes this fsync
+                    break
+                self._cond.wait()
+        ok = False
+        try:
+            _fsync_dir(self.path)
+            ok = True
+        finally:
+            with self._cond:
+                self._running = False
+                if ok:
+                    self.rounds += 1
+                    self._synced = max(self._synced, target)
+                self._cond.notify_all()
+
+
 class Spool:
     def __init__(self, root: Path, *, fsync: bool = True, min_free_bytes: int = 0) -> None:
         self.root = root
@@ -73,6 +120,7 @@ class Spool:
         self.queue_dir = root / "queue"
         for d in (self.tmp_dir, self.queue_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._queue_dir_sync = _DirSync(self.queue_dir)
 
     # -- paths ---------------------------------------------------------------
     def msg_path(self, qid: str) -> Path:
@@ -123,7 +171,7 @@ class Spool:
                 os.close(fd)
             os.rename(tmp, self.msg_path(qid))
             if self.fsync:
-                _fsync_dir(self.queue_dir)
+                self._queue_dir_sync.sync(self._queue_dir_sync.renamed())
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             self.msg_path(qid).unlink(missing_ok=True)
@@ -156,6 +204,23 @@ class Spool:
             self.append_event(qid, ev, sync=False)
         if events:
             self.append_event(qid, events[-1], sync=True)
+
+    def sync_state(self, qid: str) -> None:
+        """Make earlier ``append_event(sync=False)`` calls durable (one fsync for many)."""
+        if not self.fsync:
+            return
+        try:
+            fd = os.open(self.state_path(qid), os.O_RDONLY)
+        except FileNotFoundError:
+            return  # nothing was appended
+        except OSError as exc:
+            raise SpoolError(f"state sync failed: {exc}") from exc
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            raise SpoolError(f"state sync failed: {exc}") from exc
+        finally:
+            os.close(fd)
 
     def save_data(self, qid: str, data: bytes) -> None:
         """Durably keep the transformed bytes of a message (the caller holds its claim).
@@ -267,7 +332,8 @@ class Spool:
     def sync_queue_dir(self) -> None:
         """Make earlier ``remove(sync=False)`` calls durable."""
         if self.fsync:
-            _fsync_dir(self.queue_dir)
+            # Shares the fsync with concurrent store()s: any one that starts now covers both.
+            self._queue_dir_sync.sync(self._queue_dir_sync.renamed())
 
     def clean_tmp(self, older_than: float = 600.0) -> int:
         """Remove half-written files left by a crash (never acknowledged).

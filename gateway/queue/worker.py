@@ -346,6 +346,9 @@ class QueueWorker:
             # A hold waits for an operator before anything else runs.
             await self._hold(qid, disposition[1], f"hold: {disposition[2]}", reason="hold")
             return
+        # Stage completions written but not yet fsynced: the next fsync of the state
+        # log (a hold, a delivery record, or the one before delivery) covers them.
+        unsynced = False
         for stage in self.stages:
             if stage.once and stage.name in st.stages_done:
                 if stage.name in st.stage_facts:
@@ -363,7 +366,9 @@ class QueueWorker:
             apply(ctx, stage.name, result)
             action = result.action
             if action in (Action.CONTINUE, Action.QUARANTINE, Action.DISCARD) and stage.once:
-                await self._record_stage(qid, stage.name, ctx.data, before, result.facts)
+                # False: it was fsynced, and that fsync covered the earlier ones too.
+                unsynced = await self._record_stage(
+                    qid, stage.name, ctx.data, before, result.facts)
             if action is Action.HOLD:
                 if not st.released:
                     await self._hold(qid, stage.name, f"hold: {result.reason}", reason="hold")
@@ -394,6 +399,10 @@ class QueueWorker:
             await self._hold(qid, stage_name, f"{action}: {reason}", reason=str(action))
             return
 
+        if unsynced:
+            # One fsync for every stage completed in this pass, before delivery relies
+            # on them (a restart after this point never runs those stages again).
+            await self._io(self.spool.sync_state, qid)
         outcomes = await self.deliverer.deliver(ctx.envelope, ctx.data, st.pending, qid=qid)
         await self._record(msg, st, ctx, outcomes)
 
@@ -421,8 +430,16 @@ class QueueWorker:
 
     async def _record_stage(
         self, qid: str, stage: str, data: bytes, before: bytes, facts: dict[str, Any]
-    ) -> None:
-        if data is not before and data != before:
+    ) -> bool:
+        """Record a once-stage as done; True if the record still needs an fsync.
+
+        A stage that changed the message is recorded durably at once: its output
+        (saved first) must never be transformed a second time after a restart.  A
+        stage that left the bytes alone is only written (a kill -9 cannot lose it);
+        its fsync is shared with the next one on this message's log.
+        """
+        changed = data is not before and data != before
+        if changed:
             await self._io(self.spool.save_data, qid, data)
         event: dict[str, Any] = {"ev": "stage", "stage": stage}
         if facts:
@@ -431,7 +448,12 @@ class QueueWorker:
                 event["facts"] = facts
             except (TypeError, ValueError):
                 pass  # not serialisable: the stage's completion still counts
-        await self._io(self.spool.append_event, qid, event)
+        if changed:
+            await self._io(self.spool.append_event, qid, event)
+            return False
+        # A small append to a page-cached file: cheaper here than a thread hop.
+        self.spool.append_event(qid, event, sync=False)
+        return True
 
     async def _remove(self, qid: str) -> None:
         # The unlink is immediate (a restart after kill -9 never sees the message

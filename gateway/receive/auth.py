@@ -1,8 +1,8 @@
 """SMTP AUTH credentials: ``user:$argon2id$...`` lines in ``auth.passwd_file``.
 
 The file is read at start-up (a mistake there is a ConfigError naming file and
-line) and re-read when it changes (modification time, size or inode), so ``coffer users
-smtp-passwd`` takes effect without a restart; a broken re-read keeps the
+line) and re-read when it changes (modification time, size or inode), so ``coffer
+smtp-users add|passwd|remove`` takes effect without a restart; a broken re-read keeps the
 previous users and is logged.
 
 Verifying an argon2 hash costs tens of milliseconds of CPU on purpose: callers
@@ -47,7 +47,7 @@ def parse_passwd(text: str, file: str) -> dict[str, str]:
             raise ConfigError("expected 'user:argon2-hash'", file=file, line=lineno)
         if not hashed.startswith("$argon2"):
             raise ConfigError(
-                f"user {user!r}: not an argon2 hash (make one with `coffer users smtp-passwd`)",
+                f"user {user!r}: not an argon2 hash (make one with `coffer smtp-users passwd`)",
                 file=file, line=lineno,
             )
         if user in users:

@@ -159,5 +159,7 @@ def write_config(
         "check:\n  checks: []\n"
         f"metrics:\n  address: {metrics}\n"
         "log:\n  level: INFO\n  format: json\n" + extra
+        # IMAP is on by default on the fixed port 1143: off here unless a test configures it.
+        + ("" if "imap:" in extra else "imap:\n  enabled: false\n")
     )
     return path

@@ -1,0 +1,144 @@
+"""The ``imap:`` section of coffer.yaml (gateway.config.Config holds it as ``imap``).
+
+    imap:
+      enabled: true                     # coffer serve runs the IMAP server (worker 0)
+      address: "127.0.0.1:1143"
+      tls: starttls                     # starttls | implicit (993 role) | none
+      allow_plaintext_loopback: false   # LOGIN without TLS from 127.0.0.1/::1 only
+      select_read_only: true            # SELECT answers [READ-ONLY]
+      accounts_database: null           # default: sqlite DATA_DIR/archive/imap.db
+      domains: null                     # officers' Domains/ folders; default relay.local_domains
+      idle_timeout: 30m
+      ...
+
+TLS uses the gateway's ``tls.cert`` / ``tls.key``.  With ``starttls`` and no
+certificate configured, STARTTLS is simply not offered (and LOGIN stays disabled
+unless ``allow_plaintext_loopback`` lets a loopback client in): credentials never
+cross the network in clear.  ``implicit`` without a certificate is a configuration
+error (gateway.preflight).
+
+The model is pure settings; :meth:`ImapSection.server_config` maps it onto the
+server's own :class:`archive.imap.server.ImapConfig` dataclass, which ``coffer imap
+serve`` also builds from its command line.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+from archive.imap.server import ImapConfig, LoginThrottle
+
+__all__ = ["ImapSection"]
+
+
+# gateway.config imports this module, so its parsers are looked up when a value is
+# validated, not when this module is imported.  The names matter:
+# scripts/gen-config-doc.py recognises durations and sizes by them.
+def parse_duration(value: Any) -> float:
+    from gateway.config import parse_duration as parse
+
+    return parse(value)
+
+
+def parse_size(value: Any) -> int:
+    from gateway.config import parse_size as parse
+
+    return parse(value)
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Size = Annotated[int, BeforeValidator(parse_size)]
+
+
+class _Model(BaseModel):
+    # the same rules as gateway.config._Model (not imported: gateway.config imports us)
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ImapSection(_Model):
+    """Read-only IMAP4rev1 access to the archive (RFC 3501), run by `coffer serve` in worker 0.
+    Accounts are managed with `coffer users`; TLS uses tls.cert and tls.key. A change needs
+    a restart."""
+
+    enabled: bool = Field(True, description="Serve the archive over IMAP from coffer serve")
+    address: str = Field("127.0.0.1:1143", description="host:port to listen on")
+    tls: Literal["starttls", "implicit", "none"] = Field(
+        "starttls", description="STARTTLS offered (when tls.cert/key are set), implicit TLS "
+        "(port 993 role) or none",
+    )
+    allow_plaintext_loopback: bool = Field(
+        False, description="Allow LOGIN/AUTHENTICATE without TLS from 127.0.0.1/::1 only "
+        "(coffer init sets it for local tools)",
+    )
+    select_read_only: bool = Field(
+        True, description="SELECT answers [READ-ONLY]; false answers [READ-WRITE] for clients "
+        "(Python imaplib) that refuse read-only folders (only private flags change)",
+    )
+    accounts_database: str | None = Field(
+        None, description="SQLAlchemy URL of the account database (default: sqlite "
+        "DATA_DIR/archive/imap.db); give `coffer users` the same URL with --database",
+    )
+    domains: list[str] | None = Field(
+        None, description="Domains/ folders shown to officers (default: relay.local_domains)"
+    )
+    idle_timeout: Duration = Field(
+        1800.0, ge=1800, description="Autologout of an idle session (RFC 3501 §5.4: at "
+        "least 30 minutes)",
+    )
+    login_timeout: Duration = Field(60.0, gt=0, description="Time to log in before BYE")
+    idle_poll: Duration = Field(
+        30.0, gt=0, description="IDLE re-checks the selected folder this often"
+    )
+    max_sessions: int = Field(1000, ge=1, description="Concurrent IMAP sessions")
+    max_line: Size = Field(65536, ge=1024, description="Longest command line")
+    max_literal: Size = Field(
+        1048576, ge=1024, description="Largest literal (a larger one is refused, RFC 7888 §4)"
+    )
+    max_command: Size = Field(
+        4194304, ge=1024, description="Largest command including its literals"
+    )
+    max_login_failures_per_account: int = Field(
+        5, ge=1, description="Failed logins per account within login_failure_window"
+    )
+    max_login_failures_per_ip: int = Field(
+        20, ge=1, description="Failed logins per client IP within login_failure_window"
+    )
+    login_failure_window: Duration = Field(
+        300.0, gt=0, description="Sliding window of the failed-login limits"
+    )
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        from gateway.config import parse_hostport
+
+        parse_hostport(value, 1143)
+        return value
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        from gateway.config import parse_hostport
+
+        return parse_hostport(self.address, 1143)
+
+    def server_config(self, tls: ssl.SSLContext | None) -> ImapConfig:
+        """The server's settings; ``tls`` is the gateway's certificate, or None."""
+        host, port = self.host_port
+        return ImapConfig(
+            host=host, port=port,
+            tls=tls if self.tls != "none" else None,
+            implicit_tls=self.tls == "implicit",
+            allow_plaintext_loopback=self.allow_plaintext_loopback,
+            max_line=self.max_line, max_literal=self.max_literal,
+            max_command=self.max_command, idle_timeout=self.idle_timeout,
+            login_timeout=self.login_timeout, idle_poll=self.idle_poll,
+            max_sessions=self.max_sessions, select_read_only=self.select_read_only,
+        )
+
+    def throttle(self) -> LoginThrottle:
+        return LoginThrottle(per_account=self.max_login_failures_per_account,
+                             per_ip=self.max_login_failures_per_ip,
+                             window=self.login_failure_window)

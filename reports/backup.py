@@ -1,0 +1,219 @@
+"""``coffer backup create DEST`` / ``coffer backup restore SRC``: consistent, verifiable copies.
+
+The gateway keeps running while a backup is made.  Consistency comes from the
+order of the steps, each of which only ever sees append-only data grow:
+
+1. the full-text index (SQLite FTS5) is snapshotted with the sqlite3 backup API;
+2. the metadata database is snapshotted with the sqlite3 backup API.  The
+   archive stage writes blob and ledger entry *before* the database row, so
+   every row in this snapshot has its blob and ledger entry already;
+3. a signed checkpoint is written to the ledger now, and the ledger is copied
+   up to and including it (later entries are left out);
+4. every blob (and wrapped data key) recorded in that ledger prefix is copied;
+5. the keys are copied (0700 directory, 0600 files).
+
+The copy is then checked with archive.verify (store + ledger + checkpoints
+against the copied public key).  A message archived between steps 2 and 3 is
+in the copied store and ledger but not in the copied database: after a restore,
+``coffer archive rebuild --force`` would add it back; it is reported as a count.
+On restore, blobs the database says were indexed after the index snapshot are
+marked unindexed again, so the indexer of the running gateway catches up.
+
+PostgreSQL: the database is not copied here; back it up with
+``pg_dump --format=custom`` right after ``coffer backup create`` (and restore
+with ``pg_restore`` before ``coffer backup restore``).  The whoosh index is not
+copied (it is rebuilt with ``coffer archive reindex``).
+
+BACKUPS CONTAIN THE ARCHIVE KEYS unless ``--no-keys``: whoever has the backup can
+read every archived message.  Keep backups encrypted and access-controlled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sqlite3
+import sys
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import BinaryIO
+
+from sqlalchemy import update
+
+from archive.facade import Archive
+from archive.ledger import read_lines
+from archive.metadata import Blob, Metadata
+from archive.store import BLOB_NAME, FANOUT, KEY_NAME
+from archive.verify import Finding, verify
+from reports.common import LedgerIndex, Progress, metadata_url, record_audit
+from reports.errors import BackupError
+
+MANIFEST = "BACKUP.json"
+KEYS_WARNING = ("WARNING: this backup contains the archive keys: anyone who can read it can "
+                "decrypt every archived message. Store it encrypted, with restricted access.")
+
+
+@dataclass
+class BackupResult:
+    dest: Path
+    checkpoint_seq: int
+    blobs: int
+    findings: list[Finding] = field(default_factory=list)
+    missed_rows: int = 0
+
+
+@dataclass
+class RestoreResult:
+    ok: bool
+    findings: list[Finding]
+
+
+def _sqlite_path(url: str) -> Path | None:
+    return Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None
+
+
+def _snapshot(src: Path, dst: Path) -> None:
+    """sqlite3 online backup: a consistent copy even while writers commit."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    source = sqlite3.connect(f"file:{src}?mode=ro", uri=True)
+    target = sqlite3.connect(dst)
+    try:
+        source.backup(target)
+    finally:
+        target.close()
+        source.close()
+    os.chmod(dst, 0o640)
+
+
+def create_backup(data_dir: Path, dest: Path, *, database: str | None = None,
+                  keys: bool = True, officer: str = "unknown",
+                  progress: bool | None = None) -> BackupResult:
+    if dest.exists() and any(dest.iterdir()):
+        raise BackupError(f"{dest}: not empty; a backup needs a new directory")
+    archive = Archive.open(data_dir, create=False)
+    try:
+        root = dest / "archive"
+        root.mkdir(parents=True, mode=0o750)
+        started = datetime.now(UTC)
+        url = metadata_url(data_dir, database)
+        src_db = _sqlite_path(url)
+        fts = archive.paths.root / "index" / "fts5.db"
+        if fts.exists():
+            _snapshot(fts, root / "index" / "fts5.db")
+        if src_db is not None and src_db.exists():
+            _snapshot(src_db, root / "meta.db")
+        checkpoint = archive.checkpoint()
+        _copy_ledger(archive.paths.ledger, root / "ledger", checkpoint.seq)
+        ledger = LedgerIndex.read(root / "ledger")
+        blobs = _copy_store(archive.paths.store, root / "store", set(ledger.stored),
+                            Progress("backup", len(ledger.stored), enabled=progress))
+        if keys:
+            _copy_keys(archive.paths.keys, root / "keys")
+            print(KEYS_WARNING, file=sys.stderr)
+        else:
+            (root / "keys").mkdir(mode=0o700)
+            shutil.copy2(archive.paths.keys / "ledger-signing.pub", root / "keys")
+        missed = 0
+        if (root / "meta.db").exists():
+            with Metadata(f"sqlite:///{root / 'meta.db'}") as copy:
+                missed = max(0, sum(len(v) for v in ledger.stored.values()) - copy.count())
+        info = {"created": started.isoformat(), "checkpoint_seq": checkpoint.seq,
+                "checkpoint_head_hash": checkpoint.fields["head_hash"], "blobs": blobs,
+                "index_snapshot_started": started.isoformat() if fts.exists() else None,
+                "database": "sqlite" if src_db else "postgresql: not included, use pg_dump",
+                "keys": keys, "receipts_not_in_database": missed}
+        (dest / MANIFEST).write_text(json.dumps(info, indent=1) + "\n")
+        _, findings = verify(root, use_keys=keys)
+        with Metadata(url) as meta:
+            record_audit(meta, archive, officer, "backup", result_count=blobs,
+                         target=str(dest.resolve()), detail={"checkpoint_seq": checkpoint.seq})
+    finally:
+        archive.close()
+    return BackupResult(dest, checkpoint.seq, blobs,
+                        [f for f in findings if f.severity == "error"], missed)
+
+
+def _copy_ledger(src: Path, dst: Path, upto: int) -> None:
+    """Every complete line with seq <= upto, in the same segment files."""
+    dst.mkdir(parents=True, mode=0o750)
+    with contextlib.ExitStack() as stack:
+        out: BinaryIO | None = None
+        current: Path | None = None
+        for raw in read_lines(src):
+            if not raw.complete or json.loads(raw.data)["seq"] > upto:
+                break
+            if raw.segment != current:
+                stack.close()
+                current = raw.segment
+                out = stack.enter_context(open(dst / raw.segment.name, "wb"))
+            assert out is not None
+            out.write(raw.data + b"\n")
+
+
+def _copy_store(src: Path, dst: Path, shas: set[str], bar: Progress) -> int:
+    """The blobs named in the copied ledger, with their key files (never partial files)."""
+    dst.mkdir(parents=True, mode=0o750)
+    copied = 0
+    for fan in sorted(os.listdir(src)):
+        if not FANOUT.match(fan):
+            continue
+        for name in sorted(os.listdir(src / fan)):
+            m = BLOB_NAME.match(name) or KEY_NAME.match(name)
+            if m is None or m.group(1) not in shas:
+                continue
+            (dst / fan).mkdir(exist_ok=True, mode=0o750)
+            try:
+                shutil.copy2(src / fan / name, dst / fan / name)
+            except FileNotFoundError:
+                continue  # shredded meanwhile: its tombstone is after our checkpoint
+            if BLOB_NAME.match(name):
+                copied += 1
+                bar.update(copied)
+    bar.done(copied)
+    return copied
+
+
+def _copy_keys(src: Path, dst: Path) -> None:
+    dst.mkdir(mode=0o700)
+    for p in sorted(src.iterdir()):
+        if p.is_file() and not p.name.startswith("."):
+            shutil.copyfile(p, dst / p.name)
+            os.chmod(dst / p.name, 0o644 if p.name.endswith(".pub") else 0o600)
+
+
+def restore_backup(src: Path, data_dir: Path, *, database: str | None = None,
+                   officer: str = "unknown", progress: bool | None = None) -> RestoreResult:
+    info_path = src / MANIFEST
+    if not info_path.is_file():
+        raise BackupError(f"{src}: not a Coffer backup (no {MANIFEST})")
+    info = json.loads(info_path.read_text())
+    target = data_dir / "archive"
+    if target.exists() and any(target.iterdir()):
+        raise BackupError(f"{target}: an archive is already here; restore into an empty "
+                          "data directory (move the old one aside first)")
+    bar = Progress("restore", enabled=progress)
+    shutil.copytree(src / "archive", target, dirs_exist_ok=True)
+    os.chmod(target / "keys", 0o700)
+    bar.done(info.get("blobs", 0))
+    url = metadata_url(data_dir, database)
+    if info.get("index_snapshot_started") and _sqlite_path(url) == target / "meta.db":
+        # Indexed after the index snapshot: the copied index lacks them; index again.
+        since = datetime.fromisoformat(info["index_snapshot_started"])
+        with Metadata(url) as meta, meta.session() as s:
+            s.execute(update(Blob).where(Blob.indexed_at >= since).values(indexed_at=None))
+    summary, findings = verify(target, use_keys=bool(info.get("keys", True)))
+    errors = [f for f in findings if f.severity == "error"]
+    if (target / "meta.db").exists() or database:
+        archive = Archive.open(data_dir, create=False) if info.get("keys", True) else None
+        try:
+            with Metadata(url) as meta:
+                record_audit(meta, archive, officer, "restore", result_count=summary.blobs,
+                             target=str(src.resolve()),
+                             detail={"checkpoint_seq": info.get("checkpoint_seq")})
+        finally:
+            if archive is not None:
+                archive.close()
+    return RestoreResult(summary.ok, errors)

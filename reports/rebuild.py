@@ -1,0 +1,329 @@
+"""``coffer archive rebuild``: the metadata database and full-text index from store + ledger.
+
+Disaster recovery after losing the database.  The ledger lists every receipt in
+order (one ``message_stored`` entry per archived message: the blob's SHA-256,
+size, and the caller's ids such as the queue id), the store holds the bytes, and
+the bytes carry most of the rest in their own headers.
+
+What a rebuild restores (for every message whose content still exists):
+
+* archive ids, in ledger order (the archive stage appends the ledger entry just
+  before it records the row, so this is the original order; an ``archive_id``
+  field in the entry, when a writer records one, is checked against it);
+* everything from the message itself: Message-ID, Date, Subject, From/To/Cc/
+  Reply-To/Sender, attachments (names, types, sizes, hashes), size, body text,
+  hence every full-text, header-address, date, size and ``has:`` search;
+* from Coffer's own top ``Received:`` field (gateway/receive/received.py): the
+  client IP, HELO, TLS version and cipher, the receive time, authentication
+  (ESMTPA: direction "outbound"), and the envelope recipient when there was
+  exactly one (``for <...>``);
+* from Coffer's own ``Authentication-Results:`` (same authserv-id as the Received
+  ``by`` host): SPF, DKIM and DMARC results and the MAIL FROM (``smtp.mailfrom``);
+* the receive time of messages without a Received field: the ledger entry's time.
+
+What it cannot restore (not in the store or the ledger):
+
+* envelope recipients of multi-recipient messages, hence **Bcc recipients**
+  (RFC 5321 §7.2: they are deliberately in no header) and ``bcc:`` searches;
+* the policy decision, its rule trace and rule hits (``rule:`` searches), the
+  retention end (restored as "none": nothing expires until retention is applied
+  again, the safe direction), the spam verdict, links between sent and received
+  copies, the import source;
+* legal holds (hold entries are listed in the warnings so each case can be
+  re-created) and the audit log's text: audit events come back from the ledger
+  with their ids, times, actions and counts, but officer, query, target and
+  detail only as SHA-256 (that is all the ledger ever held);
+* the content facts of shredded messages: they come back as expired rows with
+  only their hash, size and ledger time, so later archive ids stay the same.
+
+After a rebuild, archive.audit.check_database (``coffer archive audit-db``)
+finds the database consistent with the ledger.
+
+Proposal (for the lead): store the envelope, verdicts and decision of each
+receipt as a small encrypted blob of its own (the same AES-256-GCM data-key
+scheme as messages) and put its SHA-256 in the ``message_stored`` entry; a
+rebuild would then restore everything above except holds and the audit log.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import email.utils
+import os
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, text
+
+from archive.errors import ArchiveError
+from archive.extract import Extracted, extract
+from archive.facade import Archive
+from archive.index import Indexer, open_index
+from archive.ledger import LedgerEntry
+from archive.metadata import AuditEvent, Blob, Message, MessageRecord, Metadata
+from reports.common import Progress, metadata_url, record_audit
+from reports.errors import RebuildError
+
+BATCH = 500
+_RECEIVED = re.compile(
+    r"from\s+(?P<helo>\S+)\s+\((?:\[(?:IPv6:)?(?P<ip>[0-9A-Fa-f:.]+)\]|[^)]*)\)\s+"
+    r"by\s+(?P<host>\S+)\s+\(Coffer\)\s+with\s+(?P<proto>\S+)"
+    r"(?:\s+\((?P<tls>[^)]*)\))?\s+id\s+[^\s;]+;?"
+    r"(?:\s+for\s+<(?P<rcpt>[^>]*)>)?;?\s*(?P<date>.*)$", re.S)
+_AR_METHOD = re.compile(r"(?:^|;)\s*(spf|dkim|dmarc|arc)\s*=\s*([A-Za-z]+)")
+_AR_MAILFROM = re.compile(r"smtp\.mailfrom=\"?([^\s;\"]+)")
+
+
+@dataclass
+class Envelope:
+    """What the headers say about the SMTP transaction (pure; see module docstring)."""
+
+    client_ip: str = ""
+    helo: str = ""
+    tls: str = ""
+    received_at: datetime | None = None
+    rcpt_to: list[str] = field(default_factory=list)
+    authenticated: bool = False
+    host: str = ""
+    mail_from: str = ""
+    verdicts: dict[str, Any] = field(default_factory=dict)
+
+
+def envelope_from_headers(raw: bytes) -> Envelope:
+    """Parse Coffer's own Received and Authentication-Results fields (the top ones)."""
+    msg = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(raw)
+    env = Envelope()
+    for value in msg.get_all("Received") or []:
+        m = _RECEIVED.search(" ".join(str(value).split()))
+        if m is None:
+            continue  # another hop's field: Coffer's is the one naming "(Coffer)"
+        env.helo = "" if m["helo"] == "unknown" else m["helo"]
+        env.client_ip = m["ip"] or ""
+        env.host = m["host"]
+        env.tls = m["tls"] or ""
+        env.authenticated = m["proto"].upper().endswith("A")
+        if m["rcpt"]:
+            env.rcpt_to = [m["rcpt"]]
+        try:
+            env.received_at = email.utils.parsedate_to_datetime(m["date"].strip())
+        except (TypeError, ValueError):
+            env.received_at = None
+        break
+    for value in msg.get_all("Authentication-Results") or []:
+        text = " ".join(str(value).split())
+        authserv = text.split(";", 1)[0].strip()
+        if env.host and authserv.lower() != env.host.lower():
+            continue  # RFC 8601 §5: only our own authserv-id is trustworthy
+        dkim: list[dict[str, str]] = []
+        for method, result in _AR_METHOD.findall(text):
+            if method == "dkim":
+                dkim.append({"result": result.lower()})
+            else:
+                env.verdicts[method] = {"result": result.lower()}
+        if dkim:
+            env.verdicts["dkim"] = dkim
+        if (mf := _AR_MAILFROM.search(text)) and "@" in mf.group(1):
+            env.mail_from = mf.group(1)
+        env.verdicts["recovered_from"] = "Authentication-Results"
+        break
+    return env
+
+
+@dataclass
+class RebuildResult:
+    messages: int = 0
+    blobs: int = 0
+    shredded: int = 0
+    indexed: int = 0
+    audit_events: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Ledger:
+    """What a rebuild takes from one pass over the ledger."""
+
+    stored: list[LedgerEntry] = field(default_factory=list)
+    tombstones: dict[str, datetime] = field(default_factory=dict)  # sha256 -> when
+    audits: list[LedgerEntry] = field(default_factory=list)
+    holds: list[str] = field(default_factory=list)
+
+
+def _read_ledger(archive: Archive) -> _Ledger:
+    out = _Ledger()
+    for e in archive.ledger.entries():
+        if e.kind == "message_stored":
+            out.stored.append(e)
+        elif e.kind == "tombstone":
+            out.tombstones.setdefault(str(e.fields.get("sha256")), _time(e.time))
+        elif e.kind in ("hold_placed", "hold_released"):
+            out.holds.append(f"{e.kind} at ledger seq {e.seq} ({e.time})"
+                             + (f" case {e.fields['case']}" if "case" in e.fields else ""))
+        elif e.kind == "audit" and isinstance(e.fields.get("event"), int):
+            out.audits.append(e)
+    return out
+
+
+def _time(text: str) -> datetime:
+    t = datetime.fromisoformat(text)
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+def shredded_record(entry: LedgerEntry) -> MessageRecord:
+    """A receipt whose content is gone: only what the ledger says (hash, size, time)."""
+    ex = Extracted(size=int(entry.fields.get("size", 0)),
+                   flags=["content shredded; row rebuilt from the ledger"])
+    return MessageRecord(sha256=str(entry.fields["sha256"]), extracted=ex,
+                         received_at=_time(entry.time), source="rebuild", state="expired",
+                         ledger_ref=str(entry.seq))
+
+
+def _restore_audit(meta: Metadata, audits: list[LedgerEntry]) -> int:
+    """Audit events as the ledger knows them: ids, time, action, counts; names and
+    queries only as their SHA-256 (the ledger never held them in clear)."""
+    if not audits:
+        return 0
+    with meta.session() as s:
+        for e in audits:
+            f = e.fields
+            target = f.get("target")
+            s.add(AuditEvent(
+                id=int(f["event"]), at=_time(str(f.get("at", e.time))),
+                who=f"sha256:{f.get('who_sha256', '')}"[:255], action=str(f.get("action", ""))[:32],
+                query=None, result_count=f.get("result_count"),
+                target=str(target) if target is not None else None,
+                detail={"restored_from_ledger_seq": e.seq,
+                        **{k: f[k] for k in ("query_sha256", "target_sha256", "detail_sha256")
+                           if k in f}}))
+        if meta.dialect == "postgresql":
+            # Explicit ids do not advance the sequence: move it past them.
+            s.execute(text("SELECT setval(pg_get_serial_sequence('audit_events', 'id'), "
+                           "(SELECT max(id) FROM audit_events))"))
+    return len(audits)
+
+
+def record_from(entry: LedgerEntry, raw: bytes) -> MessageRecord:
+    env = envelope_from_headers(raw)
+    received = env.received_at or datetime.fromisoformat(entry.time)
+    if received.tzinfo is None:
+        received = received.replace(tzinfo=UTC)
+    return MessageRecord(
+        sha256=str(entry.fields["sha256"]), extracted=extract(raw), received_at=received,
+        direction="outbound" if env.authenticated else "inbound",
+        # What the writers record: the archive stage a queue id, the importer a flag.
+        source=("import" if entry.fields.get("import") else
+                "smtp" if entry.fields.get("qid") else "rebuild"),
+        state="accepted", mail_from=env.mail_from, rcpt_to=env.rcpt_to,
+        client_ip=env.client_ip, helo=env.helo, tls=env.tls, verdicts=env.verdicts,
+        ledger_ref=str(entry.seq),
+    )
+
+
+def _set_aside(url: str, force: bool) -> None:
+    """An existing SQLite database is renamed (never deleted), with --force only."""
+    if not url.startswith("sqlite:///"):
+        return
+    db = Path(url.removeprefix("sqlite:///"))
+    if not db.exists():
+        return
+    if not force:
+        raise RebuildError(f"{db}: a metadata database exists; rebuild replaces it only "
+                           "with --force (it is kept as meta.db.before-rebuild-<time>)")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    for suffix in ("", "-wal", "-shm"):
+        p = Path(str(db) + suffix)
+        if p.exists():
+            os.replace(p, Path(f"{db}.before-rebuild-{stamp}{suffix}"))
+
+
+def rebuild(data_dir: Path, *, database: str | None = None, index_engine: str | None = None,
+            force: bool = False, officer: str = "unknown",
+            progress: bool | None = None) -> RebuildResult:
+    url = metadata_url(data_dir, database)
+    _set_aside(url, force)
+    archive = Archive.open(data_dir, create=False)
+    result = RebuildResult()
+    meta = Metadata(url)
+    try:
+        meta.migrate()
+        if meta.count() and not force:
+            raise RebuildError(f"{url}: the metadata database is not empty; rebuild fills "
+                               "an empty one (use --force for SQLite)")
+        bar = Progress("rebuild", enabled=progress)
+        led = _read_ledger(archive)
+        batch: list[MessageRecord] = []
+        wanted: list[Any] = []  # the archive id a writer recorded in the entry, if any
+        for entry in led.stored:
+            sha = str(entry.fields["sha256"])
+            if sha in led.tombstones:
+                # Kept as an expired row, so later archive ids stay what they were.
+                batch.append(shredded_record(entry))
+                result.shredded += 1
+            else:
+                try:
+                    raw = archive.get(sha)
+                except ArchiveError as exc:
+                    result.warnings.append(f"ledger seq {entry.seq}: {exc}")
+                    batch.append(shredded_record(entry))
+                else:
+                    batch.append(record_from(entry, raw))
+            wanted.append(entry.fields.get("archive_id"))
+            if len(batch) >= BATCH:
+                _flush(meta, batch, wanted, result)
+                bar.update(result.messages)
+        _flush(meta, batch, wanted, result)
+        _mark_shredded(meta, led.tombstones)
+        result.audit_events = _restore_audit(meta, led.audits)
+        if led.holds:
+            result.warnings.append("legal holds are NOT restored (re-create them with "
+                                   "`coffer hold create`): " + "; ".join(led.holds))
+        if result.audit_events:
+            result.warnings.append(f"{result.audit_events} audit events restored from the "
+                                   "ledger with hashed officer names and no query text")
+        bar.done(result.messages)
+        engine = index_engine or ("pg" if meta.dialect == "postgresql" else "fts5")
+        index = open_index(engine, data_dir=data_dir, meta=meta)
+        try:
+            result.indexed = Indexer(meta, index, archive.get).rebuild()
+        finally:
+            index.close()
+        record_audit(meta, archive, officer, "rebuild", result_count=result.messages,
+                     detail={"blobs": result.blobs, "shredded": result.shredded,
+                             "warnings": result.warnings})
+    finally:
+        meta.close()
+        archive.close()
+    return result
+
+
+def _mark_shredded(meta: Metadata, tombstones: dict[str, datetime]) -> None:
+    if not tombstones:
+        return
+    shas = list(tombstones)
+    for i in range(0, len(shas), BATCH):  # bounded IN lists
+        chunk = shas[i:i + BATCH]
+        with meta.session() as s:
+            for blob in s.scalars(select(Blob).where(Blob.sha256.in_(chunk))):
+                blob.shredded_at = tombstones[blob.sha256]
+            for msg in s.scalars(select(Message).where(Message.sha256.in_(chunk))):
+                msg.expired_at = tombstones[msg.sha256]
+                msg.state = "expired"
+
+
+def _flush(meta: Metadata, batch: list[MessageRecord], wanted: list[Any],
+           result: RebuildResult) -> None:
+    if not batch:
+        return
+    stored = meta.add_messages(batch)
+    for row, want in zip(stored, wanted, strict=True):
+        if isinstance(want, int) and want != row.id:
+            result.warnings.append(f"ledger seq {batch[0].ledger_ref}..: archive id {want} "
+                                   f"was rebuilt as {row.id}")
+    result.messages += len(stored)
+    result.blobs += sum(1 for s in stored if s.new_blob)
+    batch.clear()
+    wanted.clear()

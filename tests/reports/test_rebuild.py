@@ -1,0 +1,151 @@
+"""coffer archive rebuild: after losing the database, the same searches give the same results."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from conftest import Receipt, corpus_receipts, populate, sample
+
+from archive.index import open_index
+from archive.metadata import Metadata
+from archive.search import Searcher
+from gateway.cli import main
+from gateway.envelope import Envelope, TlsInfo
+from gateway.receive.received import received_header
+from reports.rebuild import envelope_from_headers
+
+# Queries whose answers depend only on what the store and the ledger hold.
+QUERIES = [
+    "merger", "from:alice@example.com", "to:alice@example.com", "cc:carol@example.net",
+    "participant:example.org", "subject:lunch", "has:attachment", "filename:forecast.xlsx",
+    "date:2024-03-01..2024-03-02", "after:2024-03-02", "size:>100", "spf:fail", "dmarc:pass",
+    "dkim:pass", "wire AND NOT merger", "\"noon\" OR invoice", "direction:outbound",
+]
+
+
+def gatewayed(r: Receipt, n: int) -> Receipt:
+    """The bytes as the gateway archives them: its Received and Authentication-Results."""
+    env = Envelope(r.mail_from, r.rcpt_to, client_ip="192.0.2.7", helo="mx.example.net",
+                   tls=TlsInfo("TLSv1.3", "TLS_AES_256_GCM_SHA384"),
+                   auth_user="alice" if r.direction == "outbound" else None,
+                   received_at=1709283600.0 + n * 86400 + 3600)
+    v = r.verdicts
+    ar = (f"Authentication-Results: coffer.test; spf={v['spf']['result']} "
+          f"smtp.mailfrom={r.mail_from};\r\n\tdkim={v['dkim'][0]['result']};\r\n\t"
+          f"dmarc={v['dmarc']['result']}\r\n").encode()
+    raw = ar + received_header(env, hostname="coffer.test", trace_id=f"q{n}") + r.raw
+    return Receipt(raw, r.rcpt_to, r.mail_from, r.direction, r.verdicts, r.decision, r.rules,
+                   r.state, r.retention_days)
+
+
+def results(data: Path, queries: list[str]) -> dict[str, list[tuple[int, str]]]:
+    meta = Metadata.for_data_dir(data)
+    index = open_index("fts5", data_dir=data)
+    try:
+        s = Searcher(meta, index)
+        return {q: [(h.message.id, h.message.sha256)
+                    for h in s.search(q, limit=10_000, snippets=False).hits] for q in queries}
+    finally:
+        index.close()
+        meta.close()
+
+
+def lose_database(data: Path) -> None:
+    for p in (data / "archive").glob("meta.db*"):
+        p.unlink()
+    shutil.rmtree(data / "archive" / "index")
+
+
+def test_rebuild_after_losing_the_database_answers_searches_identically(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    receipts = [gatewayed(r, i) for i, r in enumerate(sample())]
+    populate(data, [*receipts, receipts[1]])
+    before = results(data, QUERIES)
+    assert all(before[q] for q in QUERIES), "every query must match something"
+    lose_database(data)
+    assert main(["archive", "rebuild", "--data-dir", str(data)]) == 0
+    assert results(data, QUERIES) == before
+
+
+def test_rebuild_restores_the_envelope_the_headers_carry_and_not_bcc(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    receipts = [gatewayed(r, i) for i, r in enumerate(sample())]
+    populate(data, receipts)
+    before = results(data, ["bcc:secret@example.org", "to:bob@example.org"])
+    lose_database(data)
+    assert main(["archive", "rebuild", "--data-dir", str(data)]) == 0
+    after = results(data, ["bcc:secret@example.org", "to:bob@example.org"])
+    assert before["bcc:secret@example.org"] and not after["bcc:secret@example.org"]
+    assert after["to:bob@example.org"] == before["to:bob@example.org"]
+    meta = Metadata.for_data_dir(data)
+    try:
+        m = meta.get(3)  # the single-recipient message: "for <...>" names its recipient
+        assert m is not None
+        assert (m.client_ip, m.helo, m.mail_from) == ("192.0.2.7", "mx.example.net",
+                                                      "mallory@evil.test")
+        assert m.tls == "TLSv1.3 TLS_AES_256_GCM_SHA384"
+        assert [p.address for p in meta.participants(3) if p.role == "envelope_to"] == [
+            "alice@example.com"]
+    finally:
+        meta.close()
+
+
+def test_envelope_parser_ignores_authentication_results_of_another_authserv() -> None:
+    raw = (b"Authentication-Results: evil.test; spf=pass smtp.mailfrom=a@b.test\r\n"
+           b"Received: from h ([192.0.2.1]) by coffer.test (Coffer) with ESMTP id x;\r\n"
+           b"\tFri, 01 Mar 2024 10:00:00 +0000\r\nSubject: x\r\n\r\nbody\r\n")
+    env = envelope_from_headers(raw)
+    assert env.client_ip == "192.0.2.1" and env.rcpt_to == [] and env.verdicts == {}
+
+
+def test_rebuild_refuses_to_overwrite_a_database_without_force(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    populate(data, sample())
+    assert main(["archive", "rebuild", "--data-dir", str(data)]) == 1
+    assert main(["archive", "rebuild", "--data-dir", str(data), "--force"]) == 0
+    assert any(p.name.startswith("meta.db.before-rebuild-")
+               for p in (data / "archive").iterdir())
+
+
+def test_rebuild_of_a_corpus_sample_matches_its_searches(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    populate(data, corpus_receipts(60))
+    queries = ["has:attachment", "subject:test", "from:example.com", "date:2000..2030",
+               "size:>2k", "hello"]
+    before = results(data, queries)
+    lose_database(data)
+    assert main(["archive", "rebuild", "--data-dir", str(data)]) == 0
+    assert any(before.values())
+    assert results(data, queries) == before
+
+
+def test_rebuild_keeps_shredded_rows_and_audit_events_so_the_ledger_agrees(
+        tmp_path: Path) -> None:
+    import hashlib
+
+    from archive.audit import check_database
+    from archive.facade import Archive
+
+    data = tmp_path / "data"
+    receipts = [gatewayed(r, i) for i, r in enumerate(sample())]
+    populate(data, receipts)
+    with Archive.open(data) as archive, Metadata.for_data_dir(data) as meta:
+        archive.shred(hashlib.sha256(receipts[1].raw).hexdigest(), reason="retention")
+        from reports.common import record_audit
+
+        record_audit(meta, archive, "olivia", "search", query="merger", result_count=2)
+    queries = ["merger", "invoice", "from:carol@example.net"]
+    before = results(data, queries)
+    lose_database(data)
+    assert main(["archive", "rebuild", "--data-dir", str(data)]) == 0
+    assert results(data, queries) == before  # ids after the shredded one are unchanged
+    with Metadata.for_data_dir(data) as meta:
+        gone = meta.get(2)
+        assert gone is not None and gone.state == "expired" and gone.expired_at is not None
+        events = meta.audit_events()
+        assert [e.action for e in events] == ["search", "rebuild"]
+        assert events[0].who == "sha256:" + hashlib.sha256(b"olivia").hexdigest()
+        assert events[0].result_count == 2
+        assert [f for f in check_database(meta, data / "archive" / "ledger")
+                if f.severity == "error"] == []
