@@ -14,8 +14,16 @@
     ├── query.py        the officers' query language
     ├── extract.py      text from messages and attachments for the index
     ├── search.py       audited search and view
+    ├── retention.py    expiry: crypto-shredding after retention, never under a hold
+    ├── holds.py        legal holds by case (dynamic: the query is re-evaluated)
+    ├── importer.py     mbox, Maildir and .eml import (idempotent)
+    ├── audit.py        audit events to the database and the ledger; database check
+    ├── s3store.py      S3 Object Lock blob store (COMPLIANCE retention, legal hold)
+    ├── imap/           read-only IMAP4rev1 server over the archive
     ├── cli_verify.py   ``coffer archive verify|checkpoint|keys ...``
     ├── cli_search.py   ``coffer search``, ``coffer show``
+    ├── cli_admin.py    ``coffer archive expire|import|reindex|audit-db``, ``coffer hold``,
+    │                   ``coffer audit log``
     └── cli_common.py   the shared ``coffer archive`` sub-command
 
 On disk, under the data directory: ``archive/store/`` (blobs and their wrapped
