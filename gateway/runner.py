@@ -94,7 +94,8 @@ class Runner:
             metrics.REJECTED.labels("spool_error").inc()
             return replies.LOCAL_ERROR
         if held is not None:
-            self.spool.append_event(qid, {"ev": "held", "stage": held[0], "error": held[1]})
+            self.spool.append_event(
+                qid, {"ev": "held", "stage": held[0], "error": held[1], "reason": "error"})
             metrics.HELD.labels(held[0]).inc()
         metrics.ACCEPTED.labels(envelope.listener).inc()
         log.event("accepted", qid=qid, sender=envelope.mail_from, recipients=envelope.rcpt_to,

@@ -61,10 +61,13 @@ def register(sub: Any) -> None:
     show.set_defaults(func=cmd_show)
 
     retry = qsub.add_parser("retry", parents=[common],
-                            help="attempt delivery now (QID... or --all deferred messages)")
+                            help="attempt delivery now (QID..., --all deferred, --held failed)")
     retry.add_argument("qids", nargs="*", metavar="QID")
     retry.add_argument("--all", action="store_true",
                        help="every deferred message (held ones stay held)")
+    retry.add_argument("--held", action="store_true",
+                       help="every message held because a stage failed, re-run from the "
+                       "start once the fault is fixed (quarantine and operator holds stay)")
     retry.set_defaults(func=cmd_retry)
 
     hold = qsub.add_parser("hold", parents=[common], help="keep a message from delivery")
@@ -299,22 +302,20 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_retry(args: argparse.Namespace) -> int:
     cfg, spool = _open(args)
-    if bool(args.qids) == bool(args.all):
-        _err("give one or more QIDs, or --all")
+    if sum((bool(args.qids), bool(args.all), bool(args.held))) != 1:
+        _err("give one or more QIDs, --all or --held")
         return EXIT_USAGE
     rc = EXIT_OK
     done: list[str] = []
-    if args.all:
+    if args.all or args.held:
         for qid in spool.queue_ids():
             try:
                 env, _f, _s = spool.read_header(qid)
             except (FileNotFoundError, SpoolError):
                 continue
-            st = spool.read_state(qid, env.rcpt_to)
-            if st.held or st.finished:
-                continue
-            spool.append_event(qid, {"ev": "retry", "by": _operator()})
-            done.append(qid)
+            if _retry_selects(spool.read_state(qid, env.rcpt_to), held=args.held):
+                spool.append_event(qid, {"ev": "retry", "by": _operator()})
+                done.append(qid)
     else:
         for qid in args.qids:
             if not _known(spool, qid):
@@ -329,9 +330,18 @@ def cmd_retry(args: argparse.Namespace) -> int:
             _emit({"qid": qid, "action": "retry"})
         else:
             print(f"{qid}: scheduled for delivery now")
-    if args.all and not done and not args.json:
-        print("no deferred messages")
+    if (args.all or args.held) and not done and not args.json:
+        print("no held messages" if args.held else "no deferred messages")
     return rc
+
+
+def _retry_selects(st: QueueState, *, held: bool) -> bool:
+    """--held: held after a stage failure; --all: deferred and not held."""
+    if st.finished:
+        return False
+    if held:
+        return st.held and st.held_reason == "error"
+    return not st.held
 
 
 def cmd_hold(args: argparse.Namespace) -> int:
@@ -340,7 +350,8 @@ def cmd_hold(args: argparse.Namespace) -> int:
         return EXIT_PROBLEM
     who = _operator()
     reason = f"held by {who}" + (f": {args.reason}" if args.reason else "")
-    spool.append_event(args.qid, {"ev": "held", "stage": "operator", "error": reason, "by": who})
+    spool.append_event(args.qid, {"ev": "held", "stage": "operator", "error": reason, "by": who,
+                                  "reason": "operator"})
     _setup_log(cfg)
     log.event("queue_hold", qid=args.qid, by=who, reason=args.reason)
     if args.json:

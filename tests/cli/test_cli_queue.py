@@ -156,6 +156,27 @@ def test_retry_all_makes_deferred_messages_due_and_leaves_held_ones_held(
     assert _list(cfg_path, capsys)[held]["status"] == "active"
 
 
+def test_retry_held_reruns_messages_held_by_a_stage_failure_only(
+    cfg_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spool = _spool(cfg_path)
+    failed = _store(spool, "a@dst.test")
+    spool.append_event(failed, {"ev": "held", "stage": "archive", "reason": "error",
+                                "error": "OSError: disk unplugged"})
+    quarantined = _store(spool, "b@dst.test")
+    spool.append_event(quarantined, {"ev": "held", "stage": "decide", "reason": "quarantine",
+                                     "error": "spam"})
+    capsys.readouterr()
+    assert main(["queue", "hold", _store(spool, "c@dst.test"), "--config", str(cfg_path)]) == 0
+    capsys.readouterr()
+    assert main(["queue", "retry", "--held", "--json", "--config", str(cfg_path)]) == 0
+    assert _json_lines(capsys.readouterr().out) == [{"qid": failed, "action": "retry"}]
+    rows = _list(cfg_path, capsys)
+    assert rows[failed]["status"] == "active"
+    assert rows[quarantined]["status"] == "held"
+    assert [r["status"] for q, r in rows.items() if q not in (failed, quarantined)] == ["held"]
+
+
 def test_retry_needs_queue_ids_or_all(
     cfg_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
