@@ -45,6 +45,11 @@ class StageResult:
     headers: list[tuple[str, str]] = field(default_factory=list)  # to prepend to the message
     facts: dict[str, Any] = field(default_factory=dict)  # verdicts, decisions: stored with it
     data: bytes | None = None  # a transformed message body (transform stage)
+    # Envelope changes (policy redirect / bcc / journal), applied before the spool write:
+    recipients: list[str] | None = None  # replaces RCPT TO when not None
+    extra_recipients: list[str] = field(default_factory=list)  # added to RCPT TO
+    # Separate messages to spool after this one (policy notify): (recipient, bytes).
+    notify: list[tuple[str, bytes]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -56,6 +61,7 @@ class MessageContext:
     facts: dict[str, Any] = field(default_factory=dict)
     qid: str = ""
     trace: list[dict[str, Any]] = field(default_factory=list)
+    notices: list[tuple[str, bytes]] = field(default_factory=list)  # spooled after the message
 
 
 class Stage(Protocol):
@@ -78,6 +84,20 @@ def apply(ctx: MessageContext, stage: str, result: StageResult) -> None:
             f"{name}: {value}\r\n".encode() for name, value in result.headers
         )
         ctx.data = prefix + ctx.data
+    if result.recipients is not None:
+        # Per-recipient options (RFC 3461 NOTIFY, ORCPT) belonged to the old recipients.
+        ctx.envelope.rcpt_to = list(result.recipients)
+        ctx.envelope.rcpt_options = [[] for _ in result.recipients]
+    if result.extra_recipients:
+        known = {r.lower() for r in ctx.envelope.rcpt_to}
+        for rcpt in result.extra_recipients:
+            if rcpt.lower() not in known:
+                known.add(rcpt.lower())
+                aligned = len(ctx.envelope.rcpt_options) == len(ctx.envelope.rcpt_to)
+                ctx.envelope.rcpt_to.append(rcpt)
+                if aligned:
+                    ctx.envelope.rcpt_options.append([])
+    ctx.notices.extend(result.notify)
     if result.facts:
         ctx.facts.setdefault(stage, {}).update(result.facts)
     ctx.trace.append({"stage": stage, "action": str(result.action), "reason": result.reason})

@@ -102,7 +102,31 @@ class Runner:
                   size=len(ctx.data), client=envelope.client_ip, held=held is not None)
         if self.on_queued is not None and held is None:
             self.on_queued(qid)
+        if ctx.notices:
+            await self._store_notices(qid, ctx)
         return replies.QUEUED.with_text(f"OK: queued as {qid}")
+
+    async def _store_notices(self, qid: str, ctx: MessageContext) -> None:
+        """Spool the policy's notices, each its own message from the null sender.
+
+        RFC 5321 §4.5.5: like a DSN, a notice has the null reverse-path so that it
+        can never cause another notice or a bounce.  The message itself is already
+        safe in the spool: a notice that cannot be stored is logged, not fatal.
+        """
+        loop = asyncio.get_running_loop()
+        for to, data in ctx.notices:
+            env = Envelope(mail_from="", rcpt_to=[to], received_at=self.clock(),
+                           listener="notify", role="local",
+                           mail_options=[] if to.isascii() else ["SMTPUTF8"])
+            try:
+                notice_qid = await loop.run_in_executor(
+                    self.executor, self.spool.store, env, data, {"notify": {"of": qid}})
+            except SpoolError as exc:
+                log.event("notify_error", qid=qid, to=to, error=str(exc))
+                continue
+            log.event("notify", qid=qid, notice_qid=notice_qid, to=to)
+            if self.on_queued is not None:
+                self.on_queued(notice_qid)
 
     async def _store(self, ctx: MessageContext) -> str:
         loop = asyncio.get_running_loop()

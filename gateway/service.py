@@ -199,7 +199,7 @@ def before_queue_stages(cfg: Config, policy: PolicyHolder) -> list[Stage]:
     if cfg.spam.enabled:
         # The spam scorer reads the check stage's verdicts and shares its resolver.
         stages.append(SpamStage.from_config(cfg, resolver=check.resolver if check else None))
-    stages.append(DecideStage(policy, cfg.relay.local_domains))
+    stages.append(DecideStage(policy, cfg.relay.local_domains, hostname=cfg.hostname))
     return stages
 
 
@@ -424,7 +424,7 @@ class Service:
         if self.runner is not None:
             # Relay domains feed the policy's idea of direction: rebuild decide only.
             self.runner.stages = [
-                DecideStage(self.policy, new.relay.local_domains)
+                DecideStage(self.policy, new.relay.local_domains, hostname=new.hostname)
                 if isinstance(st, DecideStage) else st for st in self.runner.stages
             ]
         try:

@@ -84,3 +84,24 @@ async def test_full_spool_answers_452_not_250(tmp_path: Path) -> None:
     runner = Runner(Spool(tmp_path, min_free_bytes=1 << 62))
     assert runner.room_for(100) == replies.SPOOL_FULL
     assert await runner.accept(_env(), b"x") == replies.SPOOL_FULL
+
+
+async def test_stage_envelope_changes_and_notices_are_spooled(tmp_path: Path) -> None:
+    queued: list[str] = []
+    stage = FixedStage("decide", StageResult(
+        Action.QUARANTINE, recipients=["review@dst.example"],
+        extra_recipients=["journal@dst.example"],
+        notify=[("sec@dst.example", b"Subject: notice\r\n\r\nn\r\n")]))
+    spool = Spool(tmp_path)
+    reply = await Runner(spool, [stage], on_queued=queued.append).accept(
+        _env(), b"Subject: x\r\n\r\nhi\r\n")
+    assert reply.code == 250
+    msgs = [spool.load(q) for q in spool.queue_ids()]
+    [original] = [m for m in msgs if m.envelope.mail_from]
+    [notice] = [m for m in msgs if not m.envelope.mail_from]
+    assert original.envelope.rcpt_to == ["review@dst.example", "journal@dst.example"]
+    assert original.facts["runner"]["action"] == "quarantine"
+    assert notice.envelope.rcpt_to == ["sec@dst.example"] and notice.envelope.role == "local"
+    assert notice.data == b"Subject: notice\r\n\r\nn\r\n"
+    assert notice.facts["notify"]["of"] == original.qid
+    assert queued[-1] == notice.qid
