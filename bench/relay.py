@@ -41,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -508,7 +508,8 @@ async def bench_smtp_sink(messages: list[bytes], c: int, mean_size: int) -> dict
 
 
 def coffer_config(
-    tmp: Path, port: int, sink_port: int, dns_port: int, c: int, workers: int | None
+    tmp: Path, port: int, sink_port: int, dns_port: int, c: int, workers: int | None,
+    overrides: Sequence[str] = (),
 ) -> tuple[Path, int]:
     """A configuration from `coffer init`, pointed at the sink: what a new user runs."""
     data = tmp / "coffer"
@@ -536,6 +537,13 @@ def coffer_config(
     cfg["metrics"] = {"address": None}
     cfg.setdefault("log", {})["file"] = "coffer.log"
     _rebind_loopback({k: v for k, v in cfg.items() if k != "listeners"})  # SMTP is set above
+    for item in overrides:  # --set spam.enabled=false: measure what one stage costs
+        key, _, value = item.partition("=")
+        node = cfg
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
     cfg_file.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return cfg_file, int(queue.get("workers", 1))
 
@@ -555,12 +563,14 @@ def _rebind_loopback(node: Any) -> None:
 
 
 async def bench_coffer(
-    messages: list[bytes], c: int, tmp: Path, workers: int | None
+    messages: list[bytes], c: int, tmp: Path, workers: int | None,
+    overrides: Sequence[str] = (),
 ) -> dict[str, Any]:
     n = len(messages)
     async with smtp_sink() as sink, dns_stub() as dns_port:
         port = free_port()
-        cfg_file, n_workers = coffer_config(tmp, port, sink.port, dns_port, c, workers)
+        cfg_file, n_workers = coffer_config(tmp, port, sink.port, dns_port, c, workers,
+                                            overrides)
         errlog = (tmp / "coffer.stderr").open("wb")
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "gateway", "serve", "--config", str(cfg_file),
@@ -672,7 +682,7 @@ async def _bench_one(
     if target == "smtp-sink":
         return await bench_smtp_sink(messages, args.concurrency, mean_size)
     if target == "coffer":
-        return await bench_coffer(messages, args.concurrency, tmp, args.workers)
+        return await bench_coffer(messages, args.concurrency, tmp, args.workers, args.set)
     return await bench_postfix(messages, args.concurrency, tmp)
 
 
@@ -738,6 +748,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 log(f"{target}: " + ", ".join(f"{k}={v}" for k, v in figures.items()
                                                if k.endswith("per_s") or k.endswith("_ms")))
     result["rounds"] = args.rounds
+    result["coffer_overrides"] = list(args.set)
     for rounds in per_target.values():
         result.update(_combine(rounds))
         if len(rounds) > 1:
@@ -792,6 +803,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated subset of {','.join(TARGETS)}")
     parser.add_argument("--rounds", type=int, default=1,
                         help="repeat every target R times and report medians (1)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=YAML",
+                        help="override a key of Coffer's configuration, e.g. "
+                        "--set spam.enabled=false --set check.checks=[] (repeatable)")
     parser.add_argument("--json", action="store_true", help="print one JSON line on stdout")
     parser.add_argument("--keep-on-error", action="store_true",
                         help="keep Coffer's work directory (config, log) when it fails")
