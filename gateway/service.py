@@ -44,7 +44,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,6 +175,9 @@ class PidFile:
 # -- one process: listeners + worker ---------------------------------------------
 
 
+POLICY_POLL = 2.0  # seconds between checks of the policy files for changes
+
+
 class PolicyHolder:
     """The current policy; replaced whole on reload, so a message never sees half of one."""
 
@@ -188,6 +191,43 @@ class PolicyHolder:
 
     def __call__(self) -> Policy | None:
         return self.policy
+
+    def stamp(self) -> tuple[tuple[str, int, int], ...]:
+        """What the policy was read from, as (file, mtime, size): a change means reload."""
+        files = self.policy.files if self.policy is not None else ()
+        out = []
+        for name in files:
+            try:
+                st = os.stat(name)
+            except OSError:
+                out.append((name, -1, -1))
+                continue
+            out.append((name, st.st_mtime_ns, st.st_size))
+        return tuple(out)
+
+
+async def watch_policy(holder: PolicyHolder, cfg: Callable[[], Config],
+                       interval: float = POLICY_POLL) -> None:
+    """Reload the policy when one of its files changes (the policy file, its includes and
+    lists).  Like SIGHUP: a policy with any error is refused and the running one stays."""
+    seen = holder.stamp()
+    while True:
+        await asyncio.sleep(interval)
+        now = await asyncio.to_thread(holder.stamp)
+        if now == seen:
+            continue
+        seen = now
+        try:
+            policy = await asyncio.to_thread(PolicyHolder.load, cfg())
+        except CofferError as exc:
+            where = exc if isinstance(exc, ConfigError) else None
+            log.event("policy_reload_failed", level=logging.ERROR, error=str(exc),
+                      file=where.file if where else None, line=where.line if where else None,
+                      key=where.key if where else None)
+            continue
+        holder.policy = policy
+        seen = await asyncio.to_thread(holder.stamp)  # includes may have changed too
+        log.event("policy_reloaded", digest=policy.digest if policy else None)
 
 
 def before_queue_stages(cfg: Config, policy: PolicyHolder) -> list[Stage]:
@@ -296,6 +336,7 @@ class Service:
     policy: PolicyHolder = field(init=False)
     _after_stages: list[Stage] = field(default_factory=list, init=False)
     _indexer_task: asyncio.Task[None] | None = field(default=None, init=False)
+    _policy_task: asyncio.Task[None] | None = field(default=None, init=False)
     _imap: EmbeddedImap | None = field(default=None, init=False)
     _bg: set[asyncio.Task[None]] = field(default_factory=set, init=False)
 
@@ -320,6 +361,9 @@ class Service:
         # The worker starts first: a message accepted in the first millisecond is
         # notified to a worker that is already running.
         self._worker_task = asyncio.create_task(self._worker.run(), name="queue-worker")
+        if cfg.policy is not None:
+            self._policy_task = asyncio.create_task(
+                watch_policy(self.policy, lambda: self.cfg), name="policy-watch")
         archive = next((st for st in self._after_stages if isinstance(st, ArchiveStage)), None)
         if archive is not None and self.worker_index == 0:
             # One indexer per node: the full-text index has a single writer.
@@ -355,10 +399,11 @@ class Service:
                 pass
             except Exception as exc:  # the worker's own failure: log, still exit cleanly
                 log.event("worker_failed", level=logging.ERROR, error=repr(exc))
-        if self._indexer_task is not None:
-            self._indexer_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._indexer_task
+        for task in (self._indexer_task, self._policy_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         # QueueWorker.stop closes the deliverer's connections.
         if self.runner is not None:
             close_stages(self.runner.stages)
