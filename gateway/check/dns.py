@@ -65,20 +65,9 @@ class DnsTempError(CofferError):
 
 def parse_nameserver(value: str) -> tuple[str, int]:
     """'127.0.0.1', '127.0.0.1:5353', '[::1]:5353' or '::1' -> (host, port)."""
-    value = value.strip()
-    if value.startswith("["):
-        host, _, rest = value[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-    elif value.count(":") == 1:
-        host, port = value.split(":")
-    else:  # a bare IPv4 address, a bare IPv6 address, or a name
-        host, port = value, ""
-    if not host:
-        raise ValueError(f"{value!r}: missing nameserver address")
-    try:
-        return host, int(port) if port else DEFAULT_PORT
-    except ValueError:
-        raise ValueError(f"{value!r}: port is not a number") from None
+    from gateway.config import parse_hostport  # gateway.config imports check.config
+
+    return parse_hostport(value, DEFAULT_PORT)
 
 
 class TtlCache:
