@@ -50,6 +50,11 @@ class StageResult:
     extra_recipients: list[str] = field(default_factory=list)  # added to RCPT TO
     # Separate messages to spool after this one (policy notify): (recipient, bytes).
     notify: list[tuple[str, bytes]] = field(default_factory=list)
+    # After-queue only: recipients this stage refuses, with the reply for each.  The
+    # worker bounces them (like a 5xx from the next hop: one DSN names them all) and
+    # goes on with the rest, so a stage can serve some recipients and refuse others
+    # (the encryption gateway: a copy for those with keys, a bounce for the rest).
+    rejected: dict[str, Reply] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

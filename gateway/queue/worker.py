@@ -19,6 +19,13 @@ For each due message (not held, not locked by another process: ``Spool.claim``):
    TEMPFAIL     the whole message is deferred like a 4xx from the next hop
    ===========  =========================================================
 
+   Besides its action, a stage may refuse some recipients (``StageResult.rejected``,
+   honoured for every action but HOLD): each pending one is recorded ``bounced``
+   with the stage's reply for it, exactly like a 5xx from the next hop, durably
+   (one fsync) before the stage's output is saved, and the rest go on.  The
+   message's one DSN names them.  A restart never delivers to them: their final
+   status is in the log before anything could carry the stage's output to them.
+
    A quarantine/discard/hold decided before the queue (``facts["runner"]``) is
    carried out the same way; an operator's release skips quarantine and hold.
 
@@ -365,6 +372,14 @@ class QueueWorker:
                 metrics.STAGE_SECONDS.labels(stage.name).observe(time.perf_counter() - started)
             apply(ctx, stage.name, result)
             action = result.action
+            if result.rejected and action is not Action.HOLD:
+                # Durable before the stage's output is saved or marked done: a message
+                # transformed for the others (encrypted to their keys only) must never
+                # reach a refused recipient after a restart that skips this stage.
+                refused = self._refuse(st, stage.name, result.rejected)
+                if refused:
+                    await self._io(self.spool.append_events, qid, refused)
+                    self._log_attempt(msg, message_id(ctx.data), st.attempts + 1, refused)
             if action in (Action.CONTINUE, Action.QUARANTINE, Action.DISCARD) and stage.once:
                 # False: it was fsynced, and that fsync covered the earlier ones too.
                 unsynced = await self._record_stage(
@@ -399,12 +414,36 @@ class QueueWorker:
             await self._hold(qid, stage_name, f"{action}: {reason}", reason=str(action))
             return
 
+        if st.finished:
+            # A stage refused every recipient that was left: nothing to deliver.
+            await self._finish(msg, st, {})
+            return
         if unsynced:
             # One fsync for every stage completed in this pass, before delivery relies
             # on them (a restart after this point never runs those stages again).
             await self._io(self.spool.sync_state, qid)
         outcomes = await self.deliverer.deliver(ctx.envelope, ctx.data, st.pending, qid=qid)
         await self._record(msg, st, ctx, outcomes)
+
+    def _refuse(
+        self, st: QueueState, stage: str, rejected: dict[str, replies.Reply]
+    ) -> list[dict[str, Any]]:
+        """Mark the pending recipients a stage refused as bounced; their log events."""
+        # RFC 5321 §2.4: the local part may be case-sensitive, but the stage saw the
+        # envelope's own spelling; the lower-case match only covers a stage that
+        # normalised it.
+        by_lower = {r.lower(): r for r in st.pending}
+        now = self.clock()
+        events: list[dict[str, Any]] = []
+        for rcpt, reply in rejected.items():
+            addr = rcpt if rcpt in st.recipients else by_lower.get(rcpt.lower(), "")
+            rs = st.recipients.get(addr)
+            if rs is None or rs.status in FINAL_STATUSES:
+                continue  # only pending recipients: a final status is never revised
+            rs.status, rs.reply, rs.updated_at = RcptStatus.BOUNCED, str(reply), now
+            events.append({"ev": "rcpt", "rcpt": addr, "status": str(RcptStatus.BOUNCED),
+                           "reply": str(reply), "route": f"stage:{stage}"})
+        return events
 
     def _prequeue_disposition(
         self, msg: SpooledMessage, st: QueueState

@@ -15,17 +15,25 @@ already encrypted (MIME structure)   not touched; inbound: decrypted for the arc
                                      we hold the key (``facts["transform"]["decrypted"]``)
 every recipient has a usable key     one encrypted message to all their keys (sign first
                                      if the policy also says sign)
-some lack a key, ``require: true``   REJECT 550 5.7.1 naming them: the worker bounces the
-                                     message with a DSN to the sender; nothing leaves in
-                                     clear
-some lack a key, opportunistic       sent in clear (signed if asked), recorded in facts
+some lack a key, ``require: true``   the message is encrypted to the keys of the others
+                                     and delivered to them only; the keyless ones are
+                                     refused (``StageResult.rejected``, 550 5.7.1 naming
+                                     each and why: no key / expired / revoked) and the
+                                     worker bounces them in one DSN to the sender
+no recipient has a key, ``require``  REJECT 550 5.7.1 naming them: the whole message
+                                     bounces; nothing leaves in clear
+some lack a key, opportunistic       sent in clear to all (signed if asked), recorded in
+                                     facts
 gpg / openssl missing or failing     TEMPFAIL 451 4.7.5: retried, never plaintext
 no signing key for a sign action     HOLD: an operator fixes the key store
 ==================================  ====================================================
 
-Per-recipient splitting (an encrypted copy for those with keys, clear or bounce
-for the rest) needs the worker to deliver different bytes to different
-recipients; until it can, a message is encrypted for all or for none.
+The encrypted body only ever goes to the recipients whose keys it was encrypted
+to: the refused ones are final (bounced) before the worker saves that body.
+Opportunistic mixed recipients would need different bytes for different
+recipients (ciphertext for some, clear for others), which the worker cannot
+deliver from one message; so they all get the clear message (as before) and
+``clear_reason`` records why.
 
 Inbound decryption is for the archive only: the recipient still receives the
 ciphertext, the decrypted MIME entity is returned base64-encoded in
@@ -139,11 +147,21 @@ class EncryptStage:
             if missing:
                 facts["missing"] = missing
                 names = _names(missing)
-                if require:
+                if require and not keys:
                     return StageResult(
                         Action.REJECT, NO_KEY.with_text(NO_KEY.text.format(rcpts=names)),
                         f"encrypt required, no usable key for {len(missing)} recipient(s)",
                         facts=facts)
+                if require:
+                    # Fail closed per recipient: ciphertext for those with keys, a
+                    # bounce naming the reason for each of the others.
+                    data = await self._encrypt(ctx, method, keys, sign_method, facts)
+                    rejected = {r: NO_KEY.with_text(NO_KEY.text.format(rcpts=_names({r: why})))
+                                for r, why in missing.items()}
+                    return StageResult(
+                        reason=f"encrypted ({method}) for {len(keys)} recipient(s), "
+                               f"{len(missing)} refused without a usable key",
+                        facts=facts, data=data, rejected=rejected)
                 facts["encrypted"] = False
                 facts["clear_reason"] = "opportunistic: no usable key for " + names
             else:

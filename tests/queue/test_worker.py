@@ -523,3 +523,68 @@ async def test_releasing_a_stage_error_does_not_override_a_later_quarantine(
     state = rig.spool.load(qid).state
     assert state.held and state.held_error == "quarantine: now it is suspicious"
     assert nexthop.received == []
+
+
+async def test_recipients_a_stage_refuses_bounce_in_one_dsn_and_the_rest_get_its_output(
+    make_rig: Callable[..., Rig], nexthop: NextHop
+) -> None:
+    deny = replies.Reply(550, "5.7.1", "Encryption required but no usable key for: b@dst.test")
+    stage = RecordingStage("transform", once=True, result=StageResult(
+        data=MSG.replace(b"See you at nine.", b"(transformed)"), rejected={"b@dst.test": deny}))
+    rig = make_rig(stages=[stage])
+    qid = rig.store("a@dst.test", "b@dst.test", "c@dst.test")
+    await rig.worker.run_due()
+    (got,) = nexthop.received
+    assert got.rcpt_tos == ["a@dst.test", "c@dst.test"]
+    assert b"(transformed)" in got.data
+    assert not rig.spool.exists(qid)
+    (dsn_qid,) = rig.dsns()
+    (block,) = parse_report(rig.spool.load(dsn_qid).data).recipients
+    assert block["Final-Recipient"] == "rfc822; b@dst.test"
+    assert block["Status"] == "5.7.1"
+    assert block["Diagnostic-Code"] == f"smtp; {deny}"
+
+
+async def test_refused_recipient_stays_bounced_across_a_restart_and_gets_one_dsn(
+    make_rig: Callable[..., Rig], nexthop: NextHop, clock: FakeClock
+) -> None:
+    deny = replies.Reply(550, "5.7.1", "Not for you")
+    stage = RecordingStage("transform", once=True, result=StageResult(
+        headers=[("X-Encrypted", "yes")], rejected={"b@dst.test": deny}))
+    nexthop.rules = {"a@dst.test": "451 4.3.0 Later"}
+    rig = make_rig(stages=[stage])
+    qid = rig.store("a@dst.test", "b@dst.test")
+    await rig.worker.run_due()
+    assert rig.statuses(qid) == {"a@dst.test": "deferred", "b@dst.test": "bounced"}
+    assert rig.dsns() == []  # one DSN, when every recipient is final
+    await rig.worker.stop(0)  # the process goes away
+
+    nexthop.rules.clear()
+    clock.advance(3600)
+    fresh = rig.new_worker()
+    try:
+        await fresh.run_due()
+    finally:
+        await fresh.stop(0)
+    assert stage.runs == 1
+    assert nexthop.delivered_to("a@dst.test") == 1
+    assert nexthop.delivered_to("b@dst.test") == 0
+    (dsn_qid,) = rig.dsns()
+    (block,) = parse_report(rig.spool.load(dsn_qid).data).recipients
+    assert block["Final-Recipient"] == "rfc822; b@dst.test"
+    assert not rig.spool.exists(qid)
+
+
+async def test_stage_refusing_every_recipient_bounces_them_without_a_delivery_attempt(
+    make_rig: Callable[..., Rig], nexthop: NextHop
+) -> None:
+    deny = replies.Reply(550, "5.7.1", "No usable key")
+    rig = make_rig(stages=[RecordingStage("transform", once=True, result=StageResult(
+        rejected={"a@dst.test": deny, "B@DST.TEST": deny, "stranger@dst.test": deny}))])
+    qid = rig.store("a@dst.test", "b@dst.test")
+    await rig.worker.run_due()
+    assert nexthop.mail_commands == 0
+    assert not rig.spool.exists(qid)
+    (dsn_qid,) = rig.dsns()
+    blocks = parse_report(rig.spool.load(dsn_qid).data).recipients
+    assert [b["Final-Recipient"] for b in blocks] == ["rfc822; a@dst.test", "rfc822; b@dst.test"]

@@ -6,16 +6,19 @@ hop, then looks at every byte the next hop received.
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptokit import crypto_config, message
+from cryptokit import Identities, crypto_config, gpg, message
 
 from gateway.config import Config, DeliveryConfig
 from gateway.deliver.deliverer import Deliverer
 from gateway.envelope import Envelope
+from gateway.pipeline import Action, MessageContext, StageResult
 from gateway.queue.spool import Spool
 from gateway.queue.worker import QueueWorker
 from gateway.transform import mime
@@ -99,15 +102,94 @@ async def test_recipient_without_usable_key_bounces_and_nothing_is_sent_in_clear
     assert not r.spool.queue_ids() or qid not in r.spool.queue_ids()
 
 
-async def test_mixed_recipients_under_require_bounce_all_naming_the_keyless_one(
+def final_recipients(dsn: str) -> list[str]:
+    """The recipients a DSN reports as failed (RFC 3464 §2.3.2 Final-Recipient)."""
+    return re.findall(r"^Final-Recipient: rfc822; (\S+)\r?$", dsn, re.MULTILINE)
+
+
+async def test_mixed_recipients_under_require_encrypt_for_the_keyed_and_bounce_the_keyless(
+        rig: Callable[..., Rig], identities: Identities) -> None:
+    r = rig()
+    original = message(to="bob@partner.test, nokey@partner.test")
+    qid = await r.send(["bob@partner.test", "nokey@partner.test"], require("pgp"))
+    assert r.received("nokey@partner.test") == []
+    (got,) = r.received("bob@partner.test")
+    assert SECRET not in got
+    out = gpg(identities.pgp["bob@partner.test"].home, "--decrypt",
+              input=mime.pgp_ciphertext(got)).stdout
+    assert out == mime.protect(original).entity
+    assert qid not in r.spool.queue_ids()
+    await r.worker.run_due()  # delivers the DSN to the sender
+    (dsn,) = r.received(SENDER)
+    text = dsn.decode("utf-8", "replace")
+    assert final_recipients(text) == ["nokey@partner.test"]
+    assert "Status: 5.7.1" in text and "nokey@partner.test (no pgp key)" in text
+    assert SECRET not in dsn
+    assert SECRET not in r.everything_delivered()
+
+
+async def test_mixed_recipients_name_each_reason_expired_revoked_or_missing(
         rig: Callable[..., Rig]) -> None:
     r = rig()
-    await r.send(["bob@partner.test", "nokey@partner.test"], require("pgp"))
-    assert r.received("bob@partner.test") == [] and r.received("nokey@partner.test") == []
+    rcpts = ["carol@partner.test", "expired@partner.test", "revoked@partner.test",
+             "nokey@partner.test"]
+    await r.send(rcpts, require("pgp"))
+    assert len(r.received("carol@partner.test")) == 1
     await r.worker.run_due()
-    dsn = r.dsn_text()
-    assert "nokey@partner.test (no pgp key)" in dsn
+    (dsn,) = r.received(SENDER)
+    text = dsn.decode("utf-8", "replace")
+    assert sorted(final_recipients(text)) == sorted(rcpts[1:])
+    diag = {m[0]: m[1] for m in re.findall(
+        r"^Final-Recipient: rfc822; (\S+)\r?\n(?:.*\r?\n)*?Diagnostic-Code: smtp; (.*?)\r?$",
+        text, re.MULTILINE)}
+    assert "expired" in diag["expired@partner.test"]
+    assert "revoked" in diag["revoked@partner.test"]
+    assert "no pgp key" in diag["nokey@partner.test"]
+    assert all(d.startswith("550 5.7.1") for d in diag.values())
     assert SECRET not in r.everything_delivered()
+
+
+@dataclass
+class TempfailOnce:
+    """A later after-queue stage (the archive, say) that fails its first run: the
+    transform is done and the refusals are recorded, the delivery has not happened."""
+
+    name: str = "archive"
+    once: bool = True
+    runs: int = 0
+
+    async def run(self, ctx: MessageContext) -> StageResult:
+        self.runs += 1
+        if self.runs == 1:
+            return StageResult(Action.TEMPFAIL, reason="archive unavailable")
+        return StageResult()
+
+
+async def test_restart_after_refusal_delivers_once_and_never_to_the_refused(
+        rig: Callable[..., Rig]) -> None:
+    r = rig()
+    later = TempfailOnce()
+    r.worker = QueueWorker(r.cfg, r.spool, [r.stage, later], Deliverer(r.cfg))
+    qid = await r.send(["bob@partner.test", "nokey@partner.test"], require("pgp"))
+    assert r.statuses(qid) == {"bob@partner.test": "deferred",
+                               "nokey@partner.test": "bounced"}
+    assert r.everything_delivered() == b""
+    assert "transform" in r.spool.load(qid).state.stages_done
+
+    # A restart: a new spool handle and worker over the same directory, retried now.
+    await r.worker.stop(0)
+    r.spool = Spool(r.spool.root)
+    r.worker = QueueWorker(r.cfg, r.spool, [r.stage, later], Deliverer(r.cfg))
+    r.spool.append_event(qid, {"ev": "retry"})
+    await r.worker.run_due()
+    await r.worker.run_due()  # the DSN
+    assert r.received("nokey@partner.test") == []
+    (got,) = r.received("bob@partner.test")
+    assert mime.encryption_of(mime.split(got)[0] + b"\r\n") == "pgp"
+    (dsn,) = r.received(SENDER)
+    assert final_recipients(dsn.decode("utf-8", "replace")) == ["nokey@partner.test"]
+    assert SECRET not in r.everything_delivered()
+    assert r.spool.queue_ids() == []
 
 
 async def test_every_recipient_with_a_key_receives_only_ciphertext(
@@ -126,7 +208,6 @@ async def test_opportunistic_without_key_is_sent_in_clear_and_recorded(
     env = Envelope(mail_from=SENDER, rcpt_to=["nokey@partner.test"])
     ctx_facts = {"decide": {"actions": [{"action": "encrypt", "method": "auto",
                                          "require": False}], "direction": "outbound"}}
-    from gateway.pipeline import MessageContext
     res = await r.stage.run(MessageContext(envelope=env, data=message(), facts=ctx_facts))
     assert res.data is None and res.facts["encrypted"] is False
     assert "nokey@partner.test" in res.facts["clear_reason"]
