@@ -33,6 +33,7 @@ from sqlalchemy import func, select
 from archive.facade import Archive
 from archive.ledger import Ledger
 from archive.metadata import AuditEvent, Message, Metadata
+from archive.receipts import is_receipt_entry
 from archive.search import AuditHook, audit, register_audit_hook, unregister_audit_hook
 
 __all__ = [
@@ -171,6 +172,8 @@ def check_database(meta: Metadata, ledger_dir: Path) -> list[DbFinding]:
     audit_events: dict[int, int] = {}
     for entry in Ledger(ledger_dir).entries():
         sha = entry.fields.get("sha256")
+        if entry.kind == "message_stored" and is_receipt_entry(entry.fields):
+            continue  # a receipt blob (archive.receipts) has no row of its own
         if entry.kind == "message_stored" and isinstance(sha, str):
             stored[sha] += 1
             first_seq.setdefault(sha, entry.seq)

@@ -28,6 +28,7 @@ from archive.store import BlobRef, BlobStore, Recovered, check_sha
 
 Record = Mapping[str, Any]
 _Item = tuple[bytes, Record, "asyncio.Future[BlobRef]"]
+_Group = list[_Item]  # items that must share one batch (one ledger append)
 
 
 class ArchivePaths:
@@ -177,18 +178,34 @@ class BatchWriter:
         self.archive = archive
         self.max_batch = max_batch
         self.in_flight = in_flight
-        self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[_Group | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
 
     async def put(self, data: bytes, record: Record | None = None) -> BlobRef:
+        return (await self.put_many([data], [record or {}]))[0]
+
+    async def put_many(self, datas: Sequence[bytes], records: Sequence[Record]) -> list[BlobRef]:
+        """Several blobs in the same batch, in this order (one ledger append): e.g. a
+        receipt blob before the message whose ledger entry names it."""
         if self._closed:
             raise ArchiveError("the archive batch writer is closed")
+        if len(records) != len(datas):
+            raise ValueError("put_many: one record per blob")
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="archive-batch-writer")
-        fut: asyncio.Future[BlobRef] = asyncio.get_running_loop().create_future()
-        await self._queue.put((data, record or {}, fut))
-        return await fut
+        loop = asyncio.get_running_loop()
+        group: _Group = [(d, r, loop.create_future()) for d, r in zip(datas, records, strict=True)]
+        await self._queue.put(group)
+        # Every future of the group gets the batch's outcome: await them all, so that
+        # none is left with an exception nobody retrieved.
+        done = await asyncio.gather(*(fut for _, _, fut in group), return_exceptions=True)
+        refs: list[BlobRef] = []
+        for r in done:
+            if isinstance(r, BaseException):
+                raise r
+            refs.append(r)
+        return refs
 
     async def close(self) -> None:
         """Finish every put already queued, then stop."""
@@ -207,14 +224,15 @@ class BatchWriter:
             if first is None:
                 break
             await slots.acquire()
-            batch = [first]
-            # Whatever arrived while earlier batches were being written joins this one.
+            batch = list(first)
+            # Whatever arrived while earlier batches were being written joins this one
+            # (a group is never split, so a batch may exceed max_batch by one group).
             while len(batch) < self.max_batch and not self._queue.empty():
-                item = self._queue.get_nowait()
-                if item is None:
+                group = self._queue.get_nowait()
+                if group is None:
                     stop = True
                     break
-                batch.append(item)
+                batch.extend(group)
             task = asyncio.create_task(self._commit(batch, slots))
             running.add(task)
             task.add_done_callback(running.discard)

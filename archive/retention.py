@@ -19,7 +19,8 @@ under which rule.  The blob is crypto-shredded (archive.facade.Archive.shred:
 ledger tombstone first, then the wrapped data key is destroyed) and its file
 deleted only when every row that references it is expired; the tombstone keeps
 the SHA-256 provable while the content is gone.  The full-text documents of a
-shredded blob are deleted too.
+shredded blob are deleted too, and so are its receipt blobs (archive.receipts:
+envelope, Bcc recipients, decision), each with its own tombstone.
 
 There is deliberately no way to delete a message before its retention ends, or
 while held: :func:`expire` is the only path to Archive.shred outside tests, and
@@ -47,6 +48,7 @@ from archive.facade import Archive
 from archive.holds import active_holds, list_holds
 from archive.index import Index, Indexer
 from archive.metadata import Blob, Decision, Hold, HoldItem, Message, Metadata
+from archive.receipts import receipts_of
 from archive.search import Searcher
 
 __all__ = [
@@ -237,6 +239,10 @@ def expire(meta: Metadata, archive: Archive, index: Index, who: str, *,
     for e in expired:
         by_sha[e.sha256].append(e)
     ids_by_blob = _blob_ids(meta, list(by_sha))
+    # Each receipt blob (archive.receipts: the envelope, Bcc included) goes with its
+    # message's content; one ledger pass finds them.
+    receipts = receipts_of(archive.ledger,
+                           [sha for sha, items in by_sha.items() if items[0].blob_shredded])
     shredded: list[int] = []
     for sha, items in by_sha.items():
         if not items[0].blob_shredded:
@@ -249,6 +255,11 @@ def expire(meta: Metadata, archive: Archive, index: Index, who: str, *,
             report.expired = [e for e in report.expired if e.message_id not in gone]
             report.kept.extend(Kept(pk, refused) for pk in sorted(gone))
             continue
+        # Receipts first: after a crash in between, the rows are still due, so
+        # the next run finishes the message and no receipt outlives its content.
+        for receipt in receipts.get(sha, []):
+            if archive.store.data_key_present(receipt) or archive.exists(receipt):
+                archive.shred(receipt, reason="retention", delete_blob=True, receipt_of=sha)
         if archive.store.data_key_present(sha) or archive.exists(sha):
             archive.shred(sha, reason="retention", delete_blob=True,
                           messages=sorted(e.message_id for e in items),

@@ -3,9 +3,11 @@
 Runs after the queue, once per message (``once``: a retry of the delivery does
 not archive again).  The exact bytes about to be delivered go into the
 encrypted write-once store (archive.facade, group-committed with their ledger
-entry), and the envelope, verdicts, policy decision with its rule trace and the
-retention end go into the metadata database, batched into one transaction per
-burst.  Indexing happens later, off this path (archive.index.Indexer).
+entry) together with a small receipt blob holding the envelope, verdicts,
+decision and retention end (archive.receipts: what a rebuild needs that the
+bytes do not carry); the same envelope, verdicts, policy decision with its rule
+trace and retention end go into the metadata database, batched into one
+transaction per burst.  Indexing happens later, off this path (archive.index.Indexer).
 
 A failure here raises: the worker holds the message with stage "archive", so
 nothing is delivered that was not archived.
@@ -15,15 +17,18 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import hashlib
 import re
 from collections import OrderedDict
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from archive.errors import ArchiveError
 from archive.extract import Extracted, extract
 from archive.facade import Archive, BatchWriter
 from archive.metadata import MessageRecord, Metadata, StoredMessage
+from archive.receipts import RECEIPT, RECEIPT_OF, receipt_document
 from gateway.config import Config
 from gateway.pipeline import MessageContext, StageResult
 
@@ -150,8 +155,14 @@ class ArchiveStage:
         if decide.get("archive") is False:
             # Only a policy that explicitly allows exemptions can say this (policies/).
             return StageResult(reason="not archived: exempted by policy rule")
-        ref = await self.writer.put(ctx.data, {"qid": ctx.qid})
-        rec = await asyncio.to_thread(record_for, ctx, ref.sha256, self.clock())
+        rec, receipt = await asyncio.to_thread(self._prepare, ctx)
+        # The receipt first, in the same ledger append: the message's entry names it.
+        _, ref = await self.writer.put_many(
+            [receipt, ctx.data],
+            [{RECEIPT_OF: rec.sha256},
+             {"qid": ctx.qid, RECEIPT: hashlib.sha256(receipt).hexdigest()}])
+        if ref.sha256 != rec.sha256:  # the store hashes the same bytes
+            raise ArchiveError(f"archived {ref.sha256}, expected {rec.sha256}")
         self._keep(ref.sha256, rec.extracted)
         row = await self.batcher.add(rec)
         return StageResult(
@@ -160,6 +171,11 @@ class ArchiveStage:
                    "retention_until": rec.retention_until.isoformat()
                    if rec.retention_until else None},
         )
+
+    def _prepare(self, ctx: MessageContext) -> tuple[MessageRecord, bytes]:
+        """The metadata record and the receipt blob (archive.receipts) of one message."""
+        rec = record_for(ctx, hashlib.sha256(ctx.data).hexdigest(), self.clock())
+        return rec, receipt_document(rec, ctx.envelope.to_dict(), ctx.qid)
 
     async def close(self) -> None:
         await self.writer.close()

@@ -21,28 +21,37 @@ What a rebuild restores (for every message whose content still exists):
   ``by`` host): SPF, DKIM and DMARC results and the MAIL FROM (``smtp.mailfrom``);
 * the receive time of messages without a Received field: the ledger entry's time.
 
+From the receipt blob (archive.receipts), for every message the archive stage
+wrote since receipts exist (its ``message_stored`` entry names it as
+``receipt``): the whole SMTP envelope, hence **Bcc recipients** and ``bcc:``
+searches, client IP, HELO, TLS, authenticated user, receive time and direction;
+the SPF/DKIM/DMARC and spam verdicts; the policy decision with its rule trace
+and rule hits (``rule:`` searches); the retention end.  The receipt's own ledger
+entry (``receipt_of``) gets no row, so archive ids are unchanged.  A message
+whose receipt is missing or unreadable falls back to the headers, with a
+warning.
+
 What it cannot restore (not in the store or the ledger):
 
-* envelope recipients of multi-recipient messages, hence **Bcc recipients**
-  (RFC 5321 §7.2: they are deliberately in no header) and ``bcc:`` searches;
-* the policy decision, its rule trace and rule hits (``rule:`` searches), the
-  retention end (restored as "none": nothing expires until retention is applied
-  again, the safe direction), the spam verdict, links between sent and received
-  copies, the import source;
+* for messages archived before receipt blobs existed (and for imports, which
+  write none): envelope recipients of multi-recipient messages, hence Bcc
+  (RFC 5321 §7.2: they are deliberately in no header), the policy decision, its
+  rule hits, the spam verdict and the retention end (restored as "none":
+  nothing expires until retention is applied again, the safe direction);
+* links between sent and received copies;
 * legal holds (hold entries are listed in the warnings so each case can be
   re-created) and the audit log's text: audit events come back from the ledger
   with their ids, times, actions and counts, but officer, query, target and
   detail only as SHA-256 (that is all the ledger ever held);
 * the content facts of shredded messages: they come back as expired rows with
-  only their hash, size and ledger time, so later archive ids stay the same.
+  only their hash, size and ledger time, so later archive ids stay the same
+  (their receipts were shredded with them);
+* the expiry of a row whose blob was kept for another live copy (no tombstone
+  names it): it comes back live with its receipt's retention end, so the next
+  ``coffer archive expire`` expires it again.
 
 After a rebuild, archive.audit.check_database (``coffer archive audit-db``)
 finds the database consistent with the ledger.
-
-Proposal (for the lead): store the envelope, verdicts and decision of each
-receipt as a small encrypted blob of its own (the same AES-256-GCM data-key
-scheme as messages) and put its SHA-256 in the ``message_stored`` entry; a
-rebuild would then restore everything above except holds and the audit log.
 """
 
 from __future__ import annotations
@@ -65,6 +74,7 @@ from archive.facade import Archive
 from archive.index import Indexer, open_index
 from archive.ledger import LedgerEntry
 from archive.metadata import AuditEvent, Blob, Message, MessageRecord, Metadata
+from archive.receipts import RECEIPT, apply_receipt, is_receipt_entry, parse_receipt
 from reports.common import Progress, metadata_url, record_audit
 from reports.errors import RebuildError
 
@@ -140,6 +150,7 @@ class RebuildResult:
     shredded: int = 0
     indexed: int = 0
     audit_events: int = 0
+    receipts: int = 0  # messages whose receipt blob restored envelope and decision
     warnings: list[str] = field(default_factory=list)
 
 
@@ -156,6 +167,8 @@ class _Ledger:
 def _read_ledger(archive: Archive) -> _Ledger:
     out = _Ledger()
     for e in archive.ledger.entries():
+        if e.kind == "message_stored" and is_receipt_entry(e.fields):
+            continue  # a receipt blob: read through its message's entry, never a row
         if e.kind == "message_stored":
             out.stored.append(e)
         elif e.kind == "tombstone":
@@ -270,7 +283,8 @@ def rebuild(data_dir: Path, *, database: str | None = None, index_engine: str | 
                     result.warnings.append(f"ledger seq {entry.seq}: {exc}")
                     batch.append(shredded_record(entry))
                 else:
-                    batch.append(record_from(entry, raw))
+                    batch.append(_with_receipt(archive, entry, record_from(entry, raw),
+                                               led.tombstones, result))
             wanted.append(entry.fields.get("archive_id"))
             if len(batch) >= BATCH:
                 _flush(meta, batch, wanted, result)
@@ -293,11 +307,33 @@ def rebuild(data_dir: Path, *, database: str | None = None, index_engine: str | 
             index.close()
         record_audit(meta, archive, officer, "rebuild", result_count=result.messages,
                      detail={"blobs": result.blobs, "shredded": result.shredded,
+                             "receipts": result.receipts,
                              "warnings": result.warnings})
     finally:
         meta.close()
         archive.close()
     return result
+
+
+def _with_receipt(archive: Archive, entry: LedgerEntry, rec: MessageRecord,
+                  tombstones: dict[str, datetime], result: RebuildResult) -> MessageRecord:
+    """Overlay the receipt blob the entry names (archive.receipts), when there is one:
+    the envelope (Bcc), verdicts, decision, rule hits and retention end."""
+    sha = entry.fields.get(RECEIPT)
+    if not isinstance(sha, str):
+        return rec  # written before receipts existed: the headers are all there is
+    if sha in tombstones:
+        result.warnings.append(f"ledger seq {entry.seq}: receipt {sha[:16]} was shredded; "
+                               "envelope restored from the headers only")
+        return rec
+    try:
+        rec = apply_receipt(rec, parse_receipt(archive.get(sha), rec.sha256))
+    except (ArchiveError, ValueError, TypeError) as exc:
+        result.warnings.append(f"ledger seq {entry.seq}: receipt {sha[:16]}: {exc}; "
+                               "envelope restored from the headers only")
+    else:
+        result.receipts += 1
+    return rec
 
 
 def _mark_shredded(meta: Metadata, tombstones: dict[str, datetime]) -> None:

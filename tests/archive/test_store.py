@@ -8,6 +8,7 @@ import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -213,6 +214,35 @@ async def test_batch_writer_group_commits_concurrent_puts(archive: Archive) -> N
     assert sorted(e.fields["archive_id"] for e in archive.ledger.entries()
                   if e.kind == "message_stored") == list(range(20))
     assert all(archive.get(r.sha256) == m for r, m in zip(refs, msgs, strict=True))
+
+
+async def test_batch_writer_put_many_never_splits_a_group_across_batches(
+    tmp_path: Path,
+) -> None:
+    class Recording(Archive):
+        """The real archive, remembering the records of each group commit."""
+
+        batches: list[list[object]] = []
+
+        def put_many(self, datas: Any, records: Any = None) -> Any:
+            self.batches.append([dict(r).get("g") for r in records or []])
+            return super().put_many(datas, records)
+
+    archive = Recording.open(tmp_path)
+    writer = BatchWriter(archive, max_batch=2)
+    try:
+        singles = [asyncio.ensure_future(writer.put(b"single %d" % i)) for i in range(3)]
+        await asyncio.sleep(0)  # the singles queue first: the group may meet max_batch
+        group = await writer.put_many([b"receipt", b"message"], [{"g": 0}, {"g": 1}])
+        await asyncio.gather(*singles)
+    finally:
+        await writer.close()
+        archive.close()
+    assert [r.sha256 for r in group] == [hashlib.sha256(b).hexdigest()
+                                         for b in (b"receipt", b"message")]
+    (with_group,) = [b for b in Recording.batches if 0 in b]
+    # Same batch, in order, even where max_batch (2) would have cut it.
+    assert with_group[with_group.index(0):] == [0, 1]
 
 
 async def test_batch_writer_close_finishes_queued_puts_then_refuses_more(

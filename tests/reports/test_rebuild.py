@@ -69,6 +69,7 @@ def test_rebuild_after_losing_the_database_answers_searches_identically(tmp_path
 
 
 def test_rebuild_restores_the_envelope_the_headers_carry_and_not_bcc(tmp_path: Path) -> None:
+    """An archive written without receipt blobs (before they existed): headers only."""
     data = tmp_path / "data"
     receipts = [gatewayed(r, i) for i, r in enumerate(sample())]
     populate(data, receipts)
@@ -149,3 +150,163 @@ def test_rebuild_keeps_shredded_rows_and_audit_events_so_the_ledger_agrees(
         assert events[0].result_count == 2
         assert [f for f in check_database(meta, data / "archive" / "ledger")
                 if f.severity == "error"] == []
+
+
+# -- receipts: what the archive stage stores beside each message (archive.receipts) --
+
+BCC_DECIDE = {"decision": "accept", "direction": "outbound", "retention": "30d",
+              "retention_detail": {"rule": "short"}, "actions": [{"action": "encrypt"}],
+              "rules": [{"name": "encrypt-finance", "matched": True},
+                        {"name": "quarantine-spam", "matched": False}]}
+CHECK = {"spf": {"result": "pass"}, "dkim": [{"result": "pass"}], "dmarc": {"result": "pass"}}
+RECEIPT_QUERIES = ["bcc:secret@example.org", "rule:encrypt-finance", "merger",
+                   "to:bob@example.org", "spf:pass", "direction:outbound", "lunch"]
+
+
+async def through_stage(data: Path) -> list[int]:
+    """Two messages archived by the real ArchiveStage: one with a Bcc recipient, a
+    policy decision with a rule hit and a retention end, one plain inbound."""
+    from archive.facade import Archive
+    from gateway.archive_stage import ArchiveStage
+    from gateway.pipeline import MessageContext
+
+    meta = Metadata.for_data_dir(data)
+    meta.migrate()
+    archive = Archive.open(data)
+    stage = ArchiveStage(archive, meta)
+    first, second = sample()[0], sample()[1]
+    try:
+        out = []
+        for ctx in (
+            MessageContext(Envelope("alice@example.com", ["bob@example.org", "secret@example.org"],
+                                    client_ip="192.0.2.9", helo="laptop", auth_user="alice",
+                                    tls=TlsInfo("TLSv1.3", "TLS_AES_128_GCM_SHA256"),
+                                    received_at=1709283600.0, role="submission"),
+                           first.raw, {"check": CHECK, "spam": {"score": 0.5},
+                                       "decide": BCC_DECIDE}, qid="Q1"),
+            MessageContext(Envelope("bob@example.org", ["alice@example.com"],
+                                    client_ip="198.51.100.4", received_at=1709373600.0),
+                           second.raw, {"check": CHECK, "decide": {"decision": "accept"}},
+                           qid="Q2"),
+        ):
+            out.append((await stage.run(ctx)).facts["message"])
+    finally:
+        await stage.close()
+        archive.close()
+    with Metadata.for_data_dir(data) as meta2:
+        index = open_index("fts5", data_dir=data)
+        try:
+            with Archive.open(data) as a:
+                from archive.index import Indexer
+
+                Indexer(meta2, index, a.get).run()
+        finally:
+            index.close()
+    return out
+
+
+def row_facts(data: Path, ids: list[int]) -> list[tuple[object, ...]]:
+    with Metadata.for_data_dir(data) as meta:
+        out: list[tuple[object, ...]] = []
+        for pk in ids:
+            m = meta.get(pk)
+            assert m is not None
+            out.append((m.sha256, m.retention_until, m.state, m.direction, m.mail_from,
+                        m.client_ip, m.helo, m.tls, m.auth_user, m.spf, m.dkim, m.dmarc,
+                        m.received_at,
+                        sorted((p.role, p.address) for p in meta.participants(pk))))
+        return out
+
+
+async def test_rebuild_restores_bcc_rule_hits_and_retention_from_receipt_blobs(
+        tmp_path: Path) -> None:
+    from archive.audit import check_database
+
+    data = tmp_path / "data"
+    ids = await through_stage(data)
+    before = results(data, RECEIPT_QUERIES)
+    facts = row_facts(data, ids)
+    assert before["bcc:secret@example.org"] == before["rule:encrypt-finance"] == [
+        (ids[0], facts[0][0])]
+    assert facts[0][1] is not None and facts[1][1] is None  # 30d retention vs none
+    lose_database(data)
+    assert main(["archive", "rebuild", "--data-dir", str(data)]) == 0
+    assert results(data, RECEIPT_QUERIES) == before
+    assert row_facts(data, ids) == facts
+    with Metadata.for_data_dir(data) as meta:
+        assert meta.count() == 2  # receipts are not messages
+        assert [f for f in check_database(meta, data / "archive" / "ledger")
+                if f.severity == "error"] == []
+    assert main(["archive", "verify", "--data-dir", str(data)]) == 0
+
+
+async def test_receipt_blobs_are_not_messages_and_the_ledger_holds_only_hashes(
+        tmp_path: Path) -> None:
+    import json
+
+    from archive.facade import Archive
+
+    data = tmp_path / "data"
+    ids = await through_stage(data)
+    with Metadata.for_data_dir(data) as meta:
+        assert meta.count() == len(ids)
+    # Words only a receipt holds are not in the full-text index.
+    assert results(data, ["coffer-receipt", "laptop", "Q1"]) == {
+        "coffer-receipt": [], "laptop": [], "Q1": []}
+    with Archive.open(data) as archive:
+        stored = [e for e in archive.ledger.entries() if e.kind == "message_stored"]
+        assert len(stored) == 4
+        receipt, message = stored[0].fields, stored[1].fields
+        assert receipt["receipt_of"] == message["sha256"]
+        assert message["receipt"] == receipt["sha256"]
+        ledger_text = json.dumps([e.fields for e in stored])
+        assert "secret@example.org" not in ledger_text and "alice" not in ledger_text
+        doc = json.loads(archive.get(message["receipt"]))
+        assert doc["kind"] == "coffer-receipt/1"
+        assert doc["envelope"]["rcpt_to"] == ["bob@example.org", "secret@example.org"]
+        # Encrypted at rest: the Bcc address is in no store file.
+        for p in (data / "archive" / "store").rglob("*"):
+            if p.is_file():
+                assert b"secret@example.org" not in p.read_bytes()
+
+
+async def test_expiry_shreds_the_receipt_with_its_message_and_rebuild_agrees(
+        tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    import pytest
+
+    from archive.errors import BlobNotFoundError, BlobShreddedError
+    from archive.facade import Archive
+    from archive.retention import expire
+
+    data = tmp_path / "data"
+    ids = await through_stage(data)
+    with Archive.open(data) as archive:
+        msg_entry = next(e for e in archive.ledger.entries()
+                         if e.kind == "message_stored" and "receipt" in e.fields)
+        receipt_sha = msg_entry.fields["receipt"]
+        with Metadata.for_data_dir(data) as meta:
+            index = open_index("fts5", data_dir=data)
+            try:
+                report = expire(meta, archive, index, "olga",
+                                now=datetime(2024, 6, 1, tzinfo=UTC))
+            finally:
+                index.close()
+        assert [e.message_id for e in report.expired] == [ids[0]]
+        for sha in (msg_entry.fields["sha256"], receipt_sha):
+            with pytest.raises((BlobShreddedError, BlobNotFoundError)):
+                archive.get(sha)
+        tombs = [e.fields for e in archive.ledger.entries() if e.kind == "tombstone"]
+        # The receipt goes first, so a crash in between never leaves it without content.
+        assert [t["sha256"] for t in tombs] == [receipt_sha, msg_entry.fields["sha256"]]
+        assert tombs[0]["receipt_of"] == msg_entry.fields["sha256"]
+    assert main(["archive", "verify", "--data-dir", str(data)]) == 0
+    lose_database(data)
+    assert main(["archive", "rebuild", "--data-dir", str(data)]) == 0
+    with Metadata.for_data_dir(data) as meta:
+        gone, kept = meta.get(ids[0]), meta.get(ids[1])
+        assert gone is not None and gone.state == "expired"
+        assert kept is not None and (kept.state, kept.client_ip) == ("accept", "198.51.100.4")
+    assert results(data, ["bcc:secret@example.org", "lunch"])["lunch"] == [
+        (ids[1], row_facts(data, [ids[1]])[0][0])]
