@@ -86,6 +86,7 @@ from archive.store import (
     HEADER_LEN,
     BlobRef,
     Recovered,
+    ZstdContexts,
     check_sha,
     parse_header,
     seal,
@@ -499,7 +500,7 @@ class LockState:
     legal_hold: bool
 
 
-class S3BlobStore:
+class S3BlobStore(ZstdContexts):
     """Sealed blobs as COMPLIANCE-locked objects; see the module docstring."""
 
     def __init__(
@@ -757,17 +758,6 @@ class S3BlobStore:
     def _archive_key(self) -> ArchiveKey:
         return self._need_keys().current
 
-    def _cctx(self) -> zstandard.ZstdCompressor:
-        c: zstandard.ZstdCompressor | None = getattr(self._local, "c", None)
-        if c is None:
-            c = self._local.c = zstandard.ZstdCompressor(level=self.level, write_checksum=False)
-        return c
-
-    def _dctx(self) -> zstandard.ZstdDecompressor:
-        d: zstandard.ZstdDecompressor | None = getattr(self._local, "d", None)
-        if d is None:
-            d = self._local.d = zstandard.ZstdDecompressor()
-        return d
 
 
 # -- the ledger mirror ------------------------------------------------------------------------

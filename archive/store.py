@@ -219,7 +219,26 @@ class Recovered:
     journal: str
 
 
-class BlobStore:
+class ZstdContexts:
+    """Per-thread zstd contexts (they are not thread-safe), shared by every blob store."""
+
+    level: int
+    _local: threading.local
+
+    def _cctx(self) -> zstandard.ZstdCompressor:
+        c: zstandard.ZstdCompressor | None = getattr(self._local, "c", None)
+        if c is None:
+            c = self._local.c = zstandard.ZstdCompressor(level=self.level, write_checksum=False)
+        return c
+
+    def _dctx(self) -> zstandard.ZstdDecompressor:
+        d: zstandard.ZstdDecompressor | None = getattr(self._local, "d", None)
+        if d is None:
+            d = self._local.d = zstandard.ZstdDecompressor()
+        return d
+
+
+class BlobStore(ZstdContexts):
     """Blob files under ``root`` (``archive/store``); see the module docstring."""
 
     def __init__(self, root: Path, keyring: KeyRing | None, *, level: int = 3,
@@ -563,18 +582,6 @@ class BlobStore:
             raise KeyFileError(f"{self.root}: no archive keys loaded (ciphertext-only mode)")
         return self.keyring
 
-    def _cctx(self) -> zstandard.ZstdCompressor:
-        # zstd contexts are not thread-safe; one per thread.
-        c: zstandard.ZstdCompressor | None = getattr(self._local, "c", None)
-        if c is None:
-            c = self._local.c = zstandard.ZstdCompressor(level=self.level, write_checksum=False)
-        return c
-
-    def _dctx(self) -> zstandard.ZstdDecompressor:
-        d: zstandard.ZstdDecompressor | None = getattr(self._local, "d", None)
-        if d is None:
-            d = self._local.d = zstandard.ZstdDecompressor()
-        return d
 
 
 def _create(path: str, data: bytes, mode: int) -> int:
