@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from gateway.transform import mime, smime_caps
-from gateway.transform.errors import ToolError
+from gateway.transform.errors import MimeError, ToolError
 
 SigningKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
@@ -121,8 +121,8 @@ def encrypt(entity: bytes, recipients: Sequence[x509.Certificate], plan: smime_c
     want = mime.AUTH_ENVELOPED_DATA if plan.cipher.endswith("gcm") else mime.ENVELOPED_DATA
     try:
         got = mime.cms_content_type(der)
-    except (ValueError, IndexError):
-        got = "unreadable"
+    except MimeError:
+        got = "no CMS structure"
     if got != want:
         raise ToolError(f"openssl cms -encrypt produced {got}, not {want}")
     return der
