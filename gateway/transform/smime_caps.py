@@ -142,8 +142,9 @@ def _capability_oids(lines: Iterable[str]) -> list[str]:
 
 
 def parse_print(printed: str) -> Announced | None:
-    """SMIMECapabilities and signingTime of the first signer in ``openssl cms -cmsout
-    -print`` output; None when that signer announces no capabilities."""
+    """SMIMECapabilities and signingTime from ``openssl cms -cmsout -print`` output: the
+    first of each among the signerInfos (mail has one signer; ``-signer`` reports the
+    first certificate too).  None when no capabilities are announced."""
     lines = printed.splitlines()
     try:
         start = next(i for i, line in enumerate(lines) if line.strip() == "signerInfos:")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import hashes
 from cryptokit import Identities, crypto_config, gpg, message
 
 from gateway.config import Config, DeliveryConfig
@@ -310,3 +311,15 @@ async def test_openssl_crashing_or_lying_during_encryption_defers_and_sends_noth
     assert r.statuses(qid) == {"dave@smime.test": "deferred"}
     assert r.everything_delivered() == b""
     assert "4.7.5" in r.spool.load(qid).state.last_error
+
+
+async def test_unreadable_capabilities_file_holds_the_message_and_sends_nothing(
+        rig: Callable[..., Rig], identities: Identities) -> None:
+    r = rig()
+    dave = identities.smime["dave@smime.test"].cert.fingerprint(hashes.SHA256()).hex()
+    (r.store.certs_dir / f"{dave}.caps.json").write_text("{not json")
+    qid = await r.send(["dave@smime.test"], require("smime"))
+    state = r.spool.load(qid).state
+    assert state.held and state.held_stage == "transform"
+    assert "caps.json: unreadable" in state.held_error
+    assert r.everything_delivered() == b""

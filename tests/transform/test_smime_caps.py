@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -215,3 +216,14 @@ def test_removing_a_certificate_removes_its_capabilities(
     store.remove(dave)
     assert store.capabilities(dave) is None
     assert not list(store.certs_dir.glob(f"{dave}*"))
+
+
+def test_a_signing_time_in_the_future_is_not_accepted(
+        store: KeyStore, identities: Identities) -> None:
+    dave = cert_id("dave@smime.test", identities)
+    future = datetime.now(UTC) + timedelta(days=2)
+    assert store.learn_capabilities(dave, ["aes256-gcm"], future) == \
+        "not recorded: signing time in the future"
+    assert store.learn_capabilities(dave, ["aes256-gcm"], None) == \
+        "not recorded: the signature has no signing time"
+    assert store.capabilities(dave) is None
