@@ -3,9 +3,12 @@
 ``import FILE`` takes OpenPGP keys (public, or the organisation's secret keys),
 X.509 certificates (PEM or DER) and PKCS#12 files (the organisation's own
 S/MIME keys: stored encrypted with ``crypto.passphrase_file``).  ``--for``
-binds the imported keys to an address or a whole domain.  ``list`` and ``show``
-report every key with its status: expired, revoked or otherwise unusable keys
-are listed, and never used.
+binds the imported keys to an address or a whole domain; ``--capabilities``
+records what an S/MIME correspondent can decrypt (RFC 8551 §2.5.2 names, e.g.
+``aes256-gcm,aes256-cbc``), which otherwise is learned from the signed mail they
+send.  ``list`` and ``show`` report every key with its status: expired, revoked or
+otherwise unusable keys are listed, and never used; ``show`` prints the
+capabilities recorded for a certificate.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 
 from gateway import config
 from gateway.errors import ConfigError
+from gateway.transform import smime_caps
 from gateway.transform.config import CryptoConfig
 from gateway.transform.errors import CryptoError
 from gateway.transform.keystore import KeyInfo, KeyStore
@@ -46,6 +50,10 @@ def register(sub: Any) -> None:
                      help="use these keys for this address or every address of this domain")
     imp.add_argument("--password-file", type=Path, metavar="FILE",
                      help="file holding the PKCS#12 file's password")
+    imp.add_argument("--capabilities", metavar="LIST",
+                     help="what the certificate's holder decrypts, most preferred first "
+                     f"(comma-separated: {', '.join(smime_caps.CAPABILITIES)}); kept over "
+                     "what their signed mail announces")
     imp.set_defaults(func=cmd_import)
 
     ls = ksub.add_parser("list", parents=[common], help="list keys with their status")
@@ -102,7 +110,14 @@ def cmd_import(args: argparse.Namespace) -> int:
                 print(f"coffer: {args.password_file}: {exc.strerror}", file=sys.stderr)
                 return EXIT_USAGE
         try:
-            ids = store.import_file(args.file, bind=args.bind, password=password)
+            caps = smime_caps.parse_list(args.capabilities) \
+                if args.capabilities is not None else None
+        except CryptoError as exc:
+            print(f"coffer: --capabilities: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        try:
+            ids = store.import_file(args.file, bind=args.bind, password=password,
+                                    capabilities=caps)
         except CryptoError as exc:
             print(f"coffer: {exc}", file=sys.stderr)
             return EXIT_PROBLEM
@@ -151,7 +166,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         for name, value in k.to_dict().items():
             if isinstance(value, list):
                 value = ", ".join(value) or "-"
-            print(f"{name:10} {value}")
+            print(f"{name:20} {value}")
         print()
     return EXIT_OK
 

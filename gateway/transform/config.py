@@ -38,7 +38,9 @@ class CryptoConfig(_Model):
     )
     gpg_binary: str = Field("gpg", description="The gpg executable (GnuPG 2.2 or later)")
     openssl_binary: str = Field(
-        "openssl", description="The openssl executable, used to verify S/MIME signatures"
+        "openssl",
+        description="The openssl executable (OpenSSL 3): encrypts outbound S/MIME, verifies "
+        "inbound signatures, decrypts what cryptography cannot"
     )
     passphrase_file: Path | None = Field(
         None,

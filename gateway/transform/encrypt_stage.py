@@ -47,15 +47,17 @@ import asyncio
 import base64
 import hashlib
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway.pipeline import Action, MessageContext, StageResult
 from gateway.replies import Reply
-from gateway.transform import mime, smime
+from gateway.transform import mime, smime, smime_caps
 from gateway.transform.config import CryptoConfig
 from gateway.transform.errors import CryptoError, IntegrityError, KeyStoreError, ToolError
 from gateway.transform.keystore import KeyStore, Lookup
@@ -239,10 +241,21 @@ class EncryptStage:
             entity = mime.protect(mime.smime_signed_detached([], entity, der_sig)).entity
             signed = "smime"
         certs = list({c.fingerprint(hashes.SHA256()): c for c in keys.values()}.values())
-        der = await asyncio.to_thread(smime.encrypt, entity, certs)
-        facts.update(encrypted="smime", signed=signed,
-                     keys={r: c.fingerprint(hashes.SHA256()).hex() for r, c in keys.items()})
-        return mime.smime_enveloped(s.outer, der)
+        der, plan = await asyncio.to_thread(self._smime_encrypt, entity, certs)
+        transport = {c.fingerprint(hashes.SHA256()).hex(): "rsaes-oaep" if oaep
+                     else "rsaes-pkcs1v15" for c, oaep in zip(certs, plan.oaep, strict=True)}
+        facts.update(encrypted="smime", signed=signed, cipher=plan.cipher,
+                     keys={r: c.fingerprint(hashes.SHA256()).hex() for r, c in keys.items()},
+                     key_transport=transport)
+        return mime.smime_enveloped(s.outer, der, plan.smime_type)
+
+    def _smime_encrypt(self, entity: bytes, certs: list[x509.Certificate]
+                       ) -> tuple[bytes, smime_caps.Plan]:
+        # RFC 8551 §2.7.1.1: what the recipients said they read (None: unknown).
+        plan = smime_caps.choose([self.store.cert_capabilities(c) for c in certs])
+        der = smime.encrypt(entity, certs, plan, openssl=self.cfg.openssl_binary,
+                            timeout=self.cfg.timeout)
+        return der, plan
 
     async def _sign(self, ctx: MessageContext, method: str, facts: dict[str, Any]
                     ) -> bytes | None:
@@ -294,6 +307,14 @@ class EncryptStage:
             if signed := mime.signature_of(inner):
                 facts["signature"] = await self._verify(inner, signed)
 
+    def _learn(self, sig: dict[str, Any]) -> str:
+        """Keep what a correspondent's verified signature announced (RFC 8551 §2.7.1)."""
+        when = sig.get("signing_time")
+        signing_time = datetime.strptime(when, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC) \
+            if isinstance(when, str) else None
+        return self.store.learn_capabilities(str(sig["fingerprint"]), list(sig["capabilities"]),
+                                             signing_time)
+
     def _smime_decrypt(self, der: bytes) -> bytes:
         errors: list[str] = []
         for ident in self.store.smime_identities():
@@ -311,9 +332,13 @@ class EncryptStage:
         try:
             if kind == "smime":
                 anchors = self.cfg.smime_trust_anchors
-                return await asyncio.to_thread(
+                facts = await asyncio.to_thread(
                     smime.verify, data, openssl=self.cfg.openssl_binary, trust_anchors=anchors,
                     attime=self._attime(), timeout=self.cfg.timeout)
+                if facts.get("valid") and "capabilities" in facts:
+                    facts["capabilities_recorded"] = await asyncio.to_thread(
+                        self._learn, facts)
+                return facts
             signed, sig = mime.signed_parts(data)
             gpg = self.store.gpg
             return await gpg.call(gpg.verify_detached, signed, sig)

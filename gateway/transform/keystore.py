@@ -6,6 +6,9 @@ Layout under ``crypto.keys_dir`` (relative to the data directory)::
       gnupg/              GnuPG home: OpenPGP public keys, and the organisation's
                           secret keys (gpg keeps them passphrase-protected)
       certs/<id>.pem      X.509 certificates (recipients' and our own); id = SHA-256
+      certs/<id>.caps.json  the certificate holder's S/MIME capabilities: set by the
+                          operator (``import --capabilities``) or learned from a
+                          signed message it sent (RFC 8551 §2.7.1)
       crls/<id>.pem       CRLs, each verified against its issuer's certificate here
       private/<id>.pem    our S/MIME private keys from PKCS#12, PKCS#8 encrypted with
                           crypto.passphrase_file's passphrase, mode 0600
@@ -41,7 +44,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from gateway.envelope import domain_of
-from gateway.transform import smime
+from gateway.transform import smime, smime_caps
 from gateway.transform.config import CryptoConfig
 from gateway.transform.errors import KeyStoreError, ToolError
 from gateway.transform.pgp import Gpg, PgpKey
@@ -72,15 +75,56 @@ class KeyInfo:
     problem: str | None  # None: usable
     private: bool
     subject: str = ""
+    capabilities: Capabilities | None = None  # x509 only
 
     @property
     def status(self) -> str:
         return self.problem or "ok"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "id": self.id, "addresses": self.addresses,
-                "bound_to": self.bound_to, "created": self.created, "expires": self.expires,
-                "status": self.status, "private": self.private, "subject": self.subject}
+        d: dict[str, Any] = {
+            "kind": self.kind, "id": self.id, "addresses": self.addresses,
+            "bound_to": self.bound_to, "created": self.created, "expires": self.expires,
+            "status": self.status, "private": self.private, "subject": self.subject}
+        if self.kind == "x509":
+            caps = self.capabilities
+            d["capabilities"] = caps.capabilities if caps else []
+            d["capabilities_source"] = caps.describe() if caps else UNKNOWN_CAPABILITIES
+        return d
+
+
+# RFC 8551 §2.7.1.2: nothing known about the recipient (smime_caps explains the choice).
+UNKNOWN_CAPABILITIES = "unknown: AES-256-CBC and RSAES-OAEP are used"
+
+
+@dataclass(slots=True)
+class Capabilities:
+    """What a certificate's holder can decrypt, most preferred first."""
+
+    capabilities: list[str]
+    source: Literal["operator", "signed message"]
+    recorded: str
+    signing_time: str | None = None  # of the signed message they came from
+
+    def describe(self) -> str:
+        if self.source == "operator":
+            return f"set by the operator {self.recorded}"
+        return f"from a signed message of {self.signing_time or '?'} (recorded {self.recorded})"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"capabilities": self.capabilities, "source": self.source,
+                "recorded": self.recorded, "signing_time": self.signing_time}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Capabilities:
+        source = d.get("source")
+        if source not in ("operator", "signed message"):
+            raise ValueError(f"unknown source {source!r}")
+        caps = d.get("capabilities")
+        if not isinstance(caps, list):
+            raise ValueError("capabilities is not a list")
+        return cls([str(c) for c in caps], source, str(d.get("recorded", "")),
+                   str(d["signing_time"]) if d.get("signing_time") else None)
 
 
 @dataclass(slots=True)
@@ -205,13 +249,18 @@ class KeyStore:
 
     # -- import ------------------------------------------------------------------
     def import_bytes(self, data: bytes, *, name: str = "<data>", bind: str | None = None,
-                     password: bytes | None = None) -> list[str]:
+                     password: bytes | None = None,
+                     capabilities: list[str] | None = None) -> list[str]:
         """Import OpenPGP keys, an X.509 certificate (PEM/DER) or a PKCS#12 file;
-        returns the key ids.  ``bind`` assigns the keys to an address or domain."""
+        returns the key ids.  ``bind`` assigns the keys to an address or domain;
+        ``capabilities`` (smime_caps names) are recorded for the certificates."""
         head = data.lstrip()[:64]
         ids: list[str]
         if head.startswith(b"-----BEGIN PGP") or (data[:1] and data[0] & 0x80 and
                                                   not data.startswith(b"\x30")):
+            if capabilities is not None:
+                raise KeyStoreError(f"{name}: S/MIME capabilities are for X.509 "
+                                    "certificates, not OpenPGP keys")
             ids = self.gpg.import_keys(data)
         elif head.startswith(b"-----BEGIN CERTIFICATE"):
             ids = [self._add_cert(c) for c in x509.load_pem_x509_certificates(data)]
@@ -231,15 +280,73 @@ class KeyStore:
             raise KeyStoreError(f"{name}: neither OpenPGP keys, an X.509 certificate nor PKCS#12")
         for key_id in ids:
             self._bind(key_id, bind)
+            if capabilities is not None and key_id in self.certificates():
+                self.set_capabilities(key_id, capabilities)
         return ids
 
     def import_file(self, path: Path, *, bind: str | None = None,
-                    password: bytes | None = None) -> list[str]:
+                    password: bytes | None = None,
+                    capabilities: list[str] | None = None) -> list[str]:
         try:
             data = path.read_bytes()
         except OSError as exc:
             raise KeyStoreError(f"{path}: {exc.strerror}") from None
-        return self.import_bytes(data, name=str(path), bind=bind, password=password)
+        return self.import_bytes(data, name=str(path), bind=bind, password=password,
+                                 capabilities=capabilities)
+
+    # -- S/MIME capabilities -----------------------------------------------------------
+    def _caps_path(self, key_id: str) -> Path:
+        return self.certs_dir / f"{key_id}.caps.json"
+
+    def capabilities(self, key_id: str) -> Capabilities | None:
+        """The recorded capabilities of a certificate; None if nothing is known."""
+        path = self._caps_path(key_id)
+        try:
+            return Capabilities.from_json(json.loads(path.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, AttributeError) as exc:
+            raise KeyStoreError(f"{path}: unreadable: {exc}") from None
+
+    def cert_capabilities(self, cert: x509.Certificate) -> list[str] | None:
+        caps = self.capabilities(cert.fingerprint(hashes.SHA256()).hex())
+        return caps.capabilities if caps else None
+
+    def _save_capabilities(self, key_id: str, caps: Capabilities) -> None:
+        path = self._caps_path(key_id)
+        # Worker processes may record at once: each writes its own file, then renames.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(caps.to_json(), indent=1), encoding="utf-8")
+        os.replace(tmp, path)
+
+    def set_capabilities(self, key_id: str, capabilities: list[str]) -> None:
+        """The operator's word: kept until the operator changes it."""
+        if key_id not in self.certificates():
+            raise KeyStoreError(f"no certificate with id {key_id}")
+        self._save_capabilities(key_id, Capabilities(
+            list(capabilities), "operator", _iso(self._clock()) or ""))
+
+    def learn_capabilities(self, key_id: str, capabilities: list[str],
+                           signing_time: datetime | None) -> str:
+        """Record what a verified signed message announced (RFC 8551 §2.7.1): only for
+        a certificate we hold, only with a signing time later than the stored one and
+        not in the future; never over the operator's setting.  Returns what was done."""
+        if key_id not in self.certificates():
+            return "not recorded: the signer's certificate is not in the key store"
+        if signing_time is None:
+            return "not recorded: the signature has no signing time"
+        now = self._clock()
+        if (signing_time - now).total_seconds() > smime_caps.MAX_CLOCK_SKEW_S:
+            return "not recorded: signing time in the future"
+        old = self.capabilities(key_id)
+        if old is not None and old.source == "operator":
+            return "not recorded: set by the operator"
+        stamp = _iso(signing_time)
+        if old is not None and old.signing_time and stamp and stamp <= old.signing_time:
+            return "not recorded: not newer than the recorded list"
+        self._save_capabilities(key_id, Capabilities(
+            list(capabilities), "signed message", _iso(now) or "", stamp))
+        return "recorded"
 
     def _add_cert(self, cert: x509.Certificate) -> str:
         key_id = cert.fingerprint(hashes.SHA256()).hex()
@@ -336,7 +443,7 @@ class KeyStore:
                 _iso(cert.not_valid_before_utc), _iso(cert.not_valid_after_utc),
                 self.cert_problem(cert, "encrypt", now),
                 (self.private_dir / f"{key_id}.pem").exists(),
-                subject=cert.subject.rfc4514_string()))
+                subject=cert.subject.rfc4514_string(), capabilities=self.capabilities(key_id)))
         return out
 
     @staticmethod
@@ -366,6 +473,8 @@ class KeyStore:
         else:
             with contextlib.suppress(FileNotFoundError):
                 (self.private_dir / f"{k.id}.pem").unlink()
+            with contextlib.suppress(FileNotFoundError):
+                self._caps_path(k.id).unlink()
             (self.certs_dir / f"{k.id}.pem").unlink()
             self._certs = None
         b = self._bindings()
@@ -468,5 +577,5 @@ def cert_addrs(cert: x509.Certificate) -> list[str]:
     return sorted(set(smime.cert_addresses(cert)))
 
 
-__all__ = ["KeyInfo", "KeyStore", "KeyStoreError", "Lookup", "SmimeIdentity", "ToolError",
-           "read_passphrase", "uid_address"]
+__all__ = ["Capabilities", "KeyInfo", "KeyStore", "KeyStoreError", "Lookup", "SmimeIdentity",
+           "ToolError", "read_passphrase", "uid_address"]

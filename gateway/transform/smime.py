@@ -1,23 +1,23 @@
-"""S/MIME (RFC 8551) with cryptography's PKCS#7 builders, verification with openssl.
+"""S/MIME (RFC 8551): enveloping with openssl, signing with cryptography, verifying with openssl.
 
-What cryptography 50 offers, and so what Coffer does:
-
-* **Encryption**: ``PKCS7EnvelopeBuilder`` makes CMS *enveloped-data* with
-  AES-128-CBC or AES-256-CBC only (no AES-GCM, so no RFC 5083 authEnveloped-data)
-  and RSA recipients with PKCS#1 v1.5 key transport only (no RSA-OAEP).  We use
-  AES-256-CBC.  RFC 8551 §2.7 lists AES-128-CBC as MUST, AES-256-GCM as SHOULD+:
-  GCM/OAEP would need ``openssl cms -encrypt -aes-256-gcm -keyopt
-  rsa_padding_mode:oaep`` instead of cryptography; not done (see the report).
+* **Encryption**: ``openssl cms -encrypt`` (OpenSSL 3), because cryptography's
+  ``PKCS7EnvelopeBuilder`` offers neither AES-GCM (RFC 5083 authEnveloped-data)
+  nor RSAES-OAEP key transport.  Which cipher and which key transport each
+  recipient gets is decided in :mod:`gateway.transform.smime_caps`.
 * **Signing**: ``PKCS7SignatureBuilder`` (SHA-256), detached (multipart/signed,
   §3.5.3) or opaque (signed-data, §3.5.2).
 * **Decryption**: ``pkcs7_decrypt_der``; what it cannot open (authEnveloped-data
   with AES-GCM, RSAES-OAEP key transport) goes to ``openssl cms -decrypt``.
 * **Verification**: cryptography has no public API to verify a CMS signature, so
   inbound signatures are checked by ``openssl cms -verify`` (a subprocess), not by
-  hand-written ASN.1.
+  hand-written ASN.1; the signer's SMIMECapabilities are read from ``openssl cms
+  -cmsout -print``.
 
-Content is passed with ``PKCS7Options.Binary``: the MIME entity is already in
-canonical CRLF form and must come out of decryption byte for byte.
+Content is passed in binary mode (``-binary``, ``PKCS7Options.Binary``): the MIME
+entity is already in canonical CRLF form and must come out of decryption byte for
+byte.  openssl is run without a shell, its inputs in files of a private (0700)
+temporary directory; any failure is a ToolError (the stage's tempfail), never
+plaintext.
 """
 
 from __future__ import annotations
@@ -34,14 +34,17 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.ciphers import algorithms
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from gateway.transform import mime
-from gateway.transform.errors import ToolError
+from gateway.transform import mime, smime_caps
+from gateway.transform.errors import MimeError, ToolError
 
 SigningKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+
+# RFC 3560 §2.1 rSAES-OAEP-SHA256-Identifier: SHA-256 and MGF1 with SHA-256, empty
+# label (smime_caps explains why not the SHA-1 default).
+OAEP_KEYOPTS = ("rsa_padding_mode:oaep", "rsa_oaep_md:sha256", "rsa_mgf1_md:sha256")
 
 
 def cert_addresses(cert: x509.Certificate) -> list[str]:
@@ -67,7 +70,7 @@ def cert_problem(cert: x509.Certificate, use: str, now: datetime | None = None) 
         return "expired"
     key = cert.public_key()
     if use == "encrypt" and not isinstance(key, rsa.RSAPublicKey):
-        return "not an RSA key (cryptography encrypts to RSA certificates only)"
+        return "not an RSA key (Coffer encrypts to RSA certificates only)"
     try:
         ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
         # RFC 8550 §4.4.2: keyEncipherment for key transport, digitalSignature to sign.
@@ -87,16 +90,42 @@ def cert_problem(cert: x509.Certificate, use: str, now: datetime | None = None) 
     return None
 
 
-def encrypt(entity: bytes, recipients: Sequence[x509.Certificate]) -> bytes:
-    """CMS enveloped-data (DER), AES-256-CBC, one RSA key transport per recipient."""
-    builder = pkcs7.PKCS7EnvelopeBuilder().set_data(entity).set_content_encryption_algorithm(
-        algorithms.AES256)
-    for cert in recipients:
-        builder = builder.add_recipient(cert)
+def encrypt(entity: bytes, recipients: Sequence[x509.Certificate], plan: smime_caps.Plan,
+            *, openssl: str = "openssl", timeout: float = 120.0) -> bytes:
+    """CMS (auth)enveloped-data (DER) of ``entity`` for ``recipients`` as ``plan`` says."""
+    if len(plan.oaep) != len(recipients) or not recipients:
+        raise ToolError("S/MIME encryption: recipients and plan do not match")
+    with tempfile.TemporaryDirectory(prefix="coffer-cms-") as tmp:
+        t = Path(tmp)
+        (t / "in").write_bytes(entity)
+        args = [openssl, "cms", "-encrypt", "-binary", f"-{plan.cipher}", "-outform", "DER",
+                "-in", str(t / "in"), "-out", str(t / "out")]
+        for i, (cert, oaep) in enumerate(zip(recipients, plan.oaep, strict=True)):
+            pem = t / f"r{i}.pem"
+            pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+            args += ["-recip", str(pem)]
+            if oaep:
+                # -keyopt applies to the -recip before it: this RecipientInfo only.
+                for opt in OAEP_KEYOPTS:
+                    args += ["-keyopt", opt]
+        r = _run_openssl(args, timeout)
+        if r.returncode != 0:
+            raise ToolError("openssl cms -encrypt failed: "
+                            + r.stderr.decode("utf-8", "replace").strip()[:300])
+        try:
+            der = (t / "out").read_bytes()
+        except OSError as exc:
+            raise ToolError(f"openssl cms -encrypt wrote no output: {exc.strerror}") from None
+    # Whatever openssl wrote must be the CMS type we asked for: never pass on anything
+    # else (e.g. a broken tool echoing its input).
+    want = mime.AUTH_ENVELOPED_DATA if plan.cipher.endswith("gcm") else mime.ENVELOPED_DATA
     try:
-        return builder.encrypt(serialization.Encoding.DER, [pkcs7.PKCS7Options.Binary])
-    except (ValueError, TypeError) as exc:
-        raise ToolError(f"S/MIME encryption failed: {exc}") from None
+        got = mime.cms_content_type(der)
+    except MimeError:
+        got = "no CMS structure"
+    if got != want:
+        raise ToolError(f"openssl cms -encrypt produced {got}, not {want}")
+    return der
 
 
 def sign(entity: bytes, cert: x509.Certificate, key: SigningKey, *, detached: bool) -> bytes:
@@ -205,7 +234,24 @@ def verify(message: bytes, *, openssl: str = "openssl", trust_anchors: Path | No
                 facts["signer"] = certs[0].subject.rfc4514_string()
                 facts["addresses"] = cert_addresses(certs[0])
                 facts["fingerprint"] = certs[0].fingerprint(hashes.SHA256()).hex()
+                # RFC 8551 §2.7.1: capabilities only from a signature that verified.
+                announced = _announced(t / "in.eml", openssl, timeout)
+                if announced is not None:
+                    facts["capabilities"] = announced.capabilities
+                    if announced.signing_time is not None:
+                        facts["signing_time"] = announced.signing_time.strftime(
+                            "%Y-%m-%dT%H:%M:%SZ")
         return facts
+
+
+def _announced(message: Path, openssl: str, timeout: float) -> smime_caps.Announced | None:
+    """The signer's SMIMECapabilities and signingTime (signed attributes), as openssl
+    prints them; None if it announces none or openssl cannot print the structure."""
+    r = _run_openssl([openssl, "cms", "-cmsout", "-print", "-noout", "-inform", "SMIME",
+                      "-in", str(message)], timeout)
+    if r.returncode != 0:
+        return None
+    return smime_caps.parse_print(r.stdout.decode("utf-8", "replace"))
 
 
 __all__ = ["cert_addresses", "cert_problem", "decrypt", "encrypt", "sign", "verify"]

@@ -35,12 +35,19 @@ def _fields_without_mime_version(data: bytes) -> list[bytes]:
     return sorted(f for f in mime.fields(header) if mime.field_name(f) != "mime-version")
 
 
-@pytest.mark.parametrize("method", ["pgp", "smime"])
+@pytest.mark.parametrize("method,capabilities", [
+    ("pgp", None),
+    ("smime", None),  # AES-256-CBC enveloped-data
+    ("smime", ["aes256-gcm"]),  # AES-256-GCM authEnveloped-data
+])
 async def test_corpus_sample_survives_encrypt_then_decrypt_byte_for_byte(
-        store: KeyStore, data_dir: Path, method: str) -> None:
+        store: KeyStore, data_dir: Path, method: str, capabilities: list[str] | None) -> None:
     files = sample()
     if not files:
         pytest.skip("MIME corpus not found: set COFFER_CORPUS or check out ../shared/corpus")
+    if capabilities:
+        (org,) = [k for k in store.find(ORG) if k.kind == "x509"]
+        store.set_capabilities(org.id, capabilities)
     action = {"action": "encrypt", "method": method, "require": True}
     checked = 0
     for path in files:
@@ -50,6 +57,8 @@ async def test_corpus_sample_survives_encrypt_then_decrypt_byte_for_byte(
         out = await run_stage(store, data_dir, ctx_for(original, [ORG], [action]))
         assert out.data is not None, path
         assert mime.encryption_of(out.data) == method, path
+        if method == "smime":
+            assert out.facts["cipher"] == ("aes-256-gcm" if capabilities else "aes-256-cbc")
         back = await run_stage(store, data_dir, ctx_for(out.data, [ORG], [],
                                                         direction="inbound"))
         entity = base64.b64decode(back.facts["decrypted"])

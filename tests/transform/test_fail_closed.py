@@ -7,12 +7,14 @@ hop, then looks at every byte the next hop received.
 from __future__ import annotations
 
 import re
+import shutil
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import hashes
 from cryptokit import Identities, crypto_config, gpg, message
 
 from gateway.config import Config, DeliveryConfig
@@ -256,3 +258,68 @@ async def test_gpg_missing_even_for_opportunistic_never_falls_back_to_clear(
     assert r.statuses(qid) == {"bob@partner.test": "deferred"}
     assert r.everything_delivered() == b""
 
+
+
+def _bin_without_openssl(tmp: Path) -> Path:
+    """A PATH directory holding gpg (the key lookups still run it) but no openssl."""
+    bindir = tmp / "bin"
+    bindir.mkdir()
+    real = shutil.which("gpg")
+    assert real is not None
+    (bindir / "gpg").symlink_to(real)
+    return bindir
+
+
+async def test_openssl_missing_from_path_defers_smime_and_sends_nothing(
+        rig: Callable[..., Rig], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(_bin_without_openssl(tmp_path)))
+    r = rig()
+    qid = await r.send(["dave@smime.test"], require("smime"))
+    assert r.statuses(qid) == {"dave@smime.test": "deferred"}
+    assert r.everything_delivered() == b""
+    assert "4.7.5" in r.spool.load(qid).state.last_error
+    # It is openssl that is missing (gpg, still on PATH, did the key lookup).
+    env = Envelope(mail_from=SENDER, rcpt_to=["dave@smime.test"])
+    res = await r.stage.run(MessageContext(envelope=env, data=message(), facts={
+        "decide": {"actions": require("smime"), "direction": "outbound"}}))
+    assert res.action is Action.TEMPFAIL and res.data is None
+    assert "cannot run openssl: not found" in res.facts["error"]
+
+
+def _fake_openssl(tmp: Path, body: str) -> Path:
+    """An openssl that does ``body`` when asked to encrypt, and is openssl otherwise."""
+    real = shutil.which("openssl")
+    script = tmp / "openssl-fake"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'case "$2" in -encrypt) {body};; esac\n'
+        f'exec {real} "$@"\n')
+    script.chmod(0o755)
+    return script
+
+
+@pytest.mark.parametrize("body", [
+    "kill -SEGV $$",  # crashes
+    # exits 0 having written its input (the plaintext entity) as the "ciphertext"
+    'while [ $# -gt 0 ]; do case "$1" in -in) i=$2;; -out) o=$2;; esac; shift; done; '
+    'cp "$i" "$o"; exit 0',
+])
+async def test_openssl_crashing_or_lying_during_encryption_defers_and_sends_nothing(
+        rig: Callable[..., Rig], tmp_path: Path, body: str) -> None:
+    r = rig(openssl_binary=str(_fake_openssl(tmp_path, body)))
+    qid = await r.send(["dave@smime.test"], require("smime"))
+    assert r.statuses(qid) == {"dave@smime.test": "deferred"}
+    assert r.everything_delivered() == b""
+    assert "4.7.5" in r.spool.load(qid).state.last_error
+
+
+async def test_unreadable_capabilities_file_holds_the_message_and_sends_nothing(
+        rig: Callable[..., Rig], identities: Identities) -> None:
+    r = rig()
+    dave = identities.smime["dave@smime.test"].cert.fingerprint(hashes.SHA256()).hex()
+    (r.store.certs_dir / f"{dave}.caps.json").write_text("{not json")
+    qid = await r.send(["dave@smime.test"], require("smime"))
+    state = r.spool.load(qid).state
+    assert state.held and state.held_stage == "transform"
+    assert "caps.json: unreadable" in state.held_error
+    assert r.everything_delivered() == b""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from cryptokit import Identities
 
-from gateway.transform import mime, smime
+from gateway.transform import mime, smime, smime_caps
 
 ARMOR = b"-----BEGIN PGP MESSAGE-----\r\n\r\nhQEMA...\r\n-----END PGP MESSAGE-----\r\n"
 
@@ -34,7 +34,7 @@ def test_smime_types_signed_data_is_not_encrypted_enveloped_is() -> None:
 
 def test_missing_smime_type_is_decided_by_the_cms_content_type(identities: Identities) -> None:
     dave = identities.smime["dave@smime.test"]
-    der = smime.encrypt(b"\r\nhi\r\n", [dave.cert])
+    der = smime.encrypt(b"\r\nhi\r\n", [dave.cert], smime_caps.choose([None]))
     assert mime.cms_content_type(der) == mime.ENVELOPED_DATA
     data = mime.smime_enveloped([], der).replace(b" smime-type=enveloped-data;", b"")
     assert b"smime-type" not in data

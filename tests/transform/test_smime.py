@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import hashes
 from cryptokit import (
     Identities,
     corpus_dir,
@@ -47,26 +48,86 @@ def cms_decrypt(data: bytes, who: str, ids: Identities) -> bytes:
                    str(sid.key_pem), input=data).stdout
 
 
-async def test_enveloped_data_decrypts_with_openssl_cms_to_the_original_entity(
+def cms_print(data: bytes) -> str:
+    """``openssl cms -cmsout -print`` of an S/MIME message's CMS structure."""
+    return openssl("cms", "-cmsout", "-print", "-noout", "-inform", "DER",
+                   input=mime.smime_der(data)).stdout.decode()
+
+
+def cert_id(who: str, ids: Identities) -> str:
+    return ids.smime[who].cert.fingerprint(hashes.SHA256()).hex()
+
+
+async def test_unknown_capabilities_get_aes256_cbc_with_rsaes_oaep_sha256(
         store: KeyStore, data_dir: Path, identities: Identities) -> None:
     data = message(to="dave@smime.test")
     res = await run_stage(store, data_dir, ctx_for(data, ["dave@smime.test"], [ENCRYPT_SMIME]))
     assert res.action is Action.CONTINUE and res.data is not None
     assert mime.encryption_of(res.data) == "smime"
+    assert mime.content_type(res.data)[1]["smime-type"] == "enveloped-data"
     assert b"secret figure" not in res.data
     assert cms_decrypt(res.data, "dave@smime.test", identities) == mime.protect(data).entity
-    # AES-256-CBC: what cryptography 50's PKCS7EnvelopeBuilder offers (no GCM).
-    printed = openssl("cms", "-cmsout", "-print", "-inform", "DER",
-                      input=mime.smime_der(res.data)).stdout
-    assert b"aes-256-cbc" in printed
+    printed = cms_print(res.data)
+    assert "pkcs7-envelopedData (1.2.840.113549.1.7.3)" in printed
+    assert "aes-256-cbc (2.16.840.1.101.3.4.1.42)" in printed
+    assert "rsaesOaep (1.2.840.113549.1.1.7)" in printed
+    # RFC 3560 §2.1 rSAES-OAEP-SHA256-Identifier: SHA-256, MGF1 with SHA-256.
+    parsed = openssl("asn1parse", "-inform", "DER", input=mime.smime_der(res.data)).stdout
+    after = parsed.decode().split(":rsaesOaep", 1)[1].splitlines()[1:]
+    assert [ln.split(":")[-1].strip() for ln in after if "OBJECT" in ln][:3] == [
+        "sha256", "mgf1", "sha256"]
+    assert res.facts["cipher"] == "aes-256-cbc"
+    assert res.facts["key_transport"] == {cert_id("dave@smime.test", identities): "rsaes-oaep"}
 
 
-async def test_two_recipients_each_open_the_same_message(
+async def test_recipient_announcing_gcm_gets_auth_enveloped_data_openssl_decrypts(
         store: KeyStore, data_dir: Path, identities: Identities) -> None:
+    store.set_capabilities(cert_id("dave@smime.test", identities), ["aes256-gcm", "aes256-cbc"])
+    data = message(to="dave@smime.test")
+    res = await run_stage(store, data_dir, ctx_for(data, ["dave@smime.test"], [ENCRYPT_SMIME]))
+    assert res.data is not None and b"secret figure" not in res.data
+    # RFC 8551 §3.2.2 / RFC 5083: AEAD content goes in authEnveloped-data.
+    assert mime.content_type(res.data)[1]["smime-type"] == "authEnveloped-data"
+    assert mime.encryption_of(res.data) == "smime"
+    assert mime.cms_content_type(mime.smime_der(res.data)) == mime.AUTH_ENVELOPED_DATA
+    printed = cms_print(res.data)
+    assert "(2.16.840.1.101.3.4.1.46)" in printed  # id-aes256-GCM (RFC 5084)
+    assert "rsaesOaep (1.2.840.113549.1.1.7)" in printed
+    assert cms_decrypt(res.data, "dave@smime.test", identities) == mime.protect(data).entity
+    assert res.facts["cipher"] == "aes-256-gcm"
+
+
+async def test_tampered_gcm_ciphertext_is_refused_by_openssl(
+        store: KeyStore, data_dir: Path, identities: Identities) -> None:
+    store.set_capabilities(cert_id("dave@smime.test", identities), ["aes256-gcm"])
+    res = await run_stage(store, data_dir, ctx_for(message(to="dave@smime.test"),
+                                                   ["dave@smime.test"], [ENCRYPT_SMIME]))
+    assert res.data is not None
+    der = bytearray(mime.smime_der(res.data))
+    der[-30] ^= 1  # in the encrypted content, just before the 16-byte tag (RFC 5083 mac)
+    sid = identities.smime["dave@smime.test"]
+    r = subprocess.run(["openssl", "cms", "-decrypt", "-binary", "-inform", "DER", "-recip",
+                        str(sid.cert_pem), "-inkey", str(sid.key_pem)], input=bytes(der),
+                       capture_output=True, timeout=60, check=False)
+    assert r.returncode != 0
+
+
+@pytest.mark.parametrize("erin_caps,cipher", [
+    (None, "aes-256-cbc"),  # erin unknown: CBC, which both read
+    (["aes256-cbc", "aes128-cbc"], "aes-256-cbc"),  # erin announced CBC only
+    (["aes128-gcm"], "aes-256-gcm"),  # S/MIME 4.0 agents read both GCM sizes (§2.7)
+])
+async def test_two_recipients_get_the_cipher_both_can_read(
+        store: KeyStore, data_dir: Path, identities: Identities, erin_caps: list[str] | None,
+        cipher: str) -> None:
+    store.set_capabilities(cert_id("dave@smime.test", identities), ["aes256-gcm"])
+    if erin_caps:
+        store.set_capabilities(cert_id("erin@smime.test", identities), erin_caps)
     data = message(to="dave@smime.test, erin@smime.test")
     res = await run_stage(store, data_dir, ctx_for(
         data, ["dave@smime.test", "erin@smime.test"], [ENCRYPT_SMIME]))
-    assert res.data is not None
+    assert res.data is not None and res.facts["cipher"] == cipher
+    assert f"{cipher} (" in cms_print(res.data)
     for who in ("dave@smime.test", "erin@smime.test"):
         assert cms_decrypt(res.data, who, identities) == mime.protect(data).entity
 
@@ -175,12 +236,20 @@ async def test_thunderbird_signed_mail_verifies_at_its_signing_time(
     assert sig["addresses"] == ["fejj@gnome.org"]
 
 
-async def test_enveloped_data_also_decrypts_with_gpgsm(
+async def test_gpgsm_decrypts_cbc_with_pkcs1_key_transport_set_by_the_operator(
         store: KeyStore, data_dir: Path, identities: Identities, tmp_path: Path) -> None:
+    """gpgsm 2.2.40 (Debian 12) reads neither RSAES-OAEP key transport ("error getting
+    encrypted session key") nor authEnveloped-data ("error getting IV"): for its
+    users the operator records ``aes256-cbc,rsaes-pkcs1v15``, and gpgsm decrypts."""
     dave = identities.smime["dave@smime.test"]
+    store.set_capabilities(cert_id("dave@smime.test", identities),
+                           ["aes256-cbc", "rsaes-pkcs1v15"])
     data = message(to="dave@smime.test")
     res = await run_stage(store, data_dir, ctx_for(data, ["dave@smime.test"], [ENCRYPT_SMIME]))
     assert res.data is not None
+    assert res.facts["key_transport"] == {cert_id("dave@smime.test", identities):
+                                          "rsaes-pkcs1v15"}
+    assert "rsaesOaep" not in cms_print(res.data)
     # gpgsm reads PKCS#12 with the older (legacy) encryption only.
     p12 = tmp_path / "dave.p12"
     openssl("pkcs12", "-export", "-legacy", "-inkey", str(dave.key_pem), "-in",
