@@ -50,6 +50,12 @@ class CryptoConfig(_Model):
     prefer: Literal["pgp", "smime"] = Field(
         "pgp", description="Method tried first when the policy says encrypt/sign method auto"
     )
+    smime_signing: Literal["detached", "opaque"] = Field(
+        "detached",
+        description="S/MIME signature form: detached (multipart/signed, RFC 8551 §3.5.3: "
+        "readable without S/MIME) or opaque (signed-data, §3.5.2: survives relays that "
+        "rewrite MIME, but only S/MIME clients can show it)",
+    )
     protected_headers: bool = Field(
         False, description="RFC 9788: real Subject inside the encryption, a placeholder outside"
     )

@@ -60,7 +60,7 @@ from gateway.replies import Reply
 from gateway.transform import mime, smime, smime_caps
 from gateway.transform.config import CryptoConfig
 from gateway.transform.errors import CryptoError, IntegrityError, KeyStoreError, ToolError
-from gateway.transform.keystore import KeyStore, Lookup
+from gateway.transform.keystore import KeyStore, Lookup, SmimeIdentity
 
 # RFC 3463 §3.8 X.7.1: delivery not authorized (policy); X.7.5: cryptographic failure.
 NO_KEY = Reply(550, "5.7.1", "Encryption required but no usable key for: {rcpts}")
@@ -235,10 +235,8 @@ class EncryptStage:
             ident = await asyncio.to_thread(self.store.smime_signer, self._signer_address(ctx))
             if ident is None:
                 raise ToolError(f"no usable S/MIME signing key for {self._signer_address(ctx)}")
-            der_sig = await asyncio.to_thread(smime.sign, entity, ident.cert, ident.key,
-                                              detached=True)
-            # RFC 8551 §3.7: sign, then encrypt the whole multipart/signed entity.
-            entity = mime.protect(mime.smime_signed_detached([], entity, der_sig)).entity
+            # RFC 8551 §3.7: sign, then encrypt the whole signed entity.
+            entity = mime.protect(await self._smime_signed([], entity, ident)).entity
             signed = "smime"
         certs = list({c.fingerprint(hashes.SHA256()): c for c in keys.values()}.values())
         der, plan = await asyncio.to_thread(self._smime_encrypt, entity, certs)
@@ -274,12 +272,21 @@ class EncryptStage:
             else:
                 ident = await asyncio.to_thread(self.store.smime_signer, addr)
                 if ident:
-                    der = await asyncio.to_thread(smime.sign, s.entity, ident.cert, ident.key,
-                                                  detached=True)
                     facts["signed"] = "smime"
-                    return mime.smime_signed_detached(s.outer, s.entity, der)
+                    facts["smime_signing"] = self.cfg.smime_signing
+                    return await self._smime_signed(s.outer, s.entity, ident)
         facts["sign_error"] = f"no usable {method} signing key for {addr}"
         return None
+
+    async def _smime_signed(self, outer: list[bytes], entity: bytes,
+                            ident: SmimeIdentity) -> bytes:
+        """``entity`` S/MIME-signed in the configured form, under the ``outer`` headers."""
+        opaque = self.cfg.smime_signing == "opaque"
+        der = await asyncio.to_thread(smime.sign, entity, ident.cert, ident.key,
+                                      detached=not opaque)
+        if opaque:
+            return mime.smime_signed_opaque(outer, der)
+        return mime.smime_signed_detached(outer, entity, der)
 
     # -- inbound -------------------------------------------------------------------
     async def _decrypt(self, data: bytes, kind: str, facts: dict[str, Any]) -> None:

@@ -271,3 +271,22 @@ async def test_gpgsm_decrypts_cbc_with_pkcs1_key_transport_set_by_the_operator(
     finally:
         kill_agent(home)
         shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.mark.parametrize("encrypt", [False, True], ids=["sign", "sign-then-encrypt"])
+async def test_opaque_signing_yields_signed_data_that_openssl_verifies_to_the_entity(
+        store: KeyStore, data_dir: Path, identities: Identities, encrypt: bool) -> None:
+    assert identities.ca is not None
+    data = message(to="dave@smime.test")
+    rules = [ENCRYPT_SMIME, SIGN_SMIME] if encrypt else [SIGN_SMIME]
+    res = await run_stage(store, data_dir, ctx_for(data, ["dave@smime.test"], rules),
+                          smime_signing="opaque")
+    assert res.data is not None and res.facts["signed"] == "smime"
+    signed = cms_decrypt(res.data, "dave@smime.test", identities) if encrypt else res.data
+    # RFC 8551 §3.5.2: one application/pkcs7-mime part, no readable multipart/signed.
+    assert mime.content_type(signed)[0] == "application/pkcs7-mime"
+    assert mime.signature_of(signed) == "smime"
+    assert b"multipart/signed" not in signed
+    content = openssl("cms", "-verify", "-binary", "-inform", "DER", "-CAfile",
+                      str(identities.ca.cert_pem), input=mime.smime_der(signed)).stdout
+    assert content == mime.protect(data).entity
