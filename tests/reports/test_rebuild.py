@@ -12,6 +12,7 @@ from archive.metadata import Metadata
 from archive.search import Searcher
 from gateway.cli import main
 from gateway.envelope import Envelope, TlsInfo
+from gateway.pipeline import MessageContext
 from gateway.receive.received import received_header
 from reports.rebuild import envelope_from_headers
 
@@ -157,41 +158,40 @@ RECEIPT_QUERIES = ["bcc:secret@example.org", "rule:encrypt-finance", "merger",
 async def through_stage(db: Db) -> list[int]:
     """Two messages archived by the real ArchiveStage: one with a Bcc recipient, a
     policy decision with a rule hit and a retention end, one plain inbound."""
-    from archive.facade import Archive
-    from gateway.archive_stage import ArchiveStage
-    from gateway.pipeline import MessageContext
+    first, second = sample()[0], sample()[1]
+    return await run_stage(db, [
+        MessageContext(Envelope("alice@example.com", ["bob@example.org", "secret@example.org"],
+                                client_ip="192.0.2.9", helo="laptop", auth_user="alice",
+                                tls=TlsInfo("TLSv1.3", "TLS_AES_128_GCM_SHA256"),
+                                received_at=1709283600.0, role="submission"),
+                       first.raw, {"check": CHECK, "spam": {"score": 0.5},
+                                   "decide": BCC_DECIDE}, qid="Q1"),
+        MessageContext(Envelope("bob@example.org", ["alice@example.com"],
+                                client_ip="198.51.100.4", received_at=1709373600.0),
+                       second.raw, {"check": CHECK, "decide": {"decision": "accept"}},
+                       qid="Q2")])
 
-    data = db.data
+
+async def run_stage(db: Db, contexts: list[MessageContext]) -> list[int]:
+    """Archive ``contexts`` with the real ArchiveStage (blob, receipt, row), then index;
+    returns their archive ids."""
+    from archive.facade import Archive
+    from archive.index import Indexer
+    from gateway.archive_stage import ArchiveStage
+
     meta = db.open()
     meta.migrate()
-    archive = Archive.open(data)
+    archive = Archive.open(db.data)
     stage = ArchiveStage(archive, meta)
-    first, second = sample()[0], sample()[1]
     try:
-        out = []
-        for ctx in (
-            MessageContext(Envelope("alice@example.com", ["bob@example.org", "secret@example.org"],
-                                    client_ip="192.0.2.9", helo="laptop", auth_user="alice",
-                                    tls=TlsInfo("TLSv1.3", "TLS_AES_128_GCM_SHA256"),
-                                    received_at=1709283600.0, role="submission"),
-                           first.raw, {"check": CHECK, "spam": {"score": 0.5},
-                                       "decide": BCC_DECIDE}, qid="Q1"),
-            MessageContext(Envelope("bob@example.org", ["alice@example.com"],
-                                    client_ip="198.51.100.4", received_at=1709373600.0),
-                           second.raw, {"check": CHECK, "decide": {"decision": "accept"}},
-                           qid="Q2"),
-        ):
-            out.append((await stage.run(ctx)).facts["message"])
+        out = [(await stage.run(ctx)).facts["message"] for ctx in contexts]
     finally:
         await stage.close()
         archive.close()
-    with db.open() as meta2:
+    with db.open() as meta2, Archive.open(db.data) as a:
         index = db.index(meta2)
         try:
-            with Archive.open(data) as a:
-                from archive.index import Indexer
-
-                Indexer(meta2, index, a.get).run()
+            Indexer(meta2, index, a.get).run()
         finally:
             index.close()
     return out
