@@ -16,7 +16,7 @@ from __future__ import annotations
 import shutil
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -30,7 +30,7 @@ from archive_db import _SESSION, PG_URL, PgAdmin, backend, pg_admin
 from archive.index import Index, open_index
 from archive.metadata import Metadata
 
-__all__ = ["Db", "backend", "db", "pg_admin"]
+__all__ = ["Db", "backend", "db", "pg_admin", "pg_database"]
 
 
 @dataclass
@@ -38,17 +38,20 @@ class Db:
     data: Path
     schema: str | None = None  # PostgreSQL: the schema of this test; None: SQLite
     admin: PgAdmin | None = None
+    database: str | None = None  # PostgreSQL: a whole database of this test (its URL)
 
     @property
     def url(self) -> str | None:
         """The ``--database`` URL, or None for the embedded SQLite default."""
+        if self.database is not None:
+            return self.database
         if self.schema is None:
             return None
         return f"{PG_URL}?options={quote(f'-csearch_path={self.schema}')}"
 
     @property
     def engine(self) -> str:
-        return "fts5" if self.schema is None else "pg"
+        return "fts5" if self.url is None else "pg"
 
     def cli(self) -> list[str]:
         return ["--data-dir", str(self.data), *(["--database", self.url] if self.url else [])]
@@ -85,3 +88,25 @@ def db(backend: str, tmp_path: Path, pg_admin: PgAdmin) -> Iterator[Db]:
         yield Db(tmp_path / "data", schema, pg_admin)
     finally:
         pg_admin.drop(schema)
+
+
+@pytest.fixture
+def pg_database(pg_admin: PgAdmin) -> Iterator[Callable[[], str]]:
+    """new() -> the URL of a new, empty database of this test (dropped at the end): for
+    what works on whole databases, such as pg_dump / pg_restore."""
+    if pg_admin.engine is None:
+        pytest.skip(pg_admin.reason)
+    made: list[str] = []
+    auto = pg_admin.engine.execution_options(isolation_level="AUTOCOMMIT")
+
+    def new() -> str:
+        name = f"coffer_t{_SESSION}_{uuid.uuid4().hex[:8]}"
+        with auto.connect() as c:
+            c.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        made.append(name)
+        return sa.make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
+
+    yield new
+    with auto.connect() as c:
+        for name in made:
+            c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
