@@ -85,7 +85,7 @@ from archive.metadata import Blob, Message, MessageRecord, Metadata
 from archive.receipts import RECEIPT, apply_receipt, parse_receipt
 from reports.common import Progress, metadata_url, parse_utc, record_audit
 from reports.errors import RebuildError
-from reports.rebuild_log import restore_audit, restore_holds
+from reports.rebuild_log import event_id, restore_audit, restore_holds
 
 BATCH = 500
 _RECEIVED = re.compile(
@@ -187,7 +187,7 @@ def _read_ledger(archive: Archive) -> _Ledger:
             out.tombstones.setdefault(str(e.fields.get("sha256")), parse_utc(e.time))
         elif e.kind in ("hold_placed", "hold_released"):
             out.holds.append(e)
-        elif e.kind == "audit" and isinstance(e.fields.get("event"), int):
+        elif e.kind == "audit" and event_id(e) is not None:
             out.audits.append(e)
     return out
 

@@ -30,7 +30,7 @@ from archive.ledger import LedgerEntry
 from archive.metadata import AuditEvent, Hold, HoldItem, Message, Metadata
 from reports.common import parse_utc
 
-__all__ = ["LogRestore", "restore_audit", "restore_holds"]
+__all__ = ["LogRestore", "event_id", "restore_audit", "restore_holds"]
 
 
 @dataclass
@@ -64,13 +64,24 @@ def _advance_sequence(meta: Metadata, table: str) -> None:
                        f"(SELECT max(id) FROM {table}))"))
 
 
+def event_id(entry: LedgerEntry) -> int | None:
+    """The audit event an ``audit`` entry records: ``event``, or ``audit_id`` in the
+    entries the IMAP server wrote before ledger documents (with the officer in clear)."""
+    for key in ("event", "audit_id"):
+        value = entry.fields.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
 def _hashed_event(entry: LedgerEntry) -> AuditEvent:
     """An event as the ledger alone knows it: names and queries as SHA-256 only."""
     f = entry.fields
     target = f.get("target")
+    who = str(f["who"]) if isinstance(f.get("who"), str) else f"sha256:{f.get('who_sha256', '')}"
     return AuditEvent(
-        id=int(f["event"]), at=parse_utc(str(f.get("at", entry.time))),
-        who=f"sha256:{f.get('who_sha256', '')}"[:255], action=str(f.get("action", ""))[:32],
+        id=event_id(entry), at=parse_utc(str(f.get("at", entry.time))),
+        who=who[:255], action=str(f.get("action", ""))[:32],
         query=None, result_count=f.get("result_count"),
         target=str(target) if target is not None else None,
         detail={"restored_from_ledger_seq": entry.seq,
@@ -92,11 +103,11 @@ def _documented_event(doc: dict[str, Any]) -> AuditEvent:
 def _event(doc: dict[str, Any], e: LedgerEntry, out: LogRestore) -> AuditEvent:
     """The event in clear from its document; hashed (with a warning) if it does not fit."""
     try:
-        if doc.get("event") != e.fields["event"]:
+        if doc.get("event") != event_id(e):
             raise ValueError(f"the document is for event {doc.get('event')!r}")
         return _documented_event(doc)
     except (KeyError, TypeError, ValueError) as exc:
-        out.warnings.append(f"ledger seq {e.seq}: audit event {e.fields['event']}: {exc}; "
+        out.warnings.append(f"ledger seq {e.seq}: audit event {event_id(e)}: {exc}; "
                             "restored with hashed names only")
         return _hashed_event(e)
 

@@ -149,12 +149,17 @@ def test_rebuild_counts_hold_and_audit_entries_older_than_ledger_documents(
                        items_sha256="cd")
         archive.append("audit", event=1, action="search", at="2024-03-01T10:00:00+00:00",
                        who_sha256="ef", result_count=1)
+        archive.append("audit", audit_id=2, who="olga", action="imap_fetch",  # the IMAP form
+                       target="All Mail", result_count=3, query_sha256="01")
     summary = rebuild(capsys, db)
     assert (summary["holds"], summary["holds_without_document"]) == (0, 1)
-    assert (summary["audit_events"], summary["audit_without_document"]) == (1, 1)
+    assert (summary["audit_events"], summary["audit_without_document"]) == (2, 2)
     assert any("C-OLD" in w and "coffer hold create" in w for w in summary["warnings"])
     log = cli(capsys, "audit", "log", "--data-dir", str(db.data))
-    assert (log[0]["who"], log[0]["query"]) == ("sha256:ef", None)
+    assert [(e["id"], e["who"], e["query"]) for e in log[:2]] == [
+        (1, "sha256:ef", None), (2, "olga", None)]
+    assert (log[1]["action"], log[1]["target"], log[1]["result_count"]) == (
+        "imap_fetch", "All Mail", 3)
     assert cli(capsys, "hold", "list", "--data-dir", str(db.data)) == []
 
 
