@@ -121,3 +121,26 @@ def test_backup_on_postgresql_while_messages_arrive_is_consistent(
     missed = json.loads((tmp_path / "bk" / "BACKUP.json").read_text())["receipts_not_in_database"]
     findings = ledger_errors(dst)
     assert all("db_message_missing" in f for f in findings) and len(findings) == missed
+
+
+def test_libpq_arguments_keep_the_password_off_the_command_line() -> None:
+    from reports.pg_backup import libpq
+
+    conn = libpq("postgresql+psycopg://arch:s3cret@db.internal:6543/coffer"
+                 "?options=-csearch_path%3Dtenant_a")
+    assert conn.args == ["--dbname=coffer", "--host=db.internal", "--port=6543",
+                         "--username=arch"]
+    assert conn.env == {"PGPASSWORD": "s3cret"} and conn.schema == "tenant_a"
+    assert libpq("postgresql://postgres@127.0.0.1/test").schema is None
+
+
+def test_restore_refuses_a_url_without_a_database_or_in_another_schema(tmp_path: Path) -> None:
+    from reports.errors import BackupError
+    from reports.pg_backup import restore
+
+    with pytest.raises(BackupError, match="must name a database"):
+        restore(tmp_path / "x.pgdump", "postgresql://postgres@127.0.0.1", None)
+    with pytest.raises(BackupError, match="schema tenant_a"):
+        restore(tmp_path / "x.pgdump",
+                "postgresql://postgres@127.0.0.1/test?options=-csearch_path%3Dtenant_b",
+                "tenant_a")
