@@ -81,7 +81,7 @@ from archive.extract import Extracted, extract
 from archive.facade import Archive
 from archive.index import Indexer, open_index
 from archive.ledger import LedgerEntry
-from archive.metadata import Blob, Message, MessageRecord, Metadata
+from archive.metadata import Blob, Message, MessageRecord, Metadata, _safe_url
 from archive.receipts import RECEIPT, apply_receipt, parse_receipt
 from reports.common import Progress, metadata_url, parse_utc, record_audit
 from reports.errors import RebuildError
@@ -245,9 +245,12 @@ def rebuild(data_dir: Path, *, database: str | None = None, index_engine: str | 
     meta = Metadata(url)
     try:
         meta.migrate()
-        if meta.count() and not force:
-            raise RebuildError(f"{url}: the metadata database is not empty; rebuild fills "
-                               "an empty one (use --force for SQLite)")
+        if meta.count():
+            # --force has already set a SQLite file aside; a server database is never
+            # emptied here (restored ids would collide with the rows in it).
+            raise RebuildError(f"{_safe_url(url)}: the metadata database is not empty; rebuild "
+                               "fills an empty one (--force sets a SQLite file aside; drop "
+                               "and re-create a PostgreSQL database yourself)")
         bar = Progress("rebuild", enabled=progress)
         led = _read_ledger(archive)
         batch: list[MessageRecord] = []

@@ -192,3 +192,16 @@ def test_ledger_documents_are_encrypted_and_the_ledger_names_them_by_hash(
         assert meta.count() == 4  # documents are not messages
     assert ledger_errors(db) == []
     assert cli(capsys, "search", "subpoena", "--data-dir", str(db.data)) == []
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_rebuild_refuses_a_postgresql_database_that_is_not_empty_even_with_force(
+        db: Db, capsys: pytest.CaptureFixture[str]) -> None:
+    populate(db.data, sample(), db.url)
+    with db.open() as meta:
+        rows = meta.count()
+    for force in ([], ["--force"]):
+        assert main(["archive", "rebuild", *db.cli(), *force]) == 1
+        assert "not empty" in capsys.readouterr().err
+    with db.open() as meta:
+        assert meta.count() == rows
