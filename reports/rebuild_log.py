@@ -117,13 +117,36 @@ def restore_audit(meta: Metadata, archive: Archive, entries: list[LedgerEntry]) 
     out = LogRestore()
     if not entries:
         return out
+    seen: set[int] = set()
+    reused: list[AuditEvent] = []
     with meta.session() as s:
         for e in entries:
             doc = _document(archive, e, AUDIT_DOCUMENT, out)
-            s.add(_event(doc, e, out) if doc is not None else _hashed_event(e))
+            event = _event(doc, e, out) if doc is not None else _hashed_event(e)
             out.restored += 1
+            if event.id in seen:
+                reused.append(event)
+                continue
+            seen.add(event.id)
+            s.add(event)
     _advance_sequence(meta, "audit_events")
+    if reused:
+        _add_with_new_ids(meta, reused, out)
     return out
+
+
+def _add_with_new_ids(meta: Metadata, events: list[AuditEvent], out: LogRestore) -> None:
+    """Events whose id an earlier entry already has: a database restored from a backup
+    hands out again the ids of events that reached the ledger after its snapshot.  Both
+    are real events; the later ones get new ids rather than failing the rebuild."""
+    out.warnings.append(f"{len(events)} audit event id(s) appear twice in the ledger "
+                        f"({', '.join(str(e.id) for e in events)}); the later event(s) got "
+                        "new ids")
+    with meta.session() as s:
+        for event in events:
+            event.detail = {**(event.detail or {}), "ledger_event_id": event.id}
+            event.id = None  # type: ignore[assignment]
+            s.add(event)
 
 
 def restore_holds(meta: Metadata, archive: Archive, entries: list[LedgerEntry]) -> LogRestore:

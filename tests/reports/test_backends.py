@@ -96,3 +96,29 @@ def test_export_and_recovery_queries_work_on_both_backends(meta: Metadata, tmp_p
     assert "secret@example.org" in manifest  # the Bcc, from the envelope rows
     assert [p.rcpt_to for p in plan] == [["bob@example.org", "secret@example.org"],
                                          ["dave@example.com"]]
+
+
+def test_rebuild_keeps_both_audit_events_that_reused_an_id(meta: Metadata, tmp_path: Path
+                                                           ) -> None:
+    """A database restored from a backup hands out again the ids of events that reached
+    the ledger after its snapshot: both events come back, the later with a new id."""
+    from archive.audit import append_audit
+    from archive.facade import Archive
+    from archive.ledger import LedgerEntry
+    from archive.metadata import AuditEvent
+    from reports.rebuild_log import restore_audit
+
+    at = T0 + timedelta(days=1)
+    with Archive.open(tmp_path / "data") as archive:
+        for who in ("olivia", "peter"):
+            append_audit(archive, AuditEvent(id=5, at=at, who=who, action="search",
+                                             query=f"q-{who}", result_count=1, target=None,
+                                             detail={}))
+        entries: list[LedgerEntry] = [e for e in archive.ledger.entries() if e.kind == "audit"]
+        restored = restore_audit(meta, archive, entries)
+    assert restored.restored == 2 and "appear twice" in restored.warnings[0]
+    events = meta.audit_events()
+    assert [(e.who, e.query) for e in events] == [("olivia", "q-olivia"), ("peter", "q-peter")]
+    assert events[0].id == 5 and events[1].id > 5
+    assert events[1].detail == {"ledger_event_id": 5}
+    assert meta.record_audit("x", "show", when=at).id > events[1].id
