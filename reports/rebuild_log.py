@@ -152,30 +152,62 @@ def _add_with_new_ids(meta: Metadata, events: list[AuditEvent], out: LogRestore)
 def restore_holds(meta: Metadata, archive: Archive, entries: list[LedgerEntry]) -> LogRestore:
     """Holds (with their frozen messages) and their releases, in ledger order."""
     out = LogRestore()
-    old_cases: list[str] = []
+    docs = _hold_documents(archive, entries, out)
+    ids = _HoldIds(max((int(d["hold"]) for e, d in docs
+                        if e.kind == "hold_placed" and isinstance(d.get("hold"), int)),
+                       default=0))
     with meta.session() as s:
-        for e in entries:
-            kind = HOLD_DOCUMENT if e.kind == "hold_placed" else RELEASE_DOCUMENT
-            before = out.without_document
-            doc = _document(archive, e, kind, out)
-            if doc is None:
-                if out.without_document > before:
-                    old_cases.append(f"{e.kind} {e.fields.get('case', '?')} (seq {e.seq})")
-                continue
+        for e, doc in docs:
             try:
                 if e.kind == "hold_placed":
-                    _place(meta, s, _hold_row(doc), doc, e, out)
+                    _place(meta, s, ids, doc, e, out)
                 else:
-                    _release(s, doc, e, out)
+                    _release(s, ids, doc, e, out)
             except (KeyError, TypeError, ValueError) as exc:
-                out.warnings.append(f"ledger seq {e.seq}: malformed {kind} document ({exc!r})")
-    if old_cases:
-        out.warnings.append(f"{len(old_cases)} hold entries predate ledger documents and are "
-                            "NOT restored (re-create them with `coffer hold create`): "
-                            + "; ".join(old_cases))
+                out.warnings.append(f"ledger seq {e.seq}: malformed {e.kind} document "
+                                    f"({exc!r})")
     if out.restored:
         _advance_sequence(meta, "holds")
     return out
+
+
+def _hold_documents(archive: Archive, entries: list[LedgerEntry], out: LogRestore
+                    ) -> list[tuple[LedgerEntry, dict[str, Any]]]:
+    """(entry, document) in ledger order; entries older than documents are listed."""
+    found: list[tuple[LedgerEntry, dict[str, Any]]] = []
+    old: list[str] = []
+    for e in entries:
+        before = out.without_document
+        doc = _document(archive, e, HOLD_DOCUMENT if e.kind == "hold_placed"
+                        else RELEASE_DOCUMENT, out)
+        if doc is not None:
+            found.append((e, doc))
+        elif out.without_document > before:
+            old.append(f"{e.kind} {e.fields.get('case', '?')} (seq {e.seq})")
+    if old:
+        out.warnings.append(f"{len(old)} hold entries predate ledger documents and are NOT "
+                            "restored (re-create them with `coffer hold create`): "
+                            + "; ".join(old))
+    return found
+
+
+@dataclass
+class _HoldIds:
+    """Row ids of restored holds: the recorded id, or one past every recorded id when an
+    earlier hold has it already (a database restored from a backup hands out again the
+    ids of holds placed after its snapshot)."""
+
+    top: int
+    rows: dict[int, int] = field(default_factory=dict)  # recorded id -> row id (latest)
+    cases: set[str] = field(default_factory=set)
+
+    def assign(self, recorded: int) -> int:
+        row = recorded
+        if recorded in self.rows:  # reassigned ids are above every recorded one
+            self.top += 1
+            row = self.top
+        self.rows[recorded] = row
+        return row
 
 
 def _hold_row(doc: dict[str, Any]) -> Hold:
@@ -185,8 +217,18 @@ def _hold_row(doc: dict[str, Any]) -> Hold:
                 created_by=str(doc.get("created_by") or ""))
 
 
-def _place(meta: Metadata, s: Session, hold: Hold, doc: dict[str, Any], e: LedgerEntry,
+def _place(meta: Metadata, s: Session, ids: _HoldIds, doc: dict[str, Any], e: LedgerEntry,
            out: LogRestore) -> None:
+    hold = _hold_row(doc)
+    if hold.case in ids.cases:
+        out.warnings.append(f"ledger seq {e.seq}: hold {hold.case} placed a second time; "
+                            "this later one is NOT restored (a case name is used once)")
+        return
+    ids.cases.add(hold.case)
+    recorded, hold.id = hold.id, ids.assign(hold.id)
+    if hold.id != recorded:
+        out.warnings.append(f"ledger seq {e.seq}: hold {hold.case}: id {recorded} was "
+                            f"already taken; restored as {hold.id}")
     wanted = sorted({int(i) for i in doc.get("message_ids") or []})
     present = set(s.scalars(select(Message.id).where(meta.ids_condition(Message.id, wanted)))
                   ) if wanted else set()
@@ -200,9 +242,11 @@ def _place(meta: Metadata, s: Session, hold: Hold, doc: dict[str, Any], e: Ledge
     out.restored += 1
 
 
-def _release(s: Session, doc: dict[str, Any], e: LedgerEntry, out: LogRestore) -> None:
-    hold = s.get(Hold, int(doc["hold"]))
-    if hold is None:
+def _release(s: Session, ids: _HoldIds, doc: dict[str, Any], e: LedgerEntry,
+             out: LogRestore) -> None:
+    row = ids.rows.get(int(doc["hold"]))
+    hold = s.get(Hold, row) if row is not None else None
+    if hold is None or hold.case != doc.get("case"):
         out.warnings.append(f"ledger seq {e.seq}: release of hold {doc.get('case')!r}, "
                             "which was not restored")
         return

@@ -122,3 +122,37 @@ def test_rebuild_keeps_both_audit_events_that_reused_an_id(meta: Metadata, tmp_p
     assert events[0].id == 5 and events[1].id > 5
     assert events[1].detail == {"ledger_event_id": 5}
     assert meta.record_audit("x", "show", when=at).id > events[1].id
+
+
+def test_rebuild_keeps_both_holds_that_reused_an_id(meta: Metadata, tmp_path: Path) -> None:
+    """Hold 3 reached the ledger after a backup's snapshot; the restored database gave id 3
+    to the next hold: both come back, each with its own release state."""
+    from archive.documents import append_documented
+    from archive.facade import Archive
+    from archive.holds import HOLD_DOCUMENT, RELEASE_DOCUMENT, list_holds
+    from reports.rebuild_log import restore_holds
+
+    meta.add_messages(_records())
+    at = (T0 + timedelta(days=9)).isoformat()
+
+    def placed(case: str, ids: list[int]) -> tuple[str, dict[str, object]]:
+        return "hold_placed", {"kind": HOLD_DOCUMENT, "hold": 3, "case": case, "query": "q",
+                               "reason": "", "created_at": at, "created_by": "olga",
+                               "message_ids": ids}
+
+    docs = [placed("C-MISSED", [1]), placed("C-NEXT", [2, 3]),
+            ("hold_released", {"kind": RELEASE_DOCUMENT, "hold": 3, "case": "C-NEXT",
+                               "released_at": at, "released_by": "peter"}),
+            placed("C-NEXT", [4])]
+    with Archive.open(tmp_path / "data") as archive:
+        for kind, doc in docs:
+            append_documented(archive, kind, doc, hold=3)
+        entries = [e for e in archive.ledger.entries() if e.kind.startswith("hold_")]
+        restored = restore_holds(meta, archive, entries)
+    assert restored.restored == 2 and len(restored.warnings) == 2
+    holds = {h.case: h for h in list_holds(meta)}
+    assert (holds["C-MISSED"].id, holds["C-MISSED"].items, holds["C-MISSED"].active) == (
+        3, 1, True)
+    assert (holds["C-NEXT"].id, holds["C-NEXT"].items, holds["C-NEXT"].released_by) == (
+        4, 2, "peter")
+    assert meta.place_hold("C-NEW", "q", "olga", [], T0) == 5
