@@ -8,7 +8,10 @@ from the database is visible to :func:`check_database`).
 
 Ledger entries hold ids and hashes, never personal data: the officer's name,
 the query text (which may hold addresses) and the detail are committed to by
-their SHA-256 only; the database row keeps them in clear for ``coffer audit log``.
+their SHA-256 only; the database row keeps them in clear for ``coffer audit log``,
+and so does an encrypted ledger document (archive.documents, kind
+``coffer-audit/1``) the entry names, from which ``coffer archive rebuild``
+restores the event after the database is lost.
 
 :func:`check_database` is the other direction of the proof: it cross-checks the
 metadata database against the ledger (``coffer archive audit-db``), finding a
@@ -30,16 +33,18 @@ from typing import Any, Literal
 
 from sqlalchemy import func, select
 
+from archive.documents import append_documented, is_message_entry
 from archive.facade import Archive
 from archive.ledger import Ledger
 from archive.metadata import AuditEvent, Message, Metadata
-from archive.receipts import is_receipt_entry
 from archive.search import AuditHook, audit, register_audit_hook, unregister_audit_hook
 
 __all__ = [
-    "DbFinding", "audit_ledger_fields", "check_database", "connect_audit_to_ledger",
-    "ledger_audit", "record", "sha256_text",
+    "AUDIT_DOCUMENT", "DbFinding", "append_audit", "audit_document", "audit_ledger_fields",
+    "check_database", "connect_audit_to_ledger", "ledger_audit", "record", "sha256_text",
 ]
+
+AUDIT_DOCUMENT = "coffer-audit/1"
 
 
 def sha256_text(text: str | None) -> str | None:
@@ -73,6 +78,19 @@ def audit_ledger_fields(event: AuditEvent) -> dict[str, Any]:
     return fields
 
 
+def audit_document(event: AuditEvent) -> dict[str, Any]:
+    """The event in clear, for its encrypted ledger document (pure)."""
+    return {"kind": AUDIT_DOCUMENT, "event": event.id, "at": event.at.isoformat(),
+            "who": event.who, "action": event.action, "query": event.query,
+            "result_count": event.result_count, "target": event.target,
+            "detail": event.detail or {}}
+
+
+def append_audit(archive: Archive, event: AuditEvent) -> None:
+    """The event's encrypted document, then its ``audit`` ledger entry naming it."""
+    append_documented(archive, "audit", audit_document(event), **audit_ledger_fields(event))
+
+
 # id(archive) -> its hook; one hook per archive however often it is connected.
 _CONNECTED: dict[int, AuditHook] = {}
 
@@ -86,7 +104,7 @@ def connect_audit_to_ledger(archive: Archive) -> Callable[[], None]:
     key = id(archive)
     if key not in _CONNECTED:
         def hook(event: AuditEvent) -> None:
-            archive.append("audit", **audit_ledger_fields(event))
+            append_audit(archive, event)
 
         _CONNECTED[key] = hook
         register_audit_hook(hook)
@@ -172,8 +190,8 @@ def check_database(meta: Metadata, ledger_dir: Path) -> list[DbFinding]:
     audit_events: dict[int, int] = {}
     for entry in Ledger(ledger_dir).entries():
         sha = entry.fields.get("sha256")
-        if entry.kind == "message_stored" and is_receipt_entry(entry.fields):
-            continue  # a receipt blob (archive.receipts) has no row of its own
+        if entry.kind == "message_stored" and not is_message_entry(entry):
+            continue  # a receipt or ledger document has no row of its own
         if entry.kind == "message_stored" and isinstance(sha, str):
             stored[sha] += 1
             first_seq.setdefault(sha, entry.seq)

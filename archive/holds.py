@@ -17,7 +17,11 @@ Releasing a hold ends it but keeps it (released_at, released_by) as history, and
 the case name stays taken.  Every create and release is audited (database and
 ledger) and leaves its own ledger entry (``hold_placed`` / ``hold_released``)
 holding the hold id, the case, the SHA-256 of the query and of the sorted item
-ids: ids and hashes, never addresses.
+ids: ids and hashes, never addresses.  Each of those entries names an encrypted
+ledger document (archive.documents) with the hold in clear: case, query, reason,
+who and when, and the archive ids it froze (``coffer-hold/1``), or who released
+it and when (``coffer-hold-release/1``): ``coffer archive rebuild`` restores the
+hold, its items and its release from them (reports.rebuild_log).
 """
 
 from __future__ import annotations
@@ -31,13 +35,20 @@ from typing import Any
 from sqlalchemy import func, select, update
 
 from archive.audit import record, sha256_text
+from archive.documents import append_documented
 from archive.errors import ArchiveError
 from archive.facade import Archive
 from archive.metadata import Hold, HoldItem, Metadata
 from archive.query import parse, to_string
 from archive.search import Searcher
 
-__all__ = ["HoldError", "HoldInfo", "create_hold", "get_hold", "list_holds", "release_hold"]
+__all__ = [
+    "HOLD_DOCUMENT", "RELEASE_DOCUMENT", "HoldError", "HoldInfo", "create_hold", "get_hold",
+    "list_holds", "release_hold",
+]
+
+HOLD_DOCUMENT = "coffer-hold/1"
+RELEASE_DOCUMENT = "coffer-hold-release/1"
 
 
 class HoldError(ArchiveError):
@@ -100,8 +111,12 @@ def create_hold(meta: Metadata, archive: Archive, searcher: Searcher, case: str,
     ids = searcher.message_ids(node)
     now = _clock(clock)
     hold_id = meta.place_hold(case, query, who, ids, now, reason)
-    archive.append("hold_placed", hold=hold_id, case=case, query_sha256=sha256_text(query),
-                   items=len(ids), items_sha256=_ids_sha256(ids))
+    doc = {"kind": HOLD_DOCUMENT, "hold": hold_id, "case": case, "query": query,
+           "reason": reason, "created_at": now.isoformat(), "created_by": who,
+           "message_ids": sorted(set(ids))}
+    append_documented(archive, "hold_placed", doc, hold=hold_id, case=case,
+                      query_sha256=sha256_text(query), items=len(ids),
+                      items_sha256=_ids_sha256(ids))
     record(meta, archive, who, "hold", query=canonical, result_count=len(ids), target=case,
            detail={"hold": hold_id, "reason": reason}, clock=lambda: now)
     info = get_hold(meta, case)
@@ -123,7 +138,10 @@ def release_hold(meta: Metadata, archive: Archive, case: str, who: str, *,
     with meta.session() as s:
         s.execute(update(Hold).where(Hold.id == info.id, Hold.released_at.is_(None))
                   .values(released_at=now, released_by=who[:255]))
-    archive.append("hold_released", hold=info.id, case=info.case, items=info.items)
+    doc = {"kind": RELEASE_DOCUMENT, "hold": info.id, "case": info.case,
+           "released_at": now.isoformat(), "released_by": who[:255]}
+    append_documented(archive, "hold_released", doc, hold=info.id, case=info.case,
+                      items=info.items)
     record(meta, archive, who, "release", query=info.query, result_count=info.items,
            target=info.case, detail={"hold": info.id}, clock=lambda: now)
     released = get_hold(meta, case)

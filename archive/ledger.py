@@ -18,7 +18,8 @@ stored_size, new, plus the caller's record fields such as the archive id),
 ``blob_recovered`` (a blob from an interrupted batch, see archive.store),
 ``tombstone`` (sha256, reason: the data key was destroyed), ``key_rotated``,
 ``checkpoint``, ``ledger_repaired``; other modules add ``audit``,
-``hold_placed``, ``hold_released``.  The ledger is never erased, so record
+``hold_placed``, ``hold_released`` (each naming, by SHA-256, an encrypted
+ledger document with its clear text: archive.documents).  The ledger is never erased, so record
 fields must be identifiers and hashes, never personal data such as addresses.
 
 Files: ``archive/ledger/<first seq, 12 digits>.jsonl`` segments of at most

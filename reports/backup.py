@@ -4,9 +4,11 @@ The gateway keeps running while a backup is made.  Consistency comes from the
 order of the steps, each of which only ever sees append-only data grow:
 
 1. the full-text index (SQLite FTS5) is snapshotted with the sqlite3 backup API;
-2. the metadata database is snapshotted with the sqlite3 backup API.  The
-   archive stage writes blob and ledger entry *before* the database row, so
-   every row in this snapshot has its blob and ledger entry already;
+2. the metadata database is snapshotted: SQLite with the sqlite3 backup API,
+   PostgreSQL with pg_dump at an exported REPEATABLE READ snapshot
+   (reports.pg_backup; the dump is DEST/metadata.pgdump).  The archive stage
+   writes blob and ledger entry *before* the database row, so every row in this
+   snapshot has its blob and ledger entry already;
 3. a signed checkpoint is written to the ledger now, and the ledger is copied
    up to and including it (later entries are left out);
 4. every blob (and wrapped data key) recorded in that ledger prefix is copied;
@@ -19,10 +21,10 @@ in the copied store and ledger but not in the copied database: after a restore,
 On restore, blobs the database says were indexed after the index snapshot are
 marked unindexed again, so the indexer of the running gateway catches up.
 
-PostgreSQL: the database is not copied here; back it up with
-``pg_dump --format=custom`` right after ``coffer backup create`` (and restore
-with ``pg_restore`` before ``coffer backup restore``).  The whoosh index is not
-copied (it is rebuilt with ``coffer archive reindex``).
+PostgreSQL: ``coffer backup restore --database URL`` restores the dump with
+pg_restore into that database, which must be empty (``createdb``).  The pg
+full-text index lives in the database and comes with it.  The whoosh index is
+not copied (it is rebuilt with ``coffer archive reindex``).
 
 BACKUPS CONTAIN THE ARCHIVE KEYS unless ``--no-keys``: whoever has the backup can
 read every archived message.  Keep backups encrypted and access-controlled.
@@ -43,11 +45,13 @@ from typing import BinaryIO
 
 from sqlalchemy import update
 
+from archive.documents import is_message_entry
 from archive.facade import Archive
-from archive.ledger import read_lines
+from archive.ledger import Ledger, read_lines
 from archive.metadata import Blob, Metadata
 from archive.store import BLOB_NAME, FANOUT, KEY_NAME
 from archive.verify import Finding, verify
+from reports import pg_backup
 from reports.common import LedgerIndex, Progress, metadata_url, record_audit
 from reports.errors import BackupError
 
@@ -99,12 +103,10 @@ def create_backup(data_dir: Path, dest: Path, *, database: str | None = None,
         root.mkdir(parents=True, mode=0o750)
         started = datetime.now(UTC)
         url = metadata_url(data_dir, database)
-        src_db = _sqlite_path(url)
         fts = archive.paths.root / "index" / "fts5.db"
         if fts.exists():
             _snapshot(fts, root / "index" / "fts5.db")
-        if src_db is not None and src_db.exists():
-            _snapshot(src_db, root / "meta.db")
+        db_rows, kind = _snapshot_database(url, dest)
         checkpoint = archive.checkpoint()
         _copy_ledger(archive.paths.ledger, root / "ledger", checkpoint.seq)
         ledger = LedgerIndex.read(root / "ledger")
@@ -117,13 +119,16 @@ def create_backup(data_dir: Path, dest: Path, *, database: str | None = None,
             (root / "keys").mkdir(mode=0o700)
             shutil.copy2(archive.paths.keys / "ledger-signing.pub", root / "keys")
         missed = 0
-        if (root / "meta.db").exists():
-            with Metadata(f"sqlite:///{root / 'meta.db'}") as copy:
-                missed = max(0, sum(len(v) for v in ledger.stored.values()) - copy.count())
+        if db_rows is not None:
+            # Documents and receipts are blobs the ledger stores, not messages.
+            stored = sum(1 for e in Ledger(root / "ledger").entries() if is_message_entry(e))
+            missed = max(0, stored - db_rows)
         info = {"created": started.isoformat(), "checkpoint_seq": checkpoint.seq,
                 "checkpoint_head_hash": checkpoint.fields["head_hash"], "blobs": blobs,
                 "index_snapshot_started": started.isoformat() if fts.exists() else None,
-                "database": "sqlite" if src_db else "postgresql: not included, use pg_dump",
+                "database": kind,
+                "database_schema": pg_backup.libpq(url).schema if kind == "postgresql"
+                else None,
                 "keys": keys, "receipts_not_in_database": missed}
         (dest / MANIFEST).write_text(json.dumps(info, indent=1) + "\n")
         _, findings = verify(root, use_keys=keys)
@@ -134,6 +139,19 @@ def create_backup(data_dir: Path, dest: Path, *, database: str | None = None,
         archive.close()
     return BackupResult(dest, checkpoint.seq, blobs,
                         [f for f in findings if f.severity == "error"], missed)
+
+
+def _snapshot_database(url: str, dest: Path) -> tuple[int | None, str | None]:
+    """Step 2: (message rows in the snapshot, "sqlite" | "postgresql"), or (None, None)
+    when there is no database to copy."""
+    src_db = _sqlite_path(url)
+    if src_db is not None:
+        if not src_db.exists():
+            return None, None
+        _snapshot(src_db, dest / "archive" / "meta.db")
+        with Metadata(f"sqlite:///{dest / 'archive' / 'meta.db'}") as copy:
+            return copy.count(), "sqlite"
+    return pg_backup.dump(url, dest / pg_backup.DUMP_NAME), "postgresql"
 
 
 def _copy_ledger(src: Path, dst: Path, upto: int) -> None:
@@ -194,19 +212,29 @@ def restore_backup(src: Path, data_dir: Path, *, database: str | None = None,
     if target.exists() and any(target.iterdir()):
         raise BackupError(f"{target}: an archive is already here; restore into an empty "
                           "data directory (move the old one aside first)")
+    url = metadata_url(data_dir, database)
+    dump = src / pg_backup.DUMP_NAME
+    if info.get("database") == "postgresql" and _sqlite_path(url) is not None:
+        raise BackupError(f"{src}: the metadata is a PostgreSQL dump; give --database URL "
+                          "of an empty PostgreSQL database to restore it into")
+    if info.get("database") == "postgresql" and not dump.is_file():
+        raise BackupError(f"{dump}: missing (the backup's PostgreSQL dump)")
     bar = Progress("restore", enabled=progress)
+    if info.get("database") == "postgresql":
+        pg_backup.restore(dump, url, info.get("database_schema"))  # before any file is copied
     shutil.copytree(src / "archive", target, dirs_exist_ok=True)
     os.chmod(target / "keys", 0o700)
     bar.done(info.get("blobs", 0))
-    url = metadata_url(data_dir, database)
-    if info.get("index_snapshot_started") and _sqlite_path(url) == target / "meta.db":
+    restored_db = (info.get("database") == "postgresql"
+                   or _sqlite_path(url) == target / "meta.db")
+    if info.get("index_snapshot_started") and restored_db:
         # Indexed after the index snapshot: the copied index lacks them; index again.
         since = datetime.fromisoformat(info["index_snapshot_started"])
         with Metadata(url) as meta, meta.session() as s:
             s.execute(update(Blob).where(Blob.indexed_at >= since).values(indexed_at=None))
     summary, findings = verify(target, use_keys=bool(info.get("keys", True)))
     errors = [f for f in findings if f.severity == "error"]
-    if (target / "meta.db").exists() or database:
+    if restored_db or database:
         archive = Archive.open(data_dir, create=False) if info.get("keys", True) else None
         try:
             with Metadata(url) as meta:

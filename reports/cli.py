@@ -13,6 +13,7 @@ Handlers return 0 (done), 1 (a problem was found, e.g. a tampered package), 2 (u
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Iterator
@@ -126,6 +127,8 @@ def register(sub: SubParsers) -> None:
                     help="replace an existing (e.g. damaged) metadata database")
     rb.add_argument("--officer", metavar="NAME")
     rb.add_argument("--progress", action="store_true", default=None)
+    rb.add_argument("--json", action="store_true",
+                    help="print the counts and warnings as one JSON object on stdout")
     _db_args(rb)
     rb.set_defaults(func=cmd_rebuild)
 
@@ -304,8 +307,11 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     data_dir = data_dir_from_args(args)
     res = rebuild(data_dir, database=args.database, index_engine=args.index, force=args.force,
                   officer=current_officer(args.officer), progress=args.progress)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(res), ensure_ascii=False))
     print(f"rebuilt {res.messages} messages ({res.blobs} blobs, {res.shredded} shredded, "
-          f"{res.indexed} indexed, {res.receipts} with receipts) from the ledger", file=sys.stderr)
+          f"{res.indexed} indexed, {res.receipts} with receipts), {res.holds} legal holds "
+          f"and {res.audit_events} audit events from the ledger", file=sys.stderr)
     for w in res.warnings:
         print(f"warning: {w}", file=sys.stderr)
     return EXIT_OK

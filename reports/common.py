@@ -33,6 +33,12 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def parse_utc(text: str) -> datetime:
+    """An ISO 8601 time (ledger entries, documents); a naive one is taken as UTC."""
+    t = datetime.fromisoformat(text)
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
 def metadata_url(data_dir: Path, database: str | None = None) -> str:
     """--database, else $COFFER_ARCHIVE_DB, else DATA_DIR/archive/meta.db (SQLite)."""
     url = database or os.environ.get("COFFER_ARCHIVE_DB")

@@ -39,16 +39,23 @@ What it cannot restore (not in the store or the ledger):
   rule hits, the spam verdict and the retention end (restored as "none":
   nothing expires until retention is applied again, the safe direction);
 * links between sent and received copies;
-* legal holds (hold entries are listed in the warnings so each case can be
-  re-created) and the audit log's text: audit events come back from the ledger
-  with their ids, times, actions and counts, but officer, query, target and
-  detail only as SHA-256 (that is all the ledger ever held);
+* legal holds written before ledger documents existed (their entries are counted
+  and listed in the warnings so each case can be re-created), and the text of
+  audit events written before then: they come back from the ledger with their
+  ids, times, actions and counts, but officer, query, target and detail only as
+  SHA-256 (that is all the ledger held);
 * the content facts of shredded messages: they come back as expired rows with
   only their hash, size and ledger time, so later archive ids stay the same
   (their receipts were shredded with them);
 * the expiry of a row whose blob was kept for another live copy (no tombstone
   names it): it comes back live with its receipt's retention end, so the next
   ``coffer archive expire`` expires it again.
+
+From the ledger documents (archive.documents; reports.rebuild_log): every legal
+hold with its id, case, query, reason, creator, time, frozen message set and
+release, hence ``hold:CASE`` searches, ``coffer hold list/show`` and the holds
+report; every audit event with its id and, in clear, officer, query, target and
+detail, hence ``coffer audit log`` and the audit report.
 
 After a rebuild, archive.audit.check_database (``coffer archive audit-db``)
 finds the database consistent with the ledger.
@@ -66,17 +73,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, text
+from sqlalchemy import select
 
+from archive.documents import is_message_entry
 from archive.errors import ArchiveError
 from archive.extract import Extracted, extract
 from archive.facade import Archive
 from archive.index import Indexer, open_index
 from archive.ledger import LedgerEntry
-from archive.metadata import AuditEvent, Blob, Message, MessageRecord, Metadata
-from archive.receipts import RECEIPT, apply_receipt, is_receipt_entry, parse_receipt
-from reports.common import Progress, metadata_url, record_audit
+from archive.metadata import Blob, Message, MessageRecord, Metadata, _safe_url
+from archive.receipts import RECEIPT, apply_receipt, parse_receipt
+from reports.common import Progress, metadata_url, parse_utc, record_audit
 from reports.errors import RebuildError
+from reports.rebuild_log import event_id, restore_audit, restore_holds
 
 BATCH = 500
 _RECEIVED = re.compile(
@@ -150,6 +159,9 @@ class RebuildResult:
     shredded: int = 0
     indexed: int = 0
     audit_events: int = 0
+    audit_without_document: int = 0  # restored with hashed names only (older entries)
+    holds: int = 0
+    holds_without_document: int = 0  # hold entries older than ledger documents
     receipts: int = 0  # messages whose receipt blob restored envelope and decision
     warnings: list[str] = field(default_factory=list)
 
@@ -161,29 +173,23 @@ class _Ledger:
     stored: list[LedgerEntry] = field(default_factory=list)
     tombstones: dict[str, datetime] = field(default_factory=dict)  # sha256 -> when
     audits: list[LedgerEntry] = field(default_factory=list)
-    holds: list[str] = field(default_factory=list)
+    holds: list[LedgerEntry] = field(default_factory=list)
 
 
 def _read_ledger(archive: Archive) -> _Ledger:
     out = _Ledger()
     for e in archive.ledger.entries():
-        if e.kind == "message_stored" and is_receipt_entry(e.fields):
-            continue  # a receipt blob: read through its message's entry, never a row
+        if e.kind == "message_stored" and not is_message_entry(e):
+            continue  # a receipt or ledger document: read through the entry naming it
         if e.kind == "message_stored":
             out.stored.append(e)
         elif e.kind == "tombstone":
-            out.tombstones.setdefault(str(e.fields.get("sha256")), _time(e.time))
+            out.tombstones.setdefault(str(e.fields.get("sha256")), parse_utc(e.time))
         elif e.kind in ("hold_placed", "hold_released"):
-            out.holds.append(f"{e.kind} at ledger seq {e.seq} ({e.time})"
-                             + (f" case {e.fields['case']}" if "case" in e.fields else ""))
-        elif e.kind == "audit" and isinstance(e.fields.get("event"), int):
+            out.holds.append(e)
+        elif e.kind == "audit" and event_id(e) is not None:
             out.audits.append(e)
     return out
-
-
-def _time(text: str) -> datetime:
-    t = datetime.fromisoformat(text)
-    return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
 def shredded_record(entry: LedgerEntry) -> MessageRecord:
@@ -191,32 +197,8 @@ def shredded_record(entry: LedgerEntry) -> MessageRecord:
     ex = Extracted(size=int(entry.fields.get("size", 0)),
                    flags=["content shredded; row rebuilt from the ledger"])
     return MessageRecord(sha256=str(entry.fields["sha256"]), extracted=ex,
-                         received_at=_time(entry.time), source="rebuild", state="expired",
+                         received_at=parse_utc(entry.time), source="rebuild", state="expired",
                          ledger_ref=str(entry.seq))
-
-
-def _restore_audit(meta: Metadata, audits: list[LedgerEntry]) -> int:
-    """Audit events as the ledger knows them: ids, time, action, counts; names and
-    queries only as their SHA-256 (the ledger never held them in clear)."""
-    if not audits:
-        return 0
-    with meta.session() as s:
-        for e in audits:
-            f = e.fields
-            target = f.get("target")
-            s.add(AuditEvent(
-                id=int(f["event"]), at=_time(str(f.get("at", e.time))),
-                who=f"sha256:{f.get('who_sha256', '')}"[:255], action=str(f.get("action", ""))[:32],
-                query=None, result_count=f.get("result_count"),
-                target=str(target) if target is not None else None,
-                detail={"restored_from_ledger_seq": e.seq,
-                        **{k: f[k] for k in ("query_sha256", "target_sha256", "detail_sha256")
-                           if k in f}}))
-        if meta.dialect == "postgresql":
-            # Explicit ids do not advance the sequence: move it past them.
-            s.execute(text("SELECT setval(pg_get_serial_sequence('audit_events', 'id'), "
-                           "(SELECT max(id) FROM audit_events))"))
-    return len(audits)
 
 
 def record_from(entry: LedgerEntry, raw: bytes) -> MessageRecord:
@@ -263,9 +245,12 @@ def rebuild(data_dir: Path, *, database: str | None = None, index_engine: str | 
     meta = Metadata(url)
     try:
         meta.migrate()
-        if meta.count() and not force:
-            raise RebuildError(f"{url}: the metadata database is not empty; rebuild fills "
-                               "an empty one (use --force for SQLite)")
+        if meta.count():
+            # --force has already set a SQLite file aside; a server database is never
+            # emptied here (restored ids would collide with the rows in it).
+            raise RebuildError(f"{_safe_url(url)}: the metadata database is not empty; rebuild "
+                               "fills an empty one (--force sets a SQLite file aside; drop "
+                               "and re-create a PostgreSQL database yourself)")
         bar = Progress("rebuild", enabled=progress)
         led = _read_ledger(archive)
         batch: list[MessageRecord] = []
@@ -291,13 +276,7 @@ def rebuild(data_dir: Path, *, database: str | None = None, index_engine: str | 
                 bar.update(result.messages)
         _flush(meta, batch, wanted, result)
         _mark_shredded(meta, led.tombstones)
-        result.audit_events = _restore_audit(meta, led.audits)
-        if led.holds:
-            result.warnings.append("legal holds are NOT restored (re-create them with "
-                                   "`coffer hold create`): " + "; ".join(led.holds))
-        if result.audit_events:
-            result.warnings.append(f"{result.audit_events} audit events restored from the "
-                                   "ledger with hashed officer names and no query text")
+        _restore_log(meta, archive, led, result)
         bar.done(result.messages)
         engine = index_engine or ("pg" if meta.dialect == "postgresql" else "fts5")
         index = open_index(engine, data_dir=data_dir, meta=meta)
@@ -307,12 +286,27 @@ def rebuild(data_dir: Path, *, database: str | None = None, index_engine: str | 
             index.close()
         record_audit(meta, archive, officer, "rebuild", result_count=result.messages,
                      detail={"blobs": result.blobs, "shredded": result.shredded,
-                             "receipts": result.receipts,
+                             "receipts": result.receipts, "holds": result.holds,
+                             "audit_events": result.audit_events,
                              "warnings": result.warnings})
     finally:
         meta.close()
         archive.close()
     return result
+
+
+def _restore_log(meta: Metadata, archive: Archive, led: _Ledger,
+                 result: RebuildResult) -> None:
+    """Holds and audit events from their ledger documents (reports.rebuild_log)."""
+    holds = restore_holds(meta, archive, led.holds)
+    audit = restore_audit(meta, archive, led.audits)
+    result.holds, result.holds_without_document = holds.restored, holds.without_document
+    result.audit_events, result.audit_without_document = audit.restored, audit.without_document
+    result.warnings += holds.warnings + audit.warnings
+    if audit.without_document:
+        result.warnings.append(f"{audit.without_document} audit events predate ledger "
+                               "documents: restored with hashed officer names and no query "
+                               "text")
 
 
 def _with_receipt(archive: Archive, entry: LedgerEntry, rec: MessageRecord,

@@ -35,6 +35,7 @@ APT_PACKAGES=(
     opendkim-tools
     isync
     sqlite3
+    postgresql-client
     fonts-dejavu-core
     spamassassin
     spamd

@@ -23,7 +23,6 @@ SEARCH are audited (archive.search.audit: the database, then the ledger hooks).
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
@@ -31,6 +30,8 @@ from typing import Any
 
 from sqlalchemy import func, select
 
+from archive.audit import append_audit
+from archive.facade import Archive
 from archive.imap.accounts import Accounts
 from archive.imap.backend import (
     PERMANENT_FLAGS,
@@ -69,14 +70,13 @@ class _Entry:
     blob_id: int
 
 
-def ledger_audit_hook(append: Callable[..., object]) -> AuditHook:
-    """A hook writing each audit event to the ledger (``Archive.append``): ids and a hash
-    of the query, not the query itself (the ledger is not encrypted)."""
+def ledger_audit_hook(archive: Archive) -> AuditHook:
+    """A hook writing each audit event to ``archive``'s ledger as every other audit event
+    is (archive.audit.append_audit): ids and hashes in the entry, the officer and the
+    query only in its encrypted document (the ledger itself is not encrypted)."""
 
     def hook(ev: AuditEvent) -> None:
-        append("audit", audit_id=ev.id, who=ev.who, action=ev.action, target=ev.target,
-               result_count=ev.result_count,
-               query_sha256=hashlib.sha256((ev.query or "").encode()).hexdigest())
+        append_audit(archive, ev)
 
     return hook
 

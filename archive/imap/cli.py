@@ -172,7 +172,7 @@ def run_serve(args: argparse.Namespace) -> int:
                        data_dir=data_dir, meta=meta)
     accounts = _accounts(args, data_dir)
     backend = ArchiveBackend(meta, archive, accounts, index, domains,
-                             audit_hooks=[ledger_audit_hook(archive.append)])
+                             audit_hooks=[ledger_audit_hook(archive)])
     config = ImapConfig(host=host.strip("[]"), port=int(port), tls=tls,
                         implicit_tls=args.implicit_tls,
                         allow_plaintext_loopback=args.allow_plaintext_loopback)

@@ -88,10 +88,14 @@ def sample() -> list[Receipt]:
     ]
 
 
-def populate(data_dir: Path, receipts: Sequence[Receipt]) -> list[int]:
-    """Store, record and index ``receipts``; return their archive ids in order."""
+def populate(data_dir: Path, receipts: Sequence[Receipt], database: str | None = None
+             ) -> list[int]:
+    """Store, record and index ``receipts``; return their archive ids in order.
+
+    ``database``: a metadata URL (PostgreSQL, indexed with the pg engine) instead of
+    the embedded SQLite database."""
     archive = Archive.open(data_dir, checkpoint_every=3)
-    meta = Metadata.for_data_dir(data_dir)
+    meta = Metadata(database) if database else Metadata.for_data_dir(data_dir)
     meta.migrate()
     try:
         refs = archive.put_many([r.raw for r in receipts],
@@ -107,7 +111,8 @@ def populate(data_dir: Path, receipts: Sequence[Receipt]) -> list[int]:
                 retention_until=received + timedelta(days=r.retention_days)
                 if r.retention_days else None))
         ids = [s.id for s in meta.add_messages(recs)]
-        index = open_index("fts5", data_dir=data_dir)
+        index = open_index("pg" if meta.dialect == "postgresql" else "fts5",
+                           data_dir=data_dir, meta=meta)
         try:
             Indexer(meta, index, archive.get).run()
         finally:

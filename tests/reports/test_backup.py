@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from conftest import mail, populate, sample
+from metadata_db import Db
 from test_rebuild import results
 
 from archive.facade import Archive
@@ -23,7 +24,7 @@ def test_backup_restore_round_trip_passes_verify_and_searches_alike(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data, dest, restored = tmp_path / "data", tmp_path / "bk", tmp_path / "restored"
     populate(data, sample())
-    before = results(data, QUERIES)
+    before = results(Db(data), QUERIES)
     assert main(["backup", "create", str(dest), "--data-dir", str(data)]) == 0
     assert "contains the archive keys" in capsys.readouterr().err
     keys = dest / "archive" / "keys"
@@ -32,7 +33,7 @@ def test_backup_restore_round_trip_passes_verify_and_searches_alike(
     assert main(["backup", "restore", str(dest), "--data-dir", str(restored)]) == 0
     summary, findings = verify(restored / "archive")
     assert summary.ok, [str(f) for f in findings]
-    assert results(restored, QUERIES) == before
+    assert results(Db(restored), QUERIES) == before
     assert main(["archive", "verify", "--data-dir", str(restored)]) == 0
     # A restore never overwrites an archive.
     assert main(["backup", "restore", str(dest), "--data-dir", str(restored)]) == 1

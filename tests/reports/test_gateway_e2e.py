@@ -94,7 +94,7 @@ def test_running_gateway_delivers_a_recovery_and_rebuild_reads_its_archive(
         p.unlink()
     shutil.rmtree(data / "archive" / "index")
     assert main(["archive", "rebuild", "--config", str(cfg)]) == 0
-    assert "audit events restored" in capsys.readouterr().err
+    assert "1 audit events from the ledger" in capsys.readouterr().err
     after = {q: search(data, q) for q in before}
     assert after[f"subject:{token}"] == before[f"subject:{token}"]
     assert after["to:bob@remote.test"] == after["from:alice@src.test"] == before[
@@ -105,4 +105,7 @@ def test_running_gateway_delivers_a_recovery_and_rebuild_reads_its_archive(
     with Metadata.for_data_dir(data) as meta:
         msg = meta.get(after[f"subject:{token}"][0])
         assert msg is not None and msg.client_ip == "127.0.0.1" and msg.source == "smtp"
+        # The recovery's audit event, in clear again from its ledger document.
+        recovered = [e for e in meta.audit_events() if e.action == "recover"]
+        assert [(e.who, e.query) for e in recovered] == [("olivia", f"subject:{token}")]
     assert main(["archive", "verify", "--config", str(cfg)]) == 0

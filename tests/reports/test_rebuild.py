@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from conftest import Receipt, corpus_receipts, populate, sample
+from metadata_db import *  # noqa: F403 - fixtures: db (sqlite, postgresql), backend, pg_admin
+from metadata_db import Db
 
-from archive.index import open_index
 from archive.metadata import Metadata
 from archive.search import Searcher
 from gateway.cli import main
 from gateway.envelope import Envelope, TlsInfo
+from gateway.pipeline import MessageContext
 from gateway.receive.received import received_header
 from reports.rebuild import envelope_from_headers
 
@@ -39,9 +40,9 @@ def gatewayed(r: Receipt, n: int) -> Receipt:
                    r.state, r.retention_days)
 
 
-def results(data: Path, queries: list[str]) -> dict[str, list[tuple[int, str]]]:
-    meta = Metadata.for_data_dir(data)
-    index = open_index("fts5", data_dir=data)
+def results(db: Db, queries: list[str]) -> dict[str, list[tuple[int, str]]]:
+    meta = db.open()
+    index = db.index(meta)
     try:
         s = Searcher(meta, index)
         return {q: [(h.message.id, h.message.sha256)
@@ -51,35 +52,27 @@ def results(data: Path, queries: list[str]) -> dict[str, list[tuple[int, str]]]:
         meta.close()
 
 
-def lose_database(data: Path) -> None:
-    for p in (data / "archive").glob("meta.db*"):
-        p.unlink()
-    shutil.rmtree(data / "archive" / "index")
-
-
-def test_rebuild_after_losing_the_database_answers_searches_identically(tmp_path: Path) -> None:
-    data = tmp_path / "data"
+def test_rebuild_after_losing_the_database_answers_searches_identically(db: Db) -> None:
     receipts = [gatewayed(r, i) for i, r in enumerate(sample())]
-    populate(data, [*receipts, receipts[1]])
-    before = results(data, QUERIES)
+    populate(db.data, [*receipts, receipts[1]], db.url)
+    before = results(db, QUERIES)
     assert all(before[q] for q in QUERIES), "every query must match something"
-    lose_database(data)
-    assert main(["archive", "rebuild", "--data-dir", str(data)]) == 0
-    assert results(data, QUERIES) == before
+    db.lose()
+    assert main(["archive", "rebuild", *db.cli()]) == 0
+    assert results(db, QUERIES) == before
 
 
-def test_rebuild_restores_the_envelope_the_headers_carry_and_not_bcc(tmp_path: Path) -> None:
+def test_rebuild_restores_the_envelope_the_headers_carry_and_not_bcc(db: Db) -> None:
     """An archive written without receipt blobs (before they existed): headers only."""
-    data = tmp_path / "data"
     receipts = [gatewayed(r, i) for i, r in enumerate(sample())]
-    populate(data, receipts)
-    before = results(data, ["bcc:secret@example.org", "to:bob@example.org"])
-    lose_database(data)
-    assert main(["archive", "rebuild", "--data-dir", str(data)]) == 0
-    after = results(data, ["bcc:secret@example.org", "to:bob@example.org"])
+    populate(db.data, receipts, db.url)
+    before = results(db, ["bcc:secret@example.org", "to:bob@example.org"])
+    db.lose()
+    assert main(["archive", "rebuild", *db.cli()]) == 0
+    after = results(db, ["bcc:secret@example.org", "to:bob@example.org"])
     assert before["bcc:secret@example.org"] and not after["bcc:secret@example.org"]
     assert after["to:bob@example.org"] == before["to:bob@example.org"]
-    meta = Metadata.for_data_dir(data)
+    meta = db.open()
     try:
         m = meta.get(3)  # the single-recipient message: "for <...>" names its recipient
         assert m is not None
@@ -109,45 +102,44 @@ def test_rebuild_refuses_to_overwrite_a_database_without_force(tmp_path: Path) -
                for p in (data / "archive").iterdir())
 
 
-def test_rebuild_of_a_corpus_sample_matches_its_searches(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    populate(data, corpus_receipts(60))
+def test_rebuild_of_a_corpus_sample_matches_its_searches(db: Db) -> None:
+    populate(db.data, corpus_receipts(60), db.url)
     queries = ["has:attachment", "subject:test", "from:example.com", "date:2000..2030",
                "size:>2k", "hello"]
-    before = results(data, queries)
-    lose_database(data)
-    assert main(["archive", "rebuild", "--data-dir", str(data)]) == 0
+    before = results(db, queries)
+    db.lose()
+    assert main(["archive", "rebuild", *db.cli()]) == 0
     assert any(before.values())
-    assert results(data, queries) == before
+    assert results(db, queries) == before
 
 
-def test_rebuild_keeps_shredded_rows_and_audit_events_so_the_ledger_agrees(
-        tmp_path: Path) -> None:
+def test_rebuild_keeps_shredded_rows_and_audit_events_so_the_ledger_agrees(db: Db) -> None:
     import hashlib
 
     from archive.audit import check_database
     from archive.facade import Archive
 
-    data = tmp_path / "data"
+    data = db.data
     receipts = [gatewayed(r, i) for i, r in enumerate(sample())]
-    populate(data, receipts)
-    with Archive.open(data) as archive, Metadata.for_data_dir(data) as meta:
+    populate(data, receipts, db.url)
+    with Archive.open(data) as archive, db.open() as meta:
         archive.shred(hashlib.sha256(receipts[1].raw).hexdigest(), reason="retention")
         from reports.common import record_audit
 
         record_audit(meta, archive, "olivia", "search", query="merger", result_count=2)
     queries = ["merger", "invoice", "from:carol@example.net"]
-    before = results(data, queries)
-    lose_database(data)
-    assert main(["archive", "rebuild", "--data-dir", str(data)]) == 0
-    assert results(data, queries) == before  # ids after the shredded one are unchanged
-    with Metadata.for_data_dir(data) as meta:
+    before = results(db, queries)
+    db.lose()
+    assert main(["archive", "rebuild", *db.cli()]) == 0
+    assert results(db, queries) == before  # ids after the shredded one are unchanged
+    with db.open() as meta:
         gone = meta.get(2)
         assert gone is not None and gone.state == "expired" and gone.expired_at is not None
         events = meta.audit_events()
         assert [e.action for e in events] == ["search", "rebuild"]
-        assert events[0].who == "sha256:" + hashlib.sha256(b"olivia").hexdigest()
-        assert events[0].result_count == 2
+        # In clear again: from the event's encrypted ledger document.
+        assert (events[0].who, events[0].query, events[0].result_count) == (
+            "olivia", "merger", 2)
         assert [f for f in check_database(meta, data / "archive" / "ledger")
                 if f.severity == "error"] == []
 
@@ -163,50 +155,50 @@ RECEIPT_QUERIES = ["bcc:secret@example.org", "rule:encrypt-finance", "merger",
                    "to:bob@example.org", "spf:pass", "direction:outbound", "lunch"]
 
 
-async def through_stage(data: Path) -> list[int]:
+async def through_stage(db: Db) -> list[int]:
     """Two messages archived by the real ArchiveStage: one with a Bcc recipient, a
     policy decision with a rule hit and a retention end, one plain inbound."""
-    from archive.facade import Archive
-    from gateway.archive_stage import ArchiveStage
-    from gateway.pipeline import MessageContext
-
-    meta = Metadata.for_data_dir(data)
-    meta.migrate()
-    archive = Archive.open(data)
-    stage = ArchiveStage(archive, meta)
     first, second = sample()[0], sample()[1]
+    return await run_stage(db, [
+        MessageContext(Envelope("alice@example.com", ["bob@example.org", "secret@example.org"],
+                                client_ip="192.0.2.9", helo="laptop", auth_user="alice",
+                                tls=TlsInfo("TLSv1.3", "TLS_AES_128_GCM_SHA256"),
+                                received_at=1709283600.0, role="submission"),
+                       first.raw, {"check": CHECK, "spam": {"score": 0.5},
+                                   "decide": BCC_DECIDE}, qid="Q1"),
+        MessageContext(Envelope("bob@example.org", ["alice@example.com"],
+                                client_ip="198.51.100.4", received_at=1709373600.0),
+                       second.raw, {"check": CHECK, "decide": {"decision": "accept"}},
+                       qid="Q2")])
+
+
+async def run_stage(db: Db, contexts: list[MessageContext]) -> list[int]:
+    """Archive ``contexts`` with the real ArchiveStage (blob, receipt, row), then index;
+    returns their archive ids."""
+    from archive.facade import Archive
+    from archive.index import Indexer
+    from gateway.archive_stage import ArchiveStage
+
+    meta = db.open()
+    meta.migrate()
+    archive = Archive.open(db.data)
+    stage = ArchiveStage(archive, meta)
     try:
-        out = []
-        for ctx in (
-            MessageContext(Envelope("alice@example.com", ["bob@example.org", "secret@example.org"],
-                                    client_ip="192.0.2.9", helo="laptop", auth_user="alice",
-                                    tls=TlsInfo("TLSv1.3", "TLS_AES_128_GCM_SHA256"),
-                                    received_at=1709283600.0, role="submission"),
-                           first.raw, {"check": CHECK, "spam": {"score": 0.5},
-                                       "decide": BCC_DECIDE}, qid="Q1"),
-            MessageContext(Envelope("bob@example.org", ["alice@example.com"],
-                                    client_ip="198.51.100.4", received_at=1709373600.0),
-                           second.raw, {"check": CHECK, "decide": {"decision": "accept"}},
-                           qid="Q2"),
-        ):
-            out.append((await stage.run(ctx)).facts["message"])
+        out = [(await stage.run(ctx)).facts["message"] for ctx in contexts]
     finally:
         await stage.close()
         archive.close()
-    with Metadata.for_data_dir(data) as meta2:
-        index = open_index("fts5", data_dir=data)
+    with db.open() as meta2, Archive.open(db.data) as a:
+        index = db.index(meta2)
         try:
-            with Archive.open(data) as a:
-                from archive.index import Indexer
-
-                Indexer(meta2, index, a.get).run()
+            Indexer(meta2, index, a.get).run()
         finally:
             index.close()
     return out
 
 
-def row_facts(data: Path, ids: list[int]) -> list[tuple[object, ...]]:
-    with Metadata.for_data_dir(data) as meta:
+def row_facts(db: Db, ids: list[int]) -> list[tuple[object, ...]]:
+    with db.open() as meta:
         out: list[tuple[object, ...]] = []
         for pk in ids:
             m = meta.get(pk)
@@ -219,21 +211,21 @@ def row_facts(data: Path, ids: list[int]) -> list[tuple[object, ...]]:
 
 
 async def test_rebuild_restores_bcc_rule_hits_and_retention_from_receipt_blobs(
-        tmp_path: Path) -> None:
+        db: Db) -> None:
     from archive.audit import check_database
 
-    data = tmp_path / "data"
-    ids = await through_stage(data)
-    before = results(data, RECEIPT_QUERIES)
-    facts = row_facts(data, ids)
+    data = db.data
+    ids = await through_stage(db)
+    before = results(db, RECEIPT_QUERIES)
+    facts = row_facts(db, ids)
     assert before["bcc:secret@example.org"] == before["rule:encrypt-finance"] == [
         (ids[0], facts[0][0])]
     assert facts[0][1] is not None and facts[1][1] is None  # 30d retention vs none
-    lose_database(data)
-    assert main(["archive", "rebuild", "--data-dir", str(data)]) == 0
-    assert results(data, RECEIPT_QUERIES) == before
-    assert row_facts(data, ids) == facts
-    with Metadata.for_data_dir(data) as meta:
+    db.lose()
+    assert main(["archive", "rebuild", *db.cli()]) == 0
+    assert results(db, RECEIPT_QUERIES) == before
+    assert row_facts(db, ids) == facts
+    with db.open() as meta:
         assert meta.count() == 2  # receipts are not messages
         assert [f for f in check_database(meta, data / "archive" / "ledger")
                 if f.severity == "error"] == []
@@ -247,11 +239,11 @@ async def test_receipt_blobs_are_not_messages_and_the_ledger_holds_only_hashes(
     from archive.facade import Archive
 
     data = tmp_path / "data"
-    ids = await through_stage(data)
+    ids = await through_stage(Db(data))
     with Metadata.for_data_dir(data) as meta:
         assert meta.count() == len(ids)
     # Words only a receipt holds are not in the full-text index.
-    assert results(data, ["coffer-receipt", "laptop", "Q1"]) == {
+    assert results(Db(data), ["coffer-receipt", "laptop", "Q1"]) == {
         "coffer-receipt": [], "laptop": [], "Q1": []}
     with Archive.open(data) as archive:
         stored = [e for e in archive.ledger.entries() if e.kind == "message_stored"]
@@ -270,8 +262,7 @@ async def test_receipt_blobs_are_not_messages_and_the_ledger_holds_only_hashes(
                 assert b"secret@example.org" not in p.read_bytes()
 
 
-async def test_expiry_shreds_the_receipt_with_its_message_and_rebuild_agrees(
-        tmp_path: Path) -> None:
+async def test_expiry_shreds_the_receipt_with_its_message_and_rebuild_agrees(db: Db) -> None:
     from datetime import UTC, datetime
 
     import pytest
@@ -280,14 +271,14 @@ async def test_expiry_shreds_the_receipt_with_its_message_and_rebuild_agrees(
     from archive.facade import Archive
     from archive.retention import expire
 
-    data = tmp_path / "data"
-    ids = await through_stage(data)
+    data = db.data
+    ids = await through_stage(db)
     with Archive.open(data) as archive:
         msg_entry = next(e for e in archive.ledger.entries()
                          if e.kind == "message_stored" and "receipt" in e.fields)
         receipt_sha = msg_entry.fields["receipt"]
-        with Metadata.for_data_dir(data) as meta:
-            index = open_index("fts5", data_dir=data)
+        with db.open() as meta:
+            index = db.index(meta)
             try:
                 report = expire(meta, archive, index, "olga",
                                 now=datetime(2024, 6, 1, tzinfo=UTC))
@@ -302,11 +293,11 @@ async def test_expiry_shreds_the_receipt_with_its_message_and_rebuild_agrees(
         assert [t["sha256"] for t in tombs] == [receipt_sha, msg_entry.fields["sha256"]]
         assert tombs[0]["receipt_of"] == msg_entry.fields["sha256"]
     assert main(["archive", "verify", "--data-dir", str(data)]) == 0
-    lose_database(data)
-    assert main(["archive", "rebuild", "--data-dir", str(data)]) == 0
-    with Metadata.for_data_dir(data) as meta:
+    db.lose()
+    assert main(["archive", "rebuild", *db.cli()]) == 0
+    with db.open() as meta:
         gone, kept = meta.get(ids[0]), meta.get(ids[1])
         assert gone is not None and gone.state == "expired"
         assert kept is not None and (kept.state, kept.client_ip) == ("accept", "198.51.100.4")
-    assert results(data, ["bcc:secret@example.org", "lunch"])["lunch"] == [
-        (ids[1], row_facts(data, [ids[1]])[0][0])]
+    assert results(db, ["bcc:secret@example.org", "lunch"])["lunch"] == [
+        (ids[1], row_facts(db, [ids[1]])[0][0])]
