@@ -285,7 +285,9 @@ def cmd_backup_create(args: argparse.Namespace) -> int:
                         progress=args.progress)
     print(f"backup of {res.blobs} blobs, ledger up to checkpoint {res.checkpoint_seq}, "
           f"written to {res.dest}", file=sys.stderr)
-    return EXIT_OK
+    for f in res.findings:  # the copy failed its own verify: it must not pass for good
+        print(f"coffer backup: {f}", file=sys.stderr)
+    return EXIT_PROBLEM if res.findings else EXIT_OK
 
 
 def cmd_backup_restore(args: argparse.Namespace) -> int:

@@ -98,3 +98,15 @@ def test_backup_without_keys_restores_and_verifies_ciphertext_only(
     assert main(["backup", "restore", str(dest), "--data-dir", str(restored)]) == 0
     summary, _ = verify(restored / "archive")
     assert summary.ok and summary.mode != "full"
+
+
+def test_backup_of_an_archive_that_fails_verify_exits_1_and_names_the_finding(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data, dest = tmp_path / "data", tmp_path / "bk"
+    populate(data, sample())
+    ledger = sorted(p for p in (data / "archive" / "ledger").rglob("*") if p.is_file()
+                    and p.stat().st_size > 0)[0]
+    lines = ledger.read_bytes().splitlines(keepends=True)
+    ledger.write_bytes(b"".join(lines[:1] + lines[2:]))  # an entry removed from the chain
+    assert main(["backup", "create", str(dest), "--data-dir", str(data)]) == 1
+    assert "coffer backup: ERROR" in capsys.readouterr().err
