@@ -24,7 +24,16 @@ from archive.cli_common import SubParsers, add_location_arguments, archive_subpa
 from archive.errors import ArchiveError
 from archive.extract import extract
 from archive.index import Index, open_index
-from archive.metadata import Message, Metadata, MetadataError, current_officer
+from archive.metadata import (
+    DECRYPTED,
+    ENCRYPTED,
+    RECEIVED,
+    SENT,
+    Message,
+    Metadata,
+    MetadataError,
+    current_officer,
+)
 from archive.query import QueryError
 from archive.search import BlobReader, Searcher, audit
 
@@ -47,6 +56,9 @@ def register(sub: SubParsers) -> None:
         p.add_argument("--order", choices=("date", "relevance"), default="date")
         p.add_argument("--no-snippets", action="store_true",
                        help="do not decrypt messages to show snippets")
+        p.add_argument("--all-copies", action="store_true",
+                       help="also list the copies as sent and as received encrypted (by "
+                       "default a message is listed once, as its readable copy)")
         _common(p)
         p.set_defaults(func=cmd_search)
 
@@ -148,7 +160,8 @@ def cmd_search(args: argparse.Namespace, out: TextIO | None = None) -> int:
             try:
                 searcher = Searcher(be.meta, be.index, reader.get if reader else None)
                 result = searcher.search(query, limit=args.limit, offset=args.offset,
-                                         order=args.order, snippets=reader is not None)
+                                         order=args.order, snippets=reader is not None,
+                                         all_copies=args.all_copies)
             finally:
                 close = getattr(reader, "close", None)
                 if close is not None:
@@ -156,7 +169,7 @@ def cmd_search(args: argparse.Namespace, out: TextIO | None = None) -> int:
             with ledger_audit(be.data_dir):  # the database and the ledger (archive.audit)
                 audit(be.meta, who, "search", query=result.query, result_count=result.total,
                       detail={"limit": args.limit, "offset": args.offset, "order": args.order,
-                              "index": be.index.name})
+                              "index": be.index.name, "all_copies": args.all_copies})
     except QueryError as exc:
         print(f"coffer: {exc}\n{_indent(exc.pointer())}", file=sys.stderr)
         return EXIT_USAGE
@@ -225,6 +238,22 @@ def cmd_show(args: argparse.Namespace, out: TextIO | None = None) -> int:
     return EXIT_OK
 
 
+_COPY_TEXT = {
+    RECEIVED: "as received (plaintext, before signing/encryption)",
+    SENT: "as sent (after signing/encryption: the exact bytes delivered)",
+    DECRYPTED: "decrypted (as the recipient reads it)",
+    ENCRYPTED: "as received and delivered (encrypted)",
+}
+
+
+def copy_line(copy: str, linked_id: int | None) -> str:
+    """Which copy a row is and the archive id of its other copy ("" for the only one)."""
+    if not copy:
+        return ""
+    text = _COPY_TEXT.get(copy, copy)
+    return f"{text}; other copy: archive id {linked_id}" if linked_id else text
+
+
 def _print_message(meta: Metadata, msg: Message, raw: bytes, out: TextIO) -> None:
     def line(key: str, value: object) -> None:
         if value not in (None, "", [], {}):
@@ -236,6 +265,7 @@ def _print_message(meta: Metadata, msg: Message, raw: bytes, out: TextIO) -> Non
     line("Direction", msg.direction)
     line("Source", msg.source)
     line("State", msg.state)
+    line("Copy", copy_line(msg.copy, msg.linked_id))
     line("Retention-Until", msg.retention_until.isoformat() if msg.retention_until else "")
     people = meta.participants(msg.id)
     line("Envelope-From", next((p.address for p in people if p.role == "envelope_from"), ""))

@@ -305,7 +305,8 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     res = rebuild(data_dir, database=args.database, index_engine=args.index, force=args.force,
                   officer=current_officer(args.officer), progress=args.progress)
     print(f"rebuilt {res.messages} messages ({res.blobs} blobs, {res.shredded} shredded, "
-          f"{res.indexed} indexed, {res.receipts} with receipts) from the ledger", file=sys.stderr)
+          f"{res.indexed} indexed, {res.receipts} with receipts, {res.links} copies linked) "
+          "from the ledger", file=sys.stderr)
     for w in res.warnings:
         print(f"warning: {w}", file=sys.stderr)
     return EXIT_OK
