@@ -266,6 +266,10 @@ def _print_message(meta: Metadata, msg: Message, raw: bytes, out: TextIO) -> Non
     line("Source", msg.source)
     line("State", msg.state)
     line("Copy", copy_line(msg.copy, msg.linked_id))
+    rejected = (meta.decision_trace(msg.id) or {}).get("rejected")
+    if isinstance(rejected, dict):  # rejected after DATA (gateway.runner)
+        line("Rejected", f"{rejected.get('reply')} (stage {rejected.get('stage')}: "
+             f"{rejected.get('reason')})")
     line("Retention-Until", msg.retention_until.isoformat() if msg.retention_until else "")
     people = meta.participants(msg.id)
     line("Envelope-From", next((p.address for p in people if p.role == "envelope_from"), ""))

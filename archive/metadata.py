@@ -700,6 +700,12 @@ class Metadata:
         with self.session() as s:
             return s.get(Message, message_pk)
 
+    def decision_trace(self, message_pk: int) -> dict[str, Any] | None:
+        """The policy decision recorded with a message (its rule trace, a rejection)."""
+        with self.session() as s:
+            trace = s.scalar(select(Decision.trace).where(Decision.message_pk == message_pk))
+        return trace if isinstance(trace, dict) else None
+
     def find_message_id(self, message_id: str) -> list[int]:
         mid = message_id.strip().removeprefix("<").removesuffix(">")
         with self.session() as s:

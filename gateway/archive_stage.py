@@ -155,6 +155,10 @@ def record_for(ctx: MessageContext, sha256: str, now: datetime,
     """The metadata row of one receipt of ``data`` (default: ``ctx.data``), pure."""
     env = ctx.envelope
     decide: dict[str, Any] = ctx.facts.get("decide") or {}
+    runner = ctx.facts.get("runner")
+    if isinstance(runner, dict) and runner.get("action") == "reject":
+        # Rejected after DATA (gateway.runner): which stage, the reply, why.
+        decide = {**decide, "rejected": {k: runner.get(k) for k in ("stage", "reply", "reason")}}
     received = datetime.fromtimestamp(env.received_at, UTC) if env.received_at else now
     verdicts = dict(ctx.facts.get("check") or {})
     if "spam" in ctx.facts:
