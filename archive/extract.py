@@ -233,12 +233,18 @@ def _raw_values(msg: email.message.Message, name: str) -> list[str]:
     return [str(v) for k, v in msg.raw_items() if k.lower() == name.lower()]
 
 
-def _header_text(msg: email.message.Message, name: str, flags: list[str]) -> str:
+def _header_text(msg: email.message.Message, name: str, flags: list[str], *,
+                 structured: bool = True) -> str:
+    """A field's text; ``structured=False`` skips the default policy's parse (Date:
+    the caller parses the date itself; Message-ID: only its first token is kept)."""
     raw = _raw_values(msg, name)
     if raw and _SURROGATES.search(raw[0]):
         # 8-bit bytes in a header (RFC 6532 UTF-8, or a legacy charset): the policy
         # would replace them with U+FFFD; decode them as UTF-8, else Windows-1252.
         return _unfold(_decode_words(clean_text(raw[0])))
+    if not structured:
+        return _unfold(_decode_words(raw[0])) if raw and "=?" in raw[0] else (
+            _unfold(raw[0]) if raw else "")
     try:
         value = _get(msg, name)
     except Exception as exc:
@@ -299,13 +305,13 @@ def _parse_addresses(role: str, value: object, flags: list[str]) -> list[Partici
 
 
 def _message_id(msg: email.message.Message, flags: list[str]) -> str:
-    text = _header_text(msg, "Message-ID", flags)
+    text = _header_text(msg, "Message-ID", flags, structured=False)
     text = text.strip().split()[0] if text.strip() else ""
     return text.removeprefix("<").removesuffix(">")
 
 
 def _date(msg: email.message.Message, flags: list[str]) -> datetime | None:
-    text = _header_text(msg, "Date", flags)
+    text = _header_text(msg, "Date", flags, structured=False)
     if not text:
         return None
     try:
