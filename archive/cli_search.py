@@ -28,6 +28,7 @@ from archive.metadata import (
     DECRYPTED,
     ENCRYPTED,
     RECEIVED,
+    SECONDARY_COPIES,
     SENT,
     Message,
     Metadata,
@@ -196,8 +197,10 @@ def _table(hits: list[Any], out: TextIO) -> None:
     print(f"{'ID':>8}  {'DATE':16}  {'FROM':30}  SUBJECT", file=out)
     for hit in hits:
         m = hit.message
+        # --all-copies: the copy as sent (or received encrypted) says so before its subject.
+        label = f"[{m.copy}] " if m.copy in SECONDARY_COPIES else ""
         print(f"{m.id:>8}  {m.date:%Y-%m-%d %H:%M}  {_cut(m.from_addr, 30):30}  "
-              f"{_cut(m.subject, 60)}", file=out)
+              f"{_cut(label + m.subject, 60)}", file=out)
         if hit.snippet:
             print(f"{'':>8}  {_cut(hit.snippet, 110)}", file=out)
 

@@ -20,7 +20,7 @@ def test_eight_bit_utf8_attachment_name_is_decoded_not_replaced() -> None:
     raw = ("From: a@example.com\r\nSubject: x\r\nMIME-Version: 1.0\r\n"
            'Content-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\n'
            "Content-Type: text/plain\r\n\r\nhi\r\n--b\r\n"
-           'Content-Type: application/octet-stream; name="ФНС_РФ558.zip"\r\n'
+           'Content-Type: application/octet-stream; name="Grüße_2024.zip"\r\n'
            'Content-Disposition: attachment; filename="Hasen und Frösche.txt"\r\n'
            "\r\nabc\r\n--b--\r\n").encode()
     [att] = extract(raw).attachments

@@ -16,7 +16,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from svcproc import REPO, Gateway, Sink, free_port, wait_for, write_config
+from svcproc import REPO, Gateway, Sink, start_relay, wait_for
 
 from gateway.transform.dkim_sign import generate_key
 
@@ -31,15 +31,10 @@ def _json_lines(out: subprocess.CompletedProcess[bytes]) -> list[dict[str, objec
     return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
 
 
-def _signing_gateway(tmp_path: Path, sink: Sink) -> tuple[Path, int]:
+def _sign_submissions(cfg: Path) -> None:
     """A submission listener (no AUTH needed from loopback) that DKIM-signs src.test."""
-    (tmp_path / "keys").mkdir()
-    (tmp_path / "keys" / "src.pem").write_bytes(generate_key("ed25519-sha256"))
-    port = free_port()
-    cfg = write_config(
-        tmp_path / "coffer.yaml", port=port, local_domains=["gw.test"],
-        routes={"*": f"smtp://127.0.0.1:{sink.port}?tls=off"}, trusted=["127.0.0.1/32"],
-    )
+    (cfg.parent / "keys").mkdir()
+    (cfg.parent / "keys" / "src.pem").write_bytes(generate_key("ed25519-sha256"))
     text = cfg.read_text().replace(
         "role: inbound,", "role: submission, require_auth: false,").replace(
         "check:\n  checks: []\n",
@@ -47,17 +42,14 @@ def _signing_gateway(tmp_path: Path, sink: Sink) -> tuple[Path, int]:
         "    src.test: {selector: s1, key_file: keys/src.pem}\n")
     assert "dkim_signing" in text and "role: submission" in text
     cfg.write_text(text)
-    return cfg, port
 
 
 def test_outbound_signed_message_archives_received_and_sent_copies_linked(
     tmp_path: Path, procs: list[Gateway | Sink]
 ) -> None:
-    sink = Sink(free_port(), tmp_path / "sink.jsonl")
-    procs.append(sink.start())
-    cfg, port = _signing_gateway(tmp_path, sink)
-    gw = Gateway(cfg, port, tmp_path / "coffer.log")
-    procs.append(gw.start())
+    cfg, gw = start_relay(tmp_path, procs, configure=_sign_submissions)
+    sink, port = procs[0], gw.port
+    assert isinstance(sink, Sink)
 
     token = uuid.uuid4().hex
     body = (f"From: alice@src.test\r\nTo: bob@remote.test\r\nSubject: board {token}\r\n"
@@ -77,6 +69,9 @@ def test_outbound_signed_message_archives_received_and_sent_copies_linked(
                                f"subject:{token}"))
     assert sorted(h["copy"] for h in both) == ["received", "sent"]
     sent = next(h for h in both if h["copy"] == "sent")
+    table = _coffer("search", "--config", str(cfg), "--all-copies", "--no-snippets",
+                    f"subject:{token}").stdout.decode()
+    assert f"[sent] board {token}" in table and table.count(f"board {token}") == 2
     assert sent["id"] == hit["linked_id"] and sent["linked_id"] == hit["id"]
 
     received_raw = _coffer("show", "--config", str(cfg), "--raw", str(hit["id"])).stdout

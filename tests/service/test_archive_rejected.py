@@ -16,7 +16,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from svcproc import REPO, Gateway, Sink, free_port, write_config
+from svcproc import REPO, Gateway, Sink, start_relay
 
 POLICY = """\
 version: 1
@@ -34,17 +34,8 @@ def _coffer(*args: str) -> subprocess.CompletedProcess[bytes]:
 
 
 def _gateway(tmp_path: Path, procs: list[Gateway | Sink], extra: str = "") -> tuple[Path, int]:
-    sink = Sink(free_port(), tmp_path / "sink.jsonl")
-    procs.append(sink.start())
-    (tmp_path / "policy.yaml").write_text(POLICY)
-    port = free_port()
-    cfg = write_config(
-        tmp_path / "coffer.yaml", port=port, local_domains=["gw.test"],
-        routes={"*": f"smtp://127.0.0.1:{sink.port}?tls=off"}, trusted=["127.0.0.1/32"],
-        extra='policy: "policy.yaml"\n' + extra,
-    )
-    procs.append(Gateway(cfg, port, tmp_path / "coffer.log").start())
-    return cfg, port
+    cfg, gw = start_relay(tmp_path, procs, policy=POLICY, extra=extra)
+    return cfg, gw.port
 
 
 def _send(port: int, token: str) -> tuple[int, bytes]:
