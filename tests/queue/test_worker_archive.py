@@ -1,4 +1,4 @@
-"""The worker hands the archive the bytes as received as well as the bytes as sent.
+"""The worker and the archive stage: the received copy beside the sent one; quarantine.
 
 A transform (once) that changed the message saves its output beside the spooled
 original; the archive stage, even when it runs only after a restart, still sees
@@ -74,5 +74,31 @@ async def test_archive_after_a_restart_still_archives_the_received_and_the_sent_
         assert rows["received"][2] == rows["sent"][0] and rows["sent"][2] == rows["received"][0]
     finally:
         await second.stop(0)
+        await stage.close()
+        archive.close()
+
+
+async def test_quarantined_message_is_archived_marked_quarantined_then_held(
+    tmp_path: Path, nexthop: NextHop, clock: FakeClock
+) -> None:
+    meta = Metadata.for_data_dir(tmp_path)
+    meta.migrate()
+    archive = Archive.open(tmp_path)
+    stage = ArchiveStage(archive, meta)
+    worker = _worker(tmp_path, nexthop, clock, [stage])
+    facts = {"decide": {"decision": "quarantine"}, "runner": {"action": "quarantine"},
+             "trace": [{"stage": "decide", "action": "quarantine", "reason": "rule q7"}]}
+    try:
+        qid = worker.spool.store(Envelope("alice@src.test", ["a@dst.test"],
+                                          received_at=clock()), MSG, facts)
+        await worker.run_due()
+        state = worker.spool.load(qid).state
+        assert state.held and state.held_error == "quarantine: rule q7"
+        assert nexthop.received == []  # kept, not delivered
+        with meta.session() as s:
+            [(kept_state, sha)] = s.query(Message.state, Message.sha256).all()
+        assert kept_state == "quarantined" and archive.get(sha) == MSG
+    finally:
+        await worker.stop(0)
         await stage.close()
         archive.close()
