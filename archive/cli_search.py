@@ -24,7 +24,17 @@ from archive.cli_common import SubParsers, add_location_arguments, archive_subpa
 from archive.errors import ArchiveError
 from archive.extract import extract
 from archive.index import Index, open_index
-from archive.metadata import Message, Metadata, MetadataError, current_officer
+from archive.metadata import (
+    DECRYPTED,
+    ENCRYPTED,
+    RECEIVED,
+    SECONDARY_COPIES,
+    SENT,
+    Message,
+    Metadata,
+    MetadataError,
+    current_officer,
+)
 from archive.query import QueryError
 from archive.search import BlobReader, Searcher, audit
 
@@ -47,6 +57,9 @@ def register(sub: SubParsers) -> None:
         p.add_argument("--order", choices=("date", "relevance"), default="date")
         p.add_argument("--no-snippets", action="store_true",
                        help="do not decrypt messages to show snippets")
+        p.add_argument("--all-copies", action="store_true",
+                       help="also list the copies as sent and as received encrypted (by "
+                       "default a message is listed once, as its readable copy)")
         _common(p)
         p.set_defaults(func=cmd_search)
 
@@ -148,7 +161,8 @@ def cmd_search(args: argparse.Namespace, out: TextIO | None = None) -> int:
             try:
                 searcher = Searcher(be.meta, be.index, reader.get if reader else None)
                 result = searcher.search(query, limit=args.limit, offset=args.offset,
-                                         order=args.order, snippets=reader is not None)
+                                         order=args.order, snippets=reader is not None,
+                                         all_copies=args.all_copies)
             finally:
                 close = getattr(reader, "close", None)
                 if close is not None:
@@ -156,7 +170,7 @@ def cmd_search(args: argparse.Namespace, out: TextIO | None = None) -> int:
             with ledger_audit(be.data_dir):  # the database and the ledger (archive.audit)
                 audit(be.meta, who, "search", query=result.query, result_count=result.total,
                       detail={"limit": args.limit, "offset": args.offset, "order": args.order,
-                              "index": be.index.name})
+                              "index": be.index.name, "all_copies": args.all_copies})
     except QueryError as exc:
         print(f"coffer: {exc}\n{_indent(exc.pointer())}", file=sys.stderr)
         return EXIT_USAGE
@@ -183,8 +197,10 @@ def _table(hits: list[Any], out: TextIO) -> None:
     print(f"{'ID':>8}  {'DATE':16}  {'FROM':30}  SUBJECT", file=out)
     for hit in hits:
         m = hit.message
+        # --all-copies: the copy as sent (or received encrypted) says so before its subject.
+        label = f"[{m.copy}] " if m.copy in SECONDARY_COPIES else ""
         print(f"{m.id:>8}  {m.date:%Y-%m-%d %H:%M}  {_cut(m.from_addr, 30):30}  "
-              f"{_cut(m.subject, 60)}", file=out)
+              f"{_cut(label + m.subject, 60)}", file=out)
         if hit.snippet:
             print(f"{'':>8}  {_cut(hit.snippet, 110)}", file=out)
 
@@ -225,6 +241,22 @@ def cmd_show(args: argparse.Namespace, out: TextIO | None = None) -> int:
     return EXIT_OK
 
 
+_COPY_TEXT = {
+    RECEIVED: "as received (plaintext, before signing/encryption)",
+    SENT: "as sent (after signing/encryption: the exact bytes delivered)",
+    DECRYPTED: "decrypted (as the recipient reads it)",
+    ENCRYPTED: "as received and delivered (encrypted)",
+}
+
+
+def copy_line(copy: str, linked_id: int | None) -> str:
+    """Which copy a row is and the archive id of its other copy ("" for the only one)."""
+    if not copy:
+        return ""
+    text = _COPY_TEXT.get(copy, copy)
+    return f"{text}; other copy: archive id {linked_id}" if linked_id else text
+
+
 def _print_message(meta: Metadata, msg: Message, raw: bytes, out: TextIO) -> None:
     def line(key: str, value: object) -> None:
         if value not in (None, "", [], {}):
@@ -236,6 +268,11 @@ def _print_message(meta: Metadata, msg: Message, raw: bytes, out: TextIO) -> Non
     line("Direction", msg.direction)
     line("Source", msg.source)
     line("State", msg.state)
+    line("Copy", copy_line(msg.copy, msg.linked_id))
+    rejected = (meta.decision_trace(msg.id) or {}).get("rejected")
+    if isinstance(rejected, dict):  # rejected after DATA (gateway.runner)
+        line("Rejected", f"{rejected.get('reply')} (stage {rejected.get('stage')}: "
+             f"{rejected.get('reason')})")
     line("Retention-Until", msg.retention_until.isoformat() if msg.retention_until else "")
     people = meta.participants(msg.id)
     line("Envelope-From", next((p.address for p in people if p.role == "envelope_from"), ""))

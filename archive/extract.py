@@ -156,12 +156,12 @@ def _cleaned(out: Extracted) -> Extracted:
 def body_text(raw: bytes, limits: Limits | None = None) -> str:
     """Only the body text (as in :func:`extract`), fast: for snippets at query time.
 
-    Parses with the compat32 policy, which builds no header objects; attachments
-    are not opened.  Never raises.
+    Parses as :func:`extract` does (``_PARSE``, no header objects); attachments are
+    not opened.  Never raises.
     """
     limits = limits or Limits(scan_attachments=False)
     try:
-        msg = email.message_from_bytes(raw, policy=email.policy.compat32)
+        msg = email.message_from_bytes(raw, policy=_PARSE)
         out = Extracted(size=len(raw))
         bodies: list[str] = []
         _Extractor(Limits(max_depth=0, max_parts=limits.max_parts,
@@ -197,18 +197,56 @@ def _unfold(value: str) -> str:
     return re.sub(r"\r?\n(?=[ \t])", "", value).strip()
 
 
+_LINE_BREAK = re.compile(r"\n|\r")
+
+
+class _FastPolicy(email.policy.Compat32):
+    """compat32 (no header objects), but a field is returned as the default policy's
+    parser sees it: unfolded (RFC 5322 §2.2.3; a boundary folded across lines) and with
+    8-bit bytes kept as surrogate escapes, which clean_text decodes (compat32 would
+    turn them into U+FFFD)."""
+
+    def header_fetch_parse(self, name: str, value: str) -> str:
+        return "".join(_LINE_BREAK.split(str(value)))
+
+
+_PARSE = _FastPolicy()
+
+
+def _fetch(name: str, value: str) -> object:
+    """A header field as ``email.policy.default`` returns it (structured: addresses,
+    RFC 2047 decoded).  compat32 and default store a parsed field's value the same
+    way (``header_source_parse``), so this is what the default policy's ``get`` gives."""
+    return email.policy.default.header_fetch_parse(name, value)
+
+
+def _get(msg: email.message.Message, name: str) -> object:
+    value = msg.get(name)
+    return None if value is None else _fetch(name, str(value))
+
+
+def _get_all(msg: email.message.Message, name: str) -> list[object]:
+    return [_fetch(name, str(v)) for v in msg.get_all(name) or []]
+
+
 def _raw_values(msg: email.message.Message, name: str) -> list[str]:
     return [str(v) for k, v in msg.raw_items() if k.lower() == name.lower()]
 
 
-def _header_text(msg: email.message.Message, name: str, flags: list[str]) -> str:
+def _header_text(msg: email.message.Message, name: str, flags: list[str], *,
+                 structured: bool = True) -> str:
+    """A field's text; ``structured=False`` skips the default policy's parse (Date:
+    the caller parses the date itself; Message-ID: only its first token is kept)."""
     raw = _raw_values(msg, name)
     if raw and _SURROGATES.search(raw[0]):
         # 8-bit bytes in a header (RFC 6532 UTF-8, or a legacy charset): the policy
         # would replace them with U+FFFD; decode them as UTF-8, else Windows-1252.
         return _unfold(_decode_words(clean_text(raw[0])))
+    if not structured:
+        return _unfold(_decode_words(raw[0])) if raw and "=?" in raw[0] else (
+            _unfold(raw[0]) if raw else "")
     try:
-        value = msg.get(name)
+        value = _get(msg, name)
     except Exception as exc:
         flags.append(f"header {name}: unparsable ({type(exc).__name__})")
         return _raw_header(msg, name)
@@ -231,7 +269,7 @@ def _participants(msg: email.message.Message, flags: list[str]) -> list[Particip
     result: list[Participant] = []
     for role, name in _ADDRESS_HEADERS:
         try:
-            values = msg.get_all(name) or []
+            values = _get_all(msg, name)
         except Exception as exc:
             flags.append(f"header {name}: unparsable ({type(exc).__name__})")
             values = [_raw_header(msg, name)] if _raw_header(msg, name) else []
@@ -267,13 +305,13 @@ def _parse_addresses(role: str, value: object, flags: list[str]) -> list[Partici
 
 
 def _message_id(msg: email.message.Message, flags: list[str]) -> str:
-    text = _header_text(msg, "Message-ID", flags)
+    text = _header_text(msg, "Message-ID", flags, structured=False)
     text = text.strip().split()[0] if text.strip() else ""
     return text.removeprefix("<").removesuffix(">")
 
 
 def _date(msg: email.message.Message, flags: list[str]) -> datetime | None:
-    text = _header_text(msg, "Date", flags)
+    text = _header_text(msg, "Date", flags, structured=False)
     if not text:
         return None
     try:
@@ -483,7 +521,12 @@ class _Extractor:
         self.zip_bytes = 0
 
     def run(self, raw: bytes, out: Extracted, depth: int) -> None:
-        msg = email.message_from_bytes(raw, policy=email.policy.default)
+        # compat32 builds no header objects: the parser and the MIME walk look at
+        # Content-Type and Content-Disposition of every part many times, and the
+        # default policy parsed them anew at each look (most of extract()'s time).
+        # The few top-level fields indexed are parsed with the default policy once
+        # each (_fetch), from the same stored values.
+        msg = email.message_from_bytes(raw, policy=_PARSE)
         for defect in getattr(msg, "defects", [])[:5]:
             out.flags.append(f"defect: {type(defect).__name__}")
         out.message_id = _message_id(msg, out.flags)

@@ -170,7 +170,9 @@ class Message(Base):
     spf: Mapped[str] = mapped_column(String(16), default="", index=True)
     dkim: Mapped[str] = mapped_column(String(16), default="", index=True)
     dmarc: Mapped[str] = mapped_column(String(16), default="", index=True)
-    # Outbound: the copy as sent links to the copy as received (and vice versa).
+    # Which copy of the message this row is (COPIES; "" the only one), and the other
+    # copy it links to: as sent <-> as received, ciphertext <-> decrypted (issue 3 item 1).
+    copy: Mapped[str] = mapped_column(String(16), default="", server_default="")
     linked_id: Mapped[int | None] = mapped_column(ForeignKey("messages.id"))
     ledger_ref: Mapped[str | None] = mapped_column(String(128))
     expired_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
@@ -314,6 +316,10 @@ class MessageRecord:
     rules: list[str] = field(default_factory=list)  # names of the rules that matched
     linked_id: int | None = None
     ledger_ref: str | None = None
+    copy: str = ""  # which copy of the message (COPIES); "" the only one
+    # The SHA-256 of the copy this one links to; add_messages resolves it to linked_id
+    # (the nearest row with those bytes in the same batch: resolve_links).
+    link_sha256: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,13 +343,48 @@ class MessageSummary:
     size: int
     direction: str
     blob_id: int
+    copy: str = ""
+    linked_id: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id, "message_id": self.message_id, "date": self.date.isoformat(),
             "from": self.from_addr, "to": list(self.to), "subject": self.subject,
             "size": self.size, "direction": self.direction, "sha256": self.sha256,
+            "copy": self.copy, "linked_id": self.linked_id,
         }
+
+
+# The copies of one message (Message.copy).  An outbound message the gateway signed or
+# encrypted is kept as RECEIVED (the plaintext the sender submitted) and SENT (the exact
+# bytes delivered); an inbound encrypted message it could decrypt as ENCRYPTED (the
+# bytes received and delivered) and DECRYPTED (what the recipient reads).  Search lists
+# the readable copy (RECEIVED, DECRYPTED, or the only one ""); the SECONDARY copies are
+# reached through ``linked_id`` (coffer show), and holds and exports take them too.
+RECEIVED, SENT, DECRYPTED, ENCRYPTED = "received", "sent", "decrypted", "encrypted"
+COPIES = frozenset({"", RECEIVED, SENT, DECRYPTED, ENCRYPTED})
+SECONDARY_COPIES = frozenset({SENT, ENCRYPTED})
+
+
+def resolve_links(rows: Sequence[tuple[str, str | None]]) -> dict[int, int]:
+    """Position -> position of the row it links to, for (sha256, link_sha256) rows
+    in archive order (pure).
+
+    A row links to the nearest other row holding the bytes it names: the copies of
+    one message are written next to each other (one ledger append), and the same
+    bytes may recur elsewhere (single instance: the same plaintext sent twice).
+    """
+    where: dict[str, list[int]] = {}
+    for i, (sha, _) in enumerate(rows):
+        where.setdefault(sha, []).append(i)
+    out: dict[int, int] = {}
+    for i, (_, link) in enumerate(rows):
+        if not link:
+            continue
+        candidates = [j for j in where.get(link, ()) if j != i]
+        if candidates:
+            out[i] = min(candidates, key=lambda j: (abs(j - i), j))
+    return out
 
 
 def current_officer(explicit: str | None = None) -> str:
@@ -526,6 +567,10 @@ class Metadata:
                                  (Decision, decisions), (RuleHit, hits)):
                 if batch:
                     s.execute(insert(model), batch)
+            links = resolve_links([(r.sha256, r.link_sha256) for r in recs])
+            if links:
+                s.execute(update(Message), [{"id": pks[i], "linked_id": pks[j]}
+                                            for i, j in links.items()])
             seen: set[str] = set()
             out = []
             for pk, rec in zip(pks, recs, strict=True):
@@ -533,6 +578,26 @@ class Metadata:
                                          rec.sha256 not in existing and rec.sha256 not in seen))
                 seen.add(rec.sha256)
             return out
+
+    def link(self, pairs: Iterable[tuple[int, int]]) -> None:
+        """Set ``linked_id`` of each (message id, linked message id) (a rebuild's links)."""
+        rows = [{"id": a, "linked_id": b} for a, b in pairs]
+        if rows:
+            with self.session() as s:
+                s.execute(update(Message), rows)
+
+    def with_linked(self, ids: Sequence[int]) -> list[int]:
+        """``ids`` and, after them, every copy linked to one of them (holds, exports:
+        the copy as sent is evidence as much as the copy as received)."""
+        if not ids:
+            return []
+        with self.session() as s:
+            extra = set(s.scalars(select(Message.linked_id).where(
+                self.ids_condition(Message.id, ids), Message.linked_id.is_not(None))))
+            extra.update(s.scalars(select(Message.id).where(
+                self.ids_condition(Message.linked_id, ids))))
+        known = set(ids)
+        return list(ids) + sorted(i for i in extra if i is not None and i not in known)
 
     def mark_indexed(self, blob_ids: Collection[int], when: datetime) -> None:
         if not blob_ids:
@@ -635,6 +700,12 @@ class Metadata:
         with self.session() as s:
             return s.get(Message, message_pk)
 
+    def decision_trace(self, message_pk: int) -> dict[str, Any] | None:
+        """The policy decision recorded with a message (its rule trace, a rejection)."""
+        with self.session() as s:
+            trace = s.scalar(select(Decision.trace).where(Decision.message_pk == message_pk))
+        return trace if isinstance(trace, dict) else None
+
     def find_message_id(self, message_id: str) -> list[int]:
         mid = message_id.strip().removeprefix("<").removesuffix(">")
         with self.session() as s:
@@ -690,7 +761,8 @@ class Metadata:
                            Participant.role == "to").order_by(Participant.id)):
                     to[pk].append(addr)
         rows = {m.id: MessageSummary(m.id, m.sha256, m.message_id, m.date, m.from_addr,
-                                     tuple(to[m.id]), m.subject, m.size, m.direction, m.blob_id)
+                                     tuple(to[m.id]), m.subject, m.size, m.direction, m.blob_id,
+                                     m.copy, m.linked_id)
                 for m in msgs}
         return [rows[i] for i in ids if i in rows]
 
@@ -717,6 +789,7 @@ def _message_row(blob_id: int, rec: MessageRecord) -> dict[str, Any]:
         "dkim": _verdict_summary("dkim", rec.verdicts.get("dkim")),
         "dmarc": _verdict_summary("dmarc", rec.verdicts.get("dmarc")),
         "linked_id": rec.linked_id, "ledger_ref": rec.ledger_ref, "expired_at": None,
+        "copy": rec.copy,
     }
 
 

@@ -9,7 +9,13 @@ same group commit (archive.facade.BatchWriter.put_many)::
     {"kind": "coffer-receipt/1", "message_sha256": ..., "qid": ...,
      "envelope": {...Envelope.to_dict()...}, "received_at": ISO, "direction": ...,
      "state": ..., "source": ..., "tls": ..., "verdicts": {...},
-     "decision": {...} | null, "rules": [...], "retention_until": ISO | null}
+     "decision": {...} | null, "rules": [...], "retention_until": ISO | null,
+     "copy": "" | "received" | "sent" | "decrypted" | "encrypted",
+     "linked_sha256": SHA256 | null}
+
+``copy`` and ``linked_sha256`` (archive.metadata.COPIES) let a rebuild link the
+copies of one message again (as received <-> as sent, ciphertext <-> decrypted);
+receipts written before them lack both and mean the only copy.
 
 The ledger entries hold hashes only, never the personal data itself:
 
@@ -62,6 +68,7 @@ def receipt_document(rec: MessageRecord, envelope: Mapping[str, Any], qid: str) 
         "state": rec.state, "source": rec.source, "tls": rec.tls,
         "verdicts": rec.verdicts, "decision": rec.decision, "rules": list(rec.rules),
         "retention_until": _iso(rec.retention_until),
+        "copy": rec.copy, "linked_sha256": rec.link_sha256,
     }
     # default=str: a fact a stage stored as a non-JSON value must not hold the message.
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
@@ -110,6 +117,8 @@ def apply_receipt(rec: MessageRecord, doc: Mapping[str, Any]) -> MessageRecord:
         decision=dict(decision) if isinstance(decision, dict) else None,
         rules=[str(r) for r in doc.get("rules") or []],
         retention_until=_time(doc.get("retention_until")),
+        copy=str(doc.get("copy") or ""),
+        link_sha256=str(doc["linked_sha256"]) if doc.get("linked_sha256") else None,
     )
 
 

@@ -6,6 +6,13 @@ enters the SQL as "blob id in (hits)".  Snippets are cut from the decrypted
 message at query time through ``fetch(sha256) -> bytes``, so no message text is
 stored for them.  Every search and view is audited: a row in the metadata
 database, then each registered audit hook (the ledger).
+
+Copies (archive.metadata.COPIES): a message the gateway changed is archived twice,
+as received and as sent (or as received and decrypted).  An officer's result list
+shows it once, as its readable copy (plaintext as received, or decrypted); the
+other copy is named by ``linked_id`` in the row (``coffer show ID``) and listed with
+``all_copies=True`` (``coffer search --all-copies``).  Holds, exports and dynamic
+hold queries (:meth:`Searcher.message_ids`) take every copy: both are evidence.
 """
 
 from __future__ import annotations
@@ -16,10 +23,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
+from sqlalchemy import and_
+
 from archive.errors import ArchiveError
 from archive.extract import body_text
 from archive.index import Index, tokenize
-from archive.metadata import AuditEvent, MessageSummary, Metadata
+from archive.metadata import SECONDARY_COPIES, AuditEvent, Message, MessageSummary, Metadata
 from archive.query import Node, Term, compile_query, fulltext_terms, parse, to_string
 
 __all__ = [
@@ -111,8 +120,10 @@ class Searcher:
 
     def search(self, query: str | Node, *, limit: int = 50, offset: int = 0,
                order: Literal["date", "relevance"] = "date",
-               snippets: bool = True) -> SearchResult:
+               snippets: bool = True, all_copies: bool = False) -> SearchResult:
         node, cond, scores = self.condition(query, scored=order == "relevance")
+        if not all_copies:
+            cond = and_(cond, Message.copy.not_in(sorted(SECONDARY_COPIES)))
         if order == "relevance":
             matched = self.meta.matching_ids(cond)
             matched.sort(key=lambda r: -scores.get(r[1], 0.0))  # stable: newest first on ties
@@ -128,9 +139,10 @@ class Searcher:
         return SearchResult(to_string(node), total, hits)
 
     def message_ids(self, query: str | Node) -> list[int]:
-        """Every matching archive id (for holds and exports), newest first."""
+        """Every matching archive id (for holds and exports), newest first, then the
+        other copies of those messages (as sent, ciphertext) that did not match."""
         _, cond, _ = self.condition(query)
-        return [m for m, _ in self.meta.matching_ids(cond)]
+        return self.meta.with_linked([m for m, _ in self.meta.matching_ids(cond)])
 
     def _snippet(self, sha256: str, terms: list[Term]) -> str:
         if self.fetch is None:

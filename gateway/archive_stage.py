@@ -9,6 +9,15 @@ bytes do not carry); the same envelope, verdicts, policy decision with its rule
 trace and retention end go into the metadata database, batched into one
 transaction per burst.  Indexing happens later, off this path (archive.index.Indexer).
 
+Copies (issue 3 item 1; archive.metadata.COPIES): when a transform changed the
+message, both the bytes as received (``ctx.received``: the spooled plaintext) and
+the bytes as sent are archived, each with its own receipt, as two rows linked to
+each other; an inbound encrypted message the transform could decrypt
+(``facts["transform"]["decrypted"]``) is kept as received (ciphertext) and as
+decrypted.  The readable copy (received plaintext, decrypted) comes first and is
+the one search lists; ``coffer show`` names the other.  Rows, receipts and links
+are one mechanism for both cases (:func:`copies_of`).
+
 A failure here raises: the worker holds the message with stage "archive", so
 nothing is delivered that was not archived.
 """
@@ -16,21 +25,34 @@ nothing is delivered that was not archived.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import calendar
 import hashlib
 import re
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from archive.errors import ArchiveError
 from archive.extract import Extracted, extract
 from archive.facade import Archive, BatchWriter
-from archive.metadata import MessageRecord, Metadata, StoredMessage
+from archive.metadata import (
+    DECRYPTED,
+    ENCRYPTED,
+    RECEIVED,
+    SENT,
+    MessageRecord,
+    Metadata,
+    StoredMessage,
+)
 from archive.receipts import RECEIPT, RECEIPT_OF, receipt_document
+from gateway import log
 from gateway.config import Config
 from gateway.pipeline import MessageContext, StageResult
+from gateway.transform import mime
 
 _PERIOD = re.compile(r"^(\d+)(y|mo|w|d)$")
 
@@ -55,21 +77,99 @@ def retention_end(start: datetime, label: str | None) -> datetime | None:
     return start + timedelta(days=n * (7 if unit == "w" else 1))
 
 
-def record_for(ctx: MessageContext, sha256: str, now: datetime) -> MessageRecord:
-    """The metadata row of one receipt (pure: the caller did the I/O)."""
+@dataclass(frozen=True, slots=True)
+class Copy:
+    """One copy of a message to archive: which one (archive.metadata.COPIES), its bytes."""
+
+    kind: str
+    data: bytes
+
+
+def _decrypted(ctx: MessageContext, received: bytes) -> bytes | None:
+    """The message as its recipient reads it, when the transform decrypted it (issue 6):
+    the outer non-Content fields and the decrypted entity, never merged with
+    unencrypted parts (mime.unwrap; EFAIL)."""
+    facts = ctx.facts.get("transform")
+    entity_b64 = facts.get("decrypted") if isinstance(facts, dict) else None
+    if not isinstance(entity_b64, str):
+        return None
+    try:
+        return mime.unwrap(received, base64.b64decode(entity_b64, validate=True))
+    except (binascii.Error, mime.MimeError) as exc:
+        # The ciphertext is still archived; the officer sees it was not readable here.
+        log.event("archive_decrypted_copy_skipped", qid=ctx.qid, error=str(exc))
+        return None
+
+
+def copies_of(ctx: MessageContext) -> list[Copy]:
+    """The copies of a message to archive, the readable one first (pure)."""
+    sent = ctx.data
+    received = sent if ctx.received is None else ctx.received
+    decrypted = _decrypted(ctx, received)
+    if decrypted is not None:
+        out = [Copy(DECRYPTED, decrypted), Copy(ENCRYPTED, received)]
+        return out + ([Copy(SENT, sent)] if sent != received else [])
+    if sent != received:
+        return [Copy(RECEIVED, received), Copy(SENT, sent)]
+    return [Copy("", sent)]
+
+
+def linked(copies: list[Copy], shas: list[str]) -> list[str | None]:
+    """The SHA-256 each copy links to: the first (readable) one to the second, every
+    other one to the first, so each row names the copy an officer wants next."""
+    if len(copies) < 2:
+        return [None]
+    return [shas[1], *[shas[0]] * (len(copies) - 1)]
+
+
+def delivered(copies: list[Copy]) -> int:
+    """The position of the copy whose bytes the next hop gets."""
+    kinds = [c.kind for c in copies]
+    for kind in (SENT, ENCRYPTED, ""):
+        if kind in kinds:
+            return kinds.index(kind)
+    raise ValueError(f"no delivered copy among {kinds}")
+
+
+_STATES = {"accept": "accepted", "quarantine": "quarantined", "discard": "discarded",
+           "reject": "rejected", "tempfail": "tempfailed"}
+
+
+def archive_state(ctx: MessageContext) -> str:
+    """What happened to the message, for Message.state (pure): a quarantine or discard
+    by any stage (before or after the queue) wins over the policy's plain decision."""
+    steps = [*(ctx.facts.get("trace") or []), *ctx.trace]
+    actions = {str(s.get("action")) for s in steps if isinstance(s, dict)}
+    runner = ctx.facts.get("runner")
+    if isinstance(runner, dict):
+        actions.add(str(runner.get("action")))
+    for action in ("reject", "quarantine", "discard"):
+        if action in actions:
+            return _STATES[action]
+    decision = str((ctx.facts.get("decide") or {}).get("decision") or "accept")
+    return _STATES.get(decision, decision[:16])
+
+
+def record_for(ctx: MessageContext, sha256: str, now: datetime,
+               data: bytes | None = None) -> MessageRecord:
+    """The metadata row of one receipt of ``data`` (default: ``ctx.data``), pure."""
     env = ctx.envelope
     decide: dict[str, Any] = ctx.facts.get("decide") or {}
+    runner = ctx.facts.get("runner")
+    if isinstance(runner, dict) and runner.get("action") == "reject":
+        # Rejected after DATA (gateway.runner): which stage, the reply, why.
+        decide = {**decide, "rejected": {k: runner.get(k) for k in ("stage", "reply", "reason")}}
     received = datetime.fromtimestamp(env.received_at, UTC) if env.received_at else now
     verdicts = dict(ctx.facts.get("check") or {})
     if "spam" in ctx.facts:
         verdicts["spam"] = ctx.facts["spam"]
     return MessageRecord(
         sha256=sha256,
-        extracted=extract(ctx.data),
+        extracted=extract(ctx.data if data is None else data),
         received_at=received,
         direction=str(decide.get("direction") or env.role),
         source="smtp",
-        state=str(decide.get("decision") or "accepted"),
+        state=archive_state(ctx),
         mail_from=env.mail_from,
         rcpt_to=list(env.rcpt_to),
         client_ip=env.client_ip,
@@ -84,35 +184,52 @@ def record_for(ctx: MessageContext, sha256: str, now: datetime) -> MessageRecord
 
 
 class _MetadataBatcher:
-    """Concurrent archive stages share one database transaction per burst."""
+    """Concurrent archive stages share one database transaction per burst.
+
+    A message's copies arrive as one group and are never split between two
+    transactions: their links are resolved inside the batch (Metadata.add_messages).
+    """
 
     def __init__(self, meta: Metadata, max_batch: int = 256) -> None:
         self.meta = meta
         self.max_batch = max_batch
-        self._pending: list[tuple[MessageRecord, asyncio.Future[StoredMessage]]] = []
+        self._pending: list[tuple[list[MessageRecord],
+                                  asyncio.Future[list[StoredMessage]]]] = []
         self._running: asyncio.Task[None] | None = None
 
-    async def add(self, rec: MessageRecord) -> StoredMessage:
-        fut: asyncio.Future[StoredMessage] = asyncio.get_running_loop().create_future()
-        self._pending.append((rec, fut))
+    async def add(self, recs: list[MessageRecord]) -> list[StoredMessage]:
+        fut: asyncio.Future[list[StoredMessage]] = asyncio.get_running_loop().create_future()
+        self._pending.append((recs, fut))
         if self._running is None or self._running.done():
             self._running = asyncio.create_task(self._drain(), name="archive-metadata")
         return await fut
 
+    def _next_batch(self) -> list[tuple[list[MessageRecord],
+                                        asyncio.Future[list[StoredMessage]]]]:
+        size, n = 0, 0
+        for recs, _ in self._pending:
+            if n and size + len(recs) > self.max_batch:
+                break
+            size, n = size + len(recs), n + 1
+        batch, self._pending = self._pending[:n], self._pending[n:]
+        return batch
+
     async def _drain(self) -> None:
         while self._pending:
-            batch, self._pending = (self._pending[: self.max_batch],
-                                    self._pending[self.max_batch :])
+            batch = self._next_batch()
+            flat = [r for recs, _ in batch for r in recs]
             try:
-                stored = await asyncio.to_thread(self.meta.add_messages, [r for r, _ in batch])
+                stored = await asyncio.to_thread(self.meta.add_messages, flat)
             except Exception as exc:  # every waiter sees the failure; none is lost
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(exc)
                 continue
-            for (_, fut), row in zip(batch, stored, strict=True):
+            at = 0
+            for recs, fut in batch:
                 if not fut.done():
-                    fut.set_result(row)
+                    fut.set_result(stored[at:at + len(recs)])
+                at += len(recs)
 
 
 class ArchiveStage:
@@ -155,27 +272,43 @@ class ArchiveStage:
         if decide.get("archive") is False:
             # Only a policy that explicitly allows exemptions can say this (policies/).
             return StageResult(reason="not archived: exempted by policy rule")
-        rec, receipt = await asyncio.to_thread(self._prepare, ctx)
-        # The receipt first, in the same ledger append: the message's entry names it.
-        _, ref = await self.writer.put_many(
-            [receipt, ctx.data],
-            [{RECEIPT_OF: rec.sha256},
-             {"qid": ctx.qid, RECEIPT: hashlib.sha256(receipt).hexdigest()}])
-        if ref.sha256 != rec.sha256:  # the store hashes the same bytes
-            raise ArchiveError(f"archived {ref.sha256}, expected {rec.sha256}")
-        self._keep(ref.sha256, rec.extracted)
-        row = await self.batcher.add(rec)
-        return StageResult(
-            reason=f"archived {ref.sha256[:16]} as message {row.id}",
-            facts={"sha256": ref.sha256, "message": row.id, "new_blob": ref.new,
-                   "retention_until": rec.retention_until.isoformat()
-                   if rec.retention_until else None},
-        )
+        copies = copies_of(ctx)
+        recs, receipts = await asyncio.to_thread(self._prepare, ctx, copies)
+        # Each receipt first, in the same ledger append: the message's entry names it.
+        blobs: list[bytes] = []
+        fields: list[dict[str, Any]] = []
+        for copy, rec, receipt in zip(copies, recs, receipts, strict=True):
+            blobs += [receipt, copy.data]
+            fields += [{RECEIPT_OF: rec.sha256},
+                       {"qid": ctx.qid, RECEIPT: hashlib.sha256(receipt).hexdigest()}]
+        refs = (await self.writer.put_many(blobs, fields))[1::2]
+        for ref, rec in zip(refs, recs, strict=True):
+            if ref.sha256 != rec.sha256:  # the store hashes the same bytes
+                raise ArchiveError(f"archived {ref.sha256}, expected {rec.sha256}")
+            self._keep(ref.sha256, rec.extracted)
+        rows = await self.batcher.add(recs)
+        # The facts name the copy that is delivered (the exact bytes the next hop gets).
+        sent = delivered(copies)
+        facts: dict[str, Any] = {
+            "sha256": refs[sent].sha256, "message": rows[sent].id, "new_blob": refs[sent].new,
+            "retention_until": recs[0].retention_until.isoformat()
+            if recs[0].retention_until else None}
+        if len(copies) > 1:
+            facts["copies"] = {c.kind: {"sha256": ref.sha256, "message": row.id}
+                               for c, ref, row in zip(copies, refs, rows, strict=True)}
+        names = ", ".join(f"{c.kind or 'message'} {ref.sha256[:16]} as message {row.id}"
+                          for c, ref, row in zip(copies, refs, rows, strict=True))
+        return StageResult(reason=f"archived {names}", facts=facts)
 
-    def _prepare(self, ctx: MessageContext) -> tuple[MessageRecord, bytes]:
-        """The metadata record and the receipt blob (archive.receipts) of one message."""
-        rec = record_for(ctx, hashlib.sha256(ctx.data).hexdigest(), self.clock())
-        return rec, receipt_document(rec, ctx.envelope.to_dict(), ctx.qid)
+    def _prepare(self, ctx: MessageContext, copies: list[Copy]
+                 ) -> tuple[list[MessageRecord], list[bytes]]:
+        """The metadata records and receipt blobs (archive.receipts) of a message's copies."""
+        now = self.clock()
+        shas = [hashlib.sha256(c.data).hexdigest() for c in copies]
+        envelope = ctx.envelope.to_dict()
+        recs = [replace(record_for(ctx, sha, now, c.data), copy=c.kind, link_sha256=link)
+                for c, sha, link in zip(copies, shas, linked(copies, shas), strict=True)]
+        return recs, [receipt_document(r, envelope, ctx.qid) for r in recs]
 
     async def close(self) -> None:
         await self.writer.close()

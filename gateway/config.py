@@ -194,6 +194,14 @@ class LogConfig(_Model):
     file: Path | None = Field(None, description="Log file (default: standard error)")
 
 
+class ArchiveSection(_Model):
+    rejected: bool = Field(
+        True, description="Archive messages rejected after DATA (policy, spam, check 5xx) "
+        'with state "rejected" and the reply, before the reply is sent; if that write '
+        "fails the client gets 451 4.3.0 instead"
+    )
+
+
 class Config(_Model):
     hostname: str = Field("localhost", description="Name in the banner, EHLO and Received")
     data_dir: Path = Field(Path("."), description="Root of spool, archive, maildirs (rel. to file)")
@@ -213,6 +221,7 @@ class Config(_Model):
         "segments (default: local files)",
     )
     imap: ImapSection = Field(default_factory=ImapSection)
+    archive: ArchiveSection = Field(default_factory=ArchiveSection)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     policy: Path | None = Field(None, description="Policy file (relative to data_dir)")

@@ -67,6 +67,9 @@ class MessageContext:
     qid: str = ""
     trace: list[dict[str, Any]] = field(default_factory=list)
     notices: list[tuple[str, bytes]] = field(default_factory=list)  # spooled after the message
+    # After the queue: the bytes as spooled at the 250, before any transform replaced
+    # ``data`` (the archive keeps both, issue 3); None before the queue.
+    received: bytes | None = None
 
 
 class Stage(Protocol):

@@ -50,6 +50,9 @@ TOO_MANY_COMMANDS = Reply(421, "4.7.0", "Too many commands, closing connection")
 IDLE_TIMEOUT = Reply(421, "4.4.2", "Idle timeout, closing connection")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
 LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")
+# A message we would reject could not be archived as evidence (issue 3): never a 5xx
+# without the evidence; the client retries and the next attempt is archived.
+ARCHIVE_FAILED = Reply(451, "4.3.0", "Message could not be recorded, try again later")
 SPOOL_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")  # RFC 5321 §4.5.3.1.10
 TEMPFAIL_POLICY = Reply(451, "4.7.1", "Message deferred by policy")

@@ -7,13 +7,20 @@ anything else is spooled durably (fsync) and only then answered 250.  An
 unexpected exception in a stage does not lose the message: it is spooled in the
 held area with the stage name and the error, and the client still gets 250 —
 the message is safe, and an operator decides (``coffer queue``).
+
+A message rejected after DATA (5xx) is archived first when ``archive_rejected`` is
+set (config ``archive.rejected``; issue 3: the rejected message is evidence too),
+marked by ``facts["runner"]`` (action "reject", stage, reply, reason).  The write
+is part of the transaction: if it fails, the client gets 451 4.3.0, never the 5xx
+(it retries; we never answer for a message we could not record) and never a 250.
+A 4xx is not archived: the client sends the message again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from typing import Protocol
 
@@ -44,12 +51,14 @@ class Runner:
         on_queued: Callable[[str], None] | None = None,
         executor: Executor | None = None,
         clock: Callable[[], float] = time.time,
+        archive_rejected: Callable[[MessageContext], Awaitable[object]] | None = None,
     ) -> None:
         self.spool = spool
         self.stages = list(stages)
         self.on_queued = on_queued
         self.executor = executor
         self.clock = clock
+        self.archive_rejected = archive_rejected
 
     def room_for(self, size: int) -> Reply | None:
         return None if self.spool.has_room(size) else replies.SPOOL_FULL
@@ -73,6 +82,8 @@ class Runner:
                     replies.REJECTED_POLICY if result.action is Action.REJECT
                     else replies.TEMPFAIL_POLICY
                 )
+                if result.action is Action.REJECT:
+                    reply = await self._keep_rejected(ctx, stage.name, reply, result.reason)
                 metrics.REJECTED.labels(f"{stage.name}:{result.action}").inc()
                 log.event("rejected", stage=stage.name, reply=str(reply), reason=result.reason,
                           sender=envelope.mail_from, recipients=envelope.rcpt_to,
@@ -105,6 +116,22 @@ class Runner:
         if ctx.notices:
             await self._store_notices(qid, ctx)
         return replies.QUEUED.with_text(f"OK: queued as {qid}")
+
+    async def _keep_rejected(self, ctx: MessageContext, stage: str, reply: Reply,
+                             reason: str) -> Reply:
+        """Archive a message about to be rejected; the reply to send (see module doc)."""
+        if self.archive_rejected is None:
+            return reply
+        ctx.facts["runner"] = {"action": str(Action.REJECT), "stage": stage,
+                               "reply": str(reply), "reason": reason}
+        ctx.facts["trace"] = ctx.trace
+        try:
+            await self.archive_rejected(ctx)
+        except Exception as exc:
+            log.event("archive_rejected_failed", stage=stage, reply=str(reply),
+                      error=f"{type(exc).__name__}: {exc}", sender=ctx.envelope.mail_from)
+            return replies.ARCHIVE_FAILED
+        return reply
 
     async def _store_notices(self, qid: str, ctx: MessageContext) -> None:
         """Spool the policy's notices, each its own message from the null sender.

@@ -365,6 +365,7 @@ class Service:
             self._policy_task = asyncio.create_task(
                 watch_policy(self.policy, lambda: self.cfg), name="policy-watch")
         archive = next((st for st in self._after_stages if isinstance(st, ArchiveStage)), None)
+        self._archive_rejected(cfg)
         if archive is not None and self.worker_index == 0:
             # One indexer per node: the full-text index has a single writer.
             self._indexer_task = asyncio.create_task(
@@ -417,6 +418,14 @@ class Service:
             self._metrics.close()
         log.event("stopped", pid=os.getpid(), seconds=round(time.monotonic() - started, 3))
 
+    def _archive_rejected(self, cfg: Config) -> None:
+        """Messages rejected after DATA go to this process's archive stage first (or not)."""
+        if self.runner is None:
+            return
+        archive = next((st for st in self._after_stages if isinstance(st, ArchiveStage)), None)
+        self.runner.archive_rejected = (archive.run if archive is not None
+                                        and cfg.archive.rejected else None)
+
     def rescan(self) -> None:
         """SIGUSR1: pick up operator changes (retry, release) now, not at the next scan."""
         if self._worker is not None:
@@ -466,6 +475,7 @@ class Service:
         old = self.cfg
         self.cfg = new
         self.policy.policy = policy
+        self._archive_rejected(new)
         if self.runner is not None:
             # Relay domains feed the policy's idea of direction: rebuild decide only.
             self.runner.stages = [

@@ -312,8 +312,9 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(dataclasses.asdict(res), ensure_ascii=False))
     print(f"rebuilt {res.messages} messages ({res.blobs} blobs, {res.shredded} shredded, "
-          f"{res.indexed} indexed, {res.receipts} with receipts), {res.holds} legal holds "
-          f"and {res.audit_events} audit events from the ledger", file=sys.stderr)
+          f"{res.indexed} indexed, {res.receipts} with receipts, {res.links} copies linked), "
+          f"{res.holds} legal holds and {res.audit_events} audit events from the ledger",
+          file=sys.stderr)
     for w in res.warnings:
         print(f"warning: {w}", file=sys.stderr)
     return EXIT_OK

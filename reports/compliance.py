@@ -32,6 +32,7 @@ from sqlalchemy import and_, func, or_, select
 
 from archive.facade import Archive
 from archive.metadata import (
+    SECONDARY_COPIES,
     AuditEvent,
     Decision,
     Hold,
@@ -91,7 +92,10 @@ def parse_period(start: str, end: str) -> tuple[datetime, datetime]:
 
 
 def _received(start: datetime, end: datetime) -> Any:
-    return and_(Message.received_at >= start, Message.received_at < end)
+    """Messages received in [start, end), each once: a message archived as received
+    and as sent is counted by its readable copy (archive.metadata.SECONDARY_COPIES)."""
+    return and_(Message.received_at >= start, Message.received_at < end,
+                Message.copy.not_in(sorted(SECONDARY_COPIES)))
 
 
 def _counter_rows(c: Counter[str], top: int | None = None) -> list[list[Any]]:

@@ -38,7 +38,7 @@ What it cannot restore (not in the store or the ledger):
   (RFC 5321 §7.2: they are deliberately in no header), the policy decision, its
   rule hits, the spam verdict and the retention end (restored as "none":
   nothing expires until retention is applied again, the safe direction);
-* links between sent and received copies;
+* links between sent and received copies archived before receipts named them;
 * legal holds written before ledger documents existed (their entries are counted
   and listed in the warnings so each case can be re-created), and the text of
   audit events written before then: they come back from the ledger with their
@@ -81,7 +81,7 @@ from archive.extract import Extracted, extract
 from archive.facade import Archive
 from archive.index import Indexer, open_index
 from archive.ledger import LedgerEntry
-from archive.metadata import Blob, Message, MessageRecord, Metadata, _safe_url
+from archive.metadata import Blob, Message, MessageRecord, Metadata, _safe_url, resolve_links
 from archive.receipts import RECEIPT, apply_receipt, parse_receipt
 from reports.common import Progress, metadata_url, parse_utc, record_audit
 from reports.errors import RebuildError
@@ -163,6 +163,7 @@ class RebuildResult:
     holds: int = 0
     holds_without_document: int = 0  # hold entries older than ledger documents
     receipts: int = 0  # messages whose receipt blob restored envelope and decision
+    links: int = 0  # rows linked again to another copy of their message
     warnings: list[str] = field(default_factory=list)
 
 
@@ -255,6 +256,7 @@ def rebuild(data_dir: Path, *, database: str | None = None, index_engine: str | 
         led = _read_ledger(archive)
         batch: list[MessageRecord] = []
         wanted: list[Any] = []  # the archive id a writer recorded in the entry, if any
+        rows: list[tuple[int, str, str | None]] = []  # (id, sha256, linked sha256)
         for entry in led.stored:
             sha = str(entry.fields["sha256"])
             if sha in led.tombstones:
@@ -272,9 +274,10 @@ def rebuild(data_dir: Path, *, database: str | None = None, index_engine: str | 
                                                led.tombstones, result))
             wanted.append(entry.fields.get("archive_id"))
             if len(batch) >= BATCH:
-                _flush(meta, batch, wanted, result)
+                _flush(meta, batch, wanted, result, rows)
                 bar.update(result.messages)
-        _flush(meta, batch, wanted, result)
+        _flush(meta, batch, wanted, result, rows)
+        result.links = _relink(meta, rows)
         _mark_shredded(meta, led.tombstones)
         _restore_log(meta, archive, led, result)
         bar.done(result.messages)
@@ -286,8 +289,8 @@ def rebuild(data_dir: Path, *, database: str | None = None, index_engine: str | 
             index.close()
         record_audit(meta, archive, officer, "rebuild", result_count=result.messages,
                      detail={"blobs": result.blobs, "shredded": result.shredded,
-                             "receipts": result.receipts, "holds": result.holds,
-                             "audit_events": result.audit_events,
+                             "receipts": result.receipts, "links": result.links,
+                             "holds": result.holds, "audit_events": result.audit_events,
                              "warnings": result.warnings})
     finally:
         meta.close()
@@ -344,11 +347,20 @@ def _mark_shredded(meta: Metadata, tombstones: dict[str, datetime]) -> None:
                 msg.state = "expired"
 
 
+def _relink(meta: Metadata, rows: list[tuple[int, str, str | None]]) -> int:
+    """Link the copies of each message again, across batch boundaries too."""
+    links = resolve_links([(sha, link) for _, sha, link in rows])
+    meta.link((rows[i][0], rows[j][0]) for i, j in links.items())
+    return len(links)
+
+
 def _flush(meta: Metadata, batch: list[MessageRecord], wanted: list[Any],
-           result: RebuildResult) -> None:
+           result: RebuildResult, rows: list[tuple[int, str, str | None]]) -> None:
     if not batch:
         return
     stored = meta.add_messages(batch)
+    rows.extend((row.id, rec.sha256, rec.link_sha256)
+                for row, rec in zip(stored, batch, strict=True))
     for row, want in zip(stored, wanted, strict=True):
         if isinstance(want, int) and want != row.id:
             result.warnings.append(f"ledger seq {batch[0].ledger_ref}..: archive id {want} "

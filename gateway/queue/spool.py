@@ -53,8 +53,9 @@ class SpooledMessage:
     qid: str
     envelope: Envelope
     facts: dict[str, Any]
-    data: bytes
+    data: bytes  # what to deliver: the once-stages' output (.data) if any, else ``received``
     state: QueueState
+    received: bytes | None = None  # the bytes as received (.msg) when ``data`` replaced them
 
 
 def _fsync_dir(path: Path) -> None:
@@ -288,9 +289,13 @@ class Spool:
             raise SpoolError(f"{qid}: no such queued message") from exc
         if len(data) != size:
             raise SpoolError(f"{qid}: spool file truncated ({len(data)} of {size} bytes)")
+        received: bytes | None = None
         with contextlib.suppress(FileNotFoundError):
-            data = self.data_path(qid).read_bytes()  # a once-stage's output, if any
-        return SpooledMessage(qid, env, facts, data, self.read_state(qid, env.rcpt_to))
+            # A once-stage's output, if any; the received bytes stay for the archive
+            # (issue 3: an outbound message is kept as received and as sent).
+            data, received = self.data_path(qid).read_bytes(), data
+        return SpooledMessage(qid, env, facts, data, self.read_state(qid, env.rcpt_to),
+                              received)
 
     # -- ownership and removal ----------------------------------------------
     @contextmanager

@@ -347,7 +347,7 @@ class QueueWorker:
             return
 
         ctx = MessageContext(envelope=msg.envelope, data=msg.data, facts=dict(msg.facts),
-                             qid=qid)
+                             qid=qid, received=msg.data if msg.received is None else msg.received)
         disposition = self._prequeue_disposition(msg, st)
         if disposition is not None and disposition[0] is Action.HOLD:
             # A hold waits for an operator before anything else runs.

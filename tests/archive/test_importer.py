@@ -110,7 +110,8 @@ def test_corpus_round_trip_import_search_fetch_and_reimport(env: Env) -> None:
         raw = env.archive.get(row.sha256)
         text = extract(raw)
         words = [w for w in re.findall(r"[A-Za-z]{4,}", text.subject)][:1]
-        body = [w for w in re.findall(r"[A-Za-z]{5,}", text.body)][:1]
+        # A whole word, as the index tokenizes it ("Filter2" is one token, not "Filter").
+        body = [w for w in re.findall(r"\b[A-Za-z]{5,}\b", text.body)][:1]
         queries = [f"date:{row.date:%Y-%m-%d}"]
         if "@" in row.from_addr and " " not in row.from_addr and '"' not in row.from_addr:
             queries.append(f"from:{row.from_addr}")

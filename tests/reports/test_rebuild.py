@@ -298,6 +298,6 @@ async def test_expiry_shreds_the_receipt_with_its_message_and_rebuild_agrees(db:
     with db.open() as meta:
         gone, kept = meta.get(ids[0]), meta.get(ids[1])
         assert gone is not None and gone.state == "expired"
-        assert kept is not None and (kept.state, kept.client_ip) == ("accept", "198.51.100.4")
+        assert kept is not None and (kept.state, kept.client_ip) == ("accepted", "198.51.100.4")
     assert results(db, ["bcc:secret@example.org", "lunch"])["lunch"] == [
         (ids[1], row_facts(db, [ids[1]])[0][0])]

@@ -163,3 +163,30 @@ def write_config(
         + ("" if "imap:" in extra else "imap:\n  enabled: false\n")
     )
     return path
+
+
+def start_relay(
+    tmp_path: Path, procs: list[Gateway | Sink], *, policy: str | None = None,
+    extra: str = "", configure: Callable[[Path], None] | None = None,
+) -> tuple[Path, Gateway]:
+    """A next-hop sink and `coffer serve` relaying everything from loopback to it.
+
+    ``policy``: the text of a policy file to use; ``configure``: edits the written
+    configuration file before the gateway starts.  Both end up in ``procs``.
+    """
+    sink = Sink(free_port(), tmp_path / "sink.jsonl")
+    procs.append(sink.start())
+    if policy is not None:
+        (tmp_path / "policy.yaml").write_text(policy)
+        extra = 'policy: "policy.yaml"\n' + extra
+    port = free_port()
+    cfg = write_config(
+        tmp_path / "coffer.yaml", port=port, local_domains=["gw.test"],
+        routes={"*": f"smtp://127.0.0.1:{sink.port}?tls=off"}, trusted=["127.0.0.1/32"],
+        extra=extra,
+    )
+    if configure is not None:
+        configure(cfg)
+    gw = Gateway(cfg, port, tmp_path / "coffer.log")
+    procs.append(gw.start())
+    return cfg, gw
