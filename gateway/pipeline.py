@@ -55,6 +55,10 @@ class StageResult:
     # goes on with the rest, so a stage can serve some recipients and refuse others
     # (the encryption gateway: a copy for those with keys, a bounce for the rest).
     rejected: dict[str, Reply] = field(default_factory=dict)
+    # Before-queue only: spool the message once per recipient group instead of once
+    # (gateway.transform.encrypt_split: keyed and keyless recipients of an
+    # opportunistic encryption); every group is fsynced before the one 250.
+    split: list[list[str]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -70,6 +74,8 @@ class MessageContext:
     # After the queue: the bytes as spooled at the 250, before any transform replaced
     # ``data`` (the archive keeps both, issue 3); None before the queue.
     received: bytes | None = None
+    # Before the queue: recipient groups to spool as separate messages (StageResult.split).
+    groups: list[list[str]] = field(default_factory=list)
 
 
 class Stage(Protocol):
@@ -106,6 +112,8 @@ def apply(ctx: MessageContext, stage: str, result: StageResult) -> None:
                 if aligned:
                     ctx.envelope.rcpt_options.append([])
     ctx.notices.extend(result.notify)
+    if result.split:
+        ctx.groups = [list(g) for g in result.split if g]
     if result.facts:
         ctx.facts.setdefault(stage, {}).update(result.facts)
     ctx.trace.append({"stage": stage, "action": str(result.action), "reason": result.reason})

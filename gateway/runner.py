@@ -19,16 +19,17 @@ A 4xx is not archived: the client sends the message again.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
-from typing import Protocol
+from typing import Any, Protocol
 
 from gateway import log, metrics, replies
 from gateway.envelope import Envelope
 from gateway.errors import SpoolError, SpoolFullError
 from gateway.pipeline import Action, MessageContext, Stage, apply
-from gateway.queue.spool import Spool
+from gateway.queue.spool import Spool, new_queue_id
 from gateway.replies import Reply
 
 
@@ -95,7 +96,8 @@ class Runner:
                 break
         ctx.facts["trace"] = ctx.trace
         try:
-            qid = await self._store(ctx)
+            qids = await self._store_groups(ctx) if ctx.groups and held is None else []
+            qid = qids[0] if qids else await self._store(ctx)
         except SpoolFullError as exc:
             log.event("spool_full", error=str(exc), sender=envelope.mail_from)
             metrics.REJECTED.labels("spool_full").inc()
@@ -112,10 +114,11 @@ class Runner:
         log.event("accepted", qid=qid, sender=envelope.mail_from, recipients=envelope.rcpt_to,
                   size=len(ctx.data), client=envelope.client_ip, held=held is not None)
         if self.on_queued is not None and held is None:
-            self.on_queued(qid)
+            for q in qids or [qid]:
+                self.on_queued(q)
         if ctx.notices:
             await self._store_notices(qid, ctx)
-        return replies.QUEUED.with_text(f"OK: queued as {qid}")
+        return replies.QUEUED.with_text(f"OK: queued as {' '.join(qids or [qid])}")
 
     async def _keep_rejected(self, ctx: MessageContext, stage: str, reply: Reply,
                              reason: str) -> Reply:
@@ -155,6 +158,28 @@ class Runner:
             if self.on_queued is not None:
                 self.on_queued(notice_qid)
 
+    async def _store_groups(self, ctx: MessageContext) -> list[str]:
+        """Spool one message per recipient group (StageResult.split); all or none.
+
+        Every copy is fsynced before the one 250; if any write fails, the copies
+        already written are removed before the 4xx, so the client's retry cannot
+        deliver a group twice.
+        """
+        loop = asyncio.get_running_loop()
+        qids = [new_queue_id(ctx.envelope.received_at or None) for _ in ctx.groups]
+        done: list[str] = []
+        try:
+            for i, (group, qid) in enumerate(zip(ctx.groups, qids, strict=True)):
+                env, facts = split_copy(ctx, group, i, qids)
+                done.append(await loop.run_in_executor(
+                    self.executor, self.spool.store, env, ctx.data, facts, qid))
+        except SpoolError:
+            for q in done:
+                self.spool.remove(q)
+            raise
+        log.event("split", qids=qids, groups=[len(g) for g in ctx.groups])
+        return done
+
     async def _store(self, ctx: MessageContext) -> str:
         loop = asyncio.get_running_loop()
         # fsync blocks: keep it off the event loop so other sessions keep moving,
@@ -162,3 +187,16 @@ class Runner:
         return await loop.run_in_executor(
             self.executor, self.spool.store, ctx.envelope, ctx.data, ctx.facts
         )
+
+
+def split_copy(ctx: MessageContext, group: list[str], index: int,
+               qids: list[str]) -> tuple[Envelope, dict[str, Any]]:
+    """The envelope and facts of one group's spooled copy (pure)."""
+    env = ctx.envelope
+    aligned = len(env.rcpt_options) == len(env.rcpt_to)
+    options = {r: env.rcpt_options[i] for i, r in enumerate(env.rcpt_to)} if aligned else {}
+    copy = dataclasses.replace(env, rcpt_to=list(group),
+                               rcpt_options=[list(options.get(r, [])) for r in group])
+    facts = dict(ctx.facts)
+    facts["split"] = {"group": index + 1, "of": len(qids), "queue_ids": qids}
+    return copy, facts

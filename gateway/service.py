@@ -72,6 +72,7 @@ from gateway.receive.relay_control import RelayRules
 from gateway.receive.server import Listeners, start_listeners
 from gateway.runner import Runner
 from gateway.transform.dkim_sign import DkimSignStage
+from gateway.transform.encrypt_split import EncryptSplitStage
 from gateway.transform.encrypt_stage import EncryptStage
 from policies.loader import load_policy
 from policies.schema import Policy
@@ -230,8 +231,10 @@ async def watch_policy(holder: PolicyHolder, cfg: Callable[[], Config],
         log.event("policy_reloaded", digest=policy.digest if policy else None)
 
 
-def before_queue_stages(cfg: Config, policy: PolicyHolder) -> list[Stage]:
-    """check (sender auth, spam) -> decide, run while the client waits."""
+def before_queue_stages(cfg: Config, policy: PolicyHolder,
+                        encrypt: EncryptStage | None = None) -> list[Stage]:
+    """check (sender auth, spam) -> decide, run while the client waits; then, given the
+    transform stage, the opportunistic encryption's split (transform.encrypt_split)."""
     stages: list[Stage] = []
     check = CheckStage.from_config(cfg) if cfg.check.checks else None
     if check is not None:
@@ -240,6 +243,8 @@ def before_queue_stages(cfg: Config, policy: PolicyHolder) -> list[Stage]:
         # The spam scorer reads the check stage's verdicts and shares its resolver.
         stages.append(SpamStage.from_config(cfg, resolver=check.resolver if check else None))
     stages.append(DecideStage(policy, cfg.relay.local_domains, hostname=cfg.hostname))
+    if encrypt is not None:
+        stages.append(EncryptSplitStage(encrypt))
     return stages
 
 
@@ -355,7 +360,10 @@ class Service:
             cfg, self.spool, self._after_stages, self._deliverer, executor=self._executor
         )
         self.runner = Runner(
-            self.spool, before_queue_stages(cfg, self.policy), on_queued=self._worker.notify,
+            self.spool,
+            before_queue_stages(cfg, self.policy, next(
+                (st for st in self._after_stages if isinstance(st, EncryptStage)), None)),
+            on_queued=self._worker.notify,
             executor=self._executor,
         )
         # The worker starts first: a message accepted in the first millisecond is

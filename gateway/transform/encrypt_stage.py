@@ -22,18 +22,21 @@ some lack a key, ``require: true``   the message is encrypted to the keys of the
                                      worker bounces them in one DSN to the sender
 no recipient has a key, ``require``  REJECT 550 5.7.1 naming them: the whole message
                                      bounces; nothing leaves in clear
-some lack a key, opportunistic       sent in clear to all (signed if asked), recorded in
-                                     facts
+some lack a key, opportunistic       split before the queue (transform.encrypt_split):
+                                     the keyed recipients' copy is encrypted, the others'
+                                     copy sent in clear (signed if asked), recorded in
+                                     facts (``clear_reason``)
 gpg / openssl missing or failing     TEMPFAIL 451 4.7.5: retried, never plaintext
 no signing key for a sign action     HOLD: an operator fixes the key store
 ==================================  ====================================================
 
 The encrypted body only ever goes to the recipients whose keys it was encrypted
 to: the refused ones are final (bounced) before the worker saves that body.
-Opportunistic mixed recipients would need different bytes for different
-recipients (ciphertext for some, clear for others), which the worker cannot
-deliver from one message; so they all get the clear message (as before) and
-``clear_reason`` records why.
+Opportunistic mixed recipients need different bytes for different recipients
+(ciphertext for some, clear for others), which one spooled message cannot carry:
+the before-queue EncryptSplitStage spools one copy per group, so this stage sees
+either all keyed or all keyless recipients (a key that changed in between falls
+back to clear for everyone in that copy, recorded in ``clear_reason``).
 
 Inbound decryption is for the archive only: the recipient still receives the
 ciphertext, the decrypted MIME entity is returned base64-encoded in
@@ -86,7 +89,7 @@ def _names(missing: dict[str, str], limit: int = 5) -> str:
     return ", ".join(items) + (f" and {more} more" if more > 0 else "")
 
 
-def _method(actions: list[dict[str, Any]]) -> str:
+def method_of(actions: list[dict[str, Any]]) -> str:
     """The strictest method asked for: an explicit pgp/smime beats auto."""
     methods = [str(a.get("method", "auto")) for a in actions]
     return next((m for m in methods if m != "auto"), "auto")
@@ -139,13 +142,13 @@ class EncryptStage:
 
         original = ctx.data
         facts["original_sha256"] = hashlib.sha256(original).hexdigest()
-        sign_method = _method(sig) if sig else None
+        sign_method = method_of(sig) if sig else None
         if enc:
             require = any(bool(a.get("require")) for a in enc)
             facts["require"] = require
             # Lookups may run gpg (the key listing is cached): keep them off the loop.
             method, keys, missing = await self.store.gpg.call(
-                self._plan, ctx.envelope.rcpt_to, _method(enc))
+                self.plan, ctx.envelope.rcpt_to, method_of(enc))
             if missing:
                 facts["missing"] = missing
                 names = _names(missing)
@@ -180,7 +183,7 @@ class EncryptStage:
         return StageResult(reason=facts.get("clear_reason", ""), facts=facts)
 
     # -- planning ------------------------------------------------------------------
-    def _plan(self, rcpts: list[str], method: str
+    def plan(self, rcpts: list[str], method: str
               ) -> tuple[str, dict[str, Any], dict[str, str]]:
         """(method, {rcpt: key}, {rcpt without key: why}) for the best method."""
         looks: dict[str, Lookup] = {r: self.store.lookup(r) for r in rcpts}
