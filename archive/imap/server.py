@@ -58,6 +58,11 @@ T = TypeVar("T")
 log = logging.getLogger("coffer.imap")
 
 _LITERAL_AT_END = re.compile(rb"\{(\d{1,20})(\+?)\}\r?\n\Z")
+# A pipelined (UID) FETCH without a literal: read ahead and prefetched (see _Session.run).
+_FETCH_LINE = re.compile(rb"[^ ]+ (?:UID )?FETCH [^{}]*\r?\n\Z", re.IGNORECASE)
+MAX_READ_AHEAD = 32  # pipelined FETCH commands parsed and prefetched at once
+PREFETCH_TARGETS = 4  # only commands fetching this few messages are prefetched (mbsync: 1)
+FLUSH_AT = 256 * 1024  # responses are written once the buffer holds this much
 MAX_BAD_COMMANDS = 20
 _SYSTEM_FLAGS = "(\\Answered \\Flagged \\Deleted \\Seen \\Draft)"
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun",
@@ -238,6 +243,11 @@ class _Session:
         self.selected: _Selected | None = None
         self.cache: OrderedDict[int, ParsedMessage] = OrderedDict()
         self.out: list[bytes] = []
+        self.out_size = 0
+        # Pipelined FETCH commands already read (parsed), and their messages' bytes
+        # being read in worker threads meanwhile: uid -> (future, index in its result).
+        self.ahead: deque[Command | ParseError] = deque()
+        self.prefetch: dict[int, tuple[asyncio.Future[list[bytes | None]], int]] = {}
         self.bad_count = 0
         self.logout = False
 
@@ -245,13 +255,24 @@ class _Session:
 
     def send(self, data: bytes | str) -> None:
         # Buffered: one socket write per flush, not one per response line.
-        self.out.append(data.encode() if isinstance(data, str) else data)
+        b = data.encode() if isinstance(data, str) else data
+        self.out.append(b)
+        self.out_size += len(b)
 
     async def flush(self) -> None:
         if self.out:
             self.writer.write(b"".join(self.out))
             self.out.clear()
+            self.out_size = 0
         await self.writer.drain()
+
+    def pending_line(self) -> bytes | None:
+        """The next command line if the client already sent it (pipelining), else None.
+
+        StreamReader has no public peek; its buffer is what it has received."""
+        buf: bytearray = getattr(self.reader, "_buffer", bytearray())
+        end = buf.find(b"\n")
+        return None if end < 0 else bytes(buf[:end + 1])
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         if getattr(self.backend, "blocking", False):
@@ -289,17 +310,31 @@ class _Session:
                       f"{self.cfg.greeting_name} IMAP4rev1 ready (read-only archive)\r\n")
             await self.flush()
             while not self.logout:
-                timeout = self.cfg.idle_timeout if self.principal else self.cfg.login_timeout
-                try:
-                    async with asyncio.timeout(timeout):  # no task per command
-                        data = await self.read_command()
-                except TimeoutError:
-                    self.send("* BYE Autologout; idle for too long\r\n")
+                if self.ahead:
+                    await self.execute(self.ahead.popleft())
+                elif self.pending_line() is not None:
+                    # Pipelined: already here, so neither a wait nor a timer.
+                    data = await self.read_command()
+                    if data is not None:
+                        await self.dispatch(data)
+                else:
                     await self.flush()
-                    return
-                if data is not None:
-                    await self.dispatch(data)
-                await self.flush()
+                    timeout = (self.cfg.idle_timeout if self.principal
+                               else self.cfg.login_timeout)
+                    try:
+                        async with asyncio.timeout(timeout):  # no task per command
+                            data = await self.read_command()
+                    except TimeoutError:
+                        self.send("* BYE Autologout; idle for too long\r\n")
+                        await self.flush()
+                        return
+                    if data is not None:
+                        await self.dispatch(data)
+                # Responses to pipelined commands go out together (mbsync pipelines
+                # every FETCH): one socket write per batch, not one per command.
+                if self.logout or self.out_size >= FLUSH_AT or (
+                        not self.ahead and self.pending_line() is None):
+                    await self.flush()
         except _Bye as exc:
             try:
                 self.send(f"* BYE {exc}\r\n")
@@ -372,9 +407,58 @@ class _Session:
 
     async def dispatch(self, data: bytes) -> None:
         try:
-            cmd = parse_command(data)
+            cmd: Command | ParseError = parse_command(data)
         except ParseError as exc:
-            self.bad(exc.tag or "*", exc.reason)
+            cmd = exc
+        if isinstance(cmd, Command) and cmd.name == "FETCH" and self.selected is not None:
+            self.read_ahead()
+            self.start_prefetch([cmd, *self.ahead])
+        await self.execute(cmd)
+
+    def read_ahead(self) -> None:
+        """Parse the pipelined FETCH commands that are already buffered (no literal,
+        so reading them never waits and never needs a continuation)."""
+        while len(self.ahead) < MAX_READ_AHEAD:
+            line = self.pending_line()
+            if line is None or not _FETCH_LINE.match(line):
+                return
+            buf: bytearray = self.reader._buffer  # type: ignore[attr-defined]
+            del buf[:len(line)]
+            try:
+                self.ahead.append(parse_command(line))
+            except ParseError as exc:
+                self.ahead.append(exc)
+
+    def start_prefetch(self, cmds: Sequence[Command | ParseError]) -> None:
+        """Read the bodies that pipelined FETCH commands will need in worker threads,
+        while this thread answers the commands before them."""
+        sel = self.selected
+        if sel is None or not getattr(self.backend, "blocking", False) \
+                or len(self.prefetch) > MAX_READ_AHEAD * PREFETCH_TARGETS:
+            return
+        uids: list[int] = []
+        for cmd in cmds:
+            if not isinstance(cmd, Command) or cmd.name != "FETCH" or cmd.seqset is None \
+                    or not _needs_raw(cmd.fetch):
+                continue
+            try:
+                targets = self.resolve(cmd, cmd.seqset)
+            except ParseError:
+                continue
+            if len(targets) <= PREFETCH_TARGETS:
+                uids += (m.uid for _, m in targets if m.uid not in self.prefetch)
+        uids = list(dict.fromkeys(uids))
+        if len(uids) < 2:
+            return  # one message is read inline: a worker-thread hop costs more
+        # One worker-thread hop for the whole batch, not one per command.
+        fut = asyncio.get_running_loop().run_in_executor(None, self._raws, sel.name, uids)
+        fut.add_done_callback(_retrieve)
+        for i, uid in enumerate(uids):
+            self.prefetch[uid] = (fut, i)
+
+    async def execute(self, cmd: Command | ParseError) -> None:
+        if isinstance(cmd, ParseError):
+            self.bad(cmd.tag or "*", cmd.reason)
             return
         self.bad_count = 0
         handler = getattr(self, "cmd_" + cmd.name.replace(" ", "_"), None)
@@ -445,7 +529,7 @@ class _Session:
             self.send(f"{cmd.tag} BAD Already authenticated\r\n")
             return
         pending = getattr(self.reader, "_buffer", b"")
-        if pending:
+        if pending or self.ahead:
             # Anything pipelined after STARTTLS would be read as if it came over TLS
             # (the STARTTLS command injection flaw, CVE-2011-0411): refuse.
             raise _Bye("Data after STARTTLS")
@@ -670,6 +754,7 @@ class _Session:
             self.selected.unsubscribe()
         self.selected = None
         self.cache.clear()
+        self.prefetch.clear()
 
     async def cmd_CLOSE(self, cmd: Command) -> None:
         self.unselect()  # nothing is ever \Deleted, so nothing is expunged
@@ -768,7 +853,7 @@ class _Session:
                           or (a.name == "BODY[]" and a.section is not None
                               and (a.section.part or a.section.text))
                           or a.name in ("RFC822.HEADER", "RFC822.TEXT") for a in atts)
-        needs_raw = needs_parse or any(a.name in ("BODY[]", "RFC822") for a in atts)
+        needs_raw = needs_parse or _needs_raw(atts)
         sets_seen = not sel.readonly and any(
             (a.name == "BODY[]" and not a.peek) or a.name in ("RFC822", "RFC822.TEXT")
             for a in atts)
@@ -782,10 +867,14 @@ class _Session:
             raws: list[bytes | None] = [None] * len(part)
             if needs_raw:
                 uids = [m.uid for _, m in part]
-                # A few messages are read inline: a worker-thread hop costs more than
-                # reading one blob (mbsync fetches one message per command).
-                raws = self._raws(sel.name, uids) if len(uids) <= 2 else \
-                    await self.call(self._raws, sel.name, uids)
+                if all(u in self.prefetch for u in uids):
+                    raws = [await self.prefetched(u) for u in uids]
+                elif len(uids) <= 2:
+                    # A few messages are read inline: a worker-thread hop costs more
+                    # than reading one blob.
+                    raws = self._raws(sel.name, uids)
+                else:
+                    raws = await self.call(self._raws, sel.name, uids)
             for (seq, info), raw in zip(part, raws, strict=True):
                 if needs_raw and raw is None:
                     continue  # expired meanwhile: RFC 3501 allows omitting it
@@ -799,8 +888,13 @@ class _Session:
                 out = self._fetch_one(info, flags, atts, needs_parse, raw,
                                       sets_seen and flags is not info.flags)
                 self.send(f"* {seq} FETCH (".encode() + b" ".join(out) + b")\r\n")
-            await self.flush()
+            if self.out_size >= FLUSH_AT:
+                await self.flush()
         self.ok(cmd)
+
+    async def prefetched(self, uid: int) -> bytes | None:
+        fut, i = self.prefetch.pop(uid)
+        return (await fut)[i]
 
     def _raws(self, mailbox: str, uids: list[int]) -> list[bytes | None]:
         """Several messages' bytes in one call (one worker-thread hop for a blocking
@@ -953,6 +1047,17 @@ class _Session:
         self.send("* SEARCH" + "".join(f" {n}" for n in nums) + "\r\n")
         self.ok(cmd)
 
+
+
+def _needs_raw(atts: Sequence[FetchAtt]) -> bool:
+    return any(a.name in ("BODY[]", "RFC822", "RFC822.HEADER", "RFC822.TEXT", "ENVELOPE",
+                          "BODYSTRUCTURE", "BODY") for a in atts)
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    # A prefetch dropped by UNSELECT is never awaited: its exception is not news.
+    if not fut.cancelled():
+        fut.exception()
 
 
 # Which state a command needs (RFC 3501 §3); others work in any state.

@@ -326,3 +326,34 @@ def test_idle_sees_newly_archived_mail(env: Env) -> None:
     assert alice.line() == b"b OK IDLE terminated"
     assert fetch_bodies(alice, b"c", b"FETCH 2 (BODY.PEEK[])") == [raw]
     alice.close()
+
+
+def test_pipelined_body_fetches_are_answered_in_order_with_exact_bytes(env: Env) -> None:
+    # mbsync pipelines one UID FETCH per message: the server reads the queued commands
+    # ahead and their bodies in one worker-thread hop; a malformed command and a UID
+    # outside the folder in the middle of the run still get their own answers, in order.
+    raw = Raw(env.server.port)
+    raw.cmd(b"a", b"LOGIN olga olga-pw")
+    raw.cmd(b"b", b"EXAMINE \"All Mail\"")
+    order = ["old_alias", "out", "in", "private", "imported"]
+    cmds = [b"f%d UID FETCH %d (BODY.PEEK[])\r\n" % (i, env.ids[k]) for i, k in enumerate(order)]
+    cmds.insert(2, b"x1 UID FETCH 1:2 (BODY.PEEK[\r\n")
+    cmds.insert(4, b"x2 UID FETCH 99999 (BODY.PEEK[])\r\n")
+    raw.send(b"".join(cmds) + b"z LOGOUT\r\n")
+    data = raw.buf
+    while b"\r\nz OK" not in data:
+        chunk = raw.sock.recv(65536)
+        assert chunk, data
+        data += chunk
+    tags = re.findall(rb"(?:^|\r\n)(f\d|x\d|z) (OK|NO|BAD)", data)
+    assert [t for t, _ in tags] == [b"f0", b"f1", b"x1", b"f2", b"x2", b"f3", b"f4", b"z"]
+    assert dict(tags)[b"x1"] == b"BAD" and dict(tags)[b"x2"] == b"OK"
+    pos = 0
+    for name, msg in zip(order, (OLD_ALIAS, OUT, IN, PRIVATE, IMPORTED), strict=True):
+        body = to_crlf(msg)
+        want = b"UID %d BODY[] {%d}\r\n" % (env.ids[name], len(body)) + body
+        found = data.find(want, pos)
+        assert found > pos, name
+        pos = found
+    assert b"UID 99999" not in data
+    raw.close()
