@@ -31,7 +31,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from archive.imap.backend import PERMANENT_FLAGS, Backend, MailboxInfo, MessageInfo, Principal
-from archive.imap.errors import MailboxError, ParseError
+from archive.imap.errors import MailboxError, ParseError, UpstreamUnavailable
 from archive.imap.parser import (
     SUPPORTED_CHARSETS,
     Command,
@@ -546,7 +546,14 @@ class _Session:
             self.send(f"{cmd.tag} NO [UNAVAILABLE] Too many failed logins; "
                       "try again later\r\n")
             return
-        principal = await asyncio.to_thread(self.backend.authenticate, user, password)
+        try:
+            principal = await asyncio.to_thread(self.backend.authenticate, user, password)
+        except UpstreamUnavailable as exc:
+            # RFC 5530 §3: not the user's fault, so not counted as a failed login.
+            log.warning("IMAP login of %r from %s: %s", user, self.ip, exc)
+            self.send(f"{cmd.tag} NO [UNAVAILABLE] Authentication service unavailable; "
+                      "try again later\r\n")
+            return
         if principal is None:
             self.server.throttle.failed(user, self.ip)
             self.send(f"{cmd.tag} NO [AUTHENTICATIONFAILED] Authentication failed\r\n")
