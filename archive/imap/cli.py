@@ -190,7 +190,8 @@ def run_serve(args: argparse.Namespace) -> int:
                        data_dir=data_dir, meta=meta)
     accounts = open_accounts(args, args.accounts_database, with_upstream=True)
     backend = ArchiveBackend(meta, archive, accounts, index, domains,
-                             audit_hooks=[ledger_audit_hook(archive.append)])
+                             audit_hooks=[ledger_audit_hook(archive.append)],
+                             by_year=section.folders_by_year)
     config = section.server_config(tls)
     config.tls = tls if section.tls != "none" or args.tls_cert else None
     config.host, config.port, config.implicit_tls = host.strip("[]"), int(port), implicit

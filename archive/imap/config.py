@@ -182,6 +182,10 @@ class ImapSection(_Model):
     upstream: UpstreamSection | None = Field(
         None, description="Check passwords against an upstream IMAP or LDAP server"
     )
+    folders_by_year: bool = Field(
+        False, description="Users also see INBOX/<year> and Sent/<year> (by archive date, "
+        "UTC) beside INBOX and Sent",
+    )
     domains: list[str] | None = Field(
         None, description="Domains/ folders shown to officers (default: relay.local_domains)"
     )

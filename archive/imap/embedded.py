@@ -77,7 +77,8 @@ class EmbeddedImap:
             domains = (section.domains if section.domains is not None
                        else cfg.relay.local_domains)
             backend = ArchiveBackend(meta, archive, accounts, index, domains,
-                                     audit_hooks=[ledger_audit_hook(archive.append)])
+                                     audit_hooks=[ledger_audit_hook(archive.append)],
+                                     by_year=section.folders_by_year)
             server = ImapServer(backend, section.server_config(tls), section.throttle())
             await server.start()
         except BaseException:

@@ -357,3 +357,75 @@ def test_pipelined_body_fetches_are_answered_in_order_with_exact_bytes(env: Env)
         pos = found
     assert b"UID 99999" not in data
     raw.close()
+
+
+def _store_at(archive: Archive, meta: Metadata, raw: bytes, mail_from: str, rcpt: list[str],
+              when: datetime) -> int:
+    rec = MessageRecord(archive.put(raw).sha256, extract(raw), when, mail_from=mail_from,
+                        rcpt_to=rcpt)
+    return meta.add_message(rec).id
+
+
+def test_folders_by_year_split_inbox_and_sent_with_stable_uids(tmp_path: Path) -> None:
+    import imaplib
+
+    meta = Metadata.for_data_dir(tmp_path)
+    meta.migrate()
+    archive = Archive.open(tmp_path)
+    accounts = Accounts.for_data_dir(tmp_path, hasher=CHEAP)
+    accounts.add("alice", "user", "alice-pw", ["alice@corp.example"])
+    accounts.add("bob", "user", "bob-pw", ["bob@corp.example"])
+    _store_at(archive, meta, IN, "carol@ext.example", ["alice@corp.example"],
+              datetime(2023, 12, 31, 23, 30, tzinfo=UTC))
+    _store_at(archive, meta, OUT, "alice@corp.example", ["bob@corp.example"],
+              datetime(2024, 1, 1, 0, 30, tzinfo=UTC))
+    _store_at(archive, meta, OLD_ALIAS, "dan@ext.example", ["alice@corp.example"],
+              datetime(2024, 3, 1, tzinfo=UTC))
+    backend = ArchiveBackend(meta, archive, accounts, by_year=True, poll_interval=0)
+    server = RunningServer(backend, ImapConfig(port=0, allow_plaintext_loopback=True))
+
+    def folders(c: imaplib.IMAP4) -> list[str]:
+        return sorted(line.decode().rsplit(' "/" ', 1)[1].strip('"')
+                      for line in c.list()[1] if isinstance(line, bytes))
+
+    def uids(c: imaplib.IMAP4, box: str) -> tuple[int, list[int], list[bytes]]:
+        typ, _ = c.select(f'"{box}"', readonly=True)
+        assert typ == "OK", box
+        validity = int(c.response("UIDVALIDITY")[1][0] or 0)
+        _, data = c.uid("FETCH", "1:*", "(BODY.PEEK[])")
+        bodies = [d[1] for d in data if isinstance(d, tuple)]
+        _, found = c.uid("SEARCH", "ALL")
+        return validity, [int(x) for x in found[0].split()], bodies
+
+    try:
+        with imaplib.IMAP4("127.0.0.1", server.port) as c:
+            c.login("alice", "alice-pw")
+            assert folders(c) == ["INBOX", "INBOX/2023", "INBOX/2024", "Sent", "Sent/2024"]
+            v23, u23, b23 = uids(c, "INBOX/2023")
+            v24, u24, b24 = uids(c, "INBOX/2024")
+            vin, uin, _ = uids(c, "INBOX")
+            assert b23 == [to_crlf(IN)] and b24 == [to_crlf(OLD_ALIAS)]
+            assert uids(c, "Sent/2024")[2] == [to_crlf(OUT)]
+            assert len(uin) == 2 and len({v23, v24, vin}) == 3
+            assert c.select('"Sent/2023"')[0] == "NO"
+        # A new message in 2025 makes a new folder; the old ones keep UIDVALIDITY and UIDs.
+        _store_at(archive, meta, PRIVATE, "mallory@corp.example", ["alice@corp.example"],
+                  datetime(2025, 2, 1, tzinfo=UTC))
+        with imaplib.IMAP4("127.0.0.1", server.port) as c:
+            c.login("alice", "alice-pw")
+            assert "INBOX/2025" in folders(c)
+            assert uids(c, "INBOX/2023")[:2] == (v23, u23)
+            assert uids(c, "INBOX/2024")[:2] == (v24, u24)
+            assert uids(c, "INBOX")[0] == vin and uids(c, "INBOX")[1][:2] == uin
+            status = c.status('"INBOX/2025"', "(MESSAGES UIDVALIDITY)")
+            assert status[0] == "OK" and b"MESSAGES 1" in status[1][0]  # type: ignore[operator]
+        with imaplib.IMAP4("127.0.0.1", server.port) as c:
+            c.login("bob", "bob-pw")
+            assert folders(c) == ["INBOX", "INBOX/2024", "Sent"]
+            assert c.select('"INBOX/2023"')[0] == "NO"  # alice's year is not bob's
+    finally:
+        server.stop()
+        backend.close()
+        accounts.close()
+        archive.close()
+        meta.close()
