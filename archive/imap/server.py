@@ -868,20 +868,17 @@ class _Session:
         if body_read and self.principal.is_officer and targets:
             await self.audit("imap_fetch", mailbox=sel.name,
                              uids=[m.uid for _, m in targets][:1000], count=len(targets))
-        chunk = 32
-        for start in range(0, len(targets), chunk):
-            part = targets[start:start + chunk]
+        chunk = 64
+        parts = [targets[i:i + chunk] for i in range(0, len(targets), chunk)]
+        # Double buffering: the next part's bytes are read in a worker thread while this
+        # thread answers for the current part.
+        reading = self.read_part(sel.name, parts[0]) if needs_raw and parts else None
+        for k, part in enumerate(parts):
             raws: list[bytes | None] = [None] * len(part)
-            if needs_raw:
-                uids = [m.uid for _, m in part]
-                if all(u in self.prefetch for u in uids):
-                    raws = [await self.prefetched(u) for u in uids]
-                elif len(uids) <= 2:
-                    # A few messages are read inline: a worker-thread hop costs more
-                    # than reading one blob.
-                    raws = self._raws(sel.name, uids)
-                else:
-                    raws = await self.call(self._raws, sel.name, uids)
+            if reading is not None:
+                raws = await reading
+                reading = self.read_part(sel.name, parts[k + 1]) if k + 1 < len(parts) \
+                    else None
             for (seq, info), raw in zip(part, raws, strict=True):
                 if needs_raw and raw is None:
                     continue  # expired meanwhile: RFC 3501 allows omitting it
@@ -898,6 +895,26 @@ class _Session:
             if self.out_size >= FLUSH_AT:
                 await self.flush()
         self.ok(cmd)
+
+    def read_part(self, mailbox: str,
+                  part: list[tuple[int, MessageInfo]]) -> asyncio.Future[list[bytes | None]]:
+        """The bytes of ``part``'s messages: read ahead for a pipelined command, inline
+        for one or two (a worker-thread hop costs more than reading a blob), else in a
+        worker thread (started now; awaited when needed)."""
+        uids = [m.uid for _, m in part]
+        if all(u in self.prefetch for u in uids):
+            return asyncio.ensure_future(self._gather_prefetched(uids))
+        if len(uids) <= 2 or not getattr(self.backend, "blocking", False):
+            fut: asyncio.Future[list[bytes | None]] = \
+                asyncio.get_running_loop().create_future()
+            fut.set_result(self._raws(mailbox, uids))
+            return fut
+        fut = asyncio.get_running_loop().run_in_executor(None, self._raws, mailbox, uids)
+        fut.add_done_callback(_retrieve)  # a session ending mid-FETCH never awaits it
+        return fut
+
+    async def _gather_prefetched(self, uids: list[int]) -> list[bytes | None]:
+        return [await self.prefetched(u) for u in uids]
 
     async def prefetched(self, uid: int) -> bytes | None:
         fut, i = self.prefetch.pop(uid)
@@ -1062,7 +1079,8 @@ def _needs_raw(atts: Sequence[FetchAtt]) -> bool:
 
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:
-    # A prefetch dropped by UNSELECT is never awaited: its exception is not news.
+    # A read-ahead dropped by UNSELECT or a closed session is never awaited: its
+    # exception is not news.
     if not fut.cancelled():
         fut.exception()
 
