@@ -18,6 +18,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import inspect
 import ipaddress
 import logging
 import re
@@ -25,7 +26,7 @@ import ssl
 import time
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
@@ -873,42 +874,50 @@ class _Session:
         # Double buffering: the next part's bytes are read in a worker thread while this
         # thread answers for the current part.
         reading = self.read_part(sel.name, parts[0]) if needs_raw and parts else None
-        for k, part in enumerate(parts):
-            raws: list[bytes | None] = [None] * len(part)
-            if reading is not None:
-                raws = await reading
-                reading = self.read_part(sel.name, parts[k + 1]) if k + 1 < len(parts) \
-                    else None
-            for (seq, info), raw in zip(part, raws, strict=True):
-                if needs_raw and raw is None:
-                    continue  # expired meanwhile: RFC 3501 allows omitting it
-                flags = info.flags
-                if sets_seen and "\\Seen" not in flags:
-                    flags = flags | {"\\Seen"}
-                    await self.call(self.backend.set_flags, self.principal, sel.name,
-                                    info.uid, flags & PERMANENT_FLAGS)
-                    sel.messages[seq - 1] = MessageInfo(info.uid, info.internaldate,
-                                                        info.size, flags)
-                out = self._fetch_one(info, flags, atts, needs_parse, raw,
-                                      sets_seen and flags is not info.flags)
-                self.send(f"* {seq} FETCH (".encode() + b" ".join(out) + b")\r\n")
-            if self.out_size >= FLUSH_AT:
-                await self.flush()
+        try:
+            for k, part in enumerate(parts):
+                raws: list[bytes | None] = [None] * len(part)
+                if reading is not None:
+                    raws = await reading
+                    reading = self.read_part(sel.name, parts[k + 1]) if k + 1 < len(parts) \
+                        else None
+                await self._answer_part(sel, part, raws, atts, needs_parse, needs_raw,
+                                        sets_seen)
+                if self.out_size >= FLUSH_AT:
+                    await self.flush()
+        finally:
+            if inspect.iscoroutine(reading):  # a session that failed mid-FETCH
+                reading.close()
         self.ok(cmd)
 
+    async def _answer_part(self, sel: _Selected, part: list[tuple[int, MessageInfo]],
+                           raws: list[bytes | None], atts: Sequence[FetchAtt],
+                           needs_parse: bool, needs_raw: bool, sets_seen: bool) -> None:
+        assert self.principal is not None
+        for (seq, info), raw in zip(part, raws, strict=True):
+            if needs_raw and raw is None:
+                continue  # expired meanwhile: RFC 3501 allows omitting it
+            flags = info.flags
+            if sets_seen and "\\Seen" not in flags:
+                flags = flags | {"\\Seen"}
+                await self.call(self.backend.set_flags, self.principal, sel.name,
+                                info.uid, flags & PERMANENT_FLAGS)
+                sel.messages[seq - 1] = MessageInfo(info.uid, info.internaldate,
+                                                    info.size, flags)
+            out = self._fetch_one(info, flags, atts, needs_parse, raw,
+                                  sets_seen and flags is not info.flags)
+            self.send(f"* {seq} FETCH (".encode() + b" ".join(out) + b")\r\n")
+
     def read_part(self, mailbox: str,
-                  part: list[tuple[int, MessageInfo]]) -> asyncio.Future[list[bytes | None]]:
+                  part: list[tuple[int, MessageInfo]]) -> Awaitable[list[bytes | None]]:
         """The bytes of ``part``'s messages: read ahead for a pipelined command, inline
         for one or two (a worker-thread hop costs more than reading a blob), else in a
-        worker thread (started now; awaited when needed)."""
+        worker thread started now.  Awaitables, not tasks: no task per command."""
         uids = [m.uid for _, m in part]
         if all(u in self.prefetch for u in uids):
-            return asyncio.ensure_future(self._gather_prefetched(uids))
+            return self._gather_prefetched(uids)
         if len(uids) <= 2 or not getattr(self.backend, "blocking", False):
-            fut: asyncio.Future[list[bytes | None]] = \
-                asyncio.get_running_loop().create_future()
-            fut.set_result(self._raws(mailbox, uids))
-            return fut
+            return _ready(self._raws(mailbox, uids))
         fut = asyncio.get_running_loop().run_in_executor(None, self._raws, mailbox, uids)
         fut.add_done_callback(_retrieve)  # a session ending mid-FETCH never awaits it
         return fut
@@ -1076,6 +1085,10 @@ class _Session:
 def _needs_raw(atts: Sequence[FetchAtt]) -> bool:
     return any(a.name in ("BODY[]", "RFC822", "RFC822.HEADER", "RFC822.TEXT", "ENVELOPE",
                           "BODYSTRUCTURE", "BODY") for a in atts)
+
+
+async def _ready(value: T) -> T:
+    return value
 
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:
