@@ -61,7 +61,8 @@ log = logging.getLogger("coffer.imap")
 _LITERAL_AT_END = re.compile(rb"\{(\d{1,20})(\+?)\}\r?\n\Z")
 # A pipelined (UID) FETCH without a literal: read ahead and prefetched (see _Session.run).
 _FETCH_LINE = re.compile(rb"[^ ]+ (?:UID )?FETCH [^{}]*\r?\n\Z", re.IGNORECASE)
-MAX_READ_AHEAD = 32  # pipelined FETCH commands parsed and prefetched at once
+MAX_READ_AHEAD = 32  # pipelined FETCH commands parsed and being prefetched
+PREFETCH_GROUP = 8  # commands whose messages one worker-thread job reads
 PREFETCH_TARGETS = 4  # only commands fetching this few messages are prefetched (mbsync: 1)
 FLUSH_AT = 256 * 1024  # responses are written once the buffer holds this much
 MAX_BAD_COMMANDS = 20
@@ -312,6 +313,7 @@ class _Session:
             await self.flush()
             while not self.logout:
                 if self.ahead:
+                    self.read_ahead()  # top up while the client keeps pipelining
                     await self.execute(self.ahead.popleft())
                 elif self.pending_line() is not None:
                     # Pipelined: already here, so neither a wait nor a timer.
@@ -411,24 +413,32 @@ class _Session:
             cmd: Command | ParseError = parse_command(data)
         except ParseError as exc:
             cmd = exc
-        if isinstance(cmd, Command) and cmd.name == "FETCH" and self.selected is not None:
+        if isinstance(cmd, Command) and cmd.name == "FETCH":
             self.read_ahead()
-            self.start_prefetch([cmd, *self.ahead])
         await self.execute(cmd)
 
     def read_ahead(self) -> None:
-        """Parse the pipelined FETCH commands that are already buffered (no literal,
-        so reading them never waits and never needs a continuation)."""
+        """Keep up to MAX_READ_AHEAD pipelined FETCH commands parsed, and the bytes of the
+        newly parsed ones being read in worker threads (PREFETCH_GROUP commands a job)
+        while this thread answers the ones before them.  Only commands already buffered
+        and without a literal: reading them never waits nor needs a continuation."""
+        if self.selected is None:
+            return
+        new: list[Command | ParseError] = []
         while len(self.ahead) < MAX_READ_AHEAD:
             line = self.pending_line()
             if line is None or not _FETCH_LINE.match(line):
-                return
+                break
             buf: bytearray = self.reader._buffer  # type: ignore[attr-defined]
             del buf[:len(line)]
             try:
-                self.ahead.append(parse_command(line))
+                cmd: Command | ParseError = parse_command(line)
             except ParseError as exc:
-                self.ahead.append(exc)
+                cmd = exc
+            self.ahead.append(cmd)
+            new.append(cmd)
+        for i in range(0, len(new), PREFETCH_GROUP):
+            self.start_prefetch(new[i:i + PREFETCH_GROUP])
 
     def start_prefetch(self, cmds: Sequence[Command | ParseError]) -> None:
         """Read the bodies that pipelined FETCH commands will need in worker threads,
@@ -449,9 +459,9 @@ class _Session:
             if len(targets) <= PREFETCH_TARGETS:
                 uids += (m.uid for _, m in targets if m.uid not in self.prefetch)
         uids = list(dict.fromkeys(uids))
-        if len(uids) < 2:
-            return  # one message is read inline: a worker-thread hop costs more
-        # One worker-thread hop for the whole batch, not one per command.
+        if not uids:
+            return
+        # One worker-thread hop for the group, not one per command.
         fut = asyncio.get_running_loop().run_in_executor(None, self._raws, sel.name, uids)
         fut.add_done_callback(_retrieve)
         for i, uid in enumerate(uids):

@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from imap_helpers import free_port
+
 SUFFIX = "dc=corp,dc=example"
 ADMIN_DN = f"cn=admin,{SUFFIX}"
 ADMIN_PW = "admin-secret"
@@ -32,12 +34,6 @@ def available() -> str | None:
 
 def _tool(name: str) -> str:
     return shutil.which(name) or f"/usr/sbin/{name}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -104,7 +100,7 @@ access to * by * read
     ldif.write_text("\n".join(entries))
     subprocess.run([_tool("slapadd"), "-f", str(conf), "-l", str(ldif)], check=True,
                    capture_output=True)
-    port = _free_port()
+    port = free_port()
     # -d 0: stay in the foreground (our child, stopped by its PID), log nothing.
     with open(root / "slapd.log", "wb") as log:
         proc = subprocess.Popen([_tool("slapd"), "-f", str(conf), "-h",

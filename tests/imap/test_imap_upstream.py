@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import slapd
 from argon2 import PasswordHasher
-from imap_helpers import RunningServer, Tls
+from imap_helpers import RunningServer, Tls, free_port
 
 from archive.facade import Archive
 from archive.imap.accounts import Accounts, Provisioning
@@ -32,12 +32,6 @@ from archive.metadata import AuditEvent, Metadata
 CHEAP = PasswordHasher(time_cost=1, memory_cost=64, parallelism=1)
 PEER = Path(__file__).resolve().parents[2].parent / "shared" / "peers" / "dovecot-imap"
 PEOPLE_DN = f"uid={{user}},ou=people,{slapd.SUFFIX}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -64,7 +58,7 @@ def dovecot() -> Iterator[Dovecot]:
         pytest.skip("Dovecot (dovecot-imapd) or ../shared/peers/dovecot-imap not available")
     root = Path(tempfile.mkdtemp(prefix="coffer-upstream-"))
     os.chmod(root, 0o755)
-    d = Dovecot(_free_port(), root)
+    d = Dovecot(free_port(), root)
     with open(root / "start.log", "wb") as log:  # Dovecot daemonises: no pipes
         subprocess.run([str(PEER), "start", str(root / "dovecot"), str(d.port), "carl",
                         "carl-upstream-pw", str(root / "mail")], check=True, stdout=log,
