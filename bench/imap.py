@@ -13,6 +13,8 @@ Then, against each server:
   * ``FETCH 1:* (BODY.PEEK[HEADER.FIELDS (FROM TO SUBJECT DATE)])`` (messages/s);
   * ``SEARCH BODY <word>`` latency (median of 5; Coffer answers from the full-text index,
     Dovecot, without an FTS plugin, reads the messages).
+Beside the wall time of each mbsync pull, the server's own CPU time per message (less
+sensitive to a loaded machine) and the load average at the end.
 Prints one JSON line (--json) or a table.  Loopback only; everything is stopped at the end.
 Figures depend on the machine and its load: compare figures from the same run.
 """
@@ -24,6 +26,7 @@ import asyncio
 import hashlib
 import imaplib
 import json
+import os
 import random
 import shutil
 import socket
@@ -117,6 +120,21 @@ class ServerThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.loop.close()
+
+
+def dovecot_cpu(dov_dir: Path) -> float:
+    """CPU seconds of the Dovecot instance: its master and every child it has reaped
+    (imap and imap-login processes end with their session; /proc/PID/stat fields 14-17)."""
+    pid = (dov_dir / "run" / "master.pid").read_text().strip()
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_during(fn: Callable[[], object], cpu: Callable[[], float]) -> float:
+    before = cpu()
+    fn()
+    time.sleep(0.5)  # let the server's session processes exit and be reaped
+    return cpu() - before
 
 
 def mbsync(port: int, root: Path, name: str) -> float:
@@ -232,10 +250,22 @@ def main() -> int:
             "coffer": round(timed(lambda: first_select(cport)), 2),
             "dovecot": round(timed(lambda: first_select(dport)), 2)}
         client_figures(dport, args.messages)
-        coffer_sync = mbsync(cport, root, "coffer")
-        dovecot_sync = mbsync(dport, root, "dovecot")
+        # Wall time depends on what else the machine runs; CPU time much less: the
+        # server's own CPU per message is reported beside it (Coffer: this process,
+        # which only waits for mbsync meanwhile; Dovecot: its master and reaped children).
+        times: dict[str, float] = {}
+        coffer_cpu = cpu_during(lambda: times.update(coffer=mbsync(cport, root, "coffer")),
+                                time.process_time)
+        dovecot_cpu_s = cpu_during(lambda: times.update(dovecot=mbsync(dport, root, "dovecot")),
+                                   lambda: dovecot_cpu(dov_dir))
+        coffer_sync, dovecot_sync = times["coffer"], times["dovecot"]
         result["mbsync_s"] = {"coffer": round(coffer_sync, 2), "dovecot": round(dovecot_sync, 2),
                               "ratio": round(coffer_sync / dovecot_sync, 2)}
+        result["mbsync_server_cpu_ms_per_msg"] = {
+            "coffer": round(coffer_cpu * 1000 / args.messages, 3),
+            "dovecot": round(dovecot_cpu_s * 1000 / args.messages, 3),
+            "ratio": round(coffer_cpu / max(dovecot_cpu_s, 1e-9), 2)}
+        result["load_average"] = [round(x, 1) for x in os.getloadavg()]
         result["mbsync_msgs_per_s"] = {"coffer": round(args.messages / coffer_sync, 1),
                                        "dovecot": round(args.messages / dovecot_sync, 1)}
         result["coffer"] = client_figures(cport, args.messages)

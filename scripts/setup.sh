@@ -41,6 +41,9 @@ APT_PACKAGES=(
     spamd
     spamc
     rspamd
+    # A private slapd on loopback is the upstream LDAP of the IMAP tests (no system instance).
+    slapd
+    ldap-utils
 )
 # Installed when the archive carries them (offlineimap3 is in bookworm, not in every release).
 APT_OPTIONAL=(

@@ -45,8 +45,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 from archive.imap.backend import Principal
 from archive.imap.errors import AccountError
+from archive.imap.upstream import Upstream
 
-__all__ = ["ROLES", "AccountInfo", "Accounts"]
+__all__ = ["ROLES", "AccountInfo", "Accounts", "Provisioning"]
 
 ROLES = ("user", "officer", "admin")
 _NAME_RE = re.compile(r"[A-Za-z0-9._@+-]{1,255}")
@@ -133,6 +134,21 @@ def _insert_ignore(dialect: str, model: type[_Base]) -> Any:
     return sqlite_insert(model).on_conflict_do_nothing()
 
 
+# The password hash of an account created for an upstream-authenticated name: not an
+# argon2 hash, so it never verifies locally (argon2 raises InvalidHashError).
+UPSTREAM_ONLY = "!upstream"
+
+
+@dataclass(frozen=True, slots=True)
+class Provisioning:
+    """Create a ``user`` account for an upstream-authenticated name with no local one.
+
+    ``address``: the address template of the new account, ``{user}`` being the name
+    (``{user}@corp.example``); a name that already is an address may use ``{user}``."""
+
+    address: str
+
+
 @dataclass(frozen=True, slots=True)
 class AccountInfo:
     name: str
@@ -149,9 +165,12 @@ class Accounts:
     """Accounts and IMAP view state in their own database (see the module docstring)."""
 
     def __init__(self, url: str, hasher: PasswordHasher | None = None,
-                 schema: str | None = None) -> None:
+                 schema: str | None = None, upstream: Upstream | None = None,
+                 provisioning: Provisioning | None = None) -> None:
         self.url = url
         self.hasher = hasher or PasswordHasher()
+        self.upstream = upstream
+        self.provisioning = provisioning
         connect_args: dict[str, Any] = {}
         if url.startswith("postgresql") and schema:
             connect_args["options"] = f"-csearch_path={schema}"  # as archive.metadata
@@ -166,11 +185,12 @@ class Accounts:
         self._dummy = self.hasher.hash("coffer-dummy-password")
 
     @classmethod
-    def for_data_dir(cls, data_dir: Path | str,
-                     hasher: PasswordHasher | None = None) -> Accounts:
+    def for_data_dir(cls, data_dir: Path | str, hasher: PasswordHasher | None = None,
+                     upstream: Upstream | None = None,
+                     provisioning: Provisioning | None = None) -> Accounts:
         path = Path(data_dir) / "archive" / "imap.db"
         path.parent.mkdir(parents=True, exist_ok=True)
-        return cls(f"sqlite:///{path}", hasher)
+        return cls(f"sqlite:///{path}", hasher, upstream=upstream, provisioning=provisioning)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -247,21 +267,66 @@ class Accounts:
         return [AccountInfo(u.name, u.role, tuple(addrs.get(u.id, ())), u.disabled)
                 for u in users]
 
-    def authenticate(self, name: str, password: str) -> Principal | None:
-        """The principal, or None (unknown, disabled, or wrong password).  Blocking."""
+    def _lookup(self, name: str) -> tuple[User | None, tuple[str, ...]]:
         with self.session() as s:
             user = s.scalar(select(User).where(User.name == name))
             addrs = () if user is None else tuple(s.scalars(
                 select(Address.address).where(Address.user_id == user.id)))
-        hashed = user.password_hash if user is not None else self._dummy
-        ok: bool
+        return user, addrs
+
+    def _verify(self, hashed: str, password: str) -> bool:
         try:
-            ok = bool(self.hasher.verify(hashed, password))
+            return bool(self.hasher.verify(hashed, password))
         except (VerificationError, InvalidHashError):
-            ok = False
-        if user is None or user.disabled or not ok:
+            return False
+
+    def authenticate(self, name: str, password: str) -> Principal | None:
+        """The principal, or None (unknown, disabled, or wrong password).  Blocking.
+
+        With an upstream server, an account's local password (one set with ``coffer
+        users add/passwd``) is tried first, like a first passdb; otherwise the upstream
+        decides, and raises UpstreamUnavailable when it cannot be asked.  Who the
+        principal is (role, addresses) always comes from this database: an
+        upstream-authenticated name without a local account is refused, or created as
+        a ``user`` when provisioning is configured.
+        """
+        user, addrs = self._lookup(name)
+        hashed = user.password_hash if user is not None else self._dummy
+        if self.upstream is None or hashed != UPSTREAM_ONLY:
+            ok = self._verify(hashed, password)
+            if user is not None and ok:
+                return None if user.disabled else Principal(user.name, user.role,
+                                                            frozenset(addrs))
+            if self.upstream is None:
+                return None
+        assert self.upstream is not None
+        if user is not None and user.disabled:
+            return None
+        if not self.upstream.check(name, password):
+            return None
+        if user is None and self.provisioning is not None:
+            user, addrs = self._provision(name)
+        if user is None:
             return None
         return Principal(user.name, user.role, frozenset(addrs))
+
+    def _provision(self, name: str) -> tuple[User | None, tuple[str, ...]]:
+        """Create ``name`` as a user with its templated address (a concurrent login may
+        have created it first: both inserts ignore a conflict)."""
+        assert self.provisioning is not None
+        try:
+            addrs = self._check(name, "user", [self.provisioning.address.replace("{user}",
+                                                                                name)])
+        except AccountError:
+            return None, ()  # a name that cannot be an account here is not let in
+        dialect = self.engine.dialect.name
+        with self.session() as s:
+            s.execute(_insert_ignore(dialect, User).values(
+                name=name, role="user", password_hash=UPSTREAM_ONLY, disabled=False,
+                created_at=datetime.now(UTC).replace(tzinfo=None)))
+            uid = s.scalar(select(User.id).where(User.name == name))
+            s.execute(_insert_ignore(dialect, Address).values(user_id=uid, address=addrs[0]))
+        return self._lookup(name)
 
     # -- saved searches --
 

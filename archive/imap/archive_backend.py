@@ -5,6 +5,9 @@ Folders (RFC 6154 special-use attributes in brackets):
     users, officers and admins with addresses
       INBOX                 mail whose recipients (To, Cc, envelope) include an address of theirs
       Sent       [\\Sent]    mail whose sender (From, Sender, MAIL FROM) is one of theirs
+      INBOX/<year>          with ``by_year`` (imap.folders_by_year): the same mail split by
+      Sent/<year>           the year it was archived (INTERNALDATE, UTC), one folder per
+                            year that has mail; INBOX and Sent still hold all of it
     officers and admins
       All Mail   [\\All]     every message in the archive; UID = the archive id
       Domains/<domain>      mail to or from a domain (the configured local domains)
@@ -26,6 +29,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import func, select
@@ -89,8 +93,9 @@ class ArchiveBackend:
     def __init__(self, meta: Metadata, blobs: BlobReader, accounts: Accounts,
                  index: Index | None = None, domains: Sequence[str] = (),
                  audit_hooks: Collection[AuditHook] | None = None,
-                 poll_interval: float = 2.0) -> None:
+                 poll_interval: float = 2.0, by_year: bool = False) -> None:
         self.meta = meta
+        self.by_year = by_year
         self.blobs = blobs
         self.accounts = accounts
         self.index = index
@@ -116,6 +121,10 @@ class ArchiveBackend:
         if p.addresses or not p.is_officer:
             out["INBOX"] = _FolderDef("INBOX", (), f"u/{p.name}/INBOX", "inbox")
             out["Sent"] = _FolderDef("Sent", ("\\Sent",), f"u/{p.name}/Sent", "sent")
+            if self.by_year:
+                for kind, year in self._years(p):
+                    name = f"{'INBOX' if kind == 'inbox' else 'Sent'}/{year}"
+                    out[name] = _FolderDef(name, (), f"u/{p.name}/{name}", kind, str(year))
         if p.is_officer:
             out["All Mail"] = _FolderDef("All Mail", ("\\All",), "o/All Mail", "all")
             for d in self.domains:
@@ -147,6 +156,21 @@ class ArchiveBackend:
     def _uidvalidity(f: _FolderDef) -> int:
         return stable_uidvalidity(f.key)
 
+    def _years(self, p: Principal) -> list[tuple[str, int]]:
+        """(inbox|sent, year) of every year in which this principal has live mail."""
+        if not p.addresses:
+            return []
+        year = func.extract("year", Message.received_at)
+        out: set[tuple[str, int]] = set()
+        with self.meta.session() as s:
+            for kind, roles in (("inbox", _RECIPIENT_ROLES), ("sent", _SENDER_ROLES)):
+                q = (select(year).distinct()
+                     .join(Participant, Message.id == Participant.message_pk)
+                     .where(Participant.address.in_(sorted(p.addresses)),
+                            Participant.role.in_(roles), Message.expired_at.is_(None)))
+                out.update((kind, int(y)) for y in s.scalars(q) if y is not None)
+        return sorted(out)
+
     def _member_pks(self, p: Principal, f: _FolderDef) -> list[int]:
         """The archive ids in a folder for this principal, ascending (arrival order)."""
         live = Message.expired_at.is_(None)
@@ -159,6 +183,10 @@ class ArchiveBackend:
                      .join(Message, Message.id == Participant.message_pk)
                      .where(Participant.address.in_(sorted(p.addresses)),
                             Participant.role.in_(roles), live))
+                if f.arg:  # INBOX/<year>, Sent/<year>: archived in that year (UTC)
+                    y = int(f.arg)
+                    q = q.where(Message.received_at >= datetime(y, 1, 1, tzinfo=UTC),
+                                Message.received_at < datetime(y + 1, 1, 1, tzinfo=UTC))
             elif f.kind == "all":
                 q = select(Message.id).where(live)
             elif f.kind == "domain":

@@ -39,7 +39,8 @@ def register(sub: Any) -> None:
 
     p = imap_sub.add_parser("serve", help="run the IMAP server")
     add_location_arguments(p)
-    p.add_argument("--listen", default="127.0.0.1:1143", metavar="HOST:PORT")
+    p.add_argument("--listen", default=None, metavar="HOST:PORT",
+                   help="default: imap.address of the configuration, else 127.0.0.1:1143")
     p.add_argument("--tls-cert", metavar="PEM")
     p.add_argument("--tls-key", metavar="PEM")
     p.add_argument("--implicit-tls", action="store_true", help="TLS from the first byte (993)")
@@ -49,7 +50,8 @@ def register(sub: Any) -> None:
                    help="a Domains/ folder for officers (default: relay.local_domains)")
     p.add_argument("--database", metavar="URL", help="archive metadata database URL")
     p.add_argument("--accounts-database", metavar="URL",
-                   help="account database URL (default DATA_DIR/archive/imap.db)")
+                   help="account database URL (default: imap.accounts_database of the "
+                   "configuration, else DATA_DIR/archive/imap.db)")
     p.add_argument("--index", choices=("fts5", "whoosh", "pg"), default=None)
     p.set_defaults(func=run_serve)
 
@@ -91,12 +93,23 @@ def _data_dir(args: argparse.Namespace, cfg: Any) -> Path:
     return Path(cfg.data_dir)
 
 
-def _accounts(args: argparse.Namespace, data_dir: Path) -> Any:
+def open_accounts(args: argparse.Namespace, url: str | None,
+                  with_upstream: bool = False) -> Any:
+    """The account database: ``url`` (a --database option), else --data-dir's default,
+    else what the configuration (--config, $COFFER_CONFIG, ./coffer.yaml) names in
+    ``imap.accounts_database`` (and ``imap.upstream`` when logins are checked)."""
     from archive.imap.accounts import Accounts
 
-    if getattr(args, "accounts_database", None):
-        return Accounts(args.accounts_database)
-    return Accounts.for_data_dir(data_dir)
+    if url:
+        return Accounts(url)
+    cfg = _config(args)
+    if cfg is None:
+        return Accounts.for_data_dir(_data_dir(args, cfg))
+    return cfg.imap.open_accounts(Path(cfg.data_dir), cfg.path, with_upstream)
+
+
+def _accounts(args: argparse.Namespace) -> Any:
+    return open_accounts(args, getattr(args, "accounts_database", None))
 
 
 def run_search_save(args: argparse.Namespace) -> int:
@@ -105,7 +118,7 @@ def run_search_save(args: argparse.Namespace) -> int:
 
     query = " ".join(args.query)
     parse(query)  # a malformed query fails here, with its column
-    accounts = _accounts(args, _data_dir(args, _config(args)))
+    accounts = _accounts(args)
     try:
         accounts.save_search(args.name, query, current_officer(args.officer))
     finally:
@@ -114,7 +127,7 @@ def run_search_save(args: argparse.Namespace) -> int:
 
 
 def run_search_list(args: argparse.Namespace) -> int:
-    accounts = _accounts(args, _data_dir(args, _config(args)))
+    accounts = _accounts(args)
     try:
         for name, query in accounts.saved_searches():
             print(json.dumps({"name": name, "query": query}) if args.json
@@ -125,7 +138,7 @@ def run_search_list(args: argparse.Namespace) -> int:
 
 
 def run_search_delete(args: argparse.Namespace) -> int:
-    accounts = _accounts(args, _data_dir(args, _config(args)))
+    accounts = _accounts(args)
     try:
         accounts.delete_search(args.name)
     finally:
@@ -151,18 +164,23 @@ def _tls_context(args: argparse.Namespace, cfg: Any) -> ssl.SSLContext | None:
 def run_serve(args: argparse.Namespace) -> int:
     from archive.facade import Archive
     from archive.imap.archive_backend import ArchiveBackend, ledger_audit_hook
-    from archive.imap.server import ImapConfig, ImapServer
+    from archive.imap.config import ImapSection
+    from archive.imap.server import ImapServer
     from archive.index import open_index
     from archive.metadata import Metadata
 
     cfg = _config(args)
     data_dir = _data_dir(args, cfg)
-    host, _, port = args.listen.rpartition(":")
+    # The configuration's imap section, with the command line's options over it.
+    section: ImapSection = cfg.imap if cfg is not None else ImapSection()
+    listen = args.listen or section.address
+    host, _, port = listen.rpartition(":")
     if not host or not port.isdigit():
-        raise ArchiveError(f"--listen {args.listen!r}: expected HOST:PORT")
+        raise ArchiveError(f"--listen {listen!r}: expected HOST:PORT")
     tls = _tls_context(args, cfg)
-    if args.implicit_tls and tls is None:
-        raise ArchiveError("--implicit-tls needs a certificate (--tls-cert/--tls-key)")
+    implicit = args.implicit_tls or section.tls == "implicit"
+    if implicit and tls is None:
+        raise ArchiveError("implicit TLS needs a certificate (--tls-cert/--tls-key)")
     domains = args.domain if args.domain is not None else (
         list(cfg.relay.local_domains) if cfg is not None else [])
     meta = Metadata(args.database) if args.database else Metadata.for_data_dir(data_dir)
@@ -170,14 +188,17 @@ def run_serve(args: argparse.Namespace) -> int:
     archive = Archive.open(data_dir, create=False)
     index = open_index(args.index or ("pg" if meta.dialect == "postgresql" else "fts5"),
                        data_dir=data_dir, meta=meta)
-    accounts = _accounts(args, data_dir)
+    accounts = open_accounts(args, args.accounts_database, with_upstream=True)
     backend = ArchiveBackend(meta, archive, accounts, index, domains,
-                             audit_hooks=[ledger_audit_hook(archive)])
-    config = ImapConfig(host=host.strip("[]"), port=int(port), tls=tls,
-                        implicit_tls=args.implicit_tls,
-                        allow_plaintext_loopback=args.allow_plaintext_loopback)
+                             audit_hooks=[ledger_audit_hook(archive)],
+                             by_year=section.folders_by_year)
+    config = section.server_config(tls)
+    config.tls = tls if section.tls != "none" or args.tls_cert else None
+    config.host, config.port, config.implicit_tls = host.strip("[]"), int(port), implicit
+    config.allow_plaintext_loopback = (args.allow_plaintext_loopback
+                                       or section.allow_plaintext_loopback)
     try:
-        asyncio.run(_serve(ImapServer(backend, config)))
+        asyncio.run(_serve(ImapServer(backend, config, section.throttle())))
     finally:
         backend.close()
         accounts.close()

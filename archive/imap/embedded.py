@@ -19,6 +19,7 @@ from pathlib import Path
 from archive.facade import Archive
 from archive.imap.accounts import Accounts
 from archive.imap.archive_backend import ArchiveBackend, ledger_audit_hook
+from archive.imap.errors import UpstreamError
 from archive.imap.server import ImapServer
 from archive.index import Index, open_index
 from archive.metadata import Metadata
@@ -65,8 +66,10 @@ class EmbeddedImap:
             log.event("imap_tls_unavailable", level=logging.WARNING,
                       detail="tls.cert/tls.key are not set: STARTTLS is not offered and "
                       "LOGIN is refused except as allow_plaintext_loopback permits")
-        accounts = (Accounts(section.accounts_database) if section.accounts_database
-                    else Accounts.for_data_dir(cfg.data_dir))
+        try:
+            accounts = section.open_accounts(Path(cfg.data_dir), cfg.path)
+        except UpstreamError as exc:
+            raise ConfigError(str(exc), file=cfg.source, key="imap.upstream") from None
         index: Index | None = None
         backend: ArchiveBackend | None = None
         try:
@@ -74,7 +77,8 @@ class EmbeddedImap:
             domains = (section.domains if section.domains is not None
                        else cfg.relay.local_domains)
             backend = ArchiveBackend(meta, archive, accounts, index, domains,
-                                     audit_hooks=[ledger_audit_hook(archive)])
+                                     audit_hooks=[ledger_audit_hook(archive)],
+                                     by_year=section.folders_by_year)
             server = ImapServer(backend, section.server_config(tls), section.throttle())
             await server.start()
         except BaseException:

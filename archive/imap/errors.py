@@ -4,7 +4,10 @@
     └── ImapError                  every error the IMAP package raises on purpose
         ├── ParseError             a command does not match the RFC 3501 grammar (-> BAD)
         ├── MailboxError           no such mailbox / not allowed (-> NO [NONEXISTENT])
-        └── AccountError           a user account operation failed (CLI: one line, exit 1)
+        ├── AccountError           a user account operation failed (CLI: one line, exit 1)
+        └── UpstreamError          imap.upstream is misconfigured (CLI/serve: one line)
+            └── UpstreamUnavailable  the upstream IMAP/LDAP server cannot be asked now
+                                     (-> NO [UNAVAILABLE], never a login)
 """
 
 from __future__ import annotations
@@ -31,3 +34,11 @@ class MailboxError(ImapError):
 
 class AccountError(ImapError):
     """A user account cannot be created, changed or found."""
+
+
+class UpstreamError(ImapError):
+    """The upstream authentication server is misconfigured."""
+
+
+class UpstreamUnavailable(UpstreamError):
+    """The upstream server could not be asked (outage, timeout, TLS, refused service)."""

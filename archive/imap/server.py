@@ -18,6 +18,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import inspect
 import ipaddress
 import logging
 import re
@@ -25,13 +26,13 @@ import ssl
 import time
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
 from archive.imap.backend import PERMANENT_FLAGS, Backend, MailboxInfo, MessageInfo, Principal
-from archive.imap.errors import MailboxError, ParseError
+from archive.imap.errors import MailboxError, ParseError, UpstreamUnavailable
 from archive.imap.parser import (
     SUPPORTED_CHARSETS,
     Command,
@@ -58,6 +59,12 @@ T = TypeVar("T")
 log = logging.getLogger("coffer.imap")
 
 _LITERAL_AT_END = re.compile(rb"\{(\d{1,20})(\+?)\}\r?\n\Z")
+# A pipelined (UID) FETCH without a literal: read ahead and prefetched (see _Session.run).
+_FETCH_LINE = re.compile(rb"[^ ]+ (?:UID )?FETCH [^{}]*\r?\n\Z", re.IGNORECASE)
+MAX_READ_AHEAD = 32  # pipelined FETCH commands parsed and being prefetched
+PREFETCH_GROUP = 8  # commands whose messages one worker-thread job reads
+PREFETCH_TARGETS = 4  # only commands fetching this few messages are prefetched (mbsync: 1)
+FLUSH_AT = 256 * 1024  # responses are written once the buffer holds this much
 MAX_BAD_COMMANDS = 20
 _SYSTEM_FLAGS = "(\\Answered \\Flagged \\Deleted \\Seen \\Draft)"
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun",
@@ -238,6 +245,11 @@ class _Session:
         self.selected: _Selected | None = None
         self.cache: OrderedDict[int, ParsedMessage] = OrderedDict()
         self.out: list[bytes] = []
+        self.out_size = 0
+        # Pipelined FETCH commands already read (parsed), and their messages' bytes
+        # being read in worker threads meanwhile: uid -> (future, index in its result).
+        self.ahead: deque[Command | ParseError] = deque()
+        self.prefetch: dict[int, tuple[asyncio.Future[list[bytes | None]], int]] = {}
         self.bad_count = 0
         self.logout = False
 
@@ -245,13 +257,24 @@ class _Session:
 
     def send(self, data: bytes | str) -> None:
         # Buffered: one socket write per flush, not one per response line.
-        self.out.append(data.encode() if isinstance(data, str) else data)
+        b = data.encode() if isinstance(data, str) else data
+        self.out.append(b)
+        self.out_size += len(b)
 
     async def flush(self) -> None:
         if self.out:
             self.writer.write(b"".join(self.out))
             self.out.clear()
+            self.out_size = 0
         await self.writer.drain()
+
+    def pending_line(self) -> bytes | None:
+        """The next command line if the client already sent it (pipelining), else None.
+
+        StreamReader has no public peek; its buffer is what it has received."""
+        buf: bytearray = getattr(self.reader, "_buffer", bytearray())
+        end = buf.find(b"\n")
+        return None if end < 0 else bytes(buf[:end + 1])
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         if getattr(self.backend, "blocking", False):
@@ -289,17 +312,32 @@ class _Session:
                       f"{self.cfg.greeting_name} IMAP4rev1 ready (read-only archive)\r\n")
             await self.flush()
             while not self.logout:
-                timeout = self.cfg.idle_timeout if self.principal else self.cfg.login_timeout
-                try:
-                    async with asyncio.timeout(timeout):  # no task per command
-                        data = await self.read_command()
-                except TimeoutError:
-                    self.send("* BYE Autologout; idle for too long\r\n")
+                if self.ahead:
+                    self.read_ahead()  # top up while the client keeps pipelining
+                    await self.execute(self.ahead.popleft())
+                elif self.pending_line() is not None:
+                    # Pipelined: already here, so neither a wait nor a timer.
+                    data = await self.read_command()
+                    if data is not None:
+                        await self.dispatch(data)
+                else:
                     await self.flush()
-                    return
-                if data is not None:
-                    await self.dispatch(data)
-                await self.flush()
+                    timeout = (self.cfg.idle_timeout if self.principal
+                               else self.cfg.login_timeout)
+                    try:
+                        async with asyncio.timeout(timeout):  # no task per command
+                            data = await self.read_command()
+                    except TimeoutError:
+                        self.send("* BYE Autologout; idle for too long\r\n")
+                        await self.flush()
+                        return
+                    if data is not None:
+                        await self.dispatch(data)
+                # Responses to pipelined commands go out together (mbsync pipelines
+                # every FETCH): one socket write per batch, not one per command.
+                if self.logout or self.out_size >= FLUSH_AT or (
+                        not self.ahead and self.pending_line() is None):
+                    await self.flush()
         except _Bye as exc:
             try:
                 self.send(f"* BYE {exc}\r\n")
@@ -372,9 +410,66 @@ class _Session:
 
     async def dispatch(self, data: bytes) -> None:
         try:
-            cmd = parse_command(data)
+            cmd: Command | ParseError = parse_command(data)
         except ParseError as exc:
-            self.bad(exc.tag or "*", exc.reason)
+            cmd = exc
+        if isinstance(cmd, Command) and cmd.name == "FETCH":
+            self.read_ahead()
+        await self.execute(cmd)
+
+    def read_ahead(self) -> None:
+        """Keep up to MAX_READ_AHEAD pipelined FETCH commands parsed, and the bytes of the
+        newly parsed ones being read in worker threads (PREFETCH_GROUP commands a job)
+        while this thread answers the ones before them.  Only commands already buffered
+        and without a literal: reading them never waits nor needs a continuation."""
+        if self.selected is None:
+            return
+        new: list[Command | ParseError] = []
+        while len(self.ahead) < MAX_READ_AHEAD:
+            line = self.pending_line()
+            if line is None or not _FETCH_LINE.match(line):
+                break
+            buf: bytearray = self.reader._buffer  # type: ignore[attr-defined]
+            del buf[:len(line)]
+            try:
+                cmd: Command | ParseError = parse_command(line)
+            except ParseError as exc:
+                cmd = exc
+            self.ahead.append(cmd)
+            new.append(cmd)
+        for i in range(0, len(new), PREFETCH_GROUP):
+            self.start_prefetch(new[i:i + PREFETCH_GROUP])
+
+    def start_prefetch(self, cmds: Sequence[Command | ParseError]) -> None:
+        """Read the bodies that pipelined FETCH commands will need in worker threads,
+        while this thread answers the commands before them."""
+        sel = self.selected
+        if sel is None or not getattr(self.backend, "blocking", False) \
+                or len(self.prefetch) > MAX_READ_AHEAD * PREFETCH_TARGETS:
+            return
+        uids: list[int] = []
+        for cmd in cmds:
+            if not isinstance(cmd, Command) or cmd.name != "FETCH" or cmd.seqset is None \
+                    or not _needs_raw(cmd.fetch):
+                continue
+            try:
+                targets = self.resolve(cmd, cmd.seqset)
+            except ParseError:
+                continue
+            if len(targets) <= PREFETCH_TARGETS:
+                uids += (m.uid for _, m in targets if m.uid not in self.prefetch)
+        uids = list(dict.fromkeys(uids))
+        if not uids:
+            return
+        # One worker-thread hop for the group, not one per command.
+        fut = asyncio.get_running_loop().run_in_executor(None, self._raws, sel.name, uids)
+        fut.add_done_callback(_retrieve)
+        for i, uid in enumerate(uids):
+            self.prefetch[uid] = (fut, i)
+
+    async def execute(self, cmd: Command | ParseError) -> None:
+        if isinstance(cmd, ParseError):
+            self.bad(cmd.tag or "*", cmd.reason)
             return
         self.bad_count = 0
         handler = getattr(self, "cmd_" + cmd.name.replace(" ", "_"), None)
@@ -445,7 +540,7 @@ class _Session:
             self.send(f"{cmd.tag} BAD Already authenticated\r\n")
             return
         pending = getattr(self.reader, "_buffer", b"")
-        if pending:
+        if pending or self.ahead:
             # Anything pipelined after STARTTLS would be read as if it came over TLS
             # (the STARTTLS command injection flaw, CVE-2011-0411): refuse.
             raise _Bye("Data after STARTTLS")
@@ -462,7 +557,14 @@ class _Session:
             self.send(f"{cmd.tag} NO [UNAVAILABLE] Too many failed logins; "
                       "try again later\r\n")
             return
-        principal = await asyncio.to_thread(self.backend.authenticate, user, password)
+        try:
+            principal = await asyncio.to_thread(self.backend.authenticate, user, password)
+        except UpstreamUnavailable as exc:
+            # RFC 5530 §3: not the user's fault, so not counted as a failed login.
+            log.warning("IMAP login of %r from %s: %s", user, self.ip, exc)
+            self.send(f"{cmd.tag} NO [UNAVAILABLE] Authentication service unavailable; "
+                      "try again later\r\n")
+            return
         if principal is None:
             self.server.throttle.failed(user, self.ip)
             self.send(f"{cmd.tag} NO [AUTHENTICATIONFAILED] Authentication failed\r\n")
@@ -670,6 +772,7 @@ class _Session:
             self.selected.unsubscribe()
         self.selected = None
         self.cache.clear()
+        self.prefetch.clear()
 
     async def cmd_CLOSE(self, cmd: Command) -> None:
         self.unselect()  # nothing is ever \Deleted, so nothing is expunged
@@ -768,7 +871,7 @@ class _Session:
                           or (a.name == "BODY[]" and a.section is not None
                               and (a.section.part or a.section.text))
                           or a.name in ("RFC822.HEADER", "RFC822.TEXT") for a in atts)
-        needs_raw = needs_parse or any(a.name in ("BODY[]", "RFC822") for a in atts)
+        needs_raw = needs_parse or _needs_raw(atts)
         sets_seen = not sel.readonly and any(
             (a.name == "BODY[]" and not a.peek) or a.name in ("RFC822", "RFC822.TEXT")
             for a in atts)
@@ -776,31 +879,65 @@ class _Session:
         if body_read and self.principal.is_officer and targets:
             await self.audit("imap_fetch", mailbox=sel.name,
                              uids=[m.uid for _, m in targets][:1000], count=len(targets))
-        chunk = 32
-        for start in range(0, len(targets), chunk):
-            part = targets[start:start + chunk]
-            raws: list[bytes | None] = [None] * len(part)
-            if needs_raw:
-                uids = [m.uid for _, m in part]
-                # A few messages are read inline: a worker-thread hop costs more than
-                # reading one blob (mbsync fetches one message per command).
-                raws = self._raws(sel.name, uids) if len(uids) <= 2 else \
-                    await self.call(self._raws, sel.name, uids)
-            for (seq, info), raw in zip(part, raws, strict=True):
-                if needs_raw and raw is None:
-                    continue  # expired meanwhile: RFC 3501 allows omitting it
-                flags = info.flags
-                if sets_seen and "\\Seen" not in flags:
-                    flags = flags | {"\\Seen"}
-                    await self.call(self.backend.set_flags, self.principal, sel.name,
-                                    info.uid, flags & PERMANENT_FLAGS)
-                    sel.messages[seq - 1] = MessageInfo(info.uid, info.internaldate,
-                                                        info.size, flags)
-                out = self._fetch_one(info, flags, atts, needs_parse, raw,
-                                      sets_seen and flags is not info.flags)
-                self.send(f"* {seq} FETCH (".encode() + b" ".join(out) + b")\r\n")
-            await self.flush()
+        chunk = 64
+        parts = [targets[i:i + chunk] for i in range(0, len(targets), chunk)]
+        # Double buffering: the next part's bytes are read in a worker thread while this
+        # thread answers for the current part.
+        reading = self.read_part(sel.name, parts[0]) if needs_raw and parts else None
+        try:
+            for k, part in enumerate(parts):
+                raws: list[bytes | None] = [None] * len(part)
+                if reading is not None:
+                    raws = await reading
+                    reading = self.read_part(sel.name, parts[k + 1]) if k + 1 < len(parts) \
+                        else None
+                await self._answer_part(sel, part, raws, atts, needs_parse, needs_raw,
+                                        sets_seen)
+                if self.out_size >= FLUSH_AT:
+                    await self.flush()
+        finally:
+            if inspect.iscoroutine(reading):  # a session that failed mid-FETCH
+                reading.close()
         self.ok(cmd)
+
+    async def _answer_part(self, sel: _Selected, part: list[tuple[int, MessageInfo]],
+                           raws: list[bytes | None], atts: Sequence[FetchAtt],
+                           needs_parse: bool, needs_raw: bool, sets_seen: bool) -> None:
+        assert self.principal is not None
+        for (seq, info), raw in zip(part, raws, strict=True):
+            if needs_raw and raw is None:
+                continue  # expired meanwhile: RFC 3501 allows omitting it
+            flags = info.flags
+            if sets_seen and "\\Seen" not in flags:
+                flags = flags | {"\\Seen"}
+                await self.call(self.backend.set_flags, self.principal, sel.name,
+                                info.uid, flags & PERMANENT_FLAGS)
+                sel.messages[seq - 1] = MessageInfo(info.uid, info.internaldate,
+                                                    info.size, flags)
+            out = self._fetch_one(info, flags, atts, needs_parse, raw,
+                                  sets_seen and flags is not info.flags)
+            self.send(f"* {seq} FETCH (".encode() + b" ".join(out) + b")\r\n")
+
+    def read_part(self, mailbox: str,
+                  part: list[tuple[int, MessageInfo]]) -> Awaitable[list[bytes | None]]:
+        """The bytes of ``part``'s messages: read ahead for a pipelined command, inline
+        for one or two (a worker-thread hop costs more than reading a blob), else in a
+        worker thread started now.  Awaitables, not tasks: no task per command."""
+        uids = [m.uid for _, m in part]
+        if all(u in self.prefetch for u in uids):
+            return self._gather_prefetched(uids)
+        if len(uids) <= 2 or not getattr(self.backend, "blocking", False):
+            return _ready(self._raws(mailbox, uids))
+        fut = asyncio.get_running_loop().run_in_executor(None, self._raws, mailbox, uids)
+        fut.add_done_callback(_retrieve)  # a session ending mid-FETCH never awaits it
+        return fut
+
+    async def _gather_prefetched(self, uids: list[int]) -> list[bytes | None]:
+        return [await self.prefetched(u) for u in uids]
+
+    async def prefetched(self, uid: int) -> bytes | None:
+        fut, i = self.prefetch.pop(uid)
+        return (await fut)[i]
 
     def _raws(self, mailbox: str, uids: list[int]) -> list[bytes | None]:
         """Several messages' bytes in one call (one worker-thread hop for a blocking
@@ -953,6 +1090,22 @@ class _Session:
         self.send("* SEARCH" + "".join(f" {n}" for n in nums) + "\r\n")
         self.ok(cmd)
 
+
+
+def _needs_raw(atts: Sequence[FetchAtt]) -> bool:
+    return any(a.name in ("BODY[]", "RFC822", "RFC822.HEADER", "RFC822.TEXT", "ENVELOPE",
+                          "BODYSTRUCTURE", "BODY") for a in atts)
+
+
+async def _ready(value: T) -> T:
+    return value
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    # A read-ahead dropped by UNSELECT or a closed session is never awaited: its
+    # exception is not news.
+    if not fut.cancelled():
+        fut.exception()
 
 
 # Which state a command needs (RFC 3501 §3); others work in any state.

@@ -7,7 +7,8 @@
     coffer users address NAME ADDR...
     coffer users list [--json]
 
-Accounts live in ``DATA_DIR/archive/imap.db`` (or ``--database URL``), with argon2id
+Accounts live in ``--database URL``, else the configuration's ``imap.accounts_database``
+(with ``--config FILE`` or $COFFER_CONFIG), else ``DATA_DIR/archive/imap.db``, with argon2id
 password hashes; see archive.imap.accounts.  Passwords are read from stdin (one line)
 so they never appear in a process listing or shell history; on a terminal without
 ``--password-stdin`` the password is asked for twice.
@@ -21,7 +22,7 @@ import json
 import sys
 from typing import Any
 
-from archive.cli_common import add_location_arguments, data_dir_from_args
+from archive.cli_common import add_location_arguments
 from archive.imap.accounts import ROLES, Accounts
 from gateway.errors import ConfigError
 
@@ -37,7 +38,8 @@ def register(sub: Any) -> None:
     def common(p: argparse.ArgumentParser) -> None:
         add_location_arguments(p)
         p.add_argument("--database", metavar="URL",
-                       help="account database URL (default: DATA_DIR/archive/imap.db)")
+                       help="account database URL (default: imap.accounts_database of the "
+                       "configuration, else DATA_DIR/archive/imap.db)")
 
     p = users_sub.add_parser("add", help="create an account")
     p.add_argument("name")
@@ -80,9 +82,10 @@ def register(sub: Any) -> None:
 
 
 def open_accounts(args: argparse.Namespace) -> Accounts:
-    if getattr(args, "database", None):
-        return Accounts(args.database)
-    return Accounts.for_data_dir(data_dir_from_args(args))
+    from archive.imap.cli import open_accounts as open_from_args
+
+    accounts: Accounts = open_from_args(args, getattr(args, "database", None))
+    return accounts
 
 
 def read_password(args: argparse.Namespace) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import ssl
 import threading
 from collections.abc import Coroutine, Iterator
@@ -53,6 +54,12 @@ class Tls:
     server: ssl.SSLContext
     client: ssl.SSLContext
     ca_file: Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def make_tls(tmp: Path) -> Tls:

@@ -329,3 +329,106 @@ def test_idle_sees_newly_archived_mail(env: Env) -> None:
     assert alice.line() == b"b OK IDLE terminated"
     assert fetch_bodies(alice, b"c", b"FETCH 2 (BODY.PEEK[])") == [raw]
     alice.close()
+
+
+def test_pipelined_body_fetches_are_answered_in_order_with_exact_bytes(env: Env) -> None:
+    # mbsync pipelines one UID FETCH per message: the server reads the queued commands
+    # ahead and their bodies in one worker-thread hop; a malformed command and a UID
+    # outside the folder in the middle of the run still get their own answers, in order.
+    raw = Raw(env.server.port)
+    raw.cmd(b"a", b"LOGIN olga olga-pw")
+    raw.cmd(b"b", b"EXAMINE \"All Mail\"")
+    order = ["old_alias", "out", "in", "private", "imported"]
+    cmds = [b"f%d UID FETCH %d (BODY.PEEK[])\r\n" % (i, env.ids[k]) for i, k in enumerate(order)]
+    cmds.insert(2, b"x1 UID FETCH 1:2 (BODY.PEEK[\r\n")
+    cmds.insert(4, b"x2 UID FETCH 99999 (BODY.PEEK[])\r\n")
+    raw.send(b"".join(cmds) + b"z LOGOUT\r\n")
+    data = raw.buf
+    while b"\r\nz OK" not in data:
+        chunk = raw.sock.recv(65536)
+        assert chunk, data
+        data += chunk
+    tags = re.findall(rb"(?:^|\r\n)(f\d|x\d|z) (OK|NO|BAD)", data)
+    assert [t for t, _ in tags] == [b"f0", b"f1", b"x1", b"f2", b"x2", b"f3", b"f4", b"z"]
+    assert dict(tags)[b"x1"] == b"BAD" and dict(tags)[b"x2"] == b"OK"
+    pos = 0
+    for name, msg in zip(order, (OLD_ALIAS, OUT, IN, PRIVATE, IMPORTED), strict=True):
+        body = to_crlf(msg)
+        want = b"UID %d BODY[] {%d}\r\n" % (env.ids[name], len(body)) + body
+        found = data.find(want, pos)
+        assert found > pos, name
+        pos = found
+    assert b"UID 99999" not in data
+    raw.close()
+
+
+def _store_at(archive: Archive, meta: Metadata, raw: bytes, mail_from: str, rcpt: list[str],
+              when: datetime) -> int:
+    rec = MessageRecord(archive.put(raw).sha256, extract(raw), when, mail_from=mail_from,
+                        rcpt_to=rcpt)
+    return meta.add_message(rec).id
+
+
+def test_folders_by_year_split_inbox_and_sent_with_stable_uids(tmp_path: Path) -> None:
+    import imaplib
+
+    meta = Metadata.for_data_dir(tmp_path)
+    meta.migrate()
+    archive = Archive.open(tmp_path)
+    accounts = Accounts.for_data_dir(tmp_path, hasher=CHEAP)
+    accounts.add("alice", "user", "alice-pw", ["alice@corp.example"])
+    accounts.add("bob", "user", "bob-pw", ["bob@corp.example"])
+    _store_at(archive, meta, IN, "carol@ext.example", ["alice@corp.example"],
+              datetime(2023, 12, 31, 23, 30, tzinfo=UTC))
+    _store_at(archive, meta, OUT, "alice@corp.example", ["bob@corp.example"],
+              datetime(2024, 1, 1, 0, 30, tzinfo=UTC))
+    _store_at(archive, meta, OLD_ALIAS, "dan@ext.example", ["alice@corp.example"],
+              datetime(2024, 3, 1, tzinfo=UTC))
+    backend = ArchiveBackend(meta, archive, accounts, by_year=True, poll_interval=0)
+    server = RunningServer(backend, ImapConfig(port=0, allow_plaintext_loopback=True))
+
+    def folders(c: imaplib.IMAP4) -> list[str]:
+        return sorted(line.decode().rsplit(' "/" ', 1)[1].strip('"')
+                      for line in c.list()[1] if isinstance(line, bytes))
+
+    def uids(c: imaplib.IMAP4, box: str) -> tuple[int, list[int], list[bytes]]:
+        typ, _ = c.select(f'"{box}"', readonly=True)
+        assert typ == "OK", box
+        validity = int(c.response("UIDVALIDITY")[1][0] or 0)
+        _, data = c.uid("FETCH", "1:*", "(BODY.PEEK[])")
+        bodies = [d[1] for d in data if isinstance(d, tuple)]
+        _, found = c.uid("SEARCH", "ALL")
+        return validity, [int(x) for x in found[0].split()], bodies
+
+    try:
+        with imaplib.IMAP4("127.0.0.1", server.port) as c:
+            c.login("alice", "alice-pw")
+            assert folders(c) == ["INBOX", "INBOX/2023", "INBOX/2024", "Sent", "Sent/2024"]
+            v23, u23, b23 = uids(c, "INBOX/2023")
+            v24, u24, b24 = uids(c, "INBOX/2024")
+            vin, uin, _ = uids(c, "INBOX")
+            assert b23 == [to_crlf(IN)] and b24 == [to_crlf(OLD_ALIAS)]
+            assert uids(c, "Sent/2024")[2] == [to_crlf(OUT)]
+            assert len(uin) == 2 and len({v23, v24, vin}) == 3
+            assert c.select('"Sent/2023"')[0] == "NO"
+        # A new message in 2025 makes a new folder; the old ones keep UIDVALIDITY and UIDs.
+        _store_at(archive, meta, PRIVATE, "mallory@corp.example", ["alice@corp.example"],
+                  datetime(2025, 2, 1, tzinfo=UTC))
+        with imaplib.IMAP4("127.0.0.1", server.port) as c:
+            c.login("alice", "alice-pw")
+            assert "INBOX/2025" in folders(c)
+            assert uids(c, "INBOX/2023")[:2] == (v23, u23)
+            assert uids(c, "INBOX/2024")[:2] == (v24, u24)
+            assert uids(c, "INBOX")[0] == vin and uids(c, "INBOX")[1][:2] == uin
+            status = c.status('"INBOX/2025"', "(MESSAGES UIDVALIDITY)")
+            assert status[0] == "OK" and b"MESSAGES 1" in status[1][0]  # type: ignore[operator]
+        with imaplib.IMAP4("127.0.0.1", server.port) as c:
+            c.login("bob", "bob-pw")
+            assert folders(c) == ["INBOX", "INBOX/2024", "Sent"]
+            assert c.select('"INBOX/2023"')[0] == "NO"  # alice's year is not bob's
+    finally:
+        server.stop()
+        backend.close()
+        accounts.close()
+        archive.close()
+        meta.close()

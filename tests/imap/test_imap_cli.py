@@ -127,3 +127,35 @@ def test_imap_serve_serves_the_archive_until_sigterm(tmp_path: Path) -> None:
         _, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
     assert b"listening on 127.0.0.1" in err
+
+
+def test_users_and_imap_commands_use_the_configured_account_database(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # imap.accounts_database of the configuration, by --config or $COFFER_CONFIG; the
+    # default file under data_dir is not created.
+    data = tmp_path / "data"
+    url = f"sqlite:///{tmp_path / 'shared-accounts.db'}"
+    cfg = tmp_path / "coffer.yaml"
+    cfg.write_text(f"data_dir: {data}\ndns:\n  nameservers: ['127.0.0.1']\n"
+                   "listeners:\n  - {name: inbound, address: '127.0.0.1:2525', tls: none}\n"
+                   f"imap:\n  accounts_database: \"{url}\"\n")
+    rc, _, err = coffer(monkeypatch, capsys, "users", "add", "zoe", "--role", "officer",
+                        "--password-stdin", "--config", str(cfg), stdin="zoe-pw\n")
+    assert rc == 0, err
+    monkeypatch.setenv("COFFER_CONFIG", str(cfg))
+    rc, out, _ = coffer(monkeypatch, capsys, "users", "list", "--json")
+    assert rc == 0 and json.loads(out)["name"] == "zoe"
+    assert coffer(monkeypatch, capsys, "imap", "search-save", "big", "from:carol@ext.example",
+                  "--officer", "zoe")[0] == 0
+    accounts = Accounts(url)
+    try:
+        assert accounts.authenticate("zoe", "zoe-pw") is not None
+        assert accounts.saved_searches() == [("big", "from:carol@ext.example")]
+    finally:
+        accounts.close()
+    assert not (data / "archive" / "imap.db").exists()
+    # --database still wins over the configuration.
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    rc, out, _ = coffer(monkeypatch, capsys, "users", "list", "--json", "--database", other)
+    assert rc == 0 and out == ""

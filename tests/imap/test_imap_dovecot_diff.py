@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from imap_helpers import RunningServer, corpus_dir, corpus_sample
+from imap_helpers import RunningServer, corpus_dir, corpus_sample, free_port
 
 from archive.imap.backend import MemoryBackend
 from archive.imap.render import to_crlf
@@ -115,12 +115,6 @@ class Conn:
     def close(self) -> None:
         self.command("LOGOUT")
         self.sock.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
