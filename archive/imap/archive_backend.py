@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, select
 
 from archive.audit import append_audit
 from archive.facade import Archive
@@ -48,7 +48,15 @@ from archive.imap.backend import (
 from archive.imap.errors import MailboxError
 from archive.imap.render import to_crlf
 from archive.index import Index
-from archive.metadata import AuditEvent, Hold, HoldItem, Message, Metadata, Participant
+from archive.metadata import (
+    SECONDARY_COPIES,
+    AuditEvent,
+    Hold,
+    HoldItem,
+    Message,
+    Metadata,
+    Participant,
+)
 from archive.query import Term
 from archive.search import AuditHook, BlobReader, Searcher, audit
 
@@ -172,8 +180,15 @@ class ArchiveBackend:
         return sorted(out)
 
     def _member_pks(self, p: Principal, f: _FolderDef) -> list[int]:
-        """The archive ids in a folder for this principal, ascending (arrival order)."""
-        live = Message.expired_at.is_(None)
+        """The archive ids in a folder for this principal, ascending (arrival order).
+
+        A message the gateway changed is archived twice (as received and as sent, or
+        as received encrypted and decrypted; archive.metadata): a folder lists it once,
+        as its readable copy, like ``coffer search``; the other copy stays reachable
+        through ``coffer show`` and exports.
+        """
+        live = and_(Message.expired_at.is_(None),
+                    Message.copy.not_in(sorted(SECONDARY_COPIES)))
         with self.meta.session() as s:
             if f.kind in ("inbox", "sent"):
                 if not p.addresses:

@@ -432,3 +432,27 @@ def test_folders_by_year_split_inbox_and_sent_with_stable_uids(tmp_path: Path) -
         accounts.close()
         archive.close()
         meta.close()
+
+
+def test_a_message_archived_as_received_and_as_sent_is_listed_once_as_received(
+        env: Env) -> None:
+    signed = b"DKIM-Signature: v=1; a=rsa-sha256; d=corp.example; b=abc\r\n" + OUT.replace(
+        b"<out@corp.example>", b"<twice@corp.example>")
+    plain = signed.split(b"\r\n", 1)[1]
+    recs = []
+    for raw, copy, link in ((plain, "received", signed), (signed, "sent", plain)):
+        env.archive.put(raw)
+        recs.append(MessageRecord(
+            hashlib.sha256(raw).hexdigest(), extract(raw), datetime(2024, 7, 6, tzinfo=UTC),
+            mail_from="alice@corp.example", rcpt_to=["bob@corp.example"], copy=copy,
+            link_sha256=hashlib.sha256(link).hexdigest()))
+    env.meta.add_messages(recs)
+    alice = login(env, "alice")
+    alice.cmd(b"a", b"EXAMINE Sent")
+    assert fetch_bodies(alice, b"b", b"FETCH 1:* (BODY.PEEK[])") == [OUT, plain]
+    alice.close()
+    olga = login(env, "olga")
+    olga.cmd(b"a", b'EXAMINE "All Mail"')
+    bodies = fetch_bodies(olga, b"b", b"FETCH 1:* (BODY.PEEK[])")
+    assert plain in bodies and signed not in bodies
+    olga.close()
