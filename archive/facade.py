@@ -24,7 +24,7 @@ from typing import Any
 from archive.errors import ArchiveError
 from archive.keys import KeyRing
 from archive.ledger import Ledger, LedgerEntry, Timestamper
-from archive.store import BlobRef, BlobStore, Recovered, check_sha
+from archive.store import BlobRef, BlobStore, CompactResult, Recovered, check_sha
 
 Record = Mapping[str, Any]
 _Item = tuple[bytes, Record, "asyncio.Future[BlobRef]"]
@@ -82,7 +82,7 @@ class Archive:
                         timestamper=timestamper)
         archive = cls(paths, keys, store, ledger)
         ledger.repair()
-        archive.recovered = store.recover(archive._ledger_recovered)
+        archive.recovered = store.recover(archive._ledger_recovered, archive._ledgered)
         return archive
 
     def close(self) -> None:
@@ -142,6 +142,15 @@ class Archive:
             self.store.delete(sha256)
         return entry
 
+    def compact(self, progress: Callable[[int, int], None] | None = None) -> CompactResult:
+        """Drop the bytes of deleted (expired, shredded) records from the store's
+        segments; the ledger records what was freed."""
+        result = self.store.compact(progress)
+        if result.segments:
+            self.ledger.append("store_compacted", segments=result.segments,
+                               records=result.removed_records, freed_bytes=result.freed_bytes)
+        return result
+
     # -- ledger --
 
     def append(self, kind: str, **fields: Any) -> LedgerEntry:
@@ -156,6 +165,11 @@ class Archive:
         new = self.keys.rotate().id
         self.ledger.append("key_rotated", old_key=old, new_key=new)
         return new
+
+    def _ledgered(self) -> set[str]:
+        """Every SHA-256 a message_stored or blob_recovered entry names."""
+        return {str(e.fields.get("sha256")) for e in self.ledger.entries()
+                if e.kind in ("message_stored", "blob_recovered")}
 
     def _ledger_recovered(self, batch: list[Recovered]) -> None:
         self.ledger.append_many([
