@@ -135,12 +135,22 @@ class Archive:
         caller (retention) must have checked that no envelope or hold still needs
         the blob: shredding is for every envelope that shares it.
         """
-        check_sha(sha256)
-        entry = self.ledger.append("tombstone", sha256=sha256, reason=reason, **fields)
-        self.store.shred(sha256)
-        if delete_blob:
-            self.store.delete(sha256)
-        return entry
+        return self.shred_many([(sha256, fields)], reason=reason, delete_blob=delete_blob)[0]
+
+    def shred_many(self, items: Sequence[tuple[str, Mapping[str, Any]]], *, reason: str,
+                   delete_blob: bool = False) -> list[LedgerEntry]:
+        """``shred`` for many blobs: one ledger append (tombstones in this order), then
+        one key table rewrite per store segment instead of one per blob."""
+        for sha256, _ in items:
+            check_sha(sha256)
+        entries = self.ledger.append_many(
+            [("tombstone", {"sha256": sha, "reason": reason, **fields}) for sha, fields in items])
+        shas = [sha for sha, _ in items]
+        if delete_blob:  # marking a record deleted destroys its key in the same rewrite
+            self.store.delete_many(shas)
+        else:
+            self.store.shred_many(shas)
+        return entries
 
     def compact(self, progress: Callable[[int, int], None] | None = None) -> CompactResult:
         """Drop the bytes of deleted (expired, shredded) records from the store's

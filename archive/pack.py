@@ -2,8 +2,8 @@
 
 The blob store (archive.store) keeps messages in append-only *segments*; each
 segment ``<name>.pack`` has a *key table* ``<name>.keys`` holding the wrapped
-data keys of its records, and an *index* ``<name>.idx`` listing the records
-whose batch was acknowledged.  All integers are big-endian.
+data keys of its records, and an *acknowledgement log* ``<name>.ack`` saying
+how far its records are acknowledged.  All integers are big-endian.
 
 Segment file::
 
@@ -15,33 +15,40 @@ see BlobStore.compact); a writer's segment supersedes nothing.
 
 Record::
 
-    "CFRR" | version (1) | sha256 (32) | dkid (8) | nonce (12) | length (4) | ciphertext+tag
+    "CFRR" | version (1) | sha256 (32) | dkid (8) | length (4) | ciphertext+tag
 
 The plaintext is zstd-compressed, then sealed with AES-256-GCM (NIST SP 800-38D)
-under a fresh random 256-bit data key; the associated data is the whole 61-byte
+under a fresh random 256-bit data key; the associated data is the whole 49-byte
 record header, which holds the SHA-256, so a record relabelled with another
-hash or header fails to decrypt.  ``dkid`` is random: it ties the record to its
-key table entry (a message deleted and stored again gets a new one).
+hash or header fails to decrypt.  The nonce is fixed (all zero) and not stored:
+SP 800-38D §8 requires a nonce never to repeat *under one key*, and each data
+key seals exactly one record (as in HPKE's single-shot mode).  ``dkid`` is
+random: it ties the record to its key table entry (a message deleted and
+stored again gets a new one).
 
 Key table file::
 
     "CFKT" | version (1)
     entry | entry | ...          each: length (2) | body
 
-    body of a key entry:     "K" | sha256 (32) | dkid (8) | len(kid) (1) | archive key id
+    body of a key entry:     "K" | dkid (8) | len(kid) (1) | archive key id
                              | nonce (12) | wrapped data key (48)
-    body of a deleted mark:  "D" | sha256 (32) | dkid (8)
+    body of a deleted mark:  "D" | dkid (8)
 
 The data key is wrapped with AES-256-GCM under the archive key ``kid``
-(archive.keys); the associated data is ``"CFRK" | version | len(kid) | kid``
-followed by the SHA-256 and the dkid, so an entry moved to another record fails
-to unwrap.  GCM rather than AES-KW (RFC 3394) binds the wrapped key to its record.
+(archive.keys) with a random nonce; the associated data is ``"CFRK" | version |
+len(kid) | kid`` followed by the record's SHA-256 and dkid, so an entry moved to
+another record fails to unwrap.  An entry names its record by dkid only (the
+SHA-256 is in the record): 32 bytes less per message.  GCM rather than AES-KW
+(RFC 3394) binds the wrapped key to its record.
 A "D" entry marks a record deleted after shredding: it no longer exists for
 the store and the next compaction drops its bytes.
 
-Index file: 56-byte entries ``sha256 (32) | dkid (8) | offset (8) | length (8)``
-of the acknowledged records, in segment order: a reader opening the store loads
-these instead of reading every record header.
+Acknowledgement log: 8-byte entries, one per batch, each the segment length up
+to which every record is acknowledged (in the ledger).  There is no per-record
+index file: it would cost 40-50 bytes per message (a SHA-256 and a position) and
+the issue 3 size target leaves ~150 bytes of overhead per message in all; a
+reader opening the store reads each record header instead (archive.segment.scan).
 """
 
 from __future__ import annotations
@@ -66,12 +73,12 @@ DKID_BYTES = 8
 NONCE_BYTES = 12
 TAG_BYTES = 16
 WRAPPED_BYTES = 32 + TAG_BYTES
-_RECORD_HEAD = struct.Struct(">4sB32s8s12sI")
-RECORD_HEADER_LEN = _RECORD_HEAD.size  # 61
+_RECORD_HEAD = struct.Struct(">4sB32s8sI")
+RECORD_HEADER_LEN = _RECORD_HEAD.size  # 49
+_RECORD_NONCE = bytes(NONCE_BYTES)  # see the module docstring: one key, one record
 KEYTABLE_HEADER = KEYTABLE_MAGIC + bytes([VERSION])
-_IDX = struct.Struct(">32s8sQQ")
-IDX_ENTRY_LEN = _IDX.size  # 56
-IdxEntry = tuple[str, str, int, int]  # sha256, dkid, offset, length
+_ACK = struct.Struct(">Q")
+ACK_ENTRY_LEN = _ACK.size
 MAX_RECORD = 1 << 31  # the length field is 32 bits; messages are far smaller
 
 
@@ -120,7 +127,6 @@ def parse_segment_header(data: bytes) -> tuple[list[str], int] | None:
 class RecordHeader:
     sha256: str
     dkid: str
-    nonce: bytes
     length: int  # of the ciphertext+tag
     raw: bytes
 
@@ -131,7 +137,6 @@ class RecordHeader:
 
 @dataclass(frozen=True)
 class KeyEntry:
-    sha256: str
     dkid: str
     kid: str
     nonce: bytes
@@ -152,14 +157,14 @@ class Sealed:
 def parse_record_header(data: bytes) -> RecordHeader:
     if len(data) < RECORD_HEADER_LEN:
         raise FormatError("record header too short")
-    magic, version, sha, dkid, nonce, length = _RECORD_HEAD.unpack_from(data)
+    magic, version, sha, dkid, length = _RECORD_HEAD.unpack_from(data)
     if magic != RECORD_MAGIC:
         raise FormatError("not a Coffer record (bad magic)")
     if version != VERSION:
         raise FormatError(f"unsupported record version {version}")
     if length < TAG_BYTES:
         raise FormatError("record shorter than its authentication tag")
-    return RecordHeader(sha.hex(), dkid.hex(), nonce, length, bytes(data[:RECORD_HEADER_LEN]))
+    return RecordHeader(sha.hex(), dkid.hex(), length, bytes(data[:RECORD_HEADER_LEN]))
 
 
 def _wrap_aad(kid: bytes, sha_raw: bytes, dkid_raw: bytes) -> bytes:
@@ -173,16 +178,15 @@ def seal(sha256: str, plaintext_z: bytes, archive_key: ArchiveKey) -> Sealed:
     sha_raw = bytes.fromhex(sha256)
     dkid = secrets.token_bytes(DKID_BYTES)
     data_key = AESGCM.generate_key(bit_length=256)
-    # NIST SP 800-38D §8.2.2: a random 96-bit nonce; each data key encrypts one
-    # message only, so nonce reuse under a key is impossible.
-    nonce = secrets.token_bytes(NONCE_BYTES)
-    header = _RECORD_HEAD.pack(RECORD_MAGIC, VERSION, sha_raw, dkid, nonce,
+    header = _RECORD_HEAD.pack(RECORD_MAGIC, VERSION, sha_raw, dkid,
                                len(plaintext_z) + TAG_BYTES)
-    record = header + AESGCM(data_key).encrypt(nonce, plaintext_z, header)
+    record = header + AESGCM(data_key).encrypt(_RECORD_NONCE, plaintext_z, header)
     kid = archive_key.id.encode("ascii")
+    # NIST SP 800-38D §8.2.2: the archive key wraps many data keys, so each wrap
+    # gets a random 96-bit nonce.
     knonce = secrets.token_bytes(NONCE_BYTES)
     wrapped = AESGCM(archive_key.key).encrypt(knonce, data_key, _wrap_aad(kid, sha_raw, dkid))
-    body = b"K" + sha_raw + dkid + bytes([len(kid)]) + kid + knonce + wrapped
+    body = b"K" + dkid + bytes([len(kid)]) + kid + knonce + wrapped
     return Sealed(sha256, dkid.hex(), record, _frame(body))
 
 
@@ -191,7 +195,7 @@ def unseal(record: bytes, key: KeyEntry, keyring: KeyRing) -> bytes:
     head = parse_record_header(record)
     if len(record) != head.total:
         raise BlobIntegrityError(f"blob {head.sha256}: record truncated")
-    if (key.sha256, key.dkid) != (head.sha256, head.dkid):
+    if key.dkid != head.dkid:
         raise BlobIntegrityError(f"blob {head.sha256}: key table entry is for another record")
     archive_key = keyring.get(key.kid)
     sha_raw, dkid_raw = bytes.fromhex(head.sha256), bytes.fromhex(head.dkid)
@@ -203,7 +207,7 @@ def unseal(record: bytes, key: KeyEntry, keyring: KeyRing) -> bytes:
             f"blob {head.sha256}: its data key does not unwrap (key table altered)"
         ) from None
     try:
-        return AESGCM(data_key).decrypt(head.nonce, record[RECORD_HEADER_LEN:], head.raw)
+        return AESGCM(data_key).decrypt(_RECORD_NONCE, record[RECORD_HEADER_LEN:], head.raw)
     except InvalidTag:
         raise BlobIntegrityError(
             f"blob {head.sha256}: authentication failed (ciphertext altered, or record "
@@ -218,20 +222,19 @@ def _frame(body: bytes) -> bytes:
     return struct.pack(">H", len(body)) + body
 
 
-def dead_entry(sha256: str, dkid: str) -> bytes:
-    return _frame(b"D" + bytes.fromhex(sha256) + bytes.fromhex(dkid))
+def dead_entry(dkid: str) -> bytes:
+    return _frame(b"D" + bytes.fromhex(dkid))
 
 
 @dataclass
 class KeyTable:
-    """A parsed key table: ``keys`` and ``dead`` are keyed by (sha256, dkid)."""
+    """A parsed key table: ``keys`` and ``dead`` are keyed by the record's dkid."""
 
-    keys: dict[tuple[str, str], KeyEntry] = field(default_factory=dict)
-    dead: dict[tuple[str, str], bytes] = field(default_factory=dict)
+    keys: dict[str, KeyEntry] = field(default_factory=dict)
+    dead: dict[str, bytes] = field(default_factory=dict)
     torn: int = 0  # bytes of an incomplete last entry (a crash during an append)
 
-    def encode(self, drop_keys: set[tuple[str, str]] | frozenset[tuple[str, str]] = frozenset(),
-               ) -> bytes:
+    def encode(self, drop_keys: set[str] | frozenset[str] = frozenset()) -> bytes:
         """The file content, in a stable order, without the keys in ``drop_keys``."""
         out = [KEYTABLE_HEADER]
         out.extend(e.encoded for k, e in self.keys.items() if k not in drop_keys)
@@ -265,30 +268,27 @@ def parse_key_entries(data: bytes, pos: int, table: KeyTable) -> int:
             break
         body, encoded = data[pos + 2:end], data[pos:end]
         pos = end
-        if n == 41 and body[:1] == b"D":
-            table.dead[(body[1:33].hex(), body[33:41].hex())] = encoded
+        if n == 9 and body[:1] == b"D":
+            table.dead[body[1:9].hex()] = encoded
             continue
-        if n < 42 or body[:1] != b"K" or n != 42 + body[41] + NONCE_BYTES + WRAPPED_BYTES:
+        if n < 10 or body[:1] != b"K" or n != 10 + body[9] + NONCE_BYTES + WRAPPED_BYTES:
             raise FormatError(f"malformed key table entry at byte {pos - n - 2}")
-        klen = body[41]
-        entry = KeyEntry(sha256=body[1:33].hex(), dkid=body[33:41].hex(),
-                         kid=body[42:42 + klen].decode("ascii", "replace"),
-                         nonce=body[42 + klen:42 + klen + NONCE_BYTES],
-                         wrapped=body[42 + klen + NONCE_BYTES:], encoded=encoded)
-        table.keys[(entry.sha256, entry.dkid)] = entry
+        klen = body[9]
+        entry = KeyEntry(dkid=body[1:9].hex(), kid=body[10:10 + klen].decode("ascii", "replace"),
+                         nonce=body[10 + klen:10 + klen + NONCE_BYTES],
+                         wrapped=body[10 + klen + NONCE_BYTES:], encoded=encoded)
+        table.keys[entry.dkid] = entry
     return pos
 
 
-# -- index ----------------------------------------------------------------------------
+# -- acknowledgement log -------------------------------------------------------------
 
 
-def encode_idx(entries: Iterable[IdxEntry]) -> bytes:
-    return b"".join(_IDX.pack(bytes.fromhex(sha), bytes.fromhex(dkid), off, length)
-                    for sha, dkid, off, length in entries)
+def encode_ack(end: int) -> bytes:
+    return _ACK.pack(end)
 
 
-def parse_idx(data: bytes) -> list[IdxEntry]:
-    """(sha256, dkid, offset, length) of each whole entry; a torn last one is ignored."""
-    whole = len(data) - len(data) % IDX_ENTRY_LEN
-    return [(sha.hex(), dkid.hex(), off, length)
-            for sha, dkid, off, length in _IDX.iter_unpack(data[:whole])]
+def parse_acks(data: bytes) -> list[int]:
+    """Each whole entry (a torn last one is ignored)."""
+    whole = len(data) - len(data) % ACK_ENTRY_LEN
+    return [end for (end,) in _ACK.iter_unpack(data[:whole])]

@@ -18,9 +18,8 @@ from archive.pack import (
     KEYTABLE_HEADER,
     RECORD_HEADER_LEN,
     FormatError,
-    IdxEntry,
     KeyTable,
-    parse_idx,
+    parse_acks,
     parse_key_entries,
     parse_key_table,
     parse_record_header,
@@ -39,9 +38,6 @@ class Location:
     length: int
     sha256: str
     dkid: str
-
-    def idx_entry(self) -> IdxEntry:
-        return (self.sha256, self.dkid, self.offset, self.length)
 
 
 @dataclass
@@ -84,39 +80,18 @@ def scan(fd: int, name: str, start: int) -> Scan:
     return out
 
 
-def read_idx(path: Path) -> list[IdxEntry]:
+def read_acked(path: Path, header_len: int) -> int:
+    """How far the segment's records are acknowledged (its .ack log's last entry)."""
     try:
-        return parse_idx(path.read_bytes())
+        acks = parse_acks(path.read_bytes())
     except FileNotFoundError:
-        return []
+        acks = []
+    return acks[-1] if acks else header_len
 
 
-def acked_end(idx: list[IdxEntry], header_len: int) -> int:
-    """End of the acknowledged prefix the index lists."""
-    if not idx:
-        return header_len
-    _, _, off, length = idx[-1]
-    return off + length
-
-
-def idx_locations(name: str, idx: list[IdxEntry], header_len: int) -> list[Location] | None:
-    """The index as locations, if its entries tile the segment from its header on
-    (None otherwise: the segment is then scanned instead)."""
-    out: list[Location] = []
-    pos = header_len
-    for sha, dkid, off, length in idx:
-        if off != pos:
-            return None
-        out.append(Location(name, off, length, sha, dkid))
-        pos = off + length
-    return out
-
-
-def idx_matches(idx: list[IdxEntry], records: list[Location]) -> bool:
-    """Is the index a prefix of the records actually in the segment?"""
-    if len(idx) > len(records):
-        return False
-    return all(r.idx_entry() == e for e, r in zip(idx, records, strict=False))
+def ack_on_boundary(acked: int, records: list[Location], header_len: int) -> bool:
+    """Does the acknowledged length end exactly after a record the segment holds?"""
+    return acked == header_len or any(r.offset + r.length == acked for r in records)
 
 
 class KeyTables:

@@ -6,7 +6,7 @@ A message's exact bytes are stored once, under the SHA-256 of those bytes, as a
     archive/store/.lock                    taken for appends, key table changes, compaction
     archive/store/packs/<name>.pack        records, append-only, never rewritten
     archive/store/packs/<name>.keys        their wrapped data keys
-    archive/store/packs/<name>.idx         the records whose batch was acknowledged
+    archive/store/packs/<name>.ack         how far its records are acknowledged
 
 Why segments: one file per blob (and one per data key) cost four files, four
 fsyncs and their directory fsyncs per message, and a 4 KiB block per small file
@@ -34,16 +34,17 @@ Properties, and how they are kept:
   later writes the segment's live records to a new segment (which names the old
   one in its header), fsyncs it, and removes the old one.
 * **Self-describing.**  The index from SHA-256 to (segment, offset, length) is
-  built from the files alone: each ``.idx`` lists the acknowledged records, and
-  the segment bytes after that are scanned.  verify needs no database.
+  built from the files alone by reading each record header (kept in memory and
+  extended as segments grow), and each ``.ack`` says how far its segment's
+  records are in the ledger.  verify needs no database.
 
 Write path (``write_many``, group commit): seal every new message; under the store
 lock append the records to the thread's segment and the keys to its key table;
 fsync both (in parallel: ext4 folds them into one journal commit); run the
-caller's ledger append; then list the records in the ``.idx`` (not fsynced: after
-a power loss the ledger says the rest).  A crash (kill -9, power loss) leaves
+caller's ledger append; then append the new acknowledged length to the ``.ack``
+(not fsynced: after a power loss the ledger says the rest).  A crash (kill -9, power loss) leaves
 either a torn tail (bytes after the last whole record, never acknowledged) or
-whole records after the ``.idx``'s end whose ledger entries may be missing.
+whole records after the acknowledged length whose ledger entries may be missing.
 ``recover()`` (run when a writer opens the archive) records the latter as
 ``blob_recovered``, truncates the torn tail, and drops key entries that lost their
 record; ``coffer archive verify`` reports both as warnings, never as tampering.
@@ -84,11 +85,10 @@ from archive.errors import (
 from archive.keys import KeyRing, fsync_dir
 from archive.pack import (
     KEYTABLE_HEADER,
-    IdxEntry,
     KeyTable,
     Sealed,
     dead_entry,
-    encode_idx,
+    encode_ack,
     encode_segment_header,
     parse_record_header,
     seal,
@@ -98,9 +98,7 @@ from archive.segment import (
     KeyTables,
     Location,
     Scan,
-    acked_end,
-    idx_locations,
-    read_idx,
+    read_acked,
     read_segment_header,
     replace_file,
     scan,
@@ -117,7 +115,7 @@ SEGMENT_BYTES = 64 << 20
 SEGMENT_RECORDS = 8192
 PACK_MODE = 0o440
 MUTABLE_MODE = 0o640
-SEGMENT_FILE = re.compile(r"^([0-9a-f]{16}-[0-9a-f]{8})\.(pack|keys|idx)$")
+SEGMENT_FILE = re.compile(r"^([0-9a-f]{16}-[0-9a-f]{8})\.(pack|keys|ack)$")
 
 
 @dataclass
@@ -127,9 +125,10 @@ class SegmentState:
     name: str
     header_len: int
     supersedes: list[str]
-    acked: int  # end of the acknowledged records (the .idx)
+    acked: int  # end of the acknowledged records (the .ack log)
     end: int  # end of the records scanned so far
     records: list[Location] = field(default_factory=list)
+    dkids: set[str] = field(default_factory=set)  # key table entries are named by dkid
 
 
 @dataclass
@@ -210,14 +209,9 @@ class BlobStore(ZstdContexts):
                 if head is None:
                     return  # being created
                 supersedes, hlen = head
-                idx = read_idx(self.packs / f"{name}.idx")
-                seg = SegmentState(name, hlen, supersedes, acked_end(idx, hlen), hlen)
+                acked = read_acked(self.packs / f"{name}.ack", hlen)
+                seg = SegmentState(name, hlen, supersedes, acked, hlen)
                 self._segs[name] = seg
-                known = idx_locations(name, idx, hlen)
-                if known and seg.acked <= os.fstat(fd).st_size:
-                    # The acknowledged prefix from the index (no record header read);
-                    # read() checks each record's header against it anyway.
-                    self._add_records(seg, known, seg.acked)
             if os.fstat(fd).st_size > seg.end:
                 found = scan(fd, name, seg.end)
                 self._add_records(seg, found.records, found.end)
@@ -227,6 +221,7 @@ class BlobStore(ZstdContexts):
     def _add_records(self, seg: SegmentState, records: list[Location], end: int) -> None:
         for loc in records:
             self._where.setdefault(loc.sha256, []).append(loc)
+            seg.dkids.add(loc.dkid)
         seg.records.extend(records)
         seg.end = end
 
@@ -257,10 +252,9 @@ class BlobStore(ZstdContexts):
             if loc.segment in superseded:
                 continue
             table = self._keys.get(loc.segment)
-            key = (loc.sha256, loc.dkid)
-            if key in table.dead:
+            if loc.dkid in table.dead:
                 continue
-            if key in table.keys:
+            if loc.dkid in table.keys:
                 return "live", loc
             shredded = loc
         return ("shredded", shredded) if shredded else ("absent", None)
@@ -321,7 +315,7 @@ class BlobStore(ZstdContexts):
         head = parse_record_header(record)
         if head.sha256 != sha256:
             raise BlobIntegrityError(f"blob {sha256}: the record is labelled {head.sha256}")
-        key = table.keys.get((head.sha256, head.dkid))
+        key = table.keys.get(head.dkid)
         if key is None:
             raise BlobShreddedError(f"blob {sha256} cannot be opened: its data key was destroyed")
         compressed = unseal(record, key, keyring)
@@ -420,6 +414,12 @@ class BlobStore(ZstdContexts):
             if not todo:
                 return w, {}, sync
             w = self._writer_with_room(w, sum(len(s.record) for s in todo), len(todo))
+            seg = self._segs.get(w.name)
+            taken = seg.dkids if seg else set()
+            if len({s.dkid for s in todo} | taken) != len(todo) + len(taken):
+                # Two random 64-bit ids met in one segment (~1e-12 per full segment):
+                # nothing is written; the caller retries the batch with fresh ids.
+                raise ArchiveError("data key id collision in a store segment; retry")
             self._reopen_keys(w)
             records = b"".join(s.record for s in todo)
             write_all(w.fd, records)
@@ -445,7 +445,7 @@ class BlobStore(ZstdContexts):
 
     def _acknowledge(self, w: _Writer | None, locs: list[Location]) -> None:
         if locs and w is not None:
-            write_all(w.ifd, encode_idx(loc.idx_entry() for loc in locs))
+            write_all(w.ifd, encode_ack(locs[-1].offset + locs[-1].length))
             with self._mutex:
                 seg = self._segs.get(w.name)
                 if seg is not None:
@@ -486,7 +486,7 @@ class BlobStore(ZstdContexts):
         # owner-writable.  The .pack never does: read-only from birth.
         kfd = os.open(self.packs / f"{name}.keys", os.O_WRONLY | os.O_CREAT | os.O_EXCL
                       | os.O_APPEND, MUTABLE_MODE)
-        ifd = os.open(self.packs / f"{name}.idx", os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        ifd = os.open(self.packs / f"{name}.ack", os.O_WRONLY | os.O_CREAT | os.O_EXCL
                       | os.O_APPEND, MUTABLE_MODE)
         write_all(fd, header)
         write_all(kfd, KEYTABLE_HEADER)
@@ -533,29 +533,42 @@ class BlobStore(ZstdContexts):
 
     def shred(self, sha256: str) -> int:
         """Destroy every data key of a blob; returns how many were destroyed."""
-        return self._rewrite_keys(check_sha(sha256), mark_dead=False)
+        return self.shred_many([sha256])
+
+    def shred_many(self, shas: Sequence[str]) -> int:
+        """Destroy every data key of these blobs: one key table rewrite per segment."""
+        return self._rewrite_keys({check_sha(s) for s in shas}, mark_dead=False)
 
     def delete(self, sha256: str) -> bool:
         """Mark a blob's records deleted (destroying any key left); compaction later
         removes their bytes.  The caller has checked that nothing references it."""
-        return self._rewrite_keys(check_sha(sha256), mark_dead=True) > 0
+        return self.delete_many([sha256]) > 0
 
-    def _rewrite_keys(self, sha256: str, *, mark_dead: bool) -> int:
+    def delete_many(self, shas: Sequence[str]) -> int:
+        """``delete`` for many blobs, one key table rewrite per segment; returns the
+        number of records marked."""
+        return self._rewrite_keys({check_sha(s) for s in shas}, mark_dead=True)
+
+    def _rewrite_keys(self, shas: set[str], *, mark_dead: bool) -> int:
         changed = 0
         with self._store_lock():
             self.refresh()
-            for loc in list(self._where.get(sha256, ())):
-                self._keys.forget(loc.segment)
-                table = self._keys.get(loc.segment)
-                key = (loc.sha256, loc.dkid)
-                drop = {k for k in table.keys if k[0] == sha256}
-                add = dead_entry(*key) if mark_dead and key not in table.dead else b""
-                if not drop and not add:
+            by_segment: dict[str, list[Location]] = {}
+            for sha in sorted(shas):
+                for loc in self._where.get(sha, ()):
+                    by_segment.setdefault(loc.segment, []).append(loc)
+            for name, locs in sorted(by_segment.items()):
+                self._keys.forget(name)  # read it fresh, under the lock
+                table = self._keys.get(name)
+                drop = {loc.dkid for loc in locs} & set(table.keys)
+                marks = [dead_entry(loc.dkid) for loc in locs
+                         if mark_dead and loc.dkid not in table.dead]
+                if not drop and not marks:
                     continue
-                replace_file(self.packs / f"{loc.segment}.keys", table.encode(drop) + add,
+                replace_file(self.packs / f"{name}.keys", table.encode(drop) + b"".join(marks),
                              MUTABLE_MODE)
-                self._keys.forget(loc.segment)
-                changed += len(drop) if not mark_dead else 1
+                self._keys.forget(name)
+                changed += len(marks) if mark_dead else len(drop)
         return changed
 
     def compact(self, progress: Callable[[int, int], None] | None = None) -> CompactResult:
@@ -577,18 +590,18 @@ class BlobStore(ZstdContexts):
         if seg is None:
             return
         table = self._keys.get(name)
-        dead = [r for r in seg.records if (r.sha256, r.dkid) in table.dead]
+        dead = [r for r in seg.records if r.dkid in table.dead]
         if not dead:
             return
         with _try_flock(self.packs / f"{name}.pack") as free:
             if not free:
                 return  # a live writer's segment: next time
-            live = [r for r in seg.records if (r.sha256, r.dkid) not in table.dead]
+            live = [r for r in seg.records if r.dkid not in table.dead]
             result.removed_records += len(dead)
             result.freed_bytes += sum(r.length for r in dead)
             if live:
                 self._write_compacted(name, live, table)
-            for ext in ("pack", "keys", "idx"):
+            for ext in ("pack", "keys", "ack"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.packs / f"{name}.{ext}")
             fsync_dir(self.packs)
@@ -598,18 +611,16 @@ class BlobStore(ZstdContexts):
     def _write_compacted(self, old: str, live: list[Location], table: KeyTable) -> None:
         name = f"{time.time_ns():016x}-{secrets.token_hex(4)}"
         header = encode_segment_header([old])
-        keep = {(r.sha256, r.dkid) for r in live}
+        keep = {r.dkid for r in live}
         keys = KeyTable(keys={k: e for k, e in table.keys.items() if k in keep})
-        idx: list[IdxEntry] = []
         body = bytearray(header)
         with open(self.packs / f"{old}.pack", "rb") as fh:
             for r in live:
-                idx.append((r.sha256, r.dkid, len(body), r.length))
                 body += os.pread(fh.fileno(), r.length, r.offset)
         # Key table and index first; the .pack's rename is the commit point (recover
         # removes a superseded segment, or a half-made compaction's leftovers).
         replace_file(self.packs / f"{name}.keys", keys.encode(), MUTABLE_MODE)
-        replace_file(self.packs / f"{name}.idx", encode_idx(idx), MUTABLE_MODE)
+        replace_file(self.packs / f"{name}.ack", encode_ack(len(body)), MUTABLE_MODE)
         replace_file(self.packs / f"{name}.pack", bytes(body), PACK_MODE)
 
     # -- recovery ---------------------------------------------------------------------
@@ -631,8 +642,7 @@ class BlobStore(ZstdContexts):
                 with _try_flock(self.packs / f"{name}.pack") as free:
                     if not free:
                         continue  # a live writer (maybe in this process)
-                    seg.acked = acked_end(read_idx(self.packs / f"{name}.idx"),
-                                          seg.header_len)
+                    seg.acked = read_acked(self.packs / f"{name}.ack", seg.header_len)
                     tail = [r for r in seg.records if r.offset >= seg.acked]
                     torn = self._torn(name, seg)
                     if not tail and not torn:
@@ -642,7 +652,7 @@ class BlobStore(ZstdContexts):
                         ledgered = set(known()) if known else set()
                     assert ledgered is not None or not tail
                     batch = [Recovered(r.sha256, r.length, f"{name}.pack") for r in tail
-                             if (r.sha256, r.dkid) in table.keys
+                             if r.dkid in table.keys
                              and r.sha256 not in (ledgered or ())]
                     if batch:
                         append(batch)
@@ -670,11 +680,11 @@ class BlobStore(ZstdContexts):
             finally:
                 os.chmod(path, PACK_MODE)
         if tail:
-            with open(self.packs / f"{name}.idx", "ab") as fh:
-                fh.write(encode_idx(r.idx_entry() for r in tail))
+            with open(self.packs / f"{name}.ack", "ab") as fh:
+                fh.write(encode_ack(seg.end))
                 os.fsync(fh.fileno())
             seg.acked = seg.end
-        present = {(r.sha256, r.dkid) for r in seg.records}
+        present = {r.dkid for r in seg.records}
         orphans = {k for k in table.keys if k not in present}
         if orphans or table.torn:
             replace_file(self.packs / f"{name}.keys", table.encode(orphans), MUTABLE_MODE)
@@ -703,7 +713,7 @@ class BlobStore(ZstdContexts):
             finally:
                 os.close(fd)
             for old in head[0] if head else []:
-                for ext in ("pack", "keys", "idx"):
+                for ext in ("pack", "keys", "ack"):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(self.packs / f"{old}.{ext}")
                         changed = True
@@ -714,26 +724,26 @@ class BlobStore(ZstdContexts):
 
     def inspect(self, name: str) -> SegmentView:
         """One segment as it is on disk, read in the order that keeps a running
-        writer's batches consistent: index, then key table, then records."""
-        idx = read_idx(self.packs / f"{name}.idx")
-        self._keys.forget(name)
-        table_error = ""
-        try:
-            table = self._keys.get(name)
-        except BlobIntegrityError as exc:
-            table, table_error = KeyTable(), str(exc)
-        path = self.packs / f"{name}.pack"
-        fd = os.open(path, os.O_RDONLY)
+        writer's batches consistent: .ack, then key table, then records (the
+        segment header never changes)."""
+        fd = os.open(self.packs / f"{name}.pack", os.O_RDONLY)
         try:
             live_writer = not _flock_free(fd)
             head = read_segment_header(fd)
-            if head is None:
-                return SegmentView(name, [], 0, idx, table, table_error, Scan(), live_writer)
+            if head is None:  # being created
+                return SegmentView(name, [], 0, 0, KeyTable(), "", Scan(), live_writer)
             supersedes, hlen = head
+            acked = read_acked(self.packs / f"{name}.ack", hlen)
+            self._keys.forget(name)
+            table_error = ""
+            try:
+                table = self._keys.get(name)
+            except BlobIntegrityError as exc:
+                table, table_error = KeyTable(), str(exc)
             found = scan(fd, name, hlen)
         finally:
             os.close(fd)
-        return SegmentView(name, supersedes, hlen, idx, table, table_error, found, live_writer)
+        return SegmentView(name, supersedes, hlen, acked, table, table_error, found, live_writer)
 
     # -- helpers --
 
@@ -748,15 +758,11 @@ class SegmentView:
     name: str
     supersedes: list[str]
     header_len: int
-    idx: list[IdxEntry]
+    acked: int  # from the .ack log, read before the key table and the records
     keys: KeyTable
     keys_error: str
     scan: Scan
     live_writer: bool
-
-    @property
-    def acked(self) -> int:
-        return acked_end(self.idx, self.header_len)
 
 
 @dataclass

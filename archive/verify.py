@@ -25,14 +25,15 @@ What is checked, and the finding codes (severity error unless noted):
   blob_missing             the ledger lists a blob (not tombstoned) the store lacks; a
                            blob deleted after expiry has a tombstone, so it is not missing
   blob_unlisted            a record no ledger entry mentions (an extra item)
-  blob_unacknowledged      (warning) a record after the end of its segment's .idx that
+  blob_unacknowledged      (warning) a record after its segment's acknowledged length that
                            the ledger lacks: a batch interrupted by a crash, or running
   batch_interrupted        (warning) such a tail in a segment whose writer died
                            (see archive.store; the next writer finishes it)
   segment_torn_tail        (warning) bytes of a record cut short at a segment's end
   segment_corrupt          a segment whose records cannot be framed (bytes inserted,
                            removed or altered)
-  store_index_mismatch     a segment's .idx lists records the segment does not hold
+  store_index_mismatch     a segment's .ack says more is acknowledged than the segment
+                           holds, or not at a record boundary (records removed)
   compaction_unfinished    (warning) a segment a compaction replaced, not removed yet
   blob_altered             a record that fails to decrypt or whose hash is wrong, or a
                            key table that does not parse
@@ -68,7 +69,7 @@ from archive.ledger import (
     read_lines,
     segments,
 )
-from archive.segment import Location, idx_matches
+from archive.segment import Location, ack_on_boundary
 from archive.store import (
     LOCK_FILE,
     PACK_DIR,
@@ -158,8 +159,8 @@ class Verifier:
 
     def run(self) -> Summary:
         # Order matters when a writer is running: a batch lists its records in the
-        # segment's .idx only after its ledger append, so reading the store (each
-        # segment's .idx first), then the ledger, never mistakes a record being
+        # segment's .ack only after its ledger append, so reading the store (each
+        # segment's .ack first), then the ledger, never mistakes a record being
         # written for an extra one.
         store = BlobStore(self.root / "store", self.keyring, fsync_threads=1)
         try:
@@ -358,7 +359,7 @@ class Verifier:
                 continue
             self._check_segment(store, view, path)
             for r in view.scan.records:
-                if (r.sha256, r.dkid) in view.keys.dead:
+                if r.dkid in view.keys.dead:
                     continue  # deleted after shredding: compaction drops its bytes
                 present.add(r.sha256)
                 todo.append((view, r, r.offset >= view.acked))
@@ -397,26 +398,26 @@ class Verifier:
             self.report("warning", "segment_torn_tail",
                         f"{path}: {view.scan.torn} bytes of a record cut short by a crash "
                         "(never acknowledged; the next writer truncates them)", path=path)
-        if not idx_matches(view.idx, view.scan.records):
+        if not ack_on_boundary(view.acked, view.scan.records, view.header_len):
             self.report("error", "store_index_mismatch",
-                        f"{view.name}.idx lists records the segment does not hold (records "
-                        "removed or moved)", path=str(store.packs / f"{view.name}.idx"))
+                        f"{view.name}.ack: {view.acked} bytes acknowledged, which is not the "
+                        "end of a record in the segment (records removed or moved)",
+                        path=str(store.packs / f"{view.name}.ack"))
         unacked = any(r.offset >= view.acked for r in view.scan.records)
         if unacked and not view.live_writer:
             self.report("warning", "batch_interrupted",
                         f"{path}: its writer died before acknowledging its last batch; "
                         "the next writer finishes it", path=path)
-        in_segment = {(r.sha256, r.dkid) for r in view.scan.records}
-        for sha, dkid in sorted(set(view.keys.keys) - in_segment):
+        in_segment = {r.dkid for r in view.scan.records}
+        for dkid in sorted(set(view.keys.keys) - in_segment):
             kpath = str(store.packs / f"{view.name}.keys")
             if view.scan.torn or unacked:
                 self.report("warning", "store_extra_file",
-                            f"{kpath}: data key {dkid} of blob {sha} from an unfinished write",
-                            path=kpath, sha256=sha)
+                            f"{kpath}: data key {dkid} from an unfinished write", path=kpath)
             else:
                 self.report("error", "store_extra_file",
-                            f"{kpath}: data key {dkid} of blob {sha}, which has no record here",
-                            path=kpath, sha256=sha)
+                            f"{kpath}: data key {dkid}, whose record is not in the segment",
+                            path=kpath)
 
     def _verify_record(self, store: BlobStore, view: SegmentView, r: Location,
                        st: str | None, unacked: bool) -> None:
@@ -431,7 +432,7 @@ class Verifier:
                 self.report("error", "blob_unlisted",
                             f"blob {sha} is in the store but in no ledger entry (extra)",
                             **where)
-        key = view.keys.keys.get((sha, r.dkid))
+        key = view.keys.keys.get(r.dkid)
         if st == "tombstoned":
             if key is None:
                 self.report("info", "blob_tombstoned",

@@ -47,7 +47,7 @@ from sqlalchemy import update
 from archive.facade import Archive
 from archive.ledger import read_lines
 from archive.metadata import Blob, Metadata
-from archive.pack import KeyTable, encode_idx
+from archive.pack import KeyTable, encode_ack
 from archive.segment import Location
 from archive.store import PACK_DIR, BlobStore, SegmentView
 from archive.verify import Finding, verify
@@ -192,11 +192,11 @@ def _copy_segment(store: BlobStore, view: SegmentView, records: list[Location],
     end = records[-1].offset + records[-1].length if records else view.header_len
     with open(store.packs / f"{view.name}.pack", "rb") as fh:
         data = os.pread(fh.fileno(), end, 0)
-    keep = {(r.sha256, r.dkid) for r in records}
+    keep = {r.dkid for r in records}
     table = KeyTable(keys={k: e for k, e in view.keys.keys.items() if k in keep},
                      dead={k: e for k, e in view.keys.dead.items() if k in keep})
     for ext, body in (("pack", data), ("keys", table.encode()),
-                      ("idx", encode_idx(r.idx_entry() for r in records))):
+                      ("ack", encode_ack(end))):
         (dst / f"{view.name}.{ext}").write_bytes(body)
     return sum(1 for k in keep if k not in table.dead)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from archive.pack import KeyTable, encode_idx, parse_idx, parse_key_table
+from archive.pack import KeyTable, encode_ack, parse_acks, parse_key_table
 from archive.segment import Location
 from archive.store import BlobStore
 
@@ -51,7 +51,7 @@ def flip_byte(data_dir: Path, sha: str, at: int) -> None:
 
 def cut_record(data_dir: Path, sha: str, *, cover_tracks: bool) -> None:
     """Remove a record's bytes from its segment; ``cover_tracks`` also fixes the
-    index and key table so that nothing but the ledger can tell."""
+    acknowledgement log and key table so that nothing but the ledger can tell."""
     loc = record_of(data_dir, sha)
     base = packs_dir(data_dir) / loc.segment
     pack = Path(f"{base}.pack")
@@ -59,21 +59,22 @@ def cut_record(data_dir: Path, sha: str, *, cover_tracks: bool) -> None:
     rewrite(pack, data[:loc.offset] + data[loc.offset + loc.length:])
     if not cover_tracks:
         return
-    idx_path = Path(f"{base}.idx")
-    idx = [(s, d, off - loc.length if off > loc.offset else off, n)
-           for s, d, off, n in parse_idx(idx_path.read_bytes()) if s != sha]
-    rewrite(idx_path, encode_idx(idx))
-    _drop_key(Path(f"{base}.keys"), sha)
+    ack_path = Path(f"{base}.ack")
+    acks = [end - loc.length if end > loc.offset else end
+            for end in parse_acks(ack_path.read_bytes())]
+    rewrite(ack_path, b"".join(encode_ack(end) for end in acks))
+    _drop_key(Path(f"{base}.keys"), loc.dkid)
 
 
 def drop_key(data_dir: Path, sha: str) -> None:
     """Delete a blob's data key entry from its key table (shredding behind the ledger)."""
-    _drop_key(packs_dir(data_dir) / f"{record_of(data_dir, sha).segment}.keys", sha)
+    loc = record_of(data_dir, sha)
+    _drop_key(packs_dir(data_dir) / f"{loc.segment}.keys", loc.dkid)
 
 
-def _drop_key(path: Path, sha: str) -> None:
+def _drop_key(path: Path, dkid: str) -> None:
     table = parse_key_table(path.read_bytes())
-    rewrite(path, table.encode({k for k in table.keys if k[0] == sha}))
+    rewrite(path, table.encode({dkid}))
 
 
 def key_table(data_dir: Path, segment: str) -> KeyTable:

@@ -37,7 +37,7 @@ def test_torn_tail_is_a_warning_then_cut_by_the_next_writer(tmp_path: Path) -> N
     pack.chmod(0o640)
     pack.write_bytes(whole + whole[loc.offset:loc.offset + 40])
     keys = packs_dir(tmp_path) / f"{loc.segment}.keys"
-    entry = key_table(tmp_path, loc.segment).keys[(loc.sha256, loc.dkid)].encoded
+    entry = key_table(tmp_path, loc.segment).keys[loc.dkid].encoded
     keys.write_bytes(keys.read_bytes() + entry.replace(bytes.fromhex(loc.dkid), b"\x01" * 8))
     summary, findings = verify(tmp_path / "archive")
     assert summary.ok, findings
@@ -56,7 +56,7 @@ def test_shred_replaces_the_key_table_and_the_writer_keeps_appending(tmp_path: P
         loc = record_of(tmp_path, sha(MSGS[0]))
         keys = packs_dir(tmp_path) / f"{loc.segment}.keys"
         before = keys.stat().st_ino
-        wrapped = key_table(tmp_path, loc.segment).keys[(loc.sha256, loc.dkid)].wrapped
+        wrapped = key_table(tmp_path, loc.segment).keys[loc.dkid].wrapped
         a.shred(sha(MSGS[0]), reason="retention")
         assert keys.stat().st_ino != before  # a new file, renamed into place
         assert wrapped not in keys.read_bytes()
@@ -66,7 +66,7 @@ def test_shred_replaces_the_key_table_and_the_writer_keeps_appending(tmp_path: P
         assert record_of(tmp_path, sha(MSGS[2])).segment == loc.segment
         assert a.get(sha(MSGS[2])) == MSGS[2] and a.get(sha(MSGS[1])) == MSGS[1]
     assert set(key_table(tmp_path, loc.segment).keys) == {
-        (sha(m), record_of(tmp_path, sha(m)).dkid) for m in MSGS[1:3]}
+        record_of(tmp_path, sha(m)).dkid for m in MSGS[1:3]}
     summary, findings = verify(tmp_path / "archive")
     assert summary.ok and summary.tombstoned == 1, findings
 
