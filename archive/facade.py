@@ -146,7 +146,12 @@ class Archive:
         entries = self.ledger.append_many(
             [("tombstone", {"sha256": sha, "reason": reason, **fields}) for sha, fields in items])
         shas = [sha for sha, _ in items]
-        if delete_blob:  # marking a record deleted destroys its key in the same rewrite
+        if not isinstance(self.store, BlobStore):  # the S3 store: one object at a time
+            for sha in shas:
+                self.store.shred(sha)
+                if delete_blob:
+                    self.store.delete(sha)
+        elif delete_blob:  # marking a record deleted destroys its key in the same rewrite
             self.store.delete_many(shas)
         else:
             self.store.shred_many(shas)
