@@ -76,7 +76,6 @@ from archive.blob import (
     check_sha,
 )
 from archive.errors import (
-    ArchiveError,
     BlobIntegrityError,
     BlobNotFoundError,
     BlobShreddedError,
@@ -142,6 +141,7 @@ class _Writer:
     ifd: int
     size: int
     count: int = 0
+    closed: bool = False
 
 
 class BlobStore(ZstdContexts):
@@ -358,14 +358,19 @@ class BlobStore(ZstdContexts):
         with self._mutex:
             self._ensure_loaded()
             known = {sha: self._state(sha)[0] for sha in first}
+        def seal_one(sha: str) -> Sealed:
+            return seal(sha, self._cctx().compress(datas[first[sha]]), archive_key)
+
         # Compress and encrypt outside the lock (the expensive part).
-        sealed = {sha: seal(sha, self._cctx().compress(datas[i]), archive_key)
-                  for sha, i in first.items() if known[sha] == "absent"}
+        sealed = {sha: seal_one(sha) for sha in first if known[sha] == "absent"}
         writer = self._take_writer()
         try:
-            writer, new, sync = self._append(writer, shas, sealed)
+            writer, new, sync = self._append(writer, shas, sealed, seal_one)
         except BaseException:
-            self._retire(writer)
+            # Refused before writing (a shredded blob): the segment is still good.
+            # (A failed write has already retired the segment it wrote to.)
+            if writer is not None and not writer.closed:
+                self._give_back(writer)
             raise
         try:
             self._fsync_batch(writer, sync)
@@ -388,10 +393,11 @@ class BlobStore(ZstdContexts):
             loc = self._state(sha256)[1]
         return loc.length if loc else 0
 
-    def _append(self, w: _Writer | None, shas: list[str], sealed: dict[str, Sealed]
+    def _append(self, w: _Writer | None, shas: list[str], sealed: dict[str, Sealed],
+                seal_one: Callable[[str], Sealed],
                 ) -> tuple[_Writer | None, dict[str, Location], set[str]]:
-        """Under the store lock: re-check, append records and keys; returns the new
-        records and the other segments to fsync before acknowledging."""
+        """Under the store lock: re-check, append records and keys; returns the writer
+        used, the new records and the other segments to fsync before acknowledging."""
         with self._store_lock():
             self.refresh()  # what other processes appended since we looked
             sync: set[str] = set()
@@ -407,23 +413,16 @@ class BlobStore(ZstdContexts):
                     if seg is not None and loc.offset >= seg.acked:
                         sync.add(loc.segment)  # not acknowledged by its writer yet
                     continue
-                s = sealed.get(sha)
-                if s is None:  # deleted meanwhile: seal now (rare)
-                    raise ArchiveError(f"blob {sha} changed state during the batch; retry")
-                todo.append(s)
+                # (Not sealed yet if it was deleted by another process meanwhile.)
+                todo.append(sealed.get(sha) or seal_one(sha))
             if not todo:
                 return w, {}, sync
             w = self._writer_with_room(w, sum(len(s.record) for s in todo), len(todo))
-            seg = self._segs.get(w.name)
-            taken = seg.dkids if seg else set()
-            if len({s.dkid for s in todo} | taken) != len(todo) + len(taken):
-                # Two random 64-bit ids met in one segment (~1e-12 per full segment):
-                # nothing is written; the caller retries the batch with fresh ids.
-                raise ArchiveError("data key id collision in a store segment; retry")
-            self._reopen_keys(w)
-            records = b"".join(s.record for s in todo)
-            write_all(w.fd, records)
-            write_all(w.kfd, b"".join(s.key_entry for s in todo))
+            try:
+                self._write_records(w, todo, seal_one)
+            except BaseException:
+                self._retire(w)  # a write may have been cut short: never append here again
+                raise
             new: dict[str, Location] = {}
             pos = w.size
             for s in todo:
@@ -432,6 +431,20 @@ class BlobStore(ZstdContexts):
             w.size, w.count = pos, w.count + len(todo)
             self._refresh_segment(w.name)
             return w, new, sync
+
+    def _write_records(self, w: _Writer, todo: list[Sealed],
+                       seal_one: Callable[[str], Sealed]) -> None:
+        seg = self._segs.get(w.name)
+        taken = set(seg.dkids) if seg else set()
+        for i, s in enumerate(todo):
+            # Key table entries are named by dkid: two random 64-bit ids meeting in
+            # one segment (~1e-12 per full segment) get the second sealed again.
+            while s.dkid in taken:
+                s = todo[i] = seal_one(s.sha256)
+            taken.add(s.dkid)
+        self._reopen_keys(w)
+        write_all(w.fd, b"".join(s.record for s in todo))
+        write_all(w.kfd, b"".join(s.key_entry for s in todo))
 
     def _fsync_batch(self, w: _Writer | None, others: set[str]) -> None:
         jobs: list[Callable[[], None]] = []
@@ -472,9 +485,10 @@ class BlobStore(ZstdContexts):
         if w is not None and (w.count == 0 or (w.size + nbytes <= SEGMENT_BYTES
                                                and w.count + n <= SEGMENT_RECORDS)):
             return w
+        new = self._new_writer()
         if w is not None:
-            self._close_writer(w)
-        return self._new_writer()
+            self._close_writer(w)  # full: closed, and never appended to again
+        return new
 
     def _new_writer(self) -> _Writer:
         self.packs.mkdir(parents=True, exist_ok=True, mode=0o750)
@@ -504,6 +518,9 @@ class BlobStore(ZstdContexts):
             w.kino = os.fstat(w.kfd).st_ino
 
     def _close_writer(self, w: _Writer) -> None:
+        if w.closed:
+            return
+        w.closed = True
         with contextlib.suppress(OSError):
             os.fsync(w.ifd)  # so the next open needs no ledger to know what was acknowledged
         for fd in (w.ifd, w.kfd, w.fd):  # closing the .pack releases its flock last

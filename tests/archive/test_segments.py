@@ -159,3 +159,16 @@ def test_cli_compact_prints_what_it_freed(
     assert out["segments"] == 1 and out["records"] == 1 and out["freed_bytes"] > 0
     assert run_coffer(["archive", "compact", "--data-dir", str(tmp_path)]) == 0
     assert capsys.readouterr().out.startswith("compacted 0 segment(s)")
+
+
+def test_a_refused_batch_leaves_the_writers_segment_in_use(tmp_path: Path) -> None:
+    with Archive.open(tmp_path) as a:
+        a.put(MSGS[0])
+        a.shred(sha(MSGS[0]), reason="retention")
+        with pytest.raises(BlobShreddedError):
+            a.put_many([MSGS[1], MSGS[0]])  # refused whole, before anything is written
+        assert not a.exists(sha(MSGS[1]))
+        a.put(MSGS[2])
+    assert len(list(packs_dir(tmp_path).glob("*.pack"))) == 1
+    summary, findings = verify(tmp_path / "archive")
+    assert summary.ok and summary.warnings == 0, findings
