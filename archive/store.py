@@ -42,12 +42,19 @@ Write path (``write_many``, group commit): seal every new message; under the sto
 lock append the records to the thread's segment and the keys to its key table;
 fsync both (in parallel: ext4 folds them into one journal commit); run the
 caller's ledger append; then append the new acknowledged length to the ``.ack``
-(not fsynced: after a power loss the ledger says the rest).  A crash (kill -9, power loss) leaves
-either a torn tail (bytes after the last whole record, never acknowledged) or
-whole records after the acknowledged length whose ledger entries may be missing.
-``recover()`` (run when a writer opens the archive) records the latter as
-``blob_recovered``, truncates the torn tail, and drops key entries that lost their
-record; ``coffer archive verify`` reports both as warnings, never as tampering.
+(not fsynced: after a power loss the ledger says the rest).  A crash (kill -9,
+power loss) leaves either a torn tail (bytes after the last whole record, never
+acknowledged) or whole records after the acknowledged length whose ledger
+entries may be missing.  ``recover()`` (run when a writer opens the archive)
+records the latter as ``blob_recovered``, truncates the torn tail (the only
+change ever made to a segment's bytes, and only to bytes no fsync covered), and
+drops key entries that lost their record; ``coffer archive verify`` reports
+both as warnings, never as tampering.
+
+Shredding rewrites a whole key table (up to SEGMENT_RECORDS entries of ~74
+bytes), so expiry destroys keys with ``shred_many``/``delete_many``: one rewrite
+per segment for a whole run.  A backup copies each segment up to the last record
+its ledger prefix names (reports.backup).
 """
 
 from __future__ import annotations
