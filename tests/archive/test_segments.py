@@ -172,3 +172,21 @@ def test_a_refused_batch_leaves_the_writers_segment_in_use(tmp_path: Path) -> No
     assert len(list(packs_dir(tmp_path).glob("*.pack"))) == 1
     summary, findings = verify(tmp_path / "archive")
     assert summary.ok and summary.warnings == 0, findings
+
+
+def test_a_full_segment_is_closed_and_the_next_batch_starts_another(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import archive.store
+
+    monkeypatch.setattr(archive.store, "SEGMENT_RECORDS", 3)
+    more = [b"Subject: more %d\r\n\r\nbody\r\n" % i for i in range(7)]
+    with Archive.open(tmp_path) as a:
+        for i in range(0, len(more), 2):
+            a.put_many(more[i:i + 2])
+        assert all(a.get(sha(m)) == m for m in more)
+    # Batches of 2, 2, 2, 1 into segments of at most 3 records: 2 | 2 | 2 + 1.
+    assert len(list(packs_dir(tmp_path).glob("*.pack"))) == 3
+    with Archive.open(tmp_path) as a:
+        assert a.recovered == [] and all(a.get(sha(m)) == m for m in more)
+    summary, findings = verify(tmp_path / "archive")
+    assert summary.ok and summary.warnings == 0 and summary.blobs == 7, findings
