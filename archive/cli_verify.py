@@ -3,6 +3,7 @@
     coffer archive verify [--data-dir DIR | --config FILE] [--json] [--progress]
                           [--public-key FILE] [--ciphertext-only]
     coffer archive checkpoint            sign the ledger head now
+    coffer archive compact [--json] [--progress]   drop deleted records' bytes
     coffer archive keys list             archive key ids, the current one, signing key id
     coffer archive keys rotate           new blobs use a new archive key from now on
     coffer archive keys escrow --recipient FPR [--gnupghome DIR] [--output FILE]
@@ -61,6 +62,17 @@ def register(sub: SubParsers) -> None:
     add_location_arguments(c)
     c.set_defaults(func=cmd_checkpoint)
 
+    cp = asub.add_parser(
+        "compact", help="remove the bytes of expired (deleted) messages from the store",
+        description="Rewrite each store segment that holds records deleted after expiry "
+        "without them (crypto-shredding already made them unreadable); the ledger records "
+        "what was freed.  Segments a running writer is appending to are left for next time.")
+    add_location_arguments(cp)
+    cp.add_argument("--json", action="store_true", help="print one JSON object")
+    cp.add_argument("--progress", action="store_true",
+                    help="show progress on stderr even when it is not a terminal")
+    cp.set_defaults(func=cmd_compact)
+
     k = asub.add_parser("keys", help="archive keys: list, rotate, escrow",
                         description="Manage the archive's encryption and signing keys.")
     ksub = k.add_subparsers(dest="keys_command", metavar="KEYS_COMMAND")
@@ -97,8 +109,9 @@ def register(sub: SubParsers) -> None:
 class _Progress:
     """A one-line counter on stderr, redrawn at most five times a second."""
 
-    def __init__(self) -> None:
+    def __init__(self, command: str = "verify") -> None:
         self.last = 0.0
+        self.command = command
 
     def __call__(self, what: str, done: int, total: int | None) -> None:
         now = time.monotonic()
@@ -107,7 +120,7 @@ class _Progress:
         self.last = now
         of = f"/{total}" if total is not None else ""
         end = "\n" if done == total else ""
-        print(f"\rverify: {what} {done}{of}", end=end, file=sys.stderr, flush=True)
+        print(f"\r{self.command}: {what} {done}{of}", end=end, file=sys.stderr, flush=True)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -143,6 +156,21 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     with _open(args) as archive:
         entry = archive.checkpoint()
     print(f"checkpoint {entry.seq}: head {entry.fields['head_seq']} {entry.fields['head_hash']}")
+    return EXIT_OK
+
+
+def cmd_compact(args: argparse.Namespace) -> int:
+    show = args.progress or sys.stderr.isatty()
+    bar = _Progress("compact")
+    with _open(args) as archive:
+        result = archive.compact(
+            (lambda done, total: bar("segments", done, total)) if show else None)
+    if args.json:
+        print(json.dumps({"segments": result.segments, "records": result.removed_records,
+                          "freed_bytes": result.freed_bytes}))
+    else:
+        print(f"compacted {result.segments} segment(s): {result.removed_records} deleted "
+              f"record(s), {result.freed_bytes} bytes freed")
     return EXIT_OK
 
 

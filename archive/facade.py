@@ -24,7 +24,7 @@ from typing import Any
 from archive.errors import ArchiveError
 from archive.keys import KeyRing
 from archive.ledger import Ledger, LedgerEntry, Timestamper
-from archive.store import BlobRef, BlobStore, Recovered, check_sha
+from archive.store import BlobRef, BlobStore, CompactResult, Recovered, check_sha
 
 Record = Mapping[str, Any]
 _Item = tuple[bytes, Record, "asyncio.Future[BlobRef]"]
@@ -82,7 +82,7 @@ class Archive:
                         timestamper=timestamper)
         archive = cls(paths, keys, store, ledger)
         ledger.repair()
-        archive.recovered = store.recover(archive._ledger_recovered)
+        archive.recovered = store.recover(archive._ledger_recovered, archive._ledgered)
         return archive
 
     def close(self) -> None:
@@ -135,12 +135,36 @@ class Archive:
         caller (retention) must have checked that no envelope or hold still needs
         the blob: shredding is for every envelope that shares it.
         """
-        check_sha(sha256)
-        entry = self.ledger.append("tombstone", sha256=sha256, reason=reason, **fields)
-        self.store.shred(sha256)
-        if delete_blob:
-            self.store.delete(sha256)
-        return entry
+        return self.shred_many([(sha256, fields)], reason=reason, delete_blob=delete_blob)[0]
+
+    def shred_many(self, items: Sequence[tuple[str, Mapping[str, Any]]], *, reason: str,
+                   delete_blob: bool = False) -> list[LedgerEntry]:
+        """``shred`` for many blobs: one ledger append (tombstones in this order), then
+        one key table rewrite per store segment instead of one per blob."""
+        for sha256, _ in items:
+            check_sha(sha256)
+        entries = self.ledger.append_many(
+            [("tombstone", {"sha256": sha, "reason": reason, **fields}) for sha, fields in items])
+        shas = [sha for sha, _ in items]
+        if not isinstance(self.store, BlobStore):  # the S3 store: one object at a time
+            for sha in shas:
+                self.store.shred(sha)
+                if delete_blob:
+                    self.store.delete(sha)
+        elif delete_blob:  # marking a record deleted destroys its key in the same rewrite
+            self.store.delete_many(shas)
+        else:
+            self.store.shred_many(shas)
+        return entries
+
+    def compact(self, progress: Callable[[int, int], None] | None = None) -> CompactResult:
+        """Drop the bytes of deleted (expired, shredded) records from the store's
+        segments; the ledger records what was freed."""
+        result = self.store.compact(progress)
+        if result.segments:
+            self.ledger.append("store_compacted", segments=result.segments,
+                               records=result.removed_records, freed_bytes=result.freed_bytes)
+        return result
 
     # -- ledger --
 
@@ -156,6 +180,11 @@ class Archive:
         new = self.keys.rotate().id
         self.ledger.append("key_rotated", old_key=old, new_key=new)
         return new
+
+    def _ledgered(self) -> set[str]:
+        """Every SHA-256 a message_stored or blob_recovered entry names."""
+        return {str(e.fields.get("sha256")) for e in self.ledger.entries()
+                if e.kind in ("message_stored", "blob_recovered")}
 
     def _ledger_recovered(self, batch: list[Recovered]) -> None:
         self.ledger.append_many([

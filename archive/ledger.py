@@ -17,7 +17,8 @@ Entry kinds written by the archive: ``message_stored`` (sha256, size,
 stored_size, new, plus the caller's record fields such as the archive id),
 ``blob_recovered`` (a blob from an interrupted batch, see archive.store),
 ``tombstone`` (sha256, reason: the data key was destroyed), ``key_rotated``,
-``checkpoint``, ``ledger_repaired``; other modules add ``audit``,
+``checkpoint``, ``ledger_repaired``, ``store_compacted`` (segments, records,
+freed_bytes: deleted records' bytes removed); other modules add ``audit``,
 ``hold_placed``, ``hold_released`` (each naming, by SHA-256, an encrypted
 ledger document with its clear text: archive.documents).  The ledger is never erased, so record
 fields must be identifiers and hashes, never personal data such as addresses.

@@ -62,6 +62,7 @@ __all__ = [
 ]
 
 _CHUNK = 500
+_SHRED_CHUNK = 1000  # blobs per archive.shred_many (one ledger append, one pass)
 
 
 class RetentionError(ArchiveError):
@@ -244,6 +245,10 @@ def expire(meta: Metadata, archive: Archive, index: Index, who: str, *,
     receipts = receipts_of(archive.ledger,
                            [sha for sha, items in by_sha.items() if items[0].blob_shredded])
     shredded: list[int] = []
+    # Tombstones and key destruction for the whole run at once (archive.shred_many:
+    # one key table rewrite per store segment); the rows are marked only after it,
+    # so a crash in between leaves them due and the next run finishes the job.
+    doomed: list[tuple[str, dict[str, Any]]] = []
     for sha, items in by_sha.items():
         if not items[0].blob_shredded:
             continue
@@ -259,13 +264,15 @@ def expire(meta: Metadata, archive: Archive, index: Index, who: str, *,
         # the next run finishes the message and no receipt outlives its content.
         for receipt in receipts.get(sha, []):
             if archive.store.data_key_present(receipt) or archive.exists(receipt):
-                archive.shred(receipt, reason="retention", delete_blob=True, receipt_of=sha)
+                doomed.append((receipt, {"receipt_of": sha}))
         if archive.store.data_key_present(sha) or archive.exists(sha):
-            archive.shred(sha, reason="retention", delete_blob=True,
-                          messages=sorted(e.message_id for e in items),
-                          rules=sorted({e.rule for e in items if e.rule}),
-                          retention_until=max(e.retention_until for e in items).isoformat())
+            doomed.append((sha, {
+                "messages": sorted(e.message_id for e in items),
+                "rules": sorted({e.rule for e in items if e.rule}),
+                "retention_until": max(e.retention_until for e in items).isoformat()}))
         shredded.append(blob_id)
+    for i in range(0, len(doomed), _SHRED_CHUNK):
+        archive.shred_many(doomed[i:i + _SHRED_CHUNK], reason="retention", delete_blob=True)
     expired = report.expired
     index.delete(shredded)
     _mark(meta, expired, shredded, now)

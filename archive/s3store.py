@@ -71,6 +71,16 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import zstandard
 
+from archive.blob import (
+    HEADER_LEN,
+    BlobRef,
+    Recovered,
+    ZstdContexts,
+    check_sha,
+    parse_header,
+    seal,
+    unseal,
+)
 from archive.errors import (
     ArchiveError,
     BlobIntegrityError,
@@ -82,16 +92,6 @@ from archive.errors import (
 from archive.keys import ArchiveKey, KeyRing, fsync_dir
 from archive.ledger import SEGMENT_NAME, segments
 from archive.s3config import S3Config
-from archive.store import (
-    HEADER_LEN,
-    BlobRef,
-    Recovered,
-    ZstdContexts,
-    check_sha,
-    parse_header,
-    seal,
-    unseal,
-)
 
 log = logging.getLogger("coffer.archive.s3")
 

@@ -1,47 +1,60 @@
-"""The write-once blob store: content addressed, compressed, encrypted at rest.
+"""The write-once blob store: content addressed, compressed, encrypted, in pack segments.
 
-A message's exact bytes are stored once, under the SHA-256 of those bytes::
+A message's exact bytes are stored once, under the SHA-256 of those bytes, as a
+*record* appended to a *segment* (formats: archive.pack)::
 
-    archive/store/ab/<sha256>                      the blob (ciphertext)
-    archive/store/ab/<sha256>.<dkid>.key           its wrapped data key
-    archive/store/journal/<pid>-<rand>.journal     batches being written (see below)
+    archive/store/.lock                    taken for appends, key table changes, compaction
+    archive/store/packs/<name>.pack        records, append-only, never rewritten
+    archive/store/packs/<name>.keys        their wrapped data keys
+    archive/store/packs/<name>.ack         how far its records are acknowledged
 
-One level of fan-out (256 directories, as git's objects/ab/): a second level
-(ab/cd, 65,536 directories) made a fresh store 1.4-2x slower here, because for the
-first ~100k messages nearly every blob creates and fsyncs a new directory; one
-level keeps 10 million messages at ~80k entries per directory, which ext4 and
-XFS index without trouble.
+Why segments: one file per blob (and one per data key) cost four files, four
+fsyncs and their directory fsyncs per message, and a 4 KiB block per small file
+(issues #2, #3, #7).  A batch now costs one append to a segment and one to its key
+table, fsynced together (group commit), plus a directory fsync when a segment is
+created.
 
-Blob file (all integers big-endian)::
+Properties, and how they are kept:
 
-    "CFRB" | version (1 byte, = 1) | dkid (8 bytes) | nonce (12 bytes) | ciphertext+tag
+* **Content addressed, single instance.**  Before appending, the writer looks the
+  SHA-256 up in the index of every segment (refreshed under the store lock, so
+  two processes never both append the same bytes) and drops repeats inside the
+  batch.  A record found in another writer's not yet acknowledged batch has that
+  segment fsynced before we acknowledge it too.
+* **Encrypted per message.**  zstd, then AES-256-GCM under a fresh data key per
+  record; the associated data is the record header, which holds the SHA-256.
+* **Write-once.**  A segment is created exclusively (O_EXCL) by one writer, which
+  holds an exclusive flock on it while it appends; nobody else ever writes it.
+  Each writer thread has its own segment, so batches in a segment are in order.
+  A segment full (SEGMENT_BYTES or SEGMENT_RECORDS) is closed and a new one made.
+* **Crypto-shredding per message.**  Data keys are not in the immutable segment
+  but in its key table: appended to by the writer, and on shred replaced whole
+  (new file, fsync, rename, directory fsync) without the destroyed key.
+  ``delete`` (after expiry) adds a "deleted" mark in the same way; ``compact``
+  later writes the segment's live records to a new segment (which names the old
+  one in its header), fsyncs it, and removes the old one.
+* **Self-describing.**  The index from SHA-256 to (segment, offset, length) is
+  built from the files alone by reading each record header (kept in memory and
+  extended as segments grow), and each ``.ack`` says how far its segment's
+  records are in the ledger.  verify needs no database.
 
-The plaintext is zstd-compressed, then sealed with AES-256-GCM (NIST SP 800-38D)
-under a fresh random 256-bit data key; the associated data is the 25-byte header
-followed by the 32-byte SHA-256, so a blob copied to another name, or given
-another header, fails to decrypt.  ``dkid`` is a random id naming the data key
-file, so racing writers of the same content never contend for one key file.
+Write path (``write_many``, group commit): seal every new message; under the store
+lock append the records to the thread's segment and the keys to its key table;
+fsync both (in parallel: ext4 folds them into one journal commit); run the
+caller's ledger append; then append the new acknowledged length to the ``.ack``
+(not fsynced: after a power loss the ledger says the rest).  A crash (kill -9,
+power loss) leaves either a torn tail (bytes after the last whole record, never
+acknowledged) or whole records after the acknowledged length whose ledger
+entries may be missing.  ``recover()`` (run when a writer opens the archive)
+records the latter as ``blob_recovered``, truncates the torn tail (the only
+change ever made to a segment's bytes, and only to bytes no fsync covered), and
+drops key entries that lost their record; ``coffer archive verify`` reports
+both as warnings, never as tampering.
 
-Key file::
-
-    "CFRK" | version (1) | len(kid) (1) | archive key id | nonce (12) | wrapped key (48)
-
-The data key is wrapped with AES-256-GCM under the archive key ``kid`` (keys.py);
-the associated data is the key file header, the SHA-256 and the dkid.  Destroying
-the key file is crypto-shredding: the blob is ciphertext nobody can open, and
-it can be deleted later (or never).  Wrapping with GCM rather than AES-KW
-(RFC 3394) lets the wrapped key be bound to the blob it belongs to.
-
-Write path (``write_many``, group commit): new blobs are listed in a journal file
-(fsynced, held under flock while the batch runs); each blob and key file is
-created with O_EXCL, the blob under a temporary name; all files are fsynced
-together (a thread pool lets ext4 commit many fsyncs in one journal transaction);
-each blob is then hard-linked to its final name (``link`` fails if the name
-exists, so an existing blob is never overwritten) and the directories fsynced;
-then the caller's ledger append runs; then the journal is removed.  A crash at
-any point leaves either nothing, or a journal naming what may be half-done:
-``recover()`` (run when a writer opens the archive) finishes it, and
-``coffer archive verify`` reports it as a warning, not as tampering.
+Shredding rewrites a whole key table (up to SEGMENT_RECORDS entries of ~74
+bytes), so expiry destroys keys with ``shred_many``/``delete_many``: one rewrite
+per segment for a whole run.  A backup copies each segment up to the last record
+its ledger prefix names (reports.backup).
 """
 
 from __future__ import annotations
@@ -50,250 +63,269 @@ import contextlib
 import fcntl
 import functools
 import hashlib
-import json
 import os
 import re
 import secrets
 import threading
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import zstandard
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from archive.blob import (
+    SHA_RE,
+    BlobRef,
+    Recovered,
+    ZstdContexts,
+    check_sha,
+)
 from archive.errors import (
-    ArchiveError,
     BlobIntegrityError,
     BlobNotFoundError,
     BlobShreddedError,
     KeyFileError,
 )
-from archive.keys import ArchiveKey, KeyRing, fsync_dir
+from archive.keys import KeyRing, fsync_dir
+from archive.pack import (
+    KEYTABLE_HEADER,
+    KeyTable,
+    Sealed,
+    dead_entry,
+    encode_ack,
+    encode_segment_header,
+    parse_record_header,
+    seal,
+    unseal,
+)
+from archive.segment import (
+    KeyTables,
+    Location,
+    Scan,
+    read_acked,
+    read_segment_header,
+    replace_file,
+    scan,
+    write_all,
+)
 
-BLOB_MAGIC = b"CFRB"
-KEY_MAGIC = b"CFRK"
-VERSION = 1
-DKID_BYTES = 8
-NONCE_BYTES = 12
-HEADER_LEN = len(BLOB_MAGIC) + 1 + DKID_BYTES + NONCE_BYTES
-JOURNAL_DIR = "journal"
-SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-BLOB_NAME = re.compile(r"^([0-9a-f]{64})$")
-KEY_NAME = re.compile(r"^([0-9a-f]{64})\.([0-9a-f]{16})\.key$")
-TMP_NAME = re.compile(r"^([0-9a-f]{64})\.([0-9a-f]{16})\.tmp$")
-FANOUT = re.compile(r"^[0-9a-f]{2}$")
-MAX_BATCH = 256  # messages per write_many chunk (one journal, one fsync round)
+__all__ = ["SHA_RE", "BlobRef", "BlobStore", "Location", "Recovered", "check_sha"]
 
-
-@dataclass(frozen=True)
-class BlobRef:
-    """What ``put`` tells the caller: ``new`` is False when the bytes were already stored."""
-
-    sha256: str
-    size: int
-    stored_size: int
-    new: bool
-
-
-@dataclass(frozen=True)
-class Sealed:
-    dkid: str
-    blob: bytes
-    key_file: bytes
-
-
-@dataclass(frozen=True)
-class BlobHeader:
-    version: int
-    dkid: str
-    nonce: bytes
-
-
-@dataclass(frozen=True)
-class KeyFile:
-    version: int
-    kid: str
-    nonce: bytes
-    wrapped: bytes
-    header: bytes
-
-
-# -- pure format functions ------------------------------------------------------------
-
-
-def check_sha(sha256: str) -> str:
-    if not SHA_RE.match(sha256):
-        raise ArchiveError(f"{sha256!r} is not a lower-case hex SHA-256")
-    return sha256
-
-
-def seal(sha256: str, plaintext_z: bytes, archive_key: ArchiveKey) -> Sealed:
-    """Encrypt already-compressed bytes under a fresh data key wrapped by ``archive_key``."""
-    sha_raw = bytes.fromhex(sha256)
-    dkid = secrets.token_bytes(DKID_BYTES)
-    data_key = AESGCM.generate_key(bit_length=256)
-    # NIST SP 800-38D §8.2.2: a random 96-bit nonce; each data key encrypts one
-    # message only, so nonce reuse under a key is impossible.
-    nonce = secrets.token_bytes(NONCE_BYTES)
-    header = BLOB_MAGIC + bytes([VERSION]) + dkid + nonce
-    blob = header + AESGCM(data_key).encrypt(nonce, plaintext_z, header + sha_raw)
-    kid = archive_key.id.encode("ascii")
-    knonce = secrets.token_bytes(NONCE_BYTES)
-    kheader = KEY_MAGIC + bytes([VERSION, len(kid)]) + kid
-    wrapped = AESGCM(archive_key.key).encrypt(knonce, data_key, kheader + sha_raw + dkid)
-    return Sealed(dkid=dkid.hex(), blob=blob, key_file=kheader + knonce + wrapped)
-
-
-def parse_header(blob: bytes) -> BlobHeader:
-    if len(blob) < HEADER_LEN + 16 or blob[:4] != BLOB_MAGIC:
-        raise BlobIntegrityError("not a Coffer blob (bad magic or too short)")
-    if blob[4] != VERSION:
-        raise BlobIntegrityError(f"unsupported blob format version {blob[4]}")
-    return BlobHeader(version=blob[4], dkid=blob[5:5 + DKID_BYTES].hex(),
-                      nonce=blob[5 + DKID_BYTES:HEADER_LEN])
-
-
-def parse_key_file(data: bytes) -> KeyFile:
-    if len(data) < 6 or data[:4] != KEY_MAGIC:
-        raise BlobIntegrityError("not a Coffer data key file (bad magic)")
-    if data[4] != VERSION:
-        raise BlobIntegrityError(f"unsupported key file version {data[4]}")
-    n = data[5]
-    end = 6 + n
-    if len(data) != end + NONCE_BYTES + 48:
-        raise BlobIntegrityError("data key file has the wrong length")
-    return KeyFile(version=data[4], kid=data[6:end].decode("ascii", "replace"),
-                   nonce=data[end:end + NONCE_BYTES], wrapped=data[end + NONCE_BYTES:],
-                   header=data[:end])
-
-
-def unseal(sha256: str, blob: bytes, key_data: bytes, keyring: KeyRing) -> bytes:
-    """Decrypt a blob to its compressed plaintext; raise BlobIntegrityError on any doubt."""
-    sha_raw = bytes.fromhex(sha256)
-    head = parse_header(blob)
-    kf = parse_key_file(key_data)
-    archive_key = keyring.get(kf.kid)
-    try:
-        data_key = AESGCM(archive_key.key).decrypt(
-            kf.nonce, kf.wrapped, kf.header + sha_raw + bytes.fromhex(head.dkid)
-        )
-    except InvalidTag:
-        raise BlobIntegrityError(
-            f"blob {sha256}: its data key does not unwrap (key file altered or misplaced)"
-        ) from None
-    try:
-        return AESGCM(data_key).decrypt(head.nonce, blob[HEADER_LEN:],
-                                        blob[:HEADER_LEN] + sha_raw)
-    except InvalidTag:
-        raise BlobIntegrityError(
-            f"blob {sha256}: authentication failed (ciphertext altered, or blob renamed)"
-        ) from None
-
-
-# -- the store ------------------------------------------------------------------------
+PACK_DIR = "packs"
+LOCK_FILE = ".lock"
+MAX_BATCH = 256  # messages per write_many chunk (one fsync round)
+SEGMENT_BYTES = 64 << 20
+# Bounds the key table, which a shred rewrites whole (~110 bytes per entry).
+SEGMENT_RECORDS = 8192
+PACK_MODE = 0o440
+MUTABLE_MODE = 0o640
+SEGMENT_FILE = re.compile(r"^([0-9a-f]{16}-[0-9a-f]{8})\.(pack|keys|ack)$")
 
 
 @dataclass
-class _Pending:
-    """One new blob of a batch; paths are plain strings (pathlib is slow in this loop)."""
+class SegmentState:
+    """What this process knows of one segment."""
 
-    index: int
-    sha256: str
+    name: str
+    header_len: int
+    supersedes: list[str]
+    acked: int  # end of the acknowledged records (the .ack log)
+    end: int  # end of the records scanned so far
+    records: list[Location] = field(default_factory=list)
+    dkids: set[str] = field(default_factory=set)  # key table entries are named by dkid
+
+
+@dataclass
+class _Writer:
+    """A segment this process appends to (one thread at a time)."""
+
+    name: str
+    fd: int  # the .pack, flocked exclusively for as long as we write it
+    kfd: int
+    kino: int
+    ifd: int
     size: int
-    sealed: Sealed
-    dir: str
-    blob: str
-    key: str
-    tmp: str
-
-
-@dataclass(frozen=True)
-class Recovered:
-    """A blob found linked from an interrupted batch: it needs a ledger entry."""
-
-    sha256: str
-    stored_size: int
-    journal: str
-
-
-class ZstdContexts:
-    """Per-thread zstd contexts (they are not thread-safe), shared by every blob store."""
-
-    level: int
-    _local: threading.local
-
-    def _cctx(self) -> zstandard.ZstdCompressor:
-        c: zstandard.ZstdCompressor | None = getattr(self._local, "c", None)
-        if c is None:
-            c = self._local.c = zstandard.ZstdCompressor(level=self.level, write_checksum=False)
-        return c
-
-    def _dctx(self) -> zstandard.ZstdDecompressor:
-        d: zstandard.ZstdDecompressor | None = getattr(self._local, "d", None)
-        if d is None:
-            d = self._local.d = zstandard.ZstdDecompressor()
-        return d
+    count: int = 0
+    closed: bool = False
 
 
 class BlobStore(ZstdContexts):
-    """Blob files under ``root`` (``archive/store``); see the module docstring."""
+    """Pack segments under ``root`` (``archive/store``); see the module docstring."""
 
     def __init__(self, root: Path, keyring: KeyRing | None, *, level: int = 3,
-                 fsync_threads: int = 16) -> None:
+                 fsync_threads: int = 4) -> None:
         self.root = root
+        self.packs = root / PACK_DIR
         self.keyring = keyring
         self.level = level
         self._local = threading.local()
         self._pool = ThreadPoolExecutor(max_workers=fsync_threads,
                                         thread_name_prefix="coffer-fsync")
-        self._root_s = str(root)
-        self._known_dirs: set[str] = set()
+        self._mutex = threading.RLock()  # the in-memory index, and the store lock's owner
+        self._lock_fd: int | None = None
+        self._lock_depth = 0
+        self._segs: dict[str, SegmentState] = {}
+        self._where: dict[str, list[Location]] = {}
+        self._keys = KeyTables(self.packs)
+        self._free: list[_Writer] = []
+        self._loaded = False
 
     def close(self) -> None:
+        with self._mutex:
+            for w in self._free:
+                self._close_writer(w)
+            self._free.clear()
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
         self._pool.shutdown(wait=True)
 
-    # -- paths --
+    # -- the index --------------------------------------------------------------------
 
-    def _dir_s(self, sha256: str) -> str:
-        return f"{self._root_s}/{sha256[0:2]}"
+    def segment_names(self) -> list[str]:
+        try:
+            names = os.listdir(self.packs)
+        except FileNotFoundError:
+            return []
+        return sorted(m.group(1) for n in names
+                      if (m := SEGMENT_FILE.match(n)) and m.group(2) == "pack")
 
-    def dir_for(self, sha256: str) -> Path:
-        return self.root / sha256[0:2]
+    def refresh(self) -> None:
+        """Bring the index up to date with every segment (others' appends, compactions)."""
+        with self._mutex:
+            names = self.segment_names()
+            for gone in set(self._segs) - set(names):
+                self._drop_segment(gone)
+            for name in names:
+                self._refresh_segment(name)
+            self._loaded = True
 
-    def blob_path(self, sha256: str) -> Path:
-        return self.dir_for(check_sha(sha256)) / sha256
+    def _refresh_segment(self, name: str) -> None:
+        seg = self._segs.get(name)
+        try:
+            fd = os.open(self.packs / f"{name}.pack", os.O_RDONLY)
+        except FileNotFoundError:
+            if seg is not None:
+                self._drop_segment(name)
+            return
+        try:
+            if seg is None:
+                head = read_segment_header(fd)
+                if head is None:
+                    return  # being created
+                supersedes, hlen = head
+                acked = read_acked(self.packs / f"{name}.ack", hlen)
+                seg = SegmentState(name, hlen, supersedes, acked, hlen)
+                self._segs[name] = seg
+            if os.fstat(fd).st_size > seg.end:
+                found = scan(fd, name, seg.end)
+                self._add_records(seg, found.records, found.end)
+        finally:
+            os.close(fd)
 
-    def key_path(self, sha256: str, dkid: str) -> Path:
-        return self.dir_for(sha256) / f"{sha256}.{dkid}.key"
+    def _add_records(self, seg: SegmentState, records: list[Location], end: int) -> None:
+        for loc in records:
+            self._where.setdefault(loc.sha256, []).append(loc)
+            seg.dkids.add(loc.dkid)
+        seg.records.extend(records)
+        seg.end = end
 
-    def tmp_path(self, sha256: str, dkid: str) -> Path:
-        return self.dir_for(sha256) / f"{sha256}.{dkid}.tmp"
+    def _drop_segment(self, name: str) -> None:
+        seg = self._segs.pop(name, None)
+        self._keys.forget(name)
+        if seg is None:
+            return
+        for loc in seg.records:
+            locs = self._where.get(loc.sha256, [])
+            if loc in locs:
+                locs.remove(loc)
+            if not locs:
+                self._where.pop(loc.sha256, None)
 
-    # -- reading --
+    def _ensure_loaded(self) -> None:
+        if not self._loaded:
+            self.refresh()
+
+    def _superseded(self) -> set[str]:
+        return {old for s in self._segs.values() for old in s.supersedes}
+
+    def _state(self, sha256: str) -> tuple[str, Location | None]:
+        """("live" | "shredded" | "absent", the record) from the index as it is now."""
+        shredded: Location | None = None
+        superseded = self._superseded() if len(self._where.get(sha256, ())) > 1 else set()
+        for loc in self._where.get(sha256, ()):
+            if loc.segment in superseded:
+                continue
+            table = self._keys.get(loc.segment)
+            if loc.dkid in table.dead:
+                continue
+            if loc.dkid in table.keys:
+                return "live", loc
+            shredded = loc
+        return ("shredded", shredded) if shredded else ("absent", None)
+
+    def locate(self, sha256: str) -> tuple[str, Location | None]:
+        """Like ``_state``, refreshing the index first if the blob is not live in it."""
+        check_sha(sha256)
+        with self._mutex:
+            self._ensure_loaded()
+            st = self._state(sha256)
+            if st[0] != "live":
+                self.refresh()
+                st = self._state(sha256)
+            return st
+
+    # -- reading ----------------------------------------------------------------------
 
     def exists(self, sha256: str) -> bool:
-        return self.blob_path(sha256).exists()
+        """True while the record exists (live or shredded), False once deleted."""
+        return self.locate(sha256)[0] != "absent"
+
+    def data_key_present(self, sha256: str) -> bool:
+        return self.locate(sha256)[0] == "live"
 
     def read(self, sha256: str) -> bytes:
         """The original bytes: decrypt, decompress, and check the SHA-256."""
+        self._need_keys()
+        for attempt in (1, 2):
+            state, loc = self.locate(sha256)
+            if state == "absent" or loc is None:
+                raise BlobNotFoundError(f"no blob {sha256} in {self.root}")
+            if state == "shredded":
+                raise BlobShreddedError(
+                    f"blob {sha256} cannot be opened: its data key was destroyed "
+                    "(crypto-shredded; the ledger shows whether by expiry or tampering)")
+            try:
+                record = self.read_record(loc)
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise BlobNotFoundError(f"no blob {sha256} in {self.root}") from None
+                self.refresh()  # compacted by another process meanwhile
+                continue
+            with self._mutex:  # the key table cache is shared by the threads
+                table = self._keys.get(loc.segment)
+            return self.open_record(record, table, sha256)
+        raise AssertionError("unreachable")
+
+    def read_record(self, loc: Location) -> bytes:
+        with open(self.packs / f"{loc.segment}.pack", "rb") as fh:
+            record = os.pread(fh.fileno(), loc.length, loc.offset)
+        if len(record) != loc.length:
+            raise BlobIntegrityError(f"blob {loc.sha256}: record truncated")
+        return record
+
+    def open_record(self, record: bytes, table: KeyTable, sha256: str) -> bytes:
+        """Decrypt, decompress and hash-check one record with its segment's key table."""
         keyring = self._need_keys()
-        path = self.blob_path(sha256)
-        try:
-            blob = path.read_bytes()
-        except FileNotFoundError:
-            raise BlobNotFoundError(f"no blob {sha256} in {self.root}") from None
-        head = parse_header(blob)
-        try:
-            key_data = self.key_path(sha256, head.dkid).read_bytes()
-        except FileNotFoundError:
-            raise BlobShreddedError(
-                f"blob {sha256} cannot be opened: its data key was destroyed "
-                "(crypto-shredded; the ledger shows whether by expiry or tampering)"
-            ) from None
-        compressed = unseal(sha256, blob, key_data, keyring)
+        head = parse_record_header(record)
+        if head.sha256 != sha256:
+            raise BlobIntegrityError(f"blob {sha256}: the record is labelled {head.sha256}")
+        key = table.keys.get(head.dkid)
+        if key is None:
+            raise BlobShreddedError(f"blob {sha256} cannot be opened: its data key was destroyed")
+        compressed = unseal(record, key, keyring)
         try:
             plain = self._dctx().decompress(compressed)
         except zstandard.ZstdError as exc:
@@ -302,16 +334,7 @@ class BlobStore(ZstdContexts):
             raise BlobIntegrityError(f"blob {sha256}: content does not match its SHA-256")
         return plain
 
-    def data_key_present(self, sha256: str) -> bool:
-        """For an existing blob: is its data key file still there (not shredded)?"""
-        try:
-            with open(self.blob_path(sha256), "rb") as fh:
-                head = parse_header(fh.read(HEADER_LEN + 16))
-        except FileNotFoundError:
-            return False
-        return self.key_path(sha256, head.dkid).exists()
-
-    # -- writing --
+    # -- writing ----------------------------------------------------------------------
 
     def write_many(
         self, datas: Sequence[bytes],
@@ -321,7 +344,7 @@ class BlobStore(ZstdContexts):
 
         ``after(start, refs)`` runs for each chunk (``refs`` are for
         ``datas[start:start + len(refs)]``) once the chunk is durable and before its
-        journal is removed: the facade appends the ledger entries there.
+        records are listed as acknowledged: the facade appends the ledger entries there.
         """
         refs: list[BlobRef] = []
         for start in range(0, len(datas), MAX_BATCH):
@@ -335,245 +358,416 @@ class BlobStore(ZstdContexts):
         keyring = self._need_keys()
         keyring.refresh()  # another process may have rotated the archive key
         archive_key = keyring.current
-        refs: list[BlobRef | None] = [None] * len(datas)
-        pending: list[_Pending] = []
-        seen: dict[str, int] = {}
-        shas = [hashlib.sha256(data).hexdigest() for data in datas]
-        # An existing blob may have been linked by a concurrent writer that has not
-        # fsynced its directory yet: fsync it before we acknowledge it too.
-        sync_dirs: set[str] = set()
-        for i, (data, sha) in enumerate(zip(datas, shas, strict=True)):
-            if sha in seen:  # the same bytes twice in one batch: stored once
-                continue  # filled in below from the first occurrence
-            seen[sha] = i
-            d = self._dir_s(sha)
-            blob_s = f"{d}/{sha}"
-            if os.path.exists(blob_s):
-                if not self.data_key_present(sha):
+        shas = [hashlib.sha256(d).hexdigest() for d in datas]
+        first: dict[str, int] = {}
+        for i, sha in enumerate(shas):
+            first.setdefault(sha, i)
+        with self._mutex:
+            self._ensure_loaded()
+            known = {sha: self._state(sha)[0] for sha in first}
+        def seal_one(sha: str) -> Sealed:
+            return seal(sha, self._cctx().compress(datas[first[sha]]), archive_key)
+
+        # Compress and encrypt outside the lock (the expensive part).
+        sealed = {sha: seal_one(sha) for sha in first if known[sha] == "absent"}
+        writer = self._take_writer()
+        try:
+            writer, new, sync = self._append(writer, shas, sealed, seal_one)
+        except BaseException:
+            # Refused before writing (a shredded blob): the segment is still good.
+            # (A failed write has already retired the segment it wrote to.)
+            if writer is not None and not writer.closed:
+                self._give_back(writer)
+            raise
+        try:
+            self._fsync_batch(writer, sync)
+            refs = [BlobRef(sha, len(d), new[sha].length if sha in new and first[sha] == i
+                            else self._stored_size(sha), sha in new and first[sha] == i)
+                    for i, (sha, d) in enumerate(zip(shas, datas, strict=True))]
+            if after is not None:
+                after(refs)
+        except BaseException:
+            # Records may be durable without their ledger entries: this segment is
+            # never appended to again, and recover() finishes the batch.
+            self._retire(writer)
+            raise
+        self._acknowledge(writer, [new[s] for s in sorted(new, key=lambda s: new[s].offset)])
+        self._give_back(writer)
+        return refs
+
+    def _stored_size(self, sha256: str) -> int:
+        with self._mutex:
+            loc = self._state(sha256)[1]
+        return loc.length if loc else 0
+
+    def _append(self, w: _Writer | None, shas: list[str], sealed: dict[str, Sealed],
+                seal_one: Callable[[str], Sealed],
+                ) -> tuple[_Writer | None, dict[str, Location], set[str]]:
+        """Under the store lock: re-check, append records and keys; returns the writer
+        used, the new records and the other segments to fsync before acknowledging."""
+        with self._store_lock():
+            self.refresh()  # what other processes appended since we looked
+            sync: set[str] = set()
+            todo: list[Sealed] = []
+            for sha in dict.fromkeys(shas):
+                state, loc = self._state(sha)
+                if state == "shredded":
                     raise BlobShreddedError(
                         f"blob {sha} was crypto-shredded; the same bytes cannot be stored "
-                        "again until the blob file itself is deleted"
-                    )
-                refs[i] = BlobRef(sha, len(data), os.stat(blob_s).st_size, False)
-                sync_dirs.add(d)
-                continue
-            sealed = seal(sha, self._cctx().compress(data), archive_key)
-            stem = f"{blob_s}.{sealed.dkid}"
-            pending.append(_Pending(i, sha, len(data), sealed, d, blob_s, stem + ".key",
-                                    stem + ".tmp"))
-        journal = self._write_blobs(pending) if pending else None
-        ok = False
-        try:
-            for p, new in zip(pending, self._pool.map(self._link, pending), strict=True):
-                refs[p.index] = BlobRef(p.sha256, p.size, len(p.sealed.blob), new)
-            for i, sha in enumerate(shas):
-                if refs[i] is None:
-                    r = refs[seen[sha]]
-                    assert r is not None
-                    refs[i] = BlobRef(r.sha256, r.size, r.stored_size, False)
-            done = [r for r in refs if r is not None]
-            self._fsync_dirs(sync_dirs | {p.dir for p in pending})
-            if after is not None:
-                after(done)
-            ok = True
-        finally:
-            if journal is not None:
-                if ok:
-                    self._end_journal(*journal)
-                else:
-                    # Blobs may be linked without their ledger entries: keep the
-                    # journal (now unlocked, hence stale) for recover() to finish.
-                    os.close(journal[1])
-        return done
-
-    def _write_blobs(self, pending: list[_Pending]) -> tuple[Path, int]:
-        # The journal is durable before the first file of the batch exists, so a
-        # crash (or power loss) can never leave a file that no journal explains.
-        journal = self._begin_journal(pending)
-        try:
-            # Files are written and fsynced in parallel: ext4 folds concurrent fsyncs
-            # into one journal commit, which is what makes group commit pay off.
-            created = [d for ds in self._pool.map(self._write_one, pending) for d in ds]
-            # A new directory's entry lives in its parent: fsync the store root.
-            self._fsync_dirs({os.path.dirname(d) for d in created})
-        except BaseException:
-            # Nothing is linked yet: remove what this batch created, then its journal.
-            for p in pending:
-                for path in (p.key, p.tmp):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(path)
-            self._end_journal(*journal)
-            raise
-        return journal
-
-    def _write_one(self, p: _Pending) -> list[str]:
-        created = self._ensure_dir(p.dir)
-        for path, data, mode in ((p.key, p.sealed.key_file, 0o400),
-                                 (p.tmp, p.sealed.blob, 0o440)):
-            fd = _create(path, data, mode)
+                        "again until it is deleted")
+                if state == "live" and loc is not None:
+                    seg = self._segs.get(loc.segment)
+                    if seg is not None and loc.offset >= seg.acked:
+                        sync.add(loc.segment)  # not acknowledged by its writer yet
+                    continue
+                # (Not sealed yet if it was deleted by another process meanwhile.)
+                todo.append(sealed.get(sha) or seal_one(sha))
+            if not todo:
+                return w, {}, sync
+            w = self._writer_with_room(w, sum(len(s.record) for s in todo), len(todo))
             try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        return created
+                self._write_records(w, todo, seal_one)
+            except BaseException:
+                self._retire(w)  # a write may have been cut short: never append here again
+                raise
+            new: dict[str, Location] = {}
+            pos = w.size
+            for s in todo:
+                new[s.sha256] = Location(w.name, pos, len(s.record), s.sha256, s.dkid)
+                pos += len(s.record)
+            w.size, w.count = pos, w.count + len(todo)
+            self._refresh_segment(w.name)
+            return w, new, sync
 
-    def _link(self, p: _Pending) -> bool:
-        """Give the blob its final name; False if another writer got there first."""
-        try:
-            os.link(p.tmp, p.blob)
-            new = True
-        except FileExistsError:
-            new = False
-            os.unlink(p.key)
-        os.unlink(p.tmp)
+    def _write_records(self, w: _Writer, todo: list[Sealed],
+                       seal_one: Callable[[str], Sealed]) -> None:
+        seg = self._segs.get(w.name)
+        taken = set(seg.dkids) if seg else set()
+        for i, s in enumerate(todo):
+            # Key table entries are named by dkid: two random 64-bit ids meeting in
+            # one segment (~1e-12 per full segment) get the second sealed again.
+            while s.dkid in taken:
+                s = todo[i] = seal_one(s.sha256)
+            taken.add(s.dkid)
+        self._reopen_keys(w)
+        write_all(w.fd, b"".join(s.record for s in todo))
+        write_all(w.kfd, b"".join(s.key_entry for s in todo))
+
+    def _fsync_batch(self, w: _Writer | None, others: set[str]) -> None:
+        jobs: list[Callable[[], None]] = []
+        if w is not None:
+            jobs += [functools.partial(os.fsync, w.fd), functools.partial(os.fsync, w.kfd)]
+        for name in sorted(others - {w.name if w else ""}):
+            for ext in ("pack", "keys"):
+                jobs.append(functools.partial(_fsync_path, self.packs / f"{name}.{ext}"))
+        for f in [self._pool.submit(j) for j in jobs]:
+            f.result()
+
+    def _acknowledge(self, w: _Writer | None, locs: list[Location]) -> None:
+        if locs and w is not None:
+            write_all(w.ifd, encode_ack(locs[-1].offset + locs[-1].length))
+            with self._mutex:
+                seg = self._segs.get(w.name)
+                if seg is not None:
+                    seg.acked = max(seg.acked, locs[-1].offset + locs[-1].length)
+
+    # -- writer segments --
+
+    def _take_writer(self) -> _Writer | None:
+        with self._mutex:
+            return self._free.pop() if self._free else None
+
+    def _give_back(self, w: _Writer | None) -> None:
+        if w is None:
+            return
+        with self._mutex:
+            self._free.append(w)
+
+    def _retire(self, w: _Writer | None) -> None:
+        if w is not None:
+            self._close_writer(w)
+
+    def _writer_with_room(self, w: _Writer | None, nbytes: int, n: int) -> _Writer:
+        """``w`` if it can take the batch, else a new segment (under the store lock)."""
+        if w is not None and (w.count == 0 or (w.size + nbytes <= SEGMENT_BYTES
+                                               and w.count + n <= SEGMENT_RECORDS)):
+            return w
+        new = self._new_writer()
+        if w is not None:
+            self._close_writer(w)  # full: closed, and never appended to again
         return new
 
-    def _ensure_dir(self, d: str) -> list[str]:
-        """Create the fan-out directory ``d``; returns it if it is new."""
-        if d in self._known_dirs:
-            return []
-        created: list[str] = []
-        try:
-            os.mkdir(d, 0o750)
-            created.append(d)
-        except FileExistsError:
-            pass
-        self._known_dirs.add(d)
-        return created
+    def _new_writer(self) -> _Writer:
+        self.packs.mkdir(parents=True, exist_ok=True, mode=0o750)
+        name = f"{time.time_ns():016x}-{secrets.token_hex(4)}"
+        header = encode_segment_header()
+        fd = os.open(self.packs / f"{name}.pack", os.O_RDWR | os.O_CREAT | os.O_EXCL, PACK_MODE)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        # The key table and index change after the segment is closed (shred, recovery):
+        # owner-writable.  The .pack never does: read-only from birth.
+        kfd = os.open(self.packs / f"{name}.keys", os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                      | os.O_APPEND, MUTABLE_MODE)
+        ifd = os.open(self.packs / f"{name}.ack", os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                      | os.O_APPEND, MUTABLE_MODE)
+        write_all(fd, header)
+        write_all(kfd, KEYTABLE_HEADER)
+        for f in (fd, kfd, ifd):
+            os.fsync(f)
+        fsync_dir(self.packs)
+        return _Writer(name, fd, kfd, os.fstat(kfd).st_ino, ifd, len(header))
 
-    def _fsync_dirs(self, dirs: set[str]) -> None:
-        list(self._pool.map(fsync_dir, sorted(dirs)))
+    def _reopen_keys(self, w: _Writer) -> None:
+        """A shred replaced our key table (rename): append to the new file."""
+        path = self.packs / f"{w.name}.keys"
+        if os.stat(path).st_ino != w.kino:
+            os.close(w.kfd)
+            w.kfd = os.open(path, os.O_WRONLY | os.O_APPEND)
+            w.kino = os.fstat(w.kfd).st_ino
 
-    # -- the batch journal --
-
-    def journal_dir(self) -> Path:
-        return self.root / JOURNAL_DIR
-
-    def _begin_journal(self, pending: list[_Pending]) -> tuple[Path, int]:
-        jdir = self.journal_dir()
-        if str(jdir) not in self._known_dirs:
-            jdir.mkdir(parents=True, exist_ok=True, mode=0o750)
-            self._known_dirs.add(str(jdir))
-        name = f"{os.getpid()}-{secrets.token_hex(6)}"
-        tmp, final = jdir / f"{name}.tmp", jdir / f"{name}.journal"
-        body = b"".join(json.dumps({"sha256": p.sha256, "dkid": p.sealed.dkid}).encode()
-                        + b"\n" for p in pending)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-        try:
-            # Locked before it gets its real name, so recovery never sees it unlocked
-            # while this writer lives.
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            os.write(fd, body)
-            os.fsync(fd)
-            os.rename(tmp, final)
-            fsync_dir(jdir)
-        except BaseException:
-            os.close(fd)
-            raise
-        return final, fd
-
-    @staticmethod
-    def _end_journal(path: Path, fd: int) -> None:
-        # Not fsynced: if the removal is lost in a crash, recovery re-reads a
-        # finished journal and at most writes a redundant blob_recovered entry.
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        os.close(fd)
-
-    def journals(self) -> Iterator[tuple[Path, bool, list[tuple[str, str]]]]:
-        """(path, stale, [(sha256, dkid)]) for each journal; stale = its writer is gone.
-
-        Read-only (verify): the lock is only probed, with a shared lock.
-        """
-        for path in self._journal_paths():
-            opened = _lock_journal(path, fcntl.LOCK_SH)
-            if opened is None:
-                yield path, False, _read_journal(path)
-                continue
-            fd, items = opened
-            os.close(fd)
-            yield path, True, items
-
-    def _journal_paths(self) -> list[Path]:
-        jdir = self.journal_dir()
-        try:
-            names = sorted(os.listdir(jdir))
-        except FileNotFoundError:
-            return []
-        return [jdir / n for n in names if n.endswith((".journal", ".tmp"))]
-
-    def recover(self, append: Callable[[list[Recovered]], object]) -> list[Recovered]:
-        """Finish batches whose writer died: ledger what was linked, remove the rest.
-
-        Each stale journal is locked exclusively while it is recovered, so two
-        processes opening the archive at once never both finish the same batch.
-        """
-        found: list[Recovered] = []
-        for path in self._journal_paths():
-            opened = _lock_journal(path, fcntl.LOCK_EX)
-            if opened is None:
-                continue  # a live writer's batch, or another process is recovering it
-            fd, items = opened
-            try:
-                if os.fstat(fd).st_nlink == 0:
-                    continue  # finished by another process between listdir and lock
-                batch = self._recover_items(path.name, items)
-                if batch:
-                    append(batch)
-                path.unlink()
-                found.extend(batch)
-            finally:
+    def _close_writer(self, w: _Writer) -> None:
+        if w.closed:
+            return
+        w.closed = True
+        with contextlib.suppress(OSError):
+            os.fsync(w.ifd)  # so the next open needs no ledger to know what was acknowledged
+        for fd in (w.ifd, w.kfd, w.fd):  # closing the .pack releases its flock last
+            with contextlib.suppress(OSError):
                 os.close(fd)
-        return found
 
-    def _recover_items(self, journal: str, items: list[tuple[str, str]]) -> list[Recovered]:
-        batch: list[Recovered] = []
-        for sha, dkid in items:
-            with contextlib.suppress(FileNotFoundError):
-                self.tmp_path(sha, dkid).unlink()
-            blob = self.blob_path(sha)
+    # -- the store lock --
+
+    @contextlib.contextmanager
+    def _store_lock(self) -> Iterator[None]:
+        """flock on ``.lock`` (other processes) inside the mutex (other threads)."""
+        with self._mutex:
+            if self._lock_depth == 0:
+                if self._lock_fd is None:
+                    self.root.mkdir(parents=True, exist_ok=True, mode=0o750)
+                    self._lock_fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o640)
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            self._lock_depth += 1
             try:
-                with open(blob, "rb") as fh:
-                    head = parse_header(fh.read(HEADER_LEN + 16))
-                ours = head.dkid == dkid
-                size = blob.stat().st_size
-            except (FileNotFoundError, BlobIntegrityError):
-                ours, size = False, 0
-            if ours:
-                batch.append(Recovered(sha, size, journal))
-            else:  # never linked, or another writer's blob won: our key is an orphan
-                with contextlib.suppress(FileNotFoundError):
-                    self.key_path(sha, dkid).unlink()
-        return batch
+                yield
+            finally:
+                self._lock_depth -= 1
+                if self._lock_depth == 0 and self._lock_fd is not None:
+                    fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
-    # -- shredding and deletion --
+    # -- shredding, deletion and compaction -------------------------------------------
 
     def shred(self, sha256: str) -> int:
-        """Destroy every data key file of a blob; returns how many were removed."""
-        d = self.dir_for(check_sha(sha256))
-        removed = 0
-        try:
-            names = os.listdir(d)
-        except FileNotFoundError:
-            return 0
-        for name in names:
-            m = KEY_NAME.match(name)
-            if m and m.group(1) == sha256:
-                (d / name).unlink()
-                removed += 1
-        if removed:
-            fsync_dir(d)
-        return removed
+        """Destroy every data key of a blob; returns how many were destroyed."""
+        return self.shred_many([sha256])
+
+    def shred_many(self, shas: Sequence[str]) -> int:
+        """Destroy every data key of these blobs: one key table rewrite per segment."""
+        return self._rewrite_keys({check_sha(s) for s in shas}, mark_dead=False)
 
     def delete(self, sha256: str) -> bool:
-        """Remove a blob file (only after shredding: the caller checks references)."""
-        path = self.blob_path(sha256)
+        """Mark a blob's records deleted (destroying any key left); compaction later
+        removes their bytes.  The caller has checked that nothing references it."""
+        return self.delete_many([sha256]) > 0
+
+    def delete_many(self, shas: Sequence[str]) -> int:
+        """``delete`` for many blobs, one key table rewrite per segment; returns the
+        number of records marked."""
+        return self._rewrite_keys({check_sha(s) for s in shas}, mark_dead=True)
+
+    def _rewrite_keys(self, shas: set[str], *, mark_dead: bool) -> int:
+        changed = 0
+        with self._store_lock():
+            self.refresh()
+            by_segment: dict[str, list[Location]] = {}
+            for sha in sorted(shas):
+                for loc in self._where.get(sha, ()):
+                    by_segment.setdefault(loc.segment, []).append(loc)
+            for name, locs in sorted(by_segment.items()):
+                self._keys.forget(name)  # read it fresh, under the lock
+                table = self._keys.get(name)
+                drop = {loc.dkid for loc in locs} & set(table.keys)
+                marks = [dead_entry(loc.dkid) for loc in locs
+                         if mark_dead and loc.dkid not in table.dead]
+                if not drop and not marks:
+                    continue
+                replace_file(self.packs / f"{name}.keys", table.encode(drop) + b"".join(marks),
+                             MUTABLE_MODE)
+                self._keys.forget(name)
+                changed += len(marks) if mark_dead else len(drop)
+        return changed
+
+    def compact(self, progress: Callable[[int, int], None] | None = None) -> CompactResult:
+        """Rewrite each closed segment holding deleted records without them."""
+        result = CompactResult()
+        with self._store_lock():
+            self.refresh()
+            names = sorted(self._segs)
+        for i, name in enumerate(names, 1):
+            if progress:
+                progress(i, len(names))
+            with self._store_lock():
+                self._compact_one(name, result)
+        return result
+
+    def _compact_one(self, name: str, result: CompactResult) -> None:
+        self.refresh()
+        seg = self._segs.get(name)
+        if seg is None:
+            return
+        table = self._keys.get(name)
+        dead = [r for r in seg.records if r.dkid in table.dead]
+        if not dead:
+            return
+        with _try_flock(self.packs / f"{name}.pack") as free:
+            if not free:
+                return  # a live writer's segment: next time
+            live = [r for r in seg.records if r.dkid not in table.dead]
+            result.removed_records += len(dead)
+            result.freed_bytes += sum(r.length for r in dead)
+            if live:
+                self._write_compacted(name, live, table)
+            for ext in ("pack", "keys", "ack"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.packs / f"{name}.{ext}")
+            fsync_dir(self.packs)
+            result.segments += 1
+            self.refresh()
+
+    def _write_compacted(self, old: str, live: list[Location], table: KeyTable) -> None:
+        name = f"{time.time_ns():016x}-{secrets.token_hex(4)}"
+        header = encode_segment_header([old])
+        keep = {r.dkid for r in live}
+        keys = KeyTable(keys={k: e for k, e in table.keys.items() if k in keep})
+        body = bytearray(header)
+        with open(self.packs / f"{old}.pack", "rb") as fh:
+            for r in live:
+                body += os.pread(fh.fileno(), r.length, r.offset)
+        # Key table and index first; the .pack's rename is the commit point (recover
+        # removes a superseded segment, or a half-made compaction's leftovers).
+        replace_file(self.packs / f"{name}.keys", keys.encode(), MUTABLE_MODE)
+        replace_file(self.packs / f"{name}.ack", encode_ack(len(body)), MUTABLE_MODE)
+        replace_file(self.packs / f"{name}.pack", bytes(body), PACK_MODE)
+
+    # -- recovery ---------------------------------------------------------------------
+
+    def recover(self, append: Callable[[list[Recovered]], object],
+                known: Callable[[], Collection[str]] | None = None) -> list[Recovered]:
+        """Finish what dead writers left: ledger their unacknowledged records, cut torn
+        tails, finish compactions.  ``known()`` gives the SHA-256s the ledger already
+        lists (read only if some segment needs it)."""
+        found: list[Recovered] = []
+        if not self.packs.is_dir():
+            return found
+        with self._store_lock():
+            self._finish_compactions()
+            self.refresh()
+            ledgered: Collection[str] | None = None
+            for name in sorted(self._segs):
+                seg = self._segs[name]
+                with _try_flock(self.packs / f"{name}.pack") as free:
+                    if not free:
+                        continue  # a live writer (maybe in this process)
+                    seg.acked = read_acked(self.packs / f"{name}.ack", seg.header_len)
+                    tail = [r for r in seg.records if r.offset >= seg.acked]
+                    torn = self._torn(name, seg)
+                    if not tail and not torn:
+                        continue
+                    table = self._keys.get(name)
+                    if tail and ledgered is None:
+                        ledgered = set(known()) if known else set()
+                    assert ledgered is not None or not tail
+                    batch = [Recovered(r.sha256, r.length, f"{name}.pack") for r in tail
+                             if r.dkid in table.keys
+                             and r.sha256 not in (ledgered or ())]
+                    if batch:
+                        append(batch)
+                        found.extend(batch)
+                    self._seal_tail(name, seg, tail, torn, table)
+        return found
+
+    def _torn(self, name: str, seg: SegmentState) -> int:
         try:
-            path.unlink()
+            return os.stat(self.packs / f"{name}.pack").st_size - seg.end
         except FileNotFoundError:
-            return False
-        fsync_dir(path.parent)
-        return True
+            return 0
+
+    def _seal_tail(self, name: str, seg: SegmentState, tail: list[Location], torn: int,
+                   table: KeyTable) -> None:
+        """Acknowledge ``tail`` in the index, cut ``torn`` bytes, drop orphaned keys."""
+        if torn:
+            # Never acknowledged (the batch's fsync had not returned): safe to cut.
+            path = self.packs / f"{name}.pack"
+            os.chmod(path, PACK_MODE | 0o200)
+            try:
+                with open(path, "r+b") as fh:
+                    fh.truncate(seg.end)
+                    os.fsync(fh.fileno())
+            finally:
+                os.chmod(path, PACK_MODE)
+        if tail:
+            with open(self.packs / f"{name}.ack", "ab") as fh:
+                fh.write(encode_ack(seg.end))
+                os.fsync(fh.fileno())
+            seg.acked = seg.end
+        present = {r.dkid for r in seg.records}
+        orphans = {k for k in table.keys if k not in present}
+        if orphans or table.torn:
+            replace_file(self.packs / f"{name}.keys", table.encode(orphans), MUTABLE_MODE)
+            self._keys.forget(name)
+
+    def _finish_compactions(self) -> None:
+        """Remove segments a finished compaction superseded, and half-made leftovers."""
+        try:
+            names = os.listdir(self.packs)
+        except FileNotFoundError:
+            return
+        changed = False
+        packs = {m.group(1) for n in names if (m := SEGMENT_FILE.match(n)) and m.group(2) == "pack"}
+        for n in names:
+            m = SEGMENT_FILE.match(n)
+            if n.endswith(".tmp") or (m and m.group(1) not in packs):
+                os.unlink(self.packs / n)  # never committed (no .pack by that name)
+                changed = True
+        for name in packs:
+            try:
+                fd = os.open(self.packs / f"{name}.pack", os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                head = read_segment_header(fd)
+            finally:
+                os.close(fd)
+            for old in head[0] if head else []:
+                for ext in ("pack", "keys", "ack"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.packs / f"{old}.{ext}")
+                        changed = True
+        if changed:
+            fsync_dir(self.packs)
+
+    # -- reading segments whole (verify, backup) --------------------------------------
+
+    def inspect(self, name: str) -> SegmentView:
+        """One segment as it is on disk, read in the order that keeps a running
+        writer's batches consistent: .ack, then key table, then records (the
+        segment header never changes)."""
+        fd = os.open(self.packs / f"{name}.pack", os.O_RDONLY)
+        try:
+            live_writer = not _flock_free(fd)
+            head = read_segment_header(fd)
+            if head is None:  # being created
+                return SegmentView(name, [], 0, 0, KeyTable(), "", Scan(), live_writer)
+            supersedes, hlen = head
+            acked = read_acked(self.packs / f"{name}.ack", hlen)
+            self._keys.forget(name)
+            table_error = ""
+            try:
+                table = self._keys.get(name)
+            except BlobIntegrityError as exc:
+                table, table_error = KeyTable(), str(exc)
+            found = scan(fd, name, hlen)
+        finally:
+            os.close(fd)
+        return SegmentView(name, supersedes, hlen, acked, table, table_error, found, live_writer)
 
     # -- helpers --
 
@@ -583,51 +777,57 @@ class BlobStore(ZstdContexts):
         return self.keyring
 
 
+@dataclass
+class SegmentView:
+    name: str
+    supersedes: list[str]
+    header_len: int
+    acked: int  # from the .ack log, read before the key table and the records
+    keys: KeyTable
+    keys_error: str
+    scan: Scan
+    live_writer: bool
 
-def _create(path: str, data: bytes, mode: int) -> int:
-    """Create exclusively and write; the caller fsyncs (in parallel) and closes."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+
+@dataclass
+class CompactResult:
+    segments: int = 0
+    removed_records: int = 0
+    freed_bytes: int = 0
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-    except BaseException:
+        os.fsync(fd)
+    finally:
         os.close(fd)
-        raise
-    return fd
 
 
-def _lock_journal(path: Path, how: int) -> tuple[int, list[tuple[str, str]]] | None:
-    """Lock a journal without waiting: (fd, items) if its writer is gone, else None."""
+def _flock_free(fd: int) -> bool:
+    """Is no writer holding this segment? (a shared probe, released at once)"""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return True
+
+
+@contextlib.contextmanager
+def _try_flock(path: Path) -> Iterator[bool]:
+    """Hold the segment's exclusive lock if its writer is gone (yields False if not)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
-        return None
+        yield False
+        return
     try:
-        fcntl.flock(fd, how | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd, _read_journal(path)
-
-
-_DKID = re.compile(r"^[0-9a-f]{16}$")
-
-
-def _read_journal(path: Path) -> list[tuple[str, str]]:
-    if not path.name.endswith(".journal"):
-        return []  # a .tmp journal was never renamed: nothing of it was linked
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return []
-    items: list[tuple[str, str]] = []
-    for line in data.splitlines():
         try:
-            obj = json.loads(line)
-            sha, dkid = str(obj["sha256"]), str(obj["dkid"])
-        except (ValueError, KeyError, TypeError):
-            continue  # a torn journal line: that blob was never linked
-        if SHA_RE.match(sha) and _DKID.match(dkid):
-            items.append((sha, dkid))
-    return items
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)

@@ -3,8 +3,9 @@
 Needs only ``archive/store``, ``archive/ledger`` and the ledger's public key --
 not the database -- so it also shows that nobody edited the database to hide a
 message.  With the archive keys present (``archive/keys``) every blob is
-decrypted and its SHA-256 recomputed ("full" mode); without them only blob
-presence, headers, data key files and the ledger are checked ("ciphertext-only").
+decrypted and its SHA-256 recomputed ("full" mode); without them only record
+framing, presence, the segment indexes, data key entries and the ledger are
+checked ("ciphertext-only").
 
 What is checked, and the finding codes (severity error unless noted):
 
@@ -21,15 +22,26 @@ What is checked, and the finding codes (severity error unless noted):
   checkpoint_bad_signature a checkpoint whose signature the public key rejects
   checkpoint_unchecked     (warning) no public key, signatures not checked
   ledger_unsigned_tail     (info) entries after the last checkpoint
-  blob_missing             the ledger lists a blob (not tombstoned) the store lacks
-  blob_unlisted            a blob no ledger entry mentions (an extra item)
-  blob_unacknowledged      (warning) a blob from an interrupted batch (journal)
-  journal_stale            (warning) a batch journal whose writer died (see archive.store)
-  blob_altered             a blob that fails to decrypt or whose hash is wrong
+  blob_missing             the ledger lists a blob (not tombstoned) the store lacks; a
+                           blob deleted after expiry has a tombstone, so it is not missing
+  blob_unlisted            a record no ledger entry mentions (an extra item)
+  blob_unacknowledged      (warning) a record after its segment's acknowledged length that
+                           the ledger lacks: a batch interrupted by a crash, or running
+  batch_interrupted        (warning) such a tail in a segment whose writer died
+                           (see archive.store; the next writer finishes it)
+  segment_torn_tail        (warning) bytes of a record cut short at a segment's end
+  segment_corrupt          a segment whose records cannot be framed (bytes inserted,
+                           removed or altered)
+  store_index_mismatch     a segment's .ack says more is acknowledged than the segment
+                           holds, or not at a record boundary (records removed)
+  compaction_unfinished    (warning) a segment a compaction replaced, not removed yet
+  blob_altered             a record that fails to decrypt or whose hash is wrong, or a
+                           key table that does not parse
   data_key_missing         a live blob without its data key (shredded untracked)
   blob_tombstoned          (info) a shredded blob whose ciphertext is still present
-  shred_incomplete         (warning) tombstoned, but the data key file still exists
-  store_extra_file         a file or directory the store never writes
+  shred_incomplete         (warning) tombstoned, but the data key still exists
+  store_extra_file         a file the store never writes, or a data key with no record
+                           (a warning for leftovers of an interrupted write)
   archive_key_missing      a blob wrapped with an archive key we do not have
 
 Exit status 1 when any error is found, else 0.
@@ -40,7 +52,7 @@ from __future__ import annotations
 import base64
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -57,16 +69,14 @@ from archive.ledger import (
     read_lines,
     segments,
 )
+from archive.segment import Location, ack_on_boundary
 from archive.store import (
-    BLOB_NAME,
-    FANOUT,
-    JOURNAL_DIR,
-    KEY_NAME,
+    LOCK_FILE,
+    PACK_DIR,
+    SEGMENT_FILE,
     SHA_RE,
-    TMP_NAME,
     BlobStore,
-    parse_header,
-    parse_key_file,
+    SegmentView,
 )
 
 Severity = Literal["error", "warning", "info"]
@@ -148,15 +158,15 @@ class Verifier:
             self.on_finding(f)
 
     def run(self) -> Summary:
-        # Order matters when a writer is running: a batch removes its journal only
-        # after its ledger append, so listing the store, then the journals, then
-        # reading the ledger never mistakes a blob being written for an extra one.
+        # Order matters when a writer is running: a batch lists its records in the
+        # segment's .ack only after its ledger append, so reading the store (each
+        # segment's .ack first), then the ledger, never mistakes a record being
+        # written for an extra one.
         store = BlobStore(self.root / "store", self.keyring, fsync_threads=1)
         try:
-            files = list(self._walk(store.root))
-            journals = list(store.journals())
+            views = self._read_store(store)
             state = self.verify_ledger(self.root / "ledger")
-            self._verify_store(store, files, journals, state)
+            self._verify_store(store, views, state)
         finally:
             store.close()
         return self.summary
@@ -300,144 +310,159 @@ class Verifier:
 
     # -- the store ------------------------------------------------------------------
 
-    def _verify_store(
-        self, store: BlobStore, files: list[Path],
-        journals: list[tuple[Path, bool, list[tuple[str, str]]]], state: _LedgerState,
-    ) -> None:
-        journaled: set[tuple[str, str]] = set()
-        journaled_sha: set[str] = set()
-        for jpath, stale, items in journals:
-            journaled.update(items)
-            journaled_sha.update(sha for sha, _ in items)
-            if stale:
-                self.report("warning", "journal_stale",
-                            f"{jpath}: a batch interrupted by a crash ({len(items)} blobs); "
-                            "the next writer finishes it", path=str(jpath))
-        blobs: list[Path] = []
-        keys: dict[str, list[str]] = {}
-        for path in files:
-            name = path.name
-            expect_dir = store.dir_for(name[:64]) if len(name) >= 64 else None
-            if (m := BLOB_NAME.match(name)) and path.parent == expect_dir:
-                blobs.append(path)
-            elif (m := KEY_NAME.match(name)) and path.parent == expect_dir:
-                keys.setdefault(m.group(1), []).append(m.group(2))
-            elif (m := TMP_NAME.match(name)) and path.parent == expect_dir:
-                if (m.group(1), m.group(2)) not in journaled and not path.exists():
-                    continue  # a batch that finished while we were listing
-                sev: Severity = "warning" if (m.group(1), m.group(2)) in journaled else "error"
-                self.report(sev, "store_extra_file", f"{path}: temporary file of an "
-                            "unfinished write", path=str(path), sha256=m.group(1))
+    def _read_store(self, store: BlobStore) -> list[SegmentView]:
+        """Every segment as it is now; anything the store never writes is reported."""
+        root = store.root
+        if not root.is_dir():
+            return []
+        for p in sorted(root.iterdir()):
+            if not ((p.name == LOCK_FILE and p.is_file()) or (p.name == PACK_DIR and p.is_dir())):
+                self.report("error", "store_extra_file", f"{p}: not a file the store writes",
+                            path=str(p))
+        if not store.packs.is_dir():
+            return []
+        names = sorted(os.listdir(store.packs))
+        packs = {m.group(1) for n in names
+                 if (m := SEGMENT_FILE.match(n)) and m.group(2) == "pack"}
+        for n in names:
+            m = SEGMENT_FILE.match(n)
+            path = str(store.packs / n)
+            if m and m.group(1) in packs:
+                continue
+            if n.endswith(".tmp") or m:
+                if (store.packs / n).exists():
+                    self.report("warning", "store_extra_file",
+                                f"{path}: left by an interrupted key table rewrite or "
+                                "compaction (the next writer removes it)", path=path)
             else:
                 self.report("error", "store_extra_file", f"{path}: not a file the store writes",
-                            path=str(path))
-        total = len(blobs)
-        self.summary.blobs = total
+                            path=path)
+        views = []
+        for name in sorted(packs):
+            try:
+                views.append(store.inspect(name))
+            except FileNotFoundError:
+                continue  # compacted while we were listing
+        return views
+
+    def _verify_store(self, store: BlobStore, views: list[SegmentView],
+                      state: _LedgerState) -> None:
+        superseded = {old for v in views for old in v.supersedes}
         present: set[str] = set()
-        for i, path in enumerate(blobs, 1):
+        todo: list[tuple[SegmentView, Location, bool]] = []
+        for view in views:
+            path = str(store.packs / f"{view.name}.pack")
+            if view.name in superseded:
+                self.report("warning", "compaction_unfinished",
+                            f"{path}: replaced by a compacted segment but not removed yet "
+                            "(the next writer removes it)", path=path)
+                continue
+            self._check_segment(store, view, path)
+            for r in view.scan.records:
+                if r.dkid in view.keys.dead:
+                    continue  # deleted after shredding: compaction drops its bytes
+                present.add(r.sha256)
+                todo.append((view, r, r.offset >= view.acked))
+        self.summary.blobs = len(todo)
+        for i, (view, r, unacked_rec) in enumerate(todo, 1):
             if self.progress:
-                self.progress("blobs", i, total)
-            sha = path.name
-            present.add(sha)
-            used = self._verify_blob(store, path, sha, state.blobs.get(sha),
-                                     sha in journaled_sha, keys.get(sha, []))
-            keys[sha] = [k for k in keys.get(sha, []) if k != used]
-        for sha, dkids in sorted(keys.items()):
-            for dkid in dkids:
-                kpath = store.key_path(sha, dkid)
-                if (sha, dkid) in journaled:
-                    self.report("warning", "store_extra_file",
-                                f"{kpath}: data key of an unfinished write", path=str(kpath),
-                                sha256=sha)
-                elif state.blobs.get(sha) == "live" and sha not in present:
-                    continue  # the blob itself is gone: reported once, as blob_missing
-                elif not kpath.exists() or self._blob_uses(store, sha, dkid):
-                    continue  # its batch finished (or lost a race) while we were listing
-                elif state.blobs.get(sha) == "tombstoned":
-                    self.report("warning", "shred_incomplete",
-                                f"{kpath}: blob {sha} is tombstoned but this data key remains "
-                                "(run the shred again)", path=str(kpath), sha256=sha)
-                else:
-                    self.report("error", "store_extra_file",
-                                f"{kpath}: data key file with no blob using it", path=str(kpath),
-                                sha256=sha)
+                self.progress("blobs", i, len(todo))
+            self._verify_record(store, view, r, state.blobs.get(r.sha256), unacked_rec)
+        seen = {v.name: v.scan.size for v in views}
         for sha, st in sorted(state.blobs.items()):
-            # (A blob that exists now was stored while we were reading: not missing.)
-            if st == "live" and sha not in present and not store.exists(sha):
+            if st == "live" and sha not in present and not self._stored_since(store, sha, seen):
                 self.report("error", "blob_missing",
                             f"blob {sha} is in the ledger but not in the store (deleted)",
-                            path=str(store.blob_path(sha)), sha256=sha)
+                            sha256=sha)
             elif st == "tombstoned":
                 self.summary.tombstoned += 1
 
     @staticmethod
-    def _blob_uses(store: BlobStore, sha: str, dkid: str) -> bool:
-        try:
-            with open(store.blob_path(sha), "rb") as fh:
-                return parse_header(fh.read(64)).dkid == dkid
-        except (OSError, ArchiveError):
-            return False
+    def _stored_since(store: BlobStore, sha: str, seen: dict[str, int]) -> bool:
+        """Was ``sha`` stored after we read the store (beyond the bytes we read)?"""
+        state, loc = store.locate(sha)
+        return (state != "absent" and loc is not None
+                and (loc.segment not in seen or loc.offset >= seen[loc.segment]))
 
-    def _verify_blob(self, store: BlobStore, path: Path, sha: str, st: str | None,
-                     journaled: bool, dkids: list[str]) -> str | None:
-        """Check one blob; returns the dkid of the key file it uses (if any)."""
-        where = {"path": str(path), "sha256": sha}
+    def _check_segment(self, store: BlobStore, view: SegmentView, path: str) -> None:
+        """Framing, index and key table of one segment."""
+        if view.keys_error:
+            self.report("error", "blob_altered", f"{view.name}.keys: {view.keys_error}",
+                        path=str(store.packs / f"{view.name}.keys"))
+        if view.scan.corrupt_at is not None:
+            self.report("error", "segment_corrupt",
+                        f"{path}: byte {view.scan.corrupt_at}: {view.scan.corrupt} (bytes "
+                        "inserted, removed or altered; the records after it cannot be read)",
+                        path=path)
+        elif view.scan.torn:
+            self.report("warning", "segment_torn_tail",
+                        f"{path}: {view.scan.torn} bytes of a record cut short by a crash "
+                        "(never acknowledged; the next writer truncates them)", path=path)
+        if not ack_on_boundary(view.acked, view.scan.records, view.header_len):
+            self.report("error", "store_index_mismatch",
+                        f"{view.name}.ack: {view.acked} bytes acknowledged, which is not the "
+                        "end of a record in the segment (records removed or moved)",
+                        path=str(store.packs / f"{view.name}.ack"))
+        unacked = any(r.offset >= view.acked for r in view.scan.records)
+        if unacked and not view.live_writer:
+            self.report("warning", "batch_interrupted",
+                        f"{path}: its writer died before acknowledging its last batch; "
+                        "the next writer finishes it", path=path)
+        in_segment = {r.dkid for r in view.scan.records}
+        for dkid in sorted(set(view.keys.keys) - in_segment):
+            kpath = str(store.packs / f"{view.name}.keys")
+            if view.scan.torn or unacked:
+                self.report("warning", "store_extra_file",
+                            f"{kpath}: data key {dkid} from an unfinished write", path=kpath)
+            else:
+                self.report("error", "store_extra_file",
+                            f"{kpath}: data key {dkid}, whose record is not in the segment",
+                            path=kpath)
+
+    def _verify_record(self, store: BlobStore, view: SegmentView, r: Location,
+                       st: str | None, unacked: bool) -> None:
+        sha = r.sha256
+        where = {"path": f"{store.packs / view.name}.pack@{r.offset}", "sha256": sha}
         if st is None:
-            if journaled:
+            if unacked:
                 self.report("warning", "blob_unacknowledged",
-                            f"blob {sha} from an interrupted batch, not yet in the ledger",
-                            **where)
+                            f"blob {sha} from an interrupted or running batch, not yet in "
+                            "the ledger", **where)
             else:
                 self.report("error", "blob_unlisted",
                             f"blob {sha} is in the store but in no ledger entry (extra)",
                             **where)
-        try:
-            blob = path.read_bytes()
-            head = parse_header(blob)
-        except FileNotFoundError:
-            return None  # deleted (expired) while we were verifying
-        except (OSError, ArchiveError) as exc:
-            self.report("error", "blob_altered", f"blob {sha}: {exc}", **where)
-            return None
+        key = view.keys.keys.get(r.dkid)
         if st == "tombstoned":
-            if head.dkid not in dkids:
+            if key is None:
                 self.report("info", "blob_tombstoned",
                             f"blob {sha} was shredded (tombstone in the ledger); its "
                             "unreadable ciphertext is still stored", **where)
-            return None  # a remaining key file is reported as shred_incomplete
-        if head.dkid not in dkids:
-            self.report("error", "data_key_missing",
-                        f"blob {sha}: its data key file is gone but the ledger has no "
-                        "tombstone (shredded outside the archive)", **where)
-            return None
-        kpath = store.key_path(sha, head.dkid)
-        try:
-            kf = parse_key_file(kpath.read_bytes())
-        except (OSError, ArchiveError) as exc:
-            self.report("error", "blob_altered", f"{kpath}: {exc}", **where)
-            return head.dkid
+            else:
+                self.report("warning", "shred_incomplete",
+                            f"blob {sha} is tombstoned but its data key remains "
+                            "(run the shred again)", **where)
+            return
+        if key is None:
+            # An unacknowledged record's key may have been appended after we read the
+            # key table (records go first): only an acknowledged one must have it.
+            if st == "live" and not unacked:
+                self.report("error", "data_key_missing",
+                            f"blob {sha}: its data key is gone but the ledger has no "
+                            "tombstone (shredded outside the archive)", **where)
+            return
         if self.keyring is None:
-            return head.dkid
+            return
         try:
-            self.keyring.get(kf.kid)
-            store.read(sha)
+            self.keyring.get(key.kid)
+            store.open_record(store.read_record(r), view.keys, sha)
             self.summary.blobs_decrypted += 1
+        except FileNotFoundError:
+            return  # compacted while we were verifying
         except KeyFileError as exc:
             self.report("error", "archive_key_missing", f"blob {sha}: {exc}", **where)
         except ArchiveError as exc:
             self.report("error", "blob_altered", str(exc), **where)
-        return head.dkid
-
-    def _walk(self, root: Path) -> Iterator[Path]:
-        if not root.is_dir():
-            return
-        for top in sorted(root.iterdir()):
-            if top.name == JOURNAL_DIR and top.is_dir():
-                continue
-            if not (FANOUT.match(top.name) and top.is_dir()):
-                yield top
-                continue
-            yield from sorted(top.iterdir())
 
 
 def _ranges(seqs: list[int]) -> list[tuple[int, int]]:

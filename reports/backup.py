@@ -11,7 +11,8 @@ order of the steps, each of which only ever sees append-only data grow:
    snapshot has its blob and ledger entry already;
 3. a signed checkpoint is written to the ledger now, and the ledger is copied
    up to and including it (later entries are left out);
-4. every blob (and wrapped data key) recorded in that ledger prefix is copied;
+4. every store segment is copied up to the last record that ledger prefix names,
+   with the key table and index entries of the records copied;
 5. the keys are copied (0700 directory, 0600 files).
 
 The copy is then checked with archive.verify (store + ledger + checkpoints
@@ -49,7 +50,9 @@ from archive.documents import is_message_entry
 from archive.facade import Archive
 from archive.ledger import Ledger, read_lines
 from archive.metadata import Blob, Metadata
-from archive.store import BLOB_NAME, FANOUT, KEY_NAME
+from archive.pack import KeyTable, encode_ack
+from archive.segment import Location
+from archive.store import PACK_DIR, BlobStore, SegmentView
 from archive.verify import Finding, verify
 from reports import pg_backup
 from reports.common import LedgerIndex, Progress, metadata_url, record_audit
@@ -172,26 +175,48 @@ def _copy_ledger(src: Path, dst: Path, upto: int) -> None:
 
 
 def _copy_store(src: Path, dst: Path, shas: set[str], bar: Progress) -> int:
-    """The blobs named in the copied ledger, with their key files (never partial files)."""
-    dst.mkdir(parents=True, mode=0o750)
+    """Each segment up to its last record named in the copied ledger.
+
+    A writer appends to a segment in ledger order, so the records the ledger prefix
+    names are a prefix of each segment: the copy stops at the first record the
+    prefix does not name (a later batch, or one still being written), and never
+    copies a partial record.  Key tables and indexes are written for exactly the
+    records copied.
+    """
+    (dst / PACK_DIR).mkdir(parents=True, mode=0o750)
+    store = BlobStore(src, None, fsync_threads=1)
     copied = 0
-    for fan in sorted(os.listdir(src)):
-        if not FANOUT.match(fan):
-            continue
-        for name in sorted(os.listdir(src / fan)):
-            m = BLOB_NAME.match(name) or KEY_NAME.match(name)
-            if m is None or m.group(1) not in shas:
-                continue
-            (dst / fan).mkdir(exist_ok=True, mode=0o750)
-            try:
-                shutil.copy2(src / fan / name, dst / fan / name)
-            except FileNotFoundError:
-                continue  # shredded meanwhile: its tombstone is after our checkpoint
-            if BLOB_NAME.match(name):
-                copied += 1
-                bar.update(copied)
+    try:
+        views = [store.inspect(n) for n in store.segment_names()]
+        superseded = {old for v in views for old in v.supersedes}
+        for view in views:
+            if view.name in superseded:
+                continue  # its records are in the compacted segment that replaced it
+            records = []
+            for r in view.scan.records:
+                if r.sha256 not in shas:
+                    break
+                records.append(r)
+            copied += _copy_segment(store, view, records, dst / PACK_DIR)
+            bar.update(copied)
+    finally:
+        store.close()
     bar.done(copied)
     return copied
+
+
+def _copy_segment(store: BlobStore, view: SegmentView, records: list[Location],
+                  dst: Path) -> int:
+    end = records[-1].offset + records[-1].length if records else view.header_len
+    with open(store.packs / f"{view.name}.pack", "rb") as fh:
+        data = os.pread(fh.fileno(), end, 0)
+    keep = {r.dkid for r in records}
+    table = KeyTable(keys={k: e for k, e in view.keys.keys.items() if k in keep},
+                     dead={k: e for k, e in view.keys.dead.items() if k in keep})
+    for ext, body in (("pack", data), ("keys", table.encode()),
+                      ("ack", encode_ack(end))):
+        (dst / f"{view.name}.{ext}").write_bytes(body)
+    return sum(1 for k in keep if k not in table.dead)
 
 
 def _copy_keys(src: Path, dst: Path) -> None:

@@ -199,15 +199,14 @@ def test_missing_public_key_is_rewritten_from_the_private_key(tmp_path: Path) ->
 
 
 def test_rotation_by_another_process_is_picked_up_by_a_running_archive(tmp_path: Path) -> None:
-    from archive.store import parse_header, parse_key_file
+    from packs import key_table, record_of
 
     with Archive.open(tmp_path) as running, Archive.open(tmp_path) as admin:
         admin.rotate_key()
         # Writing: the next batch is wrapped with the key the other process made current.
         ref = running.put(b"stored after the rotation")
-        head = parse_header(running.store.blob_path(ref.sha256).read_bytes())
-        kf = parse_key_file(running.store.key_path(ref.sha256, head.dkid).read_bytes())
-        assert kf.kid == "k2"
+        loc = record_of(tmp_path, ref.sha256)
+        assert key_table(tmp_path, loc.segment).keys[loc.dkid].kid == "k2"
     with Archive.open(tmp_path) as running, Archive.open(tmp_path) as admin:
         admin.rotate_key()
         written = admin.put(b"wrapped with k3 by the other process")

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from packs import cut_record, flip_byte, key_table, packs_dir, record_count, record_of, rewrite
 
 from archive.errors import (
     ArchiveError,
@@ -20,7 +20,7 @@ from archive.errors import (
     LedgerError,
 )
 from archive.facade import Archive, BatchWriter
-from archive.store import HEADER_LEN, parse_header, parse_key_file
+from archive.pack import RECORD_HEADER_LEN, parse_key_table
 from archive.verify import verify
 
 MARKER = b"Zq7-COFFER-PLAINTEXT-MARKER-41d9"
@@ -42,8 +42,8 @@ def all_files(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_file()]
 
 
-def blob_files(a: Archive) -> list[Path]:
-    return [p for p in all_files(a.paths.store) if len(p.name) == 64]
+def records(a: Archive) -> int:
+    return record_count(a.paths.root.parent)
 
 
 def test_round_trip_returns_the_exact_bytes(archive: Archive) -> None:
@@ -55,21 +55,27 @@ def test_round_trip_returns_the_exact_bytes(archive: Archive) -> None:
     assert archive.get(empty.sha256) == b""
 
 
-def test_blob_is_compressed_and_stored_under_its_fanout_path(archive: Archive) -> None:
+def test_record_is_compressed_into_a_read_only_segment(archive: Archive) -> None:
     ref = archive.put(MESSAGE)
-    path = archive.paths.store / ref.sha256[:2] / ref.sha256
-    assert path.stat().st_size == ref.stored_size < len(MESSAGE) / 2
-    assert stat.S_IMODE(path.stat().st_mode) & 0o222 == 0  # written once, then read-only
+    loc = record_of(archive.paths.root.parent, ref.sha256)
+    assert loc.length == ref.stored_size < len(MESSAGE) / 2
+    path = archive.paths.store / "packs" / f"{loc.segment}.pack"
+    assert stat.S_IMODE(path.stat().st_mode) & 0o222 == 0  # appended by its writer's fd only
+    # Four files per message before (blob and key file, twice with the receipt): now
+    # every message of a batch goes into the same three.
+    archive.put_many([b"second %d" % i for i in range(20)])
+    assert sorted(p.suffix for p in (archive.paths.store / "packs").iterdir()) == [
+        ".ack", ".keys", ".pack"]
 
 
 def test_same_bytes_twice_are_stored_once(archive: Archive) -> None:
     first = archive.put(MESSAGE)
-    blob = blob_files(archive)[0]
+    (blob,) = (archive.paths.store / "packs").glob("*.pack")
     before = blob.stat()
     second = archive.put(MESSAGE)
     assert first.new and not second.new
     assert second.sha256 == first.sha256
-    assert len(blob_files(archive)) == 1
+    assert records(archive) == 1
     after = blob.stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
     kinds = [(e.kind, e.fields["new"]) for e in archive.ledger.entries()]
@@ -80,7 +86,7 @@ def test_same_bytes_twice_in_one_batch_are_stored_once(archive: Archive) -> None
     refs = archive.put_many([MESSAGE, b"other", MESSAGE],
                             [{"archive_id": 1}, {"archive_id": 2}, {"archive_id": 3}])
     assert [r.new for r in refs] == [True, True, False]
-    assert len(blob_files(archive)) == 2
+    assert records(archive) == 2
     ids = [e.fields["archive_id"] for e in archive.ledger.entries()]
     assert ids == [1, 2, 3]
 
@@ -101,36 +107,33 @@ def test_each_blob_has_its_own_data_key_wrapped_by_the_archive_key(archive: Arch
     a, b = archive.put(b"message one"), archive.put(b"message two")
     keys = {}
     for ref in (a, b):
-        blob = archive.store.blob_path(ref.sha256).read_bytes()
-        head = parse_header(blob)
-        kf = parse_key_file(archive.store.key_path(ref.sha256, head.dkid).read_bytes())
-        assert kf.kid == archive.keys.current.id
-        keys[ref.sha256] = (head.dkid, kf.wrapped)
+        loc = record_of(archive.paths.root.parent, ref.sha256)
+        entry = key_table(archive.paths.root.parent, loc.segment).keys[loc.dkid]
+        assert entry.kid == archive.keys.current.id
+        keys[ref.sha256] = (loc.dkid, entry.wrapped)
     assert keys[a.sha256] != keys[b.sha256]
 
 
-def test_blob_moved_to_another_hash_fails_to_decrypt(archive: Archive) -> None:
-    a, b = archive.put(b"message A"), archive.put(b"message B")
-    st = archive.store
-    a_head = parse_header(st.blob_path(a.sha256).read_bytes())
-    b_head = parse_header(st.blob_path(b.sha256).read_bytes())
-    # Swap A's blob and key file into B's names: the AAD binds the SHA-256.
-    st.blob_path(b.sha256).unlink()
-    st.key_path(b.sha256, b_head.dkid).unlink()
-    os.link(st.blob_path(a.sha256), st.blob_path(b.sha256))
-    os.link(st.key_path(a.sha256, a_head.dkid), st.key_path(b.sha256, a_head.dkid))
-    with pytest.raises(BlobIntegrityError, match=b.sha256):
-        archive.get(b.sha256)
-    assert archive.get(a.sha256) == b"message A"
+def test_record_relabelled_with_another_hash_fails_to_decrypt(tmp_path: Path) -> None:
+    with Archive.open(tmp_path) as arc:
+        a, b = arc.put(b"message A"), arc.put(b"message B")
+    # Remove B, then relabel A's record and key entry as B's: the AAD binds the SHA-256.
+    cut_record(tmp_path, b.sha256, cover_tracks=True)
+    loc = record_of(tmp_path, a.sha256)
+    pack = packs_dir(tmp_path) / f"{loc.segment}.pack"
+    data = pack.read_bytes()
+    sha_at = loc.offset + 5
+    rewrite(pack, data[:sha_at] + bytes.fromhex(b.sha256) + data[sha_at + 32:])
+    with Archive.open(tmp_path) as arc:
+        with pytest.raises(BlobIntegrityError, match=b.sha256):
+            arc.get(b.sha256)
+        with pytest.raises(BlobNotFoundError):
+            arc.get(a.sha256)
 
 
 def test_flipped_ciphertext_byte_is_an_integrity_error(archive: Archive) -> None:
     ref = archive.put(MESSAGE)
-    path = archive.store.blob_path(ref.sha256)
-    data = bytearray(path.read_bytes())
-    data[HEADER_LEN + 10] ^= 0x01
-    path.chmod(0o640)
-    path.write_bytes(bytes(data))
+    flip_byte(archive.paths.root.parent, ref.sha256, RECORD_HEADER_LEN + 10)
     with pytest.raises(BlobIntegrityError, match="authentication failed"):
         archive.get(ref.sha256)
 
@@ -170,8 +173,8 @@ def test_key_rotation_new_blobs_use_new_key_and_old_blobs_still_open(tmp_path: P
         new_kid = a.rotate_key()
         new = a.put(b"after rotation")
         for ref, kid in ((old, "k1"), (new, new_kid)):
-            head = parse_header(a.store.blob_path(ref.sha256).read_bytes())
-            assert parse_key_file(a.store.key_path(ref.sha256, head.dkid).read_bytes()).kid == kid
+            loc = record_of(tmp_path, ref.sha256)
+            assert key_table(tmp_path, loc.segment).keys[loc.dkid].kid == kid
     assert new_kid == "k2"
     with Archive.open(tmp_path, create=False) as a:  # a fresh process sees both keys
         assert a.get(old.sha256) == b"before rotation"
@@ -191,13 +194,17 @@ def test_interrupted_batch_is_recovered_into_the_ledger_on_next_open(tmp_path: P
     # Before any writer reopens it, verify sees an unacknowledged blob: a warning.
     summary, findings = verify(a.paths.root)
     assert summary.ok
-    assert {f.code for f in findings if f.severity == "warning"} >= {
-        "blob_unacknowledged", "journal_stale"}
+    assert {f.code for f in findings if f.severity == "warning"} == {
+        "blob_unacknowledged", "batch_interrupted"}
     with Archive.open(tmp_path) as b:
         assert [r.sha256 for r in b.recovered] == [
             hashlib.sha256(b"linked but never ledgered").hexdigest()]
         assert list(b.ledger.entries())[-1].kind == "blob_recovered"
-        assert not list(b.paths.store.joinpath("journal").iterdir())
+        # The interrupted segment is never appended to again: the next batch starts
+        # a new one, and the recovered record stays readable.
+        b.put(b"after the recovery")
+        assert len(list(b.paths.store.joinpath("packs").glob("*.pack"))) == 2
+        assert b.get(b.recovered[0].sha256) == b"linked but never ledgered"
     summary, findings = verify(a.paths.root)
     assert summary.ok and summary.warnings == 0, findings
 
@@ -280,7 +287,7 @@ def test_record_that_is_not_json_is_refused_before_anything_is_written(
         archive.put(MESSAGE, {"received": datetime(2026, 1, 1)})
     with pytest.raises(LedgerError, match="may not be named"):
         archive.put(MESSAGE, {"seq": 1})
-    assert blob_files(archive) == [] and list(archive.ledger.entries()) == []
+    assert records(archive) == 0 and list(archive.ledger.entries()) == []
 
 
 def test_put_many_larger_than_one_chunk_keeps_records_in_order(archive: Archive) -> None:
@@ -314,10 +321,10 @@ def test_processes_storing_the_same_messages_at_once_store_each_once(tmp_path: P
         p.join(60)
         assert p.exitcode == 0
     with Archive.open(tmp_path) as a:
-        blobs = blob_files(a)
-        assert len(blobs) == 40 + 3 * 2
-        keys = [p for p in all_files(a.paths.store) if p.name.endswith(".key")]
-        assert len(keys) == len(blobs)  # the losers of each race removed their key files
+        assert records(a) == 40 + 3 * 2
+        keys = sum(len(parse_key_table(p.read_bytes()).keys)
+                   for p in a.paths.store.joinpath("packs").glob("*.keys"))
+        assert keys == 40 + 3 * 2
         entries = [e for e in a.ledger.entries() if e.kind == "message_stored"]
         assert len(entries) == 3 * 5 * 10
         shared_new: dict[str, list[bool]] = {}

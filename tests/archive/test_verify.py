@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 from archive_verify_cli import run_coffer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from packs import cut_record, drop_key, flip_byte, packs_dir, record_of, rewrite
 
 from archive.facade import Archive
 from archive.ledger import Ledger, entry_hash
-from archive.store import HEADER_LEN
+from archive.pack import RECORD_HEADER_LEN
 from archive.verify import Finding, verify
 
 REPO = Path(__file__).resolve().parents[2]
@@ -56,10 +57,6 @@ def find_line(data_dir: Path, seq: int) -> tuple[Path, list[bytes], int]:
     raise AssertionError(f"no seq {seq}")
 
 
-def blob_path(data_dir: Path, sha: str) -> Path:
-    return data_dir / "archive" / "store" / sha[:2] / sha
-
-
 def test_untouched_archive_verifies_clean(tmp_path: Path) -> None:
     make_archive(tmp_path)
     ok, findings = run_verify(tmp_path)
@@ -67,25 +64,51 @@ def test_untouched_archive_verifies_clean(tmp_path: Path) -> None:
     assert [f for f in findings if f.severity != "info"] == []
 
 
-def test_flipped_byte_in_a_blob_is_reported_altered(tmp_path: Path) -> None:
+def test_flipped_byte_in_a_record_is_reported_altered(tmp_path: Path) -> None:
     shas = make_archive(tmp_path)
-    path = blob_path(tmp_path, shas[2])
-    data = bytearray(path.read_bytes())
-    data[HEADER_LEN + 3] ^= 0x40
-    path.write_bytes(bytes(data))
+    flip_byte(tmp_path, shas[2], RECORD_HEADER_LEN + 3)
     ok, findings = run_verify(tmp_path)
     assert not ok
     assert [(f.code, f.sha256) for f in findings if f.severity == "error"] == [
         ("blob_altered", shas[2])]
 
 
-def test_deleted_blob_is_reported_missing(tmp_path: Path) -> None:
+def test_flipped_byte_in_a_record_header_is_reported(tmp_path: Path) -> None:
     shas = make_archive(tmp_path)
-    blob_path(tmp_path, shas[0]).unlink()
+    flip_byte(tmp_path, shas[2], 1)  # the magic: the segment no longer frames
     ok, findings = run_verify(tmp_path)
     assert not ok
-    missing = [f for f in findings if f.code == "blob_missing"]
-    assert [f.sha256 for f in missing] == [shas[0]]
+    assert {"segment_corrupt", "blob_missing", "store_index_mismatch"} <= errors(findings)
+    assert shas[2] in {f.sha256 for f in findings if f.code == "blob_missing"}
+
+
+def test_deleted_record_is_reported_missing(tmp_path: Path) -> None:
+    shas = make_archive(tmp_path)
+    cut_record(tmp_path, shas[0], cover_tracks=True)  # record, index and key entry
+    ok, findings = run_verify(tmp_path)
+    assert not ok
+    assert [(f.code, f.sha256) for f in findings if f.severity == "error"] == [
+        ("blob_missing", shas[0])]
+
+
+def test_record_cut_out_of_a_segment_is_reported(tmp_path: Path) -> None:
+    shas = make_archive(tmp_path)
+    cut_record(tmp_path, shas[3], cover_tracks=False)
+    ok, findings = run_verify(tmp_path)
+    assert not ok
+    assert errors(findings) == {"blob_missing", "store_index_mismatch", "store_extra_file"}
+    assert [f.sha256 for f in findings if f.code == "blob_missing"] == [shas[3]]
+
+
+def test_truncated_segment_is_reported(tmp_path: Path) -> None:
+    shas = make_archive(tmp_path)
+    loc = record_of(tmp_path, shas[-1])
+    pack = packs_dir(tmp_path) / f"{loc.segment}.pack"
+    rewrite(pack, pack.read_bytes()[:loc.offset + 10])  # acknowledged records cut off
+    ok, findings = run_verify(tmp_path)
+    assert not ok
+    assert [f.sha256 for f in findings if f.code == "blob_missing"] == [shas[-1]]
+    assert "store_index_mismatch" in errors(findings)
 
 
 def test_deleted_ledger_entry_is_reported_missing(tmp_path: Path) -> None:
@@ -200,8 +223,7 @@ def test_shredded_blob_is_reported_tombstoned_not_tampered(tmp_path: Path) -> No
 
 def test_data_key_deleted_without_a_tombstone_is_tampering(tmp_path: Path) -> None:
     shas = make_archive(tmp_path)
-    for key in blob_path(tmp_path, shas[0]).parent.glob(f"{shas[0]}.*.key"):
-        key.unlink()
+    drop_key(tmp_path, shas[0])
     ok, findings = run_verify(tmp_path)
     assert not ok and errors(findings) == {"data_key_missing"}
 
@@ -214,7 +236,7 @@ def test_ciphertext_only_mode_works_without_the_archive_keys(tmp_path: Path) -> 
             p.unlink()
     summary, findings = verify(tmp_path / "archive")
     assert summary.ok and summary.mode == "ciphertext-only" and summary.blobs_decrypted == 0
-    blob_path(tmp_path, shas[0]).unlink()
+    cut_record(tmp_path, shas[0], cover_tracks=True)
     ok, findings = run_verify(tmp_path)
     assert not ok and errors(findings) == {"blob_missing"}
 
@@ -243,12 +265,11 @@ def test_cli_json_prints_one_object_per_finding_and_a_summary(
     objs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert objs[-1]["type"] == "summary" and objs[-1]["ok"] is True
     assert objs[-1]["blobs"] == 6 and objs[-1]["mode"] == "full"
-    blob_path(tmp_path, shas[0]).unlink()
+    cut_record(tmp_path, shas[0], cover_tracks=True)
     assert run_coffer(["archive", "verify", "--data-dir", str(tmp_path), "--json"]) == 1
     objs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [o for o in objs if o["type"] == "finding" and o["severity"] == "error"] == [{
         "type": "finding", "severity": "error", "code": "blob_missing", "sha256": shas[0],
-        "path": str(blob_path(tmp_path, shas[0])),
         "message": f"blob {shas[0]} is in the ledger but not in the store (deleted)"}]
     assert objs[-1]["ok"] is False and objs[-1]["errors"] == 1
 
@@ -329,7 +350,8 @@ def test_kill_9_during_ingest_leaves_an_archive_that_verify_accepts(tmp_path: Pa
         ok, findings = run_verify(tmp_path)
         assert ok, [f for f in findings if f.severity == "error"]
         assert {f.code for f in findings if f.severity == "warning"} <= {
-            "ledger_torn_tail", "journal_stale", "blob_unacknowledged", "store_extra_file"}
+            "ledger_torn_tail", "batch_interrupted", "blob_unacknowledged", "segment_torn_tail",
+            "store_extra_file"}
     # The next writer finishes the interrupted batch; then nothing is left to warn about.
     with Archive.open(tmp_path) as a:
         a.checkpoint()

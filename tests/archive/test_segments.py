@@ -1,0 +1,192 @@
+"""Pack segments on real files: crash recovery, shredding, deletion and compaction."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from archive_verify_cli import run_coffer
+from packs import key_table, packs_dir, record_count, record_of
+
+from archive.errors import BlobShreddedError
+from archive.facade import Archive
+from archive.pack import encode_segment_header
+from archive.verify import verify
+
+MSGS = [b"Subject: segment test %d\r\n\r\nbody %d\r\n" % (i, i) for i in range(5)]
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def codes(findings: list, severity: str) -> set[str]:  # type: ignore[type-arg]
+    return {f.code for f in findings if f.severity == severity}
+
+
+def test_torn_tail_is_a_warning_then_cut_by_the_next_writer(tmp_path: Path) -> None:
+    with Archive.open(tmp_path) as a:
+        a.put_many(MSGS)
+    loc = record_of(tmp_path, sha(MSGS[-1]))
+    pack = packs_dir(tmp_path) / f"{loc.segment}.pack"
+    whole = pack.read_bytes()
+    # A crash half-way through appending a batch: part of a record, and its key entry.
+    pack.chmod(0o640)
+    pack.write_bytes(whole + whole[loc.offset:loc.offset + 40])
+    keys = packs_dir(tmp_path) / f"{loc.segment}.keys"
+    entry = key_table(tmp_path, loc.segment).keys[loc.dkid].encoded
+    keys.write_bytes(keys.read_bytes() + entry.replace(bytes.fromhex(loc.dkid), b"\x01" * 8))
+    summary, findings = verify(tmp_path / "archive")
+    assert summary.ok, findings
+    assert codes(findings, "warning") == {"segment_torn_tail", "store_extra_file"}
+    with Archive.open(tmp_path) as a:
+        assert a.recovered == []  # nothing whole was left unacknowledged
+        assert all(a.get(sha(m)) == m for m in MSGS)
+    assert pack.read_bytes() == whole
+    summary, findings = verify(tmp_path / "archive")
+    assert summary.ok and summary.warnings == 0, findings
+
+
+def test_shred_replaces_the_key_table_and_the_writer_keeps_appending(tmp_path: Path) -> None:
+    with Archive.open(tmp_path) as a:
+        a.put_many(MSGS[:2])
+        loc = record_of(tmp_path, sha(MSGS[0]))
+        keys = packs_dir(tmp_path) / f"{loc.segment}.keys"
+        before = keys.stat().st_ino
+        wrapped = key_table(tmp_path, loc.segment).keys[loc.dkid].wrapped
+        a.shred(sha(MSGS[0]), reason="retention")
+        assert keys.stat().st_ino != before  # a new file, renamed into place
+        assert wrapped not in keys.read_bytes()
+        with pytest.raises(BlobShreddedError):
+            a.get(sha(MSGS[0]))
+        a.put(MSGS[2])  # same writer, same segment: appends to the new key table
+        assert record_of(tmp_path, sha(MSGS[2])).segment == loc.segment
+        assert a.get(sha(MSGS[2])) == MSGS[2] and a.get(sha(MSGS[1])) == MSGS[1]
+    assert set(key_table(tmp_path, loc.segment).keys) == {
+        record_of(tmp_path, sha(m)).dkid for m in MSGS[1:3]}
+    summary, findings = verify(tmp_path / "archive")
+    assert summary.ok and summary.tombstoned == 1, findings
+
+
+def test_another_process_sees_a_shred_and_a_new_blob(tmp_path: Path) -> None:
+    with Archive.open(tmp_path) as reader, Archive.open(tmp_path) as writer:
+        writer.put(MSGS[0])
+        assert reader.get(sha(MSGS[0])) == MSGS[0]
+        writer.shred(sha(MSGS[0]), reason="retention")
+        with pytest.raises(BlobShreddedError):
+            reader.get(sha(MSGS[0]))
+        assert reader.put(MSGS[1]).new
+        assert not writer.put(MSGS[1]).new  # the reader's process stored it first
+
+
+def test_compaction_removes_deleted_records_and_keeps_the_rest(tmp_path: Path) -> None:
+    with Archive.open(tmp_path) as a:
+        a.put_many(MSGS)
+        a.shred(sha(MSGS[1]), reason="retention", delete_blob=True)
+        a.shred(sha(MSGS[3]), reason="retention")  # shredded, not deleted: kept
+        (old,) = [p.stem for p in packs_dir(tmp_path).glob("*.pack")]
+    with Archive.open(tmp_path) as a:
+        result = a.compact()
+        assert (result.segments, result.removed_records) == (1, 1)
+        assert result.freed_bytes > len(MSGS[1]) / 2
+        assert [a.get(sha(m)) == m for m in (MSGS[0], MSGS[2], MSGS[4])] == [True] * 3
+        assert not a.exists(sha(MSGS[1])) and a.exists(sha(MSGS[3]))
+        assert list(a.ledger.entries())[-1].kind == "store_compacted"
+        assert a.compact().segments == 0  # nothing left to do
+    (new,) = [p.stem for p in packs_dir(tmp_path).glob("*.pack")]
+    assert new != old and record_count(tmp_path) == 4
+    head = (packs_dir(tmp_path) / f"{new}.pack").read_bytes()
+    assert head.startswith(encode_segment_header([old]))
+    assert bytes.fromhex(sha(MSGS[1])) not in head
+    summary, findings = verify(tmp_path / "archive")
+    assert summary.ok and summary.warnings == 0, findings
+    assert [f.sha256 for f in findings if f.code == "blob_tombstoned"] == [sha(MSGS[3])]
+
+
+def test_compaction_interrupted_before_removing_the_old_segment_is_finished(
+        tmp_path: Path) -> None:
+    with Archive.open(tmp_path) as a:
+        a.put_many(MSGS)
+        a.shred(sha(MSGS[0]), reason="retention", delete_blob=True)
+    saved = tmp_path / "saved"
+    shutil.copytree(packs_dir(tmp_path), saved)
+    with Archive.open(tmp_path) as a:
+        assert a.compact().segments == 1
+    # The crash: the new segment is in place, the old one not removed yet.
+    for p in saved.iterdir():
+        shutil.copy2(p, packs_dir(tmp_path) / p.name)
+    summary, findings = verify(tmp_path / "archive")
+    assert summary.ok, findings
+    assert codes(findings, "warning") == {"compaction_unfinished"}
+    with Archive.open(tmp_path) as a:
+        assert all(a.get(sha(m)) == m for m in MSGS[1:])
+    assert len(list(packs_dir(tmp_path).glob("*.pack"))) == 1
+    summary, findings = verify(tmp_path / "archive")
+    assert summary.ok and summary.warnings == 0, findings
+
+
+def test_a_live_writers_segment_is_left_for_the_next_compaction(tmp_path: Path) -> None:
+    with Archive.open(tmp_path) as a:
+        a.put_many(MSGS)
+        a.shred(sha(MSGS[0]), reason="retention", delete_blob=True)
+        assert a.compact().segments == 0  # this process still appends to it
+        assert a.get(sha(MSGS[1])) == MSGS[1]
+
+
+def test_deleted_blob_stored_again_survives_compaction(tmp_path: Path) -> None:
+    with Archive.open(tmp_path) as a:
+        a.put(MSGS[0])
+        a.shred(sha(MSGS[0]), reason="retention", delete_blob=True)
+    with Archive.open(tmp_path) as a:
+        assert a.put(MSGS[0]).new  # a new record (new dkid), in a new segment
+    with Archive.open(tmp_path) as a:
+        assert a.compact().removed_records == 1
+        assert a.get(sha(MSGS[0])) == MSGS[0]
+    summary, findings = verify(tmp_path / "archive")
+    assert summary.ok and summary.warnings == 0, findings
+
+
+def test_cli_compact_prints_what_it_freed(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with Archive.open(tmp_path) as a:
+        a.put_many(MSGS)
+        a.shred(sha(MSGS[2]), reason="retention", delete_blob=True)
+    assert run_coffer(["archive", "compact", "--data-dir", str(tmp_path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["segments"] == 1 and out["records"] == 1 and out["freed_bytes"] > 0
+    assert run_coffer(["archive", "compact", "--data-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.startswith("compacted 0 segment(s)")
+
+
+def test_a_refused_batch_leaves_the_writers_segment_in_use(tmp_path: Path) -> None:
+    with Archive.open(tmp_path) as a:
+        a.put(MSGS[0])
+        a.shred(sha(MSGS[0]), reason="retention")
+        with pytest.raises(BlobShreddedError):
+            a.put_many([MSGS[1], MSGS[0]])  # refused whole, before anything is written
+        assert not a.exists(sha(MSGS[1]))
+        a.put(MSGS[2])
+    assert len(list(packs_dir(tmp_path).glob("*.pack"))) == 1
+    summary, findings = verify(tmp_path / "archive")
+    assert summary.ok and summary.warnings == 0, findings
+
+
+def test_a_full_segment_is_closed_and_the_next_batch_starts_another(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import archive.store
+
+    monkeypatch.setattr(archive.store, "SEGMENT_RECORDS", 3)
+    more = [b"Subject: more %d\r\n\r\nbody\r\n" % i for i in range(7)]
+    with Archive.open(tmp_path) as a:
+        for i in range(0, len(more), 2):
+            a.put_many(more[i:i + 2])
+        assert all(a.get(sha(m)) == m for m in more)
+    # Batches of 2, 2, 2, 1 into segments of at most 3 records: 2 | 2 | 2 + 1.
+    assert len(list(packs_dir(tmp_path).glob("*.pack"))) == 3
+    with Archive.open(tmp_path) as a:
+        assert a.recovered == [] and all(a.get(sha(m)) == m for m in more)
+    summary, findings = verify(tmp_path / "archive")
+    assert summary.ok and summary.warnings == 0 and summary.blobs == 7, findings
