@@ -32,14 +32,17 @@ from __future__ import annotations
 import ssl
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from archive.imap.accounts import Accounts, Provisioning
 from archive.imap.errors import UpstreamError
 from archive.imap.server import ImapConfig, LoginThrottle
-from archive.imap.upstream import ImapUpstream, LdapUpstream, Upstream
+
+if TYPE_CHECKING:  # imported where used: gateway.config (every command) imports this module,
+    # and the account store pulls in SQLAlchemy, the upstream clients ldap3.
+    from archive.imap.accounts import Accounts
+    from archive.imap.upstream import Upstream
 
 __all__ = ["ImapSection", "UpstreamSection"]
 
@@ -129,6 +132,7 @@ class UpstreamSection(_Model):
         return self
 
     def build(self, resolve: Callable[[Path], Path] = Path, secrets: bool = True) -> Upstream:
+        from archive.imap.upstream import ImapUpstream, LdapUpstream
         """The upstream checker; ``resolve`` makes configured paths absolute; without
         ``secrets`` the search password file is not read (validation)."""
         ca = str(resolve(self.ca_file)) if self.ca_file else None
@@ -247,6 +251,8 @@ class ImapSection(_Model):
                       with_upstream: bool = True) -> Accounts:
         """The account database this section names, with its upstream checker (not for
         account management: ``with_upstream=False`` reads no upstream secret)."""
+        from archive.imap.accounts import Accounts, Provisioning
+
         up = self.upstream if with_upstream else None
         upstream = up.build(resolve) if up is not None else None
         provisioning = (Provisioning(up.provision_address)

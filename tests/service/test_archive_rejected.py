@@ -77,17 +77,19 @@ def test_archive_failure_during_reject_answers_451(
     tmp_path: Path, procs: list[Gateway | Sink]
 ) -> None:
     cfg, port = _gateway(tmp_path, procs)
-    # The store's batch journal becomes a file: every archive write fails (even as root).
-    journal = tmp_path / "archive" / "store" / "journal"
-    shutil.rmtree(journal, ignore_errors=True)
-    journal.write_bytes(b"")
+    # The store's segment directory becomes a file before the first write: creating a
+    # segment fails (even as root), so every archive write fails.
+    packs = tmp_path / "archive" / "store" / "packs"
+    shutil.rmtree(packs, ignore_errors=True)
+    packs.write_bytes(b"")
     lost = uuid.uuid4().hex
     code, _ = _send(port, lost)
     assert code == 451  # not 550 (no evidence), not 250
     logged = [json.loads(x) for x in (tmp_path / "coffer.log").read_text().splitlines()
               if x.startswith("{")]
     assert any(e.get("event") == "archive_rejected_failed" for e in logged)
-    os.unlink(journal)
+    os.unlink(packs)
+    packs.mkdir()
     token = uuid.uuid4().hex
     assert _send(port, token)[0] == 550  # the client's retry, once the archive is back
     assert _shown(cfg, token) is not None
