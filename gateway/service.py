@@ -53,7 +53,7 @@ from typing import Any
 from archive.imap.embedded import EmbeddedImap
 from archive.index import Index, IndexDoc, Indexer, open_index
 from gateway import config as config_mod
-from gateway import log
+from gateway import log, profiling
 from gateway.archive_stage import ArchiveStage
 from gateway.check.arc import ArcSealStage
 from gateway.check.spam.stage import SpamStage
@@ -542,6 +542,7 @@ async def serve_process(
         await svc.stop()
         return EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_PROBLEM
     tune_gc()
+    sampler = profiling.start_if_requested()  # COFFER_PROFILE=DIR: bench runs only
     loop.add_signal_handler(signal.SIGHUP, svc.reload)
     loop.add_signal_handler(signal.SIGUSR1, svc.rescan)
     watcher: asyncio.Task[None] | None = None
@@ -550,6 +551,8 @@ async def serve_process(
     await stop.wait()
     if watcher is not None:
         watcher.cancel()
+    if sampler is not None:
+        sampler.stop()
     await svc.stop()
     return EXIT_OK
 

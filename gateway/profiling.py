@@ -1,0 +1,113 @@
+"""Opt-in profiling of a serving process, for bench/relay.py runs only.
+
+``COFFER_PROFILE=DIR coffer serve ...`` makes each gateway process sample the
+Python stacks of all its threads every few milliseconds and, when it stops,
+write ``DIR/profile-<pid>.txt``: the CPU time of each thread group (from
+``/proc/self/task``: user and system time, so fsync and C code count too) and
+the hottest stacks of the threads that were not idle.  py-spy cannot attach on
+every machine (ptrace); this needs nothing.  Off unless the variable is set.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from types import FrameType
+
+ENV = "COFFER_PROFILE"
+INTERVAL = 0.004  # seconds between samples
+DEPTH = 14  # frames kept per stack (innermost)
+
+# Leaf frames that mean "waiting for work", not using CPU.
+_IDLE = (
+    "selectors.py:select", "threading.py:wait", "thread.py:_worker", "queue.py:get",
+    "profiling.py:_run", "threading.py:_wait_for_tstate_lock",
+)
+
+
+def _describe(frame: FrameType | None) -> list[str]:
+    out: list[str] = []
+    while frame is not None and len(out) < DEPTH:
+        code = frame.f_code
+        out.append(f"{os.path.basename(code.co_filename)}:{code.co_name}")
+        frame = frame.f_back
+    return out
+
+
+class Sampler:
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self.stacks: Counter[str] = Counter()
+        self.leaves: Counter[str] = Counter()
+        self.funcs: Counter[str] = Counter()  # inclusive: every frame on a busy stack
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="profiler", daemon=True)
+        self.started = time.monotonic()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        me = threading.get_ident()
+        names: dict[int, str] = {}
+        while not self._stop.wait(INTERVAL):
+            frames = sys._current_frames()
+            for t in threading.enumerate():
+                if t.ident is not None:
+                    names[t.ident] = re.sub(r"[_-]?\d+(_\d+)?$", "", t.name)
+            self.samples += 1
+            for ident, frame in frames.items():
+                if ident == me:
+                    continue
+                stack = _describe(frame)
+                if not stack or stack[0] in _IDLE:
+                    continue
+                group = names.get(ident, "?")
+                self.leaves[f"{group} {stack[0]}"] += 1
+                for f in set(stack):
+                    self.funcs[f"{group} {f}"] += 1
+                self.stacks[f"{group} " + ";".join(reversed(stack))] += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(1.0)
+        lines = [f"pid {os.getpid()} seconds {time.monotonic() - self.started:.1f} "
+                 f"samples {self.samples} interval {INTERVAL}", "", "# CPU by thread group"]
+        lines += [f"{cpu:8.2f} s  {name}" for name, cpu in _thread_cpu()]
+        for title, counter, n in (("leaf frames", self.leaves, 60),
+                                  ("inclusive frames", self.funcs, 120),
+                                  ("stacks", self.stacks, 80)):
+            lines += ["", f"# {title} (samples)"]
+            lines += [f"{c:7d}  {k}" for k, c in counter.most_common(n)]
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / f"profile-{os.getpid()}.txt").write_text("\n".join(lines) + "\n")
+
+
+def _thread_cpu() -> list[tuple[str, float]]:
+    tick = os.sysconf("SC_CLK_TCK")
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    by_name: dict[str, float] = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            name = names.get(int(task.name)) or (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        group = re.sub(r"[_-]?\d+(_\d+)?$", "", name)
+        by_name[group] = by_name.get(group, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return sorted(by_name.items(), key=lambda kv: -kv[1])
+
+
+def start_if_requested() -> Sampler | None:
+    out = os.environ.get(ENV)
+    if not out:
+        return None
+    sampler = Sampler(Path(out))
+    sampler.start()
+    return sampler
