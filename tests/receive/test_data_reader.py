@@ -97,7 +97,7 @@ async def _read_in_pieces(stream: bytes, cuts: list[int], *, max_line: int,
 
     async def feed() -> None:
         start = 0
-        for cut in sorted(set(cuts)) + [len(stream)]:
+        for cut in [*sorted(set(cuts)), len(stream)]:
             if cut > start:
                 reader.feed_data(stream[start:cut])
                 start = cut
