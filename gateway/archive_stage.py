@@ -30,6 +30,7 @@ from archive.facade import Archive, BatchWriter
 from archive.metadata import MessageRecord, Metadata, StoredMessage
 from archive.receipts import RECEIPT, RECEIPT_OF, receipt_document
 from gateway.config import Config
+from gateway.offload import cpu_bound
 from gateway.pipeline import MessageContext, StageResult
 
 _PERIOD = re.compile(r"^(\d+)(y|mo|w|d)$")
@@ -155,7 +156,7 @@ class ArchiveStage:
         if decide.get("archive") is False:
             # Only a policy that explicitly allows exemptions can say this (policies/).
             return StageResult(reason="not archived: exempted by policy rule")
-        rec, receipt = await asyncio.to_thread(self._prepare, ctx)
+        rec, receipt = await cpu_bound(len(ctx.data), None, self._prepare, ctx)
         # The receipt first, in the same ledger append: the message's entry names it.
         _, ref = await self.writer.put_many(
             [receipt, ctx.data],
