@@ -4,12 +4,14 @@
 Python stacks of all its threads every few milliseconds and, when it stops,
 write ``DIR/profile-<pid>.txt``: the CPU time of each thread group (from
 ``/proc/self/task``: user and system time, so fsync and C code count too) and
-the hottest stacks of the threads that were not idle.  py-spy cannot attach on
+the stacks weighted by the CPU their thread used between samples.  py-spy cannot attach on
 every machine (ptrace); this needs nothing.  Off unless the variable is set.
 """
 
 from __future__ import annotations
 
+import contextlib
+import cProfile
 import os
 import re
 import sys
@@ -20,15 +22,9 @@ from pathlib import Path
 from types import FrameType
 
 ENV = "COFFER_PROFILE"
+ENV_CPROFILE = "COFFER_PROFILE_CPROFILE"  # also cProfile the event-loop thread
 INTERVAL = 0.004  # seconds between samples
 DEPTH = 14  # frames kept per stack (innermost)
-
-# Leaf frames that mean "waiting for work", not using CPU.
-_IDLE = (
-    "selectors.py:select", "threading.py:wait", "thread.py:_worker", "queue.py:get",
-    "profiling.py:_run", "threading.py:_wait_for_tstate_lock",
-)
-
 
 def _describe(frame: FrameType | None) -> list[str]:
     out: list[str] = []
@@ -49,41 +45,63 @@ class Sampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="profiler", daemon=True)
         self.started = time.monotonic()
+        self._cprofile: cProfile.Profile | None = None
 
     def start(self) -> None:
         self._thread.start()
+        if os.environ.get(ENV_CPROFILE):
+            # The event-loop thread's exact CPU per function (thread_time: waiting in a
+            # syscall costs nothing), at the price of cProfile's overhead.
+            self._cprofile = cProfile.Profile(time.thread_time)
+            self._cprofile.enable()
 
     def _run(self) -> None:
         me = threading.get_ident()
         names: dict[int, str] = {}
+        clocks: dict[int, int] = {}
+        last: dict[int, float] = {}
         while not self._stop.wait(INTERVAL):
             frames = sys._current_frames()
             for t in threading.enumerate():
-                if t.ident is not None:
+                if t.ident is not None and t.ident not in names:
                     names[t.ident] = re.sub(r"[_-]?\d+(_\d+)?$", "", t.name)
+                    with contextlib.suppress(OSError):
+                        clocks[t.ident] = time.pthread_getcpuclockid(t.ident)
             self.samples += 1
             for ident, frame in frames.items():
-                if ident == me:
+                if ident == me or ident not in clocks:
+                    continue
+                # Weight each stack by the CPU its thread used since the last sample
+                # (microseconds): where the CPU goes, not where threads wait.
+                try:
+                    now = time.clock_gettime(clocks[ident])
+                except OSError:
+                    continue
+                used = int((now - last.get(ident, now)) * 1e6)
+                last[ident] = now
+                if used <= 0:
                     continue
                 stack = _describe(frame)
-                if not stack or stack[0] in _IDLE:
-                    continue
                 group = names.get(ident, "?")
-                self.leaves[f"{group} {stack[0]}"] += 1
+                self.leaves[f"{group} {stack[0] if stack else '?'}"] += used
                 for f in set(stack):
-                    self.funcs[f"{group} {f}"] += 1
-                self.stacks[f"{group} " + ";".join(reversed(stack))] += 1
+                    self.funcs[f"{group} {f}"] += used
+                self.stacks[f"{group} " + ";".join(reversed(stack))] += used
 
     def stop(self) -> None:
+        if self._cprofile is not None:
+            self._cprofile.disable()
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self._cprofile.dump_stats(self.out_dir / f"main-{os.getpid()}.pstats")
         self._stop.set()
         self._thread.join(1.0)
         lines = [f"pid {os.getpid()} seconds {time.monotonic() - self.started:.1f} "
                  f"samples {self.samples} interval {INTERVAL}", "", "# CPU by thread group"]
         lines += [f"{cpu:8.2f} s  {name}" for name, cpu in _thread_cpu()]
-        for title, counter, n in (("leaf frames", self.leaves, 60),
-                                  ("inclusive frames", self.funcs, 120),
-                                  ("stacks", self.stacks, 80)):
-            lines += ["", f"# {title} (samples)"]
+        for title, counter, n in (("leaf frames, CPU us", self.leaves, 60),
+                                  ("inclusive frames, CPU us", self.funcs, 120),
+                                  ("stacks, CPU us", self.stacks, 80)):
+            lines += ["", f"# {title}"]
             lines += [f"{c:7d}  {k}" for k, c in counter.most_common(n)]
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / f"profile-{os.getpid()}.txt").write_text("\n".join(lines) + "\n")
