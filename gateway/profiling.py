@@ -110,6 +110,9 @@ class Sampler:
 def _thread_cpu() -> list[tuple[str, float]]:
     tick = os.sysconf("SC_CLK_TCK")
     names = {t.native_id: t.name for t in threading.enumerate()}
+    # After fork() Python 3.11 keeps the parent's native id for the main thread:
+    # this runs on the event-loop (main) thread, so ask the kernel.
+    names[threading.get_native_id()] = threading.current_thread().name
     by_name: dict[str, float] = {}
     for task in Path("/proc/self/task").iterdir():
         try:
