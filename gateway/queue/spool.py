@@ -190,31 +190,21 @@ class Spool:
 
     def append_event(self, qid: str, event: dict[str, Any], *, sync: bool = True) -> None:
         """Append one event to a message's state log (fsynced unless sync=False)."""
-        event.setdefault("at", time.time())
-        line = json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
-        path = self.state_path(qid)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            try:
-                os.write(fd, line)
-                if sync and self.fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise SpoolFullError(f"state write failed: {exc}") from exc
-            raise SpoolError(f"state write failed: {exc}") from exc
+        self._append(self.state_path(qid), os.O_CREAT, event, sync, "state write")
 
     def append_stage(self, qid: str, event: dict[str, Any], *, sync: bool = True) -> None:
         """Record an after-queue stage's completion (a ``stage`` event) at the end of
         the message's ``.msg`` file (fsynced unless sync=False; see the module doc)."""
         if event.get("ev") != "stage":
             raise ValueError("only stage events go to the message file")
+        self._append(self.msg_path(qid), 0, event, sync, "stage record")
+
+    def _append(self, path: Path, create: int, event: dict[str, Any], sync: bool,
+                what: str) -> None:
         event.setdefault("at", time.time())
         line = json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
         try:
-            fd = os.open(self.msg_path(qid), os.O_WRONLY | os.O_APPEND)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | create, 0o600)
             try:
                 os.write(fd, line)
                 if sync and self.fsync:
@@ -223,8 +213,8 @@ class Spool:
                 os.close(fd)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise SpoolFullError(f"stage record failed: {exc}") from exc
-            raise SpoolError(f"stage record failed: {exc}") from exc
+                raise SpoolFullError(f"{what} failed: {exc}") from exc
+            raise SpoolError(f"{what} failed: {exc}") from exc
 
     def sync_stages(self, qid: str) -> None:
         """Make earlier ``append_stage(sync=False)`` calls durable (one fsync for many)."""
