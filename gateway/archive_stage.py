@@ -133,6 +133,10 @@ class ArchiveStage:
         self.keep_extracted = 0
         self._extracted: OrderedDict[str, Extracted] = OrderedDict()
 
+    def holds_extracted(self, sha256: str) -> bool:
+        """Whether this stage kept the extraction of that blob for its indexer."""
+        return sha256 in self._extracted
+
     def take_extracted(self, sha256: str) -> Extracted | None:
         """The extraction of a blob this stage just archived, once (None if not kept)."""
         return self._extracted.pop(sha256, None)
