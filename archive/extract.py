@@ -21,6 +21,7 @@ import email
 import email.message
 import email.policy
 import email.utils
+import functools
 import hashlib
 import html
 import io
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.header import decode_header, make_header
 from html.parser import HTMLParser
+from typing import Any
 from xml.etree import ElementTree
 
 __all__ = [
@@ -119,6 +121,14 @@ def extract(raw: bytes, limits: Limits | None = None) -> Extracted:
     return _cleaned(out)
 
 
+_DEFAULT = email.policy.default
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed_header(name: str, value: str) -> Any:
+    """One default-policy parse per distinct (name, value): header objects are
+    immutable, and the same From or Subject recurs across a burst of messages."""
+    return _DEFAULT.header_fetch_parse(name, value)
 _SURROGATES = re.compile(r"[\ud800-\udfff]")
 
 
@@ -217,7 +227,7 @@ def _fetch(name: str, value: str) -> object:
     """A header field as ``email.policy.default`` returns it (structured: addresses,
     RFC 2047 decoded).  compat32 and default store a parsed field's value the same
     way (``header_source_parse``), so this is what the default policy's ``get`` gives."""
-    return email.policy.default.header_fetch_parse(name, value)
+    return _parsed_header(name, value)
 
 
 def _get(msg: email.message.Message, name: str) -> object:

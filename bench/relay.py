@@ -297,6 +297,21 @@ async def wait_listening(
     raise BenchError(f"nothing listened on 127.0.0.1:{port} within {timeout:.0f}s")
 
 
+async def wait_started(
+    log_file: Path, workers: int, timeout: float, proc: asyncio.subprocess.Process
+) -> None:
+    """Wait until `workers` gateway processes have logged that they are serving."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.returncode is not None:
+            raise BenchError(f"coffer serve exited with {proc.returncode} while starting")
+        with contextlib.suppress(FileNotFoundError):
+            if log_file.read_bytes().count(b'"event": "started"') >= workers:
+                return
+        await asyncio.sleep(0.1)
+    raise BenchError(f"fewer than {workers} coffer workers started within {timeout:.0f}s")
+
+
 def tree_cpu_s(root_pid: int) -> float:
     """CPU seconds (user+system, incl. reaped children) of a process and its descendants."""
     tick = os.sysconf("SC_CLK_TCK")
@@ -507,6 +522,15 @@ async def bench_smtp_sink(messages: list[bytes], c: int, mean_size: int) -> dict
     return out
 
 
+def coffer_env() -> dict[str, str]:
+    """The environment for `coffer`: this checkout's code first, even when the venv's
+    editable install points at another checkout (a git worktree sharing the venv)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
 def coffer_config(
     tmp: Path, port: int, sink_port: int, dns_port: int, c: int, workers: int | None,
     overrides: Sequence[str] = (),
@@ -516,6 +540,7 @@ def coffer_config(
     init = subprocess.run(
         [sys.executable, "-m", "gateway", "init", str(data), "--domain", DOMAIN],
         capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False,
+        env=coffer_env(),
     )
     if init.returncode != 0:
         raise BenchError(f"coffer init failed: {init.stderr.strip()[-300:]}")
@@ -575,19 +600,29 @@ async def bench_coffer(
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "gateway", "serve", "--config", str(cfg_file),
             stdout=errlog, stderr=errlog, stdin=asyncio.subprocess.DEVNULL,
-            start_new_session=True, cwd=str(cfg_file.parent),
+            start_new_session=True, cwd=str(cfg_file.parent), env=coffer_env(),
         )
         try:
             try:
                 await wait_listening(port, 60, proc)
             except BenchError as exc:
                 raise BenchError(f"coffer serve: {exc}; see {tmp / 'coffer.stderr'}") from None
+            # Every worker process must be listening before the load starts: connections
+            # made while only the first one is bound all land on it (SO_REUSEPORT spreads
+            # connections only over the sockets bound at the time), and the generator's
+            # connections are long-lived, so one worker would carry the whole run.
+            await wait_started(cfg_file.parent / "coffer.log", n_workers, 60, proc)
             res = await send_load(port, messages, c)
             t_end = await sink.wait_for(res.accepted, 600)
             cpu = tree_cpu_s(proc.pid)
         finally:
             await stop_process(proc, "coffer serve", 30)
             errlog.close()
+            profile_dir = os.environ.get("COFFER_PROFILE")  # gateway/profiling.py
+            if profile_dir:
+                for name in ("coffer.stderr", "coffer/coffer.log"):
+                    if (tmp / name).exists():
+                        shutil.copy(tmp / name, Path(profile_dir) / Path(name).name)
     out = _load_figures("coffer", res, n)
     out["coffer_workers"] = n_workers
     e2e = res.accepted / (t_end - res.started)

@@ -51,6 +51,7 @@ from archive.metadata import (
 from archive.receipts import RECEIPT, RECEIPT_OF, receipt_document
 from gateway import log
 from gateway.config import Config
+from gateway.offload import cpu_bound
 from gateway.pipeline import MessageContext, StageResult
 from gateway.transform import mime
 
@@ -249,6 +250,10 @@ class ArchiveStage:
         self.keep_extracted = 0
         self._extracted: OrderedDict[str, Extracted] = OrderedDict()
 
+    def holds_extracted(self, sha256: str) -> bool:
+        """Whether this stage kept the extraction of that blob for its indexer."""
+        return sha256 in self._extracted
+
     def take_extracted(self, sha256: str) -> Extracted | None:
         """The extraction of a blob this stage just archived, once (None if not kept)."""
         return self._extracted.pop(sha256, None)
@@ -273,7 +278,8 @@ class ArchiveStage:
             # Only a policy that explicitly allows exemptions can say this (policies/).
             return StageResult(reason="not archived: exempted by policy rule")
         copies = copies_of(ctx)
-        recs, receipts = await asyncio.to_thread(self._prepare, ctx, copies)
+        recs, receipts = await cpu_bound(sum(len(c.data) for c in copies), None,
+                                         self._prepare, ctx, copies)
         # Each receipt first, in the same ledger append: the message's entry names it.
         blobs: list[bytes] = []
         fields: list[dict[str, Any]] = []

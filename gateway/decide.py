@@ -26,13 +26,13 @@ carried out under ``executed``.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
 from gateway import decide_actions
+from gateway.offload import cpu_bound
 from gateway.pipeline import Action, MessageContext, StageResult
 from gateway.replies import REJECTED_POLICY, TEMPFAIL_POLICY
 from policies.engine import Decision, evaluate
@@ -78,9 +78,9 @@ class DecideStage:
             return StageResult(reason="no policy configured", facts={"decision": "accept",
                                                                     "policy": None})
         now = datetime.fromtimestamp(self._clock(), UTC) if self._clock else None
-        # DLP scanning of a large message is CPU work: keep it off the event loop.
-        decision = await asyncio.to_thread(
-            evaluate, policy, ctx.envelope, ctx.data, dict(ctx.facts),
+        # DLP scanning of a large message is CPU work: that one goes to a thread.
+        decision = await cpu_bound(
+            len(ctx.data), None, evaluate, policy, ctx.envelope, ctx.data, dict(ctx.facts),
             local_domains=self._local_domains, now=now,
         )
         return to_result(decision, ctx, hostname=self._hostname, notify_from=self._notify_from,

@@ -53,7 +53,7 @@ from typing import Any
 from archive.imap.embedded import EmbeddedImap
 from archive.index import Index, IndexDoc, Indexer, open_index
 from gateway import config as config_mod
-from gateway import log
+from gateway import log, profiling
 from gateway.archive_stage import ArchiveStage
 from gateway.check.arc import ArcSealStage
 from gateway.check.spam.stage import SpamStage
@@ -273,11 +273,45 @@ class _StageIndexer(Indexer):
     The archive stage parsed the exact bytes it stored; fetching the blob back
     (decrypt, decompress) and parsing it again gave the same result for twice the
     CPU.  Blobs archived by another process (or evicted) are fetched as before.
+
+    With several worker processes (``lock``), every worker runs one and each takes
+    only the blobs whose extraction it holds, one indexer at a time (an exclusive
+    ``flock`` on ``lock``: the full-text index keeps a single writer); the one with
+    ``leftovers`` also takes, fetching them, the blobs nobody took for
+    ``LEFTOVER_AFTER`` seconds (archived by a process that died, evicted, imported).
+    Measured before: worker 0 fetched and re-extracted every message worker 1 had
+    archived (0.45 s of CPU per 2,000 messages, 3 % of the relay's).
     """
 
-    def __init__(self, stage: ArchiveStage, index: Index) -> None:
+    def __init__(self, stage: ArchiveStage, index: Index, *, lock: Path | None = None,
+                 leftovers: bool = True, monotonic: Callable[[], float] = time.monotonic,
+                 ) -> None:
         super().__init__(stage.meta, index, stage.archive.get)
         self.stage = stage
+        self.lock = lock
+        self.leftovers = leftovers
+        self.monotonic = monotonic
+        self._first_seen: dict[int, float] = {}
+
+    def run_once(self, batch: int = 500) -> int:
+        if self.lock is None:
+            return super().run_once(batch)
+        fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # a thread (index_loop): blocking is fine
+            take = self._select(self.meta.unindexed(batch))
+            if take:
+                self.index.add(self.docs(take))
+                self.meta.mark_indexed([b for b, _ in take], self.clock())
+            return len(take)
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _select(self, pending: list[tuple[int, str]]) -> list[tuple[int, str]]:
+        now = self.monotonic()
+        self._first_seen = {b: self._first_seen.get(b, now) for b, _ in pending}
+        return [(b, sha) for b, sha in pending if self.stage.holds_extracted(sha)
+                or (self.leftovers and now - self._first_seen[b] >= LEFTOVER_AFTER)]
 
     def docs(self, blobs: Iterable[tuple[int, str]]) -> list[IndexDoc]:
         out: list[IndexDoc] = []
@@ -294,12 +328,17 @@ class _StageIndexer(Indexer):
 # Extractions kept for the indexer: it runs about once a second, so this covers
 # bursts of several hundred messages per second; past it, it fetches the blob.
 KEEP_EXTRACTED = 2048
+# Seconds a blob waits for the worker that archived it before worker 0 indexes it.
+LEFTOVER_AFTER = 10.0
+INDEX_LOCK = "index.lock"
 
 
-async def index_loop(stage: ArchiveStage, data_dir: Path, idle: float = 1.0) -> None:
+async def index_loop(stage: ArchiveStage, data_dir: Path, idle: float = 1.0, *,
+                     worker_index: int = 0, workers: int = 1) -> None:
     """Index newly archived messages in batches, off the SMTP path (lag: about ``idle`` s)."""
     index = open_index("fts5", data_dir=data_dir)
-    indexer = _StageIndexer(stage, index)
+    indexer = _StageIndexer(stage, index, lock=data_dir / INDEX_LOCK if workers > 1 else None,
+                            leftovers=worker_index == 0)
     stage.keep_extracted = KEEP_EXTRACTED
     try:
         while True:
@@ -374,10 +413,12 @@ class Service:
                 watch_policy(self.policy, lambda: self.cfg), name="policy-watch")
         archive = next((st for st in self._after_stages if isinstance(st, ArchiveStage)), None)
         self._archive_rejected(cfg)
-        if archive is not None and self.worker_index == 0:
-            # One indexer per node: the full-text index has a single writer.
+        if archive is not None:
+            # One indexer per worker, each for what it archived; the full-text index
+            # still has a single writer at a time (_StageIndexer).
             self._indexer_task = asyncio.create_task(
-                index_loop(archive, cfg.data_dir), name="archive-indexer")
+                index_loop(archive, cfg.data_dir, worker_index=self.worker_index,
+                           workers=cfg.queue.workers), name="archive-indexer")
         self._listeners = await start_listeners(cfg, self.runner, reuse_port=self.reuse_port)
         if cfg.imap.enabled and archive is not None and self.worker_index == 0:
             # One IMAP server per node, reading through the archive stage's store.
@@ -560,6 +601,7 @@ async def serve_process(
         await svc.stop()
         return EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_PROBLEM
     tune_gc()
+    sampler = profiling.start_if_requested()  # COFFER_PROFILE=DIR: bench runs only
     loop.add_signal_handler(signal.SIGHUP, svc.reload)
     loop.add_signal_handler(signal.SIGUSR1, svc.rescan)
     watcher: asyncio.Task[None] | None = None
@@ -568,6 +610,8 @@ async def serve_process(
     await stop.wait()
     if watcher is not None:
         watcher.cancel()
+    if sampler is not None:
+        sampler.stop()
     await svc.stop()
     return EXIT_OK
 

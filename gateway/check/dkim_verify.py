@@ -30,6 +30,7 @@ MIN_KEY_BITS = 1024  # RFC 8301 §3.2: verifiers MUST NOT accept RSA keys under 
 # message is then unverifiable, not a reason to hold it.
 LIBRARY_ERRORS = (dkim.DKIMException, IndexError, KeyError, ValueError, TypeError)
 _FIELD_RE = re.compile(rb"^dkim-signature\s*:", re.IGNORECASE)
+_ANYWHERE_RE = re.compile(rb"dkim-signature", re.IGNORECASE)
 
 
 class _Log:
@@ -49,6 +50,11 @@ class _Log:
 
 def signature_count(data: bytes) -> int:
     """How many DKIM-Signature header fields the message has (as dkimpy reads it)."""
+    if _ANYWHERE_RE.search(data) is None:
+        # Neither dkimpy's parse nor the fallback below can find a field whose name
+        # is not in the message at all; most mail is unsigned, and dkimpy splits and
+        # rejoins the whole message to say so (0.12 ms for a 15 kB message).
+        return 0
     try:
         d = dkim.DKIM(data, logger=_Log())
     except LIBRARY_ERRORS:

@@ -15,8 +15,9 @@ Outcomes are reduced to the three that the authentication RFCs distinguish:
   pass or fail.
 
 The lookups are blocking (pyspf and dkimpy are synchronous libraries); callers
-on the event loop run them with :meth:`Resolver.run`, in the resolver's own
-thread pool (so slow DNS cannot starve the loop's default executor).  A :class:`TtlCache`
+on the event loop run them with :meth:`Resolver.run`: inline when the cache
+answers every lookup, else in the resolver's own thread pool (so slow DNS
+cannot starve the loop's default executor).  A :class:`TtlCache`
 shared by the threads keeps answers for their TTL (and "no records" for a short
 negative TTL, RFC 2308 §5), so a warm cache costs no network round trip.
 """
@@ -68,6 +69,19 @@ def parse_nameserver(value: str) -> tuple[str, int]:
     from gateway.config import parse_hostport  # gateway.config imports check.config
 
     return parse_hostport(value, DEFAULT_PORT)
+
+
+class _CacheMiss(BaseException):
+    """Resolver.run's inline attempt needs a name the cache does not hold.
+
+    A BaseException, so that the checks' ``except Exception`` handlers (which turn
+    DNS trouble into temperror) let it through to Resolver.run.
+    """
+
+
+# Set (to the list of names missed) while Resolver.run tries a check inline.
+_CACHE_ONLY: contextvars.ContextVar[list[tuple[str, str]] | None] = contextvars.ContextVar(
+    "coffer_dns_cache_only", default=None)
 
 
 class TtlCache:
@@ -145,7 +159,32 @@ class Resolver:
         return cls(list(dns_config.nameservers), float(dns_config.timeout), cache)
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        """``fn(*args, **kwargs)`` in a worker thread, with this context's variables."""
+        """``fn(*args, **kwargs)``: inline if the cache answers every lookup it makes,
+        else in a worker thread, with this context's variables.
+
+        A check whose names are all cached is CPU work only (well under a
+        millisecond), and a thread hop would cost a good part of that again.  So it
+        is first run on the loop with lookups limited to the cache; the first name
+        missing from it abandons that attempt (:class:`_CacheMiss`, noted even if a
+        library swallows the exception, as pyspf's bare ``except:`` does) and the
+        check runs again from the start in a thread, with the network.  ``fn`` must
+        have no effect but its result (the checks are pure apart from DNS).
+        """
+        if self.cache is not None:
+            missed: list[tuple[str, str]] = []
+            token = _CACHE_ONLY.set(missed)
+            try:
+                result = fn(*args, **kwargs)
+            except _CacheMiss:
+                pass
+            except Exception:
+                if not missed:
+                    raise
+            else:
+                if not missed:
+                    return result
+            finally:
+                _CACHE_ONLY.reset(token)
         ctx = contextvars.copy_context()
         call = functools.partial(ctx.run, fn, *args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(self.executor, call)
@@ -160,6 +199,10 @@ class Resolver:
             cached = self.cache.get(key)
             if cached is not None:
                 return tuple(cached)
+        missed = _CACHE_ONLY.get()
+        if missed is not None:  # an inline attempt of run(): no network on the loop
+            missed.append(key)
+            raise _CacheMiss(key)
         try:
             qname = dns.name.from_text(key[0] or ".")
         except dns.exception.DNSException:

@@ -32,7 +32,7 @@ from gateway import config, log
 from gateway.config import Config
 from gateway.errors import SpoolError
 from gateway.queue.spool import Spool
-from gateway.queue.state import QueueState, parse_events
+from gateway.queue.state import QueueState
 
 EXIT_OK = 0
 EXIT_PROBLEM = 1
@@ -259,10 +259,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     except SpoolError as exc:
         _err(str(exc))
         return EXIT_PROBLEM
-    try:
-        events = parse_events(spool.state_path(args.qid).read_bytes())
-    except FileNotFoundError:
-        events = []
+    events = spool.events(args.qid)
     headers = _headers(msg.data)
     obj = {
         "qid": msg.qid,

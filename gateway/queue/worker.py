@@ -353,8 +353,8 @@ class QueueWorker:
             # A hold waits for an operator before anything else runs.
             await self._hold(qid, disposition[1], f"hold: {disposition[2]}", reason="hold")
             return
-        # Stage completions written but not yet fsynced: the next fsync of the state
-        # log (a hold, a delivery record, or the one before delivery) covers them.
+        # Stage completions written but not yet fsynced (at the end of the .msg file):
+        # one fsync covers them all, before delivery or whatever else ends this pass.
         unsynced = False
         for stage in self.stages:
             if stage.once and stage.name in st.stages_done:
@@ -366,6 +366,7 @@ class QueueWorker:
             try:
                 result = await stage.run(ctx)
             except Exception as exc:
+                await self._sync_stages(qid, unsynced)
                 await self._hold(qid, stage.name, f"{type(exc).__name__}: {exc}")
                 return
             finally:
@@ -386,6 +387,7 @@ class QueueWorker:
                     qid, stage.name, ctx.data, before, result.facts)
             if action is Action.HOLD:
                 if not st.released:
+                    await self._sync_stages(qid, unsynced)
                     await self._hold(qid, stage.name, f"hold: {result.reason}", reason="hold")
                     return
             elif action in (Action.QUARANTINE, Action.DISCARD):
@@ -395,12 +397,14 @@ class QueueWorker:
                 reply = str(result.reply or replies.REJECTED_POLICY)
                 outcomes = [Outcome(r, RcptStatus.BOUNCED, reply, f"stage:{stage.name}")
                             for r in st.pending]
+                await self._sync_stages(qid, unsynced)
                 await self._record(msg, st, ctx, outcomes)
                 return
             elif action is Action.TEMPFAIL:
                 reply = str(result.reply or replies.TEMPFAIL_POLICY)
                 outcomes = [Outcome(r, RcptStatus.DEFERRED, reply, f"stage:{stage.name}")
                             for r in st.pending]
+                await self._sync_stages(qid, unsynced)
                 await self._record(msg, st, ctx, outcomes)
                 return
 
@@ -409,21 +413,27 @@ class QueueWorker:
             if action is Action.DISCARD:
                 outcomes = [Outcome(r, RcptStatus.DISCARDED, f"discarded by {stage_name}: {reason}",
                                     f"stage:{stage_name}") for r in st.pending]
+                await self._sync_stages(qid, unsynced)
                 await self._record(msg, st, ctx, outcomes)
                 return
+            await self._sync_stages(qid, unsynced)
             await self._hold(qid, stage_name, f"{action}: {reason}", reason=str(action))
             return
 
         if st.finished:
             # A stage refused every recipient that was left: nothing to deliver.
+            await self._sync_stages(qid, unsynced)
             await self._finish(msg, st, {})
             return
-        if unsynced:
-            # One fsync for every stage completed in this pass, before delivery relies
-            # on them (a restart after this point never runs those stages again).
-            await self._io(self.spool.sync_state, qid)
+        # One fsync for every stage completed in this pass, before delivery relies
+        # on them (a restart after this point never runs those stages again).
+        await self._sync_stages(qid, unsynced)
         outcomes = await self.deliverer.deliver(ctx.envelope, ctx.data, st.pending, qid=qid)
         await self._record(msg, st, ctx, outcomes)
+
+    async def _sync_stages(self, qid: str, unsynced: bool) -> None:
+        if unsynced:
+            await self._io(self.spool.sync_stages, qid)
 
     def _refuse(
         self, st: QueueState, stage: str, rejected: dict[str, replies.Reply]
@@ -488,10 +498,10 @@ class QueueWorker:
             except (TypeError, ValueError):
                 pass  # not serialisable: the stage's completion still counts
         if changed:
-            await self._io(self.spool.append_event, qid, event)
+            await self._io(self.spool.append_stage, qid, event)
             return False
         # A small append to a page-cached file: cheaper here than a thread hop.
-        self.spool.append_event(qid, event, sync=False)
+        self.spool.append_stage(qid, event, sync=False)
         return True
 
     async def _remove(self, qid: str) -> None:

@@ -29,6 +29,7 @@ import email.message
 import email.parser
 import email.policy
 import email.utils
+import functools
 import re
 import secrets
 from dataclasses import dataclass
@@ -106,6 +107,15 @@ def _header_message(header: bytes) -> email.message.Message:
 
 def content_type(data: bytes) -> tuple[str, dict[str, str]]:
     """The top-level media type (lower case) and its parameters (names lower case)."""
+    ctype, params = _content_type(data)
+    return ctype, dict(params)
+
+
+# The encrypt stage asks encryption_of, signature_of and signed_entity about the
+# same bytes one after the other: the header section is split and parsed once.
+# (A few entries only: the cache keeps those messages' bytes alive.)
+@functools.lru_cache(maxsize=4)
+def _content_type(data: bytes) -> tuple[str, dict[str, str]]:
     header, _ = split(data)
     msg = _header_message(header)
     params: dict[str, str] = {}

@@ -257,3 +257,25 @@ def test_every_corpus_message_extracts_without_raising() -> None:
             assert ex.size == path.stat().st_size
             seen += 1
     assert seen > 300
+
+
+def test_header_fields_shared_between_messages_decode_per_message() -> None:
+    # Header objects are parsed once per distinct field and shared: two messages
+    # with the same Content-Type and different encoded subjects and senders must
+    # still each get their own, in any order.
+    def msg(subject: str, sender: str, name: str) -> bytes:
+        return (f"From: {sender}\r\nTo: b@example.org\r\nSubject: {subject}\r\n"
+                "MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=XX\r\n\r\n"
+                "--XX\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nhello\r\n"
+                f"--XX\r\nContent-Type: text/plain; name=\"{name}\"\r\n"
+                "Content-Disposition: attachment\r\n\r\nfile\r\n--XX--\r\n").encode()
+
+    one = msg("=?utf-8?q?caf=C3=A9?=", "Ann <ann@example.com>", "a.txt")
+    two = msg("=?utf-8?b?w7xiZXI=?=", "Bob <bob@example.net>", "b.txt")
+    for _ in range(2):
+        for raw, subject, sender, name in ((one, "café", "ann@example.com", "a.txt"),
+                                           (two, "über", "bob@example.net", "b.txt")):
+            out = extract(raw)
+            assert out.subject == subject
+            assert [p.address for p in out.participants if p.role == "from"] == [sender]
+            assert [a.name for a in out.attachments] == [name]

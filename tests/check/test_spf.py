@@ -8,6 +8,7 @@ and run as strict xfails (so a fix makes them fail loudly, and gets them moved).
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from authcorpus import corpus_dir
 from authdns import DnsTestServer, Zone
 
 from gateway.check import spf
-from gateway.check.dns import Resolver
+from gateway.check.dns import Resolver, TtlCache
 
 # --- behaviour of our SPF path ------------------------------------------------
 
@@ -89,6 +90,47 @@ async def test_async_check_runs_off_the_event_loop(zone: Zone, resolver: Resolve
     zone.txt("example.com", "v=spf1 ip6:2001:db8::/32 -all")
     v = await spf.check(resolver, "2001:db8::25", "bob@example.com", "mx")
     assert v.result == "pass"
+
+
+class CountingExecutor(ThreadPoolExecutor):
+    """A real thread pool that counts the work handed to it."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
+        self.submitted = 0
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        self.submitted += 1
+        return super().submit(fn, *args, **kwargs)
+
+
+async def test_check_with_every_answer_cached_runs_inline(dns_server: DnsTestServer) -> None:
+    dns_server.zone.txt("example.com", "v=spf1 ip4:192.0.2.0/24 -all")
+    executor = CountingExecutor()
+    r = Resolver([dns_server.hostport], timeout=0.5, cache=TtlCache(), executor=executor)
+    try:
+        first = await spf.check(r, "192.0.2.7", "alice@example.com", "mx.example.com")
+        second = await spf.check(r, "192.0.2.7", "alice@example.com", "mx.example.com")
+    finally:
+        executor.shutdown()
+    assert first == second
+    assert first.result == "pass"
+    assert executor.submitted == 1  # only the first, which had to ask the network
+
+
+async def test_a_lookup_missing_from_the_cache_is_never_skipped(
+        dns_server: DnsTestServer) -> None:
+    # pyspf swallows any exception from the exp= lookup (a bare except): the inline
+    # attempt must still notice the cache miss and run the check with the network,
+    # or the explanation would silently go missing.
+    dns_server.zone.txt("example.com", "v=spf1 -all exp=why.example.com")
+    dns_server.zone.txt("why.example.com", "%{i} is not one of %{d}'s mail servers")
+    r = Resolver([dns_server.hostport], timeout=0.5, cache=TtlCache())
+    r.query("example.com", "TXT")  # the record is cached, its explanation is not
+    v = await spf.check(r, "198.51.100.1", "alice@example.com", "mx.example.com")
+    assert v.result == "fail"
+    assert v.reason == "198.51.100.1 is not one of example.com's mail servers"
+    assert ("why.example.com", "TXT") in dns_server.zone.queries
 
 
 def test_no_resolver_means_no_lookup_at_all() -> None:

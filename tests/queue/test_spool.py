@@ -67,6 +67,31 @@ def test_torn_last_state_line_is_ignored(tmp_path: Path) -> None:
     assert spool.load(qid).state.finished
 
 
+def test_stage_records_follow_the_message_and_leave_its_bytes_alone(tmp_path: Path) -> None:
+    # After-queue stage completions are appended to the .msg file: no .state file
+    # is created for them, the message reads back byte for byte, a torn last
+    # record (crash mid-append) is ignored, and they fold with the .state log.
+    spool = Spool(tmp_path)
+    data = b"Subject: hi\r\n\r\n{\"ev\":\"stage\",\"stage\":\"fake\"}\n"
+    qid = spool.store(_env("a@d.example", "b@d.example"), data)
+    spool.append_stage(qid, {"ev": "stage", "stage": "transform"}, sync=False)
+    spool.append_stage(qid, {"ev": "stage", "stage": "archive", "facts": {"sha256": "ab"}})
+    assert not spool.state_path(qid).exists()
+    with open(spool.msg_path(qid), "ab") as fh:
+        fh.write(b'{"ev":"stage","stage":"tor')
+    spool.append_event(qid, {"ev": "rcpt", "rcpt": "a@d.example", "status": "delivered"})
+    msg = spool.load(qid)
+    assert msg.data == data
+    assert msg.state.stages_done == {"transform", "archive"}
+    assert msg.state.stage_facts == {"archive": {"sha256": "ab"}}
+    assert msg.state.pending == ["b@d.example"]
+    assert spool.read_state(qid, ["a@d.example", "b@d.example"]).stages_done == \
+        {"transform", "archive"}
+    assert [e["ev"] for e in spool.events(qid)] == ["stage", "stage", "rcpt"]
+    with pytest.raises(ValueError):
+        spool.append_stage(qid, {"ev": "rcpt", "rcpt": "b@d.example", "status": "delivered"})
+
+
 def test_truncated_spool_file_is_reported_not_delivered(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     qid = spool.store(_env(), b"0123456789")

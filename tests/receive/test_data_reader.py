@@ -88,3 +88,54 @@ def test_size_limit_counts_unstuffed_bytes() -> None:
 def test_bare_newline_wins_over_other_problems() -> None:
     stream = b"x" * 50 + b"\r\n" + b"bare\nlf\r\n" + b".\r\n"
     assert _run(_read(stream, max_line=20, max_size=10))[1] == replies.BAD_NEWLINE
+
+
+async def _read_in_pieces(stream: bytes, cuts: list[int], *, max_line: int,
+                          max_size: int) -> tuple[bytes, replies.Reply | None, bytes]:
+    """As _read, but the bytes arrive in pieces, the reader waiting between them."""
+    reader = asyncio.StreamReader(limit=max_line + 1)
+
+    async def feed() -> None:
+        start = 0
+        for cut in [*sorted(set(cuts)), len(stream)]:
+            if cut > start:
+                reader.feed_data(stream[start:cut])
+                start = cut
+            await asyncio.sleep(0)
+        reader.feed_eof()
+
+    feeder = asyncio.ensure_future(feed())
+    data, problem = await read_data(reader, max_line=max_line, max_size=max_size)
+    await feeder
+    return data, problem, await reader.read()
+
+
+@settings(max_examples=300, deadline=None)
+@given(junk=dangerous, tail=st.binary(max_size=20), max_line=st.sampled_from([4, 8, 30, 1000]),
+       max_size=st.sampled_from([5, 40, 10**7]),
+       cuts=st.lists(st.integers(min_value=1, max_value=200), max_size=12))
+def test_pieces_of_any_size_read_as_the_whole(junk: bytes, tail: bytes, max_line: int,
+                                              max_size: int, cuts: list[int]) -> None:
+    # Where the network splits the stream changes nothing: the same message, the
+    # same problem, the same bytes left for the next command.
+    stream = junk + b"\r\n.\r\n" + tail
+    expected = _line_by_line(stream, max_line=max_line, max_size=max_size)
+    assert _run(_read(stream, max_line=max_line, max_size=max_size)) == expected
+    assert _run(_read_in_pieces(stream, cuts, max_line=max_line, max_size=max_size)) == expected
+
+
+def _line_by_line(stream: bytes, *, max_line: int,
+                  max_size: int) -> tuple[bytes, replies.Reply | None, bytes]:
+    """The reference: RFC 5321's rules applied one LF-ended line at a time."""
+    virtual = b"\r\n" + stream
+    end = virtual.find(b"\r\n.\r\n")
+    lines = [x + b"\n" for x in virtual[2 : end + 2].split(b"\n")[:-1]]
+    rest = virtual[end + 5 :]
+    if any(not x.endswith(b"\r\n") or b"\r" in x[:-2] for x in lines):
+        return b"", replies.BAD_NEWLINE, rest
+    text = [x[1:] if x.startswith(b".") else x for x in lines]
+    if any(len(x) > max_line for x in text):
+        return b"", replies.LINE_TOO_LONG, rest
+    if sum(map(len, text)) > max_size:
+        return b"", replies.MESSAGE_TOO_BIG, rest
+    return b"".join(text), None, rest

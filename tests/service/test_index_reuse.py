@@ -74,3 +74,52 @@ async def test_kept_extractions_are_bounded(tmp_path: Path) -> None:
         assert [stage.take_extracted(s) is not None for s in shas] == [False, False, True, True]
     finally:
         await stage.close()
+
+
+async def test_each_worker_indexes_what_it_archived_and_worker_0_the_leftovers(
+        tmp_path: Path) -> None:
+    # Two workers (two stages over one data directory, as two processes): each
+    # indexer takes the blobs whose extraction it holds, without fetching; a blob
+    # nobody holds is left alone until it is overdue, then worker 0 fetches it.
+    from gateway.service import INDEX_LOCK, LEFTOVER_AFTER
+
+    stages = []
+    for _ in range(2):
+        meta = Metadata.for_data_dir(tmp_path)
+        meta.migrate()
+        stages.append(ArchiveStage(Archive.open(tmp_path), meta))
+    index = open_index("fts5", data_dir=tmp_path)
+    now = [1000.0]
+    fetched: list[str] = []
+    try:
+        indexers = []
+        for i, stage in enumerate(stages):
+            stage.keep_extracted = 8
+            ix = _StageIndexer(stage, index, lock=tmp_path / INDEX_LOCK, leftovers=i == 0,
+                               monotonic=lambda: now[0])
+
+            def fetch(sha256: str, stage: ArchiveStage = stage) -> bytes:
+                fetched.append(sha256)
+                return stage.archive.get(sha256)
+
+            ix.fetch = fetch
+            indexers.append(ix)
+        mine0 = await _archive(stages[0], "zero")
+        mine1 = await _archive(stages[1], "one")
+        stages[1].keep_extracted = 0
+        orphan = await _archive(stages[1], "orphan")  # its extraction is not kept
+
+        assert indexers[0].run_once() == 1  # only its own: "one" is worker 1's
+        assert indexers[1].run_once() == 1
+        assert indexers[1].run_once() == 0  # never the orphan: worker 0's job
+        assert indexers[0].run_once() == 0  # not overdue yet
+        assert fetched == []
+        now[0] += LEFTOVER_AFTER
+        assert indexers[0].run_once() == 1
+        assert fetched == [orphan]
+        assert stages[0].meta.unindexed() == []
+        assert not {mine0, mine1} & set(fetched)
+    finally:
+        index.close()
+        for stage in stages:
+            await stage.close()

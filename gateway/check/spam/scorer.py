@@ -103,7 +103,12 @@ class Scorer:
         heuristics.evaluate(pm, scan, check=check, now=time.time() if now is None else now)
         if self.store is None:
             return None
-        c = self.store.model().classify(tokenize(pm), self.config.bayes.min_learned)
+        model, min_learned = self.store.model(), self.config.bayes.min_learned
+        if model.nspam < min_learned or model.nham < min_learned:
+            # Not trained enough to be used (Model.classify would say not ready, and
+            # bayes_symbol adds nothing): skip tokenizing, most of the classifier's CPU.
+            return None
+        c = model.classify(tokenize(pm), min_learned)
         bayes_symbol(scan, c)
         return c.probability if c.ready and c.clues else None
 

@@ -19,9 +19,9 @@ The only non-continue action is TEMPFAIL, when an external scanner failed and
 ``spam.external.on_error`` says so.
 
 Parsing, heuristics and the classifier are CPU work (about 1 ms for a typical
-message): they run in the stage's own worker thread so a large message never
-stalls the event loop.  DNS blocklists and external scanners are I/O and run
-concurrently with each other.
+message): inline for a typical message, in the stage's own worker thread for a
+large one so that it never stalls the event loop (gateway.offload).  DNS
+blocklists and external scanners are I/O and run concurrently with each other.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from gateway.check.spam.config import SpamConfig
 from gateway.check.spam.heuristics import link_domains
 from gateway.check.spam.scorer import Scorer, Verdict
 from gateway.check.spam.symbols import Scan
+from gateway.offload import cpu_bound
 from gateway.pipeline import Action, MessageContext, StageResult
 from gateway.replies import Reply
 
@@ -108,11 +109,10 @@ class SpamStage:
         """(verdict, external scanners' facts, the error that asks for a tempfail)."""
         cfg = self.config
         check = ctx.facts.get("check")
-        loop = asyncio.get_running_loop()
-        local = loop.run_in_executor(
-            self.executor, self._local, ctx.data,
+        local = asyncio.ensure_future(cpu_bound(
+            len(ctx.data), self.executor, self._local, ctx.data,
             check if isinstance(check, Mapping) else None, self.clock(),
-        )
+        ))
         jobs: dict[str, Any] = {}
         facts: dict[str, Any] = {}
         too_large = len(ctx.data) > cfg.max_size
