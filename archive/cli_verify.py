@@ -31,6 +31,7 @@ from archive.cli_common import (
 from archive.errors import ArchiveError
 from archive.facade import Archive, ArchivePaths
 from archive.keys import KeyRing, escrow_restore, load_public_key, public_key_id
+from archive.location import location_from_args
 from archive.verify import Finding, verify
 
 EXIT_OK, EXIT_PROBLEM = 0, 1
@@ -202,4 +203,4 @@ def cmd_keys_restore(args: argparse.Namespace) -> int:
 
 
 def _open(args: argparse.Namespace) -> Archive:
-    return Archive.open(data_dir_from_args(args), create=False)
+    return location_from_args(args).open_archive(create=False)

@@ -27,6 +27,7 @@ from typing import Any
 from archive.errors import ArchiveError
 from archive.extract import Extracted, extract
 from archive.facade import Archive, BatchWriter
+from archive.location import location_from_config
 from archive.metadata import MessageRecord, Metadata, StoredMessage
 from archive.receipts import RECEIPT, RECEIPT_OF, receipt_document
 from gateway.config import Config
@@ -145,10 +146,16 @@ class ArchiveStage:
 
     @classmethod
     def open(cls, cfg: Config) -> ArchiveStage:
-        """The embedded archive under the data directory (store, ledger, SQLite)."""
-        meta = Metadata.for_data_dir(cfg.data_dir)
-        meta.migrate()
-        return cls(Archive.open(cfg.data_dir), meta)
+        """The configured archive: embedded under the data directory by default, or the
+        ``archive.database`` (PostgreSQL) and ``s3`` bucket a cluster shares."""
+        loc = location_from_config(cfg)
+        meta = loc.open_metadata()
+        try:
+            archive = loc.open_archive(create=True)
+        except BaseException:
+            meta.close()
+            raise
+        return cls(archive, meta)
 
     async def run(self, ctx: MessageContext) -> StageResult:
         decide = ctx.facts.get("decide") or {}

@@ -14,7 +14,14 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from archive.imap.config import ImapSection
 from archive.s3config import S3Config
@@ -194,6 +201,43 @@ class LogConfig(_Model):
     file: Path | None = Field(None, description="Log file (default: standard error)")
 
 
+class ArchiveConfig(_Model):
+    """Where the archive's metadata and full-text index live (the store: ``s3:``)."""
+
+    database: str | None = Field(
+        None, description="Metadata database, an SQLAlchemy URL; postgresql://HOST/DB is "
+        "shared by every node (password: ~/.pgpass or PGPASSWORD, not the URL); default: "
+        "SQLite DATA_DIR/archive/meta.db",
+    )
+    index: Literal["fts5", "whoosh", "pg"] | None = Field(
+        None, description="Full-text engine; default: pg with PostgreSQL, else fts5",
+    )
+    node: str | None = Field(
+        None, description="This node's name in a cluster, unique per node: names its ledger "
+        "chain (default: hostname)",
+    )
+    health_probe: Duration = Field(
+        5.0, gt=0, description="While the archive backend is down, how often it is probed",
+    )
+
+    @field_validator("database")
+    @classmethod
+    def _no_password(cls, value: str | None) -> str | None:
+        # A configuration file is copied, diffed and printed: the password stays in
+        # libpq's own places (~/.pgpass, PGPASSFILE, a ?passfile= parameter, PGPASSWORD).
+        if value is not None and re.match(r"^[a-z0-9+]+://[^/@]*:[^/@]*@", value):
+            raise ValueError("no password in the database URL: put it in ~/.pgpass, a "
+                             "?passfile=FILE parameter or PGPASSWORD")
+        return value
+
+    @field_validator("node")
+    @classmethod
+    def _node_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", value):
+            raise ValueError(f"{value!r}: a node name is 1-63 of A-Z a-z 0-9 . _ -")
+        return value
+
+
 class Config(_Model):
     hostname: str = Field("localhost", description="Name in the banner, EHLO and Received")
     data_dir: Path = Field(Path("."), description="Root of spool, archive, maildirs (rel. to file)")
@@ -212,6 +256,7 @@ class Config(_Model):
         None, description="S3 object storage with Object Lock for archive blobs and ledger "
         "segments (default: local files)",
     )
+    archive: ArchiveConfig = Field(default_factory=ArchiveConfig)
     imap: ImapSection = Field(default_factory=ImapSection)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     log: LogConfig = Field(default_factory=LogConfig)
@@ -227,6 +272,11 @@ class Config(_Model):
     @property
     def spool_dir(self) -> Path:
         return self.data_dir / "spool"
+
+    @property
+    def node_name(self) -> str:
+        """This node's name in a cluster (``archive.node``, else ``hostname``)."""
+        return self.archive.node or self.hostname
 
 
 def _check_semantics(cfg: Config, loc: yamlsource.Locator) -> None:

@@ -51,7 +51,8 @@ from pathlib import Path
 from typing import Any
 
 from archive.imap.embedded import EmbeddedImap
-from archive.index import Index, IndexDoc, Indexer, open_index
+from archive.index import Index, IndexDoc, Indexer
+from archive.location import location_from_config
 from gateway import config as config_mod
 from gateway import log
 from gateway.archive_stage import ArchiveStage
@@ -291,9 +292,9 @@ class _StageIndexer(Indexer):
 KEEP_EXTRACTED = 2048
 
 
-async def index_loop(stage: ArchiveStage, data_dir: Path, idle: float = 1.0) -> None:
+async def index_loop(stage: ArchiveStage, cfg: Config, idle: float = 1.0) -> None:
     """Index newly archived messages in batches, off the SMTP path (lag: about ``idle`` s)."""
-    index = open_index("fts5", data_dir=data_dir)
+    index = location_from_config(cfg).open_index(stage.meta)
     indexer = _StageIndexer(stage, index)
     stage.keep_extracted = KEEP_EXTRACTED
     try:
@@ -368,7 +369,7 @@ class Service:
         if archive is not None and self.worker_index == 0:
             # One indexer per node: the full-text index has a single writer.
             self._indexer_task = asyncio.create_task(
-                index_loop(archive, cfg.data_dir), name="archive-indexer")
+                index_loop(archive, cfg), name="archive-indexer")
         self._listeners = await start_listeners(cfg, self.runner, reuse_port=self.reuse_port)
         if cfg.imap.enabled and archive is not None and self.worker_index == 0:
             # One IMAP server per node, reading through the archive stage's store.

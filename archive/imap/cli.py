@@ -96,6 +96,9 @@ def _accounts(args: argparse.Namespace, data_dir: Path) -> Any:
 
     if getattr(args, "accounts_database", None):
         return Accounts(args.accounts_database)
+    cfg = _config(args)
+    if cfg is not None and cfg.imap.accounts_database:
+        return Accounts(cfg.imap.accounts_database)
     return Accounts.for_data_dir(data_dir)
 
 
@@ -149,11 +152,9 @@ def _tls_context(args: argparse.Namespace, cfg: Any) -> ssl.SSLContext | None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from archive.facade import Archive
     from archive.imap.archive_backend import ArchiveBackend, ledger_audit_hook
     from archive.imap.server import ImapConfig, ImapServer
-    from archive.index import open_index
-    from archive.metadata import Metadata
+    from archive.location import location_from_args
 
     cfg = _config(args)
     data_dir = _data_dir(args, cfg)
@@ -165,11 +166,10 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ArchiveError("--implicit-tls needs a certificate (--tls-cert/--tls-key)")
     domains = args.domain if args.domain is not None else (
         list(cfg.relay.local_domains) if cfg is not None else [])
-    meta = Metadata(args.database) if args.database else Metadata.for_data_dir(data_dir)
-    meta.migrate()
-    archive = Archive.open(data_dir, create=False)
-    index = open_index(args.index or ("pg" if meta.dialect == "postgresql" else "fts5"),
-                       data_dir=data_dir, meta=meta)
+    loc = location_from_args(args)
+    meta = loc.open_metadata()
+    archive = loc.open_archive(create=False)
+    index = loc.open_index(meta)
     accounts = _accounts(args, data_dir)
     backend = ArchiveBackend(meta, archive, accounts, index, domains,
                              audit_hooks=[ledger_audit_hook(archive.append)])

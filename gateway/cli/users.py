@@ -19,10 +19,12 @@ import argparse
 import getpass
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
-from archive.cli_common import add_location_arguments, data_dir_from_args
+from archive.cli_common import add_location_arguments
 from archive.imap.accounts import ROLES, Accounts
+from archive.location import config_from_args
 from gateway.errors import ConfigError
 
 EXIT_OK = 0
@@ -82,7 +84,10 @@ def register(sub: Any) -> None:
 def open_accounts(args: argparse.Namespace) -> Accounts:
     if getattr(args, "database", None):
         return Accounts(args.database)
-    return Accounts.for_data_dir(data_dir_from_args(args))
+    cfg = config_from_args(args)
+    if cfg is not None and cfg.imap.accounts_database:
+        return Accounts(cfg.imap.accounts_database)  # the one every node shares
+    return Accounts.for_data_dir(cfg.data_dir if cfg is not None else Path(args.data_dir))
 
 
 def read_password(args: argparse.Namespace) -> str:
