@@ -103,6 +103,14 @@ class Archive:
     def close(self) -> None:
         self.store.close()
 
+    def probe(self) -> None:
+        """Raise (ObjectStoreUnavailableError) unless the blob store answers; local files
+        always do."""
+        from archive.s3store import S3BlobStore
+
+        if isinstance(self.store, S3BlobStore):
+            self.store.probe()
+
     def __enter__(self) -> Archive:
         return self
 

@@ -556,6 +556,11 @@ class S3BlobStore(ZstdContexts):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def probe(self) -> None:
+        """One cheap request (HEAD of the bucket): raises while the storage is unreachable."""
+        if self.s3.head_bucket(self.bucket) is None:
+            raise BucketConfigError(f"s3://{self.bucket}: the bucket is gone", "NoSuchBucket")
+
     def name(self, sha256: str) -> str:
         return f"{self.prefix}blobs/{check_sha(sha256)[:2]}/{sha256}"
 

@@ -10,7 +10,11 @@ trace and retention end go into the metadata database, batched into one
 transaction per burst.  Indexing happens later, off this path (archive.index.Indexer).
 
 A failure here raises: the worker holds the message with stage "archive", so
-nothing is delivered that was not archived.
+nothing is delivered that was not archived.  An outage of the backend (PostgreSQL
+or S3 unreachable, gateway.archive_health) is not a failure of the message: the
+stage answers TEMPFAIL, the worker defers it in the spool, and the health flag
+makes the before-queue path refuse new mail with 451 until a probe sees the
+backend again.
 """
 
 from __future__ import annotations
@@ -24,14 +28,22 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from sqlalchemy import text
+
 from archive.errors import ArchiveError
 from archive.extract import Extracted, extract
 from archive.facade import Archive, BatchWriter
 from archive.location import location_from_config
 from archive.metadata import MessageRecord, Metadata, StoredMessage
 from archive.receipts import RECEIPT, RECEIPT_OF, receipt_document
+from gateway.archive_health import (
+    ARCHIVE_UNAVAILABLE,
+    BackendHealth,
+    backend_unavailable,
+    describe,
+)
 from gateway.config import Config
-from gateway.pipeline import MessageContext, StageResult
+from gateway.pipeline import Action, MessageContext, StageResult
 
 _PERIOD = re.compile(r"^(\d+)(y|mo|w|d)$")
 
@@ -124,6 +136,7 @@ class ArchiveStage:
                  clock: Callable[[], datetime] | None = None) -> None:
         self.archive = archive
         self.meta = meta
+        self.health = BackendHealth()
         self.writer = BatchWriter(archive)
         self.batcher = _MetadataBatcher(meta)
         self.clock = clock or (lambda: datetime.now(UTC))
@@ -162,6 +175,23 @@ class ArchiveStage:
         if decide.get("archive") is False:
             # Only a policy that explicitly allows exemptions can say this (policies/).
             return StageResult(reason="not archived: exempted by policy rule")
+        try:
+            return await self._archive(ctx)
+        except Exception as exc:
+            if not backend_unavailable(exc):
+                raise  # the worker holds the message: an operator looks at it
+            reason = describe(exc)
+            self.health.mark_down(reason)
+            return StageResult(action=Action.TEMPFAIL, reply=ARCHIVE_UNAVAILABLE,
+                               reason=f"archive backend unavailable: {reason}")
+
+    def probe(self) -> None:
+        """Raise unless the metadata database and the blob store answer (a cheap request)."""
+        with self.meta.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        self.archive.probe()
+
+    async def _archive(self, ctx: MessageContext) -> StageResult:
         rec, receipt = await asyncio.to_thread(self._prepare, ctx)
         # The receipt first, in the same ledger append: the message's entry names it.
         _, ref = await self.writer.put_many(

@@ -44,14 +44,20 @@ class Runner:
         on_queued: Callable[[str], None] | None = None,
         executor: Executor | None = None,
         clock: Callable[[], float] = time.time,
+        refuse: Callable[[], Reply | None] | None = None,
     ) -> None:
         self.spool = spool
+        # A reason to refuse new transactions now (the archive backend is down:
+        # gateway.archive_health), checked at MAIL FROM with the spool's room.
+        self.refuse = refuse
         self.stages = list(stages)
         self.on_queued = on_queued
         self.executor = executor
         self.clock = clock
 
     def room_for(self, size: int) -> Reply | None:
+        if self.refuse is not None and (reply := self.refuse()) is not None:
+            return reply
         return None if self.spool.has_room(size) else replies.SPOOL_FULL
 
     async def accept(self, envelope: Envelope, data: bytes) -> Reply:

@@ -55,6 +55,7 @@ from archive.index import Index, IndexDoc, Indexer
 from archive.location import location_from_config
 from gateway import config as config_mod
 from gateway import log
+from gateway.archive_health import ARCHIVE_UNAVAILABLE, describe
 from gateway.archive_stage import ArchiveStage
 from gateway.check.arc import ArcSealStage
 from gateway.check.spam.stage import SpamStage
@@ -301,8 +302,8 @@ async def index_loop(stage: ArchiveStage, cfg: Config, idle: float = 1.0) -> Non
         while True:
             try:
                 done = await asyncio.to_thread(indexer.run_once)
-            except CofferError as exc:  # the index is rebuildable: log, retry later
-                log.event("index_failed", level=logging.ERROR, error=str(exc))
+            except Exception as exc:  # rebuildable, or the backend is down: retry later
+                log.event("index_failed", level=logging.ERROR, error=describe(exc))
                 done = 0
             if not done:
                 await asyncio.sleep(idle)
@@ -338,6 +339,7 @@ class Service:
     _after_stages: list[Stage] = field(default_factory=list, init=False)
     _indexer_task: asyncio.Task[None] | None = field(default=None, init=False)
     _policy_task: asyncio.Task[None] | None = field(default=None, init=False)
+    _health_task: asyncio.Task[None] | None = field(default=None, init=False)
     _imap: EmbeddedImap | None = field(default=None, init=False)
     _bg: set[asyncio.Task[None]] = field(default_factory=set, init=False)
 
@@ -355,9 +357,10 @@ class Service:
         self._worker = QueueWorker(
             cfg, self.spool, self._after_stages, self._deliverer, executor=self._executor
         )
+        archive = next((st for st in self._after_stages if isinstance(st, ArchiveStage)), None)
         self.runner = Runner(
             self.spool, before_queue_stages(cfg, self.policy), on_queued=self._worker.notify,
-            executor=self._executor,
+            executor=self._executor, refuse=archive.health.refusal if archive else None,
         )
         # The worker starts first: a message accepted in the first millisecond is
         # notified to a worker that is already running.
@@ -365,7 +368,9 @@ class Service:
         if cfg.policy is not None:
             self._policy_task = asyncio.create_task(
                 watch_policy(self.policy, lambda: self.cfg), name="policy-watch")
-        archive = next((st for st in self._after_stages if isinstance(st, ArchiveStage)), None)
+        if archive is not None:
+            self._health_task = asyncio.create_task(
+                self._watch_archive(archive), name="archive-health")
         if archive is not None and self.worker_index == 0:
             # One indexer per node: the full-text index has a single writer.
             self._indexer_task = asyncio.create_task(
@@ -400,7 +405,7 @@ class Service:
                 pass
             except Exception as exc:  # the worker's own failure: log, still exit cleanly
                 log.event("worker_failed", level=logging.ERROR, error=repr(exc))
-        for task in (self._indexer_task, self._policy_task):
+        for task in (self._indexer_task, self._policy_task, self._health_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -417,6 +422,28 @@ class Service:
         if self._metrics is not None:
             self._metrics.close()
         log.event("stopped", pid=os.getpid(), seconds=round(time.monotonic() - started, 3))
+
+    async def _watch_archive(self, stage: ArchiveStage) -> None:
+        """While the archive backend is marked down (by a failed write), probe it; when it
+        answers again, retry what the outage deferred.  A backend that is up is not
+        probed: the archive writes themselves are the probe."""
+        while True:
+            await asyncio.sleep(self.cfg.archive.health_probe)
+            if not stage.health.down:
+                continue
+            try:
+                await asyncio.to_thread(stage.probe)
+            except Exception as exc:  # any failure: the archive cannot take mail now
+                stage.health.mark_down(describe(exc))
+                continue
+            if stage.health.mark_up():
+                loop = asyncio.get_running_loop()
+                qids = await loop.run_in_executor(self._executor, _retry_deferred_by_archive,
+                                                  self.spool, time.time())
+                log.event("archive_retry_deferred", messages=len(qids))
+                if self._worker is not None:
+                    for qid in qids:
+                        self._worker.notify(qid)
 
     def rescan(self) -> None:
         """SIGUSR1: pick up operator changes (retry, release) now, not at the next scan."""
@@ -516,6 +543,23 @@ def _due_now(spool: Spool, now: float) -> list[str]:
     for qid in spool.queue_ids():
         st = spool.read_state(qid, [])
         if not st.held and st.next_attempt_at <= now:
+            due.append(qid)
+    return due
+
+
+def _retry_deferred_by_archive(spool: Spool, now: float) -> list[str]:
+    """Make the messages an archive outage deferred due now (thread-safe I/O): like
+    ``coffer queue retry``, a ``retry`` event in each one's log."""
+    due = []
+    for qid in spool.queue_ids():
+        try:
+            st = spool.read_state(qid, [])
+        except FileNotFoundError:
+            continue  # delivered and removed meanwhile
+        if st.held or st.next_attempt_at <= now:
+            continue
+        if st.last_error == str(ARCHIVE_UNAVAILABLE):
+            spool.append_event(qid, {"ev": "retry", "by": "archive-health"})
             due.append(qid)
     return due
 
