@@ -39,6 +39,7 @@ from archive.facade import Archive
 from archive.holds import HoldInfo, create_hold, get_hold, list_holds, release_hold
 from archive.importer import ImportFailure, ImportReport, import_path
 from archive.index import Index, Indexer
+from archive.joblock import JobLock
 from archive.location import location_from_args
 from archive.metadata import Metadata, current_officer
 from archive.query import QueryError
@@ -217,8 +218,16 @@ class _Progress:
 
 def cmd_expire(args: argparse.Namespace) -> int:
     who = current_officer(args.officer)
-    with _open(args) as env:
+    with _open(args) as env, JobLock("retention-expire", env.meta, env.data_dir).attempt() as mine:
         assert env.index is not None
+        if not mine:
+            # Each node's cron may start this at the same minute: one run does the work.
+            note = "another node or process is expiring now: nothing done by this run"
+            if args.json:
+                print(json.dumps({"type": "summary", "skipped": True, "reason": note}))
+            else:
+                print(f"coffer: {note}", file=sys.stderr)
+            return EXIT_OK
         report = expire(env.meta, env.archive, env.index, who, dry_run=args.dry_run)
     if args.json:
         for item in report.expired:

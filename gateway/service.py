@@ -52,6 +52,7 @@ from typing import Any
 
 from archive.imap.embedded import EmbeddedImap
 from archive.index import Index, IndexDoc, Indexer
+from archive.joblock import JobLock
 from archive.location import location_from_config
 from gateway import config as config_mod
 from gateway import log
@@ -294,14 +295,24 @@ KEEP_EXTRACTED = 2048
 
 
 async def index_loop(stage: ArchiveStage, cfg: Config, idle: float = 1.0) -> None:
-    """Index newly archived messages in batches, off the SMTP path (lag: about ``idle`` s)."""
+    """Index newly archived messages in batches, off the SMTP path (lag: about ``idle`` s).
+
+    Every node runs this loop; the job lock (archive.joblock) lets one node at a
+    time take a batch, so a shared PostgreSQL index is written once per message.
+    """
     index = location_from_config(cfg).open_index(stage.meta)
     indexer = _StageIndexer(stage, index)
+    lock = JobLock("index", stage.meta, cfg.data_dir)
     stage.keep_extracted = KEEP_EXTRACTED
+
+    def one_batch() -> int:
+        with lock.attempt() as mine:
+            return indexer.run_once() if mine else 0
+
     try:
         while True:
             try:
-                done = await asyncio.to_thread(indexer.run_once)
+                done = await asyncio.to_thread(one_batch)
             except Exception as exc:  # rebuildable, or the backend is down: retry later
                 log.event("index_failed", level=logging.ERROR, error=describe(exc))
                 done = 0
