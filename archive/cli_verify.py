@@ -112,7 +112,8 @@ class _Progress:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    paths = ArchivePaths(data_dir_from_args(args))
+    loc = location_from_args(args)
+    paths = ArchivePaths(loc.data_dir)
     show_progress = args.progress or sys.stderr.isatty()
 
     def emit(f: Finding) -> None:
@@ -121,13 +122,20 @@ def cmd_verify(args: argparse.Namespace) -> int:
         else:
             print(str(f), flush=True)
 
-    summary, _ = verify(
-        paths.root,
-        public_key_path=Path(args.public_key) if args.public_key else None,
-        use_keys=not args.ciphertext_only,
-        on_finding=emit,
-        progress=_Progress() if show_progress else None,
-    )
+    public_key = Path(args.public_key) if args.public_key else None
+    progress = _Progress() if show_progress else None
+    if loc.s3 is not None:
+        from archive.cluster import verify_cluster
+
+        # Blobs in the bucket, one ledger chain per node (archive.cluster).
+        summary, _ = verify_cluster(
+            paths.root, loc.s3, loc.node, data_dir=loc.data_dir, grace=2 * loc.ledger_seal,
+            public_key_path=public_key, use_keys=not args.ciphertext_only,
+            on_finding=emit, progress=progress)
+    else:
+        summary, _ = verify(paths.root, public_key_path=public_key,
+                            use_keys=not args.ciphertext_only, on_finding=emit,
+                            progress=progress)
     if args.json:
         print(json.dumps(summary.as_dict(), ensure_ascii=False))
     else:

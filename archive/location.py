@@ -42,6 +42,7 @@ class ArchiveLocation:
     index: str | None = None  # None: pg with PostgreSQL, else fts5
     s3: S3Config | None = None  # None: blobs under data_dir/archive/store
     node: str = "local"
+    ledger_seal: float = 60.0  # seconds between a node's ledger seals (archive.cluster)
 
     @property
     def sqlite_file(self) -> Path:
@@ -85,7 +86,7 @@ class ArchiveLocation:
 def location_from_config(cfg: Config) -> ArchiveLocation:
     """The archive a configuration describes (``archive:`` and ``s3:`` sections)."""
     return ArchiveLocation(cfg.data_dir, cfg.archive.database, cfg.archive.index, cfg.s3,
-                           cfg.node_name)
+                           cfg.node_name, cfg.archive.ledger_seal)
 
 
 def config_from_args(args: argparse.Namespace, *, required: bool = True) -> Config | None:
@@ -124,4 +125,4 @@ def location_from_args(args: argparse.Namespace, *, required: bool = True) -> Ar
     database = (getattr(args, "database", None) or os.environ.get(ENV_DATABASE)
                 or loc.database)
     index = getattr(args, "index", None) or loc.index
-    return ArchiveLocation(loc.data_dir, database, index, loc.s3, loc.node)
+    return ArchiveLocation(loc.data_dir, database, index, loc.s3, loc.node, loc.ledger_seal)

@@ -275,11 +275,18 @@ class S3:
 
     def keys(self, bucket: str, prefix: str) -> Iterator[tuple[str, int]]:
         """(name, size) of every current object under ``prefix``."""
+        for name, size, _modified in self.objects(bucket, prefix):
+            yield name, size
+
+    def objects(self, bucket: str, prefix: str) -> Iterator[tuple[str, int, datetime | None]]:
+        """(name, size, last modified) of every current object under ``prefix``."""
         kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
         while True:
             page = self.call("list_objects_v2", f"s3://{bucket}/{prefix}", **kwargs)
             for obj in page.get("Contents", []):
-                yield str(obj["Key"]), int(obj.get("Size", 0))
+                modified = obj.get("LastModified")
+                yield (str(obj["Key"]), int(obj.get("Size", 0)),
+                       modified.astimezone(UTC) if isinstance(modified, datetime) else None)
             token = page.get("NextContinuationToken")
             if not page.get("IsTruncated") or not token:
                 return
@@ -618,10 +625,15 @@ class S3BlobStore(ZstdContexts):
 
     def iterate(self) -> Iterator[str]:
         """The SHA-256 of every blob in the bucket (listing order)."""
-        for name, _size in self.s3.keys(self.bucket, f"{self.prefix}blobs/"):
+        for sha, _modified in self.listing():
+            yield sha
+
+    def listing(self) -> Iterator[tuple[str, datetime | None]]:
+        """(SHA-256, last modified) of every blob in the bucket (listing order)."""
+        for name, _size, modified in self.s3.objects(self.bucket, f"{self.prefix}blobs/"):
             sha = name.rsplit("/", 1)[-1]
             if len(sha) == 64 and all(c in "0123456789abcdef" for c in sha):
-                yield sha
+                yield sha, modified
 
     def lock_state(self, sha256: str) -> LockState:
         head = self.s3.head(self.bucket, self.name(sha256))

@@ -216,6 +216,10 @@ class ArchiveConfig(_Model):
         None, description="This node's name in a cluster, unique per node: names its ledger "
         "chain (default: hostname)",
     )
+    ledger_seal: Duration = Field(
+        60.0, gt=0, description="How often this node signs and closes its ledger segment and "
+        "copies it to the S3 bucket under Object Lock (with s3:)",
+    )
     health_probe: Duration = Field(
         5.0, gt=0, description="While the archive backend is down, how often it is probed",
     )

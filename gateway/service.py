@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from archive.cluster import seal_and_mirror
 from archive.imap.embedded import EmbeddedImap
 from archive.index import Index, IndexDoc, Indexer
 from archive.joblock import JobLock
@@ -351,6 +352,7 @@ class Service:
     _indexer_task: asyncio.Task[None] | None = field(default=None, init=False)
     _policy_task: asyncio.Task[None] | None = field(default=None, init=False)
     _health_task: asyncio.Task[None] | None = field(default=None, init=False)
+    _seal_task: asyncio.Task[None] | None = field(default=None, init=False)
     _imap: EmbeddedImap | None = field(default=None, init=False)
     _bg: set[asyncio.Task[None]] = field(default_factory=set, init=False)
 
@@ -382,6 +384,9 @@ class Service:
         if archive is not None:
             self._health_task = asyncio.create_task(
                 self._watch_archive(archive), name="archive-health")
+        if archive is not None and self.worker_index == 0:
+            # One process per node seals and mirrors the node's ledger chain.
+            self._seal_task = asyncio.create_task(self._seal_loop(archive), name="ledger-seal")
         if archive is not None and self.worker_index == 0:
             # One indexer per node: the full-text index has a single writer.
             self._indexer_task = asyncio.create_task(
@@ -416,11 +421,18 @@ class Service:
                 pass
             except Exception as exc:  # the worker's own failure: log, still exit cleanly
                 log.event("worker_failed", level=logging.ERROR, error=repr(exc))
-        for task in (self._indexer_task, self._policy_task, self._health_task):
+        for task in (self._indexer_task, self._policy_task, self._health_task,
+                     self._seal_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self._seal_task is not None:
+            # What this node wrote since the last seal goes to WORM storage now, not
+            # only after the restart.
+            for stage in self._after_stages:
+                if isinstance(stage, ArchiveStage):
+                    await self._seal(stage)
         # QueueWorker.stop closes the deliverer's connections.
         if self.runner is not None:
             close_stages(self.runner.stages)
@@ -433,6 +445,24 @@ class Service:
         if self._metrics is not None:
             self._metrics.close()
         log.event("stopped", pid=os.getpid(), seconds=round(time.monotonic() - started, 3))
+
+    async def _seal_loop(self, stage: ArchiveStage) -> None:
+        """Every ``archive.ledger_seal``: sign and close this node's ledger segment and copy
+        it to the bucket (archive.cluster); a failure is logged and retried next time."""
+        while True:
+            await asyncio.sleep(self.cfg.archive.ledger_seal)
+            await self._seal(stage)
+
+    async def _seal(self, stage: ArchiveStage) -> None:
+        try:
+            res = await asyncio.to_thread(seal_and_mirror, stage.archive, self.cfg.s3,
+                                          self.cfg.node_name)
+        except Exception as exc:  # S3 down or a ledger problem: the next round retries
+            log.event("ledger_seal_failed", level=logging.ERROR, error=describe(exc))
+            return
+        if res is not None and (res.segments or res.checkpoints):
+            log.event("ledger_mirrored", node=self.cfg.node_name, segments=len(res.segments),
+                      checkpoints=len(res.checkpoints))
 
     async def _watch_archive(self, stage: ArchiveStage) -> None:
         """While the archive backend is marked down (by a failed write), probe it; when it
