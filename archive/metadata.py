@@ -389,6 +389,22 @@ _SQLITE_PRAGMAS = (
 )
 
 
+def _receipt_key(rec: MessageRecord) -> tuple[str, datetime, str]:
+    return rec.sha256, rec.received_at.astimezone(UTC), rec.source
+
+
+def _recorded_before(s: Session, recs: Sequence[MessageRecord], existing: set[str]
+                     ) -> dict[tuple[str, datetime, str], StoredMessage]:
+    """The rows already holding some of these receipts (only blobs that exist can)."""
+    shas = [r.sha256 for r in recs if r.sha256 in existing]
+    if not shas:
+        return {}
+    rows = s.execute(select(Message.sha256, Message.received_at, Message.source, Message.id,
+                            Message.blob_id).where(Message.sha256.in_(set(shas))))
+    return {(sha, when.astimezone(UTC), source): StoredMessage(pk, blob_id, False)
+            for sha, when, source, pk, blob_id in rows}
+
+
 class Metadata:
     """The metadata database: open, migrate, record messages, query, audit."""
 
@@ -483,6 +499,12 @@ class Metadata:
 
         Core bulk inserts (one statement per table, ids back in parameter order):
         the ORM's per-object unit of work is several times slower here.
+
+        Idempotent per receipt: a record whose blob, receive time and source are
+        already recorded returns that row instead of a second one.  The gateway
+        records a message, then notes in its spool that it did; a crash between the
+        two runs the archive stage again after the restart, and the message must
+        still be archived once.
         """
         if not recs:
             return []
@@ -492,47 +514,61 @@ class Metadata:
                 row[0]: row[1] for row in s.execute(
                     select(Blob.sha256, Blob.id).where(Blob.sha256.in_(shas)))}
             existing = set(blob_ids)
-            fresh = {r.sha256: r for r in recs if r.sha256 not in existing}
-            if fresh:
-                rows = s.execute(
-                    insert(Blob).returning(Blob.id, Blob.sha256, sort_by_parameter_order=True),
-                    [{"sha256": sha, "size": r.extracted.size, "stored_at": r.received_at,
-                      "scan_flags": list(r.extracted.flags), "indexed_at": None,
-                      "shredded_at": None} for sha, r in fresh.items()])
-                blob_ids.update({row[1]: row[0] for row in rows})
-                attachments = [_attachment_row(blob_ids[sha], a)
-                               for sha, r in fresh.items() for a in r.extracted.attachments]
-                if attachments:
-                    s.execute(insert(Attachment), attachments)
-            pks = list(s.execute(
-                insert(Message).returning(Message.id, sort_by_parameter_order=True),
-                [_message_row(blob_ids[r.sha256], r) for r in recs]).scalars())
-            people: list[dict[str, Any]] = []
-            verdicts: list[dict[str, Any]] = []
-            decisions: list[dict[str, Any]] = []
-            hits: list[dict[str, Any]] = []
-            for pk, rec in zip(pks, recs, strict=True):
-                people.extend(_participant_rows(pk, rec))
-                verdicts.extend({"message_pk": pk, "kind": kind[:16],
-                                 "result": _verdict_summary(kind, value)[:32], "detail": value}
-                                for kind, value in rec.verdicts.items())
-                if rec.decision is not None:
-                    decisions.append({"message_pk": pk, "decided_at": rec.received_at,
-                                      "action": str(rec.decision.get("action", ""))[:32],
-                                      "trace": rec.decision})
-                hits.extend({"message_pk": pk, "rule": rule[:255]}
-                            for rule in dict.fromkeys(rec.rules))
-            for model, batch in ((Participant, people), (Verdict, verdicts),
-                                 (Decision, decisions), (RuleHit, hits)):
-                if batch:
-                    s.execute(insert(model), batch)
-            seen: set[str] = set()
-            out = []
-            for pk, rec in zip(pks, recs, strict=True):
-                out.append(StoredMessage(pk, blob_ids[rec.sha256],
-                                         rec.sha256 not in existing and rec.sha256 not in seen))
-                seen.add(rec.sha256)
-            return out
+            again = _recorded_before(s, recs, existing)
+            if again:
+                done = {i: again[_receipt_key(r)] for i, r in enumerate(recs)
+                        if _receipt_key(r) in again}
+                rest = [r for i, r in enumerate(recs) if i not in done]
+                if not rest:
+                    return [done[i] for i in range(len(recs))]
+                fresh_out = iter(self._insert(s, rest, blob_ids, existing))
+                return [done[i] if i in done else next(fresh_out) for i in range(len(recs))]
+            return self._insert(s, recs, blob_ids, existing)
+
+    def _insert(self, s: Session, recs: Sequence[MessageRecord], blob_ids: dict[str, int],
+                existing: set[str]) -> list[StoredMessage]:
+        """Insert the blob rows that are new and one message row per record."""
+        fresh = {r.sha256: r for r in recs if r.sha256 not in existing}
+        if fresh:
+            rows = s.execute(
+                insert(Blob).returning(Blob.id, Blob.sha256, sort_by_parameter_order=True),
+                [{"sha256": sha, "size": r.extracted.size, "stored_at": r.received_at,
+                  "scan_flags": list(r.extracted.flags), "indexed_at": None,
+                  "shredded_at": None} for sha, r in fresh.items()])
+            blob_ids.update({row[1]: row[0] for row in rows})
+            attachments = [_attachment_row(blob_ids[sha], a)
+                           for sha, r in fresh.items() for a in r.extracted.attachments]
+            if attachments:
+                s.execute(insert(Attachment), attachments)
+        pks = list(s.execute(
+            insert(Message).returning(Message.id, sort_by_parameter_order=True),
+            [_message_row(blob_ids[r.sha256], r) for r in recs]).scalars())
+        people: list[dict[str, Any]] = []
+        verdicts: list[dict[str, Any]] = []
+        decisions: list[dict[str, Any]] = []
+        hits: list[dict[str, Any]] = []
+        for pk, rec in zip(pks, recs, strict=True):
+            people.extend(_participant_rows(pk, rec))
+            verdicts.extend({"message_pk": pk, "kind": kind[:16],
+                             "result": _verdict_summary(kind, value)[:32], "detail": value}
+                            for kind, value in rec.verdicts.items())
+            if rec.decision is not None:
+                decisions.append({"message_pk": pk, "decided_at": rec.received_at,
+                                  "action": str(rec.decision.get("action", ""))[:32],
+                                  "trace": rec.decision})
+            hits.extend({"message_pk": pk, "rule": rule[:255]}
+                        for rule in dict.fromkeys(rec.rules))
+        for model, batch in ((Participant, people), (Verdict, verdicts),
+                             (Decision, decisions), (RuleHit, hits)):
+            if batch:
+                s.execute(insert(model), batch)
+        seen: set[str] = set()
+        out = []
+        for pk, rec in zip(pks, recs, strict=True):
+            out.append(StoredMessage(pk, blob_ids[rec.sha256],
+                                     rec.sha256 not in existing and rec.sha256 not in seen))
+            seen.add(rec.sha256)
+        return out
 
     def mark_indexed(self, blob_ids: Collection[int], when: datetime) -> None:
         if not blob_ids:
