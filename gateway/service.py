@@ -301,7 +301,13 @@ async def index_loop(stage: ArchiveStage, cfg: Config, idle: float = 1.0) -> Non
     Every node runs this loop; the job lock (archive.joblock) lets one node at a
     time take a batch, so a shared PostgreSQL index is written once per message.
     """
-    index = location_from_config(cfg).open_index(stage.meta)
+    while True:
+        try:
+            index = await asyncio.to_thread(location_from_config(cfg).open_index, stage.meta)
+            break
+        except Exception as exc:  # the database is down: the archive stage defers meanwhile
+            log.event("index_failed", level=logging.ERROR, error=describe(exc))
+            await asyncio.sleep(max(idle, cfg.archive.health_probe))
     indexer = _StageIndexer(stage, index)
     lock = JobLock("index", stage.meta, cfg.data_dir)
     stage.keep_extracted = KEEP_EXTRACTED
