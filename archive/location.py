@@ -57,7 +57,8 @@ class ArchiveLocation:
         """The metadata database, migrated; ``must_exist``: refuse to create a SQLite file."""
         if self.database is None:
             if must_exist and not self.sqlite_file.exists():
-                raise MetadataError(f"{self.sqlite_file}: no archive metadata here")
+                raise MetadataError(f"{self.sqlite_file}: no archive metadata here "
+                                    "(after losing it, run `coffer archive rebuild`)")
             meta = Metadata.for_data_dir(self.data_dir)
         else:
             meta = Metadata(self.database)

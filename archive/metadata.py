@@ -422,7 +422,7 @@ class Metadata:
         try:
             self.engine: Engine = create_engine(url, connect_args=connect_args)
         except Exception as exc:
-            raise MetadataError(f"cannot open metadata database {_safe_url(url)}: {exc}"
+            raise MetadataError(f"cannot open metadata database {safe_url(url)}: {exc}"
                                 ) from exc
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_on_connect)
@@ -470,7 +470,7 @@ class Metadata:
                 cfg.attributes["connection"] = conn
                 command.upgrade(cfg, revision)
         except Exception as exc:
-            raise MetadataError(f"cannot migrate metadata database {_safe_url(self.url)}: "
+            raise MetadataError(f"cannot migrate metadata database {safe_url(self.url)}: "
                                 f"{str(exc).splitlines()[0]}") from exc
 
     @contextmanager
@@ -770,7 +770,7 @@ def _participant_rows(pk: int, rec: MessageRecord) -> list[dict[str, Any]]:
             rows.append({"message_pk": pk, "role": "bcc", "address": rcpt[:320], "name": ""})
     return rows
 
-def _safe_url(url: str) -> str:
+def safe_url(url: str) -> str:
     """The URL for messages: never a password."""
     try:
         return make_url(url).render_as_string(hide_password=True)

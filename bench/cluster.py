@@ -51,6 +51,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.append(str(REPO / "bench"))  # after the repo: bench/archive.py must not hide archive/
 sys.path.append(str(REPO / "tests" / "archive"))  # the SeaweedFS server the tests run
+sys.path.append(str(REPO / "tests" / "service"))  # ... and their scratch PostgreSQL databases
 
 
 def _bench_module(name: str) -> Any:
@@ -66,6 +67,7 @@ _archive_bench = _bench_module("archive")
 corpus_messages, copies = _archive_bench.corpus_messages, _archive_bench.copies
 officer_queries, pct = _archive_bench.officer_queries, _archive_bench.pct
 
+import cluster_env  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
 from relay import (  # noqa: E402
     BenchError,
@@ -94,21 +96,11 @@ PG_ADMIN = os.environ.get("COFFER_BENCH_PG", "postgresql+psycopg://postgres@127.
 @contextmanager
 def fresh_database() -> Iterator[str]:
     """A PostgreSQL database for one configuration, dropped afterwards."""
-    admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT",
-                             connect_args={"connect_timeout": 3})
-    name = f"coffer_bench_{uuid.uuid4().hex[:10]}"
     try:
-        with admin.connect() as c:
-            c.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    except Exception as exc:
-        admin.dispose()
-        raise BenchError(f"PostgreSQL at {PG_ADMIN}: {str(exc).splitlines()[0]}") from None
-    try:
-        yield f"{PG_ADMIN.rsplit('/', 1)[0]}/{name}"
-    finally:
-        with admin.connect() as c:
-            c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+        with cluster_env.fresh_database(PG_ADMIN, "coffer_bench") as url:
+            yield url
+    except cluster_env.DatabaseUnavailable as exc:
+        raise BenchError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------- throughput
@@ -279,6 +271,16 @@ def loadavg() -> list[float]:
 async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     result: dict[str, Any] = {"messages": args.messages, "concurrency": args.concurrency,
                               "cpus": os.cpu_count(), "loadavg_before": loadavg()}
+    if not args.search_only:
+        result["throughput"] = await all_throughput(args, tmp)
+        result["loadavg_after_throughput"] = loadavg()
+    corpus = corpus_messages()
+    result["pg_search"] = search_phase(args.search_docs, corpus)
+    result["loadavg_after"] = loadavg()
+    return result
+
+
+async def all_throughput(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     msgs = make_messages(message_sizes(args.messages, 11), 11)
     runs: dict[str, Any] = {}
     log("throughput: embedded (1 node, SQLite, local store)")
@@ -293,21 +295,19 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     base = runs["embedded"]["msgs_per_s"]
     for r in runs.values():
         r["ratio_to_embedded"] = round(r["msgs_per_s"] / base, 2) if base else None
-    result["throughput"] = runs
-    result["loadavg_after_throughput"] = loadavg()
+    return runs
 
-    corpus = corpus_messages()
+
+def search_phase(sizes: list[int], corpus: list[bytes]) -> dict[str, Any]:
     queries = officer_queries(corpus)
     search: dict[str, Any] = {}
-    for n in args.search_docs:
+    for n in sizes:
         with fresh_database() as db:
             log(f"search: building {n} documents")
             built = build_pg_index(db, corpus, n)
             search[str(n)] = {"build_s": round(built, 1), **search_latency(db, queries)}
             log(f"search at {n}: {search[str(n)]}")
-    result["pg_search"] = search
-    result["loadavg_after"] = loadavg()
-    return result
+    return search
 
 
 def _ints(text: str) -> list[int]:
@@ -321,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nodes", type=_ints, default=[1, 2, 3], help="cluster sizes, e.g. 1,2,3")
     p.add_argument("--search-docs", type=_ints, default=[100000],
                    help="document counts for the search phase, e.g. 100000,1000000")
+    p.add_argument("--search-only", action="store_true", help="skip the throughput phase")
     p.add_argument("--json", action="store_true")
     p.add_argument("--keep", metavar="DIR", help="work in DIR and keep it")
     args = p.parse_args(argv)
@@ -337,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        for name, r in result["throughput"].items():
+        for name, r in result.get("throughput", {}).items():
             print(f"{name:10} {r['msgs_per_s']:8.1f} msg/s  x{r['ratio_to_embedded']}  "
                   f"{r['server_cpu_ms_per_msg']} ms CPU/msg")
         for n, r in result["pg_search"].items():

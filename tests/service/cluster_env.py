@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import smtplib
 import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import sqlalchemy as sa
 
 # tests/archive/seaweed.py runs the SeaweedFS server these tests stop and start.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "archive"))
@@ -13,6 +18,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "archive"))
 from seaweed import Seaweed
 
 from archive.metadata import Metadata
+
+
+class DatabaseUnavailable(Exception):
+    """The PostgreSQL server to create the database on cannot be reached."""
+
+
+@contextmanager
+def fresh_database(admin_url: str, stem: str = "coffer_cluster") -> Iterator[str]:
+    """A new PostgreSQL database (advisory locks are per database), dropped afterwards;
+    its URL.  Also used by bench/cluster.py."""
+    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT",
+                             connect_args={"connect_timeout": 3})
+    name = f"{stem}_{uuid.uuid4().hex[:12]}"
+    try:
+        with admin.connect() as c:
+            c.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:
+        admin.dispose()
+        raise DatabaseUnavailable(f"PostgreSQL at {admin_url}: {str(exc).splitlines()[0]}"
+                                  ) from None
+    try:
+        yield f"{admin_url.rsplit('/', 1)[0]}/{name}"
+    finally:
+        with admin.connect() as c:
+            c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
 
 ARCHIVE_451 = "451 4.3.0 Archive temporarily unavailable, try again later"
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from cluster_env import s3_section, send
+from cluster_env import DatabaseUnavailable, fresh_database, s3_section, send
 from seaweed import SeaweedServer, seaweed_server
 from svcproc import REPO, Gateway, Sink, free_port, port_open, wait_for, write_config
 
@@ -42,23 +42,11 @@ def coffer(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]
 @pytest.fixture
 def cluster_db() -> Iterator[str]:
     """A PostgreSQL database of this test run alone (advisory locks are per database)."""
-    admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT",
-                             connect_args={"connect_timeout": 3})
     try:
-        with admin.connect() as c:
-            c.execute(sa.text("SELECT 1"))
-    except Exception as exc:
-        admin.dispose()
-        pytest.skip(f"PostgreSQL at {PG_ADMIN} is not reachable: {exc}")
-    name = f"coffer_cluster_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as c:
-        c.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield f"{PG_ADMIN.rsplit('/', 1)[0]}/{name}"
-    finally:
-        with admin.connect() as c:
-            c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+        with fresh_database(PG_ADMIN) as url:
+            yield url
+    except DatabaseUnavailable as exc:
+        pytest.skip(str(exc))
 
 
 @pytest.fixture
@@ -70,23 +58,22 @@ def bucket_server(tmp_path: Path) -> Iterator[SeaweedServer]:
 
 def start_nodes(tmp_path: Path, db: str, server: SeaweedServer, sink: Sink,
                 procs: list[Gateway | Sink]) -> tuple[list[Gateway], int]:
-    """Three nodes sharing the database and the bucket; node 3 also serves IMAP."""
+    """Three nodes sharing the database and the bucket; node 3's IMAP port is returned."""
     bucket, keys = server.info.bucket_name("arch"), server.info.bucket_name("keys")
     dirs = [tmp_path / f"n{i}" for i in (1, 2, 3)]
     KeyRing.open(dirs[0] / "archive" / "keys", create=True)
     for d in dirs[1:]:  # every node holds the same archive keys (docs/deployment.md §5)
         shutil.copytree(dirs[0] / "archive" / "keys", d / "archive" / "keys")
-    imap_port = free_port()
     nodes = []
     for i, d in enumerate(dirs, 1):
-        port = free_port()
+        port, imap_port = free_port(), free_port()
+        # Every node serves IMAP from the shared account table (all three create it at once).
         extra = ("archive:\n"
                  f"  database: {db}\n  node: n{i}\n  ledger_seal: 1s\n  health_probe: 0.5s\n"
                  + s3_section(server.info, bucket, keys, d / "s3.secret")
-                 + "imap:\n"
-                 + (f'  address: "127.0.0.1:{imap_port}"\n  tls: none\n'
-                    "  allow_plaintext_loopback: true\n" if i == 3 else "  enabled: false\n")
-                 + f"  accounts_database: {db}\n")
+                 + f'imap:\n  address: "127.0.0.1:{imap_port}"\n  tls: none\n'
+                 "  allow_plaintext_loopback: true\n"
+                 f"  accounts_database: {db}\n")
         cfg = write_config(d / "coffer.yaml", port=port, local_domains=["gw.test"],
                            routes={"*": f"smtp://127.0.0.1:{sink.port}?tls=off"},
                            trusted=["127.0.0.1/32"], extra=extra)
