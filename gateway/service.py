@@ -15,8 +15,8 @@ Signals
                      logged with file, line and key; the old configuration keeps
                      running.  Relay domains, trusted networks, limits, routes and the
                      log level apply at once; listener addresses, data_dir, the
-                     number of workers and the imap section need a restart (logged as
-                     such, old values kept).
+                     number of workers, the imap and s3 sections and archive.database,
+                     .index and .node need a restart (logged as such, old values kept).
     SIGUSR1          rescan the spool now (``coffer queue retry/release`` sends it).
 
 Several workers (``queue.workers`` > 1): a supervisor process forks N children.
@@ -108,6 +108,9 @@ def setup_logging(cfg: Config) -> None:
     log.setup(cfg.log.level, cfg.log.format, cfg.path(cfg.log.file) if cfg.log.file else None)
 
 
+_ARCHIVE_AT_START = ("database", "index", "node")  # archive.* keys a reload cannot apply
+
+
 def restart_required(old: Config, new: Config) -> list[str]:
     """Keys whose change a running process cannot apply (pure)."""
     keys: list[str] = []
@@ -119,6 +122,11 @@ def restart_required(old: Config, new: Config) -> list[str]:
         keys.append("queue.workers")
     if old.imap != new.imap:
         keys.append("imap")
+    # The archive stage, indexer and IMAP server opened these at start.
+    keys += [f"archive.{k}" for k in _ARCHIVE_AT_START
+             if getattr(old.archive, k) != getattr(new.archive, k)]
+    if old.s3 != new.s3:
+        keys.append("s3")
     return keys
 
 
@@ -130,6 +138,9 @@ def effective_reload(old: Config, new: Config) -> Config:
             "listeners": old.listeners,
             "queue": new.queue.model_copy(update={"workers": old.queue.workers}),
             "imap": old.imap,
+            "archive": new.archive.model_copy(
+                update={k: getattr(old.archive, k) for k in _ARCHIVE_AT_START}),
+            "s3": old.s3,
         }
     )
 
