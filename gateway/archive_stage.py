@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import calendar
 import hashlib
+import logging
 import re
 from collections import OrderedDict
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from archive.facade import Archive, BatchWriter
 from archive.location import location_from_config
 from archive.metadata import MessageRecord, Metadata, StoredMessage
 from archive.receipts import RECEIPT, RECEIPT_OF, receipt_document
+from gateway import log
 from gateway.archive_health import (
     ARCHIVE_UNAVAILABLE,
     BackendHealth,
@@ -162,6 +164,11 @@ class ArchiveStage:
         """The configured archive: embedded under the data directory by default, or the
         ``archive.database`` (PostgreSQL) and ``s3`` bucket a cluster shares."""
         loc = location_from_config(cfg)
+        if loc.shared and loc.s3 is not None and loc.s3.key_bucket is None:
+            # Legal for one node on PostgreSQL; a second node could not read our blobs.
+            log.event("archive_keys_local", level=logging.WARNING,
+                      detail="s3.key_bucket is not set: the wrapped data keys stay in this "
+                      "node's data_dir, so no other node can read the blobs it stores")
         meta = loc.open_metadata()
         try:
             archive = loc.open_archive(create=True)
