@@ -35,6 +35,7 @@ import importlib.util
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -247,13 +248,18 @@ def search_latency(db: str, queries: list[str], runs: int = 5) -> dict[str, Any]
         searcher = Searcher(meta, index, None)
         hits = {q: searcher.search(q, limit=50, snippets=False).total for q in queries}
         times: list[float] = []
+        per_query: dict[str, list[float]] = {q: [] for q in queries}
         for _ in range(runs):
             for q in queries:
                 t0 = time.perf_counter()
                 searcher.search(q, limit=50, snippets=False)
-                times.append(time.perf_counter() - t0)
+                per_query[q].append(time.perf_counter() - t0)
+                times.append(per_query[q][-1])
+        slowest = max(queries, key=lambda q: statistics.median(per_query[q]))
         return {"p50_ms": round(pct(times, 50) * 1000, 1),
                 "p95_ms": round(pct(times, 95) * 1000, 1),
+                "slowest_query": slowest,
+                "slowest_p50_ms": round(statistics.median(per_query[slowest]) * 1000, 1),
                 "queries": len(queries), "runs": runs,
                 "hits_min": min(hits.values()), "hits_max": max(hits.values())}
     finally:
