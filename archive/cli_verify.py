@@ -43,7 +43,9 @@ def register(sub: SubParsers) -> None:
         "verify", help="check every blob, ledger link and checkpoint signature",
         description="Re-read every blob and check its SHA-256, every ledger link and every "
         "checkpoint signature, using only the store, the ledger and the public key (not the "
-        "database).  Exit 1 if anything is missing, altered, reordered or extra.",
+        "database).  With s3: configured, every blob in the bucket is checked against this "
+        "node's ledger chain and every other node's chain mirrored there.  Exit 1 if anything "
+        "is missing, altered, reordered or extra.",
     )
     add_location_arguments(v)
     v.add_argument("--json", action="store_true",
