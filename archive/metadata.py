@@ -314,6 +314,9 @@ class MessageRecord:
     rules: list[str] = field(default_factory=list)  # names of the rules that matched
     linked_id: int | None = None
     ledger_ref: str | None = None
+    # The receive time identifies this receipt (an SMTP transaction, to the microsecond):
+    # recorded again (the archive stage re-run after a crash), it returns the first row.
+    once: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -396,7 +399,7 @@ def _receipt_key(rec: MessageRecord) -> tuple[str, datetime, str]:
 def _recorded_before(s: Session, recs: Sequence[MessageRecord], existing: set[str]
                      ) -> dict[tuple[str, datetime, str], StoredMessage]:
     """The rows already holding some of these receipts (only blobs that exist can)."""
-    shas = [r.sha256 for r in recs if r.sha256 in existing]
+    shas = [r.sha256 for r in recs if r.once and r.sha256 in existing]
     if not shas:
         return {}
     rows = s.execute(select(Message.sha256, Message.received_at, Message.source, Message.id,
@@ -500,11 +503,11 @@ class Metadata:
         Core bulk inserts (one statement per table, ids back in parameter order):
         the ORM's per-object unit of work is several times slower here.
 
-        Idempotent per receipt: a record whose blob, receive time and source are
-        already recorded returns that row instead of a second one.  The gateway
-        records a message, then notes in its spool that it did; a crash between the
-        two runs the archive stage again after the restart, and the message must
-        still be archived once.
+        Idempotent per receipt for records marked ``once``: one whose blob, receive
+        time and source are already recorded returns that row instead of a second
+        one.  The gateway records a message, then notes in its spool that it did; a
+        crash between the two runs the archive stage again after the restart, and
+        the message must still be archived once.
         """
         if not recs:
             return []
@@ -517,7 +520,7 @@ class Metadata:
             again = _recorded_before(s, recs, existing)
             if again:
                 done = {i: again[_receipt_key(r)] for i, r in enumerate(recs)
-                        if _receipt_key(r) in again}
+                        if r.once and _receipt_key(r) in again}
                 rest = [r for i, r in enumerate(recs) if i not in done]
                 if not rest:
                     return [done[i] for i in range(len(recs))]

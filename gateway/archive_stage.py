@@ -95,6 +95,7 @@ def record_for(ctx: MessageContext, sha256: str, now: datetime) -> MessageRecord
         verdicts=verdicts,
         decision=decide or None,
         rules=[r["name"] for r in decide.get("rules", []) if r.get("matched")],
+        once=env.received_at > 0,  # the transaction's own time: a re-run is this receipt
     )
 
 
