@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -35,13 +34,14 @@ from archive.cli_common import (
     SubParsers,
     add_location_arguments,
     archive_subparsers,
-    data_dir_from_args,
 )
 from archive.facade import Archive
 from archive.holds import HoldInfo, create_hold, get_hold, list_holds, release_hold
 from archive.importer import ImportFailure, ImportReport, import_path
-from archive.index import Index, Indexer, open_index
-from archive.metadata import Metadata, MetadataError, current_officer
+from archive.index import Index, Indexer
+from archive.joblock import JobLock
+from archive.location import location_from_args
+from archive.metadata import Metadata, current_officer
 from archive.query import QueryError
 from archive.retention import expire
 from archive.search import Searcher
@@ -170,24 +170,16 @@ class _Env:
 @contextmanager
 def _open(args: argparse.Namespace, *, create: bool = False, engine: str | None = None,
           need_index: bool = True) -> Iterator[_Env]:
-    data_dir = data_dir_from_args(args)
-    url = getattr(args, "database", None) or os.environ.get("COFFER_ARCHIVE_DB")
-    if url is None:
-        db = data_dir / "archive" / "meta.db"
-        if not create and not db.exists():
-            raise MetadataError(f"{db}: no archive metadata here")
-        meta = Metadata.for_data_dir(data_dir)
-    else:
-        meta = Metadata(url)
+    loc = location_from_args(args)
+    data_dir = loc.data_dir
+    meta = loc.open_metadata(must_exist=not create, migrate=False)
     archive: Archive | None = None
     index: Index | None = None
     try:
         meta.migrate()
-        archive = Archive.open(data_dir, create=create)
+        archive = loc.open_archive(create=create)
         if need_index:
-            name = (engine or getattr(args, "index", None)
-                    or ("pg" if meta.dialect == "postgresql" else "fts5"))
-            index = open_index(name, data_dir=data_dir, meta=meta)
+            index = loc.open_index(meta, engine)
         yield _Env(data_dir, meta, archive, index)
     finally:
         if index is not None:
@@ -226,8 +218,16 @@ class _Progress:
 
 def cmd_expire(args: argparse.Namespace) -> int:
     who = current_officer(args.officer)
-    with _open(args) as env:
+    with _open(args) as env, JobLock("retention-expire", env.meta, env.data_dir).attempt() as mine:
         assert env.index is not None
+        if not mine:
+            # Each node's cron may start this at the same minute: one run does the work.
+            note = "another node or process is expiring now: nothing done by this run"
+            if args.json:
+                print(json.dumps({"type": "summary", "skipped": True, "reason": note}))
+            else:
+                print(f"coffer: {note}", file=sys.stderr)
+            return EXIT_OK
         report = expire(env.meta, env.archive, env.index, who, dry_run=args.dry_run)
     if args.json:
         for item in report.expired:

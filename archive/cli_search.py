@@ -8,22 +8,23 @@ archive.search.audit.  The query language is documented in archive.query.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import email
 import email.policy
 import json
-import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TextIO
 
 from archive.audit import ledger_audit
 from archive.cli_common import SubParsers, add_location_arguments, archive_subparsers
 from archive.errors import ArchiveError
 from archive.extract import extract
-from archive.index import Index, open_index
+from archive.facade import Archive
+from archive.index import Index
+from archive.location import ArchiveLocation, location_from_args
 from archive.metadata import (
     DECRYPTED,
     ENCRYPTED,
@@ -32,11 +33,10 @@ from archive.metadata import (
     SENT,
     Message,
     Metadata,
-    MetadataError,
     current_officer,
 )
 from archive.query import QueryError
-from archive.search import BlobReader, Searcher, audit
+from archive.search import Searcher, audit
 
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
 
@@ -92,55 +92,31 @@ def _positive(text: str) -> int:
 
 @dataclass
 class _Backend:
-    data_dir: Path
+    loc: ArchiveLocation
     meta: Metadata
     index: Index
-    reader: BlobReader | None
+    reader: Archive | None
 
 
-def _data_dir(args: argparse.Namespace) -> Path:
-    if getattr(args, "data_dir", None):
-        return Path(args.data_dir)
-    from gateway import config
-
-    path = config.find_config(getattr(args, "config", None))
-    if not path.exists():
-        if getattr(args, "config", None):
-            raise ArchiveError(f"{path}: no such configuration file")
-        return Path(".")
-    return config.load(path).data_dir
-
-
-def open_blob_reader(data_dir: Path) -> BlobReader:
+def open_blob_reader(loc: ArchiveLocation) -> Archive:
     """The blob store, opened read-mostly (it finishes a crashed writer's batch)."""
-    from archive.facade import Archive
-
-    return Archive.open(data_dir, create=False)
+    return loc.open_archive(create=False)
 
 
 @contextmanager
 def open_backend(args: argparse.Namespace, *, need_reader: bool) -> Iterator[_Backend]:
-    data_dir = _data_dir(args)
-    url = args.database or os.environ.get("COFFER_ARCHIVE_DB")
-    if url is None:
-        db = data_dir / "archive" / "meta.db"
-        if not db.exists():
-            raise MetadataError(f"{db}: no archive metadata here")
-        url = f"sqlite:///{db}"
-    meta = Metadata(url)
+    loc = location_from_args(args, required=False)
+    meta = loc.open_metadata(must_exist=True)
     index: Index | None = None
-    reader: BlobReader | None = None
+    reader: Archive | None = None
     try:
-        meta.migrate()
-        engine = args.index or ("pg" if meta.dialect == "postgresql" else "fts5")
-        index = open_index(engine, data_dir=data_dir, meta=meta)
+        index = loc.open_index(meta)
         if need_reader:
-            reader = open_blob_reader(data_dir)
-        yield _Backend(data_dir, meta, index, reader)
+            reader = open_blob_reader(loc)
+        yield _Backend(loc, meta, index, reader)
     finally:
-        close = getattr(reader, "close", None)
-        if close is not None:
-            close()
+        if reader is not None:
+            reader.close()
         if index is not None:
             index.close()
         meta.close()
@@ -152,10 +128,10 @@ def cmd_search(args: argparse.Namespace, out: TextIO | None = None) -> int:
     who = current_officer(args.officer)
     try:
         with open_backend(args, need_reader=False) as be:
-            reader = None
+            reader: Archive | None = None
             if not args.no_snippets:
                 try:
-                    reader = open_blob_reader(be.data_dir)
+                    reader = open_blob_reader(be.loc)
                 except ArchiveError as exc:
                     print(f"coffer: no snippets: {exc}", file=sys.stderr)
             try:
@@ -164,10 +140,11 @@ def cmd_search(args: argparse.Namespace, out: TextIO | None = None) -> int:
                                          order=args.order, snippets=reader is not None,
                                          all_copies=args.all_copies)
             finally:
-                close = getattr(reader, "close", None)
-                if close is not None:
-                    close()
-            with ledger_audit(be.data_dir):  # the database and the ledger (archive.audit)
+                if reader is not None:
+                    reader.close()
+            # the database and the ledger (archive.audit)
+            with contextlib.closing(be.loc.open_archive(create=False)) as archive, \
+                    ledger_audit(archive):
                 audit(be.meta, who, "search", query=result.query, result_count=result.total,
                       detail={"limit": args.limit, "offset": args.offset, "order": args.order,
                               "index": be.index.name, "all_copies": args.all_copies})
@@ -226,7 +203,7 @@ def cmd_show(args: argparse.Namespace, out: TextIO | None = None) -> int:
             raise ArchiveError(f"no archived message with id {pk}")
         assert be.reader is not None
         raw = be.reader.get(msg.sha256)
-        with ledger_audit(be.data_dir):
+        with ledger_audit(be.reader):
             audit(be.meta, who, "show", target=str(pk), result_count=1,
                   detail={"raw": bool(args.raw), "sha256": msg.sha256})
         if args.raw:

@@ -32,6 +32,7 @@ from archive.cli_common import (
 from archive.errors import ArchiveError
 from archive.facade import Archive, ArchivePaths
 from archive.keys import KeyRing, escrow_restore, load_public_key, public_key_id
+from archive.location import location_from_args
 from archive.verify import Finding, verify
 
 EXIT_OK, EXIT_PROBLEM = 0, 1
@@ -43,7 +44,9 @@ def register(sub: SubParsers) -> None:
         "verify", help="check every blob, ledger link and checkpoint signature",
         description="Re-read every blob and check its SHA-256, every ledger link and every "
         "checkpoint signature, using only the store, the ledger and the public key (not the "
-        "database).  Exit 1 if anything is missing, altered, reordered or extra.",
+        "database).  With s3: configured, every blob in the bucket is checked against this "
+        "node's ledger chain and every other node's chain mirrored there.  Exit 1 if anything "
+        "is missing, altered, reordered or extra.",
     )
     add_location_arguments(v)
     v.add_argument("--json", action="store_true",
@@ -124,7 +127,8 @@ class _Progress:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    paths = ArchivePaths(data_dir_from_args(args))
+    loc = location_from_args(args)
+    paths = ArchivePaths(loc.data_dir)
     show_progress = args.progress or sys.stderr.isatty()
 
     def emit(f: Finding) -> None:
@@ -133,13 +137,20 @@ def cmd_verify(args: argparse.Namespace) -> int:
         else:
             print(str(f), flush=True)
 
-    summary, _ = verify(
-        paths.root,
-        public_key_path=Path(args.public_key) if args.public_key else None,
-        use_keys=not args.ciphertext_only,
-        on_finding=emit,
-        progress=_Progress() if show_progress else None,
-    )
+    public_key = Path(args.public_key) if args.public_key else None
+    progress = _Progress() if show_progress else None
+    if loc.s3 is not None:
+        from archive.cluster import verify_cluster
+
+        # Blobs in the bucket, one ledger chain per node (archive.cluster).
+        summary, _ = verify_cluster(
+            paths.root, loc.s3, loc.node, data_dir=loc.data_dir, grace=2 * loc.ledger_seal,
+            public_key_path=public_key, use_keys=not args.ciphertext_only,
+            on_finding=emit, progress=progress)
+    else:
+        summary, _ = verify(paths.root, public_key_path=public_key,
+                            use_keys=not args.ciphertext_only, on_finding=emit,
+                            progress=progress)
     if args.json:
         print(json.dumps(summary.as_dict(), ensure_ascii=False))
     else:
@@ -230,4 +241,4 @@ def cmd_keys_restore(args: argparse.Namespace) -> int:
 
 
 def _open(args: argparse.Namespace) -> Archive:
-    return Archive.open(data_dir_from_args(args), create=False)
+    return location_from_args(args).open_archive(create=False)

@@ -19,12 +19,16 @@ import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from archive.errors import ArchiveError
 from archive.keys import KeyRing
 from archive.ledger import Ledger, LedgerEntry, Timestamper
 from archive.store import BlobRef, BlobStore, CompactResult, Recovered, check_sha
+
+if TYPE_CHECKING:
+    from archive.s3config import S3Config
+    from archive.s3store import BlobBackend
 
 Record = Mapping[str, Any]
 _Item = tuple[bytes, Record, "asyncio.Future[BlobRef]"]
@@ -48,7 +52,7 @@ class Archive:
     ``asyncio.to_thread``.
     """
 
-    def __init__(self, paths: ArchivePaths, keys: KeyRing, store: BlobStore,
+    def __init__(self, paths: ArchivePaths, keys: KeyRing, store: BlobBackend,
                  ledger: Ledger) -> None:
         self.paths = paths
         self.keys = keys
@@ -67,8 +71,13 @@ class Archive:
         clock: Callable[[], datetime] | None = None,
         timestamper: Timestamper | None = None,
         compression_level: int = 3,
+        s3: S3Config | None = None,
     ) -> Archive:
-        """Open for reading and writing; finishes any batch a crashed writer left."""
+        """Open for reading and writing; finishes any batch a crashed writer left.
+
+        With ``s3`` the blobs live in that bucket under Object Lock (archive.s3store);
+        the ledger and the keys stay under ``data_dir`` (each node its own chain).
+        """
         paths = ArchivePaths(data_dir)
         if not create and not paths.keys.exists():
             raise ArchiveError(f"{paths.root}: no archive here (no keys directory)")
@@ -76,7 +85,13 @@ class Archive:
             paths.root.mkdir(parents=True, exist_ok=True, mode=0o750)
             paths.store.mkdir(exist_ok=True, mode=0o750)
         keys = KeyRing.open(paths.keys, create=create)
-        store = BlobStore(paths.store, keys, level=compression_level)
+        store: BlobBackend
+        if s3 is not None:
+            from archive.s3store import S3BlobStore
+
+            store = S3BlobStore.open(s3, keys, data_dir, level=compression_level, clock=clock)
+        else:
+            store = BlobStore(paths.store, keys, level=compression_level)
         ledger = Ledger(paths.ledger, signer=keys.signer, segment_entries=segment_entries,
                         checkpoint_every=checkpoint_every, clock=clock,
                         timestamper=timestamper)
@@ -87,6 +102,14 @@ class Archive:
 
     def close(self) -> None:
         self.store.close()
+
+    def probe(self) -> None:
+        """Raise (ObjectStoreUnavailableError) unless the blob store answers; local files
+        always do."""
+        from archive.s3store import S3BlobStore
+
+        if isinstance(self.store, S3BlobStore):
+            self.store.probe()
 
     def __enter__(self) -> Archive:
         return self
@@ -159,7 +182,11 @@ class Archive:
 
     def compact(self, progress: Callable[[int, int], None] | None = None) -> CompactResult:
         """Drop the bytes of deleted (expired, shredded) records from the store's
-        segments; the ledger records what was freed."""
+        segments; the ledger records what was freed.  Only the local store has segments:
+        an S3 object is deleted whole when it expires."""
+        if not isinstance(self.store, BlobStore):
+            raise ArchiveError("compaction applies to the local pack store; objects in S3 "
+                               "are deleted whole when their retention ends")
         result = self.store.compact(progress)
         if result.segments:
             self.ledger.append("store_compacted", segments=result.segments,

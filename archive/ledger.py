@@ -191,6 +191,37 @@ class Ledger:
         with self._locked():
             return self._append_locked([], force_checkpoint=True)[0][-1]
 
+    def seal(self, *, close: bool = True) -> bool:
+        """Sign the head and (``close``) close the segment, so it can be copied to WORM
+        storage.
+
+        A cluster node calls this periodically (gateway.service): its closed
+        segments are mirrored to S3 under Object Lock, where every other node's
+        ``coffer archive verify`` reads them.  The next entry starts a new segment
+        (an empty file named for it is created now: archive.ledger reuses an empty
+        last segment).  False, and nothing written, when nothing was appended since
+        the last seal.  Without ``close`` only the checkpoint is written (a single
+        node: no unsigned tail after a quiet minute).
+        """
+        if self.signer is None:
+            raise LedgerError(f"{self.path}: no signing key, cannot seal the ledger")
+        with self._locked():
+            seq, _hash, seg = self._tail(repair=True)
+            if seg is None or seq == 0 or seg[1].stat().st_size == 0:
+                return False  # empty, or sealed and nothing since
+            line, _torn = _last_line(seg[1])
+            last_kind = _parse_json(line, seg[1], None).get("kind") if line else None
+            signed = last_kind == "checkpoint" and not self.repaired_bytes_pending
+            if not signed:
+                seq = self._append_locked([], force_checkpoint=True)[0][-1].seq
+            if not close:
+                return not signed
+            fd = os.open(self.path / segment_name(seq + 1),
+                         os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            os.close(fd)
+            fsync_dir(self.path)
+        return True
+
     def repair(self) -> int:
         """Truncate a torn last line now and record it; returns the bytes dropped."""
         with self._locked():

@@ -320,6 +320,9 @@ class MessageRecord:
     # The SHA-256 of the copy this one links to; add_messages resolves it to linked_id
     # (the nearest row with those bytes in the same batch: resolve_links).
     link_sha256: str | None = None
+    # The receive time identifies this receipt (an SMTP transaction, to the microsecond):
+    # recorded again (the archive stage re-run after a crash), it returns the first row.
+    once: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -430,6 +433,22 @@ _SQLITE_PRAGMAS = (
 )
 
 
+def _receipt_key(rec: MessageRecord) -> tuple[str, datetime, str]:
+    return rec.sha256, rec.received_at.astimezone(UTC), rec.source
+
+
+def _recorded_before(s: Session, recs: Sequence[MessageRecord], existing: set[str]
+                     ) -> dict[tuple[str, datetime, str], StoredMessage]:
+    """The rows already holding some of these receipts (only blobs that exist can)."""
+    shas = [r.sha256 for r in recs if r.once and r.sha256 in existing]
+    if not shas:
+        return {}
+    rows = s.execute(select(Message.sha256, Message.received_at, Message.source, Message.id,
+                            Message.blob_id).where(Message.sha256.in_(set(shas))))
+    return {(sha, when.astimezone(UTC), source): StoredMessage(pk, blob_id, False)
+            for sha, when, source, pk, blob_id in rows}
+
+
 class Metadata:
     """The metadata database: open, migrate, record messages, query, audit."""
 
@@ -447,7 +466,7 @@ class Metadata:
         try:
             self.engine: Engine = create_engine(url, connect_args=connect_args)
         except Exception as exc:
-            raise MetadataError(f"cannot open metadata database {_safe_url(url)}: {exc}"
+            raise MetadataError(f"cannot open metadata database {safe_url(url)}: {exc}"
                                 ) from exc
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_on_connect)
@@ -495,7 +514,7 @@ class Metadata:
                 cfg.attributes["connection"] = conn
                 command.upgrade(cfg, revision)
         except Exception as exc:
-            raise MetadataError(f"cannot migrate metadata database {_safe_url(self.url)}: "
+            raise MetadataError(f"cannot migrate metadata database {safe_url(self.url)}: "
                                 f"{str(exc).splitlines()[0]}") from exc
 
     @contextmanager
@@ -524,6 +543,12 @@ class Metadata:
 
         Core bulk inserts (one statement per table, ids back in parameter order):
         the ORM's per-object unit of work is several times slower here.
+
+        Idempotent per receipt for records marked ``once``: one whose blob, receive
+        time and source are already recorded returns that row instead of a second
+        one.  The gateway records a message, then notes in its spool that it did; a
+        crash between the two runs the archive stage again after the restart, and
+        the message must still be archived once.
         """
         if not recs:
             return []
@@ -533,51 +558,65 @@ class Metadata:
                 row[0]: row[1] for row in s.execute(
                     select(Blob.sha256, Blob.id).where(Blob.sha256.in_(shas)))}
             existing = set(blob_ids)
-            fresh = {r.sha256: r for r in recs if r.sha256 not in existing}
-            if fresh:
-                rows = s.execute(
-                    insert(Blob).returning(Blob.id, Blob.sha256, sort_by_parameter_order=True),
-                    [{"sha256": sha, "size": r.extracted.size, "stored_at": r.received_at,
-                      "scan_flags": list(r.extracted.flags), "indexed_at": None,
-                      "shredded_at": None} for sha, r in fresh.items()])
-                blob_ids.update({row[1]: row[0] for row in rows})
-                attachments = [_attachment_row(blob_ids[sha], a)
-                               for sha, r in fresh.items() for a in r.extracted.attachments]
-                if attachments:
-                    s.execute(insert(Attachment), attachments)
-            pks = list(s.execute(
-                insert(Message).returning(Message.id, sort_by_parameter_order=True),
-                [_message_row(blob_ids[r.sha256], r) for r in recs]).scalars())
-            people: list[dict[str, Any]] = []
-            verdicts: list[dict[str, Any]] = []
-            decisions: list[dict[str, Any]] = []
-            hits: list[dict[str, Any]] = []
-            for pk, rec in zip(pks, recs, strict=True):
-                people.extend(_participant_rows(pk, rec))
-                verdicts.extend({"message_pk": pk, "kind": kind[:16],
-                                 "result": _verdict_summary(kind, value)[:32], "detail": value}
-                                for kind, value in rec.verdicts.items())
-                if rec.decision is not None:
-                    decisions.append({"message_pk": pk, "decided_at": rec.received_at,
-                                      "action": str(rec.decision.get("action", ""))[:32],
-                                      "trace": rec.decision})
-                hits.extend({"message_pk": pk, "rule": rule[:255]}
-                            for rule in dict.fromkeys(rec.rules))
-            for model, batch in ((Participant, people), (Verdict, verdicts),
-                                 (Decision, decisions), (RuleHit, hits)):
-                if batch:
-                    s.execute(insert(model), batch)
-            links = resolve_links([(r.sha256, r.link_sha256) for r in recs])
-            if links:
-                s.execute(update(Message), [{"id": pks[i], "linked_id": pks[j]}
-                                            for i, j in links.items()])
-            seen: set[str] = set()
-            out = []
-            for pk, rec in zip(pks, recs, strict=True):
-                out.append(StoredMessage(pk, blob_ids[rec.sha256],
-                                         rec.sha256 not in existing and rec.sha256 not in seen))
-                seen.add(rec.sha256)
-            return out
+            again = _recorded_before(s, recs, existing)
+            if again:
+                done = {i: again[_receipt_key(r)] for i, r in enumerate(recs)
+                        if r.once and _receipt_key(r) in again}
+                rest = [r for i, r in enumerate(recs) if i not in done]
+                if not rest:
+                    return [done[i] for i in range(len(recs))]
+                fresh_out = iter(self._insert(s, rest, blob_ids, existing))
+                return [done[i] if i in done else next(fresh_out) for i in range(len(recs))]
+            return self._insert(s, recs, blob_ids, existing)
+
+    def _insert(self, s: Session, recs: Sequence[MessageRecord], blob_ids: dict[str, int],
+                existing: set[str]) -> list[StoredMessage]:
+        """Insert the blob rows that are new and one message row per record."""
+        fresh = {r.sha256: r for r in recs if r.sha256 not in existing}
+        if fresh:
+            rows = s.execute(
+                insert(Blob).returning(Blob.id, Blob.sha256, sort_by_parameter_order=True),
+                [{"sha256": sha, "size": r.extracted.size, "stored_at": r.received_at,
+                  "scan_flags": list(r.extracted.flags), "indexed_at": None,
+                  "shredded_at": None} for sha, r in fresh.items()])
+            blob_ids.update({row[1]: row[0] for row in rows})
+            attachments = [_attachment_row(blob_ids[sha], a)
+                           for sha, r in fresh.items() for a in r.extracted.attachments]
+            if attachments:
+                s.execute(insert(Attachment), attachments)
+        pks = list(s.execute(
+            insert(Message).returning(Message.id, sort_by_parameter_order=True),
+            [_message_row(blob_ids[r.sha256], r) for r in recs]).scalars())
+        people: list[dict[str, Any]] = []
+        verdicts: list[dict[str, Any]] = []
+        decisions: list[dict[str, Any]] = []
+        hits: list[dict[str, Any]] = []
+        for pk, rec in zip(pks, recs, strict=True):
+            people.extend(_participant_rows(pk, rec))
+            verdicts.extend({"message_pk": pk, "kind": kind[:16],
+                             "result": _verdict_summary(kind, value)[:32], "detail": value}
+                            for kind, value in rec.verdicts.items())
+            if rec.decision is not None:
+                decisions.append({"message_pk": pk, "decided_at": rec.received_at,
+                                  "action": str(rec.decision.get("action", ""))[:32],
+                                  "trace": rec.decision})
+            hits.extend({"message_pk": pk, "rule": rule[:255]}
+                        for rule in dict.fromkeys(rec.rules))
+        for model, batch in ((Participant, people), (Verdict, verdicts),
+                             (Decision, decisions), (RuleHit, hits)):
+            if batch:
+                s.execute(insert(model), batch)
+        links = resolve_links([(r.sha256, r.link_sha256) for r in recs])
+        if links:
+            s.execute(update(Message), [{"id": pks[i], "linked_id": pks[j]}
+                                        for i, j in links.items()])
+        seen: set[str] = set()
+        out = []
+        for pk, rec in zip(pks, recs, strict=True):
+            out.append(StoredMessage(pk, blob_ids[rec.sha256],
+                                     rec.sha256 not in existing and rec.sha256 not in seen))
+            seen.add(rec.sha256)
+        return out
 
     def link(self, pairs: Iterable[tuple[int, int]]) -> None:
         """Set ``linked_id`` of each (message id, linked message id) (a rebuild's links)."""
@@ -807,7 +846,7 @@ def _participant_rows(pk: int, rec: MessageRecord) -> list[dict[str, Any]]:
             rows.append({"message_pk": pk, "role": "bcc", "address": rcpt[:320], "name": ""})
     return rows
 
-def _safe_url(url: str) -> str:
+def safe_url(url: str) -> str:
     """The URL for messages: never a password."""
     try:
         return make_url(url).render_as_string(hide_password=True)

@@ -62,7 +62,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -149,7 +149,8 @@ class BlobBackend(Protocol):
 
     def delete(self, sha256: str) -> bool: ...
 
-    def recover(self, append: Callable[[list[Recovered]], object]) -> list[Recovered]: ...
+    def recover(self, append: Callable[[list[Recovered]], object],
+                known: Callable[[], Collection[str]] | None = None) -> list[Recovered]: ...
 
     def close(self) -> None: ...
 
@@ -275,11 +276,18 @@ class S3:
 
     def keys(self, bucket: str, prefix: str) -> Iterator[tuple[str, int]]:
         """(name, size) of every current object under ``prefix``."""
+        for name, size, _modified in self.objects(bucket, prefix):
+            yield name, size
+
+    def objects(self, bucket: str, prefix: str) -> Iterator[tuple[str, int, datetime | None]]:
+        """(name, size, last modified) of every current object under ``prefix``."""
         kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
         while True:
             page = self.call("list_objects_v2", f"s3://{bucket}/{prefix}", **kwargs)
             for obj in page.get("Contents", []):
-                yield str(obj["Key"]), int(obj.get("Size", 0))
+                modified = obj.get("LastModified")
+                yield (str(obj["Key"]), int(obj.get("Size", 0)),
+                       modified.astimezone(UTC) if isinstance(modified, datetime) else None)
             token = page.get("NextContinuationToken")
             if not page.get("IsTruncated") or not token:
                 return
@@ -556,6 +564,11 @@ class S3BlobStore(ZstdContexts):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def probe(self) -> None:
+        """One cheap request (HEAD of the bucket): raises while the storage is unreachable."""
+        if self.s3.head_bucket(self.bucket) is None:
+            raise BucketConfigError(f"s3://{self.bucket}: the bucket is gone", "NoSuchBucket")
+
     def name(self, sha256: str) -> str:
         return f"{self.prefix}blobs/{check_sha(sha256)[:2]}/{sha256}"
 
@@ -613,10 +626,15 @@ class S3BlobStore(ZstdContexts):
 
     def iterate(self) -> Iterator[str]:
         """The SHA-256 of every blob in the bucket (listing order)."""
-        for name, _size in self.s3.keys(self.bucket, f"{self.prefix}blobs/"):
+        for sha, _modified in self.listing():
+            yield sha
+
+    def listing(self) -> Iterator[tuple[str, datetime | None]]:
+        """(SHA-256, last modified) of every blob in the bucket (listing order)."""
+        for name, _size, modified in self.s3.objects(self.bucket, f"{self.prefix}blobs/"):
             sha = name.rsplit("/", 1)[-1]
             if len(sha) == 64 and all(c in "0123456789abcdef" for c in sha):
-                yield sha
+                yield sha, modified
 
     def lock_state(self, sha256: str) -> LockState:
         head = self.s3.head(self.bucket, self.name(sha256))
@@ -743,7 +761,8 @@ class S3BlobStore(ZstdContexts):
         protects it.  Only after ``shred`` (the caller checks references)."""
         return self.s3.delete_all_versions(self.bucket, self.name(sha256)) > 0
 
-    def recover(self, append: Callable[[list[Recovered]], object]) -> list[Recovered]:
+    def recover(self, append: Callable[[list[Recovered]], object],
+                known: Callable[[], Collection[str]] | None = None) -> list[Recovered]:
         """Nothing to finish: see the module docstring (a re-sent message is ledgered)."""
         return []
 

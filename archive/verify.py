@@ -475,6 +475,22 @@ def _ranges(seqs: list[int]) -> list[tuple[int, int]]:
     return out
 
 
+def verify_keys(archive_root: Path, public_key_path: Path | None, *, use_keys: bool
+                ) -> tuple[Ed25519PublicKey | None, KeyRing | None]:
+    """The ledger public key and (when readable and wanted) the archive keys."""
+    if not archive_root.is_dir():
+        raise ArchiveError(f"{archive_root}: no archive here")
+    keys_dir = archive_root / "keys"
+    keyring = None
+    if use_keys and os.access(keys_dir, os.R_OK | os.X_OK) and (keys_dir / "current").exists():
+        # Readable keys are used (and refused if their permissions are loose); an
+        # auditor without access to them gets the ciphertext-only check.
+        keyring = KeyRing.open(keys_dir, need_signer=False)
+    pub_path = public_key_path or keys_dir / SIGNING_PUB_FILE
+    public_key = load_public_key(pub_path) if pub_path.exists() or public_key_path else None
+    return public_key, keyring
+
+
 def verify(
     archive_root: Path,
     *,
@@ -489,16 +505,7 @@ def verify(
     otherwise the check is ciphertext-only.  A key file with loose permissions is
     refused (KeyFileError), never silently skipped.
     """
-    if not archive_root.is_dir():
-        raise ArchiveError(f"{archive_root}: no archive here")
-    keys_dir = archive_root / "keys"
-    keyring = None
-    if use_keys and os.access(keys_dir, os.R_OK | os.X_OK) and (keys_dir / "current").exists():
-        # Readable keys are used (and refused if their permissions are loose); an
-        # auditor without access to them gets the ciphertext-only check.
-        keyring = KeyRing.open(keys_dir, need_signer=False)
-    pub_path = public_key_path or keys_dir / SIGNING_PUB_FILE
-    public_key = load_public_key(pub_path) if pub_path.exists() or public_key_path else None
+    public_key, keyring = verify_keys(archive_root, public_key_path, use_keys=use_keys)
     v = Verifier(archive_root, public_key=public_key, keyring=keyring, on_finding=on_finding,
                  progress=progress)
     return v.run(), v.findings

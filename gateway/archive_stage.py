@@ -19,7 +19,11 @@ the one search lists; ``coffer show`` names the other.  Rows, receipts and links
 are one mechanism for both cases (:func:`copies_of`).
 
 A failure here raises: the worker holds the message with stage "archive", so
-nothing is delivered that was not archived.
+nothing is delivered that was not archived.  An outage of the backend (PostgreSQL
+or S3 unreachable, gateway.archive_health) is not a failure of the message: the
+stage answers TEMPFAIL, the worker defers it in the spool, and the health flag
+makes the before-queue path refuse new mail with 451 until a probe sees the
+backend again.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import base64
 import binascii
 import calendar
 import hashlib
+import logging
 import re
 from collections import OrderedDict
 from collections.abc import Callable
@@ -36,9 +41,12 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from sqlalchemy import text
+
 from archive.errors import ArchiveError
 from archive.extract import Extracted, extract
 from archive.facade import Archive, BatchWriter
+from archive.location import location_from_config
 from archive.metadata import (
     DECRYPTED,
     ENCRYPTED,
@@ -50,9 +58,15 @@ from archive.metadata import (
 )
 from archive.receipts import RECEIPT, RECEIPT_OF, receipt_document
 from gateway import log
+from gateway.archive_health import (
+    ARCHIVE_UNAVAILABLE,
+    BackendHealth,
+    backend_unavailable,
+    describe,
+)
 from gateway.config import Config
 from gateway.offload import cpu_bound
-from gateway.pipeline import MessageContext, StageResult
+from gateway.pipeline import Action, MessageContext, StageResult
 from gateway.transform import mime
 
 _PERIOD = re.compile(r"^(\d+)(y|mo|w|d)$")
@@ -181,6 +195,7 @@ def record_for(ctx: MessageContext, sha256: str, now: datetime,
         verdicts=verdicts,
         decision=decide or None,
         rules=[r["name"] for r in decide.get("rules", []) if r.get("matched")],
+        once=env.received_at > 0,  # the transaction's own time: a re-run is this receipt
     )
 
 
@@ -241,6 +256,7 @@ class ArchiveStage:
                  clock: Callable[[], datetime] | None = None) -> None:
         self.archive = archive
         self.meta = meta
+        self.health = BackendHealth()
         self.writer = BatchWriter(archive)
         self.batcher = _MetadataBatcher(meta)
         self.clock = clock or (lambda: datetime.now(UTC))
@@ -267,16 +283,44 @@ class ArchiveStage:
 
     @classmethod
     def open(cls, cfg: Config) -> ArchiveStage:
-        """The embedded archive under the data directory (store, ledger, SQLite)."""
-        meta = Metadata.for_data_dir(cfg.data_dir)
-        meta.migrate()
-        return cls(Archive.open(cfg.data_dir), meta)
+        """The configured archive: embedded under the data directory by default, or the
+        ``archive.database`` (PostgreSQL) and ``s3`` bucket a cluster shares."""
+        loc = location_from_config(cfg)
+        if loc.shared and loc.s3 is not None and loc.s3.key_bucket is None:
+            # Legal for one node on PostgreSQL; a second node could not read our blobs.
+            log.event("archive_keys_local", level=logging.WARNING,
+                      detail="s3.key_bucket is not set: the wrapped data keys stay in this "
+                      "node's data_dir, so no other node can read the blobs it stores")
+        meta = loc.open_metadata()
+        try:
+            archive = loc.open_archive(create=True)
+        except BaseException:
+            meta.close()
+            raise
+        return cls(archive, meta)
 
     async def run(self, ctx: MessageContext) -> StageResult:
         decide = ctx.facts.get("decide") or {}
         if decide.get("archive") is False:
             # Only a policy that explicitly allows exemptions can say this (policies/).
             return StageResult(reason="not archived: exempted by policy rule")
+        try:
+            return await self._archive(ctx)
+        except Exception as exc:
+            if not backend_unavailable(exc):
+                raise  # the worker holds the message: an operator looks at it
+            reason = describe(exc)
+            self.health.mark_down(reason)
+            return StageResult(action=Action.TEMPFAIL, reply=ARCHIVE_UNAVAILABLE,
+                               reason=f"archive backend unavailable: {reason}")
+
+    def probe(self) -> None:
+        """Raise unless the metadata database and the blob store answer (a cheap request)."""
+        with self.meta.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        self.archive.probe()
+
+    async def _archive(self, ctx: MessageContext) -> StageResult:
         copies = copies_of(ctx)
         recs, receipts = await cpu_bound(sum(len(c.data) for c in copies), None,
                                          self._prepare, ctx, copies)

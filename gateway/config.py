@@ -14,7 +14,14 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from archive.imap.config import ImapSection
 from archive.s3config import S3Config
@@ -194,12 +201,50 @@ class LogConfig(_Model):
     file: Path | None = Field(None, description="Log file (default: standard error)")
 
 
-class ArchiveSection(_Model):
+class ArchiveConfig(_Model):
+    """Where the archive's metadata and full-text index live (the store: ``s3:``)."""
+
+    database: str | None = Field(
+        None, description="Metadata database, an SQLAlchemy URL; postgresql://HOST/DB is "
+        "shared by every node (password: ~/.pgpass or PGPASSWORD, not the URL); default: "
+        "SQLite DATA_DIR/archive/meta.db",
+    )
+    index: Literal["fts5", "whoosh", "pg"] | None = Field(
+        None, description="Full-text engine; default: pg with PostgreSQL, else fts5",
+    )
+    node: str | None = Field(
+        None, description="This node's name in a cluster, unique per node: names its ledger "
+        "chain (default: hostname)",
+    )
+    ledger_seal: Duration = Field(
+        60.0, gt=0, description="How often this node signs and closes its ledger segment and "
+        "copies it to the S3 bucket under Object Lock (with s3:)",
+    )
+    health_probe: Duration = Field(
+        5.0, gt=0, description="While the archive backend is down, how often it is probed",
+    )
     rejected: bool = Field(
         True, description="Archive messages rejected after DATA (policy, spam, check 5xx) "
         'with state "rejected" and the reply, before the reply is sent; if that write '
         "fails the client gets 451 4.3.0 instead"
     )
+
+    @field_validator("database")
+    @classmethod
+    def _no_password(cls, value: str | None) -> str | None:
+        # A configuration file is copied, diffed and printed: the password stays in
+        # libpq's own places (~/.pgpass, PGPASSFILE, a ?passfile= parameter, PGPASSWORD).
+        if value is not None and re.match(r"^[a-z0-9+]+://[^/@]*:[^/@]*@", value):
+            raise ValueError("no password in the database URL: put it in ~/.pgpass, a "
+                             "?passfile=FILE parameter or PGPASSWORD")
+        return value
+
+    @field_validator("node")
+    @classmethod
+    def _node_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", value):
+            raise ValueError(f"{value!r}: a node name is 1-63 of A-Z a-z 0-9 . _ -")
+        return value
 
 
 class Config(_Model):
@@ -220,8 +265,8 @@ class Config(_Model):
         None, description="S3 object storage with Object Lock for archive blobs and ledger "
         "segments (default: local files)",
     )
+    archive: ArchiveConfig = Field(default_factory=ArchiveConfig)
     imap: ImapSection = Field(default_factory=ImapSection)
-    archive: ArchiveSection = Field(default_factory=ArchiveSection)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     policy: Path | None = Field(None, description="Policy file (relative to data_dir)")
@@ -236,6 +281,11 @@ class Config(_Model):
     @property
     def spool_dir(self) -> Path:
         return self.data_dir / "spool"
+
+    @property
+    def node_name(self) -> str:
+        """This node's name in a cluster (``archive.node``, else ``hostname``)."""
+        return self.archive.node or self.hostname
 
 
 def _check_semantics(cfg: Config, loc: yamlsource.Locator) -> None:

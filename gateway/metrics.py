@@ -41,3 +41,8 @@ STAGE_SECONDS = Histogram(
     "coffer_stage_seconds", "Time spent in each pipeline stage", ["stage"], registry=REGISTRY,
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+ARCHIVE_BACKEND_UP = Gauge(
+    "coffer_archive_backend_up", "1 while the archive backend (database, object storage) "
+    "answers, 0 while new mail is refused with 451 4.3.0", registry=REGISTRY,
+)
+ARCHIVE_BACKEND_UP.set(1)

@@ -53,8 +53,12 @@ class Runner:
         executor: Executor | None = None,
         clock: Callable[[], float] = time.time,
         archive_rejected: Callable[[MessageContext], Awaitable[object]] | None = None,
+        refuse: Callable[[], Reply | None] | None = None,
     ) -> None:
         self.spool = spool
+        # A reason to refuse new transactions now (the archive backend is down:
+        # gateway.archive_health), checked at MAIL FROM with the spool's room.
+        self.refuse = refuse
         self.stages = list(stages)
         self.on_queued = on_queued
         self.executor = executor
@@ -62,6 +66,8 @@ class Runner:
         self.archive_rejected = archive_rejected
 
     def room_for(self, size: int) -> Reply | None:
+        if self.refuse is not None and (reply := self.refuse()) is not None:
+            return reply
         return None if self.spool.has_room(size) else replies.SPOOL_FULL
 
     async def accept(self, envelope: Envelope, data: bytes) -> Reply:

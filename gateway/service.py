@@ -15,8 +15,8 @@ Signals
                      logged with file, line and key; the old configuration keeps
                      running.  Relay domains, trusted networks, limits, routes and the
                      log level apply at once; listener addresses, data_dir, the
-                     number of workers and the imap section need a restart (logged as
-                     such, old values kept).
+                     number of workers, the imap and s3 sections and archive.database,
+                     .index and .node need a restart (logged as such, old values kept).
     SIGUSR1          rescan the spool now (``coffer queue retry/release`` sends it).
 
 Several workers (``queue.workers`` > 1): a supervisor process forks N children.
@@ -50,10 +50,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from archive.cluster import seal_and_mirror
 from archive.imap.embedded import EmbeddedImap
-from archive.index import Index, IndexDoc, Indexer, open_index
+from archive.index import Index, IndexDoc, Indexer
+from archive.joblock import JobLock
+from archive.location import location_from_config
 from gateway import config as config_mod
 from gateway import log, profiling
+from gateway.archive_health import ARCHIVE_UNAVAILABLE, describe
 from gateway.archive_stage import ArchiveStage
 from gateway.check.arc import ArcSealStage
 from gateway.check.spam.stage import SpamStage
@@ -105,6 +109,9 @@ def setup_logging(cfg: Config) -> None:
     log.setup(cfg.log.level, cfg.log.format, cfg.path(cfg.log.file) if cfg.log.file else None)
 
 
+_ARCHIVE_AT_START = ("database", "index", "node")  # archive.* keys a reload cannot apply
+
+
 def restart_required(old: Config, new: Config) -> list[str]:
     """Keys whose change a running process cannot apply (pure)."""
     keys: list[str] = []
@@ -116,6 +123,11 @@ def restart_required(old: Config, new: Config) -> list[str]:
         keys.append("queue.workers")
     if old.imap != new.imap:
         keys.append("imap")
+    # The archive stage, indexer and IMAP server opened these at start.
+    keys += [f"archive.{k}" for k in _ARCHIVE_AT_START
+             if getattr(old.archive, k) != getattr(new.archive, k)]
+    if old.s3 != new.s3:
+        keys.append("s3")
     return keys
 
 
@@ -127,6 +139,9 @@ def effective_reload(old: Config, new: Config) -> Config:
             "listeners": old.listeners,
             "queue": new.queue.model_copy(update={"workers": old.queue.workers}),
             "imap": old.imap,
+            "archive": new.archive.model_copy(
+                update={k: getattr(old.archive, k) for k in _ARCHIVE_AT_START}),
+            "s3": old.s3,
         }
     )
 
@@ -333,19 +348,38 @@ LEFTOVER_AFTER = 10.0
 INDEX_LOCK = "index.lock"
 
 
-async def index_loop(stage: ArchiveStage, data_dir: Path, idle: float = 1.0, *,
+async def index_loop(stage: ArchiveStage, cfg: Config, idle: float = 1.0, *,
                      worker_index: int = 0, workers: int = 1) -> None:
-    """Index newly archived messages in batches, off the SMTP path (lag: about ``idle`` s)."""
-    index = open_index("fts5", data_dir=data_dir)
-    indexer = _StageIndexer(stage, index, lock=data_dir / INDEX_LOCK if workers > 1 else None,
+    """Index newly archived messages in batches, off the SMTP path (lag: about ``idle`` s).
+
+    Every worker of every node runs this loop, each for what it archived (worker 0
+    also for leftovers: _StageIndexer); the job lock (archive.joblock) lets one
+    process of the cluster at a time take a batch, so a shared PostgreSQL index is
+    written once per message.
+    """
+    while True:
+        try:
+            index = await asyncio.to_thread(location_from_config(cfg).open_index, stage.meta)
+            break
+        except Exception as exc:  # the database is down: the archive stage defers meanwhile
+            log.event("index_failed", level=logging.ERROR, error=describe(exc))
+            await asyncio.sleep(max(idle, cfg.archive.health_probe))
+    indexer = _StageIndexer(stage, index,
+                            lock=cfg.data_dir / INDEX_LOCK if workers > 1 else None,
                             leftovers=worker_index == 0)
+    lock = JobLock("index", stage.meta, cfg.data_dir)
     stage.keep_extracted = KEEP_EXTRACTED
+
+    def one_batch() -> int:
+        with lock.attempt() as mine:
+            return indexer.run_once() if mine else 0
+
     try:
         while True:
             try:
-                done = await asyncio.to_thread(indexer.run_once)
-            except CofferError as exc:  # the index is rebuildable: log, retry later
-                log.event("index_failed", level=logging.ERROR, error=str(exc))
+                done = await asyncio.to_thread(one_batch)
+            except Exception as exc:  # rebuildable, or the backend is down: retry later
+                log.event("index_failed", level=logging.ERROR, error=describe(exc))
                 done = 0
             if not done:
                 await asyncio.sleep(idle)
@@ -381,6 +415,8 @@ class Service:
     _after_stages: list[Stage] = field(default_factory=list, init=False)
     _indexer_task: asyncio.Task[None] | None = field(default=None, init=False)
     _policy_task: asyncio.Task[None] | None = field(default=None, init=False)
+    _health_task: asyncio.Task[None] | None = field(default=None, init=False)
+    _seal_task: asyncio.Task[None] | None = field(default=None, init=False)
     _imap: EmbeddedImap | None = field(default=None, init=False)
     _bg: set[asyncio.Task[None]] = field(default_factory=set, init=False)
 
@@ -398,12 +434,13 @@ class Service:
         self._worker = QueueWorker(
             cfg, self.spool, self._after_stages, self._deliverer, executor=self._executor
         )
+        archive = next((st for st in self._after_stages if isinstance(st, ArchiveStage)), None)
         self.runner = Runner(
             self.spool,
             before_queue_stages(cfg, self.policy, next(
                 (st for st in self._after_stages if isinstance(st, EncryptStage)), None)),
             on_queued=self._worker.notify,
-            executor=self._executor,
+            executor=self._executor, refuse=archive.health.refusal if archive else None,
         )
         # The worker starts first: a message accepted in the first millisecond is
         # notified to a worker that is already running.
@@ -411,13 +448,18 @@ class Service:
         if cfg.policy is not None:
             self._policy_task = asyncio.create_task(
                 watch_policy(self.policy, lambda: self.cfg), name="policy-watch")
-        archive = next((st for st in self._after_stages if isinstance(st, ArchiveStage)), None)
         self._archive_rejected(cfg)
         if archive is not None:
-            # One indexer per worker, each for what it archived; the full-text index
-            # still has a single writer at a time (_StageIndexer).
+            self._health_task = asyncio.create_task(
+                self._watch_archive(archive), name="archive-health")
+        if archive is not None and self.worker_index == 0:
+            # One process per node seals and mirrors the node's ledger chain.
+            self._seal_task = asyncio.create_task(self._seal_loop(archive), name="ledger-seal")
+        if archive is not None:
+            # One indexer per worker, each for what it archived; one writer at a time
+            # across the cluster (index_loop).
             self._indexer_task = asyncio.create_task(
-                index_loop(archive, cfg.data_dir, worker_index=self.worker_index,
+                index_loop(archive, cfg, worker_index=self.worker_index,
                            workers=cfg.queue.workers), name="archive-indexer")
         self._listeners = await start_listeners(cfg, self.runner, reuse_port=self.reuse_port)
         if cfg.imap.enabled and archive is not None and self.worker_index == 0:
@@ -449,11 +491,18 @@ class Service:
                 pass
             except Exception as exc:  # the worker's own failure: log, still exit cleanly
                 log.event("worker_failed", level=logging.ERROR, error=repr(exc))
-        for task in (self._indexer_task, self._policy_task):
+        for task in (self._indexer_task, self._policy_task, self._health_task,
+                     self._seal_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self._seal_task is not None:
+            # What this node wrote since the last seal goes to WORM storage now, not
+            # only after the restart.
+            for stage in self._after_stages:
+                if isinstance(stage, ArchiveStage):
+                    await self._seal(stage)
         # QueueWorker.stop closes the deliverer's connections.
         if self.runner is not None:
             close_stages(self.runner.stages)
@@ -474,6 +523,46 @@ class Service:
         archive = next((st for st in self._after_stages if isinstance(st, ArchiveStage)), None)
         self.runner.archive_rejected = (archive.run if archive is not None
                                         and cfg.archive.rejected else None)
+
+    async def _seal_loop(self, stage: ArchiveStage) -> None:
+        """Every ``archive.ledger_seal``: sign and close this node's ledger segment and copy
+        it to the bucket (archive.cluster); a failure is logged and retried next time."""
+        while True:
+            await asyncio.sleep(self.cfg.archive.ledger_seal)
+            await self._seal(stage)
+
+    async def _seal(self, stage: ArchiveStage) -> None:
+        try:
+            res = await asyncio.to_thread(seal_and_mirror, stage.archive, self.cfg.s3,
+                                          self.cfg.node_name)
+        except Exception as exc:  # S3 down or a ledger problem: the next round retries
+            log.event("ledger_seal_failed", level=logging.ERROR, error=describe(exc))
+            return
+        if res is not None and (res.segments or res.checkpoints):
+            log.event("ledger_mirrored", node=self.cfg.node_name, segments=len(res.segments),
+                      checkpoints=len(res.checkpoints))
+
+    async def _watch_archive(self, stage: ArchiveStage) -> None:
+        """While the archive backend is marked down (by a failed write), probe it; when it
+        answers again, retry what the outage deferred.  A backend that is up is not
+        probed: the archive writes themselves are the probe."""
+        while True:
+            await asyncio.sleep(self.cfg.archive.health_probe)
+            if not stage.health.down:
+                continue
+            try:
+                await asyncio.to_thread(stage.probe)
+            except Exception as exc:  # any failure: the archive cannot take mail now
+                stage.health.mark_down(describe(exc))
+                continue
+            if stage.health.mark_up():
+                loop = asyncio.get_running_loop()
+                qids = await loop.run_in_executor(self._executor, _retry_deferred_by_archive,
+                                                  self.spool, time.time())
+                log.event("archive_retry_deferred", messages=len(qids))
+                if self._worker is not None:
+                    for qid in qids:
+                        self._worker.notify(qid)
 
     def rescan(self) -> None:
         """SIGUSR1: pick up operator changes (retry, release) now, not at the next scan."""
@@ -574,6 +663,23 @@ def _due_now(spool: Spool, now: float) -> list[str]:
     for qid in spool.queue_ids():
         st = spool.read_state(qid, [])
         if not st.held and st.next_attempt_at <= now:
+            due.append(qid)
+    return due
+
+
+def _retry_deferred_by_archive(spool: Spool, now: float) -> list[str]:
+    """Make the messages an archive outage deferred due now (thread-safe I/O): like
+    ``coffer queue retry``, a ``retry`` event in each one's log."""
+    due = []
+    for qid in spool.queue_ids():
+        try:
+            st = spool.read_state(qid, [])
+        except FileNotFoundError:
+            continue  # delivered and removed meanwhile
+        if st.held or st.next_attempt_at <= now:
+            continue
+        if st.last_error == str(ARCHIVE_UNAVAILABLE):
+            spool.append_event(qid, {"ev": "retry", "by": "archive-health"})
             due.append(qid)
     return due
 

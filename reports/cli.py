@@ -25,10 +25,10 @@ from archive.cli_common import (
     SubParsers,
     add_location_arguments,
     archive_subparsers,
-    data_dir_from_args,
 )
 from archive.facade import Archive
-from archive.index import Index, open_index
+from archive.index import Index
+from archive.location import location_from_args
 from archive.metadata import Metadata, current_officer
 from archive.query import QueryError
 from reports.common import open_metadata
@@ -143,15 +143,14 @@ class _Open:
 
 @contextmanager
 def _open(args: argparse.Namespace) -> Iterator[_Open]:
-    data_dir = data_dir_from_args(args)
-    meta = open_metadata(data_dir, args.database)
+    loc = location_from_args(args)
+    meta = open_metadata(loc.data_dir, loc.database)
     archive: Archive | None = None
     index: Index | None = None
     try:
-        archive = Archive.open(data_dir, create=False)
-        engine = args.index or ("pg" if meta.dialect == "postgresql" else "fts5")
-        index = open_index(engine, data_dir=data_dir, meta=meta)
-        yield _Open(data_dir, archive, meta, index)
+        archive = loc.open_archive(create=False)
+        index = loc.open_index(meta)
+        yield _Open(loc.data_dir, archive, meta, index)
     finally:
         if index is not None:
             index.close()
@@ -224,10 +223,9 @@ def cmd_recover(args: argparse.Namespace) -> int:
     if not args.to and not args.original_recipients:
         print("coffer recover: give --to ADDRESS or --original-recipients", file=sys.stderr)
         return EXIT_USAGE
-    data_dir = data_dir_from_args(args)
     try:
         with _open(args) as o:
-            plan = recover(o.archive, o.meta, o.index, data_dir / "spool",
+            plan = recover(o.archive, o.meta, o.index, o.data_dir / "spool",
                            " ".join(args.query), to=args.to,
                            original_recipients=args.original_recipients,
                            sender=args.sender, officer=current_officer(args.officer),
@@ -255,12 +253,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     except ReportError as exc:
         print(f"coffer report: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    data_dir = data_dir_from_args(args)
-    meta = open_metadata(data_dir, args.database)
+    loc = location_from_args(args)
+    meta = open_metadata(loc.data_dir, loc.database)
     archive: Archive | None = None
     try:
         try:
-            archive = Archive.open(data_dir, create=False)
+            archive = loc.open_archive(create=False)
         except Exception as exc:  # a report reads the database; the ledger audit is a bonus
             print(f"coffer: report not recorded in the ledger: {exc}", file=sys.stderr)
         text = render_report(meta, archive, args.name, start, end, args.format,
@@ -279,8 +277,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_backup_create(args: argparse.Namespace) -> int:
     from reports.backup import create_backup
 
-    data_dir = data_dir_from_args(args)
-    res = create_backup(data_dir, Path(args.dest), database=args.database,
+    loc = location_from_args(args)
+    data_dir = loc.data_dir
+    res = create_backup(data_dir, Path(args.dest), database=loc.database,
                         keys=not args.no_keys, officer=current_officer(args.officer),
                         progress=args.progress)
     print(f"backup of {res.blobs} blobs, ledger up to checkpoint {res.checkpoint_seq}, "
@@ -293,8 +292,9 @@ def cmd_backup_create(args: argparse.Namespace) -> int:
 def cmd_backup_restore(args: argparse.Namespace) -> int:
     from reports.backup import restore_backup
 
-    data_dir = data_dir_from_args(args)
-    res = restore_backup(Path(args.src), data_dir, database=args.database,
+    loc = location_from_args(args)
+    data_dir = loc.data_dir
+    res = restore_backup(Path(args.src), data_dir, database=loc.database,
                          officer=current_officer(args.officer), progress=args.progress)
     for finding in res.findings:
         print(finding)
@@ -306,8 +306,9 @@ def cmd_backup_restore(args: argparse.Namespace) -> int:
 def cmd_rebuild(args: argparse.Namespace) -> int:
     from reports.rebuild import rebuild
 
-    data_dir = data_dir_from_args(args)
-    res = rebuild(data_dir, database=args.database, index_engine=args.index, force=args.force,
+    loc = location_from_args(args)
+    data_dir = loc.data_dir
+    res = rebuild(data_dir, database=loc.database, index_engine=loc.index, force=args.force,
                   officer=current_officer(args.officer), progress=args.progress)
     if args.json:
         print(json.dumps(dataclasses.asdict(res), ensure_ascii=False))

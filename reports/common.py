@@ -23,7 +23,7 @@ from typing import Any, TextIO
 
 from archive.facade import Archive
 from archive.ledger import parse_entry, read_lines
-from archive.metadata import AuditEvent, Metadata, MetadataError
+from archive.metadata import AuditEvent, Metadata
 from archive.search import audit
 
 Clock = Callable[[], datetime]
@@ -49,19 +49,11 @@ def metadata_url(data_dir: Path, database: str | None = None) -> str:
 
 def open_metadata(data_dir: Path, database: str | None = None, *,
                   must_exist: bool = True) -> Metadata:
-    url = metadata_url(data_dir, database)
-    if must_exist and url.startswith("sqlite:///"):
-        db = Path(url.removeprefix("sqlite:///"))
-        if not db.exists():
-            raise MetadataError(f"{db}: no archive metadata here "
-                                "(after losing it, run `coffer archive rebuild`)")
-    meta = Metadata(url)
-    try:
-        meta.migrate()
-    except BaseException:
-        meta.close()
-        raise
-    return meta
+    """The metadata database (archive.location), migrated."""
+    from archive.location import ArchiveLocation
+
+    url = database or os.environ.get("COFFER_ARCHIVE_DB")
+    return ArchiveLocation(data_dir, url).open_metadata(must_exist=must_exist)
 
 
 def record_audit(meta: Metadata, archive: Archive | None, who: str, action: str, *,

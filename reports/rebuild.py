@@ -81,7 +81,7 @@ from archive.extract import Extracted, extract
 from archive.facade import Archive
 from archive.index import Indexer, open_index
 from archive.ledger import LedgerEntry
-from archive.metadata import Blob, Message, MessageRecord, Metadata, _safe_url, resolve_links
+from archive.metadata import Blob, Message, MessageRecord, Metadata, resolve_links, safe_url
 from archive.receipts import RECEIPT, apply_receipt, parse_receipt
 from reports.common import Progress, metadata_url, parse_utc, record_audit
 from reports.errors import RebuildError
@@ -249,7 +249,7 @@ def rebuild(data_dir: Path, *, database: str | None = None, index_engine: str | 
         if meta.count():
             # --force has already set a SQLite file aside; a server database is never
             # emptied here (restored ids would collide with the rows in it).
-            raise RebuildError(f"{_safe_url(url)}: the metadata database is not empty; rebuild "
+            raise RebuildError(f"{safe_url(url)}: the metadata database is not empty; rebuild "
                                "fills an empty one (--force sets a SQLite file aside; drop "
                                "and re-create a PostgreSQL database yourself)")
         bar = Progress("rebuild", enabled=progress)

@@ -40,12 +40,14 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from archive.imap.backend import Principal
 from archive.imap.errors import AccountError
 from archive.imap.upstream import Upstream
+from archive.metadata import safe_url
 
 __all__ = ["ROLES", "AccountInfo", "Accounts", "Provisioning"]
 
@@ -176,9 +178,15 @@ class Accounts:
             connect_args["options"] = f"-csearch_path={schema}"  # as archive.metadata
         try:
             self.engine = create_engine(url, connect_args=connect_args)
-            _Base.metadata.create_all(self.engine)
+            with self.engine.begin() as conn:
+                if self.engine.dialect.name == "postgresql":
+                    # Several nodes start at once: CREATE TABLE's existence check is not
+                    # atomic against a concurrent create; one node creates, the rest wait.
+                    conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"),
+                                 {"k": "coffer-imap-accounts"})
+                _Base.metadata.create_all(conn)
         except Exception as exc:
-            raise AccountError(f"cannot open the IMAP account database {url!r}: "
+            raise AccountError(f"cannot open the IMAP account database {safe_url(url)!r}: "
                                f"{str(exc).splitlines()[0]}") from exc
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         # Verifying an unknown user costs as much as a known one (no user enumeration).

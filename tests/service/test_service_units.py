@@ -45,6 +45,19 @@ def test_relay_domains_apply_live_but_listeners_and_workers_need_a_restart(
     assert restart_required(old, live) == []
 
 
+def test_the_archive_backend_needs_a_restart_but_its_timers_apply_live(
+    tmp_path: Path,
+) -> None:
+    old = _cfg(tmp_path, BASE + "archive:\n  ledger_seal: 60s\n")
+    new = _cfg(tmp_path, BASE + "archive:\n  database: postgresql://c@127.0.0.1/c\n"
+               "  node: n2\n  ledger_seal: 5s\n")
+    assert restart_required(old, new) == ["archive.database", "archive.node"]
+    live = effective_reload(old, new)
+    assert live.archive.database is None and live.archive.node is None  # until a restart
+    assert live.archive.ledger_seal == 5.0
+    assert restart_required(old, live) == []
+
+
 def test_a_failing_worker_is_restarted_with_growing_delays(tmp_path: Path) -> None:
     sup = Supervisor(tmp_path / "coffer.yaml", _cfg(tmp_path, BASE), drain_timeout=1.0)
     sup.started_at[0] = time.monotonic()  # died at once
