@@ -22,12 +22,18 @@ ledger document (archive.documents) with the hold in clear: case, query, reason,
 who and when, and the archive ids it froze (``coffer-hold/1``), or who released
 it and when (``coffer-hold-release/1``): ``coffer archive rebuild`` restores the
 hold, its items and its release from them (reports.rebuild_log).
+
+On the S3 store (issue 10) the storage enforces a hold too: every blob a hold
+records gets an S3 legal hold (Object Lock), so not even a direct DeleteObject
+succeeds; a release lifts it from the blobs no other active hold still records.
+Messages a dynamic hold catches later are protected by retention's re-check (and
+their COMPLIANCE retention), not by an object hold.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -38,7 +44,7 @@ from archive.audit import record, sha256_text
 from archive.documents import append_documented
 from archive.errors import ArchiveError
 from archive.facade import Archive
-from archive.metadata import Hold, HoldItem, Metadata
+from archive.metadata import Hold, HoldItem, Message, Metadata
 from archive.query import parse, to_string
 from archive.search import Searcher
 
@@ -114,6 +120,7 @@ def create_hold(meta: Metadata, archive: Archive, searcher: Searcher, case: str,
     doc = {"kind": HOLD_DOCUMENT, "hold": hold_id, "case": case, "query": query,
            "reason": reason, "created_at": now.isoformat(), "created_by": who,
            "message_ids": sorted(set(ids))}
+    _object_holds(meta, archive, ids, on=True)
     append_documented(archive, "hold_placed", doc, hold=hold_id, case=case,
                       query_sha256=sha256_text(query), items=len(ids),
                       items_sha256=_ids_sha256(ids))
@@ -138,6 +145,7 @@ def release_hold(meta: Metadata, archive: Archive, case: str, who: str, *,
     with meta.session() as s:
         s.execute(update(Hold).where(Hold.id == info.id, Hold.released_at.is_(None))
                   .values(released_at=now, released_by=who[:255]))
+    _object_holds(meta, archive, _item_ids(meta, info.id), on=False, keep_hold=info.id)
     doc = {"kind": RELEASE_DOCUMENT, "hold": info.id, "case": info.case,
            "released_at": now.isoformat(), "released_by": who[:255]}
     append_documented(archive, "hold_released", doc, hold=info.id, case=info.case,
@@ -147,6 +155,39 @@ def release_hold(meta: Metadata, archive: Archive, case: str, who: str, *,
     released = get_hold(meta, case)
     assert released is not None
     return released
+
+
+def _object_holds(meta: Metadata, archive: Archive, ids: Iterable[int], *, on: bool,
+                  keep_hold: int | None = None) -> None:
+    """Set (on) or lift the S3 legal hold of the blobs of these messages; S3 store only.
+    Lifting skips blobs that a message of another active hold (not ``keep_hold``'s own
+    id, the one being released) shares."""
+    from archive.s3store import S3BlobStore
+
+    store = archive.store
+    if not isinstance(store, S3BlobStore):
+        return  # local files: the hold is enforced by retention (no command deletes early)
+    ids = list(ids)
+    if not ids:
+        return
+    with meta.session() as s:
+        shas = set(s.scalars(select(Message.sha256).where(
+            meta.ids_condition(Message.id, ids), Message.expired_at.is_(None))))
+        if not on:
+            shas -= set(s.scalars(
+                select(Message.sha256).join(HoldItem, HoldItem.message_pk == Message.id)
+                .join(Hold, Hold.id == HoldItem.hold_id)
+                .where(Hold.id != keep_hold, Hold.released_at.is_(None))))
+    for sha in sorted(shas):
+        if on:
+            store.place_hold(sha)
+        else:
+            store.release_hold(sha)
+
+
+def _item_ids(meta: Metadata, hold_id: int) -> list[int]:
+    with meta.session() as s:
+        return list(s.scalars(select(HoldItem.message_pk).where(HoldItem.hold_id == hold_id)))
 
 
 def get_hold(meta: Metadata, case: str, *, missing_ok: bool = True, with_ids: bool = False

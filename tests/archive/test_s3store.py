@@ -444,3 +444,52 @@ def test_a_secret_file_readable_by_others_is_refused(tmp_path: Path) -> None:
     secret.chmod(0o600)
     assert cfg.secret(tmp_path) == "s3cr3t-value"
     make_client(cfg, tmp_path).close()
+
+
+def test_legal_hold_cases_set_and_lift_s3_object_holds(seaweed: Seaweed, raw: Any,
+                                                       tmp_path: Path) -> None:
+    import hashlib
+    from datetime import UTC, datetime
+
+    from archive.extract import extract
+    from archive.holds import create_hold, release_hold
+    from archive.index import Indexer, open_index
+    from archive.metadata import MessageRecord, Metadata
+    from archive.search import Searcher
+
+    cfg = _cfg(seaweed, Seaweed.bucket_name("h"))
+    archive = Archive.open(tmp_path, s3=cfg)
+    meta = Metadata(f"sqlite:///{tmp_path / 'meta.db'}")
+    meta.migrate()
+    index = open_index("fts5", data_dir=tmp_path, meta=meta)
+    try:
+        shas = {}
+        for tag in ("merger", "lunch"):
+            data = _msg(tag)
+            archive.put(data)
+            shas[tag] = hashlib.sha256(data).hexdigest()
+            meta.add_message(MessageRecord(shas[tag], extract(data), datetime.now(UTC),
+                                           mail_from="a@example.org", rcpt_to=["b@example.org"]))
+        Indexer(meta, index, archive.get).run()
+        store = archive.store
+        assert isinstance(store, S3BlobStore)
+        searcher = Searcher(meta, index)
+        create_hold(meta, archive, searcher, "C-1", "body:merger", "olga")
+        create_hold(meta, archive, searcher, "C-2", "subject:merger OR subject:lunch", "olga")
+        assert store.lock_state(shas["merger"]).legal_hold
+        assert store.lock_state(shas["lunch"]).legal_hold
+        # The storage itself refuses to delete a held object, whatever asks.
+        version = _versions(raw, cfg.bucket, store.name(shas["lunch"]))[0]["VersionId"]
+        with pytest.raises(Exception, match=r"AccessDenied|locked|Lock"):
+            raw.delete_object(Bucket=cfg.bucket, Key=store.name(shas["lunch"]),
+                              VersionId=version, BypassGovernanceRetention=False)
+        release_hold(meta, archive, "C-2", "olga")
+        # C-1 still holds "merger"; nothing holds "lunch" any more.
+        assert store.lock_state(shas["merger"]).legal_hold
+        assert not store.lock_state(shas["lunch"]).legal_hold
+        release_hold(meta, archive, "C-1", "olga")
+        assert not store.lock_state(shas["merger"]).legal_hold
+    finally:
+        index.close()
+        meta.close()
+        archive.close()
