@@ -184,10 +184,21 @@ def test_three_nodes_burst_with_a_node_killed_lose_nothing_and_share_one_archive
     for gw in nodes:
         gw.signal(15)  # SIGTERM: drain, seal and mirror the chain
         assert gw.wait_exit() == 0
+    def audit_events() -> int:
+        # Each audit event (the searches above, IMAP reads, verify itself) keeps its text
+        # in an encrypted ledger document: a blob of its own (archive.documents).
+        engine = sa.create_engine(cluster_db)
+        with engine.connect() as c:
+            n = int(c.execute(sa.text("SELECT count(*) FROM audit_events")).scalar_one())
+        engine.dispose()
+        return n
+
     for gw in (nodes[0], victim):  # any node checks every chain; the victim's included
+        documents = audit_events()
         out = coffer("archive", "verify", "--config", str(gw.config), "--json")
         lines = [json.loads(x) for x in out.stdout.splitlines() if x.strip()]
         problems = [x for x in lines if x.get("severity") in ("error", "warning")]
         assert out.returncode == 0 and not problems, (out.stderr, problems)
         summary = lines[-1]
-        assert summary["ok"] and summary["blobs"] == 2 * len(tokens)  # message + receipt
+        # message + receipt each, and the audit documents
+        assert summary["ok"] and summary["blobs"] == 2 * len(tokens) + documents
