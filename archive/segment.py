@@ -104,7 +104,19 @@ class KeyTables:
 
     def get(self, name: str) -> KeyTable:
         """The key table of segment ``name``; an empty one if the file is missing."""
-        path = self.dir / f"{name}.keys"
+        path = os.path.join(self.dir, f"{name}.keys")
+        cached = self._cache.get(name)
+        if cached is not None:
+            # The common case (every read checks its key): one stat, no open.  A shred by
+            # any process replaces the file (a new inode: the new file exists before the
+            # old one is unlinked), an append grows it; either misses this test.
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                self._cache.pop(name, None)
+                return KeyTable()
+            if cached[0] == st.st_ino and cached[1] == st.st_size and not cached[2].torn:
+                return cached[2]
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:

@@ -310,8 +310,11 @@ class BlobStore(ZstdContexts):
         raise AssertionError("unreachable")
 
     def read_record(self, loc: Location) -> bytes:
-        with open(self.packs / f"{loc.segment}.pack", "rb") as fh:
-            record = os.pread(fh.fileno(), loc.length, loc.offset)
+        fd = os.open(os.path.join(self.packs, f"{loc.segment}.pack"), os.O_RDONLY)
+        try:
+            record = os.pread(fd, loc.length, loc.offset)
+        finally:
+            os.close(fd)
         if len(record) != loc.length:
             raise BlobIntegrityError(f"blob {loc.sha256}: record truncated")
         return record
