@@ -36,6 +36,7 @@ MAX_LITERAL = 64 * 1024 * 1024
 # RFC 3501 §9: atom-specials are ( ) { SP CTL % * " \ ]
 _ATOM_SPECIALS = frozenset(b'(){ %*"\\]') | frozenset(range(0x00, 0x20)) | {0x7F}
 _TAG_RE = re.compile(rb"[\x21-\x7e]+")
+_DIGITS_RE = re.compile(rb"[0-9]+")
 _LITERAL_RE = re.compile(rb"\{(\d{1,12})(\+?)\}\r\n")
 _MONTHS = ("jan", "feb", "mar", "apr", "may", "jun",
            "jul", "aug", "sep", "oct", "nov", "dec")
@@ -247,14 +248,14 @@ class _Reader:
         return self.atom(extra=frozenset(b"%*]"))
 
     def number(self) -> int:
-        start = self.pos
-        while self.pos < len(self.data) and 0x30 <= self.data[self.pos] <= 0x39:
-            self.pos += 1
-        if self.pos == start:
+        # One regex match, not a peek per digit: every pipelined FETCH has a number.
+        m = _DIGITS_RE.match(self.data, self.pos)
+        if m is None:
             raise self.error("expected a number")
+        start, self.pos = m.span()
         if self.pos - start > 10:
             raise self.error("number too large")
-        v = int(self.data[start:self.pos])
+        v = int(m.group())
         if v > 0xFFFFFFFF:
             raise self.error("number too large")
         return v
@@ -507,7 +508,7 @@ def _parse_args(r: _Reader, cmd: Command) -> None:
         r.sp()
         cmd.seqset = r.seqset()
         r.sp()
-        cmd.fetch, cmd.fetch_macro = _fetch_atts(r)
+        cmd.fetch, cmd.fetch_macro = _cached_fetch_atts(r)
         return
     if name == "STORE":
         r.sp()
@@ -556,6 +557,27 @@ _MACROS = {
     "FAST": ("FLAGS", "INTERNALDATE", "RFC822.SIZE"),
     "FULL": ("FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE", "BODY"),
 }
+
+
+# Parsed attribute lists by their text: a client pipelining one FETCH per message
+# (mbsync) sends the same few lists thousands of times.  FetchAtt is frozen, so the
+# cached items are shared; each command gets its own list.
+_FETCH_ATTS_CACHE: dict[bytes, tuple[tuple[FetchAtt, ...], bool]] = {}
+_FETCH_ATTS_CACHE_SIZE = 256
+
+
+def _cached_fetch_atts(r: _Reader) -> tuple[list[FetchAtt], bool]:
+    text = r.data[r.pos:]
+    hit = _FETCH_ATTS_CACHE.get(text)
+    if hit is not None:
+        r.pos = len(r.data)
+        return list(hit[0]), hit[1]
+    atts, macro = _fetch_atts(r)
+    if r.at_end() and len(text) <= 1024:  # only a whole, valid rest of the command
+        if len(_FETCH_ATTS_CACHE) >= _FETCH_ATTS_CACHE_SIZE:
+            _FETCH_ATTS_CACHE.clear()
+        _FETCH_ATTS_CACHE[text] = (tuple(atts), macro)
+    return atts, macro
 
 
 def _fetch_atts(r: _Reader) -> tuple[list[FetchAtt], bool]:

@@ -49,6 +49,20 @@ def test_fetch_macros_expand() -> None:
     assert [a.name for a in parse_command(b"t FETCH 1 full").fetch][-1] == "BODY"
 
 
+def test_repeated_fetch_attribute_lists_parse_alike_and_independently() -> None:
+    # mbsync sends the same attribute list once per message: a parsed list is reused.
+    first = parse_command(b"1 UID FETCH 7 (BODY.PEEK[] FLAGS)\r\n")
+    first.fetch.insert(0, FetchAtt("UID"))  # the server adds UID to its own copy
+    again = parse_command(b"2 UID FETCH 8 (BODY.PEEK[] FLAGS)\r\n")
+    assert again.fetch == [FetchAtt("BODY[]", section=Section(), peek=True),
+                           FetchAtt("FLAGS")]
+    assert (again.tag, again.seqset) == ("2", SeqSet(((8, 8),)))
+    with pytest.raises(ParseError, match="unexpected characters"):
+        parse_command(b"3 UID FETCH 9 (BODY.PEEK[] FLAGS) x\r\n")
+    with pytest.raises(ParseError, match="number too large"):
+        parse_command(b"4 UID FETCH 12345678901 (BODY.PEEK[] FLAGS)\r\n")
+
+
 @pytest.mark.parametrize("line, reason", [
     (b"t FETCH 1 (BODY[MIME])", "MIME needs a part number"),
     (b"t FETCH 0 FLAGS", "zero"),
