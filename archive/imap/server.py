@@ -64,6 +64,11 @@ _FETCH_LINE = re.compile(rb"[^ ]+ (?:UID )?FETCH [^{}]*\r?\n\Z", re.IGNORECASE)
 MAX_READ_AHEAD = 32  # pipelined FETCH commands parsed and being prefetched
 PREFETCH_GROUP = 8  # commands whose messages one worker-thread job reads
 PREFETCH_TARGETS = 4  # only commands fetching this few messages are prefetched (mbsync: 1)
+# Fewer newly read-ahead commands than this are not prefetched: their bytes are read
+# inline when answered (read_part), as a worker-thread hop (submit, future chaining,
+# ~9 lock round trips) costs more CPU than reading a blob.  A client pipelining
+# faster than we answer still gets its commands prefetched in PREFETCH_GROUPs.
+PREFETCH_MIN_COMMANDS = 3
 FLUSH_AT = 256 * 1024  # responses are written once the buffer holds this much
 MAX_BAD_COMMANDS = 20
 _SYSTEM_FLAGS = "(\\Answered \\Flagged \\Deleted \\Seen \\Draft)"
@@ -444,7 +449,8 @@ class _Session:
         """Read the bodies that pipelined FETCH commands will need in worker threads,
         while this thread answers the commands before them."""
         sel = self.selected
-        if sel is None or not getattr(self.backend, "blocking", False) \
+        if sel is None or len(cmds) < PREFETCH_MIN_COMMANDS \
+                or not getattr(self.backend, "blocking", False) \
                 or len(self.prefetch) > MAX_READ_AHEAD * PREFETCH_TARGETS:
             return
         uids: list[int] = []
