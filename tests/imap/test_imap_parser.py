@@ -63,7 +63,23 @@ def test_repeated_fetch_attribute_lists_parse_alike_and_independently() -> None:
         parse_command(b"4 UID FETCH 12345678901 (BODY.PEEK[] FLAGS)\r\n")
 
 
+@pytest.mark.parametrize("line", [
+    b"a UID FETCH 5:3 (BODY.PEEK[] FLAGS)\r\n",
+    b"b uid fetch 1 FLAGS\r\n",
+    b"c FETCH 7 FAST",
+    b"d UID FETCH 01 (UID)\r\n",
+    b"e UID FETCH 4294967295 (UID)\r\n",
+    b"f.2 UID FETCH 123456789:2 (BODY.PEEK[HEADER.FIELDS (From)]<0.10>)\r\n",
+])
+def test_a_fetch_parsed_again_from_known_attributes_is_the_same_command(line: bytes) -> None:
+    # The second parse reuses the first one's attribute list (the fast path).
+    assert parse_command(line) == parse_command(line)
+
+
 @pytest.mark.parametrize("line, reason", [
+    (b"t UID FETCH 1 (BODY.PEEK[] FLAGS)\n", "unexpected characters"),
+    (b"t UID FETCH 0 (BODY.PEEK[] FLAGS)\r\n", "zero"),
+    (b"t UID  FETCH 1 (BODY.PEEK[] FLAGS)\r\n", "expected"),
     (b"t FETCH 1 (BODY[MIME])", "MIME needs a part number"),
     (b"t FETCH 0 FLAGS", "zero"),
     (b"t FETCH 1 (BODY[1.HEADER.FIELDS])", "expected a space"),
