@@ -870,18 +870,8 @@ class _Session:
         sel = self.selected
         assert sel is not None and cmd.seqset is not None and self.principal is not None
         targets = self.resolve(cmd, cmd.seqset)
-        atts = list(cmd.fetch)
-        if cmd.uid and not any(a.name == "UID" for a in atts):
-            atts.insert(0, FetchAtt("UID"))  # RFC 3501 §6.4.8
-        needs_parse = any(a.name in ("ENVELOPE", "BODYSTRUCTURE", "BODY")
-                          or (a.name == "BODY[]" and a.section is not None
-                              and (a.section.part or a.section.text))
-                          or a.name in ("RFC822.HEADER", "RFC822.TEXT") for a in atts)
-        needs_raw = needs_parse or _needs_raw(atts)
-        sets_seen = not sel.readonly and any(
-            (a.name == "BODY[]" and not a.peek) or a.name in ("RFC822", "RFC822.TEXT")
-            for a in atts)
-        body_read = any(a.name in ("BODY[]", "RFC822", "RFC822.TEXT") for a in atts)
+        atts, needs_parse, needs_raw, marks_seen, body_read = _fetch_plan(cmd)
+        sets_seen = marks_seen and not sel.readonly
         if body_read and self.principal.is_officer and targets:
             await self.audit("imap_fetch", mailbox=sel.name,
                              uids=[m.uid for _, m in targets][:1000], count=len(targets))
@@ -1096,6 +1086,37 @@ class _Session:
         self.send("* SEARCH" + "".join(f" {n}" for n in nums) + "\r\n")
         self.ok(cmd)
 
+
+
+_FetchPlan = tuple[tuple[FetchAtt, ...], bool, bool, bool, bool]
+# Plans by (attribute list, UID command): a client pipelining one FETCH per message
+# (mbsync) sends the same list each time.
+_FETCH_PLANS: dict[tuple[tuple[FetchAtt, ...], bool], _FetchPlan] = {}
+
+
+def _fetch_plan(cmd: Command) -> _FetchPlan:
+    """The attributes to answer, and whether they need the message parsed, its bytes,
+    mark it \\Seen (in a read-write mailbox) and read its body (audited)."""
+    key = (tuple(cmd.fetch), cmd.uid)
+    plan = _FETCH_PLANS.get(key)
+    if plan is not None:
+        return plan
+    atts = list(cmd.fetch)
+    if cmd.uid and not any(a.name == "UID" for a in atts):
+        atts.insert(0, FetchAtt("UID"))  # RFC 3501 §6.4.8
+    needs_parse = any(a.name in ("ENVELOPE", "BODYSTRUCTURE", "BODY")
+                      or (a.name == "BODY[]" and a.section is not None
+                          and (a.section.part or a.section.text))
+                      or a.name in ("RFC822.HEADER", "RFC822.TEXT") for a in atts)
+    needs_raw = needs_parse or _needs_raw(atts)
+    marks_seen = any((a.name == "BODY[]" and not a.peek) or a.name in ("RFC822", "RFC822.TEXT")
+                     for a in atts)
+    body_read = any(a.name in ("BODY[]", "RFC822", "RFC822.TEXT") for a in atts)
+    plan = (tuple(atts), needs_parse, needs_raw, marks_seen, body_read)
+    if len(_FETCH_PLANS) >= 256:
+        _FETCH_PLANS.clear()
+    _FETCH_PLANS[key] = plan
+    return plan
 
 
 def _needs_raw(atts: Sequence[FetchAtt]) -> bool:
