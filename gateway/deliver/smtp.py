@@ -3,8 +3,16 @@
 One SMTP transaction carries a message to one destination host with all of that
 destination's recipients (RFC 5321 §3.3).  Each RCPT reply is kept: a mixed
 250/450/550 transaction yields delivered, deferred and bounced recipients.  The
-commands are driven one by one (not ``sendmail``) so that every recipient's
+commands are driven by this module (not ``sendmail``) so that every recipient's
 reply, and the point where a session failed, are known exactly.
+
+When the next hop advertises PIPELINING (RFC 2920), MAIL FROM, every RCPT TO and
+DATA go out in one write and their replies are read back in order (§3.2); the
+message body and its end-of-data go in a second write.  That is two writes and
+two reply waits per message instead of one per command.  DATA ends the group
+(§3.1: it must be the last command of a group, since what follows it is content).
+Otherwise the commands go one by one.  Both paths give the same per-recipient
+replies and the same session-failure and connection-reuse decisions.
 
 Throughput comes from reusing connections: after a transaction the connection
 goes back to a small per-destination pool (RFC 5321 §4.1.1.5: RSET first if the
@@ -24,7 +32,9 @@ TLS per route (RFC 3207):
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import re
 import ssl
 import time
 from collections.abc import Callable
@@ -34,11 +44,13 @@ import aiosmtplib
 from aiosmtplib import (
     SMTPConnectError,
     SMTPException,
+    SMTPReadTimeoutError,
     SMTPResponse,
     SMTPResponseException,
     SMTPServerDisconnected,
     SMTPTimeoutError,
 )
+from aiosmtplib.protocol import SMTPProtocol, normalize_message_line_endings
 
 from gateway.deliver.routes import TlsMode
 
@@ -116,6 +128,7 @@ class SmtpClient:
         max_idle: float = 10.0,
         max_uses: int = 1000,
         clock: Callable[[], float] = time.monotonic,
+        pipelining: bool = True,
     ) -> None:
         self.helo_name = helo_name
         self.connect_timeout = connect_timeout
@@ -126,6 +139,9 @@ class SmtpClient:
         self.max_idle = max_idle
         self.max_uses = max_uses
         self.clock = clock
+        # Use RFC 2920 PIPELINING when the next hop offers it (False: always one by
+        # one; the tests compare both paths against the same server).
+        self.pipelining = pipelining
         self._pools: dict[tuple[str, int, str, str], _Pool] = {}
         self.connections_opened = 0  # for tests and metrics: how much reuse we get
 
@@ -264,6 +280,8 @@ class SmtpClient:
 
         if _unsafe(sender):
             return dict.fromkeys(rcpts, "553 5.1.7 Invalid sender address"), True
+        if self.pipelining and smtp.supports_extension("pipelining") and _plain(sender, rcpts):
+            return await self._pipelined(smtp, dest, sender, rcpts, data, options, encoding)
         try:
             await _command(smtp, b"MAIL FROM:", sender, options, encoding, (250,))
         except SMTPResponseException as exc:
@@ -319,6 +337,105 @@ class SmtpClient:
             smtp.close()
             return replies, False
 
+    async def _pipelined(
+        self, smtp: aiosmtplib.SMTP, dest: Destination, sender: str, rcpts: list[str],
+        data: bytes, options: list[str], encoding: str,
+    ) -> tuple[dict[str, str], bool]:
+        """:meth:`_transaction` with RFC 2920 command groups; the same results.
+
+        The replies are read by a :class:`_ReplyReader` put in front of
+        aiosmtplib's protocol for the length of the transaction: aiosmtplib reads
+        exactly one reply per command written and would drop or strand the
+        others of a group.  Connection, TLS, EHLO and RSET stay aiosmtplib's.
+        """
+        protocol = smtp.protocol
+        transport = protocol.transport if protocol is not None else None
+        if protocol is None or transport is None:
+            raise _SessionError(_network_reply(SMTPServerDisconnected("Server not connected"),
+                                               dest))
+        replies: dict[str, str] = {}
+        sent: list[str] = []  # the recipients whose RCPT is in the group, in order
+        group = [_line(b"MAIL FROM:", sender, options, encoding)]
+        for rcpt in rcpts:
+            if _unsafe(rcpt):
+                replies[rcpt] = "553 5.1.3 Invalid recipient address"
+                continue
+            group.append(_line(b"RCPT TO:", rcpt, [], encoding))
+            sent.append(rcpt)
+        group.append(b"DATA\r\n")  # RFC 2920 §3.1: DATA is the last command of a group
+        timeout = self.command_timeout
+        reader = _ReplyReader(protocol)
+        transport.set_protocol(reader)
+        try:
+            try:
+                protocol.write(b"".join(group))
+                mail = await reader.read(timeout)
+            except (SMTPException, OSError, TimeoutError) as exc:
+                # Nothing judged yet (as a failed MAIL FROM one by one): the session failed.
+                smtp.close()
+                raise _SessionError(_network_reply(exc, dest)) from None
+            if mail.code != 250:
+                reply = _fmt(mail.code, mail.message)
+                if mail.code == 421:
+                    smtp.close()
+                    raise _SessionError(reply)
+                # The RCPTs and DATA behind a refused MAIL are refused too (503): read
+                # their replies so that the connection stays in step, then RSET.
+                try:
+                    for _ in sent:
+                        await reader.read(timeout)
+                    await _end_group(protocol, reader, timeout)
+                except (SMTPException, OSError, TimeoutError):
+                    smtp.close()
+                    raise _SessionError(reply) from None
+                transport.set_protocol(protocol)
+                await _rset(smtp)
+                return dict.fromkeys(rcpts, reply), smtp.is_connected
+
+            accepted: list[str] = []
+            try:
+                for rcpt in sent:
+                    resp = await reader.read(timeout)
+                    replies[rcpt] = _fmt(resp.code, resp.message)
+                    if resp.code in (250, 251):
+                        accepted.append(rcpt)
+                    elif resp.code == 421:
+                        raise SMTPServerDisconnected(replies[rcpt])
+                if not accepted:
+                    await _end_group(protocol, reader, timeout)
+                    transport.set_protocol(protocol)
+                    await _rset(smtp)
+                    return replies, smtp.is_connected
+                start = await reader.read(timeout)
+                if start.code == 354:
+                    protocol.write(_wire_body(data))
+                    resp = await reader.read(timeout)
+                    if resp.code == 250:
+                        final = _fmt(resp.code, resp.message)
+                        for rcpt in accepted:
+                            replies[rcpt] = final
+                        return replies, True
+                else:
+                    resp = start
+                # The DATA reply (or the 354's refusal) decides for every accepted recipient.
+                reply = _fmt(resp.code, resp.message)
+                for rcpt in accepted:
+                    replies[rcpt] = reply
+                transport.set_protocol(protocol)
+                await _rset(smtp)
+                return replies, smtp.is_connected
+            except (SMTPException, OSError, TimeoutError) as exc:
+                # As one by one: refused recipients keep their reply, the rest were
+                # not delivered (RFC 5321 §4.1.1.4) and are retried.
+                reply = _network_reply(exc, dest)
+                for rcpt in rcpts:
+                    if rcpt in accepted or rcpt not in replies:
+                        replies[rcpt] = reply
+                smtp.close()
+                return replies, False
+        finally:
+            transport.set_protocol(protocol)
+
     async def aclose(self) -> None:
         """QUIT and close every pooled connection."""
         pools, self._pools = self._pools, {}
@@ -358,6 +475,150 @@ async def _command(
     if resp.code not in ok:
         raise SMTPResponseException(resp.code, resp.message)
     return resp
+
+
+def _plain(sender: str, rcpts: list[str]) -> bool:
+    # aiosmtplib refuses command arguments with control characters (ValueError);
+    # such an address takes the one-by-one path so that it fails the same way.
+    return not any(_CONTROL.search(a) for a in (sender, *rcpts))
+
+
+def _line(verb: bytes, address: str, options: list[str], encoding: str) -> bytes:
+    """One command line of a group, as :func:`_command` would send it."""
+    return b" ".join((verb + b"<" + address.encode(encoding) + b">",
+                      *(o.encode("ascii") for o in options))) + b"\r\n"
+
+
+def _wire_body(data: bytes) -> bytes:
+    """The message as sent after 354: CRLF line ends, dot-stuffed, then end-of-data.
+
+    The same bytes as aiosmtplib's ``data()`` sends (RFC 5321 §2.3.8 line ends,
+    §4.5.2 transparency), without its two regular-expression passes when the
+    message already has only CRLF line ends (the spool keeps them so; a
+    transform stage might not) and no line that starts with a dot.
+    """
+    crlf = data.count(b"\r\n")
+    if not (crlf == data.count(b"\r") == data.count(b"\n") and data.endswith(b"\r\n")):
+        data = normalize_message_line_endings(data)
+    # After normalisation every line starts at the beginning or after a LF.
+    if b"\n." in data:
+        data = data.replace(b"\n.", b"\n..")
+    if data.startswith(b"."):
+        data = b"." + data
+    return data + b".\r\n"
+
+
+async def _end_group(protocol: SMTPProtocol, reader: _ReplyReader, timeout: float) -> None:
+    """Read the DATA reply of a group whose transaction carries no recipient.
+
+    A conforming server refuses that DATA (RFC 2920 §3.1: 503 or 554); one that
+    answers 354 anyway gets an empty content (a lone end-of-data) so that the
+    transaction ends without a message.
+    """
+    if (await reader.read(timeout)).code == 354:
+        protocol.write(b".\r\n")
+        await reader.read(timeout)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_MAX_LINE = 8192  # as aiosmtplib: a reply line, and a whole reply four times that
+
+
+def _parse_reply(buf: bytearray) -> SMTPResponse | None:
+    """Take one complete (possibly multiline) reply off ``buf``; None if incomplete.
+
+    RFC 5321 §4.2.1: ``code-text`` lines, the last one with a space after the
+    code.  The text is kept as aiosmtplib keeps it (lines stripped, joined by LF).
+    """
+    offset = 0
+    lines: list[bytes] = []
+    while True:
+        end = buf.find(b"\n", offset)
+        if end < 0:
+            if len(buf) - offset > _MAX_LINE:
+                raise SMTPResponseException(-1, "Response too long")
+            return None
+        line = bytes(buf[offset:end + 1])
+        if len(line) > _MAX_LINE:
+            raise SMTPResponseException(-1, "Response too long")
+        try:
+            code = int(line[:3])
+        except ValueError:
+            raise SMTPResponseException(
+                -1, f"Malformed SMTP response line: {line.decode('utf-8', 'ignore')}"
+            ) from None
+        offset = end + 1
+        lines.append(line[4:].strip(b" \t\r\n"))
+        if line[3:4] != b"-":
+            del buf[:offset]
+            return SMTPResponse(code, b"\n".join(lines).decode("utf-8", "surrogateescape"))
+
+
+class _ReplyReader(asyncio.Protocol):
+    """Receives the replies to a command group, in order (RFC 2920 §3.2).
+
+    It stands in for aiosmtplib's protocol on the transport during one pipelined
+    transaction and passes the connection's loss and flow control on to it, so
+    aiosmtplib still knows when the connection is gone.
+    """
+
+    def __init__(self, inner: SMTPProtocol) -> None:
+        self._inner = inner
+        self._buf = bytearray()
+        self._replies: collections.deque[SMTPResponse] = collections.deque()
+        self._error: SMTPException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    def data_received(self, data: bytes) -> None:
+        if self._error is not None:
+            return
+        self._buf += data
+        try:
+            while (resp := _parse_reply(self._buf)) is not None:
+                self._replies.append(resp)
+        except SMTPResponseException as exc:
+            # The stream is out of step: nothing after this can be paired with a command.
+            self._error = exc
+        if len(self._buf) > 4 * _MAX_LINE:
+            self._error = SMTPResponseException(-1, "Response too long")
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._fail(SMTPServerDisconnected("Unexpected EOF received"))
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(SMTPServerDisconnected("Connection lost"))
+        self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    def _fail(self, exc: SMTPException) -> None:
+        if self._error is None:
+            self._error = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def read(self, timeout: float | None) -> SMTPResponse:
+        """The next reply; the replies received before a failure come first."""
+        while not self._replies:
+            if self._error is not None:
+                raise self._error
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(self._waiter, timeout)
+            except TimeoutError as exc:
+                raise SMTPReadTimeoutError("Timed out waiting for server response") from exc
+            finally:
+                self._waiter = None
+        return self._replies.popleft()
 
 
 async def _rset(smtp: aiosmtplib.SMTP) -> None:

@@ -12,9 +12,11 @@ from nexthop import DnsZone, NextHop, TlsPair, make_tls
 from gateway.config import Config, DeliveryConfig, DnsConfig, QueueConfig
 
 
-@pytest.fixture
-async def nexthop() -> AsyncIterator[NextHop]:
-    hop = NextHop()
+@pytest.fixture(params=[False, True], ids=["one-by-one", "pipelining"])
+async def nexthop(request: pytest.FixtureRequest) -> AsyncIterator[NextHop]:
+    # Every delivery test runs against a next hop with and without PIPELINING
+    # (RFC 2920): both client paths must give the same results.
+    hop = NextHop(pipelining=request.param)
     await hop.start()
     yield hop
     await hop.stop()

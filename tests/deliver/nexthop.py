@@ -47,6 +47,7 @@ class NextHop:
     """Answers per recipient; ``rules`` maps a lower-cased address to a reply or DROP."""
 
     rules: dict[str, str] = field(default_factory=dict)
+    mail_reply: str = "250 2.1.0 Sender ok"  # or DROP
     data_reply: str = "250 2.0.0 Ok: queued"
     received: list[Received] = field(default_factory=list)
     connections: int = 0
@@ -56,12 +57,30 @@ class NextHop:
     tls_context: ssl.SSLContext | None = None  # offered with STARTTLS
     implicit_tls: ssl.SSLContext | None = None  # TLS from the first byte (smtps)
     smtputf8: bool = True  # advertise SMTPUTF8 (RFC 6531)
+    # Advertise PIPELINING (RFC 2920).  aiosmtpd reads commands in order from its
+    # stream, so it serves a pipelined client correctly; it just never says so.
+    pipelining: bool = False
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        if self.pipelining:
+            responses.insert(1, "250-PIPELINING")
+        return responses
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str,
         mail_options: list[str],
     ) -> str:
         self.mail_commands += 1
+        if self.mail_reply == DROP:
+            assert server.transport is not None
+            server.transport.close()
+            return "421 4.4.2 dropping the connection"
+        if not self.mail_reply.startswith("2"):
+            return self.mail_reply
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Sender ok"
