@@ -49,6 +49,38 @@ from gateway.queue.state import QueueState, fold, parse_events
 
 MAGIC = b"COFFER-SPOOL 1\n"
 
+# One encoder for every event line (json.dumps builds one per call).
+_EVENT_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
+def _read_fd(fd: int, size: int) -> bytes:
+    """``size`` bytes from the start of an open file (fewer only if it is shorter)."""
+    data = os.pread(fd, size, 0)
+    while len(data) < size:  # a short read: go on until EOF
+        chunk = os.pread(fd, size - len(data), len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _read_optional(path: str) -> bytes | None:
+    """A whole file's bytes, or None if it does not exist (no file object: this runs
+    several times per message, mostly for files that are not there)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        return _read_fd(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
 
 def new_queue_id(now: float | None = None) -> str:
     """A unique, time-sortable queue id: 12 hex digits of milliseconds + 8 random."""
@@ -130,8 +162,12 @@ class Spool:
         for d in (self.tmp_dir, self.queue_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._queue_dir_sync = _DirSync(self.queue_dir)
+        self._qdir = str(self.queue_dir)  # for the per-message paths: cheaper than Path /
 
     # -- paths ---------------------------------------------------------------
+    def _path(self, qid: str, suffix: str) -> str:
+        return f"{self._qdir}/{qid}{suffix}"
+
     def msg_path(self, qid: str) -> Path:
         return self.queue_dir / f"{qid}.msg"
 
@@ -191,19 +227,19 @@ class Spool:
 
     def append_event(self, qid: str, event: dict[str, Any], *, sync: bool = True) -> None:
         """Append one event to a message's state log (fsynced unless sync=False)."""
-        self._append(self.state_path(qid), os.O_CREAT, event, sync, "state write")
+        self._append(self._path(qid, ".state"), os.O_CREAT, event, sync, "state write")
 
     def append_stage(self, qid: str, event: dict[str, Any], *, sync: bool = True) -> None:
         """Record an after-queue stage's completion (a ``stage`` event) at the end of
         the message's ``.msg`` file (fsynced unless sync=False; see the module doc)."""
         if event.get("ev") != "stage":
             raise ValueError("only stage events go to the message file")
-        self._append(self.msg_path(qid), 0, event, sync, "stage record")
+        self._append(self._path(qid, ".msg"), 0, event, sync, "stage record")
 
-    def _append(self, path: Path, create: int, event: dict[str, Any], sync: bool,
+    def _append(self, path: str, create: int, event: dict[str, Any], sync: bool,
                 what: str) -> None:
         event.setdefault("at", time.time())
-        line = json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+        line = _EVENT_JSON.encode(event).encode() + b"\n"
         try:
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | create, 0o600)
             try:
@@ -222,7 +258,7 @@ class Spool:
         if not self.fsync:
             return
         try:
-            fd = os.open(self.msg_path(qid), os.O_RDONLY)
+            fd = os.open(self._path(qid, ".msg"), os.O_RDONLY)
         except OSError as exc:
             raise SpoolError(f"stage sync failed: {exc}") from exc
         try:
@@ -302,29 +338,35 @@ class Spool:
         return parse_events(tail) + self._state_events(qid)
 
     def _state_events(self, qid: str) -> list[dict[str, Any]]:
-        try:
-            return parse_events(self.state_path(qid).read_bytes())
-        except FileNotFoundError:
-            return []
+        raw = _read_optional(self._path(qid, ".state"))
+        return [] if raw is None else parse_events(raw)
 
     def read_state(self, qid: str, recipients: list[str]) -> QueueState:
         return fold(recipients, self.events(qid))
 
-    def load(self, qid: str) -> SpooledMessage:
-        try:
-            with open(self.msg_path(qid), "rb") as fh:
-                env, facts, size = self._parse_header(qid, fh.read(len(MAGIC)), fh.readline())
-                data = fh.read(size)
-                tail = fh.read()  # the stage records appended after the message
-        except FileNotFoundError as exc:
-            raise SpoolError(f"{qid}: no such queued message") from exc
+    def load(self, qid: str, fd: int | None = None) -> SpooledMessage:
+        """The message, its envelope and its state.  ``fd``: the message file, open
+        (the claim's descriptor, :meth:`claimed`), read from instead of opening it."""
+        if fd is None:
+            raw = _read_optional(self._path(qid, ".msg"))
+            if raw is None:
+                raise SpoolError(f"{qid}: no such queued message")
+        else:
+            raw = _read_fd(fd, os.fstat(fd).st_size)
+        start = len(MAGIC)
+        eol = raw.find(b"\n", start)
+        end = len(raw) if eol < 0 else eol + 1
+        env, facts, size = self._parse_header(qid, raw[:start], raw[start:end])
+        data = raw[end:end + size]
         if len(data) != size:
             raise SpoolError(f"{qid}: spool file truncated ({len(data)} of {size} bytes)")
+        tail = raw[end + size:]  # the stage records appended after the message
         received: bytes | None = None
-        with contextlib.suppress(FileNotFoundError):
-            # A once-stage's output, if any; the received bytes stay for the archive
+        changed = _read_optional(self._path(qid, ".data"))
+        if changed is not None:
+            # A once-stage's output; the received bytes stay for the archive
             # (issue 3: an outbound message is kept as received and as sent).
-            data, received = self.data_path(qid).read_bytes(), data
+            data, received = changed, data
         state = fold(env.rcpt_to, parse_events(tail) + self._state_events(qid))
         return SpooledMessage(qid, env, facts, data, state, received)
 
@@ -332,19 +374,27 @@ class Spool:
     @contextmanager
     def claim(self, qid: str, *, wait: bool = False) -> Iterator[bool]:
         """Hold the message's lock; yields False if another process holds it."""
+        with self.claimed(qid, wait=wait) as fd:
+            yield fd is not None
+
+    @contextmanager
+    def claimed(self, qid: str, *, wait: bool = False) -> Iterator[int | None]:
+        """:meth:`claim`, yielding the open message file (read-only) or None."""
         try:
-            fd = os.open(self.msg_path(qid), os.O_RDONLY)
+            fd = os.open(self._path(qid, ".msg"), os.O_RDONLY)
         except FileNotFoundError:
-            yield False
+            yield None
             return
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             except BlockingIOError:
-                yield False
+                yield None
                 return
-            # The file may have been removed between open and lock.
-            yield self.msg_path(qid).exists()
+            # The file may have been removed between open and lock (by the process
+            # that held the lock): then its last name is gone.  Messages leave the
+            # queue only by unlink (remove), never by a rename.
+            yield fd if os.fstat(fd).st_nlink > 0 else None
         finally:
             os.close(fd)  # closing releases the flock
 
@@ -359,9 +409,8 @@ class Spool:
         # The .msg goes first: a crash before the state log is gone leaves an orphan
         # log (cleaned at start-up), never a message without its delivery record,
         # which would be delivered again to every recipient.
-        self.msg_path(qid).unlink(missing_ok=True)
-        self.data_path(qid).unlink(missing_ok=True)
-        self.state_path(qid).unlink(missing_ok=True)
+        for suffix in (".msg", ".data", ".state"):
+            _unlink(self._path(qid, suffix))
         if sync and self.fsync:
             _fsync_dir(self.queue_dir)
 

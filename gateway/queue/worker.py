@@ -49,6 +49,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import os
 import random
 import re
 import time
@@ -207,16 +208,15 @@ class QueueWorker:
 
     async def process(self, qid: str) -> None:
         """Process one message now (if due and not claimed elsewhere)."""
-        with self.spool.claim(qid) as mine:
-            if not mine:
+        with self.spool.claimed(qid) as fd:
+            if fd is None:
                 return
             try:
-                if self.spool.msg_path(qid).stat().st_size <= INLINE_READ_BYTES:
-                    msg = self.spool.load(qid)
+                # Read through the claim's descriptor: the file cannot go away now.
+                if os.fstat(fd).st_size <= INLINE_READ_BYTES:
+                    msg = self.spool.load(qid, fd)
                 else:
-                    msg = await self._io(self.spool.load, qid)
-            except FileNotFoundError:
-                return  # finished by another process between claim and load
+                    msg = await self._io(self.spool.load, qid, fd)
             except SpoolError as exc:
                 # A damaged spool file: keep it for an operator, never guess.
                 await self._hold(qid, "spool", str(exc))
