@@ -172,3 +172,46 @@ def test_clean_tmp_removes_only_stale_files(tmp_path: Path) -> None:
     os.utime(stale, (1, 1))
     assert spool.clean_tmp() == 1
     assert not stale.exists() and fresh.exists()
+
+
+def test_load_through_the_claim_descriptor_equals_load_by_name(tmp_path: Path) -> None:
+    # The worker reads a message through its claim's descriptor; it must see exactly
+    # what a load by name sees: bytes, envelope, facts, stage records, state log, and
+    # a once-stage's saved output.
+    spool = Spool(tmp_path)
+    data = b"Subject: hi\r\n\r\n" + bytes(range(256)) * 300 + b"\r\n"
+    qid = spool.store(_env("a@d.example", "b@d.example"), data, {"check": {"x": [1, "\xe9"]}})
+    spool.append_stage(qid, {"ev": "stage", "stage": "archive", "facts": {"id": 7}}, sync=False)
+    spool.append_event(qid, {"ev": "rcpt", "rcpt": "a@d.example", "status": "delivered",
+                             "reply": "250 ok"})
+    for step in ("plain", "with .data"):
+        if step == "with .data":
+            spool.save_data(qid, b"Subject: changed\r\n\r\nx\r\n")
+        with spool.claimed(qid) as fd:
+            assert fd is not None
+            by_fd = spool.load(qid, fd)
+        by_name = spool.load(qid)
+        assert by_fd == by_name
+    assert by_fd.data == b"Subject: changed\r\n\r\nx\r\n" and by_fd.received == data
+    assert by_fd.state.pending == ["b@d.example"]
+    assert by_fd.state.stages_done == {"archive"}
+
+
+def test_claim_of_a_message_removed_while_waiting_for_its_lock_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fcntl
+    spool = Spool(tmp_path)
+    qid = spool.store(_env(), b"x")
+    real_flock = fcntl.flock
+
+    def flock_after_removal(fd: int, op: int) -> None:
+        spool.remove(qid)  # the previous holder finished the message while we waited
+        real_flock(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock_after_removal)
+    with spool.claimed(qid) as fd:
+        assert fd is None
+    monkeypatch.undo()
+    with spool.claim(qid) as mine:
+        assert not mine

@@ -1,0 +1,91 @@
+"""Structured log lines: their content, and when they reach the file."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway import log
+
+
+@pytest.fixture
+def log_file(tmp_path: Path) -> Iterator[Path]:
+    saved = list(log.LOGGER.handlers), log.LOGGER.level, log.LOGGER.propagate
+    path = tmp_path / "coffer.log"
+    log.setup(file=path)
+    yield path
+    for h in log.LOGGER.handlers:
+        h.close()
+    log.LOGGER.handlers[:], log.LOGGER.level, log.LOGGER.propagate = saved
+
+
+FIELDS = {"qid": "0123ABC", "rcpt": "jürgen@dst.test", "attempt": 2, "held": False,
+          "path": Path("/x/y"), "raw": b"\xff", "recipients": ["a@b", "c@d"], "none": None}
+
+
+def test_json_line_is_what_json_dumps_gives(log_file: Path) -> None:
+    log.event("delivery", **FIELDS)  # type: ignore[arg-type]
+    (line,) = log_file.read_text(encoding="utf-8").splitlines()
+    obj = json.loads(line)
+    expected = {"ts": obj["ts"], "level": "info", "event": "delivery", **FIELDS}
+    assert line == json.dumps(expected, ensure_ascii=False, default=str)
+
+
+def test_text_format_keeps_its_fields(log_file: Path, tmp_path: Path) -> None:
+    path = tmp_path / "text.log"
+    log.LOGGER.handlers[0].close()
+    log.setup(fmt="text", file=path)  # the fixture restores the logger afterwards
+    log.event("done", qid="Q1", attempts=1)
+    assert path.read_text().split(" ", 1)[1] == 'info done qid="Q1" attempts=1\n'
+
+
+def test_below_level_is_not_written(log_file: Path) -> None:
+    log.event("noise", level=logging.DEBUG, x=1)
+    assert log_file.read_text() == ""
+
+
+def test_on_the_event_loop_lines_reach_the_file_at_the_end_of_the_iteration(
+    log_file: Path,
+) -> None:
+    async def main() -> list[str]:
+        seen = []
+        log.event("one", n=1)
+        log.event("two", n=2)
+        seen.append(log_file.read_text())  # still this iteration: not flushed yet
+        await asyncio.sleep(0)
+        seen.append(log_file.read_text())
+        return seen
+
+    during, after = asyncio.run(main())
+    assert during == ""
+    assert [json.loads(x)["event"] for x in after.splitlines()] == ["one", "two"]
+
+
+def test_off_the_event_loop_each_line_is_written_at_once(log_file: Path) -> None:
+    log.event("one", n=1)
+    assert json.loads(log_file.read_text())["n"] == 1
+
+    async def in_thread() -> str:
+        def work() -> str:
+            log.event("two", n=2)
+            return log_file.read_text()
+        return await asyncio.get_running_loop().run_in_executor(None, work)
+
+    assert asyncio.run(in_thread()).count("\n") == 2
+
+
+def test_caller_independent_records_keep_their_fields(
+    log_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    log.LOGGER.addHandler(caplog.handler)
+    try:
+        log.event("accepted", qid="Q2", size=10)
+    finally:
+        log.LOGGER.removeHandler(caplog.handler)
+    (rec,) = caplog.records
+    assert rec.getMessage() == "accepted" and rec.fields == {"qid": "Q2", "size": 10}  # type: ignore[attr-defined]
