@@ -46,3 +46,14 @@ ARCHIVE_BACKEND_UP = Gauge(
     "answers, 0 while new mail is refused with 451 4.3.0", registry=REGISTRY,
 )
 ARCHIVE_BACKEND_UP.set(1)
+
+_STAGE_TIMERS: dict[str, Histogram] = {}
+
+
+def stage_seconds(stage: str) -> Histogram:
+    """STAGE_SECONDS for one stage: its labelled child, looked up once per name
+    (``labels()`` locks and validates on every call; stages run for every message)."""
+    child = _STAGE_TIMERS.get(stage)
+    if child is None:
+        child = _STAGE_TIMERS[stage] = STAGE_SECONDS.labels(stage)
+    return child

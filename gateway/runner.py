@@ -82,7 +82,7 @@ class Runner:
                 log.event("stage_error", stage=stage.name, error=held[1])
                 break
             finally:
-                metrics.STAGE_SECONDS.labels(stage.name).observe(time.perf_counter() - started)
+                metrics.stage_seconds(stage.name).observe(time.perf_counter() - started)
             apply(ctx, stage.name, result)
             if result.action in (Action.REJECT, Action.TEMPFAIL):
                 reply = result.reply or (

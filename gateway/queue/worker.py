@@ -370,7 +370,7 @@ class QueueWorker:
                 await self._hold(qid, stage.name, f"{type(exc).__name__}: {exc}")
                 return
             finally:
-                metrics.STAGE_SECONDS.labels(stage.name).observe(time.perf_counter() - started)
+                metrics.stage_seconds(stage.name).observe(time.perf_counter() - started)
             apply(ctx, stage.name, result)
             action = result.action
             if result.rejected and action is not Action.HOLD:
