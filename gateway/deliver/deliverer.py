@@ -98,10 +98,15 @@ class Deliverer:
                 key = route.key
             groups.setdefault(key, (route, domain, []))[2].append(rcpt)
 
-        results = await asyncio.gather(
-            *(self._guarded(key, route, domain, envelope, data, group)
-              for key, (route, domain, group) in groups.items())
-        )
+        if len(groups) == 1:
+            # The usual case (one destination): no task and no gather for it.
+            ((key, (route, domain, group)),) = groups.items()
+            results = [await self._guarded(key, route, domain, envelope, data, group)]
+        else:
+            results = await asyncio.gather(
+                *(self._guarded(key, route, domain, envelope, data, group)
+                  for key, (route, domain, group) in groups.items())
+            )
         by_rcpt = {o.rcpt: o for outcomes in results for o in outcomes}
         return [by_rcpt[r] for r in rcpts]
 
