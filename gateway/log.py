@@ -57,7 +57,9 @@ class _TextFormatter(logging.Formatter):
 class _LoopFlush:
     """Flush at the end of the event loop's iteration when called on the loop."""
 
-    _flush_pending = False
+    # The loop a flush is scheduled on; per loop, since a process may run several
+    # loops one after another (a flush left pending on a closed one never runs).
+    _flush_loop: asyncio.AbstractEventLoop | None = None
 
     def flush(self) -> None:
         try:
@@ -65,12 +67,12 @@ class _LoopFlush:
         except RuntimeError:
             super().flush()  # type: ignore[misc]
             return
-        if not self._flush_pending:
-            self._flush_pending = True
+        if self._flush_loop is not loop:
+            self._flush_loop = loop
             loop.call_soon(self._flush_now)
 
     def _flush_now(self) -> None:
-        self._flush_pending = False
+        self._flush_loop = None
         super().flush()  # type: ignore[misc]
 
 

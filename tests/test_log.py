@@ -89,3 +89,27 @@ def test_caller_independent_records_keep_their_fields(
         log.LOGGER.removeHandler(caplog.handler)
     (rec,) = caplog.records
     assert rec.getMessage() == "accepted" and rec.fields == {"qid": "Q2", "size": 10}  # type: ignore[attr-defined]
+
+
+def test_a_flush_left_pending_by_a_finished_loop_does_not_stall_the_next(
+    log_file: Path,
+) -> None:
+    async def log_and_stop(name: str) -> None:
+        log.event(name)
+        asyncio.get_running_loop().stop()  # the loop ends before its flush runs
+
+    loop = asyncio.new_event_loop()
+    try:
+        task = loop.create_task(log_and_stop("first"))
+        loop.run_forever()
+        assert task.done()
+    finally:
+        loop.close()
+
+    async def later() -> str:
+        log.event("second")
+        await asyncio.sleep(0)
+        return log_file.read_text()
+
+    assert [json.loads(x)["event"] for x in asyncio.run(later()).splitlines()] == [
+        "first", "second"]
