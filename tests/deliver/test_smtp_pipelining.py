@@ -367,3 +367,26 @@ async def test_pipelined_and_one_by_one_give_the_same_results(setup: dict[str, o
 def test_wire_body_is_what_aiosmtplib_would_send(data: bytes) -> None:
     expected = PERIOD_REGEX.sub(b"..", normalize_message_line_endings(data)) + b".\r\n"
     assert _wire_body(data) == expected
+
+
+@pytest.mark.parametrize("data", [
+    b"Subject: lf only\n\n.dot first\nbody\n..two dots\n",
+    b"Subject: mixed\r\n\r\nlone cr\rbare lf\n.\r\nno final newline",
+    b".starts with a dot\r\n",
+    b"",
+], ids=["lf", "mixed", "leading-dot", "empty"])
+async def test_content_a_stage_may_produce_arrives_the_same_on_both_paths(data: bytes) -> None:
+    got = []
+    for pipelining in (True, False):
+        hop = NextHop(pipelining=pipelining)
+        await hop.start()
+        client = _client()
+        try:
+            res = await client.send(Destination("127.0.0.1", hop.port, "off", "nexthop.test"),
+                                    "a@src.test", ["a@dst.test"], data)
+        finally:
+            await client.aclose()
+            await hop.stop()
+        assert res.replies["a@dst.test"].startswith("250")
+        got.append(hop.received[0].data)
+    assert got[0] == got[1]
