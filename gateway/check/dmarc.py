@@ -18,7 +18,6 @@ import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from email.utils import getaddresses
 from typing import Literal
 
 from publicsuffixlist import PublicSuffixList
@@ -140,7 +139,7 @@ def from_fields(data: bytes) -> list[str]:
 
 def from_domains(value: str) -> list[str]:
     """The domain of each address in one From field ("" for an address without one)."""
-    addrs = [a for _, a in getaddresses([value]) if a]
+    addrs = [a for _, a in headers.addresses([value]) if a]
     return [a.rpartition("@")[2].lower().rstrip(".") if "@" in a else "" for a in addrs]
 
 
