@@ -41,8 +41,12 @@ def _psl() -> PublicSuffixList:
     return PublicSuffixList()
 
 
+@functools.lru_cache(maxsize=4096)
 def org_domain(domain: str) -> str:
-    """RFC 7489 §3.2: the registered domain, one label below its public suffix."""
+    """RFC 7489 §3.2: the registered domain, one label below its public suffix.
+
+    Remembered: the same domains come back message after message, and the list
+    does not change while the process runs."""
     domain = domain.lower().rstrip(".")
     return _psl().privatesuffix(domain) or domain
 
@@ -133,8 +137,7 @@ def discover(resolver: Resolver, domain: str) -> tuple[DmarcRecord | None, str, 
 
 def from_fields(data: bytes) -> list[str]:
     """The unfolded value of each RFC5322.From header field."""
-    fields, _ = headers.split(data)
-    return [f.value for f in fields if f.name == "from"]
+    return headers.values(data, "from")
 
 
 def from_domains(value: str) -> list[str]:

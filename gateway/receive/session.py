@@ -203,6 +203,7 @@ class SmtpSession(SMTP):
         # block, and its reply - held or not - comes after); the first reply not
         # held, or a 421 from _close_now, writes them all first.  The client of a
         # MAIL, RCPT, DATA group then gets the three replies in one write.
+        self._trusted: bool | None = None  # _trusted_client(), once known
         self._held = bytearray()
         self._may_hold = False
         self._handlers: dict[str, Callable[[str | None], Awaitable[None]]] = {
@@ -768,7 +769,7 @@ class SmtpSession(SMTP):
         if not mailbox.is_ascii and not tx.smtputf8:
             await self._reject(NEED_SMTPUTF8, "smtputf8_required")
             return
-        may_relay = self.auth_user is not None or self.rules.is_trusted(self.client_ip)
+        may_relay = self.auth_user is not None or self._trusted_client()
         denied = relay_control.check_recipient(self.rules, mailbox, may_relay=may_relay)
         if denied is not None:
             await self._reject(denied, "relay_denied", recipient=mailbox.address)
@@ -782,6 +783,16 @@ class SmtpSession(SMTP):
             return
         tx.recipients.append(mailbox.address)
         await self.reply(replies.RECIPIENT_OK)
+
+    def _trusted_client(self) -> bool:
+        """Whether the client is in a trusted network (relay.trusted_networks).
+
+        Asked once per connection: the address and the rules (kept from the
+        session's start) do not change, and parsing the address for every RCPT
+        cost more than the rest of the relay check."""
+        if self._trusted is None:
+            self._trusted = self.rules.is_trusted(self.client_ip)
+        return self._trusted
 
     def _recipient(self, path: str) -> Mailbox:
         # RFC 5321 §4.5.1: "<Postmaster>" without a domain must be accepted; it

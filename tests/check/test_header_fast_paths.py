@@ -93,6 +93,8 @@ def assert_same(data: bytes) -> None:
     ref_fields, ref_rest = split_reference(data)
     assert (fields, rest) == (ref_fields, ref_rest)
     assert [f.value for f in fields] == [f.value for f in ref_fields]
+    for name in ("from", "authentication-results", "dkim-signature", "to"):
+        assert headers.values(data, name) == [f.value for f in ref_fields if f.name == name]
     assert headers.header_block(data) + rest == data
     assert dkim_verify.signature_count(data) == signature_count_reference(data)
     assert authresults.strip_forged(data, "mx.coffer.test") == \
@@ -131,7 +133,8 @@ def test_every_corpus_message(corpus: Path) -> None:
     assert 0 < shortcut < len(files)
 
 
-_NAMES = [b"From", b"To", b"Subject", b"DKIM-Signature", b"dkim-signature ", b"ARC-Seal",
+_NAMES = [b"From", b"from \t", b"FROM\x0b", b"To", b"Subject", b"DKIM-Signature",
+          b"dkim-signature ", b"ARC-Seal",
           b"arc-message-signature", b"ARC-Authentication-Results", b"Authentication-Results",
           b"X-Arc-Seal-Not", b"Bad Name", b"", b"From ", b"\xc3\xa9t\xc3\xa9"]
 _VALUES = [b" mx.coffer.test; spf=pass", b" other.example; dkim=pass", b" i=1; a=rsa-sha256",
