@@ -19,6 +19,7 @@ from pathlib import Path
 
 import dkim
 
+from gateway.check import headers
 from gateway.check.config import ArcSealingConfig
 from gateway.check.dkim_verify import LIBRARY_ERRORS, MIN_KEY_BITS, _Log
 from gateway.check.dns import DkimDnsFunc, Resolver
@@ -34,12 +35,35 @@ class ArcSealError(CofferError):
 NOT_ARC_SIGNED = "Message is not ARC signed"  # dkimpy's words for "no ARC set"
 _ARC_FIELD_ANYWHERE = re.compile(rb"arc-(?:seal|message-signature|authentication-results)",
                                  re.IGNORECASE)
+# Header lines that dkimpy's parser (dkim.rfc822_parse) always accepts: each field
+# line a name of printable characters and a colon, each continuation line after one.
+_PLAIN_HEADER = re.compile(rb"(?:[\x21-\x39\x3b-\x7e]+:[^\n]*\n(?:[ \t][^\n]*\n)*)*")
+
+
+def _no_arc_field(data: bytes) -> bool:
+    """True if dkimpy could find no ARC header field: verify would say NOT_ARC_SIGNED.
+
+    Only the header is searched when dkimpy can parse it (it reads nothing else
+    for ARC fields); a case-insensitive search of a whole 15 kB message cost
+    0.08 ms.  An unparsable header makes dkimpy raise, which verify_sync reports
+    differently, so then the old test (the name nowhere in the message) decides.
+    """
+    head = headers.header_block(data)
+    if _ARC_FIELD_ANYWHERE.search(head) is not None:
+        return False
+    if _PLAIN_HEADER.fullmatch(head) is not None:
+        return True  # dkimpy parses such a header (13 µs to ask it, 1 µs this way)
+    try:
+        dkim.rfc822_parse(head)  # the header lines are all dkimpy parses before a set
+    except LIBRARY_ERRORS:
+        return _ARC_FIELD_ANYWHERE.search(data) is None
+    return True
 
 
 def verify_sync(resolver: Resolver, data: bytes, *, min_key_bits: int = MIN_KEY_BITS
                 ) -> ArcVerdict:
     """The chain's cv= (blocking)."""
-    if _ARC_FIELD_ANYWHERE.search(data) is None:
+    if _no_arc_field(data):
         # No ARC header field can exist (dkimpy would find no set): skip parsing the
         # whole message.  Same verdict and reason as dkimpy's for a parsable message.
         return ArcVerdict("none", NOT_ARC_SIGNED)

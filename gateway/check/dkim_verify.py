@@ -21,6 +21,7 @@ import dkim
 from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
 from dkim.util import InvalidTagValueList, parse_tag_value
 
+from gateway.check import headers
 from gateway.check.dns import DkimDnsFunc, Resolver
 from gateway.check.verdicts import DkimVerdict, Result
 
@@ -50,10 +51,13 @@ class _Log:
 
 def signature_count(data: bytes) -> int:
     """How many DKIM-Signature header fields the message has (as dkimpy reads it)."""
-    if _ANYWHERE_RE.search(data) is None:
+    if _ANYWHERE_RE.search(headers.header_block(data)) is None:
         # Neither dkimpy's parse nor the fallback below can find a field whose name
-        # is not in the message at all; most mail is unsigned, and dkimpy splits and
-        # rejoins the whole message to say so (0.12 ms for a 15 kB message).
+        # is not in the header at all (both read only the lines before the first
+        # empty line); most mail is unsigned, and dkimpy splits and rejoins the
+        # whole message to say so (0.12 ms for a 15 kB message).  The search is
+        # kept to the header: case-insensitive, over a whole 15 kB message it
+        # cost 0.07 ms itself.
         return 0
     try:
         d = dkim.DKIM(data, logger=_Log())

@@ -18,7 +18,6 @@ import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from email.utils import getaddresses
 from typing import Literal
 
 from publicsuffixlist import PublicSuffixList
@@ -42,8 +41,12 @@ def _psl() -> PublicSuffixList:
     return PublicSuffixList()
 
 
+@functools.lru_cache(maxsize=4096)
 def org_domain(domain: str) -> str:
-    """RFC 7489 §3.2: the registered domain, one label below its public suffix."""
+    """RFC 7489 §3.2: the registered domain, one label below its public suffix.
+
+    Remembered: the same domains come back message after message, and the list
+    does not change while the process runs."""
     domain = domain.lower().rstrip(".")
     return _psl().privatesuffix(domain) or domain
 
@@ -134,13 +137,12 @@ def discover(resolver: Resolver, domain: str) -> tuple[DmarcRecord | None, str, 
 
 def from_fields(data: bytes) -> list[str]:
     """The unfolded value of each RFC5322.From header field."""
-    fields, _ = headers.split(data)
-    return [f.value for f in fields if f.name == "from"]
+    return headers.values(data, "from")
 
 
 def from_domains(value: str) -> list[str]:
     """The domain of each address in one From field ("" for an address without one)."""
-    addrs = [a for _, a in getaddresses([value]) if a]
+    addrs = [a for _, a in headers.addresses([value]) if a]
     return [a.rpartition("@")[2].lower().rstrip(".") if "@" in a else "" for a in addrs]
 
 

@@ -79,7 +79,15 @@ class _CacheMiss(BaseException):
     """
 
 
-# Set (to the list of names missed) while Resolver.run tries a check inline.
+class Missed:
+    """What Resolver.cached returns when the cache could not answer every lookup."""
+
+    __slots__ = ()
+
+
+MISSED = Missed()
+
+# Set (to the list of names missed) while Resolver.cached tries a check inline.
 _CACHE_ONLY: contextvars.ContextVar[list[tuple[str, str]] | None] = contextvars.ContextVar(
     "coffer_dns_cache_only", default=None)
 
@@ -164,27 +172,41 @@ class Resolver:
 
         A check whose names are all cached is CPU work only (well under a
         millisecond), and a thread hop would cost a good part of that again.  So it
-        is first run on the loop with lookups limited to the cache; the first name
-        missing from it abandons that attempt (:class:`_CacheMiss`, noted even if a
-        library swallows the exception, as pyspf's bare ``except:`` does) and the
-        check runs again from the start in a thread, with the network.  ``fn`` must
-        have no effect but its result (the checks are pure apart from DNS).
+        is first run on the loop with lookups limited to the cache (:meth:`cached`)
+        and, if a name is missing, again from the start in a thread with the
+        network (:meth:`in_thread`).  ``fn`` must have no effect but its result
+        (the checks are pure apart from DNS).
         """
-        if self.cache is not None:
-            missed: list[tuple[str, str]] = []
-            token = _CACHE_ONLY.set(missed)
-            try:
-                result = fn(*args, **kwargs)
-            except _CacheMiss:
-                pass
-            except Exception:
-                if not missed:
-                    raise
-            else:
-                if not missed:
-                    return result
-            finally:
-                _CACHE_ONLY.reset(token)
+        result = self.cached(fn, *args, **kwargs)
+        if not isinstance(result, Missed):
+            return result
+        return await self.in_thread(fn, *args, **kwargs)
+
+    def cached(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T | Missed:
+        """``fn(*args, **kwargs)`` run here with lookups limited to the cache, or
+        :data:`MISSED` if it needed a name the cache does not hold (or there is no
+        cache).  The first missing name abandons the attempt (:class:`_CacheMiss`,
+        noted even if a library swallows the exception, as pyspf's bare
+        ``except:`` does)."""
+        if self.cache is None:
+            return MISSED
+        missed: list[tuple[str, str]] = []
+        token = _CACHE_ONLY.set(missed)
+        try:
+            result = fn(*args, **kwargs)
+        except _CacheMiss:
+            return MISSED
+        except Exception:
+            if not missed:
+                raise
+            return MISSED
+        finally:
+            _CACHE_ONLY.reset(token)
+        return MISSED if missed else result
+
+    async def in_thread(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """``fn(*args, **kwargs)`` in the resolver's executor, with this context's
+        variables (lookups go to the network for names not cached)."""
         ctx = contextvars.copy_context()
         call = functools.partial(ctx.run, fn, *args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(self.executor, call)

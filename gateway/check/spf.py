@@ -7,6 +7,7 @@ as ``postmaster@HELO`` (RFC 7208 §2.3, §2.4).  pyspf is synchronous: the async
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 
 import spf as pyspf
@@ -18,6 +19,16 @@ from gateway.envelope import domain_of
 # RFC 7208 §4.6.4 limits lookups per check; pyspf enforces them.  This bounds the
 # wall-clock time of one whole check (pyspf's own default is 20 s).
 MAX_CHECK_SECONDS = 20.0
+
+
+@functools.lru_cache(maxsize=1024)
+def _is_ip(ip: str) -> bool:
+    """Whether ``ip`` is an IP address (remembered: the same clients come back)."""
+    try:
+        ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return True
 
 
 def check_sync(
@@ -37,9 +48,7 @@ def check_sync(
         # §2.4 spells it as "postmaster@" + the HELO name.
         identity, address = "helo", f"postmaster@{helo}" if helo else ""
         domain = helo.lower().rstrip(".")
-    try:
-        ipaddress.ip_address(ip)
-    except ValueError:
+    if not _is_ip(ip):
         return SpfVerdict("none", domain, f"no client IP address to check ({ip!r})",
                           identity, address)  # type: ignore[arg-type]
     with pyspf_resolver(resolver):

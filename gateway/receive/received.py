@@ -15,6 +15,7 @@ recipients are not disclosed to each other (RFC 5321 §7.2).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from datetime import UTC, datetime
@@ -41,8 +42,12 @@ def protocol(envelope: Envelope, *, extended: bool) -> str:
     return base + suffix
 
 
+@functools.lru_cache(maxsize=1024)
 def address_literal(ip: str) -> str:
-    """RFC 5321 §4.1.3 address literal for a client IP: [192.0.2.1] or [IPv6:2001:db8::1]."""
+    """RFC 5321 §4.1.3 address literal for a client IP: [192.0.2.1] or [IPv6:2001:db8::1].
+
+    Remembered: a client sends many messages, and parsing the address cost more
+    than the rest of the Received field."""
     try:
         addr = ipaddress.ip_address(ip)
     except ValueError:

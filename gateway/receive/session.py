@@ -74,6 +74,10 @@ CLOSE_GRACE = 10.0  # seconds a closing connection may take to flush its last re
 MAX_ERRORS = 20  # like Postfix smtpd_hard_error_limit: then 421 and close
 # Web-proxy probes (Postfix smtpd_forbidden_commands): not a mail client at all.
 FORBIDDEN_COMMANDS = frozenset({"CONNECT", "GET", "POST", "PUT", "HEAD"})
+# Commands whose reply may wait for the next one's (RFC 2920 §3.2; see SmtpSession):
+# quick ones that neither change the connection (STARTTLS, QUIT), wait for the
+# client (DATA, AUTH) nor end a group (EHLO, HELO, RFC 2920 §3.1).
+HOLDABLE = frozenset({"MAIL", "RCPT", "RSET", "NOOP"})
 
 
 class _NoHooks:
@@ -192,6 +196,16 @@ class SmtpSession(SMTP):
         self._last_rx = self.loop.time()
         self._registered = False
         self._closing_reason = ""
+        # RFC 2920 §3.2: replies to a pipelined group may be held back and written
+        # together, as long as they are sent before the server waits for the
+        # client.  A reply is held only for a command in HOLDABLE and only while
+        # the next command line is already buffered (so the next read does not
+        # block, and its reply - held or not - comes after); the first reply not
+        # held, or a 421 from _close_now, writes them all first.  The client of a
+        # MAIL, RCPT, DATA group then gets the three replies in one write.
+        self._trusted: bool | None = None  # _trusted_client(), once known
+        self._held = bytearray()
+        self._may_hold = False
         self._handlers: dict[str, Callable[[str | None], Awaitable[None]]] = {
             "HELO": self.smtp_HELO, "EHLO": self.smtp_EHLO, "MAIL": self.smtp_MAIL,
             "RCPT": self.smtp_RCPT, "DATA": self.smtp_DATA, "RSET": self.smtp_RSET,
@@ -225,12 +239,35 @@ class SmtpSession(SMTP):
         self._tx = None
 
     async def push(self, status: AnyStr) -> None:
-        # Override only to give aiosmtpd's own STARTTLS reply an enhanced status
-        # code (RFC 2034 §3), rather than copying its transport switch.
+        # Override to give aiosmtpd's own STARTTLS reply an enhanced status code
+        # (RFC 2034 §3), rather than copying its transport switch, and to write
+        # the replies to a pipelined group together (RFC 2920 §3.2, see _hold).
         if status == "220 Ready to start TLS":
-            await super().push(STARTTLS_READY)
-        else:
-            await super().push(status)
+            status = STARTTLS_READY  # type: ignore[assignment]
+        response = status.encode() if isinstance(status, str) else status
+        if self._may_hold and self._next_command_buffered():
+            self._held += response + b"\r\n"
+            return
+        if self._held:
+            response = bytes(self._held) + response
+            self._held.clear()
+        await super().push(response)
+
+    def _next_command_buffered(self) -> bool:
+        """True if the client's next command line is already in the reader's buffer,
+        so that reading it will not wait for the client."""
+        # StreamReader has no public way to look at its buffer; without one (another
+        # implementation) nothing is held back, which is always correct.
+        buffered = getattr(self._reader, "_buffer", None)
+        return isinstance(buffered, bytearray) and b"\n" in buffered
+
+    def _flush_held(self) -> None:
+        """Write the replies held back, before anything else is written."""
+        if self._held:
+            transport = self._writer_transport()
+            if transport is not None and not transport.is_closing():
+                transport.write(bytes(self._held))
+            self._held.clear()
 
     async def reply(self, r: Reply) -> None:
         await self.push(str(r))
@@ -244,6 +281,7 @@ class SmtpSession(SMTP):
         self._closing_reason = self._closing_reason or reason
         transport = self._writer_transport()
         if transport is not None and not transport.is_closing():
+            self._flush_held()
             transport.write(f"{r}\r\n".encode())
             self._close_transport()
 
@@ -426,7 +464,11 @@ class SmtpSession(SMTP):
         if handler is None:
             await self._error(replies.SYNTAX_ERROR)
             return
-        await handler(arg)
+        self._may_hold = verb in HOLDABLE
+        try:
+            await handler(arg)
+        finally:
+            self._may_hold = False
         # Drain: after the reply that ends (or when there is no) transaction.
         if self.ctx.draining and self._tx is None:
             self._close_now(replies.SHUTTING_DOWN, "shutdown")
@@ -727,7 +769,7 @@ class SmtpSession(SMTP):
         if not mailbox.is_ascii and not tx.smtputf8:
             await self._reject(NEED_SMTPUTF8, "smtputf8_required")
             return
-        may_relay = self.auth_user is not None or self.rules.is_trusted(self.client_ip)
+        may_relay = self.auth_user is not None or self._trusted_client()
         denied = relay_control.check_recipient(self.rules, mailbox, may_relay=may_relay)
         if denied is not None:
             await self._reject(denied, "relay_denied", recipient=mailbox.address)
@@ -741,6 +783,16 @@ class SmtpSession(SMTP):
             return
         tx.recipients.append(mailbox.address)
         await self.reply(replies.RECIPIENT_OK)
+
+    def _trusted_client(self) -> bool:
+        """Whether the client is in a trusted network (relay.trusted_networks).
+
+        Asked once per connection: the address and the rules (kept from the
+        session's start) do not change, and parsing the address for every RCPT
+        cost more than the rest of the relay check."""
+        if self._trusted is None:
+            self._trusted = self.rules.is_trusted(self.client_ip)
+        return self._trusted
 
     def _recipient(self, path: str) -> Mailbox:
         # RFC 5321 §4.5.1: "<Postmaster>" without a domain must be accepted; it

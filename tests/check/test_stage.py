@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pydantic
 import pytest
@@ -11,7 +13,7 @@ from authdns import DnsTestServer, Zone
 
 from gateway import config as gconfig
 from gateway.check.config import CheckConfig, SigningKey
-from gateway.check.dns import Resolver
+from gateway.check.dns import Resolver, TtlCache
 from gateway.check.stage import CheckStage
 from gateway.envelope import Envelope
 from gateway.pipeline import Action, MessageContext, Stage
@@ -166,3 +168,50 @@ def test_sign_stage_from_config_reads_keys_relative_to_data_dir(tmp_path: Path) 
     assert stage.key_for("mail.example.com") is not None
     with pytest.raises(DkimSignError, match="cannot read"):
         DkimSignStage.from_config(signing, lambda p: tmp_path / "missing" / p)
+
+
+class _CountingExecutor(ThreadPoolExecutor):
+    """The resolver's executor, counting the checks sent to a worker thread."""
+
+    def __init__(self) -> None:
+        super().__init__(2)
+        self.jobs = 0
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future[Any]:
+        self.jobs += 1
+        return super().submit(fn, *args, **kwargs)
+
+
+async def test_cached_checks_run_inline_and_give_what_the_network_gave(
+        dns_server: DnsTestServer, published: bytes) -> None:
+    signed = sign(MSG, "example.com", "s1", published)
+    executor = _CountingExecutor()
+    r = Resolver([dns_server.hostport], timeout=0.5, cache=TtlCache(), executor=executor)
+    try:
+        cold = await CheckStage(r, authserv_id=ID).run(inbound(signed))
+        assert executor.jobs == 3  # SPF, DKIM (key) and DMARC (record) needed the network
+        queries = len(dns_server.zone.queries)
+        warm = await CheckStage(r, authserv_id=ID).run(inbound(signed))
+        assert executor.jobs == 3 and len(dns_server.zone.queries) == queries
+    finally:
+        executor.shutdown()
+    assert (warm.facts, warm.headers, warm.reason) == (cold.facts, cold.headers, cold.reason)
+    assert warm.facts["dkim"][0]["result"] == "pass"
+
+
+async def test_a_check_missing_from_the_cache_runs_in_a_thread_the_others_inline(
+        dns_server: DnsTestServer, published: bytes) -> None:
+    signed = sign(MSG, "example.com", "s1", published)
+    expected = await CheckStage(Resolver([dns_server.hostport], timeout=0.5),
+                                authserv_id=ID).run(inbound(signed))
+    executor = _CountingExecutor()
+    r = Resolver([dns_server.hostport], timeout=0.5, cache=TtlCache(), executor=executor)
+    try:
+        # SPF's names only are cached; the DKIM key is not
+        await CheckStage(r, CheckConfig(checks=["spf"]), authserv_id=ID).run(inbound(signed))
+        before = executor.jobs
+        result = await CheckStage(r, authserv_id=ID).run(inbound(signed))
+        assert executor.jobs - before == 2  # DKIM (key) and DMARC (record); not SPF
+    finally:
+        executor.shutdown()
+    assert (result.facts, result.headers) == (expected.facts, expected.headers)

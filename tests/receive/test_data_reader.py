@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway import replies
-from gateway.receive.data import read_data
+from gateway.receive.data import _has_long_line, read_data
 
 
 def _stuff(lines: list[bytes]) -> bytes:
@@ -139,3 +139,12 @@ def _line_by_line(stream: bytes, *, max_line: int,
     if sum(map(len, text)) > max_size:
         return b"", replies.MESSAGE_TOO_BIG, rest
     return b"".join(text), None, rest
+
+
+@settings(max_examples=500, deadline=None)
+@given(text=st.lists(st.sampled_from([b"\n", b"a", b"bb", b"\r\n", b"x" * 7]), max_size=60)
+       .map(b"".join), max_line=st.integers(min_value=0, max_value=12))
+def test_long_line_search_is_the_longest_line_rule(text: bytes, max_line: int) -> None:
+    # The reader's shortcut against the rule it replaced: some line, CRLF included
+    # (its LF counted as one more byte), is longer than max_line.
+    assert _has_long_line(text, max_line) == (max(map(len, text.split(b"\n"))) + 1 > max_line)

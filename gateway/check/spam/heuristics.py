@@ -18,10 +18,11 @@ import functools
 import ipaddress
 import re
 from collections.abc import Mapping
-from email.utils import getaddresses, mktime_tz, parsedate_tz
+from email.utils import mktime_tz, parsedate_tz
 from typing import Any
 from urllib.parse import urlsplit
 
+from gateway.check import headers
 from gateway.check.dmarc import org_domain
 from gateway.check.spam.message import ParsedMessage
 from gateway.check.spam.symbols import Scan
@@ -129,7 +130,7 @@ def link_domains(pm: ParsedMessage, limit: int = 100) -> list[str]:
 def _addresses(values: list[str]) -> list[tuple[str, str]]:
     try:
         # bounded: the stdlib address parser recurses into nested comments
-        return [(n, a) for n, a in getaddresses([v[:4096] for v in values]) if n or a]
+        return [(n, a) for n, a in headers.addresses([v[:4096] for v in values]) if n or a]
     except (ValueError, IndexError, TypeError, RecursionError):
         return []
 

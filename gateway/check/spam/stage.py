@@ -109,10 +109,10 @@ class SpamStage:
         """(verdict, external scanners' facts, the error that asks for a tempfail)."""
         cfg = self.config
         check = ctx.facts.get("check")
-        local = asyncio.ensure_future(cpu_bound(
+        local = cpu_bound(
             len(ctx.data), self.executor, self._local, ctx.data,
             check if isinstance(check, Mapping) else None, self.clock(),
-        ))
+        )
         jobs: dict[str, Any] = {}
         facts: dict[str, Any] = {}
         too_large = len(ctx.data) > cfg.max_size
@@ -126,10 +126,16 @@ class SpamStage:
                 jobs[name] = external.rspamd_scan(ext.rspamd, ctx.data, ctx.envelope, ctx.qid)
             elif ext.spamd is not None and name == "spamd":
                 jobs[name] = external.spamd_scan(ext.spamd, ctx.data)
-        outcomes = await asyncio.gather(local, *jobs.values(), return_exceptions=True)
-        first = outcomes[0]
-        if isinstance(first, BaseException):
-            raise first
+        if jobs:
+            outcomes = await asyncio.gather(asyncio.ensure_future(local), *jobs.values(),
+                                            return_exceptions=True)
+            first = outcomes[0]
+            if isinstance(first, BaseException):
+                raise first
+        else:
+            # Nothing to run at the same time: no task (creating one and gathering
+            # it cost more than the heuristics themselves).
+            outcomes = [first := await local]
         scan, bayes, domains = first
         tempfail: str | None = None
         for (name, _), res in zip(jobs.items(), outcomes[1:], strict=True):
