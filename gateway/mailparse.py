@@ -1,0 +1,270 @@
+"""One parse of a message, shared by the stages that read the same bytes.
+
+The spam stage, the policy engine (decide) and the archive's extractor each used to
+run the stdlib parser (:mod:`email.feedparser`, line by line in Python) over the
+whole message: the largest CPU cost on the event-loop thread.  :func:`parse` keeps
+the last few trees in a small cache keyed by the message bytes, so the stages that
+run on the same bytes in the same process share one parse:
+
+* spam and decide run one after the other at receive time; decide sees the bytes
+  spam saw with the spam stage's ``X-Spam-Status`` field prepended (the runner adds
+  a stage's header fields in front).  A cached tree for the bytes after such a
+  prefix of complete header fields is extended with the prefix's fields instead of
+  parsing the whole message again (see :func:`_derive`);
+* the archive stage (queue worker) re-reads the bytes from the spool: equal bytes,
+  a cache hit when the same process received the message.
+
+Every tree is the stdlib's ``compat32`` tree, exactly (same headers, payloads,
+preamble, epilogue, defects): :func:`parse` equals
+``email.message_from_bytes(data, policy=email.policy.compat32)``.  Each caller gets
+its own copy of the tree's nodes (their header lists, defect lists and child lists
+are copied; the strings, which are immutable, are shared), so a consumer that adds
+a defect (``get_payload(decode=True)`` records base64 defects on the part) or
+edits a header cannot change what another consumer sees.
+
+:func:`header_block` cuts a message to its header section for the header-only
+parses, which otherwise read the whole body line by line to store it as a payload
+nobody reads.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import io
+import re
+import threading
+from collections import OrderedDict
+from email.message import Message
+from typing import Any
+
+__all__ = ["MAX_BYTES", "MAX_ENTRIES", "MAX_ENTRY_BYTES", "cached", "clear", "header_block",
+           "parse", "parse_as", "stats"]
+
+# A few entries only: a message's tree is needed by the stages of its own
+# transaction and then by the queue worker shortly after; the byte cap keeps a burst
+# of large messages from holding memory.
+MAX_ENTRIES = 32
+MAX_BYTES = 16 * 1024 * 1024
+MAX_ENTRY_BYTES = 2 * 1024 * 1024  # a larger message is parsed, not cached
+
+_COMPAT32 = email.policy.compat32
+
+# email.feedparser.headerRE without its "From " and continuation alternatives, and
+# with a non-empty name: a line the parser takes as a field of its own.
+_FIELD_LINE = re.compile(r"[\041-\071\073-\176]+:")
+_FIELD_LINE_B = re.compile(rb"[\041-\071\073-\176]+:")
+# Fields the parser itself reads (Content-Type: multipart, boundary, message/*;
+# Content-Transfer-Encoding of a multipart): a prefix holding one could change the
+# body's parse, so such a prefix is never derived.
+_PARSER_FIELDS = ("content-",)
+
+_lock = threading.Lock()
+_entries: OrderedDict[bytes, Message] = OrderedDict()
+_size = 0
+_stats = {"hits": 0, "derived": 0, "misses": 0}
+
+
+def header_block(data: bytes) -> bytes:
+    """``data`` up to and including its first empty line (RFC 5322 §2.1), or all of it.
+
+    Lines end as :mod:`email.feedparser` ends them: at CRLF, a lone CR or a lone LF.
+    The parser stops reading header fields at the latest at that empty line, so a
+    header-only parse of the block gives the same fields and defects as one of the
+    whole message; only the (unread) payload is shorter.
+    """
+    if data[:1] in (b"\r", b"\n"):
+        start = 0  # no fields at all: the first line is empty
+    else:
+        # An empty line begins right after a line end (LF, or CR not followed by LF)
+        # and is itself only a line end.
+        found = data.find(b"\n\r")
+        end = len(data) if found < 0 else found + 2
+        for sep in (b"\n\n", b"\r\r"):
+            i = data.find(sep, 0, end)
+            if i >= 0 and (found < 0 or i < found):
+                found = i
+                end = i + 2
+        if found < 0:
+            return data
+        start = found + 1
+    stop = start + 2 if data[start:start + 2] == b"\r\n" else start + 1
+    return data[:stop]
+
+
+def _stdlib(data: bytes) -> Message:
+    return email.parser.BytesParser(policy=_COMPAT32).parsebytes(data)
+
+
+def _clone(node: Message, policy: Any) -> Message:
+    new = Message.__new__(type(node))
+    state = vars(node).copy()
+    state["_headers"] = list(state["_headers"])
+    state["defects"] = list(state["defects"])
+    if policy is not None:
+        state["policy"] = policy
+    vars(new).update(state)
+    return new
+
+
+def _copy(root: Message, policy: Any = None) -> Message:
+    """A private copy of the tree's nodes (iterative: a deep tree must not recurse)."""
+    new_root = _clone(root, policy)
+    stack = [new_root]
+    while stack:
+        state = vars(stack.pop())
+        payload = state["_payload"]
+        if isinstance(payload, list):
+            children = [_clone(child, policy) for child in payload]
+            state["_payload"] = children
+            stack.extend(children)
+    return new_root
+
+
+def _derive(data: bytes) -> Message | None:
+    """The tree of ``data`` built from a cached tree of its tail, if ``data`` is that
+    tail with complete header fields prepended (the runner's way of adding a stage's
+    fields).  Called with the lock held; returns a new master tree or None."""
+    for key in reversed(_entries):
+        if len(key) >= len(data) or not data.endswith(key):
+            continue
+        # The tail must open with a field of its own (not a continuation, an mbox
+        # "From " line, an empty line or body text): then the parser reads the
+        # prefix's fields, then the tail's, exactly as it read the tail alone.
+        if not _FIELD_LINE_B.match(key):
+            return None
+        prefix = data[: len(data) - len(key)].decode("ascii", "surrogateescape")
+        lines = io.StringIO(prefix, newline="").readlines()  # the parser's line split
+        if not lines[-1].endswith("\n") or not _FIELD_LINE.match(lines[0]):
+            return None
+        for line in lines:
+            if line[0] in " \t":
+                continue  # RFC 5322 §2.2.3 folding: part of the field above
+            if not _FIELD_LINE.match(line) or line.lower().startswith(_PARSER_FIELDS):
+                return None
+        head = email.parser.Parser(policy=_COMPAT32).parsestr(prefix, headersonly=True)
+        if head.defects or head.get_unixfrom() is not None or head.get_payload():
+            return None  # cannot happen after the checks above; never guess
+        base = _entries[key]
+        master = _clone(base, None)
+        vars(master)["_headers"] = vars(head)["_headers"] + vars(base)["_headers"]
+        return master
+    return None
+
+
+def _store(data: bytes, master: Message) -> None:
+    global _size
+    if len(data) > MAX_ENTRY_BYTES:
+        return
+    _entries[data] = master
+    _size += len(data)
+    while len(_entries) > MAX_ENTRIES or _size > MAX_BYTES:
+        old, _ = _entries.popitem(last=False)
+        _size -= len(old)
+
+
+def parse(data: bytes) -> Message:
+    """``email.message_from_bytes(data, policy=compat32)``, from the cache when possible.
+
+    The tree returned is the caller's own copy.  An exception of the parser
+    propagates as it would from the stdlib (and nothing is cached).
+    """
+    with _lock:
+        master = _entries.get(data)
+        if master is not None:
+            _entries.move_to_end(data)
+            _stats["hits"] += 1
+            return _copy(master)
+        master = _derive(data)
+        if master is not None:
+            _stats["derived"] += 1
+            _store(data, master)
+            return _copy(master)
+        _stats["misses"] += 1
+    master = _stdlib(data)  # outside the lock: other threads keep their hits
+    with _lock:
+        if data not in _entries:
+            _store(data, master)
+    return _copy(master)
+
+
+def cached(data: bytes) -> Message | None:
+    """The tree of ``data`` if the cache holds it (a copy), else None: never parses."""
+    with _lock:
+        master = _entries.get(data)
+        return None if master is None else _copy(master)
+
+
+def _decisions(node: Message) -> tuple[Any, ...]:
+    """What email.feedparser asks a node while it parses (the only header reads that
+    steer the parse): its content type and, for a multipart, its boundary and
+    whether its Content-Transfer-Encoding is an identity encoding."""
+    ctype = node.get_content_type()
+    if ctype.split("/")[0] != "multipart":
+        return (ctype,)
+    cte = str(node.get("content-transfer-encoding", "8bit")).lower()
+    return ctype, node.get_boundary(), cte in ("7bit", "8bit", "binary")
+
+
+def _plain(value: object) -> bool:
+    # A value both policies return unchanged: no line break to unfold, no 8-bit byte
+    # (compat32 returns those as email.header.Header objects).
+    return isinstance(value, str) and value.isascii() and "\r" not in value \
+        and "\n" not in value
+
+
+def _repolicied(tree: Message, policy: email.policy.Compat32) -> Message | None:
+    """``tree`` (a private compat32 copy) with every node on ``policy``, or None when
+    a parse with ``policy`` could have built a different tree."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        state = vars(node)
+        if not all(_plain(v) for k, v in state["_headers"]
+                   if k.lower() in ("content-type", "content-transfer-encoding")):
+            try:
+                before = _decisions(node)
+                state["policy"] = policy
+                after = _decisions(node)
+            except Exception:
+                return None
+            if before != after:
+                return None
+        state["policy"] = policy
+        payload = state["_payload"]
+        if isinstance(payload, list):
+            stack.extend(payload)
+    return tree
+
+
+def parse_as(data: bytes, policy: email.policy.Compat32) -> Message:
+    """``email.message_from_bytes(data, policy=policy)`` for a ``policy`` that is
+    compat32 except for how it returns a field (``header_fetch_parse``), using the
+    shared compat32 tree when that policy's parse would build the same tree.
+
+    Such a policy stores fields as compat32 does, so the trees differ only if one of
+    the parser's own header reads (:func:`_decisions`) answers differently, e.g. a
+    boundary folded across lines; then ``data`` is parsed with ``policy`` itself.
+    """
+    try:
+        tree = _repolicied(parse(data), policy)
+    except Exception:
+        tree = None
+    if tree is None:
+        tree = email.parser.BytesParser(policy=policy).parsebytes(data)
+    return tree
+
+
+def stats() -> dict[str, int]:
+    """Cache hits, derived trees and misses since the start (or :func:`clear`)."""
+    with _lock:
+        return {**_stats, "entries": len(_entries), "bytes": _size}
+
+
+def clear() -> None:
+    global _size
+    with _lock:
+        _entries.clear()
+        _size = 0
+        for k in _stats:
+            _stats[k] = 0
