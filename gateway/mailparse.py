@@ -96,6 +96,32 @@ def _stdlib(data: bytes) -> Message:
     return email.parser.BytesParser(policy=_COMPAT32).parsebytes(data)
 
 
+def _parse(data: bytes) -> Message:
+    """The stdlib's compat32 tree of ``data``; a message that is not multipart/* or
+    message/* is built from a header-only parse of its header block.
+
+    For such a message the parser's only body step is to join every remaining line
+    into the payload: that is the rest of the text, so the lines need not be split
+    and joined in Python (most mail is one text part; a multipart goes to the
+    stdlib parser).  Fields, unix-from and defects come from the same header
+    parse (:func:`header_block`); the payload is what the header-only parse left
+    of the block (body lines before the empty line, when a line that is no field
+    ended the header section) and the rest of the message.
+    """
+    block = header_block(data)
+    root = email.parser.BytesHeaderParser(policy=_COMPAT32).parsebytes(block)
+    try:
+        # What FeedParser._parsegen asks before it reads the body.
+        maintype = root.get_content_type().split("/")[0]
+    except Exception:
+        return _stdlib(data)  # the stdlib's own outcome, whatever it is
+    if maintype in ("multipart", "message"):
+        return _stdlib(data)
+    state = vars(root)
+    state["_payload"] += data[len(block):].decode("ascii", "surrogateescape")
+    return root
+
+
 def _clone(node: Message, policy: Any) -> Message:
     new = Message.__new__(type(node))
     state = vars(node).copy()
@@ -142,12 +168,17 @@ def _derive(data: bytes) -> Message | None:
                 continue  # RFC 5322 §2.2.3 folding: part of the field above
             if not _FIELD_LINE.match(line) or line.lower().startswith(_PARSER_FIELDS):
                 return None
-        head = email.parser.Parser(policy=_COMPAT32).parsestr(prefix, headersonly=True)
-        if head.defects or head.get_unixfrom() is not None or head.get_payload():
-            return None  # cannot happen after the checks above; never guess
+        # FeedParser._parse_headers on these lines: a field with its continuations.
+        fields: list[list[str]] = []
+        for line in lines:
+            if line[0] in " \t":
+                fields[-1].append(line)
+            else:
+                fields.append([line])
+        head = [_COMPAT32.header_source_parse(value) for value in fields]
         base = _entries[key]
         master = _clone(base, None)
-        vars(master)["_headers"] = vars(head)["_headers"] + vars(base)["_headers"]
+        vars(master)["_headers"] = head + vars(base)["_headers"]
         return master
     return None
 
@@ -163,6 +194,20 @@ def _store(data: bytes, master: Message) -> None:
         _size -= len(old)
 
 
+def _lookup(data: bytes) -> Message | None:
+    """The master tree of ``data``, found or derived; None. Called with the lock held."""
+    master = _entries.get(data)
+    if master is not None:
+        _entries.move_to_end(data)
+        _stats["hits"] += 1
+        return master
+    master = _derive(data)
+    if master is not None:
+        _stats["derived"] += 1
+        _store(data, master)
+    return master
+
+
 def parse(data: bytes) -> Message:
     """``email.message_from_bytes(data, policy=compat32)``, from the cache when possible.
 
@@ -170,29 +215,23 @@ def parse(data: bytes) -> Message:
     propagates as it would from the stdlib (and nothing is cached).
     """
     with _lock:
-        master = _entries.get(data)
-        if master is not None:
-            _entries.move_to_end(data)
-            _stats["hits"] += 1
-            return _copy(master)
-        master = _derive(data)
-        if master is not None:
-            _stats["derived"] += 1
-            _store(data, master)
-            return _copy(master)
-        _stats["misses"] += 1
-    master = _stdlib(data)  # outside the lock: other threads keep their hits
-    with _lock:
-        if data not in _entries:
-            _store(data, master)
+        master = _lookup(data)
+        if master is None:
+            _stats["misses"] += 1
+    if master is None:
+        master = _parse(data)  # outside the lock: other threads keep their hits
+        with _lock:
+            if data not in _entries:
+                _store(data, master)
     return _copy(master)
 
 
 def cached(data: bytes) -> Message | None:
-    """The tree of ``data`` if the cache holds it (a copy), else None: never parses."""
+    """The tree of ``data`` (a copy) if the cache holds it or the tree of its tail
+    (:func:`_derive`), else None: never parses the message."""
     with _lock:
-        master = _entries.get(data)
-        return None if master is None else _copy(master)
+        master = _lookup(data)
+    return None if master is None else _copy(master)
 
 
 def _decisions(node: Message) -> tuple[Any, ...]:

@@ -227,3 +227,43 @@ def test_parse_as_with_folded_or_8bit_content_fields(data: bytes) -> None:
     assert shape(mailparse.parse_as(data, _PARSE)) == shape(stdlib(data, _PARSE))
     for node in nodes(mailparse.parse_as(data, _PARSE)):
         assert node.policy is _PARSE
+
+
+# -- the one-part fast path ------------------------------------------------------
+
+_HEAD_LINES = st.sampled_from([
+    b"Content-Type: text/plain", b"Content-Type: TEXT/HTML; charset=utf-8",
+    b"Content-Type: message/rfc822", b"Content-Type: message/delivery-status",
+    b"Content-Type: Multipart/Mixed; boundary=b", b"Content-Type: multipart/mixed",
+    b"Content-Type: application/octet-stream", b"Content-Type: text", b"Content-Type:",
+    b"Content-type: image/png;\r\n name=x", b" folded", b"From x", b"From: y", b":x",
+    b"no colon", b"Subject: \xe9t\xe9", b"MIME-Version: 1.0", b"X : y",
+])
+_BODY_LINES = st.sampled_from([
+    b"text", b"", b"--b", b"--b--", b"Content-Type: text/plain", b"A: 1", b"\xff\xfe",
+    b"From me", b" x",
+])
+
+
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(_HEAD_LINES, _ENDS.map(str.encode)), max_size=6),
+       st.lists(st.tuples(_BODY_LINES, _ENDS.map(str.encode)), max_size=8), st.booleans())
+def test_fast_path_equals_stdlib_on_generated_messages(
+        head: list[tuple[bytes, bytes]], body: list[tuple[bytes, bytes]], open_end: bool
+) -> None:
+    data = b"".join(a + b for a, b in head) + b"".join(a + b for a, b in body)
+    if open_end:
+        data += b"last line without end"
+    assert shape(mailparse._parse(data)) == shape(stdlib(data))
+
+
+def test_fast_path_takes_one_part_messages_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[bytes] = []
+    real = mailparse._stdlib
+    monkeypatch.setattr(mailparse, "_stdlib", lambda data: calls.append(data) or real(data))
+    one = b"Content-Type: text/plain\r\n\r\n" + b"line\r\n" * 100
+    mailparse._parse(one)
+    assert calls == []
+    two = b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n\r\nx\r\n--b--\r\n"
+    mailparse._parse(two)
+    assert calls == [two]
