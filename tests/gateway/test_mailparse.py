@@ -257,13 +257,69 @@ def test_fast_path_equals_stdlib_on_generated_messages(
     assert shape(mailparse._parse(data)) == shape(stdlib(data))
 
 
-def test_fast_path_takes_one_part_messages_only(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_scanner_leaves_only_rare_constructs_to_the_stdlib(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[bytes] = []
     real = mailparse._stdlib
     monkeypatch.setattr(mailparse, "_stdlib", lambda data: calls.append(data) or real(data))
-    one = b"Content-Type: text/plain\r\n\r\n" + b"line\r\n" * 100
-    mailparse._parse(one)
+    scanned = [
+        b"Content-Type: text/plain\r\n\r\n" + b"line\r\n" * 100,
+        b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n\r\nx\r\n--b--\r\n",
+        b"Content-Type: message/rfc822\r\n\r\nSubject: inner\r\n\r\nbody\r\n",
+    ]
+    for data in scanned:
+        assert shape(mailparse._parse(data)) == shape(stdlib(data))
     assert calls == []
-    two = b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n\r\nx\r\n--b--\r\n"
-    mailparse._parse(two)
-    assert calls == [two]
+    left = [
+        b"Content-Type: message/delivery-status\r\n\r\nA: 1\r\n\r\nB: 2\r\n",
+        b"A: 1\r\nFrom x\r\n\r\nbody",  # an mbox line pushed back into the body
+        b"Content-Type: message/rfc822\r\n\r\n" * 60 + b"x",  # deeper than 50
+    ]
+    for data in left:
+        assert shape(mailparse._parse(data)) == shape(stdlib(data))
+    assert calls == left
+
+
+# Generated MIME: nested multiparts with delimiters that are almost right (blanks,
+# suffixes, closing forms, outer ones inside inner parts), missing delimiters, mixed
+# line ends, digests and message/rfc822 parts.
+_BOUNDARIES = ["b", "b-", "b2", "x.y", "b--"]
+_JUNK = st.sampled_from([
+    "text", "", "--b", "--b--", "--b \t", "--bx", "--b2", "--b-", "--b---", " --b",
+    "--x.y", "--x.y--", "--b--x", "A: 1", "Content-Type: text/plain", "From me",
+])
+
+
+def _mime(depth: int) -> st.SearchStrategy[list[str]]:
+    leaf = st.lists(_JUNK, max_size=4).map(lambda body: ["Content-Type: text/plain", "", *body])
+    if depth == 0:
+        return leaf
+    child = _mime(depth - 1)
+
+    @st.composite
+    def multipart(draw: st.DrawFn) -> list[str]:
+        b = draw(st.sampled_from(_BOUNDARIES))
+        sub = draw(st.sampled_from(["mixed", "digest", "alternative"]))
+        cte = draw(st.sampled_from([[], ["Content-Transfer-Encoding: base64"]]))
+        lines = [f'Content-Type: multipart/{sub}; boundary="{b}"', *cte, ""]
+        lines += draw(st.lists(_JUNK, max_size=2))  # preamble
+        for part in draw(st.lists(child, max_size=3)):
+            lines += [draw(st.sampled_from([f"--{b}", f"--{b}  ", f"--{b}"]))]
+            lines += part
+        if draw(st.booleans()):
+            lines += [f"--{b}--", *draw(st.lists(_JUNK, max_size=2))]
+        return lines
+
+    rfc822 = child.map(lambda inner: ["Content-Type: message/rfc822", "", *inner])
+    return st.one_of(leaf, multipart(), rfc822)
+
+
+@settings(max_examples=1500, suppress_health_check=[HealthCheck.too_slow])
+@given(_mime(3), st.lists(_ENDS, min_size=1, max_size=3), st.booleans())
+def test_scanner_equals_stdlib_on_generated_mime(lines: list[str], ends: list[str],
+                                                 open_end: bool) -> None:
+    text = "".join(line + ends[i % len(ends)] for i, line in enumerate(lines))
+    if open_end:
+        text = text.rstrip("\r\n")
+    data = text.encode()
+    assert shape(mailparse._parse(data)) == shape(stdlib(data))
