@@ -69,6 +69,9 @@ _PARSER_FIELDS = ("content-",)
 
 _lock = threading.Lock()
 _entries: OrderedDict[bytes, Message] = OrderedDict()
+# The cached keys by their last bytes: the candidates for a key that ends ``data``.
+_TAIL = 64
+_tails: dict[bytes, list[bytes]] = {}
 _size = 0
 _stats = {"hits": 0, "derived": 0, "misses": 0}
 
@@ -355,7 +358,7 @@ def _derive(data: bytes) -> Message | None:
     """The tree of ``data`` built from a cached tree of its tail, if ``data`` is that
     tail with complete header fields prepended (the runner's way of adding a stage's
     fields).  Called with the lock held; returns a new master tree or None."""
-    for key in reversed(_entries):
+    for key in reversed(_tails.get(data[-_TAIL:], ())):
         if len(key) >= len(data) or not data.endswith(key):
             continue
         # The tail must open with a field of its own (not a continuation, an mbox
@@ -392,10 +395,15 @@ def _store(data: bytes, master: Message) -> None:
     if len(data) > MAX_ENTRY_BYTES:
         return
     _entries[data] = master
+    _tails.setdefault(data[-_TAIL:], []).append(data)
     _size += len(data)
     while len(_entries) > MAX_ENTRIES or _size > MAX_BYTES:
         old, _ = _entries.popitem(last=False)
         _size -= len(old)
+        same_tail = _tails[old[-_TAIL:]]
+        same_tail.remove(old)
+        if not same_tail:
+            del _tails[old[-_TAIL:]]
 
 
 def _lookup(data: bytes) -> Message | None:
@@ -508,6 +516,7 @@ def clear() -> None:
     global _size
     with _lock:
         _entries.clear()
+        _tails.clear()
         _size = 0
         for k in _stats:
             _stats[k] = 0

@@ -122,11 +122,18 @@ def content_type(data: bytes) -> tuple[str, dict[str, str]]:
 @functools.lru_cache(maxsize=4)
 def _content_type(data: bytes) -> tuple[str, dict[str, str]]:
     header, _ = split(data)
-    # The whole message's tree, when a stage of this process parsed these bytes
-    # already (decide before the queue, archive after): its fields are those of the
-    # header section when that ends at the empty line, as the parser read the same
-    # lines up to it.
-    tree = mailparse.cached(data) if data[len(header):len(header) + 2] == CRLF else None
+    # The whole message's tree, shared with the other stages of this process (the
+    # decide stage parsed these bytes before the queue, the archive stage reads
+    # them after this one): its fields are those of the header section when that
+    # ends at the empty line, as the parser read the same lines up to it.  A
+    # message too large for the cache gets the header-only parse.
+    tree = None
+    if data[len(header):len(header) + 2] == CRLF:
+        try:
+            tree = (mailparse.parse(data) if len(data) <= mailparse.MAX_ENTRY_BYTES
+                    else mailparse.cached(data))
+        except RecursionError:
+            tree = None  # MIME nested too deeply for the parser: its header suffices
     msg = _header_message(header) if tree is None else tree
     params: dict[str, str] = {}
     for item in msg.get_params(failobj=[])[1:]:

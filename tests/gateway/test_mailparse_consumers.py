@@ -48,3 +48,12 @@ def test_shared_parse_changes_no_result_on_the_corpus() -> None:
     stats = mailparse.stats()
     assert stats["derived"] > len(messages) // 2  # decide used spam's tree
     assert stats["hits"] > len(messages) // 2  # archive used decide's tree
+
+
+def test_mime_reads_the_header_of_a_message_too_deep_to_parse() -> None:
+    deep = b"Content-Type: message/rfc822; x=1\r\n\r\n" * 5000 + b"x"
+    with pytest.raises(RecursionError):
+        mailparse.parse(deep)
+    mime._content_type.cache_clear()
+    assert mime.content_type(deep) == ("message/rfc822", {"x": "1"})
+    assert mime.encryption_of(deep) is None
