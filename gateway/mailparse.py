@@ -132,8 +132,9 @@ class _Scanner:
 
     The feed parser reads every line and asks each one whether it is a boundary
     of an enclosing multipart (RFC 2046 §5.1.1; §5.1.2: an outer boundary ends
-    the inner parts too).  Here a body is one regular-expression search for the
-    next such line, and a part's text is a slice.  Header sections are read line
+    the inner parts too).  Here the next such line is found with ``str.find`` of
+    each active "--boundary" (checked to start a line and to end as a delimiter
+    does), and a part's text is a slice.  Header sections are read line
     by line as the feed parser reads them (they are short), with the same
     defects in the same order.  message/delivery-status, an mbox "From " line
     that ends a part's header section, and very deep nesting raise
