@@ -37,6 +37,8 @@ from html.parser import HTMLParser
 from typing import Any
 from xml.etree import ElementTree
 
+from gateway import mailparse
+
 __all__ = [
     "Attachment", "Extracted", "Limits", "Participant", "body_text", "clean_text", "extract",
     "html_to_text",
@@ -536,7 +538,11 @@ class _Extractor:
         # default policy parsed them anew at each look (most of extract()'s time).
         # The few top-level fields indexed are parsed with the default policy once
         # each (_fetch), from the same stored values.
-        msg = email.message_from_bytes(raw, policy=_PARSE)
+        # The message itself: the compat32 tree the decide stage of this process may
+        # have parsed already (gateway.mailparse), on this policy when that gives
+        # the same tree; a nested message is parsed here, not kept in that cache.
+        msg = (mailparse.parse_as(raw, _PARSE) if depth == 0
+               else email.message_from_bytes(raw, policy=_PARSE))
         for defect in getattr(msg, "defects", [])[:5]:
             out.flags.append(f"defect: {type(defect).__name__}")
         out.message_id = _message_id(msg, out.flags)

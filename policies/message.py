@@ -27,6 +27,8 @@ import zipfile
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway import mailparse
+
 # Bounds that keep a hostile message from costing unbounded work; anything
 # beyond them is marked unscannable rather than silently skipped.
 MAX_PARTS = 1000
@@ -81,7 +83,8 @@ class MessageView:
     def from_bytes(cls, raw: bytes) -> MessageView:
         view = cls(size=len(raw))
         try:
-            msg = email.message_from_bytes(raw, policy=email.policy.compat32)
+            # compat32, the tree shared with the spam stage (gateway.mailparse).
+            msg = mailparse.parse(raw)
         except Exception as exc:  # the parser is lenient, but never trust it fully
             view.defects.append(f"unparseable message: {exc}")
             view.body_text = raw.decode("utf-8", "replace")

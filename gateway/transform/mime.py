@@ -35,6 +35,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Literal
 
+from gateway import mailparse
 from gateway.transform.errors import MimeError
 
 Kind = Literal["pgp", "smime"]
@@ -101,8 +102,12 @@ def is_content_field(raw: bytes) -> bool:
 
 
 def _header_message(header: bytes) -> email.message.Message:
+    # Only the header block goes to the parser (up to its first empty line, RFC 5322
+    # §2.1): the fields and defects are those of the whole text, and the parser does
+    # not read the rest line by line into a payload nobody reads (``split`` finds no
+    # CRLF in a bare-LF message and returns all of it as the header section).
     return email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(
-        header + CRLF)
+        mailparse.header_block(header + CRLF))
 
 
 def content_type(data: bytes) -> tuple[str, dict[str, str]]:
@@ -117,7 +122,19 @@ def content_type(data: bytes) -> tuple[str, dict[str, str]]:
 @functools.lru_cache(maxsize=4)
 def _content_type(data: bytes) -> tuple[str, dict[str, str]]:
     header, _ = split(data)
-    msg = _header_message(header)
+    # The whole message's tree, shared with the other stages of this process (the
+    # decide stage parsed these bytes before the queue, the archive stage reads
+    # them after this one): its fields are those of the header section when that
+    # ends at the empty line, as the parser read the same lines up to it.  A
+    # message too large for the cache gets the header-only parse.
+    tree = None
+    if data[len(header):len(header) + 2] == CRLF:
+        try:
+            tree = (mailparse.parse(data) if len(data) <= mailparse.MAX_ENTRY_BYTES
+                    else mailparse.cached(data))
+        except RecursionError:
+            tree = None  # MIME nested too deeply for the parser: its header suffices
+    msg = _header_message(header) if tree is None else tree
     params: dict[str, str] = {}
     for item in msg.get_params(failobj=[])[1:]:
         name, value = item if isinstance(item, tuple) else (item, "")

@@ -1,9 +1,10 @@
 """One message taken apart once for every spam rule: headers, text, links, attachments.
 
 Parsing is the costly part of scoring, so the heuristics and the classifier share
-one :class:`ParsedMessage`.  It is built with the stdlib parser in its fast
-``compat32`` mode, bounded (at most :data:`MAX_PARTS` parts, text cut at
-:data:`MAX_TEXT` characters) so that a hostile message costs no more than a big one.
+one :class:`ParsedMessage`.  It is built from the stdlib parser's tree in its fast
+``compat32`` mode (one parse shared with the decide stage, :mod:`gateway.mailparse`),
+bounded (at most :data:`MAX_PARTS` parts, text cut at :data:`MAX_TEXT` characters)
+so that a hostile message costs no more than a big one.
 HTML is reduced to its text and its links with regular expressions: the rules
 only need the words and the ``<a href>`` pairs, not a DOM.
 """
@@ -11,12 +12,12 @@ only need the words and the ``<a href>`` pairs, not a DOM.
 from __future__ import annotations
 
 import binascii
-import email.parser
-import email.policy
 import html
 import re
 from dataclasses import dataclass, field
 from email.message import Message
+
+from gateway import mailparse
 
 MAX_PARTS = 100
 MAX_TEXT = 200_000  # characters of decoded text kept per message
@@ -234,8 +235,8 @@ def parse(data: bytes, max_bytes: int = 1024 * 1024) -> ParsedMessage:
     texts: list[str] = []
     htmls: list[str] = []
     try:
-        _walk(email.parser.BytesParser(policy=email.policy.compat32).parsebytes(data),
-              pm, texts, htmls)
+        # The compat32 tree, shared with the decide stage (gateway.mailparse).
+        _walk(mailparse.parse(data), pm, texts, htmls)
     except RecursionError:
         # MIME nested deeper than the stdlib parser recurses (a known way to hide
         # content): score what was taken apart, and the raw body as text.
