@@ -69,7 +69,8 @@ GENESIS = "0" * 64
 RESERVED = frozenset({"seq", "time", "kind", "prev", "hash"})
 SEGMENT_NAME = re.compile(r"^(\d{12})\.jsonl$")
 CHECKPOINT_CONTEXT = b"coffer-ledger-checkpoint-v1\n"
-_TAIL_CHUNK = 65536
+_TAIL_CHUNK = 4096  # first read of a segment's end: a few entries (it doubles as needed)
+_TAIL_CHUNK_MAX = 1 << 20
 
 
 class Timestamper(Protocol):
@@ -109,6 +110,39 @@ class LedgerEntry:
     def as_dict(self) -> dict[str, Any]:
         return {"seq": self.seq, "time": self.time, "kind": self.kind, **self.fields,
                 "prev": self.prev, "hash": self.hash}
+
+
+@dataclass(frozen=True, slots=True)
+class _Head:
+    """The chain's head as this process last wrote or read it, and the last segment's
+    file as it was then: valid while that file is unchanged and no later one exists."""
+
+    seq: int
+    hash: str
+    seg: tuple[int, Path]
+    ino: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, seq: int, hash_: str, seg: tuple[int, Path], st: os.stat_result) -> _Head:
+        return cls(seq, hash_, seg, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def still(self) -> bool:
+        """Is this still the head?  Every appender (any process) writes under the lock,
+        only ever by appending to the last segment (its size grows; a repair truncates
+        only a torn line, never a complete one, so an unchanged size is unchanged
+        content) or by creating the segment that starts at the next seq (seal, a full
+        segment).  Two stats instead of listing the directory and reading the tail."""
+        try:
+            st = os.stat(self.seg[1])
+        except FileNotFoundError:
+            return False
+        if (st.st_ino, st.st_size, st.st_mtime_ns) != (self.ino, self.size, self.mtime_ns):
+            return False
+        if self.seg[0] == self.seq + 1:
+            return True  # the last segment is the empty one the next entry goes into
+        return not os.path.exists(self.seg[1].with_name(segment_name(self.seq + 1)))
 
 
 @dataclass(frozen=True)
@@ -164,6 +198,7 @@ class Ledger:
         self.repaired_bytes = 0  # torn-tail bytes this process truncated (for logs/tests)
         self.repaired_bytes_pending = 0
         self._thread_lock = threading.Lock()
+        self._head: _Head | None = None  # read and written under the lock only
         path.mkdir(parents=True, exist_ok=True, mode=0o750)
 
     # -- public API --------------------------------------------------------------
@@ -216,6 +251,7 @@ class Ledger:
                 seq = self._append_locked([], force_checkpoint=True)[0][-1].seq
             if not close:
                 return not signed
+            self._head = None
             fd = os.open(self.path / segment_name(seq + 1),
                          os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             os.close(fd)
@@ -286,7 +322,10 @@ class Ledger:
         if self.signer is not None and (force_checkpoint or (items and crossed)):
             seq += 1
             out.append(self._make(seq, now, "checkpoint", self._sign(seq - 1, prev), prev))
-        self._write(out, seg)
+        self._head = None  # unknown until the write has gone through
+        written = self._write(out, seg)
+        if written is not None and out:
+            self._head = _Head.of(out[-1].seq, out[-1].hash, *written)
         return out, first_item
 
     def _make(self, seq: int, now: str, kind: str, fields: dict[str, Any],
@@ -314,9 +353,15 @@ class Ledger:
         With ``repair`` (lock held, about to write) a torn final line is
         truncated; see the module docstring for why that is safe.
         """
+        head = self._head
+        if head is not None:
+            if head.still():
+                return head.seq, head.hash, head.seg
+            self._head = None
         segs = segments(self.path)
         while segs:
             first, seg = segs[-1]
+            st = seg.stat()  # before the read: whatever is appended later makes it stale
             line, torn = _last_line(seg)
             if torn and repair:
                 size = seg.stat().st_size
@@ -333,7 +378,10 @@ class Ledger:
                 prev_seq, prev_hash, _ = self._tail_of(segs[-2][1])
                 return prev_seq, prev_hash, (first, seg)
             entry = _parse_json(line, seg, None)
-            return int(entry["seq"]), str(entry["hash"]), (first, seg)
+            seq, hash_ = int(entry["seq"]), str(entry["hash"])
+            if not torn:
+                self._head = _Head.of(seq, hash_, (first, seg), st)
+            return seq, hash_, (first, seg)
         return 0, GENESIS, None
 
     @staticmethod
@@ -344,9 +392,13 @@ class Ledger:
         entry = _parse_json(line, seg, None)
         return int(entry["seq"]), str(entry["hash"]), None
 
-    def _write(self, entries: list[LedgerEntry], seg: tuple[int, Path] | None) -> None:
-        """Write entries into the right segments; one fsync per touched segment."""
+    def _write(self, entries: list[LedgerEntry], seg: tuple[int, Path] | None
+               ) -> tuple[tuple[int, Path], os.stat_result] | None:
+        """Write entries into the right segments; one fsync per touched segment.
+
+        Returns the last segment written and its file's state after the write."""
         i = 0
+        last: tuple[tuple[int, Path], os.stat_result] | None = None
         while i < len(entries):
             seq = entries[i].seq
             if seg is None or seq - seg[0] >= self.segment_entries:
@@ -363,11 +415,13 @@ class Ledger:
                     n = os.write(fd, view)
                     view = view[n:]
                 os.fsync(fd)
+                last = seg, os.fstat(fd)
             finally:
                 os.close(fd)
             if created:
                 fsync_dir(self.path)
             i += len(chunk)
+        return last
 
 
 class _FileLock:
@@ -401,9 +455,10 @@ def _last_line(seg: Path) -> tuple[bytes | None, int]:
     """(last complete line or None, length of a torn tail after it)."""
     with open(seg, "rb") as fh:
         size = fh.seek(0, os.SEEK_END)
-        pos, buf = size, b""
+        pos, buf, chunk = size, b"", _TAIL_CHUNK
         while pos > 0:
-            step = min(_TAIL_CHUNK, pos)
+            step = min(chunk, pos)
+            chunk = min(chunk * 2, _TAIL_CHUNK_MAX)
             pos -= step
             fh.seek(pos)
             buf = fh.read(step) + buf
