@@ -434,12 +434,18 @@ class BlobStore(ZstdContexts):
                 self._retire(w)  # a write may have been cut short: never append here again
                 raise
             new: dict[str, Location] = {}
-            pos = w.size
+            start = pos = w.size
             for s in todo:
                 new[s.sha256] = Location(w.name, pos, len(s.record), s.sha256, s.dkid)
                 pos += len(s.record)
             w.size, w.count = pos, w.count + len(todo)
-            self._refresh_segment(w.name)
+            seg = self._segs.get(w.name)
+            if seg is not None and seg.end == start:
+                # Our own segment (nobody else appends to it): index what we just wrote
+                # without reading it back.
+                self._add_records(seg, list(new.values()), pos)
+            else:
+                self._refresh_segment(w.name)  # new to the index: header and .ack too
             return w, new, sync
 
     def _write_records(self, w: _Writer, todo: list[Sealed],
@@ -463,8 +469,15 @@ class BlobStore(ZstdContexts):
         for name in sorted(others - {w.name if w else ""}):
             for ext in ("pack", "keys"):
                 jobs.append(functools.partial(_fsync_path, self.packs / f"{name}.{ext}"))
-        for f in [self._pool.submit(j) for j in jobs]:
-            f.result()
+        if not jobs:
+            return
+        # In parallel, this thread doing one of them: a pool hand-off less per batch.
+        futures = [self._pool.submit(j) for j in jobs[1:]]
+        try:
+            jobs[0]()
+        finally:
+            for f in futures:
+                f.result()
 
     def _acknowledge(self, w: _Writer | None, locs: list[Location]) -> None:
         if locs and w is not None:
