@@ -443,6 +443,9 @@ _EXISTING_BLOBS = select(_BLOBS.c.sha256, _BLOBS.c.id).where(
 _RECORDED = select(_MESSAGES.c.sha256, _MESSAGES.c.received_at, _MESSAGES.c.source,
                    _MESSAGES.c.id, _MESSAGES.c.blob_id).where(
     _MESSAGES.c.sha256.in_(bindparam("shas", expanding=True)))
+_UNINDEXED = (select(_BLOBS.c.id, _BLOBS.c.sha256)
+              .where(_BLOBS.c.indexed_at.is_(None), _BLOBS.c.shredded_at.is_(None))
+              .order_by(_BLOBS.c.id).limit(bindparam("limit", type_=Integer)))
 _LINK = (_MESSAGES.update().where(_MESSAGES.c.id == bindparam("pk"))
          .values(linked_id=bindparam("link")))
 
@@ -649,18 +652,18 @@ class Metadata:
         return list(ids) + sorted(i for i in extra if i is not None and i not in known)
 
     def mark_indexed(self, blob_ids: Collection[int], when: datetime) -> None:
+        # Core, not a Session: the indexer runs this for every batch (an ORM bulk
+        # update also synchronises a session that holds no objects).
         if not blob_ids:
             return
-        with self.session() as s:
-            s.execute(update(Blob).where(self.ids_condition(Blob.id, blob_ids))
-                      .values(indexed_at=when))
+        with self.engine.begin() as conn:
+            conn.execute(update(_BLOBS).where(self.ids_condition(_BLOBS.c.id, blob_ids))
+                         .values(indexed_at=when))
 
     def unindexed(self, limit: int = 500) -> list[tuple[int, str]]:
         """(blob id, sha256) of blobs waiting for the full-text indexer, oldest first."""
-        with self.session() as s:
-            rows = s.execute(select(Blob.id, Blob.sha256)
-                             .where(Blob.indexed_at.is_(None), Blob.shredded_at.is_(None))
-                             .order_by(Blob.id).limit(limit))
+        with self.engine.connect() as conn:
+            rows = conn.execute(_UNINDEXED, {"limit": limit})
             return [(r[0], r[1]) for r in rows]
 
     def all_blobs(self) -> Iterator[tuple[int, str]]:
