@@ -128,21 +128,44 @@ class _Head:
     def of(cls, seq: int, hash_: str, seg: tuple[int, Path], st: os.stat_result) -> _Head:
         return cls(seq, hash_, seg, st.st_ino, st.st_size, st.st_mtime_ns)
 
-    def still(self) -> bool:
-        """Is this still the head?  Every appender (any process) writes under the lock,
-        only ever by appending to the last segment (its size grows; a repair truncates
-        only a torn line, never a complete one, so an unchanged size is unchanged
-        content) or by creating the segment that starts at the next seq (seal, a full
-        segment).  Two stats instead of listing the directory and reading the tail."""
+    def now(self) -> _Head | None:
+        """The head now, if this tells it cheaply, else None (read the directory).
+
+        Every appender (any process) writes under the lock, only ever by appending
+        whole lines to the last segment (a repair truncates only a torn line, never a
+        complete one) or by creating the segment that starts at the next seq (seal, a
+        full segment).  So: the same file with the same size and mtime holds the same
+        head; the same file grown holds, after our size, only the whole lines other
+        appenders added, the last of them the head.  A torn line, another file, or a
+        next segment: None.  A stat or two and a short read instead of listing the
+        directory and reading the segment's tail.
+        """
+        path = self.seg[1]
         try:
-            st = os.stat(self.seg[1])
+            fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
-            return False
-        if (st.st_ino, st.st_size, st.st_mtime_ns) != (self.ino, self.size, self.mtime_ns):
-            return False
-        if self.seg[0] == self.seq + 1:
-            return True  # the last segment is the empty one the next entry goes into
-        return not os.path.exists(self.seg[1].with_name(segment_name(self.seq + 1)))
+            return None
+        try:
+            st = os.fstat(fd)
+            if st.st_ino != self.ino or st.st_size < self.size:
+                return None
+            head = self
+            if st.st_size > self.size:
+                added = os.pread(fd, st.st_size - self.size, self.size)
+                if len(added) != st.st_size - self.size or not added.endswith(b"\n"):
+                    return None  # a torn line: the full path repairs it
+                start = added.rfind(b"\n", 0, len(added) - 1) + 1
+                entry = _parse_json(added[start:-1], path, None)
+                head = _Head.of(int(entry["seq"]), str(entry["hash"]), self.seg, st)
+            elif st.st_mtime_ns != self.mtime_ns:
+                return None
+        finally:
+            os.close(fd)
+        if head.seg[0] == head.seq + 1:
+            return head  # the last segment is the empty one the next entry goes into
+        if os.path.exists(path.with_name(segment_name(head.seq + 1))):
+            return None
+        return head
 
 
 @dataclass(frozen=True)
@@ -353,11 +376,10 @@ class Ledger:
         With ``repair`` (lock held, about to write) a torn final line is
         truncated; see the module docstring for why that is safe.
         """
-        head = self._head
+        head = self._head.now() if self._head is not None else None
+        self._head = head
         if head is not None:
-            if head.still():
-                return head.seq, head.hash, head.seg
-            self._head = None
+            return head.seq, head.hash, head.seg
         segs = segments(self.path)
         while segs:
             first, seg = segs[-1]
