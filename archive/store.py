@@ -135,6 +135,9 @@ class SegmentState:
     end: int  # end of the records scanned so far
     records: list[Location] = field(default_factory=list)
     dkids: set[str] = field(default_factory=set)  # key table entries are named by dkid
+    # No writer holds it any more (its flock is free): it never gets another record,
+    # so refresh() no longer opens it (only a compaction's removal changes it now).
+    final: bool = False
 
 
 @dataclass
@@ -204,6 +207,8 @@ class BlobStore(ZstdContexts):
 
     def _refresh_segment(self, name: str) -> None:
         seg = self._segs.get(name)
+        if seg is not None and seg.final:
+            return
         try:
             fd = os.open(self.packs / f"{name}.pack", os.O_RDONLY)
         except FileNotFoundError:
@@ -221,7 +226,19 @@ class BlobStore(ZstdContexts):
                 self._segs[name] = seg
             if os.fstat(fd).st_size > seg.end:
                 found = scan(fd, name, seg.end)
+                grew = found.end > seg.end
                 self._add_records(seg, found.records, found.end)
+                if grew:
+                    return  # being written now, most likely: look again next time
+            # Not grown since we last looked: is its writer gone?  A writer holds an
+            # exclusive flock from before the header is written until it closes the
+            # segment for good (a compaction's segment is whole from birth); once free,
+            # it is free for ever.  Scanned again after the probe, so a record written
+            # just before the writer closed is not missed.
+            if _flock_free(fd):
+                found = scan(fd, name, seg.end)
+                self._add_records(seg, found.records, found.end)
+                seg.final = True
         finally:
             os.close(fd)
 

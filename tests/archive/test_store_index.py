@@ -63,3 +63,42 @@ def test_writers_indexes_equal_a_fresh_read_of_the_files(
     finally:
         for w in writers:
             w.close()
+
+
+def test_a_segment_whose_writer_closed_is_not_opened_again_but_its_removal_is_seen(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = Archive.open(tmp_path)
+    first.put_many([b"one\r\n", b"two\r\n"])
+    reader = Archive.open(tmp_path)
+    store = reader.store
+    assert isinstance(store, BlobStore)
+    store.refresh()
+    (name,) = store._segs
+    assert not store._segs[name].final  # its writer is alive: it may grow
+    first.put_many([b"three\r\n"])
+    store.refresh()
+    assert len(store._segs[name].records) == 3
+    first.close()  # the writer closes its segment for good
+    store.refresh()
+    assert store._segs[name].final
+    opened: list[str] = []
+    real_open = store_module.os.open
+
+    def counting_open(path: object, *args: object, **kw: object) -> int:
+        opened.append(str(path))
+        return real_open(path, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store_module.os, "open", counting_open)
+    store.refresh()
+    assert not [p for p in opened if name in p]
+    monkeypatch.undo()
+    assert reader.get(hashlib.sha256(b"three\r\n").hexdigest()) == b"three\r\n"
+    # Deleted and compacted away by someone else: the listing shows it is gone.
+    other = Archive.open(tmp_path)
+    other.store.delete_many([hashlib.sha256(b).hexdigest()
+                             for b in (b"one\r\n", b"two\r\n", b"three\r\n")])
+    other.compact()
+    other.close()
+    store.refresh()
+    assert name not in store._segs and not store._where
+    reader.close()
