@@ -173,6 +173,9 @@ class BlobStore(ZstdContexts):
         self._where: dict[str, list[Location]] = {}
         self._keys = KeyTables(self.packs)
         self._free: list[_Writer] = []
+        # Segments this process is writing: their records are indexed as they are
+        # written (_append), so refresh() has nothing to look at in them.
+        self._mine: set[str] = set()
         self._loaded = False
 
     def close(self) -> None:
@@ -202,7 +205,8 @@ class BlobStore(ZstdContexts):
             for gone in set(self._segs) - set(names):
                 self._drop_segment(gone)
             for name in names:
-                self._refresh_segment(name)
+                if name not in self._mine or name not in self._segs:
+                    self._refresh_segment(name)
             self._loaded = True
 
     def _refresh_segment(self, name: str) -> None:
@@ -547,6 +551,7 @@ class BlobStore(ZstdContexts):
         for f in (fd, kfd, ifd):
             os.fsync(f)
         fsync_dir(self.packs)
+        self._mine.add(name)
         return _Writer(name, fd, kfd, os.fstat(kfd).st_ino, ifd, len(header))
 
     def _reopen_keys(self, w: _Writer) -> None:
@@ -561,6 +566,7 @@ class BlobStore(ZstdContexts):
         if w.closed:
             return
         w.closed = True
+        self._mine.discard(w.name)
         with contextlib.suppress(OSError):
             os.fsync(w.ifd)  # so the next open needs no ledger to know what was acknowledged
         for fd in (w.ifd, w.kfd, w.fd):  # closing the .pack releases its flock last
