@@ -229,14 +229,18 @@ class Ledger:
     def append(self, kind: str, **fields: Any) -> LedgerEntry:
         return self.append_many([(kind, fields)])[0]
 
-    def append_many(self, items: Sequence[tuple[str, Mapping[str, Any]]]) -> list[LedgerEntry]:
+    def append_many(self, items: Sequence[tuple[str, Mapping[str, Any]]], *,
+                    checked: bool = False) -> list[LedgerEntry]:
         """Append a batch atomically with respect to other appenders; durable on return.
 
         A checkpoint is added after the batch whenever it crosses a multiple of
-        ``checkpoint_every`` (when a signing key is configured).
+        ``checkpoint_every`` (when a signing key is configured).  ``checked``: the
+        caller has already passed every item through :meth:`check_fields` (the
+        archive checks a batch's records before storing any blob).
         """
-        for kind, fields in items:
-            self.check_fields(kind, fields)
+        if not checked:
+            for kind, fields in items:
+                self.check_fields(kind, fields)
         with self._locked():
             written, first = self._append_locked(items)
         # Only the caller's entries: not a ledger_repaired before, nor a checkpoint after.
