@@ -24,6 +24,7 @@ parameter order (``RETURNING`` with ``sort_by_parameter_order``).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -88,8 +89,10 @@ class _Prepared:
         return [tuple(row[k] if p is None else p(row[k]) for k, p in pairs) for row in rows]
 
 
-# (dialect name, table, row keys) -> the prepared statement, or None: left to Core.
-_CACHE: dict[tuple[str, str, tuple[str, ...]], _Prepared | None] = {}
+# Per dialect (its bind processors follow the engine's options, e.g. a JSON serialiser):
+# (table, row keys) -> the prepared statement, or None: left to Core.
+_CACHE: weakref.WeakKeyDictionary[Dialect, dict[tuple[str, tuple[str, ...]], _Prepared | None]]
+_CACHE = weakref.WeakKeyDictionary()
 
 
 def _needs_core(table: Table, keys: tuple[str, ...]) -> bool:
@@ -107,12 +110,14 @@ class SqliteRows:
 
     def _prepared(self, table: Table, rows: Sequence[Row]) -> _Prepared | None:
         keys = tuple(rows[0])
-        cache_key = (self.dialect.name, table.name, keys)
+        cache = _CACHE.get(self.dialect)
+        if cache is None:
+            cache = _CACHE[self.dialect] = {}
         try:
-            return _CACHE[cache_key]
+            return cache[(table.name, keys)]
         except KeyError:
             prepared = None if _needs_core(table, keys) else _Prepared(table, keys, self.dialect)
-            _CACHE[cache_key] = prepared
+            cache[(table.name, keys)] = prepared
             return prepared
 
     def insert(self, table: Table, rows: Sequence[Row]) -> None:
