@@ -134,11 +134,12 @@ class Archive:
             Ledger.check_fields("message_stored", rec)
 
         def ledger_batch(start: int, refs: list[BlobRef]) -> None:
+            # Checked above: the fields added to each record are a str, ints and a bool.
             self.ledger.append_many([
                 ("message_stored", {"sha256": r.sha256, "size": r.size,
                                     "stored_size": r.stored_size, "new": r.new, **rec})
                 for r, rec in zip(refs, records[start:start + len(refs)], strict=True)
-            ])
+            ], checked=True)
 
         return self.store.write_many(datas, ledger_batch)
 

@@ -69,7 +69,8 @@ GENESIS = "0" * 64
 RESERVED = frozenset({"seq", "time", "kind", "prev", "hash"})
 SEGMENT_NAME = re.compile(r"^(\d{12})\.jsonl$")
 CHECKPOINT_CONTEXT = b"coffer-ledger-checkpoint-v1\n"
-_TAIL_CHUNK = 65536
+_TAIL_CHUNK = 4096  # first read of a segment's end: a few entries (it doubles as needed)
+_TAIL_CHUNK_MAX = 1 << 20
 
 
 class Timestamper(Protocol):
@@ -109,6 +110,62 @@ class LedgerEntry:
     def as_dict(self) -> dict[str, Any]:
         return {"seq": self.seq, "time": self.time, "kind": self.kind, **self.fields,
                 "prev": self.prev, "hash": self.hash}
+
+
+@dataclass(frozen=True, slots=True)
+class _Head:
+    """The chain's head as this process last wrote or read it, and the last segment's
+    file as it was then: valid while that file is unchanged and no later one exists."""
+
+    seq: int
+    hash: str
+    seg: tuple[int, Path]
+    ino: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, seq: int, hash_: str, seg: tuple[int, Path], st: os.stat_result) -> _Head:
+        return cls(seq, hash_, seg, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def now(self) -> _Head | None:
+        """The head now, if this tells it cheaply, else None (read the directory).
+
+        Every appender (any process) writes under the lock, only ever by appending
+        whole lines to the last segment (a repair truncates only a torn line, never a
+        complete one) or by creating the segment that starts at the next seq (seal, a
+        full segment).  So: the same file with the same size and mtime holds the same
+        head; the same file grown holds, after our size, only the whole lines other
+        appenders added, the last of them the head.  A torn line, another file, or a
+        next segment: None.  A stat or two and a short read instead of listing the
+        directory and reading the segment's tail.
+        """
+        path = self.seg[1]
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            st = os.fstat(fd)
+            if st.st_ino != self.ino or st.st_size < self.size:
+                return None
+            head = self
+            if st.st_size > self.size:
+                added = os.pread(fd, st.st_size - self.size, self.size)
+                if len(added) != st.st_size - self.size or not added.endswith(b"\n"):
+                    return None  # a torn line: the full path repairs it
+                start = added.rfind(b"\n", 0, len(added) - 1) + 1
+                entry = _parse_json(added[start:-1], path, None)
+                head = _Head.of(int(entry["seq"]), str(entry["hash"]), self.seg, st)
+            elif st.st_mtime_ns != self.mtime_ns:
+                return None
+        finally:
+            os.close(fd)
+        if head.seg[0] == head.seq + 1:
+            return head  # the last segment is the empty one the next entry goes into
+        if os.path.exists(path.with_name(segment_name(head.seq + 1))):
+            return None
+        return head
 
 
 @dataclass(frozen=True)
@@ -164,6 +221,7 @@ class Ledger:
         self.repaired_bytes = 0  # torn-tail bytes this process truncated (for logs/tests)
         self.repaired_bytes_pending = 0
         self._thread_lock = threading.Lock()
+        self._head: _Head | None = None  # read and written under the lock only
         path.mkdir(parents=True, exist_ok=True, mode=0o750)
 
     # -- public API --------------------------------------------------------------
@@ -171,14 +229,18 @@ class Ledger:
     def append(self, kind: str, **fields: Any) -> LedgerEntry:
         return self.append_many([(kind, fields)])[0]
 
-    def append_many(self, items: Sequence[tuple[str, Mapping[str, Any]]]) -> list[LedgerEntry]:
+    def append_many(self, items: Sequence[tuple[str, Mapping[str, Any]]], *,
+                    checked: bool = False) -> list[LedgerEntry]:
         """Append a batch atomically with respect to other appenders; durable on return.
 
         A checkpoint is added after the batch whenever it crosses a multiple of
-        ``checkpoint_every`` (when a signing key is configured).
+        ``checkpoint_every`` (when a signing key is configured).  ``checked``: the
+        caller has already passed every item through :meth:`check_fields` (the
+        archive checks a batch's records before storing any blob).
         """
-        for kind, fields in items:
-            self.check_fields(kind, fields)
+        if not checked:
+            for kind, fields in items:
+                self.check_fields(kind, fields)
         with self._locked():
             written, first = self._append_locked(items)
         # Only the caller's entries: not a ledger_repaired before, nor a checkpoint after.
@@ -216,6 +278,7 @@ class Ledger:
                 seq = self._append_locked([], force_checkpoint=True)[0][-1].seq
             if not close:
                 return not signed
+            self._head = None
             fd = os.open(self.path / segment_name(seq + 1),
                          os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             os.close(fd)
@@ -286,7 +349,10 @@ class Ledger:
         if self.signer is not None and (force_checkpoint or (items and crossed)):
             seq += 1
             out.append(self._make(seq, now, "checkpoint", self._sign(seq - 1, prev), prev))
-        self._write(out, seg)
+        self._head = None  # unknown until the write has gone through
+        written = self._write(out, seg)
+        if written is not None and out:
+            self._head = _Head.of(out[-1].seq, out[-1].hash, *written)
         return out, first_item
 
     def _make(self, seq: int, now: str, kind: str, fields: dict[str, Any],
@@ -314,9 +380,14 @@ class Ledger:
         With ``repair`` (lock held, about to write) a torn final line is
         truncated; see the module docstring for why that is safe.
         """
+        head = self._head.now() if self._head is not None else None
+        self._head = head
+        if head is not None:
+            return head.seq, head.hash, head.seg
         segs = segments(self.path)
         while segs:
             first, seg = segs[-1]
+            st = seg.stat()  # before the read: whatever is appended later makes it stale
             line, torn = _last_line(seg)
             if torn and repair:
                 size = seg.stat().st_size
@@ -333,7 +404,10 @@ class Ledger:
                 prev_seq, prev_hash, _ = self._tail_of(segs[-2][1])
                 return prev_seq, prev_hash, (first, seg)
             entry = _parse_json(line, seg, None)
-            return int(entry["seq"]), str(entry["hash"]), (first, seg)
+            seq, hash_ = int(entry["seq"]), str(entry["hash"])
+            if not torn:
+                self._head = _Head.of(seq, hash_, (first, seg), st)
+            return seq, hash_, (first, seg)
         return 0, GENESIS, None
 
     @staticmethod
@@ -344,9 +418,13 @@ class Ledger:
         entry = _parse_json(line, seg, None)
         return int(entry["seq"]), str(entry["hash"]), None
 
-    def _write(self, entries: list[LedgerEntry], seg: tuple[int, Path] | None) -> None:
-        """Write entries into the right segments; one fsync per touched segment."""
+    def _write(self, entries: list[LedgerEntry], seg: tuple[int, Path] | None
+               ) -> tuple[tuple[int, Path], os.stat_result] | None:
+        """Write entries into the right segments; one fsync per touched segment.
+
+        Returns the last segment written and its file's state after the write."""
         i = 0
+        last: tuple[tuple[int, Path], os.stat_result] | None = None
         while i < len(entries):
             seq = entries[i].seq
             if seg is None or seq - seg[0] >= self.segment_entries:
@@ -363,11 +441,13 @@ class Ledger:
                     n = os.write(fd, view)
                     view = view[n:]
                 os.fsync(fd)
+                last = seg, os.fstat(fd)
             finally:
                 os.close(fd)
             if created:
                 fsync_dir(self.path)
             i += len(chunk)
+        return last
 
 
 class _FileLock:
@@ -401,9 +481,10 @@ def _last_line(seg: Path) -> tuple[bytes | None, int]:
     """(last complete line or None, length of a torn tail after it)."""
     with open(seg, "rb") as fh:
         size = fh.seek(0, os.SEEK_END)
-        pos, buf = size, b""
+        pos, buf, chunk = size, b"", _TAIL_CHUNK
         while pos > 0:
-            step = min(_TAIL_CHUNK, pos)
+            step = min(chunk, pos)
+            chunk = min(chunk * 2, _TAIL_CHUNK_MAX)
             pos -= step
             fh.seek(pos)
             buf = fh.read(step) + buf

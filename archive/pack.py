@@ -53,7 +53,8 @@ reader opening the store reads each record header instead (archive.segment.scan)
 
 from __future__ import annotations
 
-import secrets
+import functools
+import os
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -171,21 +172,29 @@ def _wrap_aad(kid: bytes, sha_raw: bytes, dkid_raw: bytes) -> bytes:
     return WRAP_MAGIC + bytes([VERSION, len(kid)]) + kid + sha_raw + dkid_raw
 
 
+@functools.lru_cache(maxsize=8)
+def _wrapper(key: bytes) -> AESGCM:
+    """The AEAD of an archive key, made once (it wraps every data key of a batch)."""
+    return AESGCM(key)
+
+
 def seal(sha256: str, plaintext_z: bytes, archive_key: ArchiveKey) -> Sealed:
     """Encrypt already-compressed bytes under a fresh data key wrapped by ``archive_key``."""
     if len(plaintext_z) + TAG_BYTES >= MAX_RECORD:
         raise ValueError("message too large for one record")
     sha_raw = bytes.fromhex(sha256)
-    dkid = secrets.token_bytes(DKID_BYTES)
-    data_key = AESGCM.generate_key(bit_length=256)
+    # os.urandom is what secrets.token_bytes and AESGCM.generate_key return.
+    dkid = os.urandom(DKID_BYTES)
+    data_key = os.urandom(32)  # AES-256
     header = _RECORD_HEAD.pack(RECORD_MAGIC, VERSION, sha_raw, dkid,
                                len(plaintext_z) + TAG_BYTES)
     record = header + AESGCM(data_key).encrypt(_RECORD_NONCE, plaintext_z, header)
     kid = archive_key.id.encode("ascii")
     # NIST SP 800-38D §8.2.2: the archive key wraps many data keys, so each wrap
     # gets a random 96-bit nonce.
-    knonce = secrets.token_bytes(NONCE_BYTES)
-    wrapped = AESGCM(archive_key.key).encrypt(knonce, data_key, _wrap_aad(kid, sha_raw, dkid))
+    knonce = os.urandom(NONCE_BYTES)
+    wrapped = _wrapper(archive_key.key).encrypt(knonce, data_key,
+                                                _wrap_aad(kid, sha_raw, dkid))
     body = b"K" + dkid + bytes([len(kid)]) + kid + knonce + wrapped
     return Sealed(sha256, dkid.hex(), record, _frame(body))
 

@@ -135,6 +135,9 @@ class SegmentState:
     end: int  # end of the records scanned so far
     records: list[Location] = field(default_factory=list)
     dkids: set[str] = field(default_factory=set)  # key table entries are named by dkid
+    # No writer holds it any more (its flock is free): it never gets another record,
+    # so refresh() no longer opens it (only a compaction's removal changes it now).
+    final: bool = False
 
 
 @dataclass
@@ -170,6 +173,9 @@ class BlobStore(ZstdContexts):
         self._where: dict[str, list[Location]] = {}
         self._keys = KeyTables(self.packs)
         self._free: list[_Writer] = []
+        # Segments this process is writing: their records are indexed as they are
+        # written (_append), so refresh() has nothing to look at in them.
+        self._mine: set[str] = set()
         self._loaded = False
 
     def close(self) -> None:
@@ -199,11 +205,14 @@ class BlobStore(ZstdContexts):
             for gone in set(self._segs) - set(names):
                 self._drop_segment(gone)
             for name in names:
-                self._refresh_segment(name)
+                if name not in self._mine or name not in self._segs:
+                    self._refresh_segment(name)
             self._loaded = True
 
     def _refresh_segment(self, name: str) -> None:
         seg = self._segs.get(name)
+        if seg is not None and seg.final:
+            return
         try:
             fd = os.open(self.packs / f"{name}.pack", os.O_RDONLY)
         except FileNotFoundError:
@@ -221,7 +230,19 @@ class BlobStore(ZstdContexts):
                 self._segs[name] = seg
             if os.fstat(fd).st_size > seg.end:
                 found = scan(fd, name, seg.end)
+                grew = found.end > seg.end
                 self._add_records(seg, found.records, found.end)
+                if grew:
+                    return  # being written now, most likely: look again next time
+            # Not grown since we last looked: is its writer gone?  A writer holds an
+            # exclusive flock from before the header is written until it closes the
+            # segment for good (a compaction's segment is whole from birth); once free,
+            # it is free for ever.  Scanned again after the probe, so a record written
+            # just before the writer closed is not missed.
+            if _flock_free(fd):
+                found = scan(fd, name, seg.end)
+                self._add_records(seg, found.records, found.end)
+                seg.final = True
         finally:
             os.close(fd)
 
@@ -434,12 +455,18 @@ class BlobStore(ZstdContexts):
                 self._retire(w)  # a write may have been cut short: never append here again
                 raise
             new: dict[str, Location] = {}
-            pos = w.size
+            start = pos = w.size
             for s in todo:
                 new[s.sha256] = Location(w.name, pos, len(s.record), s.sha256, s.dkid)
                 pos += len(s.record)
             w.size, w.count = pos, w.count + len(todo)
-            self._refresh_segment(w.name)
+            seg = self._segs.get(w.name)
+            if seg is not None and seg.end == start:
+                # Our own segment (nobody else appends to it): index what we just wrote
+                # without reading it back.
+                self._add_records(seg, list(new.values()), pos)
+            else:
+                self._refresh_segment(w.name)  # new to the index: header and .ack too
             return w, new, sync
 
     def _write_records(self, w: _Writer, todo: list[Sealed],
@@ -463,8 +490,15 @@ class BlobStore(ZstdContexts):
         for name in sorted(others - {w.name if w else ""}):
             for ext in ("pack", "keys"):
                 jobs.append(functools.partial(_fsync_path, self.packs / f"{name}.{ext}"))
-        for f in [self._pool.submit(j) for j in jobs]:
-            f.result()
+        if not jobs:
+            return
+        # In parallel, this thread doing one of them: a pool hand-off less per batch.
+        futures = [self._pool.submit(j) for j in jobs[1:]]
+        try:
+            jobs[0]()
+        finally:
+            for f in futures:
+                f.result()
 
     def _acknowledge(self, w: _Writer | None, locs: list[Location]) -> None:
         if locs and w is not None:
@@ -517,6 +551,7 @@ class BlobStore(ZstdContexts):
         for f in (fd, kfd, ifd):
             os.fsync(f)
         fsync_dir(self.packs)
+        self._mine.add(name)
         return _Writer(name, fd, kfd, os.fstat(kfd).st_ino, ifd, len(header))
 
     def _reopen_keys(self, w: _Writer) -> None:
@@ -531,6 +566,7 @@ class BlobStore(ZstdContexts):
         if w.closed:
             return
         w.closed = True
+        self._mine.discard(w.name)
         with contextlib.suppress(OSError):
             os.fsync(w.ifd)  # so the next open needs no ledger to know what was acknowledged
         for fd in (w.ifd, w.kfd, w.fd):  # closing the .pack releases its flock last

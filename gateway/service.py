@@ -307,14 +307,24 @@ class _StageIndexer(Indexer):
         self.leftovers = leftovers
         self.monotonic = monotonic
         self._first_seen: dict[int, float] = {}
+        # Whether the last run_once found a full page of waiting blobs (more may wait,
+        # its own or other workers'): index_loop then goes on without pausing.
+        self.backlog = False
 
     def run_once(self, batch: int = 500) -> int:
         if self.lock is None:
-            return super().run_once(batch)
+            pending = self.meta.unindexed(batch)
+            self.backlog = len(pending) >= batch
+            if pending:
+                self.index.add(self.docs(pending))
+                self.meta.mark_indexed([b for b, _ in pending], self.clock())
+            return len(pending)
         fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # a thread (index_loop): blocking is fine
-            take = self._select(self.meta.unindexed(batch))
+            pending = self.meta.unindexed(batch)
+            self.backlog = len(pending) >= batch
+            take = self._select(pending)
             if take:
                 self.index.add(self.docs(take))
                 self.meta.mark_indexed([b for b, _ in take], self.clock())
@@ -346,6 +356,12 @@ KEEP_EXTRACTED = 2048
 # Seconds a blob waits for the worker that archived it before worker 0 indexes it.
 LEFTOVER_AFTER = 10.0
 INDEX_LOCK = "index.lock"
+# Blobs per indexer batch.  Only a backlog (a full page of waiting blobs) is worked
+# on without a pause; otherwise the loop waits ``idle`` after each batch, so under
+# steady traffic a batch holds about a second of mail: the full-text commit (and its
+# segment merges), the metadata update and the lock round trips are paid once a
+# second, not once per handful of messages.
+INDEX_BATCH = 500
 
 
 async def index_loop(stage: ArchiveStage, cfg: Config, idle: float = 1.0, *,
@@ -370,18 +386,22 @@ async def index_loop(stage: ArchiveStage, cfg: Config, idle: float = 1.0, *,
     lock = JobLock("index", stage.meta, cfg.data_dir)
     stage.keep_extracted = KEEP_EXTRACTED
 
-    def one_batch() -> int:
+    def one_batch() -> bool:
+        """Index a batch if this process holds the job: True to go on at once (it took
+        some and a full page was waiting)."""
         with lock.attempt() as mine:
-            return indexer.run_once() if mine else 0
+            if not mine:
+                return False
+            return indexer.run_once(INDEX_BATCH) > 0 and indexer.backlog
 
     try:
         while True:
             try:
-                done = await asyncio.to_thread(one_batch)
+                more = await asyncio.to_thread(one_batch)
             except Exception as exc:  # rebuildable, or the backend is down: retry later
                 log.event("index_failed", level=logging.ERROR, error=describe(exc))
-                done = 0
-            if not done:
+                more = False
+            if not more:
                 await asyncio.sleep(idle)
     finally:
         stage.keep_extracted = 0

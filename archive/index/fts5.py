@@ -12,6 +12,7 @@ rebuilds the index from the store.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
@@ -92,24 +93,31 @@ class Fts5Index:
                             ("1" if delete else "0",))
 
     def add(self, docs: Iterable[IndexDoc]) -> int:
-        added = 0
+        # One query for the ids already present and one executemany per table: the
+        # batch's documents are inserted in the same order as one at a time.
+        batch: dict[int, IndexDoc] = {}
+        for doc in docs:
+            batch.setdefault(doc.doc_id, doc)  # a repeated id: the first one, as before
+        if not batch:
+            return 0
         try:
             with self.db:
                 self.db.execute("BEGIN")
-                for doc in docs:
-                    if self.db.execute("SELECT 1 FROM present WHERE id=?",
-                                       (doc.doc_id,)).fetchone():
-                        continue  # same id, same content: blobs are content-addressed
-                    self.db.execute(
-                        "INSERT INTO docs(rowid, subject, body, attachment, filename, "
-                        "participants) VALUES (?, ?, ?, ?, ?, ?)",
-                        (doc.doc_id, doc.subject, doc.body, doc.attachment, doc.filename,
-                         doc.participants))
-                    self.db.execute("INSERT INTO present VALUES (?)", (doc.doc_id,))
-                    added += 1
+                present = {row[0] for row in self.db.execute(
+                    "SELECT id FROM present WHERE id IN (SELECT value FROM json_each(?))",
+                    (json.dumps(list(batch)),))}
+                # Same id, same content: blobs are content-addressed.
+                new = [d for i, d in batch.items() if i not in present]
+                self.db.executemany(
+                    "INSERT INTO docs(rowid, subject, body, attachment, filename, "
+                    "participants) VALUES (?, ?, ?, ?, ?, ?)",
+                    [(d.doc_id, d.subject, d.body, d.attachment, d.filename, d.participants)
+                     for d in new])
+                self.db.executemany("INSERT INTO present VALUES (?)",
+                                    [(d.doc_id,) for d in new])
         except sqlite3.Error as exc:
             raise FullTextError(f"{self.path}: cannot add to the index: {exc}") from exc
-        return added
+        return len(new)
 
     def delete(self, ids: Iterable[int]) -> None:
         with self.db:

@@ -125,3 +125,27 @@ def test_pg_literals_escape_quotes_and_carry_field_weights() -> None:
 
 def test_tokenizer_folds_case_and_accents_and_splits_on_underscore() -> None:
     assert tokenize("Crème_Brûlée AT 10:30, ÉTÉ") == ["creme", "brulee", "at", "10", "30", "ete"]
+
+
+def test_fts5_batch_add_equals_adding_one_document_at_a_time(tmp_path: Path) -> None:
+    """A batch is added with one lookup and one executemany per table; the index (the
+    matches and their bm25 scores) is the one adding each document alone builds.  A
+    repeated id keeps its first document; an id already present is skipped."""
+    extra = [IndexDoc(4, subject="Merger memo", body="merger merger wire"),
+             IndexDoc(4, subject="ignored", body="this copy of 4 is never indexed"),
+             DOCS[1],  # already present after the first batch
+             IndexDoc(5, body="cafe transfer report", participants="Dana dana@example.com")]
+    one = Fts5Index(tmp_path / "one.db")
+    batch = Fts5Index(tmp_path / "batch.db")
+    try:
+        added_one = [one.add([d]) for d in DOCS] + [one.add([d]) for d in extra]
+        assert sum(added_one) == 5
+        assert batch.add(DOCS) == 3 and batch.add(extra) == 2
+        assert one.count() == batch.count() == 5
+        for query in ("merger", "wire", "ignored", "cafe", "report OR lunch", "dana",
+                      "subject:merger", "transfer -merger"):
+            assert batch.search(parse(query)) == one.search(parse(query)), query
+        assert batch.search(parse("ignored")) == {}
+    finally:
+        one.close()
+        batch.close()

@@ -1,0 +1,162 @@
+"""Bulk row inserts for the metadata database (archive.metadata), the cheap way per dialect.
+
+The archive stage records each message as a handful of rows in seven tables, a
+few messages per transaction.  SQLAlchemy's execution of one statement (cache
+key, execution context, result set-up) costs far more CPU than SQLite takes to
+insert those rows, so on SQLite ``SqliteRows`` runs the same INSERT statements
+straight on the DBAPI cursor:
+
+* the SQL text is what SQLAlchemy compiles for that dialect and those columns;
+* each value goes through its column type's own bind processor
+  (``TypeEngine.bind_processor``: JSON serialised, UTC timestamps formatted), so
+  the stored bytes are what Core would have sent;
+* an id comes back as the ``lastrowid`` of the row's own single-row INSERT
+  (never computed from another row's id: a rowid need not follow the last one);
+* a DBAPI error is wrapped as SQLAlchemy wraps it (``DBAPIError.instance``), so
+  "database is locked" is still an ``OperationalError`` (gateway.archive_health:
+  an outage to retry, not a failure of the message).
+
+A statement whose table has a column with a client-side default that the rows
+do not set is left to Core (``CoreRows``), which applies the default.  Every
+other dialect (PostgreSQL) uses ``CoreRows``: ``executemany`` with ids back in
+parameter order (``RETURNING`` with ``sort_by_parameter_order``).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from sqlalchemy import Connection, Dialect, Table, insert
+from sqlalchemy import exc as sa_exc
+
+Row = dict[str, Any]
+_Processor = Callable[[Any], Any] | None
+
+
+class Rows(Protocol):
+    """Inserts rows into one table; all rows of a call have the same keys."""
+
+    def insert(self, table: Table, rows: Sequence[Row]) -> None: ...
+
+    def insert_ids(self, table: Table, rows: Sequence[Row]) -> list[int]:
+        """Insert and return the new rows' ``id`` values, in the order of ``rows``."""
+        ...
+
+
+def rows_for(conn: Connection) -> Rows:
+    """The cheapest correct writer for this connection's dialect."""
+    return SqliteRows(conn) if conn.dialect.name == "sqlite" else CoreRows(conn)
+
+
+class CoreRows:
+    """SQLAlchemy Core ``executemany`` (any dialect)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def insert(self, table: Table, rows: Sequence[Row]) -> None:
+        if rows:
+            self.conn.execute(insert(table), list(rows))
+
+    def insert_ids(self, table: Table, rows: Sequence[Row]) -> list[int]:
+        if not rows:
+            return []
+        stmt = insert(table).returning(table.c.id, sort_by_parameter_order=True)
+        return [int(i) for i in self.conn.execute(stmt, list(rows)).scalars()]
+
+
+class _Prepared:
+    """One INSERT compiled for a dialect: its SQL and, per positional parameter, the
+    row key it takes and the bind processor its value goes through."""
+
+    __slots__ = ("keys", "procs", "sql")
+
+    def __init__(self, table: Table, keys: tuple[str, ...], dialect: Dialect) -> None:
+        compiled = insert(table).compile(dialect=dialect, column_keys=list(keys))
+        order = list(compiled.positiontup or ())
+        if sorted(order) != sorted(keys):
+            raise ValueError(f"{table.name}: compiled parameters {order} are not the row's "
+                             f"keys {list(keys)}")
+        self.sql = str(compiled)
+        self.keys = tuple(order)
+        self.procs: tuple[_Processor, ...] = tuple(
+            table.c[k].type.dialect_impl(dialect).bind_processor(dialect) for k in order)
+
+    def params(self, rows: Sequence[Row]) -> list[tuple[Any, ...]]:
+        pairs = tuple(zip(self.keys, self.procs, strict=True))
+        return [tuple(row[k] if p is None else p(row[k]) for k, p in pairs) for row in rows]
+
+
+# Per dialect (its bind processors follow the engine's options, e.g. a JSON serialiser):
+# (table, row keys) -> the prepared statement, or None: left to Core.
+_CACHE: weakref.WeakKeyDictionary[Dialect, dict[tuple[str, tuple[str, ...]], _Prepared | None]]
+_CACHE = weakref.WeakKeyDictionary()
+
+
+def _needs_core(table: Table, keys: tuple[str, ...]) -> bool:
+    """A column the rows leave out that has a client-side default (Core applies it)."""
+    return any(c.default is not None and c.key not in keys for c in table.columns)
+
+
+class SqliteRows:
+    """The same INSERTs on the DBAPI cursor (see the module docstring)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.dialect = conn.dialect
+        self.core = CoreRows(conn)
+
+    def _prepared(self, table: Table, rows: Sequence[Row]) -> _Prepared | None:
+        keys = tuple(rows[0])
+        cache = _CACHE.get(self.dialect)
+        if cache is None:
+            cache = _CACHE[self.dialect] = {}
+        try:
+            return cache[(table.name, keys)]
+        except KeyError:
+            prepared = None if _needs_core(table, keys) else _Prepared(table, keys, self.dialect)
+            cache[(table.name, keys)] = prepared
+            return prepared
+
+    def insert(self, table: Table, rows: Sequence[Row]) -> None:
+        if not rows:
+            return
+        prepared = self._prepared(table, rows)
+        if prepared is None:
+            self.core.insert(table, rows)
+            return
+        params = prepared.params(rows)
+        cursor = self.conn.connection.cursor()
+        try:
+            cursor.executemany(prepared.sql, params)
+        except self.dialect.loaded_dbapi.Error as exc:
+            raise self._wrap(prepared.sql, params, exc) from exc
+        finally:
+            cursor.close()
+
+    def insert_ids(self, table: Table, rows: Sequence[Row]) -> list[int]:
+        if not rows:
+            return []
+        prepared = self._prepared(table, rows)
+        if prepared is None:
+            return self.core.insert_ids(table, rows)
+        ids: list[int] = []
+        cursor = self.conn.connection.cursor()
+        try:
+            for param in prepared.params(rows):
+                try:
+                    cursor.execute(prepared.sql, param)
+                except self.dialect.loaded_dbapi.Error as exc:
+                    raise self._wrap(prepared.sql, param, exc) from exc
+                if cursor.lastrowid is None:
+                    raise sa_exc.InvalidRequestError(f"{table.name}: no id for an INSERT")
+                ids.append(int(cursor.lastrowid))
+        finally:
+            cursor.close()
+        return ids
+
+    def _wrap(self, sql: str, params: Any, exc: Exception) -> BaseException:
+        return sa_exc.DBAPIError.instance(sql, params, exc, self.dialect.loaded_dbapi.Error,
+                                          dialect=self.dialect)
