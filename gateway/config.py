@@ -250,6 +250,11 @@ class ArchiveConfig(_Model):
 class Config(_Model):
     hostname: str = Field("localhost", description="Name in the banner, EHLO and Received")
     data_dir: Path = Field(Path("."), description="Root of spool, archive, maildirs (rel. to file)")
+    event_loop: Literal["uvloop", "asyncio"] = Field(
+        "uvloop", description="Event loop of `coffer serve`: uvloop (libuv, less CPU per "
+        "message; asyncio's if uvloop is not installed) or asyncio's own. Read at start, "
+        "not on reload; the environment variable COFFER_EVENT_LOOP overrides it",
+    )
     relay: RelayConfig = Field(default_factory=RelayConfig)
     listeners: list[ListenerConfig] = Field(default_factory=_default_listeners)
     tls: TlsConfig = Field(default_factory=TlsConfig)

