@@ -707,10 +707,11 @@ class BlobStore(ZstdContexts):
                         continue  # a live writer (maybe in this process)
                     seg.acked = read_acked(self.packs / f"{name}.ack", seg.header_len)
                     tail = [r for r in seg.records if r.offset >= seg.acked]
+                    table = self._keys.get(name)
+                    tail = self._cut_keyless(name, seg, tail, table)
                     torn = self._torn(name, seg)
                     if not tail and not torn:
                         continue
-                    table = self._keys.get(name)
                     if tail and ledgered is None:
                         ledgered = set(known()) if known else set()
                     assert ledgered is not None or not tail
@@ -722,6 +723,29 @@ class BlobStore(ZstdContexts):
                         found.extend(batch)
                     self._seal_tail(name, seg, tail, torn, table)
         return found
+
+    def _cut_keyless(self, name: str, seg: SegmentState, tail: list[Location],
+                     table: KeyTable) -> list[Location]:
+        """Forget unacknowledged records whose key never reached the key table.
+
+        A batch writes its records, then their keys in the same order (_write_records);
+        a writer killed between the two leaves records nobody can read and nobody was
+        told about.  Kept, they would look crypto-shredded and refuse the same bytes for
+        ever; so the segment ends before the first of them, and the torn-tail cut
+        removes them from the file (their later keys, if any, become orphans)."""
+        keyless = [r.offset for r in tail if r.dkid not in table.keys]
+        if not keyless:
+            return tail
+        cut = min(keyless)
+        for loc in [r for r in seg.records if r.offset >= cut]:
+            locs = self._where.get(loc.sha256, [])
+            if loc in locs:
+                locs.remove(loc)
+            if not locs:
+                self._where.pop(loc.sha256, None)
+        seg.records = [r for r in seg.records if r.offset < cut]
+        seg.end = cut
+        return [r for r in tail if r.offset < cut]
 
     def _torn(self, name: str, seg: SegmentState) -> int:
         try:
