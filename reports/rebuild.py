@@ -83,6 +83,7 @@ from archive.index import Indexer, open_index
 from archive.ledger import LedgerEntry
 from archive.metadata import Blob, Message, MessageRecord, Metadata, resolve_links, safe_url
 from archive.receipts import RECEIPT, apply_receipt, parse_receipt
+from gateway import mailparse
 from reports.common import Progress, metadata_url, parse_utc, record_audit
 from reports.errors import RebuildError
 from reports.rebuild_log import event_id, restore_audit, restore_holds
@@ -114,7 +115,9 @@ class Envelope:
 
 def envelope_from_headers(raw: bytes) -> Envelope:
     """Parse Coffer's own Received and Authentication-Results fields (the top ones)."""
-    msg = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(raw)
+    # The header block only: the parser would otherwise read the whole body line by line.
+    msg = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(
+        mailparse.header_block(raw))
     env = Envelope()
     for value in msg.get_all("Received") or []:
         m = _RECEIVED.search(" ".join(str(value).split()))

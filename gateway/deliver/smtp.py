@@ -81,10 +81,6 @@ def _fmt(code: int, message: str) -> str:
     return f"{code} {' '.join(message.split())}".strip()
 
 
-def _needs_rset(replies: dict[str, str]) -> bool:
-    return not any(r.startswith("2") for r in replies.values())
-
-
 @dataclass(slots=True)
 class _Conn:
     smtp: aiosmtplib.SMTP
