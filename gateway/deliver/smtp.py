@@ -81,6 +81,18 @@ def _fmt(code: int, message: str) -> str:
     return f"{code} {' '.join(message.split())}".strip()
 
 
+def _broken(smtp: aiosmtplib.SMTP, replies: dict[str, str], rcpts: list[str],
+            accepted: list[str], reply: str) -> tuple[dict[str, str], bool]:
+    """The session broke mid-transaction (one by one or pipelined alike): recipients
+    already refused keep their reply; the rest were not delivered (RFC 5321 §4.1.1.4: no
+    final reply to DATA means no delivery) and are retried.  The connection is dropped."""
+    for rcpt in rcpts:
+        if rcpt in accepted or rcpt not in replies:
+            replies[rcpt] = reply
+    smtp.close()
+    return replies, False
+
+
 @dataclass(slots=True)
 class _Conn:
     smtp: aiosmtplib.SMTP
@@ -323,15 +335,7 @@ class SmtpClient:
                 replies[rcpt] = final
             return replies, True
         except (SMTPException, OSError, TimeoutError) as exc:
-            # The session broke mid-transaction.  Recipients already refused keep
-            # their reply; the rest were not delivered (RFC 5321 §4.1.1.4: no final
-            # reply to DATA means no delivery) and are retried.
-            reply = _network_reply(exc, dest)
-            for rcpt in rcpts:
-                if rcpt in accepted or rcpt not in replies:
-                    replies[rcpt] = reply
-            smtp.close()
-            return replies, False
+            return _broken(smtp, replies, rcpts, accepted, _network_reply(exc, dest))
 
     async def _pipelined(
         self, smtp: aiosmtplib.SMTP, dest: Destination, sender: str, rcpts: list[str],
@@ -421,14 +425,7 @@ class SmtpClient:
                 await _rset(smtp)
                 return replies, smtp.is_connected
             except (SMTPException, OSError, TimeoutError) as exc:
-                # As one by one: refused recipients keep their reply, the rest were
-                # not delivered (RFC 5321 §4.1.1.4) and are retried.
-                reply = _network_reply(exc, dest)
-                for rcpt in rcpts:
-                    if rcpt in accepted or rcpt not in replies:
-                        replies[rcpt] = reply
-                smtp.close()
-                return replies, False
+                return _broken(smtp, replies, rcpts, accepted, _network_reply(exc, dest))
         finally:
             transport.set_protocol(protocol)
 
