@@ -9,7 +9,7 @@ the policy need.  It is written to the spool with the message before the 250.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -39,7 +39,24 @@ class Envelope:
         return any(o.upper() == "SMTPUTF8" for o in self.mail_options)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # What dataclasses.asdict gives (the same keys in field order, fresh lists, the
+        # TLS facts as a dict) without its generic deep copy: this runs for every spooled
+        # message.  tests/test_envelope.py holds it to asdict.
+        tls = self.tls
+        return {
+            "mail_from": self.mail_from,
+            "rcpt_to": list(self.rcpt_to),
+            "client_ip": self.client_ip,
+            "client_port": self.client_port,
+            "helo": self.helo,
+            "tls": None if tls is None else {"version": tls.version, "cipher": tls.cipher},
+            "auth_user": self.auth_user,
+            "received_at": self.received_at,
+            "listener": self.listener,
+            "role": self.role,
+            "mail_options": list(self.mail_options),
+            "rcpt_options": [list(o) for o in self.rcpt_options],
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Envelope:
