@@ -313,24 +313,22 @@ class _StageIndexer(Indexer):
 
     def run_once(self, batch: int = 500) -> int:
         if self.lock is None:
-            pending = self.meta.unindexed(batch)
-            self.backlog = len(pending) >= batch
-            if pending:
-                self.index.add(self.docs(pending))
-                self.meta.mark_indexed([b for b, _ in pending], self.clock())
-            return len(pending)
+            return self._index_batch(batch, select=False)
         fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # a thread (index_loop): blocking is fine
-            pending = self.meta.unindexed(batch)
-            self.backlog = len(pending) >= batch
-            take = self._select(pending)
-            if take:
-                self.index.add(self.docs(take))
-                self.meta.mark_indexed([b for b, _ in take], self.clock())
-            return len(take)
+            return self._index_batch(batch, select=True)
         finally:
             os.close(fd)  # releases the lock
+
+    def _index_batch(self, batch: int, *, select: bool) -> int:
+        pending = self.meta.unindexed(batch)
+        self.backlog = len(pending) >= batch
+        take = self._select(pending) if select else pending
+        if take:
+            self.index.add(self.docs(take))
+            self.meta.mark_indexed([b for b, _ in take], self.clock())
+        return len(take)
 
     def _select(self, pending: list[tuple[int, str]]) -> list[tuple[int, str]]:
         now = self.monotonic()

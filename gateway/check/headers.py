@@ -47,7 +47,11 @@ def header_end(data: bytes) -> int:
 
 
 def header_block(data: bytes) -> bytes:
-    """The header lines, without the empty line and the body (see header_end)."""
+    """The header lines, without the empty line and the body (see header_end).
+
+    dkimpy's view of a header (lines end at LF).  gateway.mailparse.header_block is
+    the email package's view (a lone CR ends a line too; the empty line included),
+    for the header-only parses that must match that parser."""
     return data[:header_end(data)]
 
 
