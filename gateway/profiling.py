@@ -97,7 +97,8 @@ class Sampler:
         self._thread.join(1.0)
         lines = [f"pid {os.getpid()} seconds {time.monotonic() - self.started:.1f} "
                  f"samples {self.samples} interval {INTERVAL}", "", "# CPU by thread group"]
-        lines += [f"{cpu:8.2f} s  {name}" for name, cpu in _thread_cpu()]
+        lines += [f"{cpu:8.2f} s  {name} (system {sys_cpu:.2f} s)"
+                  for name, cpu, sys_cpu in _thread_cpu()]
         for title, counter, n in (("leaf frames, CPU us", self.leaves, 60),
                                   ("inclusive frames, CPU us", self.funcs, 120),
                                   ("stacks, CPU us", self.stacks, 80)):
@@ -107,13 +108,15 @@ class Sampler:
         (self.out_dir / f"profile-{os.getpid()}.txt").write_text("\n".join(lines) + "\n")
 
 
-def _thread_cpu() -> list[tuple[str, float]]:
+def _thread_cpu() -> list[tuple[str, float, float]]:
+    """(thread group, user+system CPU, system CPU) of every thread of this process."""
     tick = os.sysconf("SC_CLK_TCK")
     names = {t.native_id: t.name for t in threading.enumerate()}
     # After fork() Python 3.11 keeps the parent's native id for the main thread:
     # this runs on the event-loop (main) thread, so ask the kernel.
     names[threading.get_native_id()] = threading.current_thread().name
     by_name: dict[str, float] = {}
+    system: dict[str, float] = {}
     for task in Path("/proc/self/task").iterdir():
         try:
             name = names.get(int(task.name)) or (task / "comm").read_text().strip()
@@ -122,7 +125,9 @@ def _thread_cpu() -> list[tuple[str, float]]:
             continue
         group = re.sub(r"[_-]?\d+(_\d+)?$", "", name)
         by_name[group] = by_name.get(group, 0.0) + (int(fields[11]) + int(fields[12])) / tick
-    return sorted(by_name.items(), key=lambda kv: -kv[1])
+        system[group] = system.get(group, 0.0) + int(fields[12]) / tick
+    return sorted(((name, cpu, system[name]) for name, cpu in by_name.items()),
+                  key=lambda row: -row[1])
 
 
 def start_if_requested() -> Sampler | None:
