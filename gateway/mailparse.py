@@ -46,8 +46,8 @@ from email import errors
 from email.message import Message
 from typing import Any
 
-__all__ = ["MAX_BYTES", "MAX_ENTRIES", "MAX_ENTRY_BYTES", "cached", "clear", "header_block",
-           "parse", "parse_as", "stats"]
+__all__ = ["MAX_BYTES", "MAX_ENTRIES", "MAX_ENTRY_BYTES", "IndexedMessage", "cached", "clear",
+           "header_block", "parse", "parse_as", "stats"]
 
 # A few entries only: a message's tree is needed by the stages of its own
 # transaction and then by the queue worker shortly after; the byte cap keeps a burst
@@ -74,6 +74,96 @@ _TAIL = 64
 _tails: dict[bytes, list[bytes]] = {}
 _size = 0
 _stats = {"hits": 0, "derived": 0, "misses": 0}
+
+
+_Field = tuple[str, Any]
+_MISSING: Any = object()
+# Content-Type/-Disposition values recur (a burst of mail from the same agents): their
+# parsed parameters, by the value as fetched.  Cleared when full, not LRU: cheap.
+_PARAMS: dict[str, tuple[tuple[str, Any], ...]] = {}
+_PARAMS_MAX = 4096
+
+
+class IndexedMessage(Message):
+    """compat32's :class:`~email.message.Message`, with the same answers, but a field
+    is found by name in an index instead of a scan that lowers every field name.
+
+    Every stage asks each node for its Content-Type, -Disposition and their
+    parameters many times (``get_content_type``, ``get_param``, ``get_filename``,
+    ``get_content_charset`` all go through ``get`` / ``in``); on a top-level header
+    section of 20 fields the stdlib lowers 20 names per question.
+
+    The index ``_ix`` is (a snapshot of ``_headers``, {lower-case name: [fields]}).
+    It is valid while the snapshot equals ``_headers`` (a list compare: the field
+    tuples are the same objects, so one pointer test each), whatever changed the
+    list: the stdlib's mutators (``__setitem__``, ``__delitem__``, ``set_raw``,
+    ``add_header``, ``replace_header``, ``set_param`` and friends, ``set_boundary``
+    assigning a new list) or anyone's direct edit.  ``replace_header`` also drops it
+    explicitly: it may put a value that compares equal to the old one but is another
+    object (a ``Header`` equals its text).  The index is never changed in place, so
+    the copies :func:`parse` hands out share their master's.
+    """
+
+    _ix: tuple[list[_Field], dict[str, list[_Field]]] | None = None
+
+    def _fields(self) -> dict[str, list[_Field]]:
+        headers: list[_Field] = self._headers  # type: ignore[attr-defined]
+        ix = self._ix
+        if ix is not None and ix[0] == headers:
+            return ix[1]
+        index: dict[str, list[_Field]] = {}
+        for field in headers:
+            name = field[0].lower()
+            found = index.get(name)
+            if found is None:
+                index[name] = [field]
+            else:
+                found.append(field)
+        self._ix = (list(headers), index)
+        return index
+
+    def get(self, name: str, failobj: Any = None) -> Any:
+        found = self._fields().get(name.lower())
+        if found is None:
+            return failobj
+        k, v = found[0]
+        return self.policy.header_fetch_parse(k, v)
+
+    def get_all(self, name: str, failobj: Any = None) -> Any:
+        found = self._fields().get(name.lower())
+        if found is None:
+            return failobj
+        fetch = self.policy.header_fetch_parse
+        return [fetch(k, v) for k, v in found]
+
+    def __contains__(self, name: object) -> bool:
+        return name.lower() in self._fields()  # type: ignore[attr-defined]
+
+    def raw_values(self, name: str) -> list[Any]:
+        """The stored values of the fields called ``name`` (any case), in order: what
+        ``[v for k, v in raw_items() if k.lower() == name.lower()]`` gives."""
+        return [v for _, v in self._fields().get(name.lower(), ())]
+
+    def replace_header(self, _name: str, _value: Any) -> None:
+        self._ix = None
+        super().replace_header(_name, _value)
+
+    def _get_params_preserve(self, failobj: Any, header: str) -> Any:
+        # Equal values give equal parameters (the stdlib's parse reads nothing but
+        # the value): the result is kept per value, and a fresh list is returned as
+        # the stdlib returns one (its tuples are immutable).
+        value = self.get(header, _MISSING)
+        if value is _MISSING:
+            return failobj
+        if type(value) is not str:
+            return super()._get_params_preserve(failobj, header)  # type: ignore[misc]
+        params = _PARAMS.get(value)
+        if params is None:
+            params = tuple(super()._get_params_preserve(failobj, header))  # type: ignore[misc]
+            if len(_PARAMS) >= _PARAMS_MAX:
+                _PARAMS.clear()
+            _PARAMS[value] = params
+        return list(params)
 
 
 def header_block(data: bytes) -> bytes:
@@ -104,7 +194,7 @@ def header_block(data: bytes) -> bytes:
 
 
 def _stdlib(data: bytes) -> Message:
-    return email.parser.BytesParser(policy=_COMPAT32).parsebytes(data)
+    return email.parser.BytesParser(IndexedMessage, policy=_COMPAT32).parsebytes(data)
 
 
 def _parse(data: bytes) -> Message:
@@ -193,7 +283,7 @@ class _Scanner:
                 depth: int = 0) -> tuple[Message, int]:
         if depth > _MAX_NESTING:
             raise _Fallback
-        msg = Message(policy=_COMPAT32)
+        msg = IndexedMessage(policy=_COMPAT32)
         if parent is not None:
             if parent.get_content_type() == "multipart/digest":
                 msg.set_default_type("message/rfc822")
@@ -387,6 +477,8 @@ def _derive(data: bytes) -> Message | None:
         base = _entries[key]
         master = _clone(base, None)
         vars(master)["_headers"] = head + vars(base)["_headers"]
+        if isinstance(master, IndexedMessage):
+            master._fields()  # once here, not in each copy handed out
         return master
     return None
 
@@ -503,7 +595,7 @@ def parse_as(data: bytes, policy: email.policy.Compat32) -> Message:
     except Exception:
         tree = None
     if tree is None:
-        tree = email.parser.BytesParser(policy=policy).parsebytes(data)
+        tree = email.parser.BytesParser(IndexedMessage, policy=policy).parsebytes(data)
     return tree
 
 
