@@ -142,8 +142,32 @@ def _content_type(data: bytes) -> tuple[str, dict[str, str]]:
     return msg.get_content_type(), params
 
 
+# The media types (lower case) that make the answers below other than None.  A
+# Content-Type is one of them only if its field, lowered, holds the name verbatim:
+# the parser's value is the field's text after the colon (8-bit bytes kept or
+# replaced, never turned into ASCII), and get_content_type lowers and strips it.
+# The fields the parser reads all lie within the header block (mailparse.header_block),
+# so a message whose lowered header block names none of them is answered without a
+# parse: most messages, which the encrypt stage only looks at.
+_ENCRYPTED_TYPES = (b"multipart/encrypted", b"pkcs7-mime")
+_SIGNED_TYPES = (b"multipart/signed", b"pkcs7-mime")
+_SIGNED_ENTITY_TYPES = (*_SIGNED_TYPES, b"multipart/mixed")
+
+
+def _may_be(data: bytes, types: tuple[bytes, ...]) -> bool:
+    """False if the top-level Content-Type can be none of ``types`` (pure, cheap)."""
+    block = mailparse.header_block(data).lower()
+    return any(t in block for t in types)
+
+
 def encryption_of(data: bytes) -> Kind | None:
     """"pgp" or "smime" if the message as a whole is encrypted, else None."""
+    if not _may_be(data, _ENCRYPTED_TYPES):
+        return None
+    return _encryption_of(data)
+
+
+def _encryption_of(data: bytes) -> Kind | None:
     ctype, params = content_type(data)
     if ctype == "multipart/encrypted":
         # RFC 3156 §4: the protocol parameter MUST be application/pgp-encrypted.
@@ -166,6 +190,12 @@ def encryption_of(data: bytes) -> Kind | None:
 
 def signature_of(data: bytes) -> Kind | None:
     """"pgp" or "smime" if the message as a whole is signed (detached or opaque)."""
+    if not _may_be(data, _SIGNED_TYPES):
+        return None
+    return _signature_of(data)
+
+
+def _signature_of(data: bytes) -> Kind | None:
     ctype, params = content_type(data)
     if ctype == "multipart/signed":
         proto = params.get("protocol", "").lower()
@@ -184,6 +214,12 @@ def signed_entity(data: bytes) -> tuple[Kind, bytes, bool] | None:
     """(kind, the signed entity, whole message?) for a signed message, or for a
     multipart/mixed whose first part is signed (a mailing list's footer added after
     signing).  Only that first part is reported as signed, never the whole."""
+    if not _may_be(data, _SIGNED_ENTITY_TYPES):
+        return None
+    return _signed_entity(data)
+
+
+def _signed_entity(data: bytes) -> tuple[Kind, bytes, bool] | None:
     kind = signature_of(data)
     if kind is not None:
         return kind, data, True
