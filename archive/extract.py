@@ -137,7 +137,8 @@ _SURROGATES = re.compile(r"[\ud800-\udfff]")
 def clean_text(text: str) -> str:
     """Text safe for every database: 8-bit header bytes the parser kept as surrogate
     escapes are decoded (UTF-8, else Windows-1252) and NUL characters dropped."""
-    if _SURROGATES.search(text):
+    # isascii is O(1) on CPython (a flag of the string): most text skips the search.
+    if not text.isascii() and _SURROGATES.search(text):
         raw = text.encode("utf-8", "surrogateescape")
         try:
             text = raw.decode("utf-8")
@@ -242,6 +243,8 @@ def _get_all(msg: email.message.Message, name: str) -> list[object]:
 
 
 def _raw_values(msg: email.message.Message, name: str) -> list[str]:
+    if isinstance(msg, mailparse.IndexedMessage):  # the same values, from its index
+        return [str(v) for v in msg.raw_values(name)]
     return [str(v) for k, v in msg.raw_items() if k.lower() == name.lower()]
 
 
@@ -257,6 +260,14 @@ def _header_text(msg: email.message.Message, name: str, flags: list[str], *,
     if not structured:
         return _unfold(_decode_words(raw[0])) if raw and "=?" in raw[0] else (
             _unfold(raw[0]) if raw else "")
+    if name.lower() in _UNSTRUCTURED:
+        # The default policy's unstructured value of an ASCII text without
+        # encoded-words (RFC 2047 "=?") is that text: its parse only splits it into
+        # words and blanks and joins them again; the parse is skipped.
+        fetched = msg.get(name)
+        plain = None if fetched is None else str(fetched)
+        if plain is not None and plain.isascii() and "=?" not in plain:
+            return _unfold(plain)
     try:
         value = _get(msg, name)
     except Exception as exc:
@@ -270,11 +281,13 @@ def _header_text(msg: email.message.Message, name: str, flags: list[str], *,
     return _unfold(text)
 
 
+# Fields the default policy parses as unstructured text (email.headerregistry).
+_UNSTRUCTURED = frozenset({"subject", "comments"})
+
+
 def _raw_header(msg: email.message.Message, name: str) -> str:
-    for key, value in msg.raw_items():
-        if key.lower() == name.lower():
-            return _unfold(_decode_words(str(value)))
-    return ""
+    raw = _raw_values(msg, name)
+    return _unfold(_decode_words(raw[0])) if raw else ""
 
 
 def _participants(msg: email.message.Message, flags: list[str]) -> list[Participant]:
