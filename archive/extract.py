@@ -293,12 +293,14 @@ def _raw_header(msg: email.message.Message, name: str) -> str:
 def _participants(msg: email.message.Message, flags: list[str]) -> list[Participant]:
     result: list[Participant] = []
     for role, name in _ADDRESS_HEADERS:
+        raw = _raw_values(msg, name)
+        if not raw:
+            continue  # no such field (most of the six): get_all would find none either
         try:
             values = _get_all(msg, name)
         except Exception as exc:
             flags.append(f"header {name}: unparsable ({type(exc).__name__})")
             values = [_raw_header(msg, name)] if _raw_header(msg, name) else []
-        raw = _raw_values(msg, name)
         for i, value in enumerate(values):
             if i < len(raw) and _SURROGATES.search(raw[i]):
                 value = clean_text(raw[i])  # see _header_text: keep 8-bit names readable
