@@ -3,8 +3,8 @@
 The shortcuts: field values read from the shared tree's index (gateway.mailparse
 IndexedMessage) instead of a scan of every field; an ASCII Subject without
 encoded-words taken as it is instead of through the default policy's parse; absent
-address fields skipped before their lookups; the
-surrogate search skipped for ASCII text.  The long way is a plain stdlib tree (no
+address fields skipped before their lookups; the surrogate search skipped for ASCII
+text.  The long way is a plain stdlib tree (no
 index) with the Subject shortcut switched off.
 """
 
