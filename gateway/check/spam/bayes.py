@@ -30,12 +30,18 @@ import math
 import re
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.check.spam.message import ParsedMessage, split_head, strip_mbox_from
+from gateway.check.spam.message import (
+    ParsedMessage,
+    has_scheme_sep,
+    split_head,
+    strip_mbox_from,
+)
 from gateway.errors import CofferError
 
 # Robinson's parameters, SpamBayes' defaults (tuned on its large test corpora)
@@ -45,6 +51,9 @@ MIN_STRENGTH = 0.1  # |f(w) - 0.5| below this is not a clue
 MAX_CLUES = 150
 
 SCHEMA_VERSION = 1
+# How often scoring looks again for a token database that did not exist (a stat per
+# message otherwise, for the default: the classifier on, nothing learned yet).
+ABSENT_RECHECK = 1.0
 # Headers not learned: verdicts of spam filters (ours among them: a released
 # message carries our X-Spam-Status), and per-delivery trace that says nothing
 # about the sender.
@@ -96,7 +105,7 @@ def _words(text: str, prefix: str = "") -> Iterator[str]:
 
 
 def _url_tokens(text: str) -> Iterator[str]:
-    if "://" not in text:  # the search is costly and most text has no URL
+    if not has_scheme_sep(text):  # the search is costly and most text has no URL
         return
     for scheme, host, rest in _URL.findall(text):
         host = host.lower().rstrip(".")
@@ -260,12 +269,15 @@ class Model:
 class TokenStore:
     """The SQLite token database, and its in-memory :class:`Model` for scoring."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.path = path
         self._lock = threading.Lock()
         self._model: Model | None = None
         self._version: int | None = None
         self._reader: sqlite3.Connection | None = None
+        self._clock = clock
+        self._absent_until = float("-inf")  # the database did not exist; look again then
+        self._empty = Model()
 
     def _connect(self) -> sqlite3.Connection:
         try:
@@ -299,8 +311,14 @@ class TokenStore:
         with self._lock:
             try:
                 if self._reader is None:
+                    now = self._clock()
+                    if now < self._absent_until:
+                        return self._model or self._empty
                     if not self.path.exists():
-                        return self._model or Model()
+                        # Another process (coffer spam learn) creating it is seen
+                        # within ABSENT_RECHECK; a learn through this store at once.
+                        self._absent_until = now + ABSENT_RECHECK
+                        return self._model or self._empty
                     self._reader = self._connect()
                 version = int(self._reader.execute("PRAGMA data_version").fetchone()[0])
                 if self._model is None or version != self._version:
@@ -318,6 +336,7 @@ class TokenStore:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
+        self._absent_until = float("-inf")  # it exists now
         with closing(self._connect()) as conn:
             try:
                 conn.execute("BEGIN IMMEDIATE")

@@ -92,6 +92,20 @@ def split_head(data: bytes) -> tuple[bytes, bytes]:
     return data[:i + 2], data[i + 4:]  # the last header line keeps its end of line
 
 
+def has_scheme_sep(text: str) -> bool:
+    """``"://" in text``, faster on text with few colons (most mail text): the
+    substring search of a short needle reads every character in Python's search
+    loop (11 us for 15 kB), a search for ":" is a memchr."""
+    i = text.find(":")
+    for _ in range(32):
+        if i < 0:
+            return False
+        if text.startswith("//", i + 1):
+            return True
+        i = text.find(":", i + 1)
+    return i >= 0 and "://" in text[i:]  # many colons: the plain search for the rest
+
+
 def parse_headers(head: str) -> list[tuple[str, str]]:
     """(lower-case name, unfolded value) for each field (RFC 5322 §2.2.3 unfolding)."""
     out: list[tuple[str, str]] = []
@@ -329,7 +343,7 @@ def parse(data: bytes, max_bytes: int = 1024 * 1024) -> ParsedMessage:
     pm.html_text = "\n".join(htmls)[:MAX_TEXT]
     urls = [href for href, _ in pm.links if href]
     for text in (pm.text, pm.html_text):
-        if "://" in text or "www." in text:  # the search is costly; most text has none
+        if has_scheme_sep(text) or "www." in text:  # most text has neither
             urls.extend(_URL.findall(text))
     pm.urls = urls[:500]
     return pm

@@ -103,7 +103,8 @@ class SpamStage:
         scan = self.scorer.new_scan()
         pm = self.scorer.parse(data)
         bayes = self.scorer.local(pm, scan, check=check, now=now)
-        return scan, bayes, link_domains(pm)
+        # the link domains are for the DNS lists only
+        return scan, bayes, link_domains(pm) if self.config.dnsbl.enabled else []
 
     async def scan(self, ctx: MessageContext) -> tuple[Verdict, dict[str, Any], str | None]:
         """(verdict, external scanners' facts, the error that asks for a tempfail)."""

@@ -145,3 +145,16 @@ def test_split_head_finds_the_first_separator_of_either_kind() -> None:
         for t in itertools.product((b"\r", b"\n", b"a"), repeat=n):
             data = b"".join(t)
             assert split_head(data) == _split_head_before(data), data
+
+
+@settings(max_examples=500, deadline=None)
+@given(text=st.text(alphabet=st.sampled_from(":/a "), max_size=120))
+def test_has_scheme_sep_is_the_substring_test(text: str) -> None:
+    assert spam_message.has_scheme_sep(text) == ("://" in text)
+
+
+def test_has_scheme_sep_after_many_colons() -> None:
+    many = "a: " * 40
+    assert spam_message.has_scheme_sep(many + "http://x") is True
+    assert spam_message.has_scheme_sep(many + "http:/x") is False
+    assert spam_message.has_scheme_sep(":" * 33 + "//") is True
