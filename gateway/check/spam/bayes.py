@@ -72,6 +72,12 @@ WORD_HEADERS = ("subject", "x-mailer", "user-agent", "organization", "content-ty
                 "mime-version", "content-disposition", "x-mimeole")
 
 _WORD = re.compile(r"[^\W_][\w'$€£.-]*[^\W_]|[^\W_]", re.UNICODE)
+# _WORD finds in each maximal run of word characters (letters, digits and _ ' $ € £
+# . -) one word: the run from its first to its last letter or digit.  In ASCII text
+# the runs are what str.split() returns once every other character is a space
+# (str.translate), about 3x faster than the pattern's scan.
+_ASCII_WORD_CHARS = frozenset(c for c in map(chr, range(128)) if c.isalnum()) | set("_'$.-")
+_ASCII_SEPARATORS = {i: " " for i in range(128) if chr(i) not in _ASCII_WORD_CHARS}
 # anchored at the start of a word: no rescanning of every position of long words
 # anchored at the start of a word: no rescanning of every position of long words
 _EMAIL = re.compile(r"(?<![\w.+-])([\w.+-]{1,64})@([\w-]+(?:\.[\w-]+)+)")
@@ -87,10 +93,18 @@ class BayesError(CofferError):
 # -- tokens ----------------------------------------------------------------------
 
 
+def distinct_words(text: str) -> set[str]:
+    """``set(_WORD.findall(text))``."""
+    if not text.isascii():
+        return set(_WORD.findall(text))
+    return {w for run in set(text.translate(_ASCII_SEPARATORS).split())
+            if (w := run.strip("_'$.-"))}
+
+
 def _words(text: str, prefix: str = "") -> Iterator[str]:
     # Each distinct word once (in no particular order): tokens are a set, and a
     # body repeats most of its words, so this halves the work per message.
-    for w in set(_WORD.findall(text.lower())):
+    for w in distinct_words(text.lower()):
         n = len(w)
         if n < 3:
             continue
@@ -185,7 +199,8 @@ def tokenize(pm: ParsedMessage) -> set[str]:
     if pm.html_raw_len:
         # (element names were tried as tokens: they cost false positives on newsletters)
         tokens.add(f"html:images:{min(pm.html_images, 5)}")
-    nonascii = len(_NONASCII.findall(body[:20000]))
+    head = body[:20000]
+    nonascii = 0 if head.isascii() else len(_NONASCII.findall(head))
     if body:
         tokens.add(f"8bit%:{round(100 * nonascii / max(len(body[:20000]), 1), -1):.0f}")
     return tokens

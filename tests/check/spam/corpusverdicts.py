@@ -4,9 +4,10 @@ reference).
 ``cases/corpus-verdicts.json.gz`` holds, for every message of the corpus' spam-ham
 and mime folders, what the scorer said when the file was recorded: score, action,
 symbols with their weights, a digest of the details, the classifier's probability
-(a model trained on the train split) and a digest of the whole ParsedMessage (which
-every rule and the tokenizer read).  Speed-ups of the scorer must keep all of it
-exactly; a deliberate change of a rule re-records it:
+(a model trained on the train split), a digest of the whole ParsedMessage (which
+every rule and the tokenizer read) and one of the classifier's tokens.  Speed-ups
+of the scorer must keep all of it exactly; a deliberate change of a rule re-records
+it:
 
     .venv/bin/python tests/check/spam/corpusverdicts.py
 
@@ -57,12 +58,15 @@ def trained_scorer(root: Path, db: Path) -> Any:
 
 def verdict_of(scorer: Any, data: bytes) -> dict[str, Any]:
     """What is recorded of one message."""
+    from gateway.check.spam.bayes import tokenize
+
     pm = scorer.parse(data)
     v = scorer.score(data, check=CHECK, now=NOW)
     return {
         "score": v.score, "action": v.action, "symbols": v.symbols,
         "details": _digest(json.dumps(v.details, sort_keys=True)),
         "bayes": v.bayes, "parsed": _digest(repr(pm)),
+        "tokens": _digest("\n".join(sorted(tokenize(pm)))),
     }
 
 

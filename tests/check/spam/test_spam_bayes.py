@@ -6,14 +6,18 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from spamkit import corpus_subset, message
 
 from gateway.check.spam.bayes import (
+    _WORD,
     ABSENT_RECHECK,
     Model,
     TokenStore,
     chi2q,
     digest,
+    distinct_words,
     tokenize,
 )
 from gateway.check.spam.message import parse
@@ -160,3 +164,17 @@ def test_classifier_trained_on_a_corpus_sample_beats_the_trivial_baseline(
     ham_verdicts = sum(scorer.score(m).verdict == "ham" for m in test_ham)
     assert spam_verdicts >= 75 and ham_verdicts >= 97, (spam_verdicts, ham_verdicts)
     scorer.close()
+
+
+@settings(max_examples=500, deadline=None)
+@given(text=st.one_of(
+    st.text(alphabet=st.characters(max_codepoint=127), max_size=60),
+    st.text(alphabet=st.sampled_from("ab1_'$.-€£ \t\n!:/@\u00e9\u2014\u00a0\u0661"),
+            max_size=60)))
+def test_distinct_words_are_the_word_patterns_matches(text: str) -> None:
+    assert distinct_words(text) == set(_WORD.findall(text))
+
+
+def test_words_keep_inner_punctuation_and_lose_the_outer() -> None:
+    assert distinct_words("$100.00 don't _x_ -- e-mail. a.b.c. ...") == {
+        "100.00", "don't", "x", "e-mail", "a.b.c"}
