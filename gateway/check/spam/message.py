@@ -262,6 +262,10 @@ def _text_payload(part: Message, charset: str, cte: str) -> str | None:
     encoding to undo, an ASCII-compatible charset), else None."""
     if cte in _DECODED_CTE or charset not in _ASCII_SAFE:
         return None
+    # Without decode, get_payload returns the stored text; one holding raw 8-bit bytes
+    # (surrogate escapes) comes back decoded with the part's charset, which for the
+    # charsets above gives a non-ASCII character for each such byte: an ASCII result
+    # is the stored text, ASCII throughout.
     payload = part.get_payload()
     return payload if isinstance(payload, str) and payload.isascii() else None
 
