@@ -30,12 +30,18 @@ import math
 import re
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.check.spam.message import ParsedMessage, split_head, strip_mbox_from
+from gateway.check.spam.message import (
+    ParsedMessage,
+    has_scheme_sep,
+    split_head,
+    strip_mbox_from,
+)
 from gateway.errors import CofferError
 
 # Robinson's parameters, SpamBayes' defaults (tuned on its large test corpora)
@@ -45,6 +51,9 @@ MIN_STRENGTH = 0.1  # |f(w) - 0.5| below this is not a clue
 MAX_CLUES = 150
 
 SCHEMA_VERSION = 1
+# How often scoring looks again for a token database that did not exist (a stat per
+# message otherwise, for the default: the classifier on, nothing learned yet).
+ABSENT_RECHECK = 1.0
 # Headers not learned: verdicts of spam filters (ours among them: a released
 # message carries our X-Spam-Status), and per-delivery trace that says nothing
 # about the sender.
@@ -63,6 +72,12 @@ WORD_HEADERS = ("subject", "x-mailer", "user-agent", "organization", "content-ty
                 "mime-version", "content-disposition", "x-mimeole")
 
 _WORD = re.compile(r"[^\W_][\w'$€£.-]*[^\W_]|[^\W_]", re.UNICODE)
+# _WORD finds in each maximal run of word characters (letters, digits and _ ' $ € £
+# . -) one word: the run from its first to its last letter or digit.  In ASCII text
+# the runs are what str.split() returns once every other character is a space
+# (str.translate), about 3x faster than the pattern's scan.
+_ASCII_WORD_CHARS = frozenset(c for c in map(chr, range(128)) if c.isalnum()) | set("_'$.-")
+_ASCII_SEPARATORS = {i: " " for i in range(128) if chr(i) not in _ASCII_WORD_CHARS}
 # anchored at the start of a word: no rescanning of every position of long words
 # anchored at the start of a word: no rescanning of every position of long words
 _EMAIL = re.compile(r"(?<![\w.+-])([\w.+-]{1,64})@([\w-]+(?:\.[\w-]+)+)")
@@ -78,10 +93,18 @@ class BayesError(CofferError):
 # -- tokens ----------------------------------------------------------------------
 
 
+def distinct_words(text: str) -> set[str]:
+    """``set(_WORD.findall(text))``."""
+    if not text.isascii():
+        return set(_WORD.findall(text))
+    return {w for run in set(text.translate(_ASCII_SEPARATORS).split())
+            if (w := run.strip("_'$.-"))}
+
+
 def _words(text: str, prefix: str = "") -> Iterator[str]:
     # Each distinct word once (in no particular order): tokens are a set, and a
     # body repeats most of its words, so this halves the work per message.
-    for w in set(_WORD.findall(text.lower())):
+    for w in distinct_words(text.lower()):
         n = len(w)
         if n < 3:
             continue
@@ -96,7 +119,7 @@ def _words(text: str, prefix: str = "") -> Iterator[str]:
 
 
 def _url_tokens(text: str) -> Iterator[str]:
-    if "://" not in text:  # the search is costly and most text has no URL
+    if not has_scheme_sep(text):  # the search is costly and most text has no URL
         return
     for scheme, host, rest in _URL.findall(text):
         host = host.lower().rstrip(".")
@@ -176,7 +199,8 @@ def tokenize(pm: ParsedMessage) -> set[str]:
     if pm.html_raw_len:
         # (element names were tried as tokens: they cost false positives on newsletters)
         tokens.add(f"html:images:{min(pm.html_images, 5)}")
-    nonascii = len(_NONASCII.findall(body[:20000]))
+    head = body[:20000]
+    nonascii = 0 if head.isascii() else len(_NONASCII.findall(head))
     if body:
         tokens.add(f"8bit%:{round(100 * nonascii / max(len(body[:20000]), 1), -1):.0f}")
     return tokens
@@ -260,12 +284,15 @@ class Model:
 class TokenStore:
     """The SQLite token database, and its in-memory :class:`Model` for scoring."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.path = path
         self._lock = threading.Lock()
         self._model: Model | None = None
         self._version: int | None = None
         self._reader: sqlite3.Connection | None = None
+        self._clock = clock
+        self._absent_until = float("-inf")  # the database did not exist; look again then
+        self._empty = Model()
 
     def _connect(self) -> sqlite3.Connection:
         try:
@@ -299,8 +326,14 @@ class TokenStore:
         with self._lock:
             try:
                 if self._reader is None:
+                    now = self._clock()
+                    if now < self._absent_until:
+                        return self._model or self._empty
                     if not self.path.exists():
-                        return self._model or Model()
+                        # Another process (coffer spam learn) creating it is seen
+                        # within ABSENT_RECHECK; a learn through this store at once.
+                        self._absent_until = now + ABSENT_RECHECK
+                        return self._model or self._empty
                     self._reader = self._connect()
                 version = int(self._reader.execute("PRAGMA data_version").fetchone()[0])
                 if self._model is None or version != self._version:
@@ -318,6 +351,7 @@ class TokenStore:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
+        self._absent_until = float("-inf")  # it exists now
         with closing(self._connect()) as conn:
             try:
                 conn.execute("BEGIN IMMEDIATE")

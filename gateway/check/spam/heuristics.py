@@ -67,7 +67,10 @@ def _org(domain: str) -> str:
     return org_domain(domain)
 
 
+@functools.lru_cache(maxsize=1024)
 def _date(value: str) -> float | None:
+    # Cached: the newest Received field is our own hop's, whose date many messages
+    # received in the same second share (parsedate_tz costs about 8 us).
     parsed = parsedate_tz(value)
     if parsed is None or parsed[0] < 1970:
         return None
@@ -79,7 +82,11 @@ def _date(value: str) -> float | None:
 
 def received_time(pm: ParsedMessage) -> float | None:
     """The date of the newest Received field (RFC 5321 §4.4: after the last ';')."""
-    for value in pm.get_all("received"):
+    return _received_time(pm.get_all("received"))
+
+
+def _received_time(received: list[str]) -> float | None:
+    for value in received:
         m = _RECEIVED_DATE.search(value)
         if m:
             when = _date(m.group(1).strip())
@@ -139,20 +146,43 @@ def _domain(addr: str) -> str:
     return addr.rpartition("@")[2].strip().strip(">").lower() if "@" in addr else ""
 
 
+_RULE_FIELDS = frozenset({"from", "to", "cc", "subject", "message-id", "date", "received",
+                          "reply-to"})
+
+
+def _fields(pm: ParsedMessage) -> dict[str, list[str]]:
+    """The values of each field the header rules read, in order (one pass)."""
+    out: dict[str, list[str]] = {}
+    for name, value in pm.headers:
+        if name in _RULE_FIELDS:
+            values = out.get(name)
+            if values is None:
+                out[name] = [value]
+            else:
+                values.append(value)
+    return out
+
+
 def header_rules(pm: ParsedMessage, scan: Scan, now: float) -> None:
-    if pm.get("from") is None:
+    fields = _fields(pm)
+
+    def first(name: str) -> str | None:
+        values = fields.get(name)
+        return values[0] if values else None
+
+    if first("from") is None:
         scan.add("MISSING_FROM")
-    if pm.get("to") is None and pm.get("cc") is None:
+    if first("to") is None and first("cc") is None:
         scan.add("MISSING_TO")
-    if pm.get("subject") is None:
+    if first("subject") is None:
         scan.add("MISSING_SUBJECT")
-    mid = pm.get("message-id")
+    mid = first("message-id")
     if mid is None:
         scan.add("MISSING_MID")
     elif not _MSGID.match(mid.strip()):
         scan.add("INVALID_MSGID", mid)
 
-    date = pm.get("date")
+    date = first("date")
     if date is None:
         scan.add("MISSING_DATE")
     else:
@@ -160,13 +190,13 @@ def header_rules(pm: ParsedMessage, scan: Scan, now: float) -> None:
         if when is None:
             scan.add("INVALID_DATE", date)
         else:
-            ref = received_time(pm) or now
+            ref = _received_time(fields.get("received", [])) or now
             if when > ref + FUTURE_SLACK:
                 scan.add("DATE_IN_FUTURE", f"{(when - ref) / 3600:.0f} hours ahead")
             elif when < ref - PAST_SLACK:
                 scan.add("DATE_IN_PAST", f"{(ref - when) / 86400:.0f} days before")
 
-    froms = pm.get_all("from")
+    froms = fields.get("from", [])
     from_addrs = _addresses(froms)
     if len(froms) > 1 or len(from_addrs) > 1:
         scan.add("MULTIPLE_FROM")
@@ -180,15 +210,15 @@ def header_rules(pm: ParsedMessage, scan: Scan, now: float) -> None:
             m = _ADDR_IN_NAME.search(name)
             if m and from_domain and _org(m.group(1).lower()) != _org(from_domain):
                 scan.add("FROM_DISPLAY_ADDR_MISMATCH", f"{name} <{addr}>")
-    reply_to = pm.get("reply-to")
+    reply_to = first("reply-to")
     if reply_to and from_domain:
         rt = _addresses([reply_to])
         rt_domain = _domain(rt[0][1]) if rt else ""
         if rt_domain and _org(rt_domain) != _org(from_domain):
             scan.add("REPLYTO_DIFF_DOMAIN", f"{rt_domain} vs {from_domain}")
 
-    to_values = pm.get_all("to")
-    rcpts = _addresses(to_values + pm.get_all("cc"))
+    to_values = fields.get("to", [])
+    rcpts = _addresses(to_values + fields.get("cc", []))
     if to_values and from_addrs and len(rcpts) == 1 and \
             rcpts[0][1].lower() == from_addrs[0][1].lower():
         scan.add("TO_EQ_FROM")
@@ -197,9 +227,9 @@ def header_rules(pm: ParsedMessage, scan: Scan, now: float) -> None:
     if len(rcpts) > MANY_RCPTS:
         scan.add("MANY_RCPTS_VISIBLE", f"{len(rcpts)} recipients")
 
-    subject = pm.get("subject") or ""
-    letters = [c for c in subject if c.isalpha()]
-    if len(letters) >= 10 and sum(c.isupper() for c in letters) >= 0.9 * len(letters):
+    subject = first("subject") or ""
+    letters = "".join(filter(str.isalpha, subject))
+    if len(letters) >= 10 and sum(map(str.isupper, letters)) >= 0.9 * len(letters):
         scan.add("SUBJ_ALL_CAPS")
     if _SUBJ_PUNCT.search(subject):
         scan.add("SUBJ_EXCESS_PUNCT")
@@ -215,7 +245,7 @@ def structure_rules(pm: ParsedMessage, scan: Scan) -> None:
         words = len(pm.html_text.split())
         if pm.html_images and words < 40:
             scan.add("HTML_SHORT_WITH_IMAGE", f"{pm.html_images} images, {words} words")
-    if not pm.text.strip() and not pm.html_text.strip() and not pm.attachments:
+    if _blank(pm.text) and _blank(pm.html_text) and not pm.attachments:
         scan.add("EMPTY_BODY")
     if GTUBE in pm.text or GTUBE in pm.html_text:
         scan.add("GTUBE")
@@ -232,6 +262,11 @@ def structure_rules(pm: ParsedMessage, scan: Scan) -> None:
             scan.add("BODY_ALL_BASE64_TEXT")
         if not p.charset_ok and p.charset:
             scan.add("CHARSET_MISMATCH", p.charset)
+
+
+def _blank(text: str) -> bool:
+    """``not text.strip()`` without copying the text (the same whitespace)."""
+    return not text or text.isspace()
 
 
 def _declared_types(pm: ParsedMessage) -> list[str]:

@@ -60,7 +60,10 @@ def strip_spam_fields(data: bytes) -> tuple[bytes, int]:
         end = data.find(b"\n\n")
     if end < 0:
         return data, 0
-    head, n = _OUR_FIELDS.subn(b"", data[: end + 2])
+    head = data[: end + 2]
+    if b"x-spam-" not in head.lower():  # most messages: no need for the pattern's scan
+        return data, 0
+    head, n = _OUR_FIELDS.subn(b"", head)
     return (head + data[end + 2:], n) if n else (data, 0)
 
 
@@ -103,7 +106,8 @@ class SpamStage:
         scan = self.scorer.new_scan()
         pm = self.scorer.parse(data)
         bayes = self.scorer.local(pm, scan, check=check, now=now)
-        return scan, bayes, link_domains(pm)
+        # the link domains are for the DNS lists only
+        return scan, bayes, link_domains(pm) if self.config.dnsbl.enabled else []
 
     async def scan(self, ctx: MessageContext) -> tuple[Verdict, dict[str, Any], str | None]:
         """(verdict, external scanners' facts, the error that asks for a tempfail)."""

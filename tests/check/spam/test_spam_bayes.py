@@ -6,9 +6,20 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from spamkit import corpus_subset, message
 
-from gateway.check.spam.bayes import Model, TokenStore, chi2q, digest, tokenize
+from gateway.check.spam.bayes import (
+    _WORD,
+    ABSENT_RECHECK,
+    Model,
+    TokenStore,
+    chi2q,
+    digest,
+    distinct_words,
+    tokenize,
+)
 from gateway.check.spam.message import parse
 from gateway.check.spam.scorer import Scorer
 
@@ -63,14 +74,52 @@ def test_learning_is_idempotent_and_relearning_moves_a_message(tmp_path: Path) -
 
 def test_a_learn_by_another_process_is_seen_by_a_running_scorer(tmp_path: Path) -> None:
     db = tmp_path / "b.sqlite"
-    running = TokenStore(db)
+    clock = [100.0]
+    running = TokenStore(db, clock=lambda: clock[0])
     assert running.counts() == (0, 0, 0)  # no database yet: nothing learned, nothing created
     assert not db.exists()
     other = Scorer(store=TokenStore(db))  # e.g. `coffer spam learn` in another process
     other.learn([(message("buy pills now\n"), True), (message(), False)])
+    # An absent database is looked for again at most once a second (not a stat per
+    # message): the learn is seen by then.
+    clock[0] += ABSENT_RECHECK
     assert running.counts()[:2] == (1, 1)
+    other.learn([(message("cheap pills\n"), True)])
+    assert running.counts()[:2] == (2, 1)  # an existing database: seen at once
     other.close()
     running.close()
+
+
+def test_an_absent_database_is_not_looked_for_on_every_message(tmp_path: Path) -> None:
+    db = tmp_path / "b.sqlite"
+    clock = [100.0]
+    store = TokenStore(db, clock=lambda: clock[0])
+    stats: list[Path] = []
+    real_exists = Path.exists
+
+    def exists(self: Path, **kwargs: bool) -> bool:
+        stats.append(self)
+        return real_exists(self, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Path, "exists", exists)
+        for _ in range(50):
+            assert store.model().nspam == 0
+            clock[0] += 0.01
+        assert stats == [db]  # once in the first half second
+        clock[0] += ABSENT_RECHECK
+        store.model()
+        assert stats == [db, db]
+    store.close()
+
+
+def test_a_learn_through_the_scorers_own_store_is_seen_at_once(tmp_path: Path) -> None:
+    clock = [100.0]
+    scorer = Scorer(store=TokenStore(tmp_path / "b.sqlite", clock=lambda: clock[0]))
+    assert scorer.store is not None and scorer.store.counts() == (0, 0, 0)
+    scorer.learn([(message("buy pills now\n"), True), (message(), False)])
+    assert scorer.store.counts()[:2] == (1, 1)  # the clock has not moved
+    scorer.close()
 
 
 def test_the_database_is_sqlite_and_a_failed_learn_changes_nothing(tmp_path: Path) -> None:
@@ -115,3 +164,17 @@ def test_classifier_trained_on_a_corpus_sample_beats_the_trivial_baseline(
     ham_verdicts = sum(scorer.score(m).verdict == "ham" for m in test_ham)
     assert spam_verdicts >= 75 and ham_verdicts >= 97, (spam_verdicts, ham_verdicts)
     scorer.close()
+
+
+@settings(max_examples=500, deadline=None)
+@given(text=st.one_of(
+    st.text(alphabet=st.characters(max_codepoint=127), max_size=60),
+    st.text(alphabet=st.sampled_from("ab1_'$.-€£ \t\n!:/@\u00e9\u2014\u00a0\u0661"),
+            max_size=60)))
+def test_distinct_words_are_the_word_patterns_matches(text: str) -> None:
+    assert distinct_words(text) == set(_WORD.findall(text))
+
+
+def test_words_keep_inner_punctuation_and_lose_the_outer() -> None:
+    assert distinct_words("$100.00 don't _x_ -- e-mail. a.b.c. ...") == {
+        "100.00", "don't", "x", "e-mail", "a.b.c"}
