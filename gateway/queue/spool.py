@@ -37,7 +37,7 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,6 +152,46 @@ class _DirSync:
                 self._cond.notify_all()
 
 
+# A free-space measurement (statfs) is reused for this many seconds, less the bytes
+# this process spooled since, while it is at least FREE_SPACE_MARGIN above what a
+# caller needs; nearer the reserve every check measures.  has_room() ran statfs at
+# every MAIL FROM and again in every store().
+FREE_SPACE_TTL = 1.0
+FREE_SPACE_MARGIN = 256 * 1024 * 1024
+
+
+class _FreeSpace:
+    """The spool file system's free bytes, measured at most once per ``ttl`` seconds
+    while far from what callers need (thread-safe enough: a race only measures twice)."""
+
+    def __init__(self, path: Path, *, ttl: float = FREE_SPACE_TTL,
+                 margin: int = FREE_SPACE_MARGIN,
+                 measure: Callable[[Path], int] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.path = path
+        self.ttl = ttl
+        self.margin = margin
+        self.measure = measure or (lambda p: shutil.disk_usage(p).free)
+        self.clock = clock
+        self._free = 0
+        self._at: float | None = None
+        self.measurements = 0  # statfs calls (observability, tests)
+
+    def has_room(self, size: int, reserve: int) -> bool:
+        now = self.clock()
+        if self._at is not None and now - self._at < self.ttl \
+                and self._free - size >= reserve + self.margin:
+            return True
+        self._free = self.measure(self.path)
+        self._at = now
+        self.measurements += 1
+        return self._free - size >= reserve
+
+    def used(self, size: int) -> None:
+        """``size`` bytes were just written: count them against the cached figure."""
+        self._free -= size
+
+
 class Spool:
     def __init__(self, root: Path, *, fsync: bool = True, min_free_bytes: int = 0) -> None:
         self.root = root
@@ -162,6 +202,7 @@ class Spool:
         for d in (self.tmp_dir, self.queue_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._queue_dir_sync = _DirSync(self.queue_dir)
+        self.free_space = _FreeSpace(root)
         self._qdir = str(self.queue_dir)  # for the per-message paths: cheaper than Path /
 
     # -- paths ---------------------------------------------------------------
@@ -182,8 +223,7 @@ class Spool:
         """Whether the spool's file system can take ``size`` more bytes above the reserve."""
         if not self.min_free_bytes:
             return True
-        free = shutil.disk_usage(self.root).free
-        return free - size >= self.min_free_bytes
+        return self.free_space.has_room(size, self.min_free_bytes)
 
     def store(
         self, envelope: Envelope, data: bytes, facts: dict[str, Any] | None = None,
@@ -223,6 +263,7 @@ class Spool:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise SpoolFullError(f"spool write failed: {exc}") from exc
             raise SpoolError(f"spool write failed: {exc}") from exc
+        self.free_space.used(len(data) + len(header))
         return qid
 
     def append_event(self, qid: str, event: dict[str, Any], *, sync: bool = True) -> None:

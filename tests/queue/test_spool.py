@@ -13,7 +13,7 @@ import pytest
 
 from gateway.envelope import Envelope, TlsInfo
 from gateway.errors import SpoolError, SpoolFullError
-from gateway.queue.spool import Spool
+from gateway.queue.spool import Spool, _FreeSpace
 from gateway.queue.state import RcptStatus
 
 
@@ -215,3 +215,58 @@ def test_claim_of_a_message_removed_while_waiting_for_its_lock_is_refused(
     monkeypatch.undo()
     with spool.claim(qid) as mine:
         assert not mine
+
+
+class _Disk:
+    """A fake file system's free space and a clock, for the free-space cache."""
+
+    def __init__(self, free: int) -> None:
+        self.free = free
+        self.now = 0.0
+        self.statfs = 0
+
+    def measure(self, _path: Path) -> int:
+        self.statfs += 1
+        return self.free
+
+
+def _spool_on(tmp_path: Path, disk: _Disk, reserve: int) -> Spool:
+    spool = Spool(tmp_path, min_free_bytes=reserve)
+    spool.free_space = _FreeSpace(tmp_path, ttl=1.0, margin=1000, measure=disk.measure,
+                                  clock=lambda: disk.now)
+    return spool
+
+
+def test_free_space_far_above_the_reserve_is_measured_once_per_interval(
+    tmp_path: Path,
+) -> None:
+    disk = _Disk(free=1_000_000)
+    spool = _spool_on(tmp_path, disk, reserve=100)
+    assert all(spool.has_room(10) for _ in range(50))
+    assert disk.statfs == 1
+    disk.now = 1.5  # the interval is over: measured again
+    assert spool.has_room(10)
+    assert disk.statfs == 2
+
+
+def test_free_space_near_the_reserve_is_measured_at_every_check(tmp_path: Path) -> None:
+    disk = _Disk(free=1050)  # within the margin (1000) of the reserve (100)
+    spool = _spool_on(tmp_path, disk, reserve=100)
+    assert spool.has_room(10) and spool.has_room(10)
+    assert disk.statfs == 2
+    disk.free = 105  # another process filled the disk meanwhile: refused at once
+    assert not spool.has_room(10)
+
+
+def test_bytes_spooled_since_the_measurement_count_against_the_cached_figure(
+    tmp_path: Path,
+) -> None:
+    disk = _Disk(free=20_000)
+    spool = _spool_on(tmp_path, disk, reserve=100)
+    assert spool.has_room(10)
+    spool.store(_env(), b"x" * 19_000)  # the cached figure drops into the margin
+    disk.free = 50  # and the disk really is below the reserve now
+    assert not spool.has_room(10)  # re-measured within the interval, and refused
+    with pytest.raises(SpoolFullError):
+        spool.store(_env(), b"y")
+    assert len(spool.queue_ids()) == 1
