@@ -28,16 +28,20 @@ if the process dies (kill -9 included).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import fcntl
+import functools
 import json
 import os
 import secrets
 import shutil
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +81,30 @@ def _read_optional(path: str) -> bytes | None:
         os.close(fd)
 
 
+def _write_all(fd: int, parts: list[bytes]) -> None:
+    """Write every byte of ``parts`` at the file's offset (one writev unless it is short)."""
+    left = sum(len(p) for p in parts)
+    views = [memoryview(p) for p in parts if p]
+    while views:
+        n = os.writev(fd, views)
+        left -= n
+        if not left:
+            return
+        while n:  # a short write: skip what went out and go on
+            if n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            else:
+                views[0] = views[0][n:]
+                n = 0
+
+
+def _store_error(exc: OSError) -> SpoolError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return SpoolFullError(f"spool write failed: {exc}")
+    return SpoolError(f"spool write failed: {exc}")
+
+
 def _unlink(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
@@ -88,6 +116,15 @@ def new_queue_id(now: float | None = None) -> str:
     return f"{ms:012X}{secrets.token_hex(4).upper()}"
 
 
+@dataclass(slots=True, frozen=True)
+class PendingStore:
+    """A message written under ``tmp/`` (Spool.begin), waiting for Spool.commit."""
+
+    qid: str
+    fd: int  # open for writing until commit
+    tmp: str
+
+
 @dataclass(slots=True)
 class SpooledMessage:
     qid: str
@@ -96,14 +133,6 @@ class SpooledMessage:
     data: bytes  # what to deliver: the once-stages' output (.data) if any, else ``received``
     state: QueueState
     received: bytes | None = None  # the bytes as received (.msg) when ``data`` replaced them
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _DirSync:
@@ -123,6 +152,10 @@ class _DirSync:
         self._synced = 0  # every ticket <= this is durable
         self._running = False
         self.rounds = 0  # directory fsyncs done (observability, tests)
+        # The directory stays open: an open and a close per fsync were two more
+        # syscalls (and GIL hand-offs) in the spool threads.  Closed with the object.
+        self._fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        weakref.finalize(self, os.close, self._fd)
 
     def renamed(self) -> int:
         with self._cond:
@@ -141,7 +174,7 @@ class _DirSync:
                 self._cond.wait()
         ok = False
         try:
-            _fsync_dir(self.path)
+            os.fsync(self._fd)
             ok = True
         finally:
             with self._cond:
@@ -192,6 +225,25 @@ class _FreeSpace:
         self._free -= size
 
 
+# Messages up to this size are written to ``tmp/`` on the event loop (Spool.begin):
+# page-cache writes of a few kB cost less than a thread hop; only the fsyncs,
+# rename and directory fsync (Spool.commit) go to a thread, in one call.
+INLINE_WRITE_BYTES = 256 * 1024
+
+
+async def store_from_loop(
+    spool: Spool, executor: Executor | None, envelope: Envelope, data: bytes,
+    facts: dict[str, Any] | None = None, qid: str | None = None,
+) -> str:
+    """:meth:`Spool.store` from the event loop: one thread hop, for the blocking part."""
+    loop = asyncio.get_running_loop()
+    if len(data) > INLINE_WRITE_BYTES:
+        return await loop.run_in_executor(
+            executor, functools.partial(spool.store, envelope, data, facts, qid))
+    pending = spool.begin(envelope, data, facts, qid)
+    return await loop.run_in_executor(executor, spool.commit, pending)
+
+
 class Spool:
     def __init__(self, root: Path, *, fsync: bool = True, min_free_bytes: int = 0) -> None:
         self.root = root
@@ -234,6 +286,17 @@ class Spool:
         Raises SpoolFullError when the disk is (nearly) full and SpoolError for
         any other I/O failure; in both cases nothing is left in ``queue/``.
         """
+        return self.commit(self.begin(envelope, data, facts, qid))
+
+    def begin(
+        self, envelope: Envelope, data: bytes, facts: dict[str, Any] | None = None,
+        qid: str | None = None,
+    ) -> PendingStore:
+        """The first half of :meth:`store`: the message written under ``tmp/``, not yet
+        durable nor queued.  Page-cache writes only: cheap enough for the event loop
+        when the message is small, where a thread hop would cost more than the writes.
+        Give the result to :meth:`commit` (which blocks on fsync); errors as store's.
+        """
         qid = qid or new_queue_id(envelope.received_at or None)
         if not self.has_room(len(data)):
             raise SpoolFullError("spool file system is below its free-space reserve")
@@ -241,30 +304,38 @@ class Spool:
             {"qid": qid, "envelope": envelope.to_dict(), "facts": facts or {}, "size": len(data)},
             separators=(",", ":"), ensure_ascii=False,
         ).encode()
-        tmp = self.tmp_dir / f"{qid}.msg"
+        tmp = f"{self.tmp_dir}/{qid}.msg"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            raise _store_error(exc) from exc
+        try:
+            _write_all(fd, [MAGIC, header, b"\n", data])
+        except OSError as exc:
+            os.close(fd)
+            _unlink(tmp)
+            raise _store_error(exc) from exc
+        self.free_space.used(len(data) + len(header))
+        return PendingStore(qid, fd, tmp)
+
+    def commit(self, pending: PendingStore) -> str:
+        """The second half of :meth:`store`: fsync, rename into ``queue/``, fsync the
+        directory (shared with concurrent commits); the queue id.  Closes the file."""
+        final = self._path(pending.qid, ".msg")
+        try:
             try:
-                with os.fdopen(fd, "wb", closefd=False) as fh:
-                    fh.write(MAGIC)
-                    fh.write(header)
-                    fh.write(b"\n")
-                    fh.write(data)
                 if self.fsync:
-                    os.fsync(fd)
+                    os.fsync(pending.fd)
             finally:
-                os.close(fd)
-            os.rename(tmp, self.msg_path(qid))
+                os.close(pending.fd)
+            os.rename(pending.tmp, final)
             if self.fsync:
                 self._queue_dir_sync.sync(self._queue_dir_sync.renamed())
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            self.msg_path(qid).unlink(missing_ok=True)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise SpoolFullError(f"spool write failed: {exc}") from exc
-            raise SpoolError(f"spool write failed: {exc}") from exc
-        self.free_space.used(len(data) + len(header))
-        return qid
+            _unlink(pending.tmp)
+            _unlink(final)
+            raise _store_error(exc) from exc
+        return pending.qid
 
     def append_event(self, qid: str, event: dict[str, Any], *, sync: bool = True) -> None:
         """Append one event to a message's state log (fsynced unless sync=False)."""
@@ -309,6 +380,16 @@ class Spool:
         finally:
             os.close(fd)
 
+    def sync_file(self, fd: int) -> None:
+        """fsync an open spool file (read-only will do: fsync is per file, not per
+        descriptor), e.g. the claim's descriptor after ``append_stage(sync=False)``."""
+        if not self.fsync:
+            return
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            raise SpoolError(f"stage sync failed: {exc}") from exc
+
     def append_events(self, qid: str, events: list[dict[str, Any]]) -> None:
         """Append several events with a single fsync."""
         for ev in events[:-1]:
@@ -335,8 +416,7 @@ class Spool:
             finally:
                 os.close(fd)
             os.rename(tmp, self.data_path(qid))
-            if self.fsync:
-                _fsync_dir(self.queue_dir)
+            self.sync_queue_dir()
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -452,8 +532,8 @@ class Spool:
         # which would be delivered again to every recipient.
         for suffix in (".msg", ".data", ".state"):
             _unlink(self._path(qid, suffix))
-        if sync and self.fsync:
-            _fsync_dir(self.queue_dir)
+        if sync:
+            self.sync_queue_dir()
 
     def sync_queue_dir(self) -> None:
         """Make earlier ``remove(sync=False)`` calls durable."""

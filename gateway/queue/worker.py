@@ -65,7 +65,7 @@ from gateway.envelope import Envelope
 from gateway.errors import SpoolError
 from gateway.pipeline import Action, MessageContext, Stage, apply
 from gateway.queue import scheduler
-from gateway.queue.spool import Spool, SpooledMessage
+from gateway.queue.spool import Spool, SpooledMessage, store_from_loop
 from gateway.queue.state import FINAL_STATUSES, QueueState, RcptStatus, fold, parse_events
 
 T = TypeVar("T")
@@ -221,7 +221,7 @@ class QueueWorker:
                 # A damaged spool file: keep it for an operator, never guess.
                 await self._hold(qid, "spool", str(exc))
                 return
-            await self._process_claimed(msg)
+            await self._process_claimed(msg, fd)
 
     # -- the loop ------------------------------------------------------------------
     async def _dispatch(self) -> None:
@@ -330,7 +330,9 @@ class QueueWorker:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, functools.partial(fn, *args))
 
-    async def _process_claimed(self, msg: SpooledMessage) -> None:
+    async def _process_claimed(self, msg: SpooledMessage, fd: int) -> None:
+        """Stages, delivery and records of a claimed message (``fd``: the claim's
+        descriptor of its ``.msg`` file, which the stage records are appended to)."""
         qid, st = msg.qid, msg.state
         if st.deleted:
             await self._remove(qid)
@@ -366,7 +368,7 @@ class QueueWorker:
             try:
                 result = await stage.run(ctx)
             except Exception as exc:
-                await self._sync_stages(qid, unsynced)
+                await self._sync_stages(fd, unsynced)
                 await self._hold(qid, stage.name, f"{type(exc).__name__}: {exc}")
                 return
             finally:
@@ -384,10 +386,10 @@ class QueueWorker:
             if action in (Action.CONTINUE, Action.QUARANTINE, Action.DISCARD) and stage.once:
                 # False: it was fsynced, and that fsync covered the earlier ones too.
                 unsynced = await self._record_stage(
-                    qid, stage.name, ctx.data, before, result.facts)
+                    qid, fd, stage.name, ctx.data, before, result.facts)
             if action is Action.HOLD:
                 if not st.released:
-                    await self._sync_stages(qid, unsynced)
+                    await self._sync_stages(fd, unsynced)
                     await self._hold(qid, stage.name, f"hold: {result.reason}", reason="hold")
                     return
             elif action in (Action.QUARANTINE, Action.DISCARD):
@@ -397,14 +399,14 @@ class QueueWorker:
                 reply = str(result.reply or replies.REJECTED_POLICY)
                 outcomes = [Outcome(r, RcptStatus.BOUNCED, reply, f"stage:{stage.name}")
                             for r in st.pending]
-                await self._sync_stages(qid, unsynced)
+                await self._sync_stages(fd, unsynced)
                 await self._record(msg, st, ctx, outcomes)
                 return
             elif action is Action.TEMPFAIL:
                 reply = str(result.reply or replies.TEMPFAIL_POLICY)
                 outcomes = [Outcome(r, RcptStatus.DEFERRED, reply, f"stage:{stage.name}")
                             for r in st.pending]
-                await self._sync_stages(qid, unsynced)
+                await self._sync_stages(fd, unsynced)
                 await self._record(msg, st, ctx, outcomes)
                 return
 
@@ -413,27 +415,29 @@ class QueueWorker:
             if action is Action.DISCARD:
                 outcomes = [Outcome(r, RcptStatus.DISCARDED, f"discarded by {stage_name}: {reason}",
                                     f"stage:{stage_name}") for r in st.pending]
-                await self._sync_stages(qid, unsynced)
+                await self._sync_stages(fd, unsynced)
                 await self._record(msg, st, ctx, outcomes)
                 return
-            await self._sync_stages(qid, unsynced)
+            await self._sync_stages(fd, unsynced)
             await self._hold(qid, stage_name, f"{action}: {reason}", reason=str(action))
             return
 
         if st.finished:
             # A stage refused every recipient that was left: nothing to deliver.
-            await self._sync_stages(qid, unsynced)
+            await self._sync_stages(fd, unsynced)
             await self._finish(msg, st, {})
             return
         # One fsync for every stage completed in this pass, before delivery relies
         # on them (a restart after this point never runs those stages again).
-        await self._sync_stages(qid, unsynced)
+        await self._sync_stages(fd, unsynced)
         outcomes = await self.deliverer.deliver(ctx.envelope, ctx.data, st.pending, qid=qid)
         await self._record(msg, st, ctx, outcomes)
 
-    async def _sync_stages(self, qid: str, unsynced: bool) -> None:
+    async def _sync_stages(self, fd: int, unsynced: bool) -> None:
         if unsynced:
-            await self._io(self.spool.sync_stages, qid)
+            # Through the claim's descriptor: the thread does the fsync alone (an open
+            # and a close there were two more GIL hand-offs per message).
+            await self._io(self.spool.sync_file, fd)
 
     def _refuse(
         self, st: QueueState, stage: str, rejected: dict[str, replies.Reply]
@@ -478,7 +482,7 @@ class QueueWorker:
         return action, stage, reason
 
     async def _record_stage(
-        self, qid: str, stage: str, data: bytes, before: bytes, facts: dict[str, Any]
+        self, qid: str, fd: int, stage: str, data: bytes, before: bytes, facts: dict[str, Any]
     ) -> bool:
         """Record a once-stage as done; True if the record still needs an fsync.
 
@@ -497,11 +501,11 @@ class QueueWorker:
                 event["facts"] = facts
             except (TypeError, ValueError):
                 pass  # not serialisable: the stage's completion still counts
-        if changed:
-            await self._io(self.spool.append_stage, qid, event)
-            return False
         # A small append to a page-cached file: cheaper here than a thread hop.
         self.spool.append_stage(qid, event, sync=False)
+        if changed:
+            await self._io(self.spool.sync_file, fd)  # covers earlier records too
+            return False
         return True
 
     async def _remove(self, qid: str) -> None:
@@ -617,7 +621,8 @@ class QueueWorker:
                 mail_options=[] if sender.isascii() else ["SMTPUTF8"],
             )
             try:
-                dsn_qid = await self._io(self.spool.store, env, data, {"dsn": {"of": qid}})
+                dsn_qid = await store_from_loop(self.spool, self.executor, env, data,
+                                                {"dsn": {"of": qid}})
             except SpoolError as exc:
                 # Keep the original (every recipient is final): the next scan tries again.
                 log.event("dsn_error", qid=qid, error=str(exc))
