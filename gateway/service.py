@@ -86,10 +86,9 @@ PID_FILE = "coffer.pid"
 EXIT_OK = 0
 EXIT_PROBLEM = 1
 EXIT_USAGE = 2
-# Spool fsyncs (and renames) run in these threads, batched (SyncBatcher: at most two
-# batches at a time), with the queue scans and maildir deliveries.  Sixteen threads,
-# one per waiting fsync, spent more CPU on thread wake-ups and GIL hand-offs.
-SPOOL_THREADS = 4
+# Spool writes (write + fsync + rename + fsync dir) run in these threads; more
+# threads than sessions waiting on fsync buys nothing, fewer serialises them.
+SPOOL_THREADS = 16
 
 
 class AlreadyRunning(CofferError):

@@ -45,14 +45,13 @@ from concurrent.futures import Executor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from gateway.envelope import Envelope
 from gateway.errors import SpoolError, SpoolFullError
 from gateway.queue.state import QueueState, fold, parse_events
 
 MAGIC = b"COFFER-SPOOL 1\n"
-T = TypeVar("T")
 
 # One encoder for every event line (json.dumps builds one per call).
 _EVENT_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
@@ -236,116 +235,13 @@ async def store_from_loop(
     spool: Spool, executor: Executor | None, envelope: Envelope, data: bytes,
     facts: dict[str, Any] | None = None, qid: str | None = None,
 ) -> str:
-    """:meth:`Spool.store` from the event loop: the blocking part in a thread, batched
-    with whatever other spool syncs are waiting (:class:`SyncBatcher`)."""
+    """:meth:`Spool.store` from the event loop: one thread hop, for the blocking part."""
+    loop = asyncio.get_running_loop()
     if len(data) > INLINE_WRITE_BYTES:
-        loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
             executor, functools.partial(spool.store, envelope, data, facts, qid))
     pending = spool.begin(envelope, data, facts, qid)
-    return await SyncBatcher.of(spool, executor).run(
-        functools.partial(spool.commit_file, pending),
-        functools.partial(spool.commit_dir, pending))
-
-
-class _Job:
-    """One request to a SyncBatcher: ``first`` runs in the batch's first pass, ``then``
-    (given first's result) in the second, after every ``first`` of the batch."""
-
-    __slots__ = ("error", "first", "future", "then", "value")
-
-    def __init__(self, first: Callable[[], Any], then: Callable[[Any], Any] | None,
-                 future: asyncio.Future[Any]) -> None:
-        self.first = first
-        self.then = then
-        self.future = future
-        self.value: Any = None
-        self.error: BaseException | None = None
-
-
-def _run_batch(jobs: list[_Job]) -> None:
-    """Run a batch in this (executor) thread; results and errors stay on the jobs."""
-    for job in jobs:
-        try:
-            job.value = job.first()
-        except Exception as exc:
-            job.error = exc
-    for job in jobs:
-        if job.error is None and job.then is not None:
-            try:
-                job.value = job.then(job.value)
-            except Exception as exc:
-                job.error = exc
-
-
-class SyncBatcher:
-    """Blocking spool calls (fsyncs, renames) from the event loop, in batches.
-
-    Each thread hop costs both sides CPU (queue, wake-ups, GIL hand-offs, the loop's
-    wake-up), more than a small fsync request itself.  Requests made while
-    ``parallel`` batches are already running wait and go together in one thread call,
-    so a burst of messages (the archive stage finishes them in groups) costs a hop
-    per batch instead of one per message.  A batch runs every ``first`` and then
-    every ``then``: the commits of a batch rename all their files before the first
-    directory fsync, which then covers them all (_DirSync).  Nothing is acknowledged
-    earlier: each caller resumes only when its own request has completed.
-    """
-
-    def __init__(self, executor: Executor | None, parallel: int = 2,
-                 loop: asyncio.AbstractEventLoop | None = None) -> None:
-        self.executor = executor
-        self.loop = loop
-        self.parallel = parallel
-        self._pending: list[_Job] = []
-        self._running = 0
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.batches = 0  # thread calls made (observability, tests)
-
-    @staticmethod
-    def of(spool: Spool, executor: Executor | None) -> SyncBatcher:
-        """The spool's batcher for the running loop (one per spool, loop and executor)."""
-        loop = asyncio.get_running_loop()
-        batcher = spool._batchers.get(id(executor))
-        if batcher is None or batcher.loop is not loop or batcher.executor is not executor:
-            batcher = spool._batchers[id(executor)] = SyncBatcher(executor, loop=loop)
-        return batcher
-
-    async def run(self, first: Callable[[], Any],
-                  then: Callable[[Any], T] | None = None) -> T:
-        loop = asyncio.get_running_loop()
-        job = _Job(first, then, loop.create_future())
-        self._pending.append(job)
-        if self._running < self.parallel:
-            self._running += 1
-            task = loop.create_task(self._drain(), name="spool-sync")
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        result: T = await job.future
-        return result
-
-    async def _drain(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            while self._pending:
-                batch, self._pending = self._pending, []
-                self.batches += 1
-                try:
-                    await loop.run_in_executor(self.executor, _run_batch, batch)
-                except BaseException as exc:  # the executor is shut down, or we are cancelled
-                    for job in batch:
-                        if not job.future.done():
-                            job.future.set_exception(
-                                exc if isinstance(exc, Exception) else SpoolError(repr(exc)))
-                    raise
-                for job in batch:
-                    if job.future.done():
-                        continue  # its caller was cancelled; the work is done all the same
-                    if job.error is not None:
-                        job.future.set_exception(job.error)
-                    else:
-                        job.future.set_result(job.value)
-        finally:
-            self._running -= 1
+    return await loop.run_in_executor(executor, spool.commit, pending)
 
 
 class Spool:
@@ -359,7 +255,6 @@ class Spool:
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._queue_dir_sync = _DirSync(self.queue_dir)
         self.free_space = _FreeSpace(root)
-        self._batchers: dict[int, SyncBatcher] = {}  # by id(executor)
         self._qdir = str(self.queue_dir)  # for the per-message paths: cheaper than Path /
 
     # -- paths ---------------------------------------------------------------
@@ -426,30 +321,19 @@ class Spool:
     def commit(self, pending: PendingStore) -> str:
         """The second half of :meth:`store`: fsync, rename into ``queue/``, fsync the
         directory (shared with concurrent commits); the queue id.  Closes the file."""
-        return self.commit_dir(pending, self.commit_file(pending))
-
-    def commit_file(self, pending: PendingStore) -> int:
-        """:meth:`commit` up to the rename; the directory-sync ticket for commit_dir."""
+        final = self._path(pending.qid, ".msg")
         try:
             try:
                 if self.fsync:
                     os.fsync(pending.fd)
             finally:
                 os.close(pending.fd)
-            os.rename(pending.tmp, self._path(pending.qid, ".msg"))
+            os.rename(pending.tmp, final)
+            if self.fsync:
+                self._queue_dir_sync.sync(self._queue_dir_sync.renamed())
         except OSError as exc:
             _unlink(pending.tmp)
-            _unlink(self._path(pending.qid, ".msg"))
-            raise _store_error(exc) from exc
-        return self._queue_dir_sync.renamed()
-
-    def commit_dir(self, pending: PendingStore, ticket: int) -> str:
-        """The rest of :meth:`commit`: the name made durable; the queue id."""
-        try:
-            if self.fsync:
-                self._queue_dir_sync.sync(ticket)
-        except OSError as exc:
-            _unlink(self._path(pending.qid, ".msg"))
+            _unlink(final)
             raise _store_error(exc) from exc
         return pending.qid
 
@@ -653,17 +537,9 @@ class Spool:
 
     def sync_queue_dir(self) -> None:
         """Make earlier ``remove(sync=False)`` calls durable."""
-        self.sync_queue_dir_after(self.queue_dir_changed())
-
-    def queue_dir_changed(self) -> int:
-        """A ticket for :meth:`sync_queue_dir_after`: the queue directory changed just now."""
-        return self._queue_dir_sync.renamed()
-
-    def sync_queue_dir_after(self, ticket: int) -> None:
-        """Return once a directory fsync that started after ``ticket`` was taken is done."""
         if self.fsync:
             # Shares the fsync with concurrent store()s: any one that starts now covers both.
-            self._queue_dir_sync.sync(ticket)
+            self._queue_dir_sync.sync(self._queue_dir_sync.renamed())
 
     def clean_tmp(self, older_than: float = 600.0) -> int:
         """Remove half-written files left by a crash (never acknowledged).

@@ -53,7 +53,7 @@ import os
 import random
 import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from typing import Any, Protocol, TypeVar
 
@@ -65,7 +65,7 @@ from gateway.envelope import Envelope
 from gateway.errors import SpoolError
 from gateway.pipeline import Action, MessageContext, Stage, apply
 from gateway.queue import scheduler
-from gateway.queue.spool import Spool, SpooledMessage, SyncBatcher, store_from_loop
+from gateway.queue.spool import Spool, SpooledMessage, store_from_loop
 from gateway.queue.state import FINAL_STATUSES, QueueState, RcptStatus, fold, parse_events
 
 T = TypeVar("T")
@@ -109,7 +109,7 @@ INLINE_READ_BYTES = 256 * 1024
 class _GroupSync:
     """Coalesces fsyncs: while one runs, every new request is served by the next one."""
 
-    def __init__(self, run: Callable[[], Awaitable[Any]]) -> None:
+    def __init__(self, run: Callable[[], Any]) -> None:
         self._run = run
         self._dirty = False
         self._task: asyncio.Task[None] | None = None
@@ -120,9 +120,10 @@ class _GroupSync:
             self._task = asyncio.create_task(self._loop(), name="queue-dir-sync")
 
     async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
         while self._dirty:
             self._dirty = False
-            await self._run()
+            await loop.run_in_executor(None, self._run)
 
     async def flush(self) -> None:
         if self._task is not None:
@@ -159,10 +160,7 @@ class QueueWorker:
         self._wake = asyncio.Event()
         self._stopped = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        # In the spool's sync batches: the directory fsync after a removal is shared
-        # with the commits of messages being spooled at the same time.
-        self._dir_sync = _GroupSync(lambda: self._batched(
-            self.spool.queue_dir_changed, self.spool.sync_queue_dir_after))
+        self._dir_sync = _GroupSync(spool.sync_queue_dir)
 
     # -- entry points ------------------------------------------------------------
     def notify(self, qid: str) -> None:
@@ -332,11 +330,6 @@ class QueueWorker:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, functools.partial(fn, *args))
 
-    async def _batched(self, first: Callable[[], Any],
-                       then: Callable[[Any], Any] | None = None) -> Any:
-        """Blocking spool work in the spool's sync batches (SyncBatcher)."""
-        return await SyncBatcher.of(self.spool, self.executor).run(first, then)
-
     async def _process_claimed(self, msg: SpooledMessage, fd: int) -> None:
         """Stages, delivery and records of a claimed message (``fd``: the claim's
         descriptor of its ``.msg`` file, which the stage records are appended to)."""
@@ -442,9 +435,9 @@ class QueueWorker:
 
     async def _sync_stages(self, fd: int, unsynced: bool) -> None:
         if unsynced:
-            # Through the claim's descriptor (an open and a close in the thread were two
-            # more GIL hand-offs per message), batched with other messages' syncs.
-            await self._batched(functools.partial(self.spool.sync_file, fd))
+            # Through the claim's descriptor: the thread does the fsync alone (an open
+            # and a close there were two more GIL hand-offs per message).
+            await self._io(self.spool.sync_file, fd)
 
     def _refuse(
         self, st: QueueState, stage: str, rejected: dict[str, replies.Reply]
@@ -511,8 +504,7 @@ class QueueWorker:
         # A small append to a page-cached file: cheaper here than a thread hop.
         self.spool.append_stage(qid, event, sync=False)
         if changed:
-            # The fsync covers this pass's earlier records too.
-            await self._batched(functools.partial(self.spool.sync_file, fd))
+            await self._io(self.spool.sync_file, fd)  # covers earlier records too
             return False
         return True
 
