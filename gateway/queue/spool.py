@@ -133,6 +133,7 @@ class SpooledMessage:
     data: bytes  # what to deliver: the once-stages' output (.data) if any, else ``received``
     state: QueueState
     received: bytes | None = None  # the bytes as received (.msg) when ``data`` replaced them
+    has_data: bool = False  # a .data file exists (loaded, or saved by the claim holder)
 
 
 class _DirSync:
@@ -341,18 +342,26 @@ class Spool:
         """Append one event to a message's state log (fsynced unless sync=False)."""
         self._append(self._path(qid, ".state"), os.O_CREAT, event, sync, "state write")
 
-    def append_stage(self, qid: str, event: dict[str, Any], *, sync: bool = True) -> None:
+    def append_stage(self, qid: str, event: dict[str, Any], *, sync: bool = True,
+                     fd: int | None = None) -> None:
         """Record an after-queue stage's completion (a ``stage`` event) at the end of
-        the message's ``.msg`` file (fsynced unless sync=False; see the module doc)."""
+        the message's ``.msg`` file (fsynced unless sync=False; see the module doc).
+        ``fd``: the claim's descriptor (:meth:`claimed`, open for appending), written
+        through instead of opening the file again."""
         if event.get("ev") != "stage":
             raise ValueError("only stage events go to the message file")
-        self._append(self._path(qid, ".msg"), 0, event, sync, "stage record")
+        self._append(self._path(qid, ".msg"), 0, event, sync, "stage record", fd)
 
     def _append(self, path: str, create: int, event: dict[str, Any], sync: bool,
-                what: str) -> None:
+                what: str, fd: int | None = None) -> None:
         event.setdefault("at", time.time())
         line = _EVENT_JSON.encode(event).encode() + b"\n"
         try:
+            if fd is not None:
+                os.write(fd, line)
+                if sync and self.fsync:
+                    os.fsync(fd)
+                return
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | create, 0o600)
             try:
                 os.write(fd, line)
@@ -489,7 +498,8 @@ class Spool:
             # (issue 3: an outbound message is kept as received and as sent).
             data, received = changed, data
         state = fold(env.rcpt_to, parse_events(tail) + self._state_events(qid))
-        return SpooledMessage(qid, env, facts, data, state, received)
+        return SpooledMessage(qid, env, facts, data, state, received,
+                              has_data=changed is not None)
 
     # -- ownership and removal ----------------------------------------------
     @contextmanager
@@ -500,9 +510,11 @@ class Spool:
 
     @contextmanager
     def claimed(self, qid: str, *, wait: bool = False) -> Iterator[int | None]:
-        """:meth:`claim`, yielding the open message file (read-only) or None."""
+        """:meth:`claim`, yielding the open message file or None.  It is open for
+        reading and appending (O_APPEND): the holder appends its stage records
+        through it (:meth:`append_stage`) without opening the file again."""
         try:
-            fd = os.open(self._path(qid, ".msg"), os.O_RDONLY)
+            fd = os.open(self._path(qid, ".msg"), os.O_RDWR | os.O_APPEND)
         except FileNotFoundError:
             yield None
             return
@@ -519,8 +531,12 @@ class Spool:
         finally:
             os.close(fd)  # closing releases the flock
 
-    def remove(self, qid: str, *, sync: bool = True) -> None:
+    def remove(self, qid: str, *, sync: bool = True, data: bool = True) -> None:
         """Forget a finished (or deleted) message.  The caller holds its claim.
+
+        ``data=False``: the caller knows there is no ``.data`` file (it loaded the
+        message without one and saved none since; only a claim holder writes one),
+        so no unlink is tried for it.
 
         With ``sync=False`` the directory is not fsynced: the removal is visible
         at once (a kill -9 cannot undo it) and the caller makes it durable
@@ -530,7 +546,7 @@ class Spool:
         # The .msg goes first: a crash before the state log is gone leaves an orphan
         # log (cleaned at start-up), never a message without its delivery record,
         # which would be delivered again to every recipient.
-        for suffix in (".msg", ".data", ".state"):
+        for suffix in (".msg", ".data", ".state") if data else (".msg", ".state"):
             _unlink(self._path(qid, suffix))
         if sync:
             self.sync_queue_dir()

@@ -335,7 +335,7 @@ class QueueWorker:
         descriptor of its ``.msg`` file, which the stage records are appended to)."""
         qid, st = msg.qid, msg.state
         if st.deleted:
-            await self._remove(qid)
+            await self._remove(msg)
             return
         if st.held:
             return
@@ -386,7 +386,7 @@ class QueueWorker:
             if action in (Action.CONTINUE, Action.QUARANTINE, Action.DISCARD) and stage.once:
                 # False: it was fsynced, and that fsync covered the earlier ones too.
                 unsynced = await self._record_stage(
-                    qid, fd, stage.name, ctx.data, before, result.facts)
+                    msg, fd, stage.name, ctx.data, before, result.facts)
             if action is Action.HOLD:
                 if not st.released:
                     await self._sync_stages(fd, unsynced)
@@ -482,7 +482,8 @@ class QueueWorker:
         return action, stage, reason
 
     async def _record_stage(
-        self, qid: str, fd: int, stage: str, data: bytes, before: bytes, facts: dict[str, Any]
+        self, msg: SpooledMessage, fd: int, stage: str, data: bytes, before: bytes,
+        facts: dict[str, Any],
     ) -> bool:
         """Record a once-stage as done; True if the record still needs an fsync.
 
@@ -491,9 +492,11 @@ class QueueWorker:
         stage that left the bytes alone is only written (a kill -9 cannot lose it);
         its fsync is shared with the next one on this message's log.
         """
+        qid = msg.qid
         changed = data is not before and data != before
         if changed:
             await self._io(self.spool.save_data, qid, data)
+            msg.has_data = True
         event: dict[str, Any] = {"ev": "stage", "stage": stage}
         if facts:
             try:
@@ -502,17 +505,17 @@ class QueueWorker:
             except (TypeError, ValueError):
                 pass  # not serialisable: the stage's completion still counts
         # A small append to a page-cached file: cheaper here than a thread hop.
-        self.spool.append_stage(qid, event, sync=False)
+        self.spool.append_stage(qid, event, sync=False, fd=fd)
         if changed:
             await self._io(self.spool.sync_file, fd)  # covers earlier records too
             return False
         return True
 
-    async def _remove(self, qid: str) -> None:
+    async def _remove(self, msg: SpooledMessage) -> None:
         # The unlink is immediate (a restart after kill -9 never sees the message
         # again); its durability against power loss is group-committed: one
         # directory fsync covers every message finished meanwhile.
-        self.spool.remove(qid, sync=False)
+        self.spool.remove(msg.qid, sync=False, data=msg.has_data)
         if self.spool.fsync:
             self._dir_sync.request()
 
@@ -565,7 +568,7 @@ class QueueWorker:
         if st.finished and not any(
             r.status is RcptStatus.BOUNCED for r in st.recipients.values()
         ):
-            await self._remove(qid)
+            await self._remove(msg)
             self._log_attempt(msg, mid, attempts, events)
             log.event("done", qid=qid, message_id=mid, attempts=attempts)
             return
@@ -630,5 +633,5 @@ class QueueWorker:
             log.event("dsn", qid=qid, dsn_qid=dsn_qid, to=sender,
                       recipients=[r.address for r in bounced])
             self.notify(dsn_qid)
-        await self._remove(qid)
+        await self._remove(msg)
         log.event("done", qid=qid, message_id=message_id(msg.data), attempts=st.attempts)

@@ -270,3 +270,16 @@ def test_bytes_spooled_since_the_measurement_count_against_the_cached_figure(
     with pytest.raises(SpoolFullError):
         spool.store(_env(), b"y")
     assert len(spool.queue_ids()) == 1
+
+
+def test_stage_records_go_through_the_claim_descriptor(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    qid = spool.store(_env(), b"Subject: x\r\n\r\nbody\r\n")
+    with spool.claimed(qid) as fd:
+        assert fd is not None
+        spool.append_stage(qid, {"ev": "stage", "stage": "archive"}, sync=False, fd=fd)
+        spool.append_stage(qid, {"ev": "stage", "stage": "sign"}, fd=fd)
+        msg = spool.load(qid, fd)  # reads through the same descriptor
+    assert msg.data == b"Subject: x\r\n\r\nbody\r\n"
+    assert msg.state.stages_done == {"archive", "sign"}
+    assert spool.load(qid).state.stages_done == {"archive", "sign"}
