@@ -474,15 +474,16 @@ class Spool:
     def read_state(self, qid: str, recipients: list[str]) -> QueueState:
         return fold(recipients, self.events(qid))
 
-    def load(self, qid: str, fd: int | None = None) -> SpooledMessage:
+    def load(self, qid: str, fd: int | None = None, size: int | None = None) -> SpooledMessage:
         """The message, its envelope and its state.  ``fd``: the message file, open
-        (the claim's descriptor, :meth:`claimed`), read from instead of opening it."""
+        (the claim's descriptor, :meth:`claimed`), read from instead of opening it;
+        ``size``: its size, if known (:meth:`claimed_sized`)."""
         if fd is None:
             raw = _read_optional(self._path(qid, ".msg"))
             if raw is None:
                 raise SpoolError(f"{qid}: no such queued message")
         else:
-            raw = _read_fd(fd, os.fstat(fd).st_size)
+            raw = _read_fd(fd, os.fstat(fd).st_size if size is None else size)
         start = len(MAGIC)
         eol = raw.find(b"\n", start)
         end = len(raw) if eol < 0 else eol + 1
@@ -513,6 +514,13 @@ class Spool:
         """:meth:`claim`, yielding the open message file or None.  It is open for
         reading and appending (O_APPEND): the holder appends its stage records
         through it (:meth:`append_stage`) without opening the file again."""
+        with self.claimed_sized(qid, wait=wait) as got:
+            yield None if got is None else got[0]
+
+    @contextmanager
+    def claimed_sized(self, qid: str, *, wait: bool = False) -> Iterator[tuple[int, int] | None]:
+        """:meth:`claimed`, yielding the descriptor and the file's size when claimed
+        (from the fstat the claim makes anyway: for :meth:`load`)."""
         try:
             fd = os.open(self._path(qid, ".msg"), os.O_RDWR | os.O_APPEND)
         except FileNotFoundError:
@@ -527,7 +535,8 @@ class Spool:
             # The file may have been removed between open and lock (by the process
             # that held the lock): then its last name is gone.  Messages leave the
             # queue only by unlink (remove), never by a rename.
-            yield fd if os.fstat(fd).st_nlink > 0 else None
+            st = os.fstat(fd)
+            yield (fd, st.st_size) if st.st_nlink > 0 else None
         finally:
             os.close(fd)  # closing releases the flock
 

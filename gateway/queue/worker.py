@@ -49,7 +49,6 @@ import asyncio
 import contextlib
 import functools
 import json
-import os
 import random
 import re
 import time
@@ -208,15 +207,17 @@ class QueueWorker:
 
     async def process(self, qid: str) -> None:
         """Process one message now (if due and not claimed elsewhere)."""
-        with self.spool.claimed(qid) as fd:
-            if fd is None:
+        with self.spool.claimed_sized(qid) as claim:
+            if claim is None:
                 return
+            fd, size = claim
             try:
-                # Read through the claim's descriptor: the file cannot go away now.
-                if os.fstat(fd).st_size <= INLINE_READ_BYTES:
-                    msg = self.spool.load(qid, fd)
+                # Read through the claim's descriptor: the file cannot go away now (and
+                # only its holder appends to it: the size is still right).
+                if size <= INLINE_READ_BYTES:
+                    msg = self.spool.load(qid, fd, size)
                 else:
-                    msg = await self._io(self.spool.load, qid, fd)
+                    msg = await self._io(self.spool.load, qid, fd, size)
             except SpoolError as exc:
                 # A damaged spool file: keep it for an operator, never guess.
                 await self._hold(qid, "spool", str(exc))

@@ -283,3 +283,17 @@ def test_stage_records_go_through_the_claim_descriptor(tmp_path: Path) -> None:
     assert msg.data == b"Subject: x\r\n\r\nbody\r\n"
     assert msg.state.stages_done == {"archive", "sign"}
     assert spool.load(qid).state.stages_done == {"archive", "sign"}
+
+
+def test_a_claim_knows_the_size_of_the_file_it_holds(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    qid = spool.store(_env(), b"x" * 100)
+    spool.append_stage(qid, {"ev": "stage", "stage": "archive"})
+    with spool.claimed_sized(qid) as claim:
+        assert claim is not None
+        fd, size = claim
+        assert size == spool.msg_path(qid).stat().st_size
+        assert spool.load(qid, fd, size) == spool.load(qid)
+    spool.remove(qid)
+    with spool.claimed_sized(qid) as claim:
+        assert claim is None
