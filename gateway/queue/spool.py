@@ -28,11 +28,9 @@ if the process dies (kill -9 included).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import fcntl
-import functools
 import json
 import os
 import secrets
@@ -49,6 +47,7 @@ from typing import Any
 
 from gateway.envelope import Envelope
 from gateway.errors import SpoolError, SpoolFullError
+from gateway.offload import in_thread
 from gateway.queue.state import QueueState, fold, parse_events
 
 MAGIC = b"COFFER-SPOOL 1\n"
@@ -237,12 +236,10 @@ async def store_from_loop(
     facts: dict[str, Any] | None = None, qid: str | None = None,
 ) -> str:
     """:meth:`Spool.store` from the event loop: one thread hop, for the blocking part."""
-    loop = asyncio.get_running_loop()
     if len(data) > INLINE_WRITE_BYTES:
-        return await loop.run_in_executor(
-            executor, functools.partial(spool.store, envelope, data, facts, qid))
+        return await in_thread(executor, spool.store, envelope, data, facts, qid)
     pending = spool.begin(envelope, data, facts, qid)
-    return await loop.run_in_executor(executor, spool.commit, pending)
+    return await in_thread(executor, spool.commit, pending)
 
 
 class Spool:

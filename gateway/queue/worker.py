@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import random
 import re
@@ -62,6 +61,7 @@ from gateway.deliver.deliverer import Outcome
 from gateway.deliver.dsn import FailedRecipient, build_dsn
 from gateway.envelope import Envelope
 from gateway.errors import SpoolError
+from gateway.offload import in_thread
 from gateway.pipeline import Action, MessageContext, Stage, apply
 from gateway.queue import scheduler
 from gateway.queue.spool import Spool, SpooledMessage, store_from_loop
@@ -108,8 +108,9 @@ INLINE_READ_BYTES = 256 * 1024
 class _GroupSync:
     """Coalesces fsyncs: while one runs, every new request is served by the next one."""
 
-    def __init__(self, run: Callable[[], Any]) -> None:
+    def __init__(self, run: Callable[[], Any], executor: Executor | None = None) -> None:
         self._run = run
+        self._executor = executor
         self._dirty = False
         self._task: asyncio.Task[None] | None = None
 
@@ -119,10 +120,9 @@ class _GroupSync:
             self._task = asyncio.create_task(self._loop(), name="queue-dir-sync")
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while self._dirty:
             self._dirty = False
-            await loop.run_in_executor(None, self._run)
+            await in_thread(self._executor, self._run)
 
     async def flush(self) -> None:
         if self._task is not None:
@@ -159,7 +159,7 @@ class QueueWorker:
         self._wake = asyncio.Event()
         self._stopped = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._dir_sync = _GroupSync(spool.sync_queue_dir)
+        self._dir_sync = _GroupSync(spool.sync_queue_dir, executor)
 
     # -- entry points ------------------------------------------------------------
     def notify(self, qid: str) -> None:
@@ -328,8 +328,7 @@ class QueueWorker:
 
     # -- one message ---------------------------------------------------------------
     async def _io(self, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, functools.partial(fn, *args))
+        return await in_thread(self.executor, fn, *args)
 
     async def _process_claimed(self, msg: SpooledMessage, fd: int) -> None:
         """Stages, delivery and records of a claimed message (``fd``: the claim's
