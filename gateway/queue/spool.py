@@ -239,7 +239,11 @@ async def store_from_loop(
     if len(data) > INLINE_WRITE_BYTES:
         return await in_thread(executor, spool.store, envelope, data, facts, qid)
     pending = spool.begin(envelope, data, facts, qid)
-    return await in_thread(executor, spool.commit, pending)
+    try:
+        return await in_thread(executor, spool.commit, pending)
+    except RuntimeError:  # not even submitted (the pool is shut down): nothing is queued
+        spool.abort(pending)
+        raise
 
 
 class Spool:
@@ -334,6 +338,11 @@ class Spool:
             _unlink(final)
             raise _store_error(exc) from exc
         return pending.qid
+
+    def abort(self, pending: PendingStore) -> None:
+        """Forget a :meth:`begin` that will not be committed (closes and removes it)."""
+        os.close(pending.fd)
+        _unlink(pending.tmp)
 
     def append_event(self, qid: str, event: dict[str, Any], *, sync: bool = True) -> None:
         """Append one event to a message's state log (fsynced unless sync=False)."""

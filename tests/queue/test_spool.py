@@ -13,7 +13,8 @@ import pytest
 
 from gateway.envelope import Envelope, TlsInfo
 from gateway.errors import SpoolError, SpoolFullError
-from gateway.queue.spool import Spool, _FreeSpace
+from gateway.offload import HopPool
+from gateway.queue.spool import Spool, _FreeSpace, store_from_loop
 from gateway.queue.state import RcptStatus
 
 
@@ -297,3 +298,15 @@ def test_a_claim_knows_the_size_of_the_file_it_holds(tmp_path: Path) -> None:
     spool.remove(qid)
     with spool.claimed_sized(qid) as claim:
         assert claim is None
+
+
+async def test_a_store_the_spool_threads_cannot_take_leaves_nothing_behind(
+    tmp_path: Path,
+) -> None:
+    spool = Spool(tmp_path)
+    pool = HopPool(1)
+    pool.shutdown()
+    with pytest.raises(RuntimeError):
+        await store_from_loop(spool, pool, _env(), b"x")
+    assert spool.queue_ids() == []
+    assert list(spool.tmp_dir.iterdir()) == []
