@@ -18,7 +18,6 @@ A 4xx is not archived: the client sends the message again.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -29,7 +28,7 @@ from gateway import log, metrics, replies
 from gateway.envelope import Envelope
 from gateway.errors import SpoolError, SpoolFullError
 from gateway.pipeline import Action, MessageContext, Stage, apply
-from gateway.queue.spool import Spool, new_queue_id
+from gateway.queue.spool import Spool, new_queue_id, store_from_loop
 from gateway.replies import Reply
 
 
@@ -149,14 +148,13 @@ class Runner:
         can never cause another notice or a bounce.  The message itself is already
         safe in the spool: a notice that cannot be stored is logged, not fatal.
         """
-        loop = asyncio.get_running_loop()
         for to, data in ctx.notices:
             env = Envelope(mail_from="", rcpt_to=[to], received_at=self.clock(),
                            listener="notify", role="local",
                            mail_options=[] if to.isascii() else ["SMTPUTF8"])
             try:
-                notice_qid = await loop.run_in_executor(
-                    self.executor, self.spool.store, env, data, {"notify": {"of": qid}})
+                notice_qid = await store_from_loop(
+                    self.spool, self.executor, env, data, {"notify": {"of": qid}})
             except SpoolError as exc:
                 log.event("notify_error", qid=qid, to=to, error=str(exc))
                 continue
@@ -171,14 +169,13 @@ class Runner:
         already written are removed before the 4xx, so the client's retry cannot
         deliver a group twice.
         """
-        loop = asyncio.get_running_loop()
         qids = [new_queue_id(ctx.envelope.received_at or None) for _ in ctx.groups]
         done: list[str] = []
         try:
             for i, (group, qid) in enumerate(zip(ctx.groups, qids, strict=True)):
                 env, facts = split_copy(ctx, group, i, qids)
-                done.append(await loop.run_in_executor(
-                    self.executor, self.spool.store, env, ctx.data, facts, qid))
+                done.append(await store_from_loop(
+                    self.spool, self.executor, env, ctx.data, facts, qid))
         except SpoolError:
             for q in done:
                 self.spool.remove(q)
@@ -187,12 +184,10 @@ class Runner:
         return done
 
     async def _store(self, ctx: MessageContext) -> str:
-        loop = asyncio.get_running_loop()
-        # fsync blocks: keep it off the event loop so other sessions keep moving,
-        # and so concurrent fsyncs are merged by the file system's journal.
-        return await loop.run_in_executor(
-            self.executor, self.spool.store, ctx.envelope, ctx.data, ctx.facts
-        )
+        # fsync blocks: it runs in a thread so other sessions keep moving, and so
+        # concurrent fsyncs are merged by the file system's journal.
+        return await store_from_loop(self.spool, self.executor, ctx.envelope, ctx.data,
+                                     ctx.facts)
 
 
 def split_copy(ctx: MessageContext, group: list[str], index: int,

@@ -45,7 +45,6 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +67,7 @@ from gateway.deliver.deliverer import Deliverer
 from gateway.deliver.routes import parse_routes
 from gateway.errors import CofferError, ConfigError
 from gateway.metrics_http import MetricsServer
+from gateway.offload import HopPool
 from gateway.pipeline import Stage
 from gateway.preflight import preflight
 from gateway.queue.spool import Spool
@@ -86,8 +86,9 @@ PID_FILE = "coffer.pid"
 EXIT_OK = 0
 EXIT_PROBLEM = 1
 EXIT_USAGE = 2
-# Spool writes (write + fsync + rename + fsync dir) run in these threads; more
-# threads than sessions waiting on fsync buys nothing, fewer serialises them.
+# Spool fsyncs (fsync + rename + fsync dir) run in these threads (a HopPool: a
+# cheaper hop than a ThreadPoolExecutor's); more threads than sessions waiting on
+# fsync buys nothing, fewer serialises them.
 SPOOL_THREADS = 16
 
 
@@ -422,7 +423,7 @@ class Service:
     reuse_port: bool = False
     drain_timeout: float = DRAIN_TIMEOUT
     spool: Spool = field(init=False)
-    _executor: ThreadPoolExecutor | None = field(default=None, init=False)
+    _executor: HopPool | None = field(default=None, init=False)
     _listeners: Listeners | None = field(default=None, init=False)
     _worker: QueueWorker | None = field(default=None, init=False)
     _deliverer: Deliverer | None = field(default=None, init=False)
@@ -445,7 +446,7 @@ class Service:
         removed = self.spool.clean_tmp()
         if removed:
             log.event("spool_tmp_cleaned", files=removed)
-        self._executor = ThreadPoolExecutor(SPOOL_THREADS, thread_name_prefix="spool")
+        self._executor = HopPool(SPOOL_THREADS, thread_name_prefix="spool")
         self.policy = PolicyHolder(cfg)
         self._after_stages = after_queue_stages(cfg)
         self._deliverer = Deliverer(cfg, executor=self._executor)

@@ -8,7 +8,7 @@ from pathlib import Path
 from gateway import replies
 from gateway.envelope import Envelope
 from gateway.pipeline import Action, MessageContext, StageResult
-from gateway.queue.spool import Spool
+from gateway.queue.spool import FREE_SPACE_TTL, Spool, _FreeSpace
 from gateway.runner import Runner
 
 
@@ -105,3 +105,15 @@ async def test_stage_envelope_changes_and_notices_are_spooled(tmp_path: Path) ->
     assert notice.data == b"Subject: notice\r\n\r\nn\r\n"
     assert notice.facts["notify"]["of"] == original.qid
     assert queued[-1] == notice.qid
+
+
+async def test_mail_is_refused_once_the_free_space_reserve_is_crossed(tmp_path: Path) -> None:
+    free, now = [10 << 30], [0.0]
+    spool = Spool(tmp_path, min_free_bytes=100 << 20)
+    spool.free_space = _FreeSpace(tmp_path, measure=lambda _p: free[0], clock=lambda: now[0])
+    runner = Runner(spool)
+    assert runner.room_for(100) is None
+    free[0] = 50 << 20  # another process filled the disk below the reserve
+    now[0] += FREE_SPACE_TTL  # noticed at the next measurement, a second later at most
+    assert runner.room_for(100) == replies.SPOOL_FULL
+    assert await runner.accept(_env(), b"x") == replies.SPOOL_FULL

@@ -37,7 +37,9 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +47,7 @@ from typing import Any
 
 from gateway.envelope import Envelope
 from gateway.errors import SpoolError, SpoolFullError
+from gateway.offload import in_thread
 from gateway.queue.state import QueueState, fold, parse_events
 
 MAGIC = b"COFFER-SPOOL 1\n"
@@ -77,6 +80,30 @@ def _read_optional(path: str) -> bytes | None:
         os.close(fd)
 
 
+def _write_all(fd: int, parts: list[bytes]) -> None:
+    """Write every byte of ``parts`` at the file's offset (one writev unless it is short)."""
+    left = sum(len(p) for p in parts)
+    views = [memoryview(p) for p in parts if p]
+    while views:
+        n = os.writev(fd, views)
+        left -= n
+        if not left:
+            return
+        while n:  # a short write: skip what went out and go on
+            if n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            else:
+                views[0] = views[0][n:]
+                n = 0
+
+
+def _store_error(exc: OSError) -> SpoolError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return SpoolFullError(f"spool write failed: {exc}")
+    return SpoolError(f"spool write failed: {exc}")
+
+
 def _unlink(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
@@ -88,6 +115,15 @@ def new_queue_id(now: float | None = None) -> str:
     return f"{ms:012X}{secrets.token_hex(4).upper()}"
 
 
+@dataclass(slots=True, frozen=True)
+class PendingStore:
+    """A message written under ``tmp/`` (Spool.begin), waiting for Spool.commit."""
+
+    qid: str
+    fd: int  # open for writing until commit
+    tmp: str
+
+
 @dataclass(slots=True)
 class SpooledMessage:
     qid: str
@@ -96,14 +132,7 @@ class SpooledMessage:
     data: bytes  # what to deliver: the once-stages' output (.data) if any, else ``received``
     state: QueueState
     received: bytes | None = None  # the bytes as received (.msg) when ``data`` replaced them
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    has_data: bool = False  # a .data file exists (loaded, or saved by the claim holder)
 
 
 class _DirSync:
@@ -123,6 +152,10 @@ class _DirSync:
         self._synced = 0  # every ticket <= this is durable
         self._running = False
         self.rounds = 0  # directory fsyncs done (observability, tests)
+        # The directory stays open: an open and a close per fsync were two more
+        # syscalls (and GIL hand-offs) in the spool threads.  Closed with the object.
+        self._fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        weakref.finalize(self, os.close, self._fd)
 
     def renamed(self) -> int:
         with self._cond:
@@ -141,7 +174,7 @@ class _DirSync:
                 self._cond.wait()
         ok = False
         try:
-            _fsync_dir(self.path)
+            os.fsync(self._fd)
             ok = True
         finally:
             with self._cond:
@@ -150,6 +183,67 @@ class _DirSync:
                     self.rounds += 1
                     self._synced = max(self._synced, target)
                 self._cond.notify_all()
+
+
+# A free-space measurement (statfs) is reused for this many seconds, less the bytes
+# this process spooled since, while it is at least FREE_SPACE_MARGIN above what a
+# caller needs; nearer the reserve every check measures.  has_room() ran statfs at
+# every MAIL FROM and again in every store().
+FREE_SPACE_TTL = 1.0
+FREE_SPACE_MARGIN = 256 * 1024 * 1024
+
+
+class _FreeSpace:
+    """The spool file system's free bytes, measured at most once per ``ttl`` seconds
+    while far from what callers need (thread-safe enough: a race only measures twice)."""
+
+    def __init__(self, path: Path, *, ttl: float = FREE_SPACE_TTL,
+                 margin: int = FREE_SPACE_MARGIN,
+                 measure: Callable[[Path], int] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.path = path
+        self.ttl = ttl
+        self.margin = margin
+        self.measure = measure or (lambda p: shutil.disk_usage(p).free)
+        self.clock = clock
+        self._free = 0
+        self._at: float | None = None
+        self.measurements = 0  # statfs calls (observability, tests)
+
+    def has_room(self, size: int, reserve: int) -> bool:
+        now = self.clock()
+        if self._at is not None and now - self._at < self.ttl \
+                and self._free - size >= reserve + self.margin:
+            return True
+        self._free = self.measure(self.path)
+        self._at = now
+        self.measurements += 1
+        return self._free - size >= reserve
+
+    def used(self, size: int) -> None:
+        """``size`` bytes were just written: count them against the cached figure."""
+        self._free -= size
+
+
+# Messages up to this size are written to ``tmp/`` on the event loop (Spool.begin):
+# page-cache writes of a few kB cost less than a thread hop; only the fsyncs,
+# rename and directory fsync (Spool.commit) go to a thread, in one call.
+INLINE_WRITE_BYTES = 256 * 1024
+
+
+async def store_from_loop(
+    spool: Spool, executor: Executor | None, envelope: Envelope, data: bytes,
+    facts: dict[str, Any] | None = None, qid: str | None = None,
+) -> str:
+    """:meth:`Spool.store` from the event loop: one thread hop, for the blocking part."""
+    if len(data) > INLINE_WRITE_BYTES:
+        return await in_thread(executor, spool.store, envelope, data, facts, qid)
+    pending = spool.begin(envelope, data, facts, qid)
+    try:
+        return await in_thread(executor, spool.commit, pending)
+    except RuntimeError:  # not even submitted (the pool is shut down): nothing is queued
+        spool.abort(pending)
+        raise
 
 
 class Spool:
@@ -162,6 +256,7 @@ class Spool:
         for d in (self.tmp_dir, self.queue_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._queue_dir_sync = _DirSync(self.queue_dir)
+        self.free_space = _FreeSpace(root)
         self._qdir = str(self.queue_dir)  # for the per-message paths: cheaper than Path /
 
     # -- paths ---------------------------------------------------------------
@@ -182,8 +277,7 @@ class Spool:
         """Whether the spool's file system can take ``size`` more bytes above the reserve."""
         if not self.min_free_bytes:
             return True
-        free = shutil.disk_usage(self.root).free
-        return free - size >= self.min_free_bytes
+        return self.free_space.has_room(size, self.min_free_bytes)
 
     def store(
         self, envelope: Envelope, data: bytes, facts: dict[str, Any] | None = None,
@@ -194,6 +288,17 @@ class Spool:
         Raises SpoolFullError when the disk is (nearly) full and SpoolError for
         any other I/O failure; in both cases nothing is left in ``queue/``.
         """
+        return self.commit(self.begin(envelope, data, facts, qid))
+
+    def begin(
+        self, envelope: Envelope, data: bytes, facts: dict[str, Any] | None = None,
+        qid: str | None = None,
+    ) -> PendingStore:
+        """The first half of :meth:`store`: the message written under ``tmp/``, not yet
+        durable nor queued.  Page-cache writes only: cheap enough for the event loop
+        when the message is small, where a thread hop would cost more than the writes.
+        Give the result to :meth:`commit` (which blocks on fsync); errors as store's.
+        """
         qid = qid or new_queue_id(envelope.received_at or None)
         if not self.has_room(len(data)):
             raise SpoolFullError("spool file system is below its free-space reserve")
@@ -201,46 +306,68 @@ class Spool:
             {"qid": qid, "envelope": envelope.to_dict(), "facts": facts or {}, "size": len(data)},
             separators=(",", ":"), ensure_ascii=False,
         ).encode()
-        tmp = self.tmp_dir / f"{qid}.msg"
+        tmp = f"{self.tmp_dir}/{qid}.msg"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            raise _store_error(exc) from exc
+        try:
+            _write_all(fd, [MAGIC, header, b"\n", data])
+        except OSError as exc:
+            os.close(fd)
+            _unlink(tmp)
+            raise _store_error(exc) from exc
+        self.free_space.used(len(data) + len(header))
+        return PendingStore(qid, fd, tmp)
+
+    def commit(self, pending: PendingStore) -> str:
+        """The second half of :meth:`store`: fsync, rename into ``queue/``, fsync the
+        directory (shared with concurrent commits); the queue id.  Closes the file."""
+        final = self._path(pending.qid, ".msg")
+        try:
             try:
-                with os.fdopen(fd, "wb", closefd=False) as fh:
-                    fh.write(MAGIC)
-                    fh.write(header)
-                    fh.write(b"\n")
-                    fh.write(data)
                 if self.fsync:
-                    os.fsync(fd)
+                    os.fsync(pending.fd)
             finally:
-                os.close(fd)
-            os.rename(tmp, self.msg_path(qid))
+                os.close(pending.fd)
+            os.rename(pending.tmp, final)
             if self.fsync:
                 self._queue_dir_sync.sync(self._queue_dir_sync.renamed())
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            self.msg_path(qid).unlink(missing_ok=True)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise SpoolFullError(f"spool write failed: {exc}") from exc
-            raise SpoolError(f"spool write failed: {exc}") from exc
-        return qid
+            _unlink(pending.tmp)
+            _unlink(final)
+            raise _store_error(exc) from exc
+        return pending.qid
+
+    def abort(self, pending: PendingStore) -> None:
+        """Forget a :meth:`begin` that will not be committed (closes and removes it)."""
+        os.close(pending.fd)
+        _unlink(pending.tmp)
 
     def append_event(self, qid: str, event: dict[str, Any], *, sync: bool = True) -> None:
         """Append one event to a message's state log (fsynced unless sync=False)."""
         self._append(self._path(qid, ".state"), os.O_CREAT, event, sync, "state write")
 
-    def append_stage(self, qid: str, event: dict[str, Any], *, sync: bool = True) -> None:
+    def append_stage(self, qid: str, event: dict[str, Any], *, sync: bool = True,
+                     fd: int | None = None) -> None:
         """Record an after-queue stage's completion (a ``stage`` event) at the end of
-        the message's ``.msg`` file (fsynced unless sync=False; see the module doc)."""
+        the message's ``.msg`` file (fsynced unless sync=False; see the module doc).
+        ``fd``: the claim's descriptor (:meth:`claimed`, open for appending), written
+        through instead of opening the file again."""
         if event.get("ev") != "stage":
             raise ValueError("only stage events go to the message file")
-        self._append(self._path(qid, ".msg"), 0, event, sync, "stage record")
+        self._append(self._path(qid, ".msg"), 0, event, sync, "stage record", fd)
 
     def _append(self, path: str, create: int, event: dict[str, Any], sync: bool,
-                what: str) -> None:
+                what: str, fd: int | None = None) -> None:
         event.setdefault("at", time.time())
         line = _EVENT_JSON.encode(event).encode() + b"\n"
         try:
+            if fd is not None:
+                os.write(fd, line)
+                if sync and self.fsync:
+                    os.fsync(fd)
+                return
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | create, 0o600)
             try:
                 os.write(fd, line)
@@ -268,6 +395,16 @@ class Spool:
         finally:
             os.close(fd)
 
+    def sync_file(self, fd: int) -> None:
+        """fsync an open spool file (read-only will do: fsync is per file, not per
+        descriptor), e.g. the claim's descriptor after ``append_stage(sync=False)``."""
+        if not self.fsync:
+            return
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            raise SpoolError(f"stage sync failed: {exc}") from exc
+
     def append_events(self, qid: str, events: list[dict[str, Any]]) -> None:
         """Append several events with a single fsync."""
         for ev in events[:-1]:
@@ -294,8 +431,7 @@ class Spool:
             finally:
                 os.close(fd)
             os.rename(tmp, self.data_path(qid))
-            if self.fsync:
-                _fsync_dir(self.queue_dir)
+            self.sync_queue_dir()
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -344,15 +480,16 @@ class Spool:
     def read_state(self, qid: str, recipients: list[str]) -> QueueState:
         return fold(recipients, self.events(qid))
 
-    def load(self, qid: str, fd: int | None = None) -> SpooledMessage:
+    def load(self, qid: str, fd: int | None = None, size: int | None = None) -> SpooledMessage:
         """The message, its envelope and its state.  ``fd``: the message file, open
-        (the claim's descriptor, :meth:`claimed`), read from instead of opening it."""
+        (the claim's descriptor, :meth:`claimed`), read from instead of opening it;
+        ``size``: its size, if known (:meth:`claimed_sized`)."""
         if fd is None:
             raw = _read_optional(self._path(qid, ".msg"))
             if raw is None:
                 raise SpoolError(f"{qid}: no such queued message")
         else:
-            raw = _read_fd(fd, os.fstat(fd).st_size)
+            raw = _read_fd(fd, os.fstat(fd).st_size if size is None else size)
         start = len(MAGIC)
         eol = raw.find(b"\n", start)
         end = len(raw) if eol < 0 else eol + 1
@@ -368,7 +505,8 @@ class Spool:
             # (issue 3: an outbound message is kept as received and as sent).
             data, received = changed, data
         state = fold(env.rcpt_to, parse_events(tail) + self._state_events(qid))
-        return SpooledMessage(qid, env, facts, data, state, received)
+        return SpooledMessage(qid, env, facts, data, state, received,
+                              has_data=changed is not None)
 
     # -- ownership and removal ----------------------------------------------
     @contextmanager
@@ -379,9 +517,18 @@ class Spool:
 
     @contextmanager
     def claimed(self, qid: str, *, wait: bool = False) -> Iterator[int | None]:
-        """:meth:`claim`, yielding the open message file (read-only) or None."""
+        """:meth:`claim`, yielding the open message file or None.  It is open for
+        reading and appending (O_APPEND): the holder appends its stage records
+        through it (:meth:`append_stage`) without opening the file again."""
+        with self.claimed_sized(qid, wait=wait) as got:
+            yield None if got is None else got[0]
+
+    @contextmanager
+    def claimed_sized(self, qid: str, *, wait: bool = False) -> Iterator[tuple[int, int] | None]:
+        """:meth:`claimed`, yielding the descriptor and the file's size when claimed
+        (from the fstat the claim makes anyway: for :meth:`load`)."""
         try:
-            fd = os.open(self._path(qid, ".msg"), os.O_RDONLY)
+            fd = os.open(self._path(qid, ".msg"), os.O_RDWR | os.O_APPEND)
         except FileNotFoundError:
             yield None
             return
@@ -394,12 +541,17 @@ class Spool:
             # The file may have been removed between open and lock (by the process
             # that held the lock): then its last name is gone.  Messages leave the
             # queue only by unlink (remove), never by a rename.
-            yield fd if os.fstat(fd).st_nlink > 0 else None
+            st = os.fstat(fd)
+            yield (fd, st.st_size) if st.st_nlink > 0 else None
         finally:
             os.close(fd)  # closing releases the flock
 
-    def remove(self, qid: str, *, sync: bool = True) -> None:
+    def remove(self, qid: str, *, sync: bool = True, data: bool = True) -> None:
         """Forget a finished (or deleted) message.  The caller holds its claim.
+
+        ``data=False``: the caller knows there is no ``.data`` file (it loaded the
+        message without one and saved none since; only a claim holder writes one),
+        so no unlink is tried for it.
 
         With ``sync=False`` the directory is not fsynced: the removal is visible
         at once (a kill -9 cannot undo it) and the caller makes it durable
@@ -409,10 +561,10 @@ class Spool:
         # The .msg goes first: a crash before the state log is gone leaves an orphan
         # log (cleaned at start-up), never a message without its delivery record,
         # which would be delivered again to every recipient.
-        for suffix in (".msg", ".data", ".state"):
+        for suffix in (".msg", ".data", ".state") if data else (".msg", ".state"):
             _unlink(self._path(qid, suffix))
-        if sync and self.fsync:
-            _fsync_dir(self.queue_dir)
+        if sync:
+            self.sync_queue_dir()
 
     def sync_queue_dir(self) -> None:
         """Make earlier ``remove(sync=False)`` calls durable."""

@@ -47,9 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
-import os
 import random
 import re
 import time
@@ -63,9 +61,10 @@ from gateway.deliver.deliverer import Outcome
 from gateway.deliver.dsn import FailedRecipient, build_dsn
 from gateway.envelope import Envelope
 from gateway.errors import SpoolError
+from gateway.offload import in_thread
 from gateway.pipeline import Action, MessageContext, Stage, apply
 from gateway.queue import scheduler
-from gateway.queue.spool import Spool, SpooledMessage
+from gateway.queue.spool import Spool, SpooledMessage, store_from_loop
 from gateway.queue.state import FINAL_STATUSES, QueueState, RcptStatus, fold, parse_events
 
 T = TypeVar("T")
@@ -109,8 +108,9 @@ INLINE_READ_BYTES = 256 * 1024
 class _GroupSync:
     """Coalesces fsyncs: while one runs, every new request is served by the next one."""
 
-    def __init__(self, run: Callable[[], Any]) -> None:
+    def __init__(self, run: Callable[[], Any], executor: Executor | None = None) -> None:
         self._run = run
+        self._executor = executor
         self._dirty = False
         self._task: asyncio.Task[None] | None = None
 
@@ -120,10 +120,9 @@ class _GroupSync:
             self._task = asyncio.create_task(self._loop(), name="queue-dir-sync")
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while self._dirty:
             self._dirty = False
-            await loop.run_in_executor(None, self._run)
+            await in_thread(self._executor, self._run)
 
     async def flush(self) -> None:
         if self._task is not None:
@@ -160,7 +159,7 @@ class QueueWorker:
         self._wake = asyncio.Event()
         self._stopped = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._dir_sync = _GroupSync(spool.sync_queue_dir)
+        self._dir_sync = _GroupSync(spool.sync_queue_dir, executor)
 
     # -- entry points ------------------------------------------------------------
     def notify(self, qid: str) -> None:
@@ -208,20 +207,22 @@ class QueueWorker:
 
     async def process(self, qid: str) -> None:
         """Process one message now (if due and not claimed elsewhere)."""
-        with self.spool.claimed(qid) as fd:
-            if fd is None:
+        with self.spool.claimed_sized(qid) as claim:
+            if claim is None:
                 return
+            fd, size = claim
             try:
-                # Read through the claim's descriptor: the file cannot go away now.
-                if os.fstat(fd).st_size <= INLINE_READ_BYTES:
-                    msg = self.spool.load(qid, fd)
+                # Read through the claim's descriptor: the file cannot go away now (and
+                # only its holder appends to it: the size is still right).
+                if size <= INLINE_READ_BYTES:
+                    msg = self.spool.load(qid, fd, size)
                 else:
-                    msg = await self._io(self.spool.load, qid, fd)
+                    msg = await self._io(self.spool.load, qid, fd, size)
             except SpoolError as exc:
                 # A damaged spool file: keep it for an operator, never guess.
                 await self._hold(qid, "spool", str(exc))
                 return
-            await self._process_claimed(msg)
+            await self._process_claimed(msg, fd)
 
     # -- the loop ------------------------------------------------------------------
     async def _dispatch(self) -> None:
@@ -327,13 +328,14 @@ class QueueWorker:
 
     # -- one message ---------------------------------------------------------------
     async def _io(self, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, functools.partial(fn, *args))
+        return await in_thread(self.executor, fn, *args)
 
-    async def _process_claimed(self, msg: SpooledMessage) -> None:
+    async def _process_claimed(self, msg: SpooledMessage, fd: int) -> None:
+        """Stages, delivery and records of a claimed message (``fd``: the claim's
+        descriptor of its ``.msg`` file, which the stage records are appended to)."""
         qid, st = msg.qid, msg.state
         if st.deleted:
-            await self._remove(qid)
+            await self._remove(msg)
             return
         if st.held:
             return
@@ -366,7 +368,7 @@ class QueueWorker:
             try:
                 result = await stage.run(ctx)
             except Exception as exc:
-                await self._sync_stages(qid, unsynced)
+                await self._sync_stages(fd, unsynced)
                 await self._hold(qid, stage.name, f"{type(exc).__name__}: {exc}")
                 return
             finally:
@@ -384,10 +386,10 @@ class QueueWorker:
             if action in (Action.CONTINUE, Action.QUARANTINE, Action.DISCARD) and stage.once:
                 # False: it was fsynced, and that fsync covered the earlier ones too.
                 unsynced = await self._record_stage(
-                    qid, stage.name, ctx.data, before, result.facts)
+                    msg, fd, stage.name, ctx.data, before, result.facts)
             if action is Action.HOLD:
                 if not st.released:
-                    await self._sync_stages(qid, unsynced)
+                    await self._sync_stages(fd, unsynced)
                     await self._hold(qid, stage.name, f"hold: {result.reason}", reason="hold")
                     return
             elif action in (Action.QUARANTINE, Action.DISCARD):
@@ -397,14 +399,14 @@ class QueueWorker:
                 reply = str(result.reply or replies.REJECTED_POLICY)
                 outcomes = [Outcome(r, RcptStatus.BOUNCED, reply, f"stage:{stage.name}")
                             for r in st.pending]
-                await self._sync_stages(qid, unsynced)
+                await self._sync_stages(fd, unsynced)
                 await self._record(msg, st, ctx, outcomes)
                 return
             elif action is Action.TEMPFAIL:
                 reply = str(result.reply or replies.TEMPFAIL_POLICY)
                 outcomes = [Outcome(r, RcptStatus.DEFERRED, reply, f"stage:{stage.name}")
                             for r in st.pending]
-                await self._sync_stages(qid, unsynced)
+                await self._sync_stages(fd, unsynced)
                 await self._record(msg, st, ctx, outcomes)
                 return
 
@@ -413,27 +415,29 @@ class QueueWorker:
             if action is Action.DISCARD:
                 outcomes = [Outcome(r, RcptStatus.DISCARDED, f"discarded by {stage_name}: {reason}",
                                     f"stage:{stage_name}") for r in st.pending]
-                await self._sync_stages(qid, unsynced)
+                await self._sync_stages(fd, unsynced)
                 await self._record(msg, st, ctx, outcomes)
                 return
-            await self._sync_stages(qid, unsynced)
+            await self._sync_stages(fd, unsynced)
             await self._hold(qid, stage_name, f"{action}: {reason}", reason=str(action))
             return
 
         if st.finished:
             # A stage refused every recipient that was left: nothing to deliver.
-            await self._sync_stages(qid, unsynced)
+            await self._sync_stages(fd, unsynced)
             await self._finish(msg, st, {})
             return
         # One fsync for every stage completed in this pass, before delivery relies
         # on them (a restart after this point never runs those stages again).
-        await self._sync_stages(qid, unsynced)
+        await self._sync_stages(fd, unsynced)
         outcomes = await self.deliverer.deliver(ctx.envelope, ctx.data, st.pending, qid=qid)
         await self._record(msg, st, ctx, outcomes)
 
-    async def _sync_stages(self, qid: str, unsynced: bool) -> None:
+    async def _sync_stages(self, fd: int, unsynced: bool) -> None:
         if unsynced:
-            await self._io(self.spool.sync_stages, qid)
+            # Through the claim's descriptor: the thread does the fsync alone (an open
+            # and a close there were two more GIL hand-offs per message).
+            await self._io(self.spool.sync_file, fd)
 
     def _refuse(
         self, st: QueueState, stage: str, rejected: dict[str, replies.Reply]
@@ -478,7 +482,8 @@ class QueueWorker:
         return action, stage, reason
 
     async def _record_stage(
-        self, qid: str, stage: str, data: bytes, before: bytes, facts: dict[str, Any]
+        self, msg: SpooledMessage, fd: int, stage: str, data: bytes, before: bytes,
+        facts: dict[str, Any],
     ) -> bool:
         """Record a once-stage as done; True if the record still needs an fsync.
 
@@ -487,9 +492,11 @@ class QueueWorker:
         stage that left the bytes alone is only written (a kill -9 cannot lose it);
         its fsync is shared with the next one on this message's log.
         """
+        qid = msg.qid
         changed = data is not before and data != before
         if changed:
             await self._io(self.spool.save_data, qid, data)
+            msg.has_data = True
         event: dict[str, Any] = {"ev": "stage", "stage": stage}
         if facts:
             try:
@@ -497,18 +504,18 @@ class QueueWorker:
                 event["facts"] = facts
             except (TypeError, ValueError):
                 pass  # not serialisable: the stage's completion still counts
-        if changed:
-            await self._io(self.spool.append_stage, qid, event)
-            return False
         # A small append to a page-cached file: cheaper here than a thread hop.
-        self.spool.append_stage(qid, event, sync=False)
+        self.spool.append_stage(qid, event, sync=False, fd=fd)
+        if changed:
+            await self._io(self.spool.sync_file, fd)  # covers earlier records too
+            return False
         return True
 
-    async def _remove(self, qid: str) -> None:
+    async def _remove(self, msg: SpooledMessage) -> None:
         # The unlink is immediate (a restart after kill -9 never sees the message
         # again); its durability against power loss is group-committed: one
         # directory fsync covers every message finished meanwhile.
-        self.spool.remove(qid, sync=False)
+        self.spool.remove(msg.qid, sync=False, data=msg.has_data)
         if self.spool.fsync:
             self._dir_sync.request()
 
@@ -561,7 +568,7 @@ class QueueWorker:
         if st.finished and not any(
             r.status is RcptStatus.BOUNCED for r in st.recipients.values()
         ):
-            await self._remove(qid)
+            await self._remove(msg)
             self._log_attempt(msg, mid, attempts, events)
             log.event("done", qid=qid, message_id=mid, attempts=attempts)
             return
@@ -617,7 +624,8 @@ class QueueWorker:
                 mail_options=[] if sender.isascii() else ["SMTPUTF8"],
             )
             try:
-                dsn_qid = await self._io(self.spool.store, env, data, {"dsn": {"of": qid}})
+                dsn_qid = await store_from_loop(self.spool, self.executor, env, data,
+                                                {"dsn": {"of": qid}})
             except SpoolError as exc:
                 # Keep the original (every recipient is final): the next scan tries again.
                 log.event("dsn_error", qid=qid, error=str(exc))
@@ -625,5 +633,5 @@ class QueueWorker:
             log.event("dsn", qid=qid, dsn_qid=dsn_qid, to=sender,
                       recipients=[r.address for r in bounced])
             self.notify(dsn_qid)
-        await self._remove(qid)
+        await self._remove(msg)
         log.event("done", qid=qid, message_id=message_id(msg.data), attempts=st.attempts)

@@ -13,7 +13,8 @@ import pytest
 
 from gateway.envelope import Envelope, TlsInfo
 from gateway.errors import SpoolError, SpoolFullError
-from gateway.queue.spool import Spool
+from gateway.offload import HopPool
+from gateway.queue.spool import Spool, _FreeSpace, store_from_loop
 from gateway.queue.state import RcptStatus
 
 
@@ -215,3 +216,97 @@ def test_claim_of_a_message_removed_while_waiting_for_its_lock_is_refused(
     monkeypatch.undo()
     with spool.claim(qid) as mine:
         assert not mine
+
+
+class _Disk:
+    """A fake file system's free space and a clock, for the free-space cache."""
+
+    def __init__(self, free: int) -> None:
+        self.free = free
+        self.now = 0.0
+        self.statfs = 0
+
+    def measure(self, _path: Path) -> int:
+        self.statfs += 1
+        return self.free
+
+
+def _spool_on(tmp_path: Path, disk: _Disk, reserve: int) -> Spool:
+    spool = Spool(tmp_path, min_free_bytes=reserve)
+    spool.free_space = _FreeSpace(tmp_path, ttl=1.0, margin=1000, measure=disk.measure,
+                                  clock=lambda: disk.now)
+    return spool
+
+
+def test_free_space_far_above_the_reserve_is_measured_once_per_interval(
+    tmp_path: Path,
+) -> None:
+    disk = _Disk(free=1_000_000)
+    spool = _spool_on(tmp_path, disk, reserve=100)
+    assert all(spool.has_room(10) for _ in range(50))
+    assert disk.statfs == 1
+    disk.now = 1.5  # the interval is over: measured again
+    assert spool.has_room(10)
+    assert disk.statfs == 2
+
+
+def test_free_space_near_the_reserve_is_measured_at_every_check(tmp_path: Path) -> None:
+    disk = _Disk(free=1050)  # within the margin (1000) of the reserve (100)
+    spool = _spool_on(tmp_path, disk, reserve=100)
+    assert spool.has_room(10) and spool.has_room(10)
+    assert disk.statfs == 2
+    disk.free = 105  # another process filled the disk meanwhile: refused at once
+    assert not spool.has_room(10)
+
+
+def test_bytes_spooled_since_the_measurement_count_against_the_cached_figure(
+    tmp_path: Path,
+) -> None:
+    disk = _Disk(free=20_000)
+    spool = _spool_on(tmp_path, disk, reserve=100)
+    assert spool.has_room(10)
+    spool.store(_env(), b"x" * 19_000)  # the cached figure drops into the margin
+    disk.free = 50  # and the disk really is below the reserve now
+    assert not spool.has_room(10)  # re-measured within the interval, and refused
+    with pytest.raises(SpoolFullError):
+        spool.store(_env(), b"y")
+    assert len(spool.queue_ids()) == 1
+
+
+def test_stage_records_go_through_the_claim_descriptor(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    qid = spool.store(_env(), b"Subject: x\r\n\r\nbody\r\n")
+    with spool.claimed(qid) as fd:
+        assert fd is not None
+        spool.append_stage(qid, {"ev": "stage", "stage": "archive"}, sync=False, fd=fd)
+        spool.append_stage(qid, {"ev": "stage", "stage": "sign"}, fd=fd)
+        msg = spool.load(qid, fd)  # reads through the same descriptor
+    assert msg.data == b"Subject: x\r\n\r\nbody\r\n"
+    assert msg.state.stages_done == {"archive", "sign"}
+    assert spool.load(qid).state.stages_done == {"archive", "sign"}
+
+
+def test_a_claim_knows_the_size_of_the_file_it_holds(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    qid = spool.store(_env(), b"x" * 100)
+    spool.append_stage(qid, {"ev": "stage", "stage": "archive"})
+    with spool.claimed_sized(qid) as claim:
+        assert claim is not None
+        fd, size = claim
+        assert size == spool.msg_path(qid).stat().st_size
+        assert spool.load(qid, fd, size) == spool.load(qid)
+    spool.remove(qid)
+    with spool.claimed_sized(qid) as claim:
+        assert claim is None
+
+
+async def test_a_store_the_spool_threads_cannot_take_leaves_nothing_behind(
+    tmp_path: Path,
+) -> None:
+    spool = Spool(tmp_path)
+    pool = HopPool(1)
+    pool.shutdown()
+    with pytest.raises(RuntimeError):
+        await store_from_loop(spool, pool, _env(), b"x")
+    assert spool.queue_ids() == []
+    assert list(spool.tmp_dir.iterdir()) == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -588,3 +589,38 @@ async def test_stage_refusing_every_recipient_bounces_them_without_a_delivery_at
     (dsn_qid,) = rig.dsns()
     blocks = parse_report(rig.spool.load(dsn_qid).data).recipients
     assert [b["Final-Recipient"] for b in blocks] == ["rfc822; a@dst.test", "rfc822; b@dst.test"]
+
+
+@pytest.mark.parametrize("first_try", ["delivered", "deferred"])
+async def test_a_transformed_copy_is_removed_with_its_message(
+    make_rig: Callable[..., Rig], nexthop: NextHop, clock: FakeClock, first_try: str
+) -> None:
+    sign = RecordingStage("transform", once=True, result=StageResult(
+        headers=[("X-Signed", "yes")]))
+    if first_try == "deferred":
+        nexthop.rules = {"a@dst.test": "451 4.3.0 Later"}
+    rig = make_rig(stages=[sign])
+    qid = rig.store("a@dst.test")
+    await rig.worker.run_due()
+    if first_try == "deferred":  # the retry loads the saved copy instead of saving it
+        assert rig.spool.data_path(qid).exists()
+        nexthop.rules.clear()
+        clock.advance(3600)
+        await rig.worker.run_due()
+    assert rig.spool.queue_ids() == []
+    assert not rig.spool.data_path(qid).exists()
+    assert list(rig.spool.queue_dir.iterdir()) == []
+
+
+async def test_a_message_never_transformed_is_removed_without_touching_a_data_file(
+    make_rig: Callable[..., Rig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rig = make_rig(stages=[RecordingStage("archive", once=True)])
+    qid = rig.store("a@dst.test")
+    unlinked: list[str] = []
+    real = os.unlink
+    monkeypatch.setattr(os, "unlink", lambda p, *a, **kw: (unlinked.append(str(p)),
+                                                           real(p, *a, **kw))[1])
+    await rig.worker.run_due()
+    assert rig.spool.queue_ids() == []
+    assert [Path(p).name for p in unlinked] == [f"{qid}.msg", f"{qid}.state"]

@@ -18,7 +18,7 @@ from test_fail_closed import SECRET, SENDER, Rig
 from gateway.envelope import Envelope
 from gateway.errors import SpoolError
 from gateway.pipeline import MessageContext, StageResult
-from gateway.queue.spool import Spool
+from gateway.queue.spool import PendingStore, Spool
 from gateway.runner import Runner, split_copy
 from gateway.transform import mime
 from gateway.transform.encrypt_split import EncryptSplitStage, groups, wants_split
@@ -92,11 +92,11 @@ async def test_a_failed_second_copy_removes_the_first_and_answers_4xx(rig: Rig) 
     class FailSecond(Spool):
         calls = 0
 
-        def store(self, *a: Any, **kw: Any) -> str:
+        def begin(self, *a: Any, **kw: Any) -> PendingStore:  # the first half of store()
             FailSecond.calls += 1
             if FailSecond.calls == 2:
                 raise SpoolError("spool write failed: injected")
-            return super().store(*a, **kw)
+            return super().begin(*a, **kw)
 
     rig.spool = FailSecond(rig.spool.root)
     reply = await runner(rig, OPPORTUNISTIC).accept(
