@@ -102,6 +102,7 @@ class Archive:
 
     def close(self) -> None:
         self.store.close()
+        self.ledger.close()
 
     def probe(self) -> None:
         """Raise (ObjectStoreUnavailableError) unless the blob store answers; local files
