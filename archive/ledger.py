@@ -54,6 +54,7 @@ import json
 import os
 import re
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -476,6 +477,7 @@ class _FileLock:
         self.thread_lock = threading.Lock()
         self.fd = -1
         self.pid = 0
+        self._closer: weakref.finalize[[int], _FileLock] | None = None
 
     def __enter__(self) -> None:
         self.thread_lock.acquire()
@@ -483,6 +485,8 @@ class _FileLock:
             if self.pid != os.getpid():
                 self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o640)
                 self.pid = os.getpid()
+                # A Ledger nobody closes (a report reading entries) still gives it back.
+                self._closer = weakref.finalize(self, os.close, self.fd)
             fcntl.flock(self.fd, fcntl.LOCK_EX)
         except BaseException:
             self.thread_lock.release()
@@ -496,9 +500,9 @@ class _FileLock:
 
     def close(self) -> None:
         with self.thread_lock:
-            if self.pid == os.getpid():
-                os.close(self.fd)
-            self.fd, self.pid = -1, 0
+            if self._closer is not None:
+                self._closer()  # in a forked child: its own copy of the parent's fd
+            self.fd, self.pid, self._closer = -1, 0, None
 
 
 def _plain(fields: Mapping[str, Any]) -> bool:

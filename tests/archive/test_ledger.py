@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import fcntl
+import gc
 import hashlib
 import itertools
 import json
@@ -196,3 +197,13 @@ def test_a_forked_child_waits_for_the_lock_its_parent_holds(tmp_path: Path) -> N
     _, status = os.waitpid(pid, 0)
     assert status == 0 and done.exists()
     assert [e.fields["n"] for e in ledger.entries()] == [1, 2]
+
+
+def test_a_ledger_dropped_without_close_gives_its_lock_file_back(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger")
+    ledger.append("audit", n=1)
+    fd = ledger._lock.fd
+    del ledger
+    gc.collect()
+    with pytest.raises(OSError):
+        os.fstat(fd)
