@@ -102,6 +102,7 @@ class Archive:
 
     def close(self) -> None:
         self.store.close()
+        self.ledger.close()
 
     def probe(self) -> None:
         """Raise (ObjectStoreUnavailableError) unless the blob store answers; local files
@@ -227,11 +228,18 @@ class BatchWriter:
 
     Each caller awaits its own BlobRef, which is returned only after the blob and
     its ledger entry are durable, so the SMTP 250 can follow it.  Up to
-    ``in_flight`` batches are written at once (in threads), so one batch's files
-    are written while the previous one waits for its fsyncs.
+    ``in_flight`` batches are written at once (in threads).
+
+    One by default: whatever arrives while a batch commits makes the next batch.
+    A batch costs about 1 ms of CPU whatever its size (three fsyncs, the store and
+    ledger locks, rereading the other writers' appends); with two in flight, a put
+    arriving while one committed started a second batch of its own at once, and the
+    relay's batches held half as many messages (4-5 instead of 8-9 at 20
+    connections), for ~0.08 ms more CPU per message.  A message waits at most one
+    commit longer; throughput still grows with the batch.
     """
 
-    def __init__(self, archive: Archive, *, max_batch: int = 128, in_flight: int = 2) -> None:
+    def __init__(self, archive: Archive, *, max_batch: int = 128, in_flight: int = 1) -> None:
         self.archive = archive
         self.max_batch = max_batch
         self.in_flight = in_flight

@@ -54,6 +54,7 @@ import json
 import os
 import re
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -79,10 +80,18 @@ class Timestamper(Protocol):
     def token(self, digest: bytes) -> bytes: ...
 
 
+# Built once: json.dumps with options builds a new encoder on every call, which cost
+# more than the encoding of a small entry (three encodings per entry).  Same output.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                              allow_nan=False)
+_LINE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
+# Values whose JSON encoding cannot fail (a float can: NaN and infinities are refused).
+_PLAIN_TYPES = (str, int, bool, type(None))
+
+
 def canonical(obj: Mapping[str, Any]) -> bytes:
     """The bytes that are hashed: sorted keys, no whitespace, ASCII only."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
-                      allow_nan=False).encode()
+    return _CANONICAL.encode(obj).encode()
 
 
 def entry_hash(entry: Mapping[str, Any]) -> str:
@@ -220,9 +229,9 @@ class Ledger:
         self.timestamper = timestamper
         self.repaired_bytes = 0  # torn-tail bytes this process truncated (for logs/tests)
         self.repaired_bytes_pending = 0
-        self._thread_lock = threading.Lock()
         self._head: _Head | None = None  # read and written under the lock only
         path.mkdir(parents=True, exist_ok=True, mode=0o750)
+        self._lock = _FileLock(path / ".lock")
 
     # -- public API --------------------------------------------------------------
 
@@ -317,13 +326,19 @@ class Ledger:
         bad = RESERVED.intersection(fields)
         if bad:
             raise LedgerError(f"ledger entry fields may not be named {sorted(bad)}")
+        if _plain(fields):
+            return  # encodes whatever the strings hold: no need to try
         try:
             canonical(fields)
         except (TypeError, ValueError) as exc:
             raise LedgerError(f"{kind} entry: fields must be JSON values ({exc})") from None
 
     def _locked(self) -> _FileLock:
-        return _FileLock(self.path / ".lock", self._thread_lock)
+        return self._lock
+
+    def close(self) -> None:
+        """Close the lock file (the next append opens it again)."""
+        self._lock.close()
 
     def _append_locked(
         self, items: Sequence[tuple[str, Mapping[str, Any]]], *, force_checkpoint: bool = False
@@ -431,8 +446,7 @@ class Ledger:
                 seg = (seq, self.path / segment_name(seq))
             room = self.segment_entries - (seq - seg[0])
             chunk = entries[i:i + room]
-            data = b"".join(json.dumps(e.as_dict(), ensure_ascii=True,
-                                       separators=(",", ":")).encode() + b"\n" for e in chunk)
+            data = b"".join(_LINE.encode(e.as_dict()).encode() + b"\n" for e in chunk)
             created = not seg[1].exists()
             fd = os.open(seg[1], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
             try:
@@ -451,30 +465,49 @@ class Ledger:
 
 
 class _FileLock:
-    """flock on ledger/.lock (between processes) plus a thread lock (within one)."""
+    """flock on ledger/.lock (between processes) plus a thread lock (within one).
 
-    def __init__(self, path: Path, thread_lock: threading.Lock) -> None:
+    The lock file stays open between batches (an open and a close less per append).
+    A forked child opens its own: a flock belongs to the open file description, which
+    a child shares with its parent, so the inherited one would not keep them apart.
+    """
+
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self.thread_lock = thread_lock
+        self.thread_lock = threading.Lock()
         self.fd = -1
+        self.pid = 0
+        self._closer: weakref.finalize[[int], _FileLock] | None = None
 
     def __enter__(self) -> None:
         self.thread_lock.acquire()
         try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o640)
+            if self.pid != os.getpid():
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o640)
+                self.pid = os.getpid()
+                # A Ledger nobody closes (a report reading entries) still gives it back.
+                self._closer = weakref.finalize(self, os.close, self.fd)
             fcntl.flock(self.fd, fcntl.LOCK_EX)
         except BaseException:
-            if self.fd >= 0:
-                os.close(self.fd)
             self.thread_lock.release()
             raise
 
     def __exit__(self, *exc: object) -> None:
         try:
-            os.close(self.fd)  # closing releases the flock
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
         finally:
-            self.fd = -1
             self.thread_lock.release()
+
+    def close(self) -> None:
+        with self.thread_lock:
+            if self._closer is not None:
+                self._closer()  # in a forked child: its own copy of the parent's fd
+            self.fd, self.pid, self._closer = -1, 0, None
+
+
+def _plain(fields: Mapping[str, Any]) -> bool:
+    """String keys and string, int, bool or None values: JSON for certain (pure)."""
+    return all(type(k) is str and isinstance(v, _PLAIN_TYPES) for k, v in fields.items())
 
 
 def _last_line(seg: Path) -> tuple[bytes | None, int]:

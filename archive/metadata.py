@@ -28,7 +28,7 @@ import getpass
 import json
 import os
 import threading
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -64,6 +64,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.dialects.sqlite import DATETIME as SQLITE_DATETIME
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -120,6 +121,37 @@ class UtcDateTime(TypeDecorator[datetime]):
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         return None if value is None else value.replace(tzinfo=UTC)
+
+    def bind_processor(self, dialect: Dialect) -> Callable[[datetime | None], Any] | None:
+        """On SQLite, ``process_bind_param`` and the dialect's text format in one step.
+
+        The generic path (``process_bind_param``, then SQLite DATETIME's ``%`` format
+        with a dict of seven fields) cost ~5 us per timestamp, and every archived
+        message binds five.  The text is the same (tests hold them equal); any other
+        dialect, or a DATETIME with another storage format, takes the generic path.
+        """
+        impl = self.impl_instance
+        if (isinstance(impl, SQLITE_DATETIME)
+                and getattr(impl, "_storage_format", None) == _SQLITE_DATETIME_FORMAT):
+            return _sqlite_utc_text
+        return super().bind_processor(dialect)
+
+
+# SQLite DATETIME's default text format (what _sqlite_utc_text writes).
+_SQLITE_DATETIME_FORMAT = getattr(SQLITE_DATETIME, "_storage_format", None)
+
+
+def _sqlite_utc_text(value: datetime | None) -> str | None:
+    """UtcDateTime's bound value as SQLite DATETIME stores it: naive UTC,
+    "YYYY-MM-DD HH:MM:SS.ffffff"."""
+    if value is None:
+        return None
+    tz = value.tzinfo
+    if tz is None:
+        raise ValueError("naive datetime given to the archive metadata")
+    if tz is not UTC:  # the gateway's clocks give UTC already
+        value = value.astimezone(UTC)
+    return value.replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
 class Base(DeclarativeBase):

@@ -72,8 +72,9 @@ WRAP_MAGIC = b"CFRK"  # the wrapped key's associated data starts with this
 VERSION = 1
 DKID_BYTES = 8
 NONCE_BYTES = 12
+DATA_KEY_BYTES = 32
 TAG_BYTES = 16
-WRAPPED_BYTES = 32 + TAG_BYTES
+WRAPPED_BYTES = DATA_KEY_BYTES + TAG_BYTES
 _RECORD_HEAD = struct.Struct(">4sB32s8sI")
 RECORD_HEADER_LEN = _RECORD_HEAD.size  # 49
 _RECORD_NONCE = bytes(NONCE_BYTES)  # see the module docstring: one key, one record
@@ -183,16 +184,18 @@ def seal(sha256: str, plaintext_z: bytes, archive_key: ArchiveKey) -> Sealed:
     if len(plaintext_z) + TAG_BYTES >= MAX_RECORD:
         raise ValueError("message too large for one record")
     sha_raw = bytes.fromhex(sha256)
-    # os.urandom is what secrets.token_bytes and AESGCM.generate_key return.
-    dkid = os.urandom(DKID_BYTES)
-    data_key = os.urandom(32)  # AES-256
+    # os.urandom is what secrets.token_bytes and AESGCM.generate_key return; one call
+    # (one getrandom) for the record's three random values.
+    fresh = os.urandom(DKID_BYTES + DATA_KEY_BYTES + NONCE_BYTES)
+    dkid = fresh[:DKID_BYTES]
+    data_key = fresh[DKID_BYTES:DKID_BYTES + DATA_KEY_BYTES]  # AES-256
+    knonce = fresh[DKID_BYTES + DATA_KEY_BYTES:]
     header = _RECORD_HEAD.pack(RECORD_MAGIC, VERSION, sha_raw, dkid,
                                len(plaintext_z) + TAG_BYTES)
     record = header + AESGCM(data_key).encrypt(_RECORD_NONCE, plaintext_z, header)
     kid = archive_key.id.encode("ascii")
     # NIST SP 800-38D §8.2.2: the archive key wraps many data keys, so each wrap
-    # gets a random 96-bit nonce.
-    knonce = os.urandom(NONCE_BYTES)
+    # gets a random 96-bit nonce (knonce, above).
     wrapped = _wrapper(archive_key.key).encrypt(knonce, data_key,
                                                 _wrap_aad(kid, sha_raw, dkid))
     body = b"K" + dkid + bytes([len(kid)]) + kid + knonce + wrapped

@@ -24,6 +24,7 @@ parameter order (``RETURNING`` with ``sort_by_parameter_order``).
 
 from __future__ import annotations
 
+import operator
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -71,7 +72,7 @@ class _Prepared:
     """One INSERT compiled for a dialect: its SQL and, per positional parameter, the
     row key it takes and the bind processor its value goes through."""
 
-    __slots__ = ("keys", "procs", "sql")
+    __slots__ = ("converted", "get", "keys", "procs", "sql")
 
     def __init__(self, table: Table, keys: tuple[str, ...], dialect: Dialect) -> None:
         compiled = insert(table).compile(dialect=dialect, column_keys=list(keys))
@@ -83,10 +84,28 @@ class _Prepared:
         self.keys = tuple(order)
         self.procs: tuple[_Processor, ...] = tuple(
             table.c[k].type.dialect_impl(dialect).bind_processor(dialect) for k in order)
+        # Most columns (strings, integers) have no processor: the values are taken in
+        # one C call per row, and only the few that need it (timestamps, JSON) converted.
+        self.get = operator.itemgetter(*order) if order else None
+        self.converted = tuple((i, p) for i, p in enumerate(self.procs) if p is not None)
 
     def params(self, rows: Sequence[Row]) -> list[tuple[Any, ...]]:
-        pairs = tuple(zip(self.keys, self.procs, strict=True))
-        return [tuple(row[k] if p is None else p(row[k]) for k, p in pairs) for row in rows]
+        if self.get is None:
+            return [() for _ in rows]
+        get = self.get
+        if len(self.keys) == 1:  # itemgetter of one key returns the value, not a tuple
+            values = [(get(row),) for row in rows]
+        else:
+            values = [get(row) for row in rows]
+        if not self.converted:
+            return values
+        out = []
+        for vals in values:
+            row = list(vals)
+            for i, proc in self.converted:
+                row[i] = proc(row[i])
+            out.append(tuple(row))
+        return out
 
 
 # Per dialect (its bind processors follow the engine's options, e.g. a JSON serialiser):

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import base64
+import fcntl
+import gc
 import hashlib
 import itertools
+import json
 import multiprocessing
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -135,3 +140,70 @@ def test_appenders_in_several_processes_serialise_into_one_chain(tmp_path: Path)
     summary, findings = verify(tmp_path)  # ledger at <root>/ledger, no store: chain only
     assert [f.code for f in findings if f.severity == "error"] == []
     assert summary.ledger_entries == 160
+
+
+def test_values_json_cannot_represent_are_refused_and_plain_ones_pass(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger")
+    for bad in ({"score": float("nan")}, {"what": object()}, {"score": float("inf")}):
+        with pytest.raises(LedgerError, match="JSON values"):
+            ledger.append("audit", **bad)
+    ledger.append("audit", name="Zoë \udcff", n=10**30, ok=True, gone=None)
+    [entry] = list(ledger.entries())
+    assert entry.fields == {"name": "Zoë \udcff", "n": 10**30, "ok": True, "gone": None}
+
+
+def test_a_line_is_written_as_json_dumps_writes_it(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger")
+    [entry] = ledger.append_many([("audit", {"b": "é", "a": [1, 2.5], "c": {"z": 1}})])
+    line = (tmp_path / "ledger" / "000000000001.jsonl").read_bytes()
+    assert line == json.dumps(entry.as_dict(), ensure_ascii=True,
+                              separators=(",", ":")).encode() + b"\n"
+    assert entry.hash == hashlib.sha256(json.dumps(
+        {k: v for k, v in entry.as_dict().items() if k != "hash"}, sort_keys=True,
+        separators=(",", ":"), ensure_ascii=True).encode()).hexdigest()
+
+
+def test_the_lock_file_is_opened_once_per_process(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger")
+    ledger.append("audit", n=1)
+    fd = ledger._lock.fd
+    ledger.append("audit", n=2)
+    assert ledger._lock.fd == fd
+    ledger.close()
+    ledger.append("audit", n=3)  # opens it again
+    assert [e.fields["n"] for e in ledger.entries()] == [1, 2, 3]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_waits_for_the_lock_its_parent_holds(tmp_path: Path) -> None:
+    # The child inherits the parent's open lock file: taking the flock through it
+    # would succeed at once (same open file description), so it must open its own.
+    ledger = Ledger(tmp_path / "ledger")
+    ledger.append("audit", n=1)
+    done = tmp_path / "child-done"
+    fcntl.flock(ledger._lock.fd, fcntl.LOCK_EX)  # as another appender would hold it
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            try:
+                ledger.append("audit", n=2)
+                done.write_text("x")
+            finally:
+                os._exit(0)
+        time.sleep(0.5)
+        assert not done.exists()  # still waiting for the parent's lock
+    finally:
+        fcntl.flock(ledger._lock.fd, fcntl.LOCK_UN)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0 and done.exists()
+    assert [e.fields["n"] for e in ledger.entries()] == [1, 2]
+
+
+def test_a_ledger_dropped_without_close_gives_its_lock_file_back(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger")
+    ledger.append("audit", n=1)
+    fd = ledger._lock.fd
+    del ledger
+    gc.collect()
+    with pytest.raises(OSError):
+        os.fstat(fd)

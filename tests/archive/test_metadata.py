@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from email.policy import SMTP
 
+import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -208,3 +209,38 @@ def test_nodes_migrating_at_the_same_time_all_succeed(meta: Metadata, backend: s
         if schema is not None:
             with meta.engine.begin() as c:
                 c.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+
+
+def test_sqlite_timestamps_are_bound_as_the_generic_type_decorator_binds_them() -> None:
+    """UtcDateTime's one-step SQLite processor writes the text the generic path
+    (process_bind_param, then SQLite DATETIME's format) writes."""
+    import random
+    from datetime import timezone
+
+    from sqlalchemy.types import TypeDecorator
+
+    dialect = sa.create_engine("sqlite://").dialect
+    typ = Message.__table__.c.date.type.dialect_impl(dialect)
+    fast, generic = typ.bind_processor(dialect), TypeDecorator.bind_processor(typ, dialect)
+    assert fast is not None and generic is not None and fast is not generic
+    rng = random.Random(5)
+    values: list[datetime | None] = [None, T0, datetime(1, 1, 1, tzinfo=UTC),
+                                     datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)]
+    for _ in range(2000):
+        tz = timezone(timedelta(minutes=rng.randint(-14 * 60, 14 * 60)))
+        values.append(datetime(rng.randint(2, 9998), rng.randint(1, 12), rng.randint(1, 28),
+                               rng.randint(0, 23), rng.randint(0, 59), rng.randint(0, 59),
+                               rng.choice([0, rng.randint(0, 999999)]), tzinfo=tz))
+    for value in values:
+        assert fast(value) == generic(value)
+    with pytest.raises(ValueError, match="naive"):
+        fast(datetime(2024, 1, 1))
+
+
+def test_other_dialects_bind_timestamps_the_generic_way() -> None:
+    from sqlalchemy.dialects import postgresql
+
+    dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
+    typ = Message.__table__.c.date.type.dialect_impl(dialect)
+    fast = typ.bind_processor(dialect)
+    assert fast is None or fast.__name__ != "_sqlite_utc_text"

@@ -21,7 +21,7 @@ from archive_db import make_record
 
 import archive.metadata as metadata_module
 from archive.metadata import Base, MessageRecord, Metadata
-from archive.rows import CoreRows, SqliteRows, rows_for
+from archive.rows import CoreRows, SqliteRows, _Prepared, rows_for
 from gateway.archive_health import backend_unavailable
 
 T0 = datetime(2026, 3, 1, 9, 30, 15, 123456, tzinfo=UTC)
@@ -185,3 +185,31 @@ def test_columns_with_client_defaults_left_out_go_through_core(tmp_path: Path) -
                                      (ids[0],)).scalar()
     assert flags == "[]"
     meta.close()
+
+
+def test_prepared_values_are_each_columns_bind_processor_applied_in_sql_order() -> None:
+    dialect = sa.create_engine("sqlite://").dialect
+    table = metadata_module._MESSAGES
+    rows = [metadata_module._message_row(7, rec) for batch in _batches() for rec in batch]
+    prepared = _Prepared(table, tuple(rows[0]), dialect)
+    expected = []
+    for row in rows:
+        values = []
+        for key in prepared.keys:
+            proc = table.c[key].type.dialect_impl(dialect).bind_processor(dialect)
+            values.append(row[key] if proc is None else proc(row[key]))
+        expected.append(tuple(values))
+    assert prepared.params(rows) == expected
+    assert any(isinstance(v, str) and v.startswith("20") for v in expected[0])  # timestamps
+
+
+def test_a_one_column_table_gets_one_value_tuples(tmp_path: Path) -> None:
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'one.db'}")
+    table = sa.Table("one", sa.MetaData(), sa.Column("name", sa.String))
+    table.create(engine)
+    with engine.begin() as conn:
+        SqliteRows(conn).insert(table, [{"name": "a"}, {"name": "b"}])
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT name FROM one ORDER BY name").scalars().all() \
+            == ["a", "b"]
+    engine.dispose()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -334,3 +335,29 @@ def test_processes_storing_the_same_messages_at_once_store_each_once(tmp_path: P
         assert a.get(hashlib.sha256(b"shared message 7").hexdigest()) == b"shared message 7"
     summary, findings = verify(tmp_path / "archive")
     assert summary.ok and summary.warnings == 0, findings
+
+
+async def test_puts_arriving_while_a_batch_commits_share_the_next_batch(tmp_path: Path) -> None:
+    class Recording(Archive):
+        """The real archive, remembering each group commit's size; the first is slow."""
+
+        sizes: list[int] = []
+
+        def put_many(self, datas: Any, records: Any = None) -> Any:
+            self.sizes.append(len(datas))
+            if len(self.sizes) == 1:
+                time.sleep(0.2)  # the others arrive meanwhile
+            return super().put_many(datas, records)
+
+    archive = Recording.open(tmp_path)
+    writer = BatchWriter(archive)
+    try:
+        first = asyncio.ensure_future(writer.put(b"first"))
+        await asyncio.sleep(0.05)  # the first batch is committing
+        rest = await asyncio.gather(*(writer.put(b"later %d" % i) for i in range(6)))
+        await first
+    finally:
+        await writer.close()
+        archive.close()
+    assert len(rest) == 6
+    assert Recording.sizes == [1, 6]
