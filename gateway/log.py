@@ -115,13 +115,15 @@ def setup(level: str = "INFO", fmt: str = "json", file: Path | None = None) -> N
     LOGGER.propagate = False
 
 
-def _direct() -> _FileHandler | _StreamHandler | None:
-    """setup()'s JSON handler if a line may go straight to it: it is the logger's
-    only handler (not one a test or a caller added) and nothing filters."""
+def _direct(level: int) -> _FileHandler | _StreamHandler | None:
+    """setup()'s JSON handler if a line may go straight to it: it is the only
+    handler the record would reach (none added by a test or a caller, no
+    propagation to the root logger's), it takes the level, and nothing filters."""
     handler = _json_handler
     handlers = LOGGER.handlers
     if (handler is None or len(handlers) != 1 or handlers[0] is not handler
-            or LOGGER.filters or handler.filters):
+            or LOGGER.propagate or level < handler.level or LOGGER.filters
+            or handler.filters):
         return None
     return handler
 
@@ -136,7 +138,7 @@ def event(name: str, level: int = logging.INFO, **fields: Any) -> None:
     """Log one structured event, e.g. event("delivery", qid=..., rcpt=..., result=...)."""
     if not LOGGER.isEnabledFor(level):
         return
-    handler = _direct()
+    handler = _direct(level)
     stream = handler.stream if handler is not None else None
     if handler is None or stream is None:  # (a closed FileHandler reopens in emit)
         LOGGER.handle(_record(name, level, fields))

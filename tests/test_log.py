@@ -162,3 +162,21 @@ class _Broken:
 
     def flush(self) -> None:
         pass
+
+
+def test_a_handler_level_above_the_events_still_drops_it(log_file: Path) -> None:
+    log.LOGGER.handlers[0].setLevel(logging.WARNING)
+    log.event("quiet")
+    log.event("loud", level=logging.WARNING)
+    assert [json.loads(x)["event"] for x in log_file.read_text().splitlines()] == ["loud"]
+
+
+def test_with_propagation_on_the_root_handlers_get_the_event_too(
+    log_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    log.LOGGER.propagate = True  # the fixture restores it
+    with caplog.at_level(logging.INFO):
+        log.event("both", n=1)
+    assert "both" in [r.getMessage() for r in caplog.records]
+    log.LOGGER.handlers[0].flush()
+    assert json.loads(log_file.read_text())["event"] == "both"
