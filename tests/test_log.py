@@ -113,3 +113,70 @@ def test_a_flush_left_pending_by_a_finished_loop_does_not_stall_the_next(
 
     assert [json.loads(x)["event"] for x in asyncio.run(later()).splitlines()] == [
         "first", "second"]
+
+
+def test_a_line_written_directly_is_the_formatters_line() -> None:
+    record = logging.LogRecord("coffer", logging.WARNING, "(unknown file)", 0, "delivery", (),
+                               None)
+    record.fields = FIELDS
+    assert log._json_line(record.created, logging.WARNING, "delivery", FIELDS) == \
+        log._JsonFormatter().format(record)
+
+
+def test_a_field_named_like_a_fixed_key_replaces_its_value_in_place(log_file: Path) -> None:
+    log.event("x", level=logging.WARNING, level2=1, event="y")
+    (line,) = log_file.read_text().splitlines()
+    assert list(json.loads(line).items())[1:] == [("level", "warning"), ("event", "y"),
+                                                  ("level2", 1)]
+
+
+def test_a_filter_on_the_handler_still_applies(log_file: Path) -> None:
+    handler = log.LOGGER.handlers[0]
+    handler.addFilter(lambda r: r.getMessage() != "secret")
+    log.event("secret")
+    log.event("public")
+    assert [json.loads(x)["event"] for x in log_file.read_text().splitlines()] == ["public"]
+
+
+def test_a_closed_file_handler_reopens_its_file(log_file: Path) -> None:
+    log.LOGGER.handlers[0].close()
+    log.event("after_close", n=1)
+    log.LOGGER.handlers[0].flush()
+    assert json.loads(log_file.read_text())["event"] == "after_close"
+
+
+def test_a_write_error_goes_to_handle_error(
+    log_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handler = log.LOGGER.handlers[0]
+    seen: list[logging.LogRecord] = []
+    monkeypatch.setattr(handler, "handleError", seen.append)
+    monkeypatch.setattr(handler, "stream", _Broken())
+    log.event("lost", n=3)
+    assert [(r.getMessage(), r.fields) for r in seen] == [("lost", {"n": 3})]  # type: ignore[attr-defined]
+
+
+class _Broken:
+    def write(self, text: str) -> int:
+        raise OSError("disk gone")
+
+    def flush(self) -> None:
+        pass
+
+
+def test_a_handler_level_above_the_events_still_drops_it(log_file: Path) -> None:
+    log.LOGGER.handlers[0].setLevel(logging.WARNING)
+    log.event("quiet")
+    log.event("loud", level=logging.WARNING)
+    assert [json.loads(x)["event"] for x in log_file.read_text().splitlines()] == ["loud"]
+
+
+def test_with_propagation_on_the_root_handlers_get_the_event_too(
+    log_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    log.LOGGER.propagate = True  # the fixture restores it
+    with caplog.at_level(logging.INFO):
+        log.event("both", n=1)
+    assert "both" in [r.getMessage() for r in caplog.records]
+    log.LOGGER.handlers[0].flush()
+    assert json.loads(log_file.read_text())["event"] == "both"

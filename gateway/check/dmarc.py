@@ -41,6 +41,12 @@ def _psl() -> PublicSuffixList:
     return PublicSuffixList()
 
 
+def preload() -> None:
+    """Parse the Public Suffix List now (about 50 ms of CPU, 0.7 s under cProfile),
+    at start-up, so that the first message checked does not wait for it."""
+    _psl()
+
+
 @functools.lru_cache(maxsize=4096)
 def org_domain(domain: str) -> str:
     """RFC 7489 §3.2: the registered domain, one label below its public suffix.

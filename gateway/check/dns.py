@@ -307,6 +307,8 @@ def _pyspf_lookup(
 
 def _install_pyspf_adapter() -> None:
     global _installed
+    if _installed:  # every SPF check passes here: no lock once it is done
+        return
     with _install_lock:
         if not _installed:
             spf.DNSLookup = _pyspf_lookup

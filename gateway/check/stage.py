@@ -61,6 +61,8 @@ class CheckStage:
         servers = nameservers if nameservers is not None else list(cfg.dns.nameservers)
         executor = ThreadPoolExecutor(check.threads, thread_name_prefix="coffer-check")
         resolver = Resolver(servers, float(cfg.dns.timeout), cache, executor)
+        if check.enabled("dmarc"):
+            dmarc.preload()  # built at start-up: not a cost of the first message
         return cls(resolver, check, authserv_id=check.authserv_id or cfg.hostname)
 
     def close(self) -> None:

@@ -17,6 +17,7 @@ general address literal are refused here, before relay control sees them.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -104,8 +105,13 @@ def _check_literal(literal: str) -> None:
         raise AddressError(f"invalid address literal {literal!r}") from None
 
 
+@functools.lru_cache(maxsize=1024)
 def parse_path(text: str) -> Mailbox:
-    """Parse ``<[route:]local@domain>`` strictly (RFC 5321 §4.1.2)."""
+    """Parse ``<[route:]local@domain>`` strictly (RFC 5321 §4.1.2).
+
+    Remembered (a Mailbox is immutable; a refused path raises every time): the
+    same senders and recipients come back message after message, and the
+    regular expression and IDNA checks cost more than the rest of MAIL or RCPT."""
     m = _PATH.fullmatch(text)
     if m is None:
         raise AddressError(f"not a valid path: {text!r}")
@@ -144,6 +150,9 @@ def split_argument(arg: str, keyword: str) -> tuple[str, list[str]] | None:
 
 
 def _closing_bracket(text: str) -> int:
+    end = text.find(">")
+    if end < 0 or ('"' not in text[:end] and "\\" not in text[:end]):
+        return end  # no quoting before the first ">": the loop below would stop there
     quoted = escaped = False
     for i, ch in enumerate(text):
         if escaped:

@@ -12,6 +12,7 @@ import pytest
 from authdns import DnsTestServer, Zone
 
 from gateway import config as gconfig
+from gateway.check import dmarc
 from gateway.check.config import CheckConfig, SigningKey
 from gateway.check.dns import Resolver, TtlCache
 from gateway.check.stage import CheckStage
@@ -123,6 +124,24 @@ def test_from_config_uses_the_dns_section_and_hostname(tmp_path: Path,
     assert stage.resolver.timeout == 1.5
     assert stage.resolver.cache is not None
     assert stage.resolver.executor is not None  # its own threads, not the loop's default
+    stage.close()
+
+
+def test_from_config_parses_the_public_suffix_list_at_start_up(tmp_path: Path) -> None:
+    # The first message checked must not pay for parsing the list (about 50 ms).
+    dmarc._psl.cache_clear()
+    cfg = gconfig.defaults(tmp_path)
+    stage = CheckStage.from_config(cfg, nameservers=["127.0.0.1:9"])
+    assert dmarc._psl.cache_info().currsize == 1
+    stage.close()
+
+
+def test_from_config_leaves_the_list_alone_without_dmarc(tmp_path: Path) -> None:
+    dmarc._psl.cache_clear()
+    cfg = gconfig.defaults(tmp_path)
+    cfg = cfg.model_copy(update={"check": CheckConfig(checks=["spf", "dkim"])})
+    stage = CheckStage.from_config(cfg, nameservers=["127.0.0.1:9"])
+    assert dmarc._psl.cache_info().currsize == 0
     stage.close()
 
 

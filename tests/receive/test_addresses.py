@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+from email.utils import format_datetime
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway.envelope import Envelope, TlsInfo
+from gateway.receive import addresses
 from gateway.receive.addresses import (
     AddressError,
     Mailbox,
@@ -112,3 +118,39 @@ def test_with_protocol_rfc3848(kw: dict[str, object], extended: bool, want: str)
 ])
 def test_address_literal(ip: str, want: str) -> None:
     assert address_literal(ip) == want
+
+
+def _closing_bracket_by_scan(text: str) -> int:
+    """The character-by-character scan that addresses._closing_bracket short-cuts."""
+    quoted = escaped = False
+    for i, ch in enumerate(text):
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+        elif ch == ">" and not quoted:
+            return i
+    return -1
+
+
+@given(st.text(alphabet='<>"\\ a@.', max_size=20))
+def test_closing_bracket_is_the_scans_answer(text: str) -> None:
+    assert addresses._closing_bracket(text) == _closing_bracket_by_scan(text)
+
+
+def test_a_refused_path_is_refused_again_when_asked_twice() -> None:
+    # parse_path is remembered; errors must not be (nor turn into a cached None).
+    for _ in range(2):
+        with pytest.raises(AddressError):
+            parse_path("<a@@b.example>")
+    assert parse_path("<a@b.example>") is parse_path("<a@b.example>")
+
+
+@given(st.floats(min_value=0, max_value=4e9, allow_nan=False))
+def test_received_date_is_format_datetimes(when: float) -> None:
+    env = Envelope("a@b.example", ["c@d.example"], client_ip="192.0.2.1", helo="h.example",
+                   received_at=when)
+    field = received_header(env, hostname="mx.example", trace_id="t1").decode()
+    assert field.endswith("; " + format_datetime(datetime.fromtimestamp(when, UTC)) + "\r\n")
