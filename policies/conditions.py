@@ -593,13 +593,14 @@ class AttachmentProps:
         return ", ".join(parts) or "any attachment"
 
     def evaluate(self, ctx: EvalContext) -> Result:
-        for a in ctx.message.attachments:
+        # Attachment properties never include the extracted text: don't extract it.
+        attachments = ctx.message.attachment_meta
+        for a in attachments:
             if self._fits(a):
                 label = show(a.name) if a.name else f"({a.declared_type})"
                 extra = f" [{a.reason}]" if a.reason else ""
                 return True, f"attachment {label} at depth {a.depth}{extra}: {self.describe()}"
-        n = len(ctx.message.attachments)
-        return False, f"no attachment of {n} with {self.describe()}"
+        return False, f"no attachment of {len(attachments)} with {self.describe()}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -607,7 +608,7 @@ class AttachmentCount:
     compare: Compare
 
     def evaluate(self, ctx: EvalContext) -> Result:
-        n = len(ctx.message.attachments)
+        n = len(ctx.message.attachment_meta)
         ok = self.compare.test(n)
         return ok, f"{n} attachments" + ("" if ok else f", not {self.compare.describe()}")
 
