@@ -12,6 +12,7 @@ Every predicate returns the reason along with the answer, so the trace can say
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import operator
 import re
@@ -39,7 +40,8 @@ def derive_direction(envelope: Envelope, local_domains: Iterable[str]) -> str:
     recipient is not; internal: sender and every recipient local; inbound: the
     sender is not local and some recipient is; relay: nothing local at all.
     """
-    local = {d.lower().rstrip(".") for d in local_domains}
+    local = (_local_set(local_domains) if isinstance(local_domains, tuple)
+             else _normalise(local_domains))
     sender_local = domain_of(envelope.mail_from) in local
     rcpt_local = [domain_of(r) in local for r in envelope.rcpt_to]
     if (sender_local or envelope.auth_user) and not all(rcpt_local):
@@ -49,6 +51,14 @@ def derive_direction(envelope: Envelope, local_domains: Iterable[str]) -> str:
     if any(rcpt_local):
         return "inbound"
     return "outbound" if sender_local or envelope.auth_user else "relay"
+
+
+def _normalise(local_domains: Iterable[str]) -> frozenset[str]:
+    return frozenset(d.lower().rstrip(".") for d in local_domains)
+
+
+# The decide stage passes the same tuple for every message: normalise it once.
+_local_set = functools.lru_cache(maxsize=16)(_normalise)
 
 
 @dataclass(slots=True)
