@@ -432,6 +432,7 @@ class _Leaf:
 # carry the same few field values ("text/plain; charset=utf-8"): the results are a
 # pure function of the raw values, so they are memoised per process.
 _MEMO_MAX = 4096
+_MEMO_VALUE_MAX = 512  # a longer (hostile or odd) value is not kept: bounded memory
 _ctype_memo: dict[tuple[str | None, str], str] = {}
 _leaf_memo: dict[tuple[str | None, str | None], _Leaf] = {}
 
@@ -449,8 +450,12 @@ def _raw_fields(part: email.message.Message) -> tuple[Any, Any]:
     return ct, cd
 
 
+def _memoisable(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and len(value) <= _MEMO_VALUE_MAX)
+
+
 def _content_type(part: email.message.Message, ct: Any) -> str:
-    if ct is not None and not isinstance(ct, str):
+    if not _memoisable(ct):
         return str(_safe(lambda: part.get_content_type(), "text/plain")).lower()
     key = (ct, part.get_default_type())
     ctype = _ctype_memo.get(key)
@@ -461,7 +466,7 @@ def _content_type(part: email.message.Message, ct: Any) -> str:
 
 
 def _leaf(part: email.message.Message, ct: Any, cd: Any) -> _Leaf:
-    plain = (ct is None or isinstance(ct, str)) and (cd is None or isinstance(cd, str))
+    plain = _memoisable(ct) and _memoisable(cd)
     key = (ct, cd)
     leaf = _leaf_memo.get(key) if plain else None
     if leaf is None:

@@ -251,3 +251,14 @@ def test_a_decode_that_fails_the_walk_fails_the_attachment_listing_at_the_same_p
     assert view.attachment_meta == []
     assert view.defects[-1].startswith("message walk failed: UnicodeError")
     assert reference.MessageView.from_bytes(raw).attachments == []
+
+
+def test_long_field_values_are_not_memoised() -> None:
+    from policies import message
+    name = "a" * 600 + ".exe"
+    raw = _mixed(_attachment(name, b"MZ"))
+    message._leaf_memo.clear()
+    view = MessageView.from_bytes(raw)
+    assert [a.name for a in view.attachment_meta] == [name]
+    assert all(len(str(k)) < 1400 for k in message._leaf_memo)
+    assert not any(name in str(k) for k in message._leaf_memo)
