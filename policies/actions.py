@@ -86,6 +86,12 @@ class PolicyAction:
     kind: str
     params: Mapping[str, Any] = field(default_factory=dict)
     retention: Retention | None = None  # for kind == "retain"
+    # What makes two actions duplicates (the engine keeps one); fixed at load, so
+    # not rebuilt for every message that matches.
+    dedupe_key: str = field(init=False, repr=False, compare=False, default="")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dedupe_key", repr(sorted(self.to_dict().items())))
 
     @property
     def terminal(self) -> bool:

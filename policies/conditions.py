@@ -12,6 +12,7 @@ Every predicate returns the reason along with the answer, so the trace can say
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import operator
 import re
@@ -39,7 +40,8 @@ def derive_direction(envelope: Envelope, local_domains: Iterable[str]) -> str:
     recipient is not; internal: sender and every recipient local; inbound: the
     sender is not local and some recipient is; relay: nothing local at all.
     """
-    local = {d.lower().rstrip(".") for d in local_domains}
+    local = (_local_set(local_domains) if isinstance(local_domains, tuple)
+             else _normalise(local_domains))
     sender_local = domain_of(envelope.mail_from) in local
     rcpt_local = [domain_of(r) in local for r in envelope.rcpt_to]
     if (sender_local or envelope.auth_user) and not all(rcpt_local):
@@ -49,6 +51,14 @@ def derive_direction(envelope: Envelope, local_domains: Iterable[str]) -> str:
     if any(rcpt_local):
         return "inbound"
     return "outbound" if sender_local or envelope.auth_user else "relay"
+
+
+def _normalise(local_domains: Iterable[str]) -> frozenset[str]:
+    return frozenset(d.lower().rstrip(".") for d in local_domains)
+
+
+# The decide stage passes the same tuple for every message: normalise it once.
+_local_set = functools.lru_cache(maxsize=16)(_normalise)
 
 
 @dataclass(slots=True)
@@ -593,13 +603,14 @@ class AttachmentProps:
         return ", ".join(parts) or "any attachment"
 
     def evaluate(self, ctx: EvalContext) -> Result:
-        for a in ctx.message.attachments:
+        # Attachment properties never include the extracted text: don't extract it.
+        attachments = ctx.message.attachment_meta
+        for a in attachments:
             if self._fits(a):
                 label = show(a.name) if a.name else f"({a.declared_type})"
                 extra = f" [{a.reason}]" if a.reason else ""
                 return True, f"attachment {label} at depth {a.depth}{extra}: {self.describe()}"
-        n = len(ctx.message.attachments)
-        return False, f"no attachment of {n} with {self.describe()}"
+        return False, f"no attachment of {len(attachments)} with {self.describe()}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -607,7 +618,7 @@ class AttachmentCount:
     compare: Compare
 
     def evaluate(self, ctx: EvalContext) -> Result:
-        n = len(ctx.message.attachments)
+        n = len(ctx.message.attachment_meta)
         ok = self.compare.test(n)
         return ok, f"{n} attachments" + ("" if ok else f", not {self.compare.describe()}")
 

@@ -305,7 +305,7 @@ def _apply(decision: Decision, rule: Rule, action: PolicyAction, trace: RuleTrac
         return
     if kind in ARCHIVAL:
         return
-    key = repr(sorted(action.to_dict().items()))
+    key = action.dedupe_key
     if key not in seen:
         seen.add(key)
         decision.actions.append(entry)
