@@ -81,7 +81,11 @@ class Fts5Index:
         delete = _has_contentless_delete()
         options = ", contentless_delete=1" if delete else ""
         with self.db:
-            self.db.execute("BEGIN")
+            # Every worker process opens the index at start-up: take the write lock
+            # before looking again, so only the first creates the tables.
+            self.db.execute("BEGIN IMMEDIATE")
+            if self.db.execute("SELECT 1 FROM sqlite_master WHERE name='docs'").fetchone():
+                return
             self.db.execute(
                 f"CREATE VIRTUAL TABLE docs USING fts5({', '.join(_COLUMNS)}, content=''"
                 f"{options}, tokenize='unicode61 remove_diacritics 2')")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from archive_db import *  # noqa: F403 - fixtures: pg_admin
@@ -149,3 +150,36 @@ def test_fts5_batch_add_equals_adding_one_document_at_a_time(tmp_path: Path) -> 
     finally:
         one.close()
         batch.close()
+
+
+def test_fts5_index_opened_by_racing_processes_is_created_once(tmp_path: Path) -> None:
+    # Every worker process opens the index at start-up; a fresh data directory used to
+    # make the losers fail with "table docs already exists" (logged as index_failed).
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    for attempt in range(6):
+        path = tmp_path / f"race{attempt}" / "index.sqlite"
+        path.parent.mkdir()
+        start, errors = ctx.Barrier(4), ctx.SimpleQueue()
+        procs = [ctx.Process(target=_open_after_barrier, args=(str(path), start, errors))
+                 for _ in range(4)]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join(30)
+        assert [proc.exitcode for proc in procs] == [0] * 4
+        assert [errors.get() for _ in procs] == [""] * 4
+        ix = Fts5Index(path)
+        assert ix.add(DOCS) == 3
+        ix.close()
+
+
+def _open_after_barrier(path: str, start: Any, errors: Any) -> None:
+    start.wait()
+    try:
+        Fts5Index(path).close()
+    except Exception as exc:  # reported to the parent, which names it
+        errors.put(f"{type(exc).__name__}: {exc}")
+    else:
+        errors.put("")
