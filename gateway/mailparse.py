@@ -374,6 +374,10 @@ class _Scanner:
             msg.defects.append(errors.NoBoundaryInMultipartDefect())
             msg.set_payload(text[pos:stop])
             return stop
+        if "\r" in boundary or "\n" in boundary:
+            # A boundary from a field folded inside it: the feed parser matches it
+            # against one line at a time, str.find would match it across lines.
+            raise _Fallback
         if str(msg.get("content-transfer-encoding", "8bit")).lower() not in _IDENTITY_CTE:
             msg.defects.append(errors.InvalidMultipartContentTransferEncodingDefect())
         inner = [*outer, boundary]

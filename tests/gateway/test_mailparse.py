@@ -335,6 +335,16 @@ def test_fast_path_equals_stdlib_on_generated_messages(
     assert shape(mailparse._parse(data)) == shape(stdlib(data))
 
 
+@pytest.mark.parametrize("data", [
+    b"Content-Type: Multipart/Mixed; boundary=b\r x\r\n--b\r x\r\n",
+    b"Content-Type: multipart/mixed; boundary=b\r\n x\r\n\r\n--b\r\n x\r\n--b\r\n x--\r\n",
+    b"Content-Type: multipart/mixed; boundary=\"b\r\n\"\r\n\r\n--b\r\n\r\none\r\n--b\r\n--\r\n",
+    b"Content-Type: multipart/mixed; boundary=\"b\n x\"\n\n--b\n x\n\none\n--b\n x--\n",
+])
+def test_a_boundary_with_a_line_end_in_it_is_matched_line_by_line(data: bytes) -> None:
+    assert shape(mailparse._parse(data)) == shape(stdlib(data))
+
+
 def test_scanner_leaves_only_rare_constructs_to_the_stdlib(
         monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[bytes] = []
