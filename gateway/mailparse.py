@@ -83,7 +83,8 @@ _entries: dict[bytes, Message] = {}
 # to go.  (LRU was not: the archive's entries of the messages it had just done are
 # newer than those of the ones still waiting, and evicted them first; under
 # bench/relay.py, with three entries per message and a backlog of 130 messages per
-# process, 36% of the archive stage's parses were misses.)
+# process, up to 36% of the archive stage's parses were misses.)  A hit does not
+# move its message: it is a later stage of a message already in its place.
 _live: OrderedDict[int, bytes] = OrderedDict()  # message (a number) -> its newest key
 _message_of: dict[bytes, int] = {}  # the keys in _live, to their message
 _superseded: OrderedDict[bytes, None] = OrderedDict()  # the other keys, oldest first
