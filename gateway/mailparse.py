@@ -39,6 +39,7 @@ from __future__ import annotations
 import email.parser
 import email.policy
 import io
+import itertools
 import re
 import threading
 from collections import OrderedDict
@@ -53,9 +54,10 @@ __all__ = ["MAX_BYTES", "MAX_ENTRIES", "MAX_ENTRY_BYTES", "IndexedMessage", "cac
 # queue worker's stages (encrypt, archive), which read it behind a backlog: with 20
 # concurrent transactions, 32 entries (16 messages: the spam stage's tree and the
 # one derived for decide) were gone before the worker came (bench/relay.py: 87% of
-# the archive stage's parses were misses; with 256, every message this process
-# received is a hit).  The byte cap (keys; the trees' strings are about as large
-# again) keeps a burst of large messages from holding memory.
+# the archive stage's parses were misses).  The entries are kept per message, in
+# the order the messages came (see _live), so 256 entries are the newest trees of
+# 256 messages.  The byte cap (keys; the trees' strings are about as large again)
+# keeps a burst of large messages from holding memory.
 MAX_ENTRIES = 256
 MAX_BYTES = 16 * 1024 * 1024
 MAX_ENTRY_BYTES = 2 * 1024 * 1024  # a larger message is parsed, not cached
@@ -72,7 +74,21 @@ _FIELD_LINE_B = re.compile(rb"[\041-\071\073-\176]+:")
 _PARSER_FIELDS = ("content-",)
 
 _lock = threading.Lock()
-_entries: OrderedDict[bytes, Message] = OrderedDict()
+_entries: dict[bytes, Message] = {}
+# What goes when the cache is full.  A message leaves an entry per stage that adds
+# fields (the check stage's bytes, decide's, the archive's as spooled), each derived
+# from the one before and superseding it: the superseded ones go first, then the
+# messages in the order they came, each by its newest entry.  The queue worker
+# takes messages oldest first, so the messages it has not reached yet are the last
+# to go.  (LRU was not: the archive's entries of the messages it had just done are
+# newer than those of the ones still waiting, and evicted them first; under
+# bench/relay.py, with three entries per message and a backlog of 130 messages per
+# process, up to 36% of the archive stage's parses were misses.)  A hit does not
+# move its message: it is a later stage of a message already in its place.
+_live: OrderedDict[int, bytes] = OrderedDict()  # message (a number) -> its newest key
+_message_of: dict[bytes, int] = {}  # the keys in _live, to their message
+_superseded: OrderedDict[bytes, None] = OrderedDict()  # the other keys, oldest first
+_messages = itertools.count()
 # The cached keys by their last bytes: the candidates for a key that ends ``data``.
 _TAIL = 64
 _tails: dict[bytes, list[bytes]] = {}
@@ -359,6 +375,10 @@ class _Scanner:
             msg.defects.append(errors.NoBoundaryInMultipartDefect())
             msg.set_payload(text[pos:stop])
             return stop
+        if "\r" in boundary or "\n" in boundary:
+            # A boundary from a field folded inside it: the feed parser matches it
+            # against one line at a time, str.find would match it across lines.
+            raise _Fallback
         if str(msg.get("content-transfer-encoding", "8bit")).lower() not in _IDENTITY_CTE:
             msg.defects.append(errors.InvalidMultipartContentTransferEncodingDefect())
         inner = [*outer, boundary]
@@ -449,10 +469,11 @@ def _copy(root: Message, policy: Any = None) -> Message:
     return new_root
 
 
-def _derive(data: bytes) -> Message | None:
+def _derive(data: bytes) -> tuple[Message, bytes] | None:
     """The tree of ``data`` built from a cached tree of its tail, if ``data`` is that
     tail with complete header fields prepended (the runner's way of adding a stage's
-    fields).  Called with the lock held; returns a new master tree or None."""
+    fields).  Called with the lock held; returns a new master tree and the tail's
+    key, or None."""
     for key in reversed(_tails.get(data[-_TAIL:], ())):
         if len(key) >= len(data) or not data.endswith(key):
             continue
@@ -483,19 +504,32 @@ def _derive(data: bytes) -> Message | None:
         vars(master)["_headers"] = head + vars(base)["_headers"]
         if isinstance(master, IndexedMessage):
             master._fields()  # once here, not in each copy handed out
-        return master
+        return master, key
     return None
 
 
-def _store(data: bytes, master: Message) -> None:
+def _store(data: bytes, master: Message, base: bytes | None = None) -> None:
+    """Cache ``master`` as the tree of ``data``: the newest entry of ``base``'s
+    message if it was derived from ``base``'s tree, else of a new message."""
     global _size
     if len(data) > MAX_ENTRY_BYTES:
         return
     _entries[data] = master
     _tails.setdefault(data[-_TAIL:], []).append(data)
     _size += len(data)
+    if base is not None and (message := _message_of.pop(base, None)) is not None:
+        _superseded[base] = None
+    else:
+        message = next(_messages)
+    _live[message] = data  # a message's place in _live stays where it came
+    _message_of[data] = message
     while len(_entries) > MAX_ENTRIES or _size > MAX_BYTES:
-        old, _ = _entries.popitem(last=False)
+        if _superseded:
+            old, _ = _superseded.popitem(last=False)
+        else:
+            _, old = _live.popitem(last=False)
+            del _message_of[old]
+        del _entries[old]
         _size -= len(old)
         same_tail = _tails[old[-_TAIL:]]
         same_tail.remove(old)
@@ -507,13 +541,14 @@ def _lookup(data: bytes) -> Message | None:
     """The master tree of ``data``, found or derived; None. Called with the lock held."""
     master = _entries.get(data)
     if master is not None:
-        _entries.move_to_end(data)
         _stats["hits"] += 1
         return master
-    master = _derive(data)
-    if master is not None:
-        _stats["derived"] += 1
-        _store(data, master)
+    derived = _derive(data)
+    if derived is None:
+        return None
+    master, base = derived
+    _stats["derived"] += 1
+    _store(data, master, base)
     return master
 
 
@@ -614,6 +649,9 @@ def clear() -> None:
     with _lock:
         _entries.clear()
         _tails.clear()
+        _live.clear()
+        _message_of.clear()
+        _superseded.clear()
         _size = 0
         for k in _stats:
             _stats[k] = 0

@@ -119,6 +119,84 @@ def test_a_stage_header_prefix_is_derived_not_parsed() -> None:
     assert mailparse.stats()["hits"] == 1
 
 
+# The prefixes the stages add in turn, as pipeline.apply writes them (CRLF, a value
+# may be folded) and as a spool written with LF ends would hold them.
+_STAGE_PREFIXES = [
+    (b"Authentication-Results: mx.example; spf=pass smtp.mailfrom=a@b.example;\r\n"
+     b"\tdkim=none\r\n",
+     b"X-Spam-Flag: NO\r\nX-Spam-Status: No, score=-0.1 required=5.0\r\n tests=NONE\r\n",
+     b"X-Coffer-Policy: accept\r\n"),
+    (b"Authentication-Results: mx.example;\n spf=none\n",
+     b"X-Spam-Status: No, score=0.0\n",
+     b"X-Coffer-Policy: accept\n"),
+]
+
+
+def test_each_stage_s_prefix_is_derived_and_equals_stdlib_on_the_corpus() -> None:
+    # The receive-time stages and the archive stage behind the queue, in order: the
+    # check stage's tree parsed, every later one derived from the one before.
+    for received in corpus_messages():
+        for stages in _STAGE_PREFIXES:
+            mailparse.clear()
+            mailparse.parse(received)
+            data = received
+            for prefix in stages:
+                data = prefix + data
+                assert shape(mailparse.parse(data)) == shape(stdlib(data))
+            assert shape(mailparse.parse_as(data, _PARSE)) == shape(stdlib(data, _PARSE))
+            assert mailparse.parse(data).as_bytes() == stdlib(data).as_bytes()
+            # Parsed once; twice when the message does not open with a field of its
+            # own (an mbox "From " line, body text): then the first prefixed one is
+            # parsed too.  (Too large: never cached; tiny: shorter than the tails the
+            # cache files its keys by.)
+            if len(received) >= mailparse._TAIL and len(data) <= mailparse.MAX_ENTRY_BYTES:
+                opens_with_field = mailparse._FIELD_LINE_B.match(received) is not None
+                assert mailparse.stats()["misses"] == (1 if opens_with_field else 2)
+
+
+def test_a_derived_tree_outlives_the_tree_it_came_from(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Three entries per message (check, decide, archive): a full cache keeps the
+    # newest tree of each of MAX_ENTRIES messages, not every tree of the last one.
+    monkeypatch.setattr(mailparse, "MAX_ENTRIES", 3)
+    spooled = []
+    for i in range(3):
+        data = b"Subject: %d\r\n\r\n" % i + b"line of text\r\n" * 10
+        mailparse.parse(data)
+        for prefix in _STAGE_PREFIXES[0][:2]:
+            data = prefix + data
+            mailparse.parse(data)
+        spooled.append(data)
+    assert mailparse.stats()["derived"] == 6
+    for data in spooled:
+        assert mailparse.cached(data) is not None
+    assert mailparse.stats()["hits"] == 3
+
+
+def test_the_messages_the_worker_has_not_reached_are_evicted_last(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Received (check, then decide), then archived oldest first while more come in:
+    # the archive's tree of a message it has done goes before any tree of a message
+    # still waiting, however recently it was made.
+    monkeypatch.setattr(mailparse, "MAX_ENTRIES", 4)
+    check, decide, archive = _STAGE_PREFIXES[0]
+    waiting = []
+
+    def receive(i: int) -> None:
+        data = b"Subject: %d\r\n\r\n" % i + b"line of text\r\n" * 10
+        mailparse.parse(data)
+        mailparse.parse(check + data)
+        waiting.append(decide + check + data)
+
+    for i in range(4):
+        receive(i)
+    for i in range(4, 10):
+        assert shape(mailparse.parse(archive + waiting[0])) == shape(stdlib(archive + waiting[0]))
+        waiting.pop(0)
+        receive(i)
+    assert mailparse.stats()["misses"] == 10  # each message's first parse only
+    assert mailparse.stats()["entries"] == 4
+
+
 @pytest.mark.parametrize("tail", [
     b" continuation first\r\nA: 1\r\n\r\nbody",
     b"From sender Fri\r\nA: 1\r\n\r\nbody",
@@ -254,6 +332,16 @@ def test_fast_path_equals_stdlib_on_generated_messages(
     data = b"".join(a + b for a, b in head) + b"".join(a + b for a, b in body)
     if open_end:
         data += b"last line without end"
+    assert shape(mailparse._parse(data)) == shape(stdlib(data))
+
+
+@pytest.mark.parametrize("data", [
+    b"Content-Type: Multipart/Mixed; boundary=b\r x\r\n--b\r x\r\n",
+    b"Content-Type: multipart/mixed; boundary=b\r\n x\r\n\r\n--b\r\n x\r\n--b\r\n x--\r\n",
+    b"Content-Type: multipart/mixed; boundary=\"b\r\n\"\r\n\r\n--b\r\n\r\none\r\n--b\r\n--\r\n",
+    b"Content-Type: multipart/mixed; boundary=\"b\n x\"\n\n--b\n x\n\none\n--b\n x--\n",
+])
+def test_a_boundary_with_a_line_end_in_it_is_matched_line_by_line(data: bytes) -> None:
     assert shape(mailparse._parse(data)) == shape(stdlib(data))
 
 
