@@ -110,9 +110,12 @@ class Extracted:
         return "\n".join(a.name for a in self.attachments if a.name)
 
 
+_LIMITS = Limits()  # frozen: one shared default, not a new one per message
+
+
 def extract(raw: bytes, limits: Limits | None = None) -> Extracted:
     """Parse ``raw`` into an :class:`Extracted`; never raises."""
-    limits = limits or Limits()
+    limits = limits or _LIMITS
     out = Extracted(size=len(raw))
     try:
         _Extractor(limits).run(raw, out, depth=0)
@@ -194,6 +197,8 @@ def body_text(raw: bytes, limits: Limits | None = None) -> str:
 
 _ADDRESS_HEADERS = (("from", "From"), ("sender", "Sender"), ("reply_to", "Reply-To"),
                     ("to", "To"), ("cc", "Cc"), ("bcc", "Bcc"))
+# The fields run() reads, lower-case (_read_fields).
+_READ = frozenset({"message-id", "subject", "date", *(n.lower() for _, n in _ADDRESS_HEADERS)})
 
 
 def _decode_words(value: str) -> str:
@@ -257,13 +262,25 @@ def _raw_values(msg: email.message.Message, name: str) -> list[str]:
     return [str(v) for k, v in msg.raw_items() if k.lower() == name.lower()]
 
 
-def _header_text(msg: email.message.Message, name: str, flags: list[str], *,
-                 structured: bool = True) -> str:
-    """A field's text; ``structured=False`` skips the default policy's parse (Date:
-    the caller parses the date itself; Message-ID: only its first token is kept)."""
-    raw = _raw_values(msg, name)
-    if not structured:
-        return _first_text(raw)
+def _read_fields(msg: email.message.Message) -> dict[str, list[str]]:
+    """The stored values of the fields run() reads (:data:`_READ`), by lower-case
+    name, in order: what :func:`_raw_values` gives for each, from one pass over the
+    header section instead of one lookup per name."""
+    found: dict[str, list[str]] = {}
+    for name, value in msg.raw_items():
+        key = name.lower()
+        if key in _READ:
+            values = found.get(key)
+            if values is None:
+                found[key] = [str(value)]
+            else:
+                values.append(str(value))
+    return found
+
+
+def _header_text(msg: email.message.Message, name: str, raw: list[str],
+                 flags: list[str]) -> str:
+    """The text of field ``name``, whose stored values are ``raw``."""
     if raw and _has_8bit(raw[0]):
         # 8-bit bytes in a header (RFC 6532 UTF-8, or a legacy charset): the policy
         # would replace them with U+FFFD; decode them as UTF-8, else Windows-1252.
@@ -352,10 +369,12 @@ def _plain_addresses(raw: list[str]) -> list[tuple[str, str]] | None:
     return found
 
 
-def _participants(msg: email.message.Message, flags: list[str]) -> list[Participant]:
+def _participants(msg: email.message.Message, fields: dict[str, list[str]],
+                  flags: list[str]) -> list[Participant]:
+    """The mailboxes of the address fields; ``fields`` as :func:`_read_fields` gives."""
     result: list[Participant] = []
     for role, name in _ADDRESS_HEADERS:
-        raw = _raw_values(msg, name)
+        raw = fields.get(name.lower())
         if not raw:
             continue  # no such field (most of the six): get_all would find none either
         plain = _plain_addresses(raw)
@@ -405,8 +424,8 @@ def _parse_addresses(role: str, value: object, flags: list[str]) -> list[Partici
     return found
 
 
-def _message_id(msg: email.message.Message) -> str:
-    text = _first_text(_raw_values(msg, "Message-ID"))
+def _message_id(raw: list[str]) -> str:
+    text = _first_text(raw)
     text = text.split()[0] if text else ""  # _first_text stripped it
     return text.removeprefix("<").removesuffix(">")
 
@@ -417,8 +436,8 @@ _DATES: dict[str, tuple[datetime | None, str | None]] = {}
 _DATES_MAX = 4096
 
 
-def _date(msg: email.message.Message, flags: list[str]) -> datetime | None:
-    raw = _raw_values(msg, "Date")
+def _date(raw: list[str], flags: list[str]) -> datetime | None:
+    """The date of the first of the Date field's stored values ``raw``."""
     if not raw:
         return None
     found = _DATES.get(raw[0])
@@ -458,22 +477,29 @@ def _decode_bytes(data: bytes, charset: str | None) -> tuple[str, str | None]:
 
     Returns (text, flag) where flag names a problem worth recording.
     """
-    flag = None
-    name = (charset or "us-ascii").strip().strip('"').lower()
-    try:
-        codec = codecs.lookup(name).name
-    except LookupError:
-        codec = None
-        flag = f"unknown charset {name[:40]!r}"
+    codec, flag = _codec(charset)
     if codec is not None:
-        with contextlib.suppress(UnicodeDecodeError):
+        try:
             return data.decode(codec), flag
+        except UnicodeDecodeError:
+            pass
     # Declared us-ascii but 8-bit data is common in the wild (RFC 6532 allows UTF-8).
     with contextlib.suppress(UnicodeDecodeError):
         return data.decode("utf-8"), flag
     if codec is not None:
         flag = f"text not valid {codec}"
     return data.decode("cp1252", errors="replace"), flag
+
+
+@functools.lru_cache(maxsize=512)
+def _codec(charset: str | None) -> tuple[str | None, str | None]:
+    """The codec of a declared charset, or None and the flag to record (pure: kept
+    per charset, a handful of names in the mail of a whole day)."""
+    name = (charset or "us-ascii").strip().strip('"').lower()
+    try:
+        return codecs.lookup(name).name, None
+    except LookupError:
+        return None, f"unknown charset {name[:40]!r}"
 
 
 def _part_bytes(part: email.message.Message, flags: list[str]) -> bytes:
@@ -654,10 +680,11 @@ class _Extractor:
                else email.message_from_bytes(raw, policy=_PARSE))
         for defect in getattr(msg, "defects", [])[:5]:
             out.flags.append(f"defect: {type(defect).__name__}")
-        out.message_id = _message_id(msg)
-        out.subject = _header_text(msg, "Subject", out.flags)
-        out.date = _date(msg, out.flags)
-        out.participants = _participants(msg, out.flags)
+        fields = _read_fields(msg)
+        out.message_id = _message_id(fields.get("message-id", []))
+        out.subject = _header_text(msg, "Subject", fields.get("subject", []), out.flags)
+        out.date = _date(fields.get("date", []), out.flags)
+        out.participants = _participants(msg, fields, out.flags)
         bodies: list[str] = []
         self._walk(msg, out, bodies, depth)
         out.body = "\n\n".join(b for b in bodies if b)[: self.limits.max_text_chars]

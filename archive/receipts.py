@@ -70,15 +70,9 @@ def receipt_document(rec: MessageRecord, envelope: Mapping[str, Any], qid: str) 
         "retention_until": _iso(rec.retention_until),
         "copy": rec.copy, "linked_sha256": rec.link_sha256,
     }
-    return _ENCODER.encode(doc).encode()
-
-
-# What json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-# default=str) uses, built once instead of per receipt (it keeps no state between
-# calls).  default=str: a fact a stage stored as a non-JSON value must not hold the
-# message.
-_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                            default=str)
+    # default=str: a fact a stage stored as a non-JSON value must not hold the message.
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      default=str).encode()
 
 
 def parse_receipt(raw: bytes, message_sha256: str) -> dict[str, Any]:

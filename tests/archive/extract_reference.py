@@ -4,13 +4,16 @@ differential tests (test_extract_fastpaths.py).
 The functions below are the old code, verbatim except for names: the header fields
 read through the default policy's parse (no plain-address shortcut, no Date cache),
 every part's type, disposition and charset asked anew (no per-value memo), every
-participant rebuilt by _cleaned.  :func:`installed` puts them in place of the new
+participant rebuilt by _cleaned, each charset looked up anew, the fields read one
+lookup at a time.  :func:`installed` puts them in place of the new
 ones, so ``archive.extract.extract`` (and ``body_text``) run the old way; the
 helpers both versions share are imported from the module itself.
 """
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import email.message
 import email.utils
 import re
@@ -29,7 +32,6 @@ from archive.extract import (
     Participant,
     _charset,
     _content_type,
-    _decode_bytes,
     _decode_words,
     _get,
     _get_all,
@@ -43,6 +45,36 @@ from archive.extract import (
 from gateway import mailparse
 
 _PARSE = ex._PARSE
+
+
+def extract(raw: bytes, limits: ex.Limits | None = None) -> Extracted:
+    limits = limits or ex.Limits()
+    out = Extracted(size=len(raw))
+    try:
+        ex._Extractor(limits).run(raw, out, depth=0)
+    except RecursionError:
+        out.flags.append("could not be scanned: structure nested too deeply")
+    except Exception as exc:
+        out.flags.append(f"could not be scanned: {type(exc).__name__}: {exc}"[:300])
+    return ex._cleaned(out)
+
+
+def _decode_bytes(data: bytes, charset: str | None) -> tuple[str, str | None]:
+    flag = None
+    name = (charset or "us-ascii").strip().strip('"').lower()
+    try:
+        codec = codecs.lookup(name).name
+    except LookupError:
+        codec = None
+        flag = f"unknown charset {name[:40]!r}"
+    if codec is not None:
+        with contextlib.suppress(UnicodeDecodeError):
+            return data.decode(codec), flag
+    with contextlib.suppress(UnicodeDecodeError):
+        return data.decode("utf-8"), flag
+    if codec is not None:
+        flag = f"text not valid {codec}"
+    return data.decode("cp1252", errors="replace"), flag
 
 
 def _unfold(value: str) -> str:
@@ -211,4 +243,6 @@ def installed(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         m.setattr(ex._Extractor, "run", run)
         m.setattr(ex._Extractor, "_walk", walk)
         m.setattr(ex, "_cleaned", _cleaned)
+        m.setattr(ex, "_decode_bytes", _decode_bytes)  # also for attachments (_scan)
+        m.setattr(ex, "extract", extract)
         yield

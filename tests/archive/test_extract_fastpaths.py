@@ -30,6 +30,7 @@ def _forget() -> None:
     ex._parsed_header.cache_clear()
     ex._DATES.clear()
     ex._FACTS.clear()
+    ex._codec.cache_clear()
 
 
 @pytest.fixture(autouse=True)
