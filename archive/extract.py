@@ -110,9 +110,12 @@ class Extracted:
         return "\n".join(a.name for a in self.attachments if a.name)
 
 
+_LIMITS = Limits()  # frozen: one shared default, not a new one per message
+
+
 def extract(raw: bytes, limits: Limits | None = None) -> Extracted:
     """Parse ``raw`` into an :class:`Extracted`; never raises."""
-    limits = limits or Limits()
+    limits = limits or _LIMITS
     out = Extracted(size=len(raw))
     try:
         _Extractor(limits).run(raw, out, depth=0)
@@ -153,8 +156,7 @@ def _cleaned(out: Extracted) -> Extracted:
         out.message_id = clean_text(out.message_id)
         out.subject = clean_text(out.subject)
         out.body = clean_text(out.body)
-        out.participants = [Participant(p.role, clean_text(p.address), clean_text(p.name))
-                            for p in out.participants]
+        out.participants = [_clean_participant(p) for p in out.participants]
         out.flags = [clean_text(f) for f in out.flags]
         for a in out.attachments:
             a.name = clean_text(a.name)
@@ -164,6 +166,12 @@ def _cleaned(out: Extracted) -> Extracted:
     except Exception as exc:  # pragma: no cover - clean_text handles every str
         out.flags.append(f"could not be scanned: {type(exc).__name__}")
     return out
+
+
+def _clean_participant(p: Participant) -> Participant:
+    address, name = clean_text(p.address), clean_text(p.name)
+    # Most are clean already: the same (immutable) participant, not a copy.
+    return p if address == p.address and name == p.name else Participant(p.role, address, name)
 
 
 def body_text(raw: bytes, limits: Limits | None = None) -> str:
@@ -189,6 +197,8 @@ def body_text(raw: bytes, limits: Limits | None = None) -> str:
 
 _ADDRESS_HEADERS = (("from", "From"), ("sender", "Sender"), ("reply_to", "Reply-To"),
                     ("to", "To"), ("cc", "Cc"), ("bcc", "Bcc"))
+# The fields run() reads, lower-case (_read_fields).
+_READ = frozenset({"message-id", "subject", "date", *(n.lower() for _, n in _ADDRESS_HEADERS)})
 
 
 def _decode_words(value: str) -> str:
@@ -205,9 +215,13 @@ def _decode_words(value: str) -> str:
         return "".join(parts)
 
 
+_FOLD = re.compile(r"\r?\n(?=[ \t])")
+
+
 def _unfold(value: str) -> str:
-    # RFC 5322 §2.2.3: unfolding removes the CRLF before folding white space.
-    return re.sub(r"\r?\n(?=[ \t])", "", value).strip()
+    # RFC 5322 §2.2.3: unfolding removes the CRLF before folding white space.  Most
+    # values hold no line break (the parse policy removed it): skip the search.
+    return (_FOLD.sub("", value) if "\n" in value else value).strip()
 
 
 _LINE_BREAK = re.compile(r"\n|\r")
@@ -248,18 +262,29 @@ def _raw_values(msg: email.message.Message, name: str) -> list[str]:
     return [str(v) for k, v in msg.raw_items() if k.lower() == name.lower()]
 
 
-def _header_text(msg: email.message.Message, name: str, flags: list[str], *,
-                 structured: bool = True) -> str:
-    """A field's text; ``structured=False`` skips the default policy's parse (Date:
-    the caller parses the date itself; Message-ID: only its first token is kept)."""
-    raw = _raw_values(msg, name)
-    if raw and _SURROGATES.search(raw[0]):
+def _read_fields(msg: email.message.Message) -> dict[str, list[str]]:
+    """The stored values of the fields run() reads (:data:`_READ`), by lower-case
+    name, in order: what :func:`_raw_values` gives for each, from one pass over the
+    header section instead of one lookup per name."""
+    found: dict[str, list[str]] = {}
+    for name, value in msg.raw_items():
+        key = name.lower()
+        if key in _READ:
+            values = found.get(key)
+            if values is None:
+                found[key] = [str(value)]
+            else:
+                values.append(str(value))
+    return found
+
+
+def _header_text(msg: email.message.Message, name: str, raw: list[str],
+                 flags: list[str]) -> str:
+    """The text of field ``name``, whose stored values are ``raw``."""
+    if raw and _has_8bit(raw[0]):
         # 8-bit bytes in a header (RFC 6532 UTF-8, or a legacy charset): the policy
         # would replace them with U+FFFD; decode them as UTF-8, else Windows-1252.
         return _unfold(_decode_words(clean_text(raw[0])))
-    if not structured:
-        return _unfold(_decode_words(raw[0])) if raw and "=?" in raw[0] else (
-            _unfold(raw[0]) if raw else "")
     if name.lower() in _UNSTRUCTURED:
         # The default policy's unstructured value of an ASCII text without
         # encoded-words (RFC 2047 "=?") is that text: its parse only splits it into
@@ -285,26 +310,94 @@ def _header_text(msg: email.message.Message, name: str, flags: list[str], *,
 _UNSTRUCTURED = frozenset({"subject", "comments"})
 
 
+def _has_8bit(value: str) -> bool:
+    # isascii is O(1) on CPython: an ASCII value cannot hold a surrogate escape.
+    return not value.isascii() and _SURROGATES.search(value) is not None
+
+
+def _first_text(raw: list[str]) -> str:
+    """The text of the first of a field's stored values without the default policy's
+    parse (Date: parsed by the caller; Message-ID: only its first token is kept): a
+    pure function of ``raw[0]``."""
+    if not raw:
+        return ""
+    value = raw[0]
+    if _has_8bit(value):  # see _header_text
+        return _unfold(_decode_words(clean_text(value)))
+    return _unfold(_decode_words(value)) if "=?" in value else _unfold(value)
+
+
 def _raw_header(msg: email.message.Message, name: str) -> str:
     raw = _raw_values(msg, name)
     return _unfold(_decode_words(raw[0])) if raw else ""
 
 
-def _participants(msg: email.message.Message, flags: list[str]) -> list[Participant]:
+# RFC 5322 §3.4 mailboxes in their plainest form: an optional display name of atoms
+# (§3.2.3 atext, ASCII), then <addr-spec>; or a bare addr-spec; both dot-atom only.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_DOT_ATOM = rf"{_ATEXT}(?:\.{_ATEXT})*"
+_PLAIN_MAILBOX = re.compile(
+    rf"[ \t]*(?:({_ATEXT}(?:[ \t]+{_ATEXT})*)?[ \t]*<({_DOT_ATOM}@{_DOT_ATOM})>"
+    rf"|({_DOT_ATOM}@{_DOT_ATOM}))[ \t]*")
+
+
+def _plain_addresses(raw: list[str]) -> list[tuple[str, str]] | None:
+    """(address, name) of every mailbox in a field's stored values when each value
+    is a comma-separated list of plain mailboxes (:data:`_PLAIN_MAILBOX`), else None.
+
+    What the default policy's parse gives for such a list (the address lower-cased,
+    the name's words joined by one space), without that parse.  Anything else (quoted
+    strings, comments, groups, encoded-words, non-ASCII, empty entries, dots in a
+    name, domain literals) is None: the caller takes the full parse.
+    """
+    found: list[tuple[str, str]] = []
+    for stored in raw:
+        # As the parse policy returns the field (_FastPolicy): line breaks removed.
+        value = "".join(_LINE_BREAK.split(stored)) if "\n" in stored or "\r" in stored \
+            else stored
+        if not value.isascii() or "=?" in value:
+            return None
+        for item in value.split(","):
+            m = _PLAIN_MAILBOX.fullmatch(item)
+            if m is None:
+                return None
+            name, angled, bare = m.groups()
+            if angled is not None:
+                found.append((angled.lower(), " ".join(name.split()) if name else ""))
+            else:
+                found.append((bare.lower(), ""))
+    return found
+
+
+def _participants(msg: email.message.Message, fields: dict[str, list[str]],
+                  flags: list[str]) -> list[Participant]:
+    """The mailboxes of the address fields; ``fields`` as :func:`_read_fields` gives."""
     result: list[Participant] = []
     for role, name in _ADDRESS_HEADERS:
-        raw = _raw_values(msg, name)
+        raw = fields.get(name.lower())
         if not raw:
             continue  # no such field (most of the six): get_all would find none either
-        try:
-            values = _get_all(msg, name)
-        except Exception as exc:
-            flags.append(f"header {name}: unparsable ({type(exc).__name__})")
-            values = [_raw_header(msg, name)] if _raw_header(msg, name) else []
-        for i, value in enumerate(values):
-            if i < len(raw) and _SURROGATES.search(raw[i]):
-                value = clean_text(raw[i])  # see _header_text: keep 8-bit names readable
-            result.extend(_parse_addresses(role, value, flags))
+        plain = _plain_addresses(raw)
+        if plain is not None:
+            result.extend(Participant(role, address, text) for address, text in plain)
+        else:
+            result.extend(_parsed_participants(msg, role, name, raw, flags))
+    return result
+
+
+def _parsed_participants(msg: email.message.Message, role: str, name: str, raw: list[str],
+                         flags: list[str]) -> list[Participant]:
+    """The participants of one address field through the default policy's parse."""
+    result: list[Participant] = []
+    try:
+        values = _get_all(msg, name)
+    except Exception as exc:
+        flags.append(f"header {name}: unparsable ({type(exc).__name__})")
+        values = [_raw_header(msg, name)] if _raw_header(msg, name) else []
+    for i, value in enumerate(values):
+        if i < len(raw) and _SURROGATES.search(raw[i]):
+            value = clean_text(raw[i])  # see _header_text: keep 8-bit names readable
+        result.extend(_parse_addresses(role, value, flags))
     return result
 
 
@@ -331,29 +424,49 @@ def _parse_addresses(role: str, value: object, flags: list[str]) -> list[Partici
     return found
 
 
-def _message_id(msg: email.message.Message, flags: list[str]) -> str:
-    text = _header_text(msg, "Message-ID", flags, structured=False)
-    text = text.strip().split()[0] if text.strip() else ""
+def _message_id(raw: list[str]) -> str:
+    text = _first_text(raw)
+    text = text.split()[0] if text else ""  # _first_text stripped it
     return text.removeprefix("<").removesuffix(">")
 
 
-def _date(msg: email.message.Message, flags: list[str]) -> datetime | None:
-    text = _header_text(msg, "Date", flags, structured=False)
-    if not text:
+# The first stored Date value -> (date, flag): the same Date recurs across a burst
+# (one sender's clock second, a list's digest).  Cleared when full, not LRU: cheap.
+_DATES: dict[str, tuple[datetime | None, str | None]] = {}
+_DATES_MAX = 4096
+
+
+def _date(raw: list[str], flags: list[str]) -> datetime | None:
+    """The date of the first of the Date field's stored values ``raw``."""
+    if not raw:
         return None
+    found = _DATES.get(raw[0])
+    if found is None:
+        found = _date_of(_first_text(raw))
+        if len(_DATES) >= _DATES_MAX:
+            _DATES.clear()
+        _DATES[raw[0]] = found
+    when, flag = found
+    if flag:
+        flags.append(flag)
+    return when
+
+
+def _date_of(text: str) -> tuple[datetime | None, str | None]:
+    """The UTC date of a Date field's text, or None and why (pure)."""
+    if not text:
+        return None, None
     try:
         # RFC 5322 §3.3 date-time; obsolete forms (§4.3) are accepted by the parser.
         when = email.utils.parsedate_to_datetime(text)
     except Exception:
-        flags.append("header Date: unparsable")
-        return None
+        return None, "header Date: unparsable"
     if when.tzinfo is None:  # RFC 5322 §3.3: "-0000" means no zone information
         when = when.replace(tzinfo=UTC)
     try:
-        return when.astimezone(UTC)
+        return when.astimezone(UTC), None
     except (OverflowError, ValueError):
-        flags.append("header Date: out of range")
-        return None
+        return None, "header Date: out of range"
 
 
 # -- text decoding ---------------------------------------------------------
@@ -364,22 +477,29 @@ def _decode_bytes(data: bytes, charset: str | None) -> tuple[str, str | None]:
 
     Returns (text, flag) where flag names a problem worth recording.
     """
-    flag = None
-    name = (charset or "us-ascii").strip().strip('"').lower()
-    try:
-        codec = codecs.lookup(name).name
-    except LookupError:
-        codec = None
-        flag = f"unknown charset {name[:40]!r}"
+    codec, flag = _codec(charset)
     if codec is not None:
-        with contextlib.suppress(UnicodeDecodeError):
+        try:
             return data.decode(codec), flag
+        except UnicodeDecodeError:
+            pass
     # Declared us-ascii but 8-bit data is common in the wild (RFC 6532 allows UTF-8).
     with contextlib.suppress(UnicodeDecodeError):
         return data.decode("utf-8"), flag
     if codec is not None:
         flag = f"text not valid {codec}"
     return data.decode("cp1252", errors="replace"), flag
+
+
+@functools.lru_cache(maxsize=512)
+def _codec(charset: str | None) -> tuple[str | None, str | None]:
+    """The codec of a declared charset, or None and the flag to record (pure: kept
+    per charset, a handful of names in the mail of a whole day)."""
+    name = (charset or "us-ascii").strip().strip('"').lower()
+    try:
+        return codecs.lookup(name).name, None
+    except LookupError:
+        return None, f"unknown charset {name[:40]!r}"
 
 
 def _part_bytes(part: email.message.Message, flags: list[str]) -> bytes:
@@ -560,10 +680,11 @@ class _Extractor:
                else email.message_from_bytes(raw, policy=_PARSE))
         for defect in getattr(msg, "defects", [])[:5]:
             out.flags.append(f"defect: {type(defect).__name__}")
-        out.message_id = _message_id(msg, out.flags)
-        out.subject = _header_text(msg, "Subject", out.flags)
-        out.date = _date(msg, out.flags)
-        out.participants = _participants(msg, out.flags)
+        fields = _read_fields(msg)
+        out.message_id = _message_id(fields.get("message-id", []))
+        out.subject = _header_text(msg, "Subject", fields.get("subject", []), out.flags)
+        out.date = _date(fields.get("date", []), out.flags)
+        out.participants = _participants(msg, fields, out.flags)
         bodies: list[str] = []
         self._walk(msg, out, bodies, depth)
         out.body = "\n\n".join(b for b in bodies if b)[: self.limits.max_text_chars]
@@ -576,7 +697,7 @@ class _Extractor:
             if "could not be scanned: too many parts" not in out.flags:
                 out.flags.append("could not be scanned: too many parts")
             return
-        ctype = _content_type(part)
+        ctype, attached, charset = _part_facts(part)
         if ctype in ("message/rfc822", "message/global"):
             self._nested_message(part, out, depth)
             return
@@ -588,15 +709,15 @@ class _Extractor:
             if ctype == "multipart/alternative":
                 chosen = _best_alternative(children)
                 for child in children:
-                    if child is chosen or _is_attachment(child):
+                    if child is chosen or _part_facts(child)[1]:
                         self._walk(child, out, bodies, depth)
                 return
             for child in children:
                 self._walk(child, out, bodies, depth)
             return
-        if not _is_attachment(part) and ctype in ("text/plain", "text/html", "text/enriched"):
+        if not attached and ctype in ("text/plain", "text/html", "text/enriched"):
             data = _part_bytes(part, out.flags)
-            text, flag = _decode_bytes(data, _charset(part))
+            text, flag = _decode_bytes(data, charset)
             if flag:
                 out.flags.append(f"body: {flag}")
             bodies.append(html_to_text(text) if ctype == "text/html" else text)
@@ -604,7 +725,7 @@ class _Extractor:
         if ctype.startswith("multipart/"):
             # RFC 2046 §5.1.1: no usable boundary; index the raw text rather than nothing.
             out.flags.append(f"malformed {ctype[:40]}: indexed as plain text")
-            text, _ = _decode_bytes(_part_bytes(part, out.flags), _charset(part))
+            text, _ = _decode_bytes(_part_bytes(part, out.flags), charset)
             bodies.append(text)
             return
         self._attachment(part, ctype, out, depth)
@@ -729,6 +850,34 @@ class _Extractor:
         att.flags.extend(f for f in inner.flags if f.startswith("could not be scanned"))
 
 
+_PartFacts = tuple[str, bool, str | None]  # content type, attachment?, charset
+# (Content-Type, Content-Disposition, default type) -> the part's facts: every
+# part of a burst of mail from the same agents asks the same.  Cleared when full.
+_FACTS: dict[tuple[str | None, str | None, str], _PartFacts] = {}
+_FACTS_MAX = 4096
+
+
+def _part_facts(part: email.message.Message) -> _PartFacts:
+    """_content_type, _is_attachment and _charset of ``part`` at once.
+
+    The three read nothing but the first Content-Type and Content-Disposition
+    fields (as the policy returns them) and the default type, so they are kept per
+    those values: one lookup instead of a dozen field reads and parameter parses.
+    """
+    ctype_field, disposition = part.get("content-type"), part.get("content-disposition")
+    if not (ctype_field is None or type(ctype_field) is str) or not (
+            disposition is None or type(disposition) is str):
+        return _content_type(part), _is_attachment(part), _charset(part)  # e.g. a Header
+    key = (ctype_field, disposition, part.get_default_type())
+    found = _FACTS.get(key)
+    if found is None:
+        found = (_content_type(part), _is_attachment(part), _charset(part))
+        if len(_FACTS) >= _FACTS_MAX:
+            _FACTS.clear()
+        _FACTS[key] = found
+    return found
+
+
 def _content_type(part: email.message.Message) -> str:
     try:
         return part.get_content_type().lower()
@@ -768,10 +917,10 @@ def _filename(part: email.message.Message, flags: list[str]) -> str:
 
 
 def _best_alternative(children: list[email.message.Message]) -> email.message.Message | None:
-    candidates = [c for c in children if not _is_attachment(c)]
+    candidates = [c for c in children if not _part_facts(c)[1]]
     for wanted in ("text/plain", "text/html"):
         for child in candidates:
-            if _content_type(child) == wanted:
+            if _part_facts(child)[0] == wanted:
                 return child
     # e.g. multipart/related holding the HTML: the richest is last (RFC 2046 §5.1.4)
     return candidates[-1] if candidates else None

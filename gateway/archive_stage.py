@@ -37,7 +37,7 @@ import logging
 import re
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -166,8 +166,10 @@ def archive_state(ctx: MessageContext) -> str:
 
 
 def record_for(ctx: MessageContext, sha256: str, now: datetime,
-               data: bytes | None = None) -> MessageRecord:
-    """The metadata row of one receipt of ``data`` (default: ``ctx.data``), pure."""
+               data: bytes | None = None, *, copy: str = "",
+               link_sha256: str | None = None) -> MessageRecord:
+    """The metadata row of one receipt of ``data`` (default: ``ctx.data``), pure:
+    ``copy`` and ``link_sha256`` as :func:`copies_of` and :func:`linked` say."""
     env = ctx.envelope
     decide: dict[str, Any] = ctx.facts.get("decide") or {}
     runner = ctx.facts.get("runner")
@@ -196,6 +198,8 @@ def record_for(ctx: MessageContext, sha256: str, now: datetime,
         decision=decide or None,
         rules=[r["name"] for r in decide.get("rules", []) if r.get("matched")],
         once=env.received_at > 0,  # the transaction's own time: a re-run is this receipt
+        copy=copy,
+        link_sha256=link_sha256,
     )
 
 
@@ -356,7 +360,7 @@ class ArchiveStage:
         now = self.clock()
         shas = [hashlib.sha256(c.data).hexdigest() for c in copies]
         envelope = ctx.envelope.to_dict()
-        recs = [replace(record_for(ctx, sha, now, c.data), copy=c.kind, link_sha256=link)
+        recs = [record_for(ctx, sha, now, c.data, copy=c.kind, link_sha256=link)
                 for c, sha, link in zip(copies, shas, linked(copies, shas), strict=True)]
         return recs, [receipt_document(r, envelope, ctx.qid) for r in recs]
 
