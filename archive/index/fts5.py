@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -57,6 +58,24 @@ def match_expression(node: Node) -> str:
     raise FullTextError(f"not a full-text query: {node!r}")
 
 
+def _enter_wal(db: sqlite3.Connection, patience: float = 10.0) -> None:
+    """Switch to WAL, waiting out another process doing the same to a new file.
+
+    Every worker process opens the index at start-up; on a fresh file the switch
+    takes an exclusive lock and SQLite reports "database is locked" at once, without
+    its busy handler, to those that lose the race.
+    """
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 class Fts5Index:
     name = "fts5"
 
@@ -66,9 +85,9 @@ class Fts5Index:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA busy_timeout=10000")
+            _enter_wal(self.db)
+            self.db.execute("PRAGMA synchronous=NORMAL")
             self._create()
         except sqlite3.Error as exc:
             raise FullTextError(f"{path}: cannot open the FTS5 index: {exc}") from exc
