@@ -431,9 +431,8 @@ def _message_id(raw: list[str]) -> str:
 
 
 # The first stored Date value -> (date, flag): the same Date recurs across a burst
-# (one sender's clock second, a list's digest).  Cleared when full, not LRU: cheap.
-_DATES: dict[str, tuple[datetime | None, str | None]] = {}
-_DATES_MAX = 4096
+# (one sender's clock second, a list's digest).
+_DATES: mailparse.ValueMemo[str, tuple[datetime | None, str | None]] = mailparse.ValueMemo()
 
 
 def _date(raw: list[str], flags: list[str]) -> datetime | None:
@@ -442,10 +441,7 @@ def _date(raw: list[str], flags: list[str]) -> datetime | None:
         return None
     found = _DATES.get(raw[0])
     if found is None:
-        found = _date_of(_first_text(raw))
-        if len(_DATES) >= _DATES_MAX:
-            _DATES.clear()
-        _DATES[raw[0]] = found
+        found = _DATES.keep(raw[0], _date_of(_first_text(raw)))
     when, flag = found
     if flag:
         flags.append(flag)
@@ -852,9 +848,8 @@ class _Extractor:
 
 _PartFacts = tuple[str, bool, str | None]  # content type, attachment?, charset
 # (Content-Type, Content-Disposition, default type) -> the part's facts: every
-# part of a burst of mail from the same agents asks the same.  Cleared when full.
-_FACTS: dict[tuple[str | None, str | None, str], _PartFacts] = {}
-_FACTS_MAX = 4096
+# part of a burst of mail from the same agents asks the same.
+_FACTS: mailparse.ValueMemo[tuple[str | None, str | None, str], _PartFacts] = mailparse.ValueMemo()
 
 
 def _part_facts(part: email.message.Message) -> _PartFacts:
@@ -871,10 +866,7 @@ def _part_facts(part: email.message.Message) -> _PartFacts:
     key = (ctype_field, disposition, part.get_default_type())
     found = _FACTS.get(key)
     if found is None:
-        found = (_content_type(part), _is_attachment(part), _charset(part))
-        if len(_FACTS) >= _FACTS_MAX:
-            _FACTS.clear()
-        _FACTS[key] = found
+        found = _FACTS.keep(key, (_content_type(part), _is_attachment(part), _charset(part)))
     return found
 
 

@@ -45,7 +45,7 @@ import threading
 from collections import OrderedDict
 from email import errors
 from email.message import Message
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 __all__ = ["MAX_BYTES", "MAX_ENTRIES", "MAX_ENTRY_BYTES", "IndexedMessage", "cached", "clear",
            "header_block", "parse", "parse_as", "stats"]
@@ -96,12 +96,31 @@ _size = 0
 _stats = {"hits": 0, "derived": 0, "misses": 0}
 
 
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+class ValueMemo(dict[_K, _V], Generic[_K, _V]):
+    """Facts derived from raw header values, kept per process: the same values recur
+    across a burst of mail from the same agents.  Cleared when full, not LRU: cheap,
+    and memory stays bounded."""
+
+    def __init__(self, limit: int = 4096) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def keep(self, key: _K, value: _V) -> _V:
+        """Remember ``value`` for ``key``; ``value``."""
+        if len(self) >= self.limit:
+            self.clear()
+        self[key] = value
+        return value
+
+
 _Field = tuple[str, Any]
 _MISSING: Any = object()
-# Content-Type/-Disposition values recur (a burst of mail from the same agents): their
-# parsed parameters, by the value as fetched.  Cleared when full, not LRU: cheap.
-_PARAMS: dict[str, tuple[tuple[str, Any], ...]] = {}
-_PARAMS_MAX = 4096
+# Content-Type/-Disposition values: their parsed parameters, by the value as fetched.
+_PARAMS: ValueMemo[str, tuple[tuple[str, Any], ...]] = ValueMemo()
 
 
 class IndexedMessage(Message):
@@ -179,10 +198,8 @@ class IndexedMessage(Message):
             return super()._get_params_preserve(failobj, header)  # type: ignore[misc]
         params = _PARAMS.get(value)
         if params is None:
-            params = tuple(super()._get_params_preserve(failobj, header))  # type: ignore[misc]
-            if len(_PARAMS) >= _PARAMS_MAX:
-                _PARAMS.clear()
-            _PARAMS[value] = params
+            params = _PARAMS.keep(
+                value, tuple(super()._get_params_preserve(failobj, header)))  # type: ignore[misc]
         return list(params)
 
 

@@ -431,10 +431,9 @@ class _Leaf:
 # The stdlib's header parameter parsing is the walk's largest cost, and most parts
 # carry the same few field values ("text/plain; charset=utf-8"): the results are a
 # pure function of the raw values, so they are memoised per process.
-_MEMO_MAX = 4096
 _MEMO_VALUE_MAX = 512  # a longer (hostile or odd) value is not kept: bounded memory
-_ctype_memo: dict[tuple[str | None, str], str] = {}
-_leaf_memo: dict[tuple[str | None, str | None], _Leaf] = {}
+_ctype_memo: mailparse.ValueMemo[tuple[str | None, str], str] = mailparse.ValueMemo()
+_leaf_memo: mailparse.ValueMemo[tuple[str | None, str | None], _Leaf] = mailparse.ValueMemo()
 
 
 def _raw_fields(part: email.message.Message) -> tuple[Any, Any]:
@@ -461,7 +460,7 @@ def _content_type(part: email.message.Message, ct: Any) -> str:
     ctype = _ctype_memo.get(key)
     if ctype is None:
         ctype = str(_safe(lambda: part.get_content_type(), "text/plain")).lower()
-        _remember(_ctype_memo, key, ctype)
+        _ctype_memo.keep(key, ctype)
     return ctype
 
 
@@ -477,14 +476,8 @@ def _leaf(part: email.message.Message, ct: Any, cd: Any) -> _Leaf:
             smime_type=str(_safe(lambda: part.get_param("smime-type") or "", "")).lower(),
         )
         if plain:
-            _remember(_leaf_memo, key, leaf)
+            _leaf_memo.keep(key, leaf)
     return leaf
-
-
-def _remember(memo: dict[Any, Any], key: Any, value: Any) -> None:
-    if len(memo) >= _MEMO_MAX:
-        memo.clear()
-    memo[key] = value
 
 
 def _is_smime_enveloped(ctype: str, leaf: _Leaf) -> bool:

@@ -287,7 +287,7 @@ def test_generated_mime_structures_extract_as_the_reference_does(
 
 
 def test_part_facts_memo_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ex, "_FACTS_MAX", 3)
+    monkeypatch.setattr(ex._FACTS, "limit", 3)
     for i in range(10):
         raw = f"Content-Type: text/plain; charset=utf-8; x={i}\r\n\r\nx\r\n".encode()
         assert ex.extract(raw).body == "x\r\n"
@@ -295,7 +295,7 @@ def test_part_facts_memo_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_date_memo_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ex, "_DATES_MAX", 3)
+    monkeypatch.setattr(ex._DATES, "limit", 3)
     for i in range(10):
         raw = f"Date: Fri, {i + 1} Nov 2026 12:00:00 +0000\r\n\r\nx\r\n".encode()
         date = ex.extract(raw).date
