@@ -58,6 +58,7 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore[attr-defined]
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -87,6 +88,20 @@ _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_asci
 _LINE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
 # Values whose JSON encoding cannot fail (a float can: NaN and infinities are refused).
 _PLAIN_TYPES = (str, int, bool, type(None))
+_EXACT_PLAIN = frozenset(_PLAIN_TYPES)
+_STR_ONLY = frozenset({str})
+# The C encoders that JSONEncoder.encode builds again on every call (with a fresh dict
+# for its circular-reference check), built once with the same options as _CANONICAL
+# and _LINE.  Used only for entries whose fields are plain (_plain): nothing nested,
+# so nothing can refer to itself and no check is needed; the output is the same
+# (encode() runs this very C encoder; tests/archive/test_ledger.py holds them equal).
+# None where json has no C accelerator: the encoders above then do all the work.
+_C_CANONICAL = _C_LINE = None
+if c_make_encoder is not None:
+    _C_CANONICAL = c_make_encoder(None, _CANONICAL.default, encode_basestring_ascii, None,
+                                  ":", ",", True, False, False)
+    _C_LINE = c_make_encoder(None, _LINE.default, encode_basestring_ascii, None,
+                             ":", ",", False, False, True)
 
 
 def canonical(obj: Mapping[str, Any]) -> bytes:
@@ -354,27 +369,41 @@ class Ledger:
             self.repaired_bytes += self.repaired_bytes_pending
             self.repaired_bytes_pending = 0
         out: list[LedgerEntry] = []
+        lines: list[bytes] = []
         first_seq = seq + 1
         for kind, fields in items:
             seq += 1
-            e = self._make(seq, now, kind, dict(fields), prev)
+            e, line = self._make(seq, now, kind, dict(fields), prev)
             out.append(e)
+            lines.append(line)
             prev = e.hash
         crossed = (seq // self.checkpoint_every) > ((first_seq - 1) // self.checkpoint_every)
         if self.signer is not None and (force_checkpoint or (items and crossed)):
             seq += 1
-            out.append(self._make(seq, now, "checkpoint", self._sign(seq - 1, prev), prev))
+            e, line = self._make(seq, now, "checkpoint", self._sign(seq - 1, prev), prev)
+            out.append(e)
+            lines.append(line)
         self._head = None  # unknown until the write has gone through
-        written = self._write(out, seg)
+        written = self._write(out, lines, seg)
         if written is not None and out:
             self._head = _Head.of(out[-1].seq, out[-1].hash, *written)
         return out, first_item
 
     def _make(self, seq: int, now: str, kind: str, fields: dict[str, Any],
-              prev: str) -> LedgerEntry:
+              prev: str) -> tuple[LedgerEntry, bytes]:
+        """The entry and its line in the segment (newline included)."""
         body = {"seq": seq, "time": now, "kind": kind, **fields, "prev": prev}
-        return LedgerEntry(seq=seq, time=now, kind=kind, prev=prev, hash=entry_hash(body),
-                           fields=fields)
+        if _C_CANONICAL is None or _C_LINE is None or not RESERVED.isdisjoint(fields) \
+                or not _plain(fields):
+            entry = LedgerEntry(seq=seq, time=now, kind=kind, prev=prev,
+                                hash=entry_hash(body), fields=fields)
+            return entry, _LINE.encode(entry.as_dict()).encode() + b"\n"
+        # The common case, with the encoders built once.  The line is as_dict() encoded:
+        # the body's keys in the same order, then "hash" (never among the fields).
+        hash_ = hashlib.sha256("".join(_C_CANONICAL(body, 0)).encode()).hexdigest()
+        line = "".join(_C_LINE(body, 0))[:-1] + ',"hash":"' + hash_ + '"}\n'
+        return (LedgerEntry(seq=seq, time=now, kind=kind, prev=prev, hash=hash_, fields=fields),
+                line.encode())
 
     def _sign(self, head_seq: int, head_hash: str) -> dict[str, Any]:
         assert self.signer is not None
@@ -433,9 +462,11 @@ class Ledger:
         entry = _parse_json(line, seg, None)
         return int(entry["seq"]), str(entry["hash"]), None
 
-    def _write(self, entries: list[LedgerEntry], seg: tuple[int, Path] | None
+    def _write(self, entries: list[LedgerEntry], lines: list[bytes],
+               seg: tuple[int, Path] | None
                ) -> tuple[tuple[int, Path], os.stat_result] | None:
-        """Write entries into the right segments; one fsync per touched segment.
+        """Write entries (``lines``: each one's line) into the right segments; one fsync
+        per touched segment.
 
         Returns the last segment written and its file's state after the write."""
         i = 0
@@ -446,7 +477,7 @@ class Ledger:
                 seg = (seq, self.path / segment_name(seq))
             room = self.segment_entries - (seq - seg[0])
             chunk = entries[i:i + room]
-            data = b"".join(_LINE.encode(e.as_dict()).encode() + b"\n" for e in chunk)
+            data = b"".join(lines[i:i + room])
             created = not seg[1].exists()
             fd = os.open(seg[1], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
             try:
@@ -507,6 +538,11 @@ class _FileLock:
 
 def _plain(fields: Mapping[str, Any]) -> bool:
     """String keys and string, int, bool or None values: JSON for certain (pure)."""
+    # Exactly those types, the usual case, tested in C (a generator of isinstance calls
+    # cost as much as encoding the entry); subclasses (an IntEnum) take the long way.
+    if _EXACT_PLAIN.issuperset(map(type, fields.values())) \
+            and _STR_ONLY.issuperset(map(type, fields)):
+        return True
     return all(type(k) is str and isinstance(v, _PLAIN_TYPES) for k, v in fields.items())
 
 

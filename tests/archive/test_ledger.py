@@ -163,6 +163,40 @@ def test_a_line_is_written_as_json_dumps_writes_it(tmp_path: Path) -> None:
         separators=(",", ":"), ensure_ascii=True).encode()).hexdigest()
 
 
+def test_plain_entries_take_the_built_once_encoders_and_write_what_json_dumps_writes(
+        tmp_path: Path) -> None:
+    # The common case (str, int, bool, None fields) skips JSONEncoder.encode: the lines
+    # and hashes must still be what the generic encoders give, byte for byte.
+    import enum
+
+    from archive import ledger as ledger_mod
+
+    class Level(enum.IntEnum):
+        HIGH = 3
+
+    assert ledger_mod._C_LINE is not None and ledger_mod._C_CANONICAL is not None
+    batch = [
+        ("message_stored", {"sha256": "ab" * 32, "size": 10234, "stored_size": 0, "new": True,
+                            "qid": "Q1", "receipt": "cd" * 32}),
+        ("audit", {"zeta": 'quote " back \\ tab \t nl \n \x01', "alpha": "Zoë \udcff 日本",
+                   "n": -(10**30), "ok": False, "gone": None, "Upper": ""}),
+        ("audit", {"level": Level.HIGH, "b": 1}),  # a subclass: the generic path
+        ("audit", {}),
+    ]
+    ledger = Ledger(tmp_path / "ledger")
+    entries = ledger.append_many(batch)
+    lines = (tmp_path / "ledger" / "000000000001.jsonl").read_bytes().splitlines(keepends=True)
+    assert len(lines) == len(entries) == len(batch)
+    for entry, line in zip(entries, lines, strict=True):
+        assert line == json.dumps(entry.as_dict(), ensure_ascii=True,
+                                  separators=(",", ":")).encode() + b"\n"
+        body = {k: v for k, v in entry.as_dict().items() if k != "hash"}
+        assert entry.hash == hashlib.sha256(json.dumps(
+            body, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+            allow_nan=False).encode()).hexdigest()
+    assert list(ledger.entries())[1].fields == batch[1][1]
+
+
 def test_the_lock_file_is_opened_once_per_process(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "ledger")
     ledger.append("audit", n=1)
