@@ -213,3 +213,41 @@ def test_a_one_column_table_gets_one_value_tuples(tmp_path: Path) -> None:
         assert conn.exec_driver_sql("SELECT name FROM one ORDER BY name").scalars().all() \
             == ["a", "b"]
     engine.dispose()
+
+
+@pytest.mark.parametrize("none_as_null", [False, True])
+def test_json_values_bind_as_sqlalchemys_json_processor_binds_them(none_as_null: bool) -> None:
+    """The fast path's JSON processor (archive.rows._json_text) against the type's own:
+    the same text, the same SQL NULL / JSON null, the same errors."""
+    from archive.rows import _bind_processor
+
+    dialect = sa.create_engine("sqlite://").dialect
+    impl = sa.JSON(none_as_null=none_as_null).dialect_impl(dialect)
+    theirs = impl.bind_processor(dialect)
+    ours = _bind_processor(impl, dialect)
+    assert theirs is not None and ours is not None
+    assert ours.__qualname__ != theirs.__qualname__  # the fast one is in use
+    loop: list[object] = []
+    loop.append(loop)
+    values: list[object] = [
+        None, sa.JSON.NULL, sa.null(), [], {}, "text", 'q"\\\n\x01 Zoë \udcff 日本', 0, -(10**30),
+        1.5, float("nan"), float("-inf"), True, False, ["a", "b"],
+        {"result": "pass", "domain": "example.com", "n": [1, 2.5, None, {"z": {}}]},
+        {2: "int key", 1.5: "float key", None: "none key", True: "bool key"}, ("t", 1)]
+    for value in values:
+        assert ours(value) == theirs(value), value
+    for bad in (loop, {"x": object()}, {("tuple", "key"): 1}):
+        with pytest.raises((ValueError, TypeError)) as mine:
+            ours(bad)
+        with pytest.raises((ValueError, TypeError)) as other:
+            theirs(bad)
+        assert type(mine.value) is type(other.value) and str(mine.value) == str(other.value)
+
+
+def test_a_json_serialiser_set_on_the_engine_is_used_as_it_is() -> None:
+    from archive.rows import _bind_processor
+
+    dialect = sa.create_engine("sqlite://", json_serializer=lambda v: "custom").dialect
+    impl = sa.JSON().dialect_impl(dialect)
+    proc = _bind_processor(impl, dialect)
+    assert proc is not None and proc({"a": 1}) == "custom"
