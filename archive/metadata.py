@@ -76,7 +76,7 @@ from sqlalchemy.orm import (
 
 from archive.errors import ArchiveError
 from archive.extract import Extracted
-from archive.rows import rows_for
+from archive.rows import Rows, rows_for
 
 __all__ = [
     "Attachment",
@@ -470,8 +470,6 @@ _TABLES = Base.metadata.tables
 _BLOBS = _TABLES["blobs"]
 _MESSAGES = _TABLES["messages"]
 # Statements add_messages runs for every batch, built once (the bound values vary).
-_EXISTING_BLOBS = select(_BLOBS.c.sha256, _BLOBS.c.id).where(
-    _BLOBS.c.sha256.in_(bindparam("shas", expanding=True)))
 _RECORDED = select(_MESSAGES.c.sha256, _MESSAGES.c.received_at, _MESSAGES.c.source,
                    _MESSAGES.c.id, _MESSAGES.c.blob_id).where(
     _MESSAGES.c.sha256.in_(bindparam("shas", expanding=True)))
@@ -602,9 +600,9 @@ class Metadata:
         if not recs:
             return []
         with self.engine.begin() as conn:
-            shas = list(dict.fromkeys(r.sha256 for r in recs))
-            blob_ids: dict[str, int] = {
-                row[0]: row[1] for row in conn.execute(_EXISTING_BLOBS, {"shas": shas})}
+            w = rows_for(conn)
+            blob_ids: dict[str, int] = w.ids_by(
+                _BLOBS, "sha256", list(dict.fromkeys(r.sha256 for r in recs)))
             existing = set(blob_ids)
             again = _recorded_before(conn, recs, existing)
             if again:
@@ -613,14 +611,13 @@ class Metadata:
                 rest = [r for i, r in enumerate(recs) if i not in done]
                 if not rest:
                     return [done[i] for i in range(len(recs))]
-                fresh_out = iter(self._insert(conn, rest, blob_ids, existing))
+                fresh_out = iter(self._insert(conn, w, rest, blob_ids, existing))
                 return [done[i] if i in done else next(fresh_out) for i in range(len(recs))]
-            return self._insert(conn, recs, blob_ids, existing)
+            return self._insert(conn, w, recs, blob_ids, existing)
 
-    def _insert(self, conn: Connection, recs: Sequence[MessageRecord],
+    def _insert(self, conn: Connection, w: Rows, recs: Sequence[MessageRecord],
                 blob_ids: dict[str, int], existing: set[str]) -> list[StoredMessage]:
         """Insert the blob rows that are new and one message row per record."""
-        w = rows_for(conn)
         fresh = {r.sha256: r for r in recs if r.sha256 not in existing}
         if fresh:
             ids = w.insert_ids(_BLOBS, [
@@ -632,15 +629,19 @@ class Metadata:
                            for sha, r in fresh.items() for a in r.extracted.attachments]
             if attachments:
                 w.insert(_TABLES["attachments"], attachments)
-        pks = w.insert_ids(_MESSAGES, [_message_row(blob_ids[r.sha256], r) for r in recs])
+        # Each verdict's summary once: the message row and the verdict rows both take it.
+        summaries = [{kind: _verdict_summary(kind, value) for kind, value in r.verdicts.items()}
+                     for r in recs]
+        pks = w.insert_ids(_MESSAGES, [_message_row(blob_ids[r.sha256], r, summary)
+                                       for r, summary in zip(recs, summaries, strict=True)])
         people: list[dict[str, Any]] = []
         verdicts: list[dict[str, Any]] = []
         decisions: list[dict[str, Any]] = []
         hits: list[dict[str, Any]] = []
-        for pk, rec in zip(pks, recs, strict=True):
+        for pk, rec, summary in zip(pks, recs, summaries, strict=True):
             people.extend(_participant_rows(pk, rec))
             verdicts.extend({"message_pk": pk, "kind": kind[:16],
-                             "result": _verdict_summary(kind, value)[:32], "detail": value}
+                             "result": summary[kind][:32], "detail": value}
                             for kind, value in rec.verdicts.items())
             if rec.decision is not None:
                 decisions.append({"message_pk": pk, "decided_at": rec.received_at,
@@ -857,8 +858,12 @@ def _attachment_row(blob_id: int, a: Any) -> dict[str, Any]:
             "flags": list(a.flags)}
 
 
-def _message_row(blob_id: int, rec: MessageRecord) -> dict[str, Any]:
+def _message_row(blob_id: int, rec: MessageRecord,
+                 summary: dict[str, str] | None = None) -> dict[str, Any]:
+    """``summary``: each verdict's _verdict_summary, if the caller has them already."""
     ex = rec.extracted
+    if summary is None:
+        summary = {kind: _verdict_summary(kind, value) for kind, value in rec.verdicts.items()}
     return {
         "blob_id": blob_id, "sha256": rec.sha256, "message_id": ex.message_id[:998],
         "date": ex.date or rec.received_at, "subject": ex.subject,
@@ -869,9 +874,9 @@ def _message_row(blob_id: int, rec: MessageRecord) -> dict[str, Any]:
         "flags": list(ex.flags) + ([] if ex.date else ["no Date header: dated by receipt"]),
         "mail_from": rec.mail_from[:320], "client_ip": rec.client_ip[:64],
         "helo": rec.helo[:255], "tls": rec.tls[:128], "auth_user": rec.auth_user[:255],
-        "spf": _verdict_summary("spf", rec.verdicts.get("spf")),
-        "dkim": _verdict_summary("dkim", rec.verdicts.get("dkim")),
-        "dmarc": _verdict_summary("dmarc", rec.verdicts.get("dmarc")),
+        "spf": summary.get("spf", ""),  # _verdict_summary(kind, None): none given
+        "dkim": summary.get("dkim", ""),
+        "dmarc": summary.get("dmarc", ""),
         "linked_id": rec.linked_id, "ledger_ref": rec.ledger_ref, "expired_at": None,
         "copy": rec.copy,
     }

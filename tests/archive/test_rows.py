@@ -251,3 +251,23 @@ def test_a_json_serialiser_set_on_the_engine_is_used_as_it_is() -> None:
     impl = sa.JSON().dialect_impl(dialect)
     proc = _bind_processor(impl, dialect)
     assert proc is not None and proc({"a": 1}) == "custom"
+
+
+def test_ids_by_finds_what_cores_select_finds(tmp_path: Path) -> None:
+    """SqliteRows.ids_by (its IN list compiled per count, run on the cursor) against
+    CoreRows.ids_by (Core's expanding IN), over present, absent and repeated values."""
+    meta = Metadata.for_data_dir(tmp_path)
+    meta.migrate()
+    shas = [f"{i:064x}" for i in range(40)]
+    with meta.engine.begin() as conn:
+        ids = SqliteRows(conn).insert_ids(metadata_module._BLOBS, [
+            {"sha256": s, "size": 1, "stored_at": T0, "scan_flags": [], "indexed_at": None,
+             "shredded_at": None} for s in shas[:30]])
+    stored = dict(zip(shas[:30], ids, strict=True))
+    with meta.engine.connect() as conn:
+        fast, core = SqliteRows(conn), CoreRows(conn)
+        for wanted in ([], shas[:1], shas[25:35], shas[::3], shas[30:], shas + shas[:5]):
+            got = fast.ids_by(metadata_module._BLOBS, "sha256", wanted)
+            assert got == core.ids_by(metadata_module._BLOBS, "sha256", wanted)
+            assert got == {s: stored[s] for s in wanted if s in stored}
+    meta.close()
