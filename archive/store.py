@@ -122,6 +122,9 @@ SEGMENT_RECORDS = 8192
 PACK_MODE = 0o440
 MUTABLE_MODE = 0o640
 SEGMENT_FILE = re.compile(r"^([0-9a-f]{16}-[0-9a-f]{8})\.(pack|keys|ack)$")
+# How long the packs directory must have been unchanged for a listing of it to be
+# reused (_segment_names_now): well above any file system's timestamp granularity.
+_DIR_SETTLE_NS = 5 * 10**9
 
 
 @dataclass
@@ -177,6 +180,9 @@ class BlobStore(ZstdContexts):
         # written (_append), so refresh() has nothing to look at in them.
         self._mine: set[str] = set()
         self._loaded = False
+        # (the packs directory's stat, its segment names): see _segment_names_now.
+        self._listing: tuple[tuple[int, int, int, int], list[str]] | None = None
+        self._refreshed: list[str] | None = None  # the listing refresh() last went through
 
     def close(self) -> None:
         with self._mutex:
@@ -198,14 +204,43 @@ class BlobStore(ZstdContexts):
         return sorted(m.group(1) for n in names
                       if (m := SEGMENT_FILE.match(n)) and m.group(2) == "pack")
 
+    def _segment_names_now(self) -> list[str]:
+        """segment_names(), listed again only if the directory changed since a listing.
+
+        Every batch refreshes the index, and listing the directory (and matching each
+        name) cost more than the rest of a refresh; a stat tells whether any file was
+        created, removed or renamed there since (each sets the directory's mtime and
+        ctime).  Timestamps are coarse (a clock tick, or a second or two on some file
+        systems): a listing is kept only if the directory had not changed for
+        _DIR_SETTLE_NS before it, so a later change cannot carry the same timestamp.
+        The stat comes before the listing: a change in between shows next time.
+        """
+        try:
+            st = os.stat(self.packs)
+        except FileNotFoundError:
+            self._listing = None
+            return []
+        stamp = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+        if self._listing is not None and self._listing[0] == stamp:
+            return self._listing[1]
+        names = self.segment_names()
+        settled = time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > _DIR_SETTLE_NS
+        self._listing = (stamp, names) if settled else None
+        return names
+
     def refresh(self) -> None:
         """Bring the index up to date with every segment (others' appends, compactions)."""
         with self._mutex:
-            names = self.segment_names()
-            for gone in set(self._segs) - set(names):
-                self._drop_segment(gone)
+            names = self._segment_names_now()
+            if names is not self._refreshed:  # else no segment was removed since
+                for gone in set(self._segs) - set(names):
+                    self._drop_segment(gone)
+                self._refreshed = names
+            segs = self._segs
             for name in names:
-                if name not in self._mine or name not in self._segs:
+                # A final segment never changes; ours are indexed as we write them.
+                seg = segs.get(name)
+                if seg is None or not (seg.final or name in self._mine):
                     self._refresh_segment(name)
             self._loaded = True
 

@@ -190,3 +190,45 @@ def test_a_full_segment_is_closed_and_the_next_batch_starts_another(
         assert a.recovered == [] and all(a.get(sha(m)) == m for m in more)
     summary, findings = verify(tmp_path / "archive")
     assert summary.ok and summary.warnings == 0 and summary.blobs == 7, findings
+
+
+def test_a_settled_listing_is_reused_until_the_packs_directory_changes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """refresh() lists the packs directory again only when a stat of it changed; a
+    segment another process creates afterwards is still found at once."""
+    import os
+
+    from archive.store import BlobStore
+
+    listings: list[int] = []
+    real = BlobStore.segment_names
+
+    def counted(self: BlobStore) -> list[str]:
+        listings.append(1)
+        return real(self)
+
+    monkeypatch.setattr(BlobStore, "segment_names", counted)
+    with Archive.open(tmp_path) as a, Archive.open(tmp_path) as b:
+        a.put(MSGS[0])
+        assert isinstance(a.store, BlobStore) and isinstance(b.store, BlobStore)
+        packs = packs_dir(tmp_path)
+        # Just changed: not settled, so every refresh lists it again.
+        listings.clear()
+        b.store.refresh()
+        b.store.refresh()
+        assert len(listings) == 2
+        hour_ago = os.stat(packs).st_mtime_ns - 3600 * 10**9
+        os.utime(packs, ns=(hour_ago, hour_ago))  # (the ctime is now, but long settled
+        monkeypatch.setattr("archive.store._DIR_SETTLE_NS", -(10**12))  # for the test)
+        listings.clear()
+        for _ in range(3):
+            b.store.refresh()
+        assert len(listings) == 1  # then the stat alone
+        assert b.get(sha(MSGS[0])) == MSGS[0]
+        before = set(b.store.segment_names())
+        with Archive.open(tmp_path) as c:
+            c.put(MSGS[1])  # another writer: a segment of its own
+        assert set(b.store.segment_names()) - before
+        listings.clear()
+        assert b.get(sha(MSGS[1])) == MSGS[1]  # a new segment: the directory changed
+        assert listings
