@@ -169,6 +169,22 @@ def parse_record_header(data: bytes) -> RecordHeader:
     return RecordHeader(sha.hex(), dkid.hex(), length, bytes(data[:RECORD_HEADER_LEN]))
 
 
+def record_fields(data: bytes, pos: int = 0) -> tuple[str, str, int]:
+    """(sha256, dkid, whole record length) of the record header at ``data[pos:]``: what
+    a scan keeps of :func:`parse_record_header`, with its checks and errors, without
+    building a RecordHeader per record."""
+    if len(data) - pos < RECORD_HEADER_LEN:
+        raise FormatError("record header too short")
+    magic, version, sha, dkid, length = _RECORD_HEAD.unpack_from(data, pos)
+    if magic != RECORD_MAGIC:
+        raise FormatError("not a Coffer record (bad magic)")
+    if version != VERSION:
+        raise FormatError(f"unsupported record version {version}")
+    if length < TAG_BYTES:
+        raise FormatError("record shorter than its authentication tag")
+    return sha.hex(), dkid.hex(), RECORD_HEADER_LEN + length
+
+
 def _wrap_aad(kid: bytes, sha_raw: bytes, dkid_raw: bytes) -> bytes:
     return WRAP_MAGIC + bytes([VERSION, len(kid)]) + kid + sha_raw + dkid_raw
 

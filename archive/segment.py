@@ -22,11 +22,13 @@ from archive.pack import (
     parse_acks,
     parse_key_entries,
     parse_key_table,
-    parse_record_header,
     parse_segment_header,
+    record_fields,
 )
 
 _HEAD_PROBE = 4096  # enough for any segment header a writer or compaction makes
+# Bytes read at once by scan(): a few of the usual records, a short copy.
+_SCAN_WINDOW = 32 << 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,20 +64,31 @@ def read_segment_header(fd: int) -> tuple[list[str], int] | None:
 
 
 def scan(fd: int, name: str, start: int) -> Scan:
-    """The whole records from ``start`` (a record boundary) to the end of the file."""
+    """The whole records from ``start`` (a record boundary) to the end of the file.
+
+    The file is read in windows of up to _SCAN_WINDOW bytes, each record header taken
+    from the window holding it (another writer's batch, a few receipts and messages of
+    a few kB, is one read instead of one per record); a header past the window is read
+    with the window that starts at it.
+    """
     size = os.fstat(fd).st_size
     out = Scan(end=start, size=size)
+    records = out.records
     pos = start
+    window, base = b"", start  # window holds the file's bytes from base on
     while pos + RECORD_HEADER_LEN <= size:
+        at = pos - base
+        if at + RECORD_HEADER_LEN > len(window):
+            window, base, at = os.pread(fd, min(_SCAN_WINDOW, size - pos), pos), pos, 0
         try:
-            head = parse_record_header(os.pread(fd, RECORD_HEADER_LEN, pos))
+            sha, dkid, total = record_fields(window, at)
         except FormatError as exc:
             out.corrupt_at, out.corrupt = pos, str(exc)
             break
-        if pos + head.total > size:
+        if pos + total > size:
             break  # the last record is incomplete: being written, or torn by a crash
-        out.records.append(Location(name, pos, head.total, head.sha256, head.dkid))
-        pos += head.total
+        records.append(Location(name, pos, total, sha, dkid))
+        pos += total
     out.end = pos
     return out
 

@@ -232,3 +232,76 @@ def test_a_settled_listing_is_reused_until_the_packs_directory_changes(
         listings.clear()
         assert b.get(sha(MSGS[1])) == MSGS[1]  # a new segment: the directory changed
         assert listings
+
+
+def _scan_one_read_per_record(fd: int, name: str, start: int) -> object:
+    """archive.segment.scan as it was: one pread and one parse_record_header per record
+    (the reference the windowed scan is held to)."""
+    import os
+
+    from archive.pack import FormatError, parse_record_header
+    from archive.segment import RECORD_HEADER_LEN, Location, Scan
+
+    size = os.fstat(fd).st_size
+    out = Scan(end=start, size=size)
+    pos = start
+    while pos + RECORD_HEADER_LEN <= size:
+        try:
+            head = parse_record_header(os.pread(fd, RECORD_HEADER_LEN, pos))
+        except FormatError as exc:
+            out.corrupt_at, out.corrupt = pos, str(exc)
+            break
+        if pos + head.total > size:
+            break
+        out.records.append(Location(name, pos, head.total, head.sha256, head.dkid))
+        pos += head.total
+    out.end = pos
+    return out
+
+
+def test_the_windowed_scan_finds_what_one_read_per_record_finds(tmp_path: Path) -> None:
+    import os
+    import random
+
+    from archive import segment
+
+    rng = random.Random(5)
+    # Small and large records (larger than a scan window), incompressible or not.
+    blobs = [b"Subject: %d\r\n\r\n" % i + (rng.randbytes(rng.choice([10, 900, 5000, 70000]))
+                                             if i % 3 else b"x" * rng.choice([100, 90000]))
+             for i in range(40)]
+    with Archive.open(tmp_path) as a:
+        for i in range(0, len(blobs), 7):
+            a.put_many(blobs[i:i + 7])
+    [pack] = list(packs_dir(tmp_path).glob("*.pack"))
+    whole = pack.read_bytes()
+    name = pack.name.removesuffix(".pack")
+    fd = os.open(pack, os.O_RDONLY)
+    try:
+        head = segment.read_segment_header(fd)
+        assert head is not None
+        good = segment.scan(fd, name, head[1])
+    finally:
+        os.close(fd)
+    assert len(good.records) == len(blobs) and good.corrupt_at is None and good.torn == 0
+    offsets = [r.offset for r in good.records]
+    variants = {
+        "whole": whole,
+        "torn record": whole[:offsets[20] + 1000],
+        "torn header": whole[:offsets[30] + 20],
+        "bad magic": whole[:offsets[12]] + b"XXXX" + whole[offsets[12] + 4:],
+        "bad version": whole[:offsets[25] + 4] + b"\x09" + whole[offsets[25] + 5:],
+        "short length": whole[:offsets[33] + 45] + b"\x00\x00\x00\x03"
+        + whole[offsets[33] + 49:],
+        "trailing junk": whole + b"\x00" * 30,
+    }
+    for label, data in variants.items():
+        path = tmp_path / f"{label}.pack"
+        path.write_bytes(data)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for start in (head[1], offsets[5], offsets[19]):
+                assert segment.scan(fd, name, start) == _scan_one_read_per_record(
+                    fd, name, start), (label, start)
+        finally:
+            os.close(fd)
