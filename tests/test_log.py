@@ -190,12 +190,18 @@ def test_the_shared_encoder_fails_like_a_fresh_one_and_then_works_again(
     # does (handed to handleError, nothing written), and leaves nothing behind that
     # would fail the next line, which shares a list twice (not a cycle).
     handler = log.LOGGER.handlers[0]
+    # the direct path only (pytest may have added its capture handlers)
+    monkeypatch.setattr(log.LOGGER, "handlers", [handler])
+    assert log._direct(logging.INFO) is handler
     seen: list[logging.LogRecord] = []
     monkeypatch.setattr(handler, "handleError", seen.append)
     loop: list[Any] = [1]
     loop.append(loop)
     with pytest.raises(ValueError, match="Circular reference"):
         json.dumps(loop, ensure_ascii=False, default=str)
+    with pytest.raises(ValueError, match="Circular reference"):
+        log._json_line(0.0, logging.INFO, "cycle", {"ring": loop})
+    assert log._MARKERS == {}
     log.event("cycle", ring=loop)
     assert [r.getMessage() for r in seen] == ["cycle"]
     shared = ["a@b"]
