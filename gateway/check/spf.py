@@ -49,6 +49,13 @@ def _clock_free(verdict: SpfVerdict, lookups: Sequence[tuple[tuple[str, str], An
     return True
 
 
+def memo_key(ip: str, mail_from: str, helo: str,
+             default_explanation: str | None = None) -> tuple[str | None, ...]:
+    """What check_sync's verdict is remembered under (Resolver.remember): all of its
+    inputs but the resolver."""
+    return ("spf", ip, mail_from, helo, default_explanation)
+
+
 def check_sync(
     resolver: Resolver,
     ip: str,
@@ -64,7 +71,7 @@ def check_sync(
     evaluation input is the same and so is its verdict (pyspf is a pure function of
     them, but for %{t}: see _clock_free), which is then taken without building a
     pyspf query at all."""
-    key = ("spf", ip, mail_from, helo, default_explanation)
+    key = memo_key(ip, mail_from, helo, default_explanation)
     verdict: SpfVerdict | None = resolver.recall(key)
     if verdict is not None:
         return verdict

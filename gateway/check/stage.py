@@ -29,6 +29,8 @@ from gateway.check.verdicts import ArcVerdict, DkimVerdict, SpfVerdict, Verdicts
 from gateway.envelope import Envelope
 from gateway.pipeline import MessageContext, StageResult
 
+HEADER_MEMO = 1024
+
 
 def check_config_of(cfg: Any) -> CheckConfig:
     """Config.check, or the defaults while Config has no ``check`` section."""
@@ -52,6 +54,10 @@ class CheckStage:
         self.config = config or CheckConfig()
         self.authserv_id = self.config.authserv_id or authserv_id
         self.rng = rng
+        # Authentication-Results values by (verdicts, checked): a pure function of
+        # them (authserv_id and the checks are fixed here), and the same verdicts
+        # recur for a recurring sender.  Cleared when full.
+        self._headers: dict[tuple[Verdicts, bool, str, tuple[str, ...]], str] = {}
 
     @classmethod
     def from_config(cls, cfg: Any, *, nameservers: list[str] | None = None) -> CheckStage:
@@ -110,8 +116,15 @@ class CheckStage:
 
     def header(self, verdicts: Verdicts, *, checked: bool = True) -> str:
         """The Authentication-Results value for these verdicts."""
-        return authresults.build(self.authserv_id, verdicts,
-                                 checks=self.checks if checked else frozenset())
+        key = (verdicts, checked, self.authserv_id, tuple(self.config.checks))
+        value = self._headers.get(key)
+        if value is None:
+            value = authresults.build(self.authserv_id, verdicts,
+                                      checks=self.checks if checked else frozenset())
+            if len(self._headers) >= HEADER_MEMO:
+                self._headers.clear()
+            self._headers[key] = value
+        return value
 
     async def run(self, ctx: MessageContext) -> StageResult:
         stripped, removed = authresults.strip_forged(ctx.data, self.authserv_id)

@@ -18,9 +18,11 @@ from authdns import DnsTestServer, Zone
 from test_spf import KNOWN_DIFFERENCES, _suite_cases
 
 from bench.relay import make_messages, message_sizes
-from gateway.check import dmarc, spf
+from gateway.check import authresults, dmarc, spf
+from gateway.check.config import CheckConfig
 from gateway.check.dns import Resolver, TtlCache
-from gateway.check.stage import CheckStage
+from gateway.check.stage import HEADER_MEMO, CheckStage
+from gateway.check.verdicts import SpfVerdict, Verdicts
 from gateway.envelope import Envelope
 from gateway.pipeline import MessageContext
 
@@ -190,6 +192,9 @@ async def test_stage_remembered_equals_evaluated(dns_server: DnsTestServer) -> N
     fast = CheckStage(Resolver([dns_server.hostport], 0.5, TtlCache()), authserv_id="mx.test")
     slow = CheckStage(_forgetful(Resolver([dns_server.hostport], 0.5, TtlCache())),
                       authserv_id="mx.test")
+    # and every Authentication-Results value built anew, as before CheckStage.header's memo
+    slow.header = lambda v, checked=True: authresults.build(  # type: ignore[method-assign]
+        slow.authserv_id, v, checks=slow.checks if checked else frozenset())
     compared = 0
     for rnd in range(2):  # the second round recalls what the first remembered
         for i, data in enumerate(messages):
@@ -203,6 +208,26 @@ async def test_stage_remembered_equals_evaluated(dns_server: DnsTestServer) -> N
             compared += 1
     assert compared >= 120
     assert fast.resolver._memo  # remembered something, or this compared nothing new
+    assert fast._headers
+
+
+def test_the_header_memo_is_bounded_and_keyed_on_every_input(resolver: Resolver) -> None:
+    stage = CheckStage(resolver, authserv_id="mx.test")
+    verdicts = [Verdicts(SpfVerdict(r, d)) for r in ("pass", "fail", "none")
+                for d in ("a.example", "b.example")]
+    for _ in range(2):
+        for v in verdicts:
+            for checked in (True, False):
+                assert stage.header(v, checked=checked) == authresults.build(
+                    "mx.test", v, checks=stage.checks if checked else frozenset())
+    stage.config = CheckConfig(checks=["spf"])
+    assert stage.header(verdicts[0]) == authresults.build(
+        "mx.test", verdicts[0], checks=frozenset({"spf"}))
+    stage.authserv_id = "other.test"
+    assert stage.header(verdicts[0]).startswith("other.test;")
+    for i in range(HEADER_MEMO + 5):
+        stage.header(Verdicts(SpfVerdict("none", f"d{i}.example")))
+    assert len(stage._headers) <= HEADER_MEMO
 
 
 def test_bench_sender_is_recalled(dns_server: DnsTestServer) -> None:
@@ -213,7 +238,7 @@ def test_bench_sender_is_recalled(dns_server: DnsTestServer) -> None:
     data = make_messages(message_sizes(1, 1), 1)[0]
     asyncio.run(stage.run(MessageContext(env, data)))
     queries = len(dns_server.zone.queries)
-    assert r.recall(("spf", "127.0.0.1", "bench@src.example", "bench.src.example", None))
+    assert r.recall(spf.memo_key("127.0.0.1", "bench@src.example", "bench.src.example"))
     assert r.recall(("dmarc", "src.example"))
     asyncio.run(stage.run(MessageContext(env, data)))
     assert len(dns_server.zone.queries) == queries
