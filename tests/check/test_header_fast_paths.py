@@ -14,6 +14,7 @@ from email.utils import getaddresses
 from pathlib import Path
 
 import dkim
+import pytest
 from authcorpus import corpus_dir
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -193,3 +194,21 @@ def test_long_address_lists_are_not_remembered() -> None:
     before = headers._addresses.cache_info().currsize
     assert headers.addresses([value]) == getaddresses([value])
     assert headers._addresses.cache_info().currsize == before
+
+
+@pytest.mark.parametrize("name", [b"ARC-Seal", b"arc-message-signature",
+                                  b"Arc-Authentication-Results", b"DKIM-Signature",
+                                  b"authentication-RESULTS"])
+def test_each_field_name_alone_is_seen_in_any_case(name: bytes) -> None:
+    # the lowered-header searches (``in``) against the case-insensitive patterns they
+    # replaced, one field name at a time
+    data = b"From: a@b.example\r\n" + name + b": i=1; x=y\r\nSubject: s\r\n\r\nbody\r\n"
+    arc_pattern = re.compile(rb"arc-(?:seal|message-signature|authentication-results)",
+                             re.IGNORECASE)
+    assert arc._no_arc_field(data) == (arc_pattern.search(data) is None)
+    assert (dkim_verify.signature_count(data) > 0) == (name.lower() == b"dkim-signature")
+    forged = data.replace(b"i=1; x=y", b"mx.coffer.test; spf=pass")
+    assert authresults.strip_forged(forged, "mx.coffer.test") == \
+        strip_reference(forged, "mx.coffer.test")
+    assert authresults.strip_forged(forged, "mx.coffer.test")[1] == (
+        name.lower() == b"authentication-results")
