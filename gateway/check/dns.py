@@ -138,10 +138,14 @@ class TtlCache:
     def holds(self, key: tuple[str, str], value: Any) -> bool:
         """Whether ``key`` is cached, unexpired, as this very ``value`` (the object
         a lookup returned): what :meth:`Resolver.recall` checks a memo against.
-        Neither a hit nor a miss: the memo's lookups are not made."""
+        Neither a hit nor a miss (the memo's lookups are not made), but the entry is
+        moved to the end as a hit's would be: it is still in use."""
         with self._lock:
             item = self._data.get(key)
-            return item is not None and item[1] is value and item[0] > self.clock()
+            if item is None or item[1] is not value or item[0] <= self.clock():
+                return False
+            self._data.move_to_end(key)
+            return True
 
     def clear(self) -> None:
         with self._lock:

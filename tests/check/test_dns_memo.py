@@ -242,3 +242,14 @@ def test_bench_sender_is_recalled(dns_server: DnsTestServer) -> None:
     assert r.recall(("dmarc", "src.example"))
     asyncio.run(stage.run(MessageContext(env, data)))
     assert len(dns_server.zone.queries) == queries
+
+
+def test_a_recalled_answer_stays_in_use_for_the_lru(dns_server: DnsTestServer) -> None:
+    # recall() moves the answers it relies on to the end, as the lookups it skips did
+    r = Resolver([dns_server.hostport], 0.5, TtlCache(max_entries=2))
+    dns_server.zone.txt("example.com", "v=spf1 ip4:192.0.2.0/24 -all")
+    assert spf.check_sync(r, "192.0.2.7", "a@example.com", "h").result == "pass"
+    r.query("one.example", "A")
+    assert spf.check_sync(r, "192.0.2.7", "a@example.com", "h").result == "pass"
+    r.query("two.example", "A")  # evicts one.example, not example.com
+    assert r.recall(spf.memo_key("192.0.2.7", "a@example.com", "h")) is not None
