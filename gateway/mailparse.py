@@ -74,7 +74,30 @@ _FIELD_LINE_B = re.compile(rb"[\041-\071\073-\176]+:")
 _PARSER_FIELDS = ("content-",)
 
 _lock = threading.Lock()
-_entries: dict[bytes, Message] = {}
+
+
+class _Entry:
+    """One cached tree: the bytes it is the tree of, and its message's place."""
+
+    __slots__ = ("data", "live", "master", "message", "serial")
+
+    def __init__(self, data: bytes, master: Message, message: int, serial: int) -> None:
+        self.data = data
+        self.master = master
+        self.message = message  # the message (a number) it is an entry of
+        self.live = True  # the newest entry of its message (in _live)
+        self.serial = serial
+
+
+# The entries are found by their last bytes, never by a hash of the whole message:
+# every parse() is of a new bytes object (each stage's fields are prepended to a
+# copy, the archive reads the spool), so a dict keyed by the bytes hashed all of
+# them on every call (5 µs for 15 kB; three times per message).  Equal bytes have
+# the same last bytes, and the entries under one tail are few (a message's own
+# entries, derived from each other); bytes equality compares lengths first.
+_TAIL = 64
+_tails: dict[bytes, list[_Entry]] = {}
+_count = 0
 # What goes when the cache is full.  A message leaves an entry per stage that adds
 # fields (the check stage's bytes, decide's, the archive's as spooled), each derived
 # from the one before and superseding it: the superseded ones go first, then the
@@ -85,13 +108,10 @@ _entries: dict[bytes, Message] = {}
 # bench/relay.py, with three entries per message and a backlog of 130 messages per
 # process, up to 36% of the archive stage's parses were misses.)  A hit does not
 # move its message: it is a later stage of a message already in its place.
-_live: OrderedDict[int, bytes] = OrderedDict()  # message (a number) -> its newest key
-_message_of: dict[bytes, int] = {}  # the keys in _live, to their message
-_superseded: OrderedDict[bytes, None] = OrderedDict()  # the other keys, oldest first
+_live: OrderedDict[int, _Entry] = OrderedDict()  # message -> its newest entry
+_superseded: OrderedDict[int, _Entry] = OrderedDict()  # the others by serial, oldest first
 _messages = itertools.count()
-# The cached keys by their last bytes: the candidates for a key that ends ``data``.
-_TAIL = 64
-_tails: dict[bytes, list[bytes]] = {}
+_serials = itertools.count()
 _size = 0
 _stats = {"hits": 0, "derived": 0, "misses": 0}
 
@@ -486,12 +506,13 @@ def _copy(root: Message, policy: Any = None) -> Message:
     return new_root
 
 
-def _derive(data: bytes) -> tuple[Message, bytes] | None:
+def _derive(data: bytes) -> tuple[Message, _Entry] | None:
     """The tree of ``data`` built from a cached tree of its tail, if ``data`` is that
     tail with complete header fields prepended (the runner's way of adding a stage's
     fields).  Called with the lock held; returns a new master tree and the tail's
-    key, or None."""
-    for key in reversed(_tails.get(data[-_TAIL:], ())):
+    entry, or None."""
+    for entry in reversed(_tails.get(data[-_TAIL:], ())):
+        key = entry.data
         if len(key) >= len(data) or not data.endswith(key):
             continue
         # The tail must open with a field of its own (not a continuation, an mbox
@@ -516,50 +537,61 @@ def _derive(data: bytes) -> tuple[Message, bytes] | None:
             else:
                 fields.append([line])
         head = [_COMPAT32.header_source_parse(value) for value in fields]
-        base = _entries[key]
+        base = entry.master
         master = _clone(base, None)
         vars(master)["_headers"] = head + vars(base)["_headers"]
         if isinstance(master, IndexedMessage):
             master._fields()  # once here, not in each copy handed out
-        return master, key
+        return master, entry
     return None
 
 
-def _store(data: bytes, master: Message, base: bytes | None = None) -> None:
+def _store(data: bytes, master: Message, base: _Entry | None = None) -> None:
     """Cache ``master`` as the tree of ``data``: the newest entry of ``base``'s
     message if it was derived from ``base``'s tree, else of a new message."""
-    global _size
+    global _size, _count
     if len(data) > MAX_ENTRY_BYTES:
         return
-    _entries[data] = master
-    _tails.setdefault(data[-_TAIL:], []).append(data)
-    _size += len(data)
-    if base is not None and (message := _message_of.pop(base, None)) is not None:
-        _superseded[base] = None
+    if base is not None and base.live:
+        base.live = False
+        _superseded[base.serial] = base
+        message = base.message
     else:
         message = next(_messages)
-    _live[message] = data  # a message's place in _live stays where it came
-    _message_of[data] = message
-    while len(_entries) > MAX_ENTRIES or _size > MAX_BYTES:
+    entry = _Entry(data, master, message, next(_serials))
+    _tails.setdefault(data[-_TAIL:], []).append(entry)
+    _count += 1
+    _size += len(data)
+    _live[message] = entry  # a message's place in _live stays where it came
+    while _count > MAX_ENTRIES or _size > MAX_BYTES:
         if _superseded:
-            old, _ = _superseded.popitem(last=False)
+            _, old = _superseded.popitem(last=False)
         else:
             _, old = _live.popitem(last=False)
-            del _message_of[old]
-        del _entries[old]
-        _size -= len(old)
-        same_tail = _tails[old[-_TAIL:]]
-        same_tail.remove(old)
+            old.live = False
+        _count -= 1
+        _size -= len(old.data)
+        tail = old.data[-_TAIL:]
+        same_tail = _tails[tail]
+        same_tail.remove(old)  # by identity: _Entry has no __eq__
         if not same_tail:
-            del _tails[old[-_TAIL:]]
+            del _tails[tail]
+
+
+def _find(data: bytes) -> _Entry | None:
+    """The entry whose bytes equal ``data``, or None.  Called with the lock held."""
+    for entry in _tails.get(data[-_TAIL:], ()):
+        if entry.data == data:
+            return entry
+    return None
 
 
 def _lookup(data: bytes) -> Message | None:
     """The master tree of ``data``, found or derived; None. Called with the lock held."""
-    master = _entries.get(data)
-    if master is not None:
+    entry = _find(data)
+    if entry is not None:
         _stats["hits"] += 1
-        return master
+        return entry.master
     derived = _derive(data)
     if derived is None:
         return None
@@ -582,7 +614,7 @@ def parse(data: bytes) -> Message:
     if master is None:
         master = _parse(data)  # outside the lock: other threads keep their hits
         with _lock:
-            if data not in _entries:
+            if _find(data) is None:
                 _store(data, master)
     return _copy(master)
 
@@ -658,17 +690,15 @@ def parse_as(data: bytes, policy: email.policy.Compat32) -> Message:
 def stats() -> dict[str, int]:
     """Cache hits, derived trees and misses since the start (or :func:`clear`)."""
     with _lock:
-        return {**_stats, "entries": len(_entries), "bytes": _size}
+        return {**_stats, "entries": _count, "bytes": _size}
 
 
 def clear() -> None:
-    global _size
+    global _size, _count
     with _lock:
-        _entries.clear()
         _tails.clear()
         _live.clear()
-        _message_of.clear()
         _superseded.clear()
-        _size = 0
+        _size = _count = 0
         for k in _stats:
             _stats[k] = 0

@@ -57,3 +57,15 @@ def stage_seconds(stage: str) -> Histogram:
     if child is None:
         child = _STAGE_TIMERS[stage] = STAGE_SECONDS.labels(stage)
     return child
+
+
+_ACCEPTED: dict[str, Counter] = {}
+
+
+def accepted(listener: str) -> Counter:
+    """ACCEPTED for one listener: its labelled child, looked up once per name (as
+    :func:`stage_seconds`; one increment per message)."""
+    child = _ACCEPTED.get(listener)
+    if child is None:
+        child = _ACCEPTED[listener] = ACCEPTED.labels(listener)
+    return child

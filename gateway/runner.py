@@ -115,7 +115,7 @@ class Runner:
             self.spool.append_event(
                 qid, {"ev": "held", "stage": held[0], "error": held[1], "reason": "error"})
             metrics.HELD.labels(held[0]).inc()
-        metrics.ACCEPTED.labels(envelope.listener).inc()
+        metrics.accepted(envelope.listener).inc()
         log.event("accepted", qid=qid, sender=envelope.mail_from, recipients=envelope.rcpt_to,
                   size=len(ctx.data), client=envelope.client_ip, held=held is not None)
         if self.on_queued is not None and held is None:

@@ -7,6 +7,7 @@ import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -180,3 +181,33 @@ def test_with_propagation_on_the_root_handlers_get_the_event_too(
     assert "both" in [r.getMessage() for r in caplog.records]
     log.LOGGER.handlers[0].flush()
     assert json.loads(log_file.read_text())["event"] == "both"
+
+
+def test_the_shared_encoder_fails_like_a_fresh_one_and_then_works_again(
+    log_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # _json_line reuses one C encoder: a circular field still fails as json.dumps
+    # does (handed to handleError, nothing written), and leaves nothing behind that
+    # would fail the next line, which shares a list twice (not a cycle).
+    handler = log.LOGGER.handlers[0]
+    # the direct path only (pytest may have added its capture handlers)
+    monkeypatch.setattr(log.LOGGER, "handlers", [handler])
+    assert log._direct(logging.INFO) is handler
+    seen: list[logging.LogRecord] = []
+    monkeypatch.setattr(handler, "handleError", seen.append)
+    loop: list[Any] = [1]
+    loop.append(loop)
+    with pytest.raises(ValueError, match="Circular reference"):
+        json.dumps(loop, ensure_ascii=False, default=str)
+    with pytest.raises(ValueError, match="Circular reference"):
+        log._json_line(0.0, logging.INFO, "cycle", {"ring": loop})
+    assert log._MARKERS == {}
+    log.event("cycle", ring=loop)
+    assert [r.getMessage() for r in seen] == ["cycle"]
+    shared = ["a@b"]
+    fields: dict[str, Any] = {**FIELDS, "one": shared, "two": {"again": shared}}
+    log.event("after", **fields)
+    (line,) = log_file.read_text(encoding="utf-8").splitlines()
+    expected = {"ts": json.loads(line)["ts"], "level": "info", "event": "after", **fields}
+    assert line == json.dumps(expected, ensure_ascii=False, default=str)
+    assert log._MARKERS == {}

@@ -117,3 +117,15 @@ async def test_mail_is_refused_once_the_free_space_reserve_is_crossed(tmp_path: 
     now[0] += FREE_SPACE_TTL  # noticed at the next measurement, a second later at most
     assert runner.room_for(100) == replies.SPOOL_FULL
     assert await runner.accept(_env(), b"x") == replies.SPOOL_FULL
+
+
+def test_the_accepted_counter_child_is_the_labelled_one() -> None:
+    # runner.accept counts through metrics.accepted(): the same child (and so the same
+    # exported sample) as ACCEPTED.labels(listener), looked up once.
+    from gateway import metrics
+
+    child = metrics.accepted("runner-test")
+    assert child is metrics.accepted("runner-test")
+    before = metrics.ACCEPTED.labels("runner-test")._value.get()
+    child.inc()
+    assert metrics.ACCEPTED.labels("runner-test")._value.get() == before + 1

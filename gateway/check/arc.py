@@ -49,7 +49,10 @@ def _no_arc_field(data: bytes) -> bool:
     differently, so then the old test (the name nowhere in the message) decides.
     """
     head = headers.header_block(data)
-    if _ARC_FIELD_ANYWHERE.search(head) is not None:
+    low = headers.lower_header_block(data)
+    # _ARC_FIELD_ANYWHERE.search(head), on the lowered header with ``in``
+    if b"arc-seal" in low or b"arc-message-signature" in low \
+            or b"arc-authentication-results" in low:
         return False
     if _PLAIN_HEADER.fullmatch(head) is not None:
         return True  # dkimpy parses such a header (13 µs to ask it, 1 µs this way)

@@ -17,7 +17,6 @@ from gateway.check.verdicts import Verdicts
 FIELD = "Authentication-Results"
 _TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+\-.^_`{|}~@]+$")  # RFC 2045 token chars, and "@"
 _FOLD = ";\r\n\t"
-_FIELD_NAME = re.compile(rb"authentication-results", re.IGNORECASE)
 
 
 def _ascii(text: str) -> str:
@@ -108,7 +107,7 @@ def authserv_id_of(value: str) -> str | None:
 def strip_forged(data: bytes, authserv_id: str) -> tuple[bytes, int]:
     """Remove every Authentication-Results field claiming ``authserv_id``
     (RFC 8601 §5); -> (message, how many were removed).  Other bytes are kept."""
-    if _FIELD_NAME.search(headers.header_block(data)) is None:
+    if b"authentication-results" not in headers.lower_header_block(data):
         return data, 0  # no such field at all: most mail (no need to split the header)
     fields, rest = headers.split(data)
     ours = authserv_id.lower().rstrip(".")

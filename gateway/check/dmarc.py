@@ -121,7 +121,18 @@ def _records_at(resolver: Resolver, domain: str) -> list[bytes]:
 
 
 def discover(resolver: Resolver, domain: str) -> tuple[DmarcRecord | None, str, str]:
-    """-> (record or None, where found, why none).  Raises DnsTempError."""
+    """-> (record or None, where found, why none).  Raises DnsTempError.
+
+    Remembered while the answers it read stay cached (Resolver.remember): the same
+    author domains come back message after message."""
+    key = ("dmarc", domain)
+    found: tuple[DmarcRecord | None, str, str] | None = resolver.recall(key)
+    if found is not None:
+        return found
+    return resolver.remember(key, functools.partial(_discover, resolver, domain))
+
+
+def _discover(resolver: Resolver, domain: str) -> tuple[DmarcRecord | None, str, str]:
     candidates = [domain]
     org = org_domain(domain)
     if org != domain:

@@ -92,6 +92,15 @@ _CACHE_ONLY: contextvars.ContextVar[list[tuple[str, str]] | None] = contextvars.
     "coffer_dns_cache_only", default=None)
 
 
+# Set (to a list of (key, records)) while Resolver.remember evaluates: every lookup
+# made, with the very object it returned, or _UNUSABLE when its answer was not the
+# cache's (an error, a malformed name, a cache-only miss).
+_RECORDING: contextvars.ContextVar[list[tuple[tuple[str, str], Any]] | None] = (
+    contextvars.ContextVar("coffer_dns_recording", default=None))
+_UNUSABLE = object()
+MEMO_ENTRIES = 4096
+
+
 class TtlCache:
     """A bounded, thread-safe map whose entries expire (clock injected for tests)."""
 
@@ -125,6 +134,18 @@ class TtlCache:
             self._data.move_to_end(key)
             while len(self._data) > self.max_entries:
                 self._data.popitem(last=False)  # least recently used
+
+    def holds(self, key: tuple[str, str], value: Any) -> bool:
+        """Whether ``key`` is cached, unexpired, as this very ``value`` (the object
+        a lookup returned): what :meth:`Resolver.recall` checks a memo against.
+        Neither a hit nor a miss (the memo's lookups are not made), but the entry is
+        moved to the end as a hit's would be: it is still in use."""
+        with self._lock:
+            item = self._data.get(key)
+            if item is None or item[1] is not value or item[0] <= self.clock():
+                return False
+            self._data.move_to_end(key)
+            return True
 
     def clear(self) -> None:
         with self._lock:
@@ -160,6 +181,9 @@ class Resolver:
         res.retry_servfail = False  # SERVFAIL is an answer: temperror, not a retry loop
         res.cache = None  # ours, below, is the one that counts
         self._res = res
+        # Results derived from DNS answers (Resolver.remember): key -> (result, the
+        # lookups it was computed from).  Only with a cache, which it is checked on.
+        self._memo: dict[Any, tuple[Any, tuple[tuple[tuple[str, str], Any], ...]]] = {}
 
     @classmethod
     def from_config(cls, dns_config: Any, cache: TtlCache | None = None) -> Resolver:
@@ -211,11 +235,74 @@ class Resolver:
         call = functools.partial(ctx.run, fn, *args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(self.executor, call)
 
+    def recall(self, key: Any) -> Any | None:
+        """The result :meth:`remember` kept under ``key``, if every lookup it was
+        computed from is still cached with the same answer (same object, unexpired):
+        the same evaluation input, so a pure function of it gives the same result.
+        None otherwise."""
+        cache = self.cache
+        if cache is None:
+            return None
+        item = self._memo.get(key)
+        if item is None:
+            return None
+        result, lookups = item
+        for name, records in lookups:
+            if not cache.holds(name, records):
+                return None
+        outer = _RECORDING.get()
+        if outer is not None:  # a result remembered inside another depends on these too
+            outer.extend(lookups)
+        return result
+
+    def remember(self, key: Any, fn: Callable[[], T],
+                 usable: Callable[[T, Sequence[tuple[tuple[str, str], Any]]], bool]
+                 = lambda result, lookups: True) -> T:
+        """``fn()``, kept under ``key`` with the lookups it made, for :meth:`recall`.
+
+        ``fn`` must be a pure function of its arguments (all in ``key``) and of the
+        answers of the lookups it makes through this resolver.  Its result is not
+        kept when a lookup was not answered from the cache (a DNS error, a malformed
+        name, an inline attempt's miss), when there is no cache, or when ``usable``
+        says so (e.g. a result that also depends on the clock)."""
+        if self.cache is None:
+            return fn()
+        lookups: list[tuple[tuple[str, str], Any]] = []
+        token = _RECORDING.set(lookups)
+        try:
+            result = fn()
+        finally:
+            _RECORDING.reset(token)
+            outer = _RECORDING.get()
+            if outer is not None:  # a result remembered inside another depends on these too
+                outer.extend(lookups)
+        if all(records is not _UNUSABLE for _, records in lookups) and usable(result, lookups):
+            memo = self._memo
+            if len(memo) >= MEMO_ENTRIES:
+                memo.clear()  # cheap, and bounded; the senders that recur come back
+            memo[key] = (result, tuple(lookups))
+        return result
+
     def query(self, name: str, rdtype: str) -> tuple[dns.rdata.Rdata, ...]:
         """The records of ``rdtype`` at ``name``; () for NXDOMAIN or NODATA.
 
         Raises DnsTempError when no server gave a usable answer.
         """
+        recording = _RECORDING.get()
+        if recording is None:
+            return self._query(name, rdtype)
+        key = (name.lower().rstrip("."), rdtype.upper())
+        try:
+            records = self._query(name, rdtype)
+        except BaseException:
+            recording.append((key, _UNUSABLE))
+            raise
+        # the very object the cache holds (tuple() of a tuple is itself), or a fresh
+        # answer just put there (or not: then recall finds it is not held)
+        recording.append((key, records))
+        return records
+
+    def _query(self, name: str, rdtype: str) -> tuple[dns.rdata.Rdata, ...]:
         key = (name.lower().rstrip("."), rdtype.upper())
         if self.cache is not None:
             cached = self.cache.get(key)

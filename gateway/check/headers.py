@@ -27,9 +27,16 @@ class Field:
     @property
     def value(self) -> str:
         """The unfolded value (RFC 5322 §2.2.3), leading and trailing space removed."""
-        _, _, value = self.raw.partition(b":")
-        unfolded = _FOLD.sub(b"", value).strip()
-        return unfolded.decode("utf-8", "replace")
+        return _value(self.raw)
+
+
+def _value(raw: bytes) -> str:
+    """Field.value of a field's raw bytes."""
+    _, _, value = raw.partition(b":")
+    # a fold is a line end with more of the field after it: none in a one-line field
+    if value.find(b"\n") < len(value) - 1:
+        value = _FOLD.sub(b"", value)
+    return value.strip().decode("utf-8", "replace")
 
 
 def header_end(data: bytes) -> int:
@@ -52,7 +59,32 @@ def header_block(data: bytes) -> bytes:
     dkimpy's view of a header (lines end at LF).  gateway.mailparse.header_block is
     the email package's view (a lone CR ends a line too; the empty line included),
     for the header-only parses that must match that parser."""
-    return data[:header_end(data)]
+    return _blocks(data)[0]
+
+
+def lower_header_block(data: bytes) -> bytes:
+    """``header_block(data).lower()``: ASCII letters lowered, every offset kept, for
+    case-insensitive searches of field names with ``in`` and ``find`` (as a
+    case-insensitive bytes pattern folds case: ASCII only)."""
+    return _blocks(data)[1]
+
+
+# The last message's (data, header block, lowered): the check stage asks for the
+# header of one message four times in a row (forged Authentication-Results, DKIM,
+# ARC, DMARC's From).  One tuple, replaced whole, so threads never see half of one;
+# the test is identity (the message is kept alive by the reference here).
+_last: tuple[bytes, bytes, bytes] = (b"", b"", b"")
+
+
+def _blocks(data: bytes) -> tuple[bytes, bytes]:
+    global _last
+    last = _last
+    if last[0] is data:
+        return last[1], last[2]
+    head = data[:header_end(data)]
+    low = head.lower()
+    _last = (data, head, low)
+    return head, low
 
 
 def split(data: bytes) -> tuple[list[Field], bytes]:
@@ -90,21 +122,26 @@ def values(data: bytes, name: str) -> list[str]:
     making a Field of every line (DMARC reads only From): a field named so is
     a line starting with the name, optional SP/HT and a colon (split() refuses
     other white space before the colon), with the continuation lines after it.
+    The lines are found with ``find`` on the lower-cased header (ASCII case, as a
+    case-insensitive bytes pattern folds it): a multi-line case-insensitive regular
+    expression cost 6 µs on a bench message's header, this 1.
     """
-    head = header_block(data)
+    head, low = _blocks(data)  # bytes.lower changes ASCII letters only: offsets are kept
+    key = name.lower().encode("ascii")
+    needle = b"\n" + key
     out: list[str] = []
-    for m in _field_start(name).finditer(head):
-        nl = head.find(b"\n", m.start())
-        while nl >= 0 and head[nl + 1:nl + 2] in (b" ", b"\t"):
-            nl = head.find(b"\n", nl + 1)
-        out.append(Field(name, head[m.start():len(head) if nl < 0 else nl + 1]).value)
+    start = 0 if low.startswith(key) else low.find(needle) + 1 or -1
+    while start >= 0:
+        j = start + len(key)
+        while low[j:j + 1] in (b" ", b"\t"):
+            j += 1
+        if low[j:j + 1] == b":":
+            nl = head.find(b"\n", start)
+            while nl >= 0 and head[nl + 1:nl + 2] in (b" ", b"\t"):
+                nl = head.find(b"\n", nl + 1)
+            out.append(_value(head[start:len(head) if nl < 0 else nl + 1]))
+        start = low.find(needle, start) + 1 or -1
     return out
-
-
-@functools.cache
-def _field_start(name: str) -> re.Pattern[bytes]:
-    return re.compile(rb"^" + re.escape(name.encode("ascii")) + rb"[ \t]*:",
-                      re.MULTILINE | re.IGNORECASE)
 
 
 def join(fields: list[Field], rest: bytes) -> bytes:

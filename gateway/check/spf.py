@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+from collections.abc import Sequence
+from typing import Any
 
 import spf as pyspf
 
@@ -31,6 +33,29 @@ def _is_ip(ip: str) -> bool:
     return True
 
 
+def _clock_free(verdict: SpfVerdict, lookups: Sequence[tuple[tuple[str, str], Any]]) -> bool:
+    """Whether no TXT record consulted holds the %{t} macro (the current time,
+    RFC 7208 §7.3): pyspf's answer is otherwise a function of the check's inputs and
+    the DNS answers alone, and may be remembered (Resolver.remember).  A temperror
+    is never kept (a DNS error is not cached anyway; this also covers any other
+    transient cause)."""
+    if verdict.result == "temperror":
+        return False
+    for (_name, rdtype), records in lookups:
+        if rdtype == "TXT" or rdtype == "SPF":
+            for r in records:
+                if any(b"%{t" in s.lower() for s in r.strings):
+                    return False
+    return True
+
+
+def memo_key(ip: str, mail_from: str, helo: str,
+             default_explanation: str | None = None) -> tuple[str | None, ...]:
+    """What check_sync's verdict is remembered under (Resolver.remember): all of its
+    inputs but the resolver."""
+    return ("spf", ip, mail_from, helo, default_explanation)
+
+
 def check_sync(
     resolver: Resolver,
     ip: str,
@@ -39,7 +64,24 @@ def check_sync(
     *,
     default_explanation: str | None = None,
 ) -> SpfVerdict:
-    """Evaluate SPF for one SMTP transaction (blocking)."""
+    """Evaluate SPF for one SMTP transaction (blocking).
+
+    The same client, MAIL FROM and HELO come back message after message; while
+    every DNS answer the last evaluation read is still cached, unchanged, the
+    evaluation input is the same and so is its verdict (pyspf is a pure function of
+    them, but for %{t}: see _clock_free), which is then taken without building a
+    pyspf query at all."""
+    key = memo_key(ip, mail_from, helo, default_explanation)
+    verdict: SpfVerdict | None = resolver.recall(key)
+    if verdict is not None:
+        return verdict
+    return resolver.remember(key, functools.partial(
+        _evaluate, resolver, ip, mail_from, helo, default_explanation), _clock_free)
+
+
+def _evaluate(
+    resolver: Resolver, ip: str, mail_from: str, helo: str, default_explanation: str | None,
+) -> SpfVerdict:
     if mail_from:
         identity, address = "mailfrom", mail_from
         domain = domain_of(mail_from)

@@ -24,10 +24,12 @@ from typing import Any, cast
 
 from gateway.check import arc, authresults, dkim_verify, dmarc, spf
 from gateway.check.config import CheckConfig
-from gateway.check.dns import MISSED, Resolver, TtlCache
+from gateway.check.dns import MISSED, Missed, Resolver, TtlCache
 from gateway.check.verdicts import ArcVerdict, DkimVerdict, SpfVerdict, Verdicts
 from gateway.envelope import Envelope
 from gateway.pipeline import MessageContext, StageResult
+
+HEADER_MEMO = 1024
 
 
 def check_config_of(cfg: Any) -> CheckConfig:
@@ -52,6 +54,10 @@ class CheckStage:
         self.config = config or CheckConfig()
         self.authserv_id = self.config.authserv_id or authserv_id
         self.rng = rng
+        # Authentication-Results values by (verdicts, checked): a pure function of
+        # them (authserv_id and the checks are fixed here), and the same verdicts
+        # recur for a recurring sender.  Cleared when full.
+        self._headers: dict[tuple[Verdicts, bool, str, tuple[str, ...]], str] = {}
 
     @classmethod
     def from_config(cls, cfg: Any, *, nameservers: list[str] | None = None) -> CheckStage:
@@ -103,15 +109,26 @@ class CheckStage:
         arc_v: ArcVerdict = results[2] if calls[2] is not None else ArcVerdict()
         verdicts = Verdicts(spf_v, dkim_v if cfg.enabled("dkim") else (), arc=arc_v)
         if cfg.enabled("dmarc"):
-            dmarc_v = await dmarc.evaluate(r, data, spf_v, dkim_v,
-                                           multiple_from=cfg.multiple_from, rng=self.rng)
+            # dmarc.evaluate (Resolver.run) without its two coroutines: inline on the
+            # cache, else in a worker thread
+            call = functools.partial(dmarc.evaluate_sync, r, data, spf_v, dkim_v,
+                                     multiple_from=cfg.multiple_from, rng=self.rng)
+            found = r.cached(call)
+            dmarc_v = await r.in_thread(call) if isinstance(found, Missed) else found
             verdicts = Verdicts(verdicts.spf, verdicts.dkim, dmarc_v, verdicts.arc)
         return verdicts
 
     def header(self, verdicts: Verdicts, *, checked: bool = True) -> str:
         """The Authentication-Results value for these verdicts."""
-        return authresults.build(self.authserv_id, verdicts,
-                                 checks=self.checks if checked else frozenset())
+        key = (verdicts, checked, self.authserv_id, tuple(self.config.checks))
+        value = self._headers.get(key)
+        if value is None:
+            value = authresults.build(self.authserv_id, verdicts,
+                                      checks=self.checks if checked else frozenset())
+            if len(self._headers) >= HEADER_MEMO:
+                self._headers.clear()
+            self._headers[key] = value
+        return value
 
     async def run(self, ctx: MessageContext) -> StageResult:
         stripped, removed = authresults.strip_forged(ctx.data, self.authserv_id)

@@ -14,6 +14,7 @@ from email.utils import getaddresses
 from pathlib import Path
 
 import dkim
+import pytest
 from authcorpus import corpus_dir
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -43,6 +44,12 @@ def split_reference(data: bytes) -> tuple[list[headers.Field], bytes]:
                 name.strip().lower().decode("ascii", "replace") if ok else "", line))
         pos = m.end()
     return fields, data[pos:]
+
+
+def value_reference(raw: bytes) -> str:
+    """Field.value before the one-line shortcut: every fold removed by the pattern."""
+    return re.sub(rb"\r?\n(?=[ \t])", b"", raw.partition(b":")[2]).strip().decode(
+        "utf-8", "replace")
 
 
 def signature_count_reference(data: bytes) -> int:
@@ -92,9 +99,10 @@ def assert_same(data: bytes) -> None:
     fields, rest = headers.split(data)
     ref_fields, ref_rest = split_reference(data)
     assert (fields, rest) == (ref_fields, ref_rest)
-    assert [f.value for f in fields] == [f.value for f in ref_fields]
-    for name in ("from", "authentication-results", "dkim-signature", "to"):
-        assert headers.values(data, name) == [f.value for f in ref_fields if f.name == name]
+    assert [f.value for f in fields] == [value_reference(f.raw) for f in ref_fields]
+    for name in ("from", "authentication-results", "dkim-signature", "to", "FROM"):
+        assert headers.values(data, name) == [value_reference(f.raw) for f in ref_fields
+                                              if f.name == name.lower()]
     assert headers.header_block(data) + rest == data
     assert dkim_verify.signature_count(data) == signature_count_reference(data)
     assert authresults.strip_forged(data, "mx.coffer.test") == \
@@ -186,3 +194,21 @@ def test_long_address_lists_are_not_remembered() -> None:
     before = headers._addresses.cache_info().currsize
     assert headers.addresses([value]) == getaddresses([value])
     assert headers._addresses.cache_info().currsize == before
+
+
+@pytest.mark.parametrize("name", [b"ARC-Seal", b"arc-message-signature",
+                                  b"Arc-Authentication-Results", b"DKIM-Signature",
+                                  b"authentication-RESULTS"])
+def test_each_field_name_alone_is_seen_in_any_case(name: bytes) -> None:
+    # the lowered-header searches (``in``) against the case-insensitive patterns they
+    # replaced, one field name at a time
+    data = b"From: a@b.example\r\n" + name + b": i=1; x=y\r\nSubject: s\r\n\r\nbody\r\n"
+    arc_pattern = re.compile(rb"arc-(?:seal|message-signature|authentication-results)",
+                             re.IGNORECASE)
+    assert arc._no_arc_field(data) == (arc_pattern.search(data) is None)
+    assert (dkim_verify.signature_count(data) > 0) == (name.lower() == b"dkim-signature")
+    forged = data.replace(b"i=1; x=y", b"mx.coffer.test; spf=pass")
+    assert authresults.strip_forged(forged, "mx.coffer.test") == \
+        strip_reference(forged, "mx.coffer.test")
+    assert authresults.strip_forged(forged, "mx.coffer.test")[1] == (
+        name.lower() == b"authentication-results")

@@ -411,3 +411,17 @@ def test_scanner_equals_stdlib_on_generated_mime(lines: list[str], ends: list[st
         text = text.rstrip("\r\n")
     data = text.encode()
     assert shape(mailparse._parse(data)) == shape(stdlib(data))
+
+
+def test_messages_sharing_their_last_bytes_each_get_their_own_tree() -> None:
+    # The cache finds entries by their last bytes: the same body under other header
+    # fields (a list's copies), of the same length or not, is never another's tree.
+    body = b"\r\n" + b"the same body line\r\n" * 200
+    heads = [b"Subject: %d\r\nFrom: a@b.example\r\n" % i for i in range(12)]
+    heads += [b"Subject: 1\r\nFrom: x@y.example\r\n", b"Subject: 10\r\nFrom: a@b.example\r\n"]
+    for _ in range(2):  # cold, then each a hit on equal bytes of another object
+        for head in heads:
+            data = bytes(bytearray(head + body))
+            assert shape(mailparse.parse(data)) == shape(stdlib(data))
+            assert mailparse.parse(data)["Subject"] == head.split(b"\r\n")[0][9:].decode()
+    assert mailparse.stats()["misses"] == len(heads) - 1  # the last head is a duplicate
