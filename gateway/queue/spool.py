@@ -35,6 +35,7 @@ import json
 import os
 import secrets
 import shutil
+import stat
 import threading
 import time
 import weakref
@@ -51,6 +52,14 @@ from gateway.offload import in_thread
 from gateway.queue.state import QueueState, fold, parse_events
 
 MAGIC = b"COFFER-SPOOL 1\n"
+
+# Set on a ``.msg`` file (owner execute: it widens no access) before a ``.state`` log
+# is first written beside it.  A claim holder that took the message over from its
+# store (_Handoff) checks it on the descriptor it holds instead of trying to open or
+# unlink a log that is not there (two failed path look-ups per message otherwise).
+# Only that in-memory fast path relies on it: it need not survive a crash, and a
+# spool written without it reads the same.
+STATE_MARK = stat.S_IXUSR
 
 # One encoder for every event line and header (json.dumps with options builds one per call).
 _EVENT_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
@@ -135,7 +144,8 @@ class _Handoff:
     locked since, so nobody else can have written anything beside or after it: no
     ``.data`` file (only a claim holder writes one) and no stage records.  What it
     holds is known without reading it back.  Only the ``.state`` log can have
-    changed (an operator's command appends to it without the claim).
+    changed (an operator's command appends to it without the claim): the file's
+    STATE_MARK says whether one may exist.
     """
 
     fd: int  # open for reading and appending, flock'ed
@@ -428,10 +438,24 @@ class Spool:
 
     def append_event(self, qid: str, event: dict[str, Any], *, sync: bool = True) -> None:
         """Append one event to a message's state log (fsynced unless sync=False)."""
+        self._mark_state(qid)
         self._append(self._path(qid, ".state"), os.O_CREAT, event, sync, "state write")
         # E.g. held before the queue: the worker is not told about it, so a kept
         # claim would only keep an operator's ``delete`` waiting.
         self._let_go(qid)
+
+    def _mark_state(self, qid: str) -> None:
+        """Set the message file's STATE_MARK before its state log is written: a holder
+        that does not see the mark has read the log before anything was in it."""
+        path = self._path(qid, ".msg")
+        try:
+            mode = os.stat(path).st_mode
+            if not mode & STATE_MARK:
+                os.chmod(path, stat.S_IMODE(mode) | STATE_MARK)
+        except FileNotFoundError:
+            pass  # removed meanwhile: the log is an orphan, as before (clean_tmp)
+        except OSError as exc:
+            raise SpoolError(f"state write failed: {exc}") from exc
 
     def append_stage(self, qid: str, event: dict[str, Any], *, sync: bool = True,
                      fd: int | None = None) -> None:
@@ -492,10 +516,14 @@ class Spool:
 
     def append_events(self, qid: str, events: list[dict[str, Any]]) -> None:
         """Append several events with a single fsync."""
+        if not events:
+            return
+        self._mark_state(qid)
+        path = self._path(qid, ".state")
         for ev in events[:-1]:
-            self.append_event(qid, ev, sync=False)
-        if events:
-            self.append_event(qid, events[-1], sync=True)
+            self._append(path, os.O_CREAT, ev, False, "state write")
+        self._append(path, os.O_CREAT, events[-1], True, "state write")
+        self._let_go(qid)
 
     def save_data(self, qid: str, data: bytes) -> None:
         """Durably keep the transformed bytes of a message (the caller holds its claim).
@@ -574,8 +602,8 @@ class Spool:
             # Spooled by this process and locked ever since (see _Handoff): no .data,
             # no stage records; only the state log can be new.
             env, facts, size = self._parse_header(qid, MAGIC, fresh.header)
-            return SpooledMessage(qid, env, facts, fresh.data,
-                                  fold(env.rcpt_to, self._state_events(qid)))
+            events = self._state_events(qid) if os.fstat(fd).st_mode & STATE_MARK else []
+            return SpooledMessage(qid, env, facts, fresh.data, fold(env.rcpt_to, events))
         if fd is None:
             raw = _read_optional(self._path(qid, ".msg"))
             if raw is None:
@@ -666,8 +694,14 @@ class Spool:
         # The .msg goes first: a crash before the state log is gone leaves an orphan
         # log (cleaned at start-up), never a message without its delivery record,
         # which would be delivered again to every recipient.
-        for suffix in (".msg", ".data", ".state") if data else (".msg", ".state"):
-            _unlink(self._path(qid, suffix))
+        _unlink(self._path(qid, ".msg"))
+        if data:
+            _unlink(self._path(qid, ".data"))
+        fresh = self._fresh.get(qid)
+        # Looked at after the .msg is gone: a mark set before that is seen, and a log
+        # begun after it is an orphan whichever way (clean_tmp), as before.
+        if fresh is None or os.fstat(fresh.fd).st_mode & STATE_MARK:
+            _unlink(self._path(qid, ".state"))
         self._let_go(qid)  # removed by the store's caller (a failed split), not its worker
         if sync:
             self.sync_queue_dir()

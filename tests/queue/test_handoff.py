@@ -242,3 +242,47 @@ async def test_a_running_worker_takes_what_its_process_spooled(
     qid = await store_from_loop(spool, pool, _envelope(1), b"late\r\n")
     with Spool(spool.root).claim(qid) as ok:
         assert ok is True
+
+
+async def test_the_state_mark_tells_a_kept_claim_whether_to_look_for_a_log(
+    tmp_path: Path, pool: HopPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = Spool(tmp_path)
+    spool.keep_claims(10)
+    operator = Spool(tmp_path)
+    plain, held, own, late = [
+        await store_from_loop(spool, pool, _envelope(i), b"Subject: m\r\n\r\nx\r\n")
+        for i in range(1, 5)]
+    operator.append_event(held, {"ev": "held", "stage": "operator", "error": "stop"})
+    assert spool.msg_path(held).stat().st_mode & 0o777 == 0o700
+    assert spool.msg_path(plain).stat().st_mode & 0o777 == 0o600
+
+    looked: list[str] = []
+    real = Spool._state_events
+
+    def spy(self: Spool, qid: str) -> list[dict[str, Any]]:
+        if self is spool:
+            looked.append(qid)
+        return real(self, qid)
+
+    monkeypatch.setattr(Spool, "_state_events", spy)
+    for qid in (plain, held):
+        with spool.claimed_sized(qid) as claim:
+            assert claim is not None
+            assert spool.load(qid, *claim) == operator.load(qid)
+            spool.remove(qid, sync=False)
+    assert looked == [held]
+    # The worker's own records (a deferral, a bounce) are removed with the message.
+    with spool.claimed_sized(own) as claim:
+        assert claim is not None
+        spool.load(own, *claim)
+        spool.append_events(own, [{"ev": "rcpt", "rcpt": "rcpt0@dst.example",
+                                   "status": "bounced", "reply": "550 no", "route": "t"}])
+        spool.remove(own)
+    # So is a log an operator begins while the worker holds the message.
+    with spool.claimed_sized(late) as claim:
+        assert claim is not None
+        assert spool.load(late, *claim).state.held is False
+        operator.append_event(late, {"ev": "held", "stage": "operator", "error": "late"})
+        spool.remove(late)
+    assert sorted(p.name for p in spool.queue_dir.iterdir()) == []
