@@ -23,7 +23,9 @@ so a restart never delivers twice to a recipient the next hop accepted.
 
 Several processes may share one spool: a process works on a message only while
 it holds an exclusive ``flock`` on its ``.msg`` file, which the kernel releases
-if the process dies (kill -9 included).
+if the process dies (kill -9 included).  While a worker runs, a message spooled by
+its own process is locked from its creation and the claim handed to that worker
+(:meth:`Spool.keep_claims`), which then need not read back what it just wrote.
 """
 
 from __future__ import annotations
@@ -368,7 +370,8 @@ class Spool:
 
     def commit(self, pending: PendingStore) -> str:
         """The second half of :meth:`store`: fsync, rename into ``queue/``, fsync the
-        directory (shared with concurrent commits); the queue id.  Closes the file."""
+        directory (shared with concurrent commits); the queue id.  Closes the file,
+        unless the spool keeps claims: then the locked file is kept for the worker."""
         final = self._path(pending.qid, ".msg")
         kept = False
         try:
