@@ -18,6 +18,7 @@ import contextlib
 import functools
 import queue
 import threading
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any, ParamSpec, TypeVar
@@ -58,6 +59,40 @@ def _settle(fut: asyncio.Future[Any], value: object, error: BaseException | None
         fut.set_exception(error)
 
 
+class _Mailbox:
+    """Results from the pool's threads for one event loop, handed over in batches.
+
+    ``call_soon_threadsafe`` writes to the loop's self-pipe at every call: a syscall
+    in the worker thread (which gives the GIL up and must take it back) and a wake-up
+    of the loop.  Calls that end together (the spool's group commit releases every
+    waiter of one directory fsync at once) share one: a thread that finds the loop
+    already told just adds its result to the batch.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.Future[Any], object, BaseException | None]] = []
+        self._armed = False  # a drain is scheduled and has not taken the batch yet
+
+    def post(self, fut: asyncio.Future[Any], value: object,
+             error: BaseException | None) -> None:
+        with self._lock:
+            self._items.append((fut, value, error))
+            if self._armed:
+                return
+            self._armed = True
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+            self._loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+            self._armed = False
+        for fut, value, error in items:
+            _settle(fut, value, error)
+
+
 class HopPool(Executor):
     """Threads for short blocking calls (fsync) whose results go straight to the loop.
 
@@ -80,16 +115,16 @@ class HopPool(Executor):
         self._threads: list[threading.Thread] = []
         self._idle = 0  # threads waiting for work and not yet promised to a caller
         self._closed = False
+        self._boxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = \
+            weakref.WeakKeyDictionary()
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         loop = asyncio.get_running_loop()
+        box = self._boxes.get(loop)
+        if box is None:
+            box = self._boxes[loop] = _Mailbox(loop)
         fut: asyncio.Future[T] = loop.create_future()
-
-        def done(value: Any, error: BaseException | None) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-                loop.call_soon_threadsafe(_settle, fut, value, error)
-
-        self._put(functools.partial(fn, *args), done)
+        self._put(functools.partial(fn, *args), functools.partial(box.post, fut))
         return await fut
 
     def submit(self, fn: Callable[P, T], /, *args: P.args,

@@ -23,7 +23,9 @@ so a restart never delivers twice to a recipient the next hop accepted.
 
 Several processes may share one spool: a process works on a message only while
 it holds an exclusive ``flock`` on its ``.msg`` file, which the kernel releases
-if the process dies (kill -9 included).
+if the process dies (kill -9 included).  While a worker runs, a message spooled by
+its own process is locked from its creation and the claim handed to that worker
+(:meth:`Spool.keep_claims`), which then need not read back what it just wrote.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import json
 import os
 import secrets
 import shutil
+import stat
 import threading
 import time
 import weakref
@@ -52,7 +55,15 @@ from gateway.queue.state import QueueState, fold, parse_events
 
 MAGIC = b"COFFER-SPOOL 1\n"
 
-# One encoder for every event line (json.dumps builds one per call).
+# Set on a ``.msg`` file (owner execute: it widens no access) before a ``.state`` log
+# is first written beside it.  A claim holder that took the message over from its
+# store (_Handoff) checks it on the descriptor it holds instead of trying to open or
+# unlink a log that is not there (two failed path look-ups per message otherwise).
+# Only that in-memory fast path relies on it: it need not survive a crash, and a
+# spool written without it reads the same.
+STATE_MARK = stat.S_IXUSR
+
+# One encoder for every event line and header (json.dumps with options builds one per call).
 _EVENT_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
@@ -122,6 +133,27 @@ class PendingStore:
     qid: str
     fd: int  # open for writing until commit
     tmp: str
+    # Set when the spool keeps claims (Spool.keep_claims): the file is flock'ed from
+    # its creation, and commit hands the claim over instead of closing it.
+    keep: _Handoff | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class _Handoff:
+    """The claim on a message this process just spooled, kept for its own worker.
+
+    The ``.msg`` file was locked before it had a name in ``queue/`` and has stayed
+    locked since, so nobody else can have written anything beside or after it: no
+    ``.data`` file (only a claim holder writes one) and no stage records.  What it
+    holds is known without reading it back.  Only the ``.state`` log can have
+    changed (an operator's command appends to it without the claim): the file's
+    STATE_MARK says whether one may exist.
+    """
+
+    fd: int  # open for reading and appending, flock'ed
+    size: int  # of the file as committed
+    header: bytes  # the header line (JSON, with its newline)
+    data: bytes  # the message bytes as spooled
 
 
 @dataclass(slots=True)
@@ -258,6 +290,13 @@ class Spool:
         self._queue_dir_sync = _DirSync(self.queue_dir)
         self.free_space = _FreeSpace(root)
         self._qdir = str(self.queue_dir)  # for the per-message paths: cheaper than Path /
+        # Claims on messages just spooled here, waiting for this process's worker
+        # (keep_claims).  Filled by commit (in a spool thread), emptied by
+        # claimed_sized, remove, append_event and keep_claims(0): under the lock.
+        self._handoffs: dict[str, _Handoff] = {}
+        self._handoff_limit = 0
+        self._handoff_lock = threading.Lock()
+        self._fresh: dict[str, _Handoff] = {}  # claimed through a hand-off: for load
 
     # -- paths ---------------------------------------------------------------
     def _path(self, qid: str, suffix: str) -> str:
@@ -302,42 +341,98 @@ class Spool:
         qid = qid or new_queue_id(envelope.received_at or None)
         if not self.has_room(len(data)):
             raise SpoolFullError("spool file system is below its free-space reserve")
-        header = json.dumps(
+        header = _EVENT_JSON.encode(
             {"qid": qid, "envelope": envelope.to_dict(), "facts": facts or {}, "size": len(data)},
-            separators=(",", ":"), ensure_ascii=False,
-        ).encode()
+        ).encode() + b"\n"
         tmp = f"{self.tmp_dir}/{qid}.msg"
+        keep = self._handoff_limit > 0
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            # Readable and appending, like a claim's descriptor: commit may hand it on
+            # as one (the writev at offset 0 of a new file is the same with O_APPEND).
+            fd = os.open(tmp, (os.O_RDWR | os.O_APPEND if keep else os.O_WRONLY)
+                         | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as exc:
             raise _store_error(exc) from exc
         try:
-            _write_all(fd, [MAGIC, header, b"\n", data])
+            if keep:
+                # Locked before it has a name anyone else could open: a fresh inode,
+                # so this never waits (and never fails but for a broken system).
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _write_all(fd, [MAGIC, header, data])
         except OSError as exc:
             os.close(fd)
             _unlink(tmp)
             raise _store_error(exc) from exc
-        self.free_space.used(len(data) + len(header))
-        return PendingStore(qid, fd, tmp)
+        self.free_space.used(len(data) + len(header) - 1)
+        handoff = _Handoff(fd, len(MAGIC) + len(header) + len(data), header, data) \
+            if keep else None
+        return PendingStore(qid, fd, tmp, handoff)
 
     def commit(self, pending: PendingStore) -> str:
         """The second half of :meth:`store`: fsync, rename into ``queue/``, fsync the
-        directory (shared with concurrent commits); the queue id.  Closes the file."""
+        directory (shared with concurrent commits); the queue id.  Closes the file,
+        unless the spool keeps claims: then the locked file is kept for the worker."""
         final = self._path(pending.qid, ".msg")
+        kept = False
         try:
             try:
                 if self.fsync:
                     os.fsync(pending.fd)
+                os.rename(pending.tmp, final)
+                if self.fsync:
+                    self._queue_dir_sync.sync(self._queue_dir_sync.renamed())
+                if pending.keep is not None:
+                    kept = self._keep(pending.qid, pending.keep)
             finally:
-                os.close(pending.fd)
-            os.rename(pending.tmp, final)
-            if self.fsync:
-                self._queue_dir_sync.sync(self._queue_dir_sync.renamed())
+                # Closed after the rename (a kept claim is closed by whoever takes it):
+                # a lock taken in begin must last until the file has its final name.
+                if not kept:
+                    os.close(pending.fd)
         except OSError as exc:
             _unlink(pending.tmp)
             _unlink(final)
             raise _store_error(exc) from exc
         return pending.qid
+
+    # -- claims handed from the store to this process's worker -------------------
+    def keep_claims(self, limit: int) -> None:
+        """Keep up to ``limit`` claims on messages spooled through :meth:`begin` /
+        :meth:`commit` (the event loop's path) for this process's worker: its
+        :meth:`claimed_sized` then takes the open, locked file over, and :meth:`load`
+        knows the message without reading it (see :class:`_Handoff`).  The oldest
+        is let go beyond ``limit``.  ``0``: stop, letting every kept claim go (the
+        worker stops: nothing else would take them)."""
+        with self._handoff_lock:
+            self._handoff_limit = limit
+            gone = self._trim()
+        for h in gone:
+            os.close(h.fd)
+
+    def _trim(self) -> list[_Handoff]:
+        gone: list[_Handoff] = []
+        while len(self._handoffs) > self._handoff_limit:
+            gone.append(self._handoffs.pop(next(iter(self._handoffs))))
+        return gone
+
+    def _keep(self, qid: str, handoff: _Handoff) -> bool:
+        """Keep a just-committed claim; False if claims are no longer kept."""
+        with self._handoff_lock:
+            if not self._handoff_limit:
+                return False
+            self._handoffs[qid] = handoff
+            gone = self._trim()
+        for h in gone:
+            os.close(h.fd)
+        return True
+
+    def _let_go(self, qid: str) -> None:
+        """Release a kept claim that its worker will not take (held, removed)."""
+        if not self._handoffs:
+            return
+        with self._handoff_lock:
+            h = self._handoffs.pop(qid, None)
+        if h is not None:
+            os.close(h.fd)
 
     def abort(self, pending: PendingStore) -> None:
         """Forget a :meth:`begin` that will not be committed (closes and removes it)."""
@@ -346,7 +441,24 @@ class Spool:
 
     def append_event(self, qid: str, event: dict[str, Any], *, sync: bool = True) -> None:
         """Append one event to a message's state log (fsynced unless sync=False)."""
+        self._mark_state(qid)
         self._append(self._path(qid, ".state"), os.O_CREAT, event, sync, "state write")
+        # E.g. held before the queue: the worker is not told about it, so a kept
+        # claim would only keep an operator's ``delete`` waiting.
+        self._let_go(qid)
+
+    def _mark_state(self, qid: str) -> None:
+        """Set the message file's STATE_MARK before its state log is written: a holder
+        that does not see the mark has read the log before anything was in it."""
+        path = self._path(qid, ".msg")
+        try:
+            mode = os.stat(path).st_mode
+            if not mode & STATE_MARK:
+                os.chmod(path, stat.S_IMODE(mode) | STATE_MARK)
+        except FileNotFoundError:
+            pass  # removed meanwhile: the log is an orphan, as before (clean_tmp)
+        except OSError as exc:
+            raise SpoolError(f"state write failed: {exc}") from exc
 
     def append_stage(self, qid: str, event: dict[str, Any], *, sync: bool = True,
                      fd: int | None = None) -> None:
@@ -407,10 +519,14 @@ class Spool:
 
     def append_events(self, qid: str, events: list[dict[str, Any]]) -> None:
         """Append several events with a single fsync."""
+        if not events:
+            return
+        self._mark_state(qid)
+        path = self._path(qid, ".state")
         for ev in events[:-1]:
-            self.append_event(qid, ev, sync=False)
-        if events:
-            self.append_event(qid, events[-1], sync=True)
+            self._append(path, os.O_CREAT, ev, False, "state write")
+        self._append(path, os.O_CREAT, events[-1], True, "state write")
+        self._let_go(qid)
 
     def save_data(self, qid: str, data: bytes) -> None:
         """Durably keep the transformed bytes of a message (the caller holds its claim).
@@ -484,6 +600,13 @@ class Spool:
         """The message, its envelope and its state.  ``fd``: the message file, open
         (the claim's descriptor, :meth:`claimed`), read from instead of opening it;
         ``size``: its size, if known (:meth:`claimed_sized`)."""
+        fresh = self._fresh.get(qid) if fd is not None else None
+        if fresh is not None and fresh.fd == fd:
+            # Spooled by this process and locked ever since (see _Handoff): no .data,
+            # no stage records; only the state log can be new.
+            env, facts, size = self._parse_header(qid, MAGIC, fresh.header)
+            events = self._state_events(qid) if os.fstat(fd).st_mode & STATE_MARK else []
+            return SpooledMessage(qid, env, facts, fresh.data, fold(env.rcpt_to, events))
         if fd is None:
             raw = _read_optional(self._path(qid, ".msg"))
             if raw is None:
@@ -527,6 +650,19 @@ class Spool:
     def claimed_sized(self, qid: str, *, wait: bool = False) -> Iterator[tuple[int, int] | None]:
         """:meth:`claimed`, yielding the descriptor and the file's size when claimed
         (from the fstat the claim makes anyway: for :meth:`load`)."""
+        h = None
+        if self._handoffs:
+            with self._handoff_lock:
+                h = self._handoffs.pop(qid, None)
+        if h is not None:
+            # Locked since before it was queued: it has not been removed meanwhile.
+            self._fresh[qid] = h
+            try:
+                yield h.fd, h.size
+            finally:
+                del self._fresh[qid]
+                os.close(h.fd)
+            return
         try:
             fd = os.open(self._path(qid, ".msg"), os.O_RDWR | os.O_APPEND)
         except FileNotFoundError:
@@ -561,8 +697,15 @@ class Spool:
         # The .msg goes first: a crash before the state log is gone leaves an orphan
         # log (cleaned at start-up), never a message without its delivery record,
         # which would be delivered again to every recipient.
-        for suffix in (".msg", ".data", ".state") if data else (".msg", ".state"):
-            _unlink(self._path(qid, suffix))
+        _unlink(self._path(qid, ".msg"))
+        if data:
+            _unlink(self._path(qid, ".data"))
+        fresh = self._fresh.get(qid)
+        # Looked at after the .msg is gone: a mark set before that is seen, and a log
+        # begun after it is an orphan whichever way (clean_tmp), as before.
+        if fresh is None or os.fstat(fresh.fd).st_mode & STATE_MARK:
+            _unlink(self._path(qid, ".state"))
+        self._let_go(qid)  # removed by the store's caller (a failed split), not its worker
         if sync:
             self.sync_queue_dir()
 

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import random
 import re
 import time
@@ -103,6 +102,12 @@ def arrival_time(qid: str, envelope: Envelope) -> float:
 # Messages up to this size are read on the event loop: they were just written and
 # sit in the page cache, so the read is cheaper than a hop to a thread.
 INLINE_READ_BYTES = 256 * 1024
+
+# While the worker runs, the spool keeps up to this many claims on messages this
+# process just spooled, for the worker to take over (Spool.keep_claims): no open,
+# flock, fstat, read or header parse of a file it wrote a moment ago.  Enough for
+# the messages waiting for a delivery slot under load; each is one descriptor.
+KEEP_CLAIMS = 256
 
 
 class _GroupSync:
@@ -175,6 +180,7 @@ class QueueWorker:
 
     async def run(self) -> None:
         """Scan now and every ``queue.scan_interval``; deliver until :meth:`stop`."""
+        self.spool.keep_claims(KEEP_CLAIMS)
         self._tasks = [
             asyncio.create_task(self._dispatch(), name="queue-dispatch"),
             asyncio.create_task(self._scan_loop(), name="queue-scan"),
@@ -308,6 +314,7 @@ class QueueWorker:
         if self._stopped.is_set():
             return
         self._stopping = True
+        self.spool.keep_claims(0)  # notify() ignores new messages now: let them go
         self._wake.set()
         for task in self._tasks:
             task.cancel()
@@ -499,13 +506,19 @@ class QueueWorker:
             msg.has_data = True
         event: dict[str, Any] = {"ev": "stage", "stage": stage}
         if facts:
-            try:
-                json.dumps(facts)
-                event["facts"] = facts
-            except (TypeError, ValueError):
-                pass  # not serialisable: the stage's completion still counts
+            event["facts"] = facts
         # A small append to a page-cached file: cheaper here than a thread hop.
-        self.spool.append_stage(qid, event, sync=False, fd=fd)
+        try:
+            # The facts are encoded once, with the record (the line is encoded
+            # whole before anything is written).
+            self.spool.append_stage(qid, event, sync=False, fd=fd)
+        except UnicodeEncodeError:
+            raise  # the line itself (a lone surrogate), not the facts' types: as before
+        except (TypeError, ValueError):
+            if "facts" not in event:
+                raise
+            del event["facts"]  # not serialisable: the stage's completion still counts
+            self.spool.append_stage(qid, event, sync=False, fd=fd)
         if changed:
             await self._io(self.spool.sync_file, fd)  # covers earlier records too
             return False
