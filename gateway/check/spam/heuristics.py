@@ -95,8 +95,20 @@ def _received_time(received: list[str]) -> float | None:
     return None
 
 
+# url_host and is_ip_literal are pure functions of a string, asked of every link
+# twice (url_rules reads the <a href> links, then every URL, hrefs among them) and
+# of the same links across messages (a newsletter's, a signature's): their answers
+# are kept for strings up to this long (longer ones, rare, are computed each time,
+# so that the cache's memory stays bounded).
+_CACHED_LEN = 512
+
+
 def url_host(url: str) -> tuple[str, bool, int | None]:
     """(lower-case host, had userinfo, port) of a link; ("", ...) if it has none."""
+    return _url_host_cached(url) if len(url) <= _CACHED_LEN else _url_host(url)
+
+
+def _url_host(url: str) -> tuple[str, bool, int | None]:
     u = url.strip()
     if u.lower().startswith("www."):
         u = "http://" + u
@@ -111,7 +123,14 @@ def url_host(url: str) -> tuple[str, bool, int | None]:
     return host, "@" in parts.netloc, port
 
 
+_url_host_cached = functools.lru_cache(maxsize=4096)(_url_host)
+
+
 def is_ip_literal(host: str) -> bool:
+    return _is_ip_literal_cached(host) if len(host) <= _CACHED_LEN else _is_ip_literal(host)
+
+
+def _is_ip_literal(host: str) -> bool:
     h = host.strip("[]")
     try:
         ipaddress.ip_address(h)
@@ -120,6 +139,9 @@ def is_ip_literal(host: str) -> bool:
         # RFC 3986 §7.4: hosts like 0x7f.1 or a bare decimal number are IP addresses
         # to most resolvers, and a way to hide one.
         return bool(re.fullmatch(r"(0x[0-9a-f]+|\d+)(\.(0x[0-9a-f]+|\d+)){0,3}", h))
+
+
+_is_ip_literal_cached = functools.lru_cache(maxsize=4096)(_is_ip_literal)
 
 
 def link_domains(pm: ParsedMessage, limit: int = 100) -> list[str]:
@@ -228,13 +250,30 @@ def header_rules(pm: ParsedMessage, scan: Scan, now: float) -> None:
         scan.add("MANY_RCPTS_VISIBLE", f"{len(rcpts)} recipients")
 
     subject = first("subject") or ""
-    letters = "".join(filter(str.isalpha, subject))
-    if len(letters) >= 10 and sum(map(str.isupper, letters)) >= 0.9 * len(letters):
+    if _all_caps(subject):
         scan.add("SUBJ_ALL_CAPS")
     if _SUBJ_PUNCT.search(subject):
         scan.add("SUBJ_EXCESS_PUNCT")
     if not pm.raw_head.isascii():
         scan.add("RAW_8BIT_HEADER")
+
+
+# In ASCII the letters (str.isalpha) are A-Z and a-z, the upper-case ones
+# (str.isupper) A-Z: bytes.translate counts them without a Python call per character.
+_NOT_LETTER = bytes(c for c in range(256) if not chr(c).isascii() or not chr(c).isalpha())
+_NOT_UPPER = bytes(c for c in range(256) if not chr(c).isascii() or not chr(c).isupper())
+
+
+def _all_caps(subject: str) -> bool:
+    """At least 10 letters, 90 % of them upper case."""
+    if subject.isascii():
+        raw = subject.encode("ascii")
+        letters = len(raw.translate(None, _NOT_LETTER))
+        upper = len(raw.translate(None, _NOT_UPPER))
+    else:
+        alpha = "".join(filter(str.isalpha, subject))
+        letters, upper = len(alpha), sum(map(str.isupper, alpha))
+    return letters >= 10 and upper >= 0.9 * letters
 
 
 def structure_rules(pm: ParsedMessage, scan: Scan) -> None:

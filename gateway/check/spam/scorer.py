@@ -14,6 +14,7 @@ from gateway.check.spam.bayes import Classification, TokenStore, digest, tokeniz
 from gateway.check.spam.config import SpamConfig
 from gateway.check.spam.message import ParsedMessage, parse
 from gateway.check.spam.symbols import Scan, Thresholds
+from gateway.mailparse import ValueMemo
 
 # How the classifier's probability p becomes a weight (measured by 2-fold
 # cross-validation on the train split of the SpamAssassin corpus, bench/spam.py):
@@ -48,15 +49,29 @@ class Verdict:
         """X-Spam-Status in SpamAssassin's form: "Yes, score=7.1 required=6.0 tests=A,B"."""
         yes = "Yes" if self.verdict == "spam" else "No"
         line = f"{yes}, score={self.score:.1f} required={thresholds.quarantine:.1f} tests="
-        # RFC 5322 §2.1.1: keep lines short; fold between test names
-        lines, names = [line], sorted(self.symbols) or ["none"]
-        for i, name in enumerate(names):
-            piece = name + ("," if i < len(names) - 1 else "")
-            if len(lines[-1]) + len(piece) > 72 and not lines[-1].endswith("="):
-                lines.append("\t" + piece)
-            else:
-                lines[-1] += piece
-        return "\r\n".join(lines)
+        key = (line, tuple(sorted(self.symbols)) or ("none",))
+        value = _HEADERS.get(key)
+        if value is None:
+            value = _HEADERS.keep(key, _fold_tests(*key))
+        return value
+
+
+# Folded X-Spam-Status values by (first line, test names): a few scores and symbol
+# sets recur from message to message (the symbols are a fixed set, the score is
+# rounded to a tenth), and folding costs more than the look-up.
+_HEADERS: ValueMemo[tuple[str, tuple[str, ...]], str] = ValueMemo()
+
+
+def _fold_tests(line: str, names: tuple[str, ...]) -> str:
+    # RFC 5322 §2.1.1: keep lines short; fold between test names
+    lines = [line]
+    for i, name in enumerate(names):
+        piece = name + ("," if i < len(names) - 1 else "")
+        if len(lines[-1]) + len(piece) > 72 and not lines[-1].endswith("="):
+            lines.append("\t" + piece)
+        else:
+            lines[-1] += piece
+    return "\r\n".join(lines)
 
 def bayes_symbol(scan: Scan, c: Classification) -> None:
     if not c.ready or not c.clues:

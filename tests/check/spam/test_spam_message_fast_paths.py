@@ -11,8 +11,11 @@ recorded verdicts.
 from __future__ import annotations
 
 import itertools
+import re
 from email.message import Message
+from pathlib import Path
 
+import corpusverdicts
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from spamkit import message, multipart
@@ -158,3 +161,49 @@ def test_has_scheme_sep_after_many_colons() -> None:
     assert spam_message.has_scheme_sep(many + "http://x") is True
     assert spam_message.has_scheme_sep(many + "http:/x") is False
     assert spam_message.has_scheme_sep(":" * 33 + "//") is True
+
+
+_FOLD_BEFORE = re.compile(r"\r?\n[ \t]+")  # the unfolding pattern as it was
+
+
+@settings(max_examples=500, deadline=None)
+@given(head=st.text(alphabet=st.sampled_from("\r\n \ta:\x0c"), max_size=60))
+def test_unfolding_matches_as_before(head: str) -> None:
+    assert spam_message._FOLD.sub(" ", head) == _FOLD_BEFORE.sub(" ", head)
+
+
+def test_unfolding_corpus_headers_as_before(corpus: Path) -> None:
+    for _, path in corpusverdicts.corpus_files(corpus):
+        head = split_head(spam_message.strip_mbox_from(path.read_bytes()))[0].decode("latin-1")
+        assert spam_message._FOLD.sub(" ", head) == _FOLD_BEFORE.sub(" ", head), path
+
+
+@settings(max_examples=800, deadline=None)
+@given(text=st.text(alphabet=st.sampled_from("w.Wa "), max_size=80))
+def test_has_www_is_the_substring_test(text: str) -> None:
+    assert spam_message.has_www(text) == ("www." in text)
+
+
+def test_has_www_after_many_dots() -> None:
+    for dots in range(8):
+        assert spam_message.has_www("a." * dots + "www.x") is True
+        assert spam_message.has_www("a." * dots + "ww.x") is False
+        assert spam_message.has_www("." * dots + "www.") is True
+    assert spam_message.has_www("www.") is True
+    assert spam_message.has_www(".www") is False
+
+
+def test_content_types_read_through_the_memo_as_without_it() -> None:
+    values = [f"{t}; charset={c}" for t in ("text/plain", "TEXT/html", "application/pdf")
+              for c in ("us-ascii", '"UTF-8"', "x")]
+    values += ["text/plain; name=a.txt", "text/", "x" * 300]
+    for ct in values * 2:  # the second round from the memo (but the long value)
+        part = _part(ct, "7bit", None)
+        fast = spam_message._mime_fields(part)
+        spam_message._PLAIN_TYPES.clear()
+        assert fast == spam_message._mime_fields(part), ct
+        spam_message._PLAIN_TYPES.clear()
+        spam_message._mime_fields(part)
+    assert not spam_message._PLAIN_TYPES  # the long value is never kept
+    spam_message._mime_fields(_part(values[0], None, None))
+    assert values[0] in spam_message._PLAIN_TYPES
