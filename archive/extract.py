@@ -509,6 +509,36 @@ def _part_bytes(part: email.message.Message, flags: list[str]) -> bytes:
     return b""
 
 
+# Codecs (as codecs.lookup names them) that decode every ASCII byte to itself.
+_ASCII_IDENTITY = frozenset({"ascii", "utf-8", "iso8859-1", "iso8859-15", "cp1252"})
+# Content-Transfer-Encodings get_payload(decode=True) decodes; any other is identity.
+_DECODED_CTE = frozenset({"quoted-printable", "base64", "x-uuencode", "uuencode", "uue",
+                          "x-uue"})
+
+
+def _ascii_text(part: email.message.Message, charset: str | None
+                ) -> tuple[str, str | None] | None:
+    """``_decode_bytes(_part_bytes(part, ...), charset)`` for the common body, without
+    its three copies of the text (None: take that way).
+
+    A part whose stored payload is an ASCII string (no surrogate escapes) and whose
+    transfer encoding is an identity one gets that string as bytes from
+    ``get_payload(decode=True)``; an ASCII-compatible codec, or UTF-8 after an unknown
+    charset, decodes them to the string again.
+    """
+    payload = vars(part).get("_payload")
+    if type(payload) is not str or not payload.isascii():
+        return None
+    try:
+        codec, flag = _codec(charset)
+        cte = str(part.get("content-transfer-encoding", "")).lower()
+    except Exception:  # the general way records it (or fails) as it always did
+        return None
+    if (codec is not None and codec not in _ASCII_IDENTITY) or cte in _DECODED_CTE:
+        return None
+    return payload, flag
+
+
 class _HtmlText(HTMLParser):
     _SKIP = frozenset({"script", "style", "head", "title", "template", "noscript"})
     _BLOCK = frozenset({
@@ -712,8 +742,11 @@ class _Extractor:
                 self._walk(child, out, bodies, depth)
             return
         if not attached and ctype in ("text/plain", "text/html", "text/enriched"):
-            data = _part_bytes(part, out.flags)
-            text, flag = _decode_bytes(data, charset)
+            found = _ascii_text(part, charset)
+            if found is None:
+                text, flag = _decode_bytes(_part_bytes(part, out.flags), charset)
+            else:
+                text, flag = found
             if flag:
                 out.flags.append(f"body: {flag}")
             bodies.append(html_to_text(text) if ctype == "text/html" else text)

@@ -3,7 +3,9 @@
 The fast paths: plain ``Name <addr>`` / ``addr`` lists read without the default
 policy's address parse; the Date parsed once per distinct value; a part's content
 type, attachment test and charset kept per (Content-Type, Content-Disposition,
-default type); clean participants kept as they are.  The reference is the code
+default type); clean participants kept as they are; an ASCII body in an identity
+transfer encoding and an ASCII-compatible charset taken as stored (no
+get_payload(decode=True) and decode round trip).  The reference is the code
 before them (extract_reference.py).  Every message is extracted twice the new way
 (cold memos, then warm) and compared with the reference, field by field and by repr
 (a datetime's zone included), over the MIME corpus, the spam/ham corpus and
@@ -22,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import archive.extract as ex
+from bench.relay import make_messages, message_sizes
 from gateway import mailparse
 
 
@@ -301,3 +304,51 @@ def test_date_memo_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
         date = ex.extract(raw).date
         assert date is not None and date.day == i + 1
         assert len(ex._DATES) <= 3
+
+
+# -- body text without get_payload(decode=True) (ex._ascii_text) -------------------------
+
+_BODY_CHARSETS = [None, "us-ascii", "\"utf-8\"", " UTF-8 ", "iso-8859-1", "latin1", "windows-1252",
+                  "iso-8859-15", "utf-7", "cp037", "utf-16", "iso-2022-jp", "hz", "shift_jis",
+                  "x-unknown", "", "\u00e9"]
+_BODY_CTES = [None, "7bit", "8bit", "binary", "base64", "BASE64", " base64", "quoted-printable",
+              "Quoted-Printable", "x-uuencode", "uue", "x-token", "\u00e9"]
+_ASCII_BODIES = ["plain words\r\n", "+AGE-\r\n", "~{<:Ky2;S{#,~}\r\n", "\x1b$B$3\x1b(B\r\n",
+                 "=E2=82=AC\r\n", "aGVsbG8gd29ybGQ=\r\n", "begin 644 x\r\n#86)C\r\n`\r\nend\r\n",
+                 "\x00nul\r\n", "", "<p>a &amp; b</p>\r\n"]
+
+
+@pytest.mark.parametrize("charset", _BODY_CHARSETS)
+def test_body_charsets_and_encodings_extract_as_the_reference_does(
+        charset: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    for cte in _BODY_CTES:
+        for body in [*_ASCII_BODIES, "caf\u00e9\r\n"]:
+            for ctype in ("text/plain", "text/html"):
+                head = f"Content-Type: {ctype}" + (
+                    "" if charset is None else f"; charset={charset}") + "\r\n"
+                if cte is not None:
+                    head += f"Content-Transfer-Encoding: {cte}\r\n"
+                text = "From: a@b.example\r\n" + head + "\r\n" + body
+                assert_same(text.encode("utf-8", "surrogateescape"), monkeypatch)
+                assert_same(text.encode("latin-1", "replace"), monkeypatch)
+
+
+def test_ascii_bodies_take_the_shortcut(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[object] = []
+    real = ex._part_bytes
+
+    def counting(part: object, flags: list[str]) -> bytes:
+        calls.append(part)
+        return real(part, flags)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ex, "_part_bytes", counting)
+    for raw in make_messages(message_sizes(20, 4), 4):
+        assert ex.extract(raw).body
+    assert calls == []
+    raw = b"Content-Type: text/plain; charset=utf-7\r\n\r\n+AGE-\r\n"
+    assert ex.extract(raw).body == "a\r\n" and len(calls) == 1  # not ASCII-compatible
+
+
+def test_bench_messages_extract_as_the_reference_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    for raw in make_messages(message_sizes(30, 6), 6):
+        assert_same(raw, monkeypatch)
