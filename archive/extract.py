@@ -377,12 +377,32 @@ def _participants(msg: email.message.Message, fields: dict[str, list[str]],
         raw = fields.get(name.lower())
         if not raw:
             continue  # no such field (most of the six): get_all would find none either
+        if len(raw) == 1:  # one field of this name, as nearly always: see _MAILBOXES
+            key = (role, raw[0])
+            found = _MAILBOXES.get(key, _UNSEEN)
+            if found is _UNSEEN:
+                plain = _plain_addresses(raw)
+                found = _MAILBOXES.keep(key, None if plain is None else tuple(
+                    Participant(role, address, text) for address, text in plain))
+            if found is not None:
+                result.extend(found)
+                continue
+            result.extend(_parsed_participants(msg, role, name, raw, flags))
+            continue
         plain = _plain_addresses(raw)
         if plain is not None:
             result.extend(Participant(role, address, text) for address, text in plain)
         else:
             result.extend(_parsed_participants(msg, role, name, raw, flags))
     return result
+
+
+# (role, the field's one stored value) -> its participants when the value is a list of
+# plain mailboxes (_plain_addresses), else None: the same From and To recur across a
+# burst.  Participants are immutable, so every Extracted may hold the same ones.
+_MAILBOXES: mailparse.ValueMemo[tuple[str, str], tuple[Participant, ...] | None] = (
+    mailparse.ValueMemo())
+_UNSEEN: Any = object()
 
 
 def _parsed_participants(msg: email.message.Message, role: str, name: str, raw: list[str],

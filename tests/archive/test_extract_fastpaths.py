@@ -33,6 +33,7 @@ def _forget() -> None:
     ex._parsed_header.cache_clear()
     ex._DATES.clear()
     ex._FACTS.clear()
+    ex._MAILBOXES.clear()
     ex._codec.cache_clear()
 
 
@@ -79,10 +80,10 @@ def test_the_reference_is_the_old_code(monkeypatch: pytest.MonkeyPatch) -> None:
     raw = b"From: Plain Name <a@b.example>\r\nDate: Fri, 27 Nov 2026 12:00:00 +0000\r\n\r\nx\r\n"
     reference(raw, monkeypatch)
     assert calls == ["From"]
-    assert not ex._DATES and not ex._FACTS
+    assert not ex._DATES and not ex._FACTS and not ex._MAILBOXES
     calls.clear()
     got = ex.extract(raw)
-    assert calls == [] and ex._DATES and ex._FACTS
+    assert calls == [] and ex._DATES and ex._FACTS and ex._MAILBOXES
     assert got.participants == [ex.Participant("from", "a@b.example", "Plain Name")]
 
 
@@ -352,3 +353,17 @@ def test_ascii_bodies_take_the_shortcut(monkeypatch: pytest.MonkeyPatch) -> None
 def test_bench_messages_extract_as_the_reference_does(monkeypatch: pytest.MonkeyPatch) -> None:
     for raw in make_messages(message_sizes(30, 6), 6):
         assert_same(raw, monkeypatch)
+
+
+def test_mailbox_memo_is_bounded_and_shared(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ex._MAILBOXES, "limit", 3)
+    for i in range(10):
+        raw = f"From: N{i} <a{i}@b.example>\r\nTo: a@b.example, \"Q\" <q@b.example>\r\n\r\nx\r\n"
+        first, again = ex.extract(raw.encode()), ex.extract(raw.encode())
+        assert first.participants == again.participants == [
+            ex.Participant("from", f"a{i}@b.example", f"N{i}"),
+            ex.Participant("to", "a@b.example", ""), ex.Participant("to", "q@b.example", "Q")]
+        assert len(ex._MAILBOXES) <= 3
+    # A list the shortcut does not read ("Q" quoted) is remembered as such: each message
+    # still goes through the full parse, and records its flags every time.
+    assert ex._MAILBOXES[("to", 'a@b.example, "Q" <q@b.example>')] is None
