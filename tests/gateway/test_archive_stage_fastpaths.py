@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -250,3 +251,56 @@ def test_receipt_fragments_are_reused_across_messages() -> None:
         assert_same(_ctx(data, BENCH_FACTS))
     # The decision and the verdicts, once each for all five messages.
     assert len(receipts._FRAGMENTS) == 2
+
+
+# -- retention_end: labels remembered, the calendar asked only after day 28 -----------
+
+def old_retention_end(start: datetime, label: Any) -> datetime | None:
+    import calendar
+    import re
+    from datetime import timedelta
+    if not label or label == "forever":
+        return None
+    m = re.match(r"^(\d+)(y|mo|w|d)$", label.strip().lower())
+    if not m:
+        raise ValueError(f"unknown retention period {label!r}")
+    n, unit = int(m.group(1)), m.group(2)
+    if unit in ("y", "mo"):
+        months = start.month - 1 + (n * 12 if unit == "y" else n)
+        year, month = start.year + months // 12, months % 12 + 1
+        day = min(start.day, calendar.monthrange(year, month)[1])
+        return start.replace(year=year, month=month, day=day)
+    return start + timedelta(days=n * (7 if unit == "w" else 1))
+
+
+def _retention_outcome(fn: Any, start: datetime, label: Any) -> object:
+    try:
+        return repr(fn(start, label))
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+_LABELS: list[Any] = ["1y", "7Y", " 6mo ", "2w", "30d", "forever", "", None, "0y", "1mo", "13mo",
+                      "12mo", "x", "1 y", "7y\n", "8000y", "10000y", 5, ["1y"], "1d", "0d"]
+
+
+@given(start=st.datetimes(timezones=st.sampled_from([UTC, None])),
+       label=st.sampled_from(_LABELS))
+@settings(max_examples=500, deadline=None)
+def test_retention_end_as_before(start: datetime, label: Any) -> None:
+    for _ in range(2):  # the label cold, then remembered
+        assert (_retention_outcome(retention_end, start, label)
+                == _retention_outcome(old_retention_end, start, label))
+
+
+@pytest.mark.parametrize("day", [28, 29, 30, 31])
+def test_retention_end_at_month_ends_as_before(day: int) -> None:
+    for year in (2023, 2024, 2100, 9998, 9999):
+        for month in (1, 2, 3, 12):
+            try:
+                start = datetime(year, month, day, 12, tzinfo=UTC)
+            except ValueError:
+                continue
+            for label in _LABELS:
+                assert (_retention_outcome(retention_end, start, label)
+                        == _retention_outcome(old_retention_end, start, label))
