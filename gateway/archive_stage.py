@@ -65,6 +65,7 @@ from gateway.archive_health import (
     describe,
 )
 from gateway.config import Config
+from gateway.mailparse import ValueMemo
 from gateway.offload import cpu_bound
 from gateway.pipeline import Action, MessageContext, StageResult
 from gateway.transform import mime
@@ -80,16 +81,27 @@ def retention_end(start: datetime, label: str | None) -> datetime | None:
     """
     if not label or label == "forever":
         return None
-    m = _PERIOD.match(label.strip().lower())
-    if not m:
-        raise ValueError(f"unknown retention period {label!r}")
-    n, unit = int(m.group(1)), m.group(2)
+    period = _PERIODS.get(label) if type(label) is str else None
+    if period is None:
+        m = _PERIOD.match(label.strip().lower())
+        if not m:
+            raise ValueError(f"unknown retention period {label!r}")
+        period = (int(m.group(1)), m.group(2))
+        if type(label) is str:
+            _PERIODS.keep(label, period)
+    n, unit = period
     if unit in ("y", "mo"):
         months = start.month - 1 + (n * 12 if unit == "y" else n)
         year, month = start.year + months // 12, months % 12 + 1
-        day = min(start.day, calendar.monthrange(year, month)[1])
+        # Every month has 28 days: the calendar is asked only about the days after.
+        day = start.day if start.day <= 28 else min(start.day,
+                                                     calendar.monthrange(year, month)[1])
         return start.replace(year=year, month=month, day=day)
     return start + timedelta(days=n * (7 if unit == "w" else 1))
+
+
+# A retention label -> (count, unit): the policy names a handful of periods.
+_PERIODS: ValueMemo[str, tuple[int, str]] = ValueMemo(limit=256)
 
 
 @dataclass(frozen=True, slots=True)

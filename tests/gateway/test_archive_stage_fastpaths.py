@@ -1,7 +1,9 @@
 """The archive stage's records and receipts are byte for byte what the old code made.
 
 Fast paths: record_for takes the copy and its link (no dataclasses.replace of every
-record) and receipt_document encodes with one prebuilt JSON encoder.  The reference
+record) and receipt_document encodes with one prebuilt JSON encoder, the decision and
+verdicts from a memo of their encodings keyed by their marshal bytes (the confusable
+values below: equal under ==, different in JSON).  The reference
 below is the old code; both run on the same extraction (archive.extract's own fast
 paths have their differential test in tests/archive/test_extract_fastpaths.py).
 """
@@ -15,6 +17,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -208,3 +211,96 @@ def test_generated_contexts_record_and_receipt_as_before(
         auth_user: str | None, received_at: float) -> None:
     assert_same(_ctx(_DATA[data], facts, received=None if second is None else _DATA[second],
                      tls=tls, auth_user=auth_user, received_at=received_at))
+
+
+# -- receipts from memoized fragments (archive.receipts._FRAGMENTS) -----------------------
+
+class _Text(str):
+    """A str subclass: marshal refuses it, so its dict is encoded without the memo."""
+
+
+# Values that compare equal (or marshal alike) but encode differently, and the types
+# default=str turns into text: each one encoded after the others, memo warm.
+_CONFUSABLE: list[Any] = [
+    True, 1, 1.0, False, 0, 0.0, -0.0, None, "1", "true", b"x", bytearray(b"x"),
+    memoryview(b"x"), (1, 2), [1, 2], frozenset({1}), {"b": 1, "a": 2}, {"a": 2, "b": 1},
+    {1: "x"}, {True: "x"}, {1.0: "x"}, _Text("x"), "x", float("nan"), float("inf"), NOW,
+    "\ud800", 10**30,
+]
+
+
+def _confusable_facts(value: Any) -> dict[str, Any]:
+    return {"check": {"spf": {"result": value}}, "spam": value,
+            "decide": {**BENCH_FACTS["decide"], "why": value, "nested": [{"v": value}]}}
+
+
+def test_receipts_of_confusable_values_as_before() -> None:
+    from archive import receipts
+    receipts._FRAGMENTS.clear()
+    data = make_messages(message_sizes(1, 9), 9)[0]
+    for _ in range(2):  # cold memo, then warm: every value after every other
+        for value in _CONFUSABLE:
+            assert_same(_ctx(data, _confusable_facts(value)))
+    assert receipts._FRAGMENTS  # the memo was used, not only the general encoding
+
+
+def test_receipt_fragments_are_reused_across_messages() -> None:
+    from archive import receipts
+    receipts._FRAGMENTS.clear()
+    for data in make_messages(message_sizes(5, 2), 2):
+        assert_same(_ctx(data, BENCH_FACTS))
+    # The decision and the verdicts, once each for all five messages.
+    assert len(receipts._FRAGMENTS) == 2
+
+
+# -- retention_end: labels remembered, the calendar asked only after day 28 -----------
+
+def old_retention_end(start: datetime, label: Any) -> datetime | None:
+    import calendar
+    import re
+    from datetime import timedelta
+    if not label or label == "forever":
+        return None
+    m = re.match(r"^(\d+)(y|mo|w|d)$", label.strip().lower())
+    if not m:
+        raise ValueError(f"unknown retention period {label!r}")
+    n, unit = int(m.group(1)), m.group(2)
+    if unit in ("y", "mo"):
+        months = start.month - 1 + (n * 12 if unit == "y" else n)
+        year, month = start.year + months // 12, months % 12 + 1
+        day = min(start.day, calendar.monthrange(year, month)[1])
+        return start.replace(year=year, month=month, day=day)
+    return start + timedelta(days=n * (7 if unit == "w" else 1))
+
+
+def _retention_outcome(fn: Any, start: datetime, label: Any) -> object:
+    try:
+        return repr(fn(start, label))
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+_LABELS: list[Any] = ["1y", "7Y", " 6mo ", "2w", "30d", "forever", "", None, "0y", "1mo", "13mo",
+                      "12mo", "x", "1 y", "7y\n", "8000y", "10000y", 5, ["1y"], "1d", "0d"]
+
+
+@given(start=st.datetimes(timezones=st.sampled_from([UTC, None])),
+       label=st.sampled_from(_LABELS))
+@settings(max_examples=500, deadline=None)
+def test_retention_end_as_before(start: datetime, label: Any) -> None:
+    for _ in range(2):  # the label cold, then remembered
+        assert (_retention_outcome(retention_end, start, label)
+                == _retention_outcome(old_retention_end, start, label))
+
+
+@pytest.mark.parametrize("day", [28, 29, 30, 31])
+def test_retention_end_at_month_ends_as_before(day: int) -> None:
+    for year in (2023, 2024, 2100, 9998, 9999):
+        for month in (1, 2, 3, 12):
+            try:
+                start = datetime(year, month, day, 12, tzinfo=UTC)
+            except ValueError:
+                continue
+            for label in _LABELS:
+                assert (_retention_outcome(retention_end, start, label)
+                        == _retention_outcome(old_retention_end, start, label))
