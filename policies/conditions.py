@@ -16,7 +16,7 @@ import functools
 import ipaddress
 import operator
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, time
 from email.utils import getaddresses
@@ -273,13 +273,21 @@ class Compare:
     ops: tuple[tuple[str, float], ...]  # ("gt", 10.0), ...
     unit: str = ""
     _desc: str = field(init=False, repr=False, compare=False, default="")
+    # The operators looked up once, at load.
+    _tests: tuple[tuple[Callable[[float, float], bool], float], ...] = field(
+        init=False, repr=False, compare=False, default=())
 
     def __post_init__(self) -> None:
         desc = " and ".join(f"{_SYMBOL[op]} {_num(b)}{self.unit}" for op, b in self.ops)
         object.__setattr__(self, "_desc", desc)
+        object.__setattr__(self, "_tests", tuple((_OPS[op], bound) for op, bound in self.ops))
 
     def test(self, value: float) -> bool:
-        return all(_OPS[op](value, bound) for op, bound in self.ops)
+        # A loop, not all() over a generator: no generator per test, and most have one.
+        for op, bound in self._tests:  # noqa: SIM110
+            if not op(value, bound):
+                return False
+        return True
 
     def describe(self) -> str:
         return self._desc
@@ -709,11 +717,12 @@ class SpamScore:
 
     def evaluate(self, ctx: EvalContext) -> Result:
         score = ctx.spam.get("score")
-        if isinstance(score, bool) or not isinstance(score, int | float):
+        if isinstance(score, bool) or not isinstance(score, (int, float)):
             return False, "no spam score"
-        ok = self.compare.test(float(score))
-        return ok, f"spam score {_num(float(score))}" + (
-            "" if ok else f", not {self.compare.describe()}")
+        value = float(score)
+        if self.compare.test(value):
+            return True, f"spam score {_num(value)}"
+        return False, f"spam score {_num(value)}, not {self.compare._desc}"
 
 
 @dataclass(frozen=True, slots=True)

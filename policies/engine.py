@@ -64,6 +64,7 @@ class RuleTrace:
         return text
 
     def to_dict(self) -> dict[str, Any]:
+        # Decision.to_facts builds the same dict inline: keep the two in step.
         return {
             "name": self.name, "matched": self.matched, "why": self.why, "mode": self.mode,
             "evaluated": self.evaluated, "actions": self.actions, "notes": self.notes,
@@ -130,7 +131,10 @@ class Decision:
             "policy": self.policy_digest,
             "errors": list(self.errors),
             "failed": self.failed,
-            "rules": [r.to_dict() for r in self.rules],
+            # RuleTrace.to_dict, inlined: one dict per rule of every message.
+            "rules": [{"name": r.name, "matched": r.matched, "why": r.why, "mode": r.mode,
+                       "evaluated": r.evaluated, "actions": r.actions, "notes": r.notes}
+                      for r in self.rules],
         }
 
 
@@ -243,7 +247,7 @@ def _evaluate(
     decision.direction = direction
     errors = decision.errors
     ctx = EvalContext(envelope=envelope, message=view,
-                      facts=facts if isinstance(facts, Mapping) else {},
+                      facts=facts if type(facts) is dict or isinstance(facts, Mapping) else {},
                       direction=direction, now=_now(envelope, now), errors=errors)
     traces = decision.rules
     seen_actions: set[str] = set()
