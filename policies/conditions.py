@@ -135,6 +135,84 @@ class SafePattern:
             raise RegexTimeout(f"regex {show(self.source)} timed out") from None
 
 
+_ASCII_WORD = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
+
+
+@dataclass(frozen=True, slots=True)
+class KeywordPattern(SafePattern):
+    """A keyword list's alternation (policies.schema), tried only where a keyword can start.
+
+    Every match begins with its keyword's first word, literally: the positions where
+    one occurs are found with ``str.find`` and the pattern is tried at those alone, in
+    order, skipping any inside the previous match, which is what ``finditer`` and
+    ``search`` find by trying every position (a regex run over the whole text costs
+    far more than the finds).  A case-insensitive list is searched this way only in
+    ASCII text and when the list is ASCII (``firsts`` is empty otherwise), where lower
+    case is exactly the regex's case folding; other text, and text with too many
+    candidate positions, is scanned as by :class:`SafePattern`.
+    """
+
+    firsts: tuple[str, ...] = ()  # each keyword's first word; lower case unless case_sensitive
+    case_sensitive: bool = False
+
+    def _starts(self, text: str) -> list[int] | None:
+        if not self.firsts:
+            return None
+        if self.case_sensitive:
+            hay = text
+        elif text.isascii():
+            hay = text.lower()
+        else:
+            return None
+        # Past this many tries a scan of the whole text is the cheaper way.
+        limit = len(text) // 16 + 16
+        starts: set[int] = set()
+        word = _ASCII_WORD
+        for first in self.firsts:
+            # A keyword starting with an ASCII character starts at a word boundary (\b
+            # before a word character, (?<!\w) before any other): never right after an
+            # ASCII word character.  (Other cases the regex decides: Unicode's \w, and
+            # \b before a character Python calls alphanumeric and the regex does not.)
+            bounded = first[0].isascii()
+            i = hay.find(first)
+            while i >= 0:
+                if not bounded or i == 0 or hay[i - 1] not in word:
+                    starts.add(i)
+                    if len(starts) > limit:
+                        return None
+                i = hay.find(first, i + 1)
+        return sorted(starts)
+
+    def search(self, text: str) -> bool:
+        starts = self._starts(text)
+        if starts is None:
+            return SafePattern.search(self, text)
+        match = self.compiled.match
+        try:
+            return any(match(text, i, timeout=self.timeout) is not None for i in starts)
+        except TimeoutError:
+            raise RegexTimeout(f"regex {show(self.source)} timed out") from None
+
+    def matches(self, text: str) -> list[str]:
+        starts = self._starts(text)
+        if starts is None:
+            return SafePattern.matches(self, text)
+        match = self.compiled.match
+        out = []
+        end = 0
+        try:
+            for i in starts:
+                if i < end:
+                    continue
+                m = match(text, i, timeout=self.timeout)
+                if m is not None:
+                    out.append(m.group(0))
+                    end = m.end()
+        except TimeoutError:
+            raise RegexTimeout(f"regex {show(self.source)} timed out") from None
+        return out
+
+
 # ---------------------------------------------------------------------------
 # String matchers (used by sender, recipient, header, subject, body, ...)
 
@@ -970,7 +1048,8 @@ __all__ = [
     "DETECTORS", "DIRECTIONS", "SCOPES", "WEEKDAYS",
     "AddressField", "AllOf", "Always", "AnyOf", "AttachmentCount", "AttachmentProps",
     "AuthUser", "AuthVerdict", "ClientIp", "Compare", "Condition", "Contains", "DateRange",
-    "Direction", "Dlp", "Equals", "EvalContext", "Flag", "Header", "InList", "Keywords",
+    "Direction", "Dlp", "Equals", "EvalContext", "Flag", "Header", "InList", "KeywordPattern",
+    "Keywords",
     "Matcher", "NestingDepth", "Not", "PatternTest", "RecipientCount", "RegexTimeout",
     "SafePattern", "Size", "SpamScore", "SpamSymbol", "SpamVerdict", "Text", "TimeOfDay",
     "derive_direction", "failed", "find_cards", "find_ibans", "find_ssns", "guarded", "iban_ok",

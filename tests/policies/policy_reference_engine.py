@@ -333,9 +333,12 @@ def _ref(obj: Any) -> Any:
     if isinstance(obj, tuple):
         return tuple(_ref(x) for x in obj)
     if dataclasses.is_dataclass(obj) and type(obj).__module__ == "policies.conditions":
-        cls = getattr(policy_reference_conditions, type(obj).__name__)
+        # A class added since (KeywordPattern) becomes the reference class it derives
+        # from (SafePattern: the scan of every position), with that class's fields.
+        cls = next(getattr(policy_reference_conditions, k.__name__) for k in type(obj).__mro__
+                   if hasattr(policy_reference_conditions, k.__name__))
         return cls(**{f.name: _ref(getattr(obj, f.name))
-                      for f in dataclasses.fields(obj) if f.init})
+                      for f in dataclasses.fields(cls) if f.init})
     return obj
 
 
