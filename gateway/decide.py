@@ -87,6 +87,10 @@ class DecideStage:
                          now=self._clock() if self._clock else None)
 
 
+# The actions _execute carries out: header edits, routing, notices.
+_EXECUTED = decide_actions.HEADER_ACTIONS | {"redirect", "bcc", "journal", "notify"}
+
+
 def to_result(
     decision: Decision, ctx: MessageContext | None = None, *, hostname: str = "localhost",
     notify_from: str | None = None, now: float | None = None,
@@ -117,6 +121,10 @@ def _execute(decision: Decision, ctx: MessageContext, result: StageResult, hostn
              notify_from: str, now: float) -> None:
     """Carry out header edits, routing and notices; record what was done in the facts."""
     actions = decision.actions
+    # Most mail gets no action that is carried out here (add_header goes out as the
+    # result's headers): then there is nothing to do and nothing to record.
+    if not any(a["action"] in _EXECUTED for a in actions):
+        return
     done: dict[str, Any] = {}
     edits = [a for a in actions if a["action"] in decide_actions.HEADER_ACTIONS]
     if edits:

@@ -16,7 +16,7 @@ import functools
 import ipaddress
 import operator
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, time
 from email.utils import getaddresses
@@ -73,12 +73,13 @@ class EvalContext:
     @property
     def check(self) -> Mapping[str, Any]:
         value = self.facts.get("check")
-        return value if isinstance(value, Mapping) else {}
+        # The facts are plain dicts: skip the (slower) ABC check for those.
+        return value if type(value) is dict or isinstance(value, Mapping) else {}
 
     @property
     def spam(self) -> Mapping[str, Any]:
         value = self.facts.get("spam")
-        return value if isinstance(value, Mapping) else {}
+        return value if type(value) is dict or isinstance(value, Mapping) else {}
 
 
 class Condition(Protocol):
@@ -132,6 +133,84 @@ class SafePattern:
             return [m.group(0) for m in self.compiled.finditer(text, timeout=self.timeout)]
         except TimeoutError:
             raise RegexTimeout(f"regex {show(self.source)} timed out") from None
+
+
+_ASCII_WORD = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
+
+
+@dataclass(frozen=True, slots=True)
+class KeywordPattern(SafePattern):
+    """A keyword list's alternation (policies.schema), tried only where a keyword can start.
+
+    Every match begins with its keyword's first word, literally: the positions where
+    one occurs are found with ``str.find`` and the pattern is tried at those alone, in
+    order, skipping any inside the previous match, which is what ``finditer`` and
+    ``search`` find by trying every position (a regex run over the whole text costs
+    far more than the finds).  A case-insensitive list is searched this way only in
+    ASCII text and when the list is ASCII (``firsts`` is empty otherwise), where lower
+    case is exactly the regex's case folding; other text, and text with too many
+    candidate positions, is scanned as by :class:`SafePattern`.
+    """
+
+    firsts: tuple[str, ...] = ()  # each keyword's first word; lower case unless case_sensitive
+    case_sensitive: bool = False
+
+    def _starts(self, text: str) -> list[int] | None:
+        if not self.firsts:
+            return None
+        if self.case_sensitive:
+            hay = text
+        elif text.isascii():
+            hay = text.lower()
+        else:
+            return None
+        # Past this many tries a scan of the whole text is the cheaper way.
+        limit = len(text) // 16 + 16
+        starts: set[int] = set()
+        word = _ASCII_WORD
+        for first in self.firsts:
+            # A keyword starting with an ASCII character starts at a word boundary (\b
+            # before a word character, (?<!\w) before any other): never right after an
+            # ASCII word character.  (Other cases the regex decides: Unicode's \w, and
+            # \b before a character Python calls alphanumeric and the regex does not.)
+            bounded = first[0].isascii()
+            i = hay.find(first)
+            while i >= 0:
+                if not bounded or i == 0 or hay[i - 1] not in word:
+                    starts.add(i)
+                    if len(starts) > limit:
+                        return None
+                i = hay.find(first, i + 1)
+        return sorted(starts)
+
+    def search(self, text: str) -> bool:
+        starts = self._starts(text)
+        if starts is None:
+            return SafePattern.search(self, text)
+        match = self.compiled.match
+        try:
+            return any(match(text, i, timeout=self.timeout) is not None for i in starts)
+        except TimeoutError:
+            raise RegexTimeout(f"regex {show(self.source)} timed out") from None
+
+    def matches(self, text: str) -> list[str]:
+        starts = self._starts(text)
+        if starts is None:
+            return SafePattern.matches(self, text)
+        match = self.compiled.match
+        out = []
+        end = 0
+        try:
+            for i in starts:
+                if i < end:
+                    continue
+                m = match(text, i, timeout=self.timeout)
+                if m is not None:
+                    out.append(m.group(0))
+                    end = m.end()
+        except TimeoutError:
+            raise RegexTimeout(f"regex {show(self.source)} timed out") from None
+        return out
 
 
 # ---------------------------------------------------------------------------
@@ -272,13 +351,21 @@ class Compare:
     ops: tuple[tuple[str, float], ...]  # ("gt", 10.0), ...
     unit: str = ""
     _desc: str = field(init=False, repr=False, compare=False, default="")
+    # The operators looked up once, at load.
+    _tests: tuple[tuple[Callable[[float, float], bool], float], ...] = field(
+        init=False, repr=False, compare=False, default=())
 
     def __post_init__(self) -> None:
         desc = " and ".join(f"{_SYMBOL[op]} {_num(b)}{self.unit}" for op, b in self.ops)
         object.__setattr__(self, "_desc", desc)
+        object.__setattr__(self, "_tests", tuple((_OPS[op], bound) for op, bound in self.ops))
 
     def test(self, value: float) -> bool:
-        return all(_OPS[op](value, bound) for op, bound in self.ops)
+        # A loop, not all() over a generator: no generator per test, and most have one.
+        for op, bound in self._tests:  # noqa: SIM110
+            if not op(value, bound):
+                return False
+        return True
 
     def describe(self) -> str:
         return self._desc
@@ -310,7 +397,11 @@ class AllOf:
     def evaluate(self, ctx: EvalContext) -> Result:
         whys = []
         for child in self.children:
-            ok, why = guarded(child, ctx)
+            # guarded(child, ctx), inlined: this runs for every message.
+            try:
+                ok, why = child.evaluate(ctx)
+            except Exception as exc:
+                ok, why = failed(exc, ctx)
             if not ok:
                 return False, why
             whys.append(why)
@@ -324,7 +415,10 @@ class AnyOf:
     def evaluate(self, ctx: EvalContext) -> Result:
         whys = []
         for child in self.children:
-            ok, why = guarded(child, ctx)
+            try:
+                ok, why = child.evaluate(ctx)
+            except Exception as exc:
+                ok, why = failed(exc, ctx)
             if ok:
                 return True, why
             whys.append(why)
@@ -344,13 +438,18 @@ def guarded(cond: Condition, ctx: EvalContext) -> Result:
     """Evaluate, turning any failure into a miss with its reason (evaluation never raises)."""
     try:
         return cond.evaluate(ctx)
-    except RegexTimeout as exc:
+    except Exception as exc:
+        return failed(exc, ctx)
+
+
+def failed(exc: Exception, ctx: EvalContext) -> Result:
+    """The miss a condition that raised ``exc`` counts as; the error is recorded."""
+    if isinstance(exc, RegexTimeout):
         ctx.errors.append(str(exc))
         return False, f"error: {exc}"
-    except Exception as exc:
-        msg = f"{type(exc).__name__}: {exc}"
-        ctx.errors.append(msg)
-        return False, f"error: {msg}"
+    msg = f"{type(exc).__name__}: {exc}"
+    ctx.errors.append(msg)
+    return False, f"error: {msg}"
 
 
 # ---------------------------------------------------------------------------
@@ -360,11 +459,15 @@ def guarded(cond: Condition, ctx: EvalContext) -> Result:
 @dataclass(frozen=True, slots=True)
 class Direction:
     values: frozenset[str]
+    _want: str = field(init=False, repr=False, compare=False, default="")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_want", "/".join(sorted(self.values)))
 
     def evaluate(self, ctx: EvalContext) -> Result:
-        ok = ctx.direction in self.values
-        want = "/".join(sorted(self.values))
-        return ok, f"direction is {ctx.direction}" + ("" if ok else f", not {want}")
+        if ctx.direction in self.values:
+            return True, f"direction is {ctx.direction}"
+        return False, f"direction is {ctx.direction}, not {self._want}"
 
 
 def unicode_domain(text: str) -> str:
@@ -609,8 +712,8 @@ class AttachmentProps:
             if self._fits(a):
                 label = show(a.name) if a.name else f"({a.declared_type})"
                 extra = f" [{a.reason}]" if a.reason else ""
-                return True, f"attachment {label} at depth {a.depth}{extra}: {self.describe()}"
-        return False, f"no attachment of {len(attachments)} with {self.describe()}"
+                return True, f"attachment {label} at depth {a.depth}{extra}: {self._desc}"
+        return False, f"no attachment of {len(attachments)} with {self._desc}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -638,7 +741,7 @@ class NestingDepth:
 
 
 def _result_of(value: Any) -> str:
-    if isinstance(value, Mapping):
+    if type(value) is dict or isinstance(value, Mapping):
         value = value.get("result")
     return str(value).lower() if isinstance(value, str) and value else "none"
 
@@ -651,9 +754,13 @@ class AuthVerdict:
     results: frozenset[str]
     domain: Matcher | None = None  # dkim: the signing domain (d=)
     disposition: frozenset[str] | None = None  # dmarc: what the policy asked for
+    _want: str = field(init=False, repr=False, compare=False, default="")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_want", "/".join(sorted(self.results)))
 
     def evaluate(self, ctx: EvalContext) -> Result:
-        want = "/".join(sorted(self.results))
+        want = self._want
         raw = ctx.check.get(self.method)
         if self.method == "dkim":
             sigs = [s for s in raw if isinstance(s, Mapping)] if isinstance(raw, list) else []
@@ -688,22 +795,28 @@ class SpamScore:
 
     def evaluate(self, ctx: EvalContext) -> Result:
         score = ctx.spam.get("score")
-        if isinstance(score, bool) or not isinstance(score, int | float):
+        if isinstance(score, bool) or not isinstance(score, (int, float)):
             return False, "no spam score"
-        ok = self.compare.test(float(score))
-        return ok, f"spam score {_num(float(score))}" + (
-            "" if ok else f", not {self.compare.describe()}")
+        value = float(score)
+        if self.compare.test(value):
+            return True, f"spam score {_num(value)}"
+        return False, f"spam score {_num(value)}, not {self.compare._desc}"
 
 
 @dataclass(frozen=True, slots=True)
 class SpamVerdict:
     values: frozenset[str]
+    _want: str = field(init=False, repr=False, compare=False, default="")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_want", "/".join(sorted(self.values)))
 
     def evaluate(self, ctx: EvalContext) -> Result:
         verdict = ctx.spam.get("verdict")
         v = str(verdict).lower() if isinstance(verdict, str) else "none"
-        ok = v in self.values
-        return ok, f"spam verdict is {v}" + ("" if ok else f", not {'/'.join(sorted(self.values))}")
+        if v in self.values:
+            return True, f"spam verdict is {v}"
+        return False, f"spam verdict is {v}, not {self._want}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -935,9 +1048,10 @@ __all__ = [
     "DETECTORS", "DIRECTIONS", "SCOPES", "WEEKDAYS",
     "AddressField", "AllOf", "Always", "AnyOf", "AttachmentCount", "AttachmentProps",
     "AuthUser", "AuthVerdict", "ClientIp", "Compare", "Condition", "Contains", "DateRange",
-    "Direction", "Dlp", "Equals", "EvalContext", "Flag", "Header", "InList", "Keywords",
+    "Direction", "Dlp", "Equals", "EvalContext", "Flag", "Header", "InList", "KeywordPattern",
+    "Keywords",
     "Matcher", "NestingDepth", "Not", "PatternTest", "RecipientCount", "RegexTimeout",
     "SafePattern", "Size", "SpamScore", "SpamSymbol", "SpamVerdict", "Text", "TimeOfDay",
-    "derive_direction", "find_cards", "find_ibans", "find_ssns", "guarded", "iban_ok",
+    "derive_direction", "failed", "find_cards", "find_ibans", "find_ssns", "guarded", "iban_ok",
     "luhn_ok", "ssn_ok", "unicode_domain",
 ]

@@ -26,7 +26,7 @@ with its error as the reason, and the error is listed in ``Decision.errors``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -34,7 +34,7 @@ from typing import Any
 from gateway.envelope import Envelope
 from gateway.replies import Reply
 from policies.actions import ARCHIVAL, DECIDING, PolicyAction, Retention
-from policies.conditions import EvalContext, derive_direction, guarded
+from policies.conditions import EvalContext, Result, derive_direction, failed
 from policies.message import MessageView
 from policies.schema import Policy, Rule
 
@@ -64,6 +64,7 @@ class RuleTrace:
         return text
 
     def to_dict(self) -> dict[str, Any]:
+        # Decision.to_facts builds the same dict inline: keep the two in step.
         return {
             "name": self.name, "matched": self.matched, "why": self.why, "mode": self.mode,
             "evaluated": self.evaluated, "actions": self.actions, "notes": self.notes,
@@ -130,7 +131,10 @@ class Decision:
             "policy": self.policy_digest,
             "errors": list(self.errors),
             "failed": self.failed,
-            "rules": [r.to_dict() for r in self.rules],
+            # RuleTrace.to_dict, inlined: one dict per rule of every message.
+            "rules": [{"name": r.name, "matched": r.matched, "why": r.why, "mode": r.mode,
+                       "evaluated": r.evaluated, "actions": r.actions, "notes": r.notes}
+                      for r in self.rules],
         }
 
 
@@ -151,22 +155,6 @@ def _active(rule: Rule, now: datetime) -> str | None:
     if rule.active_until is not None and now >= rule.active_until:
         return f"inactive: ended {rule.active_until:%Y-%m-%d %H:%M %Z}"
     return None
-
-
-def _matches(rule: Rule, ctx: EvalContext) -> tuple[bool, str]:
-    if rule.when is None:
-        ok, why = True, "always"
-    else:
-        ok, why = guarded(rule.when, ctx)
-        if not ok:
-            return False, why
-    if rule.unless is not None:
-        exc, exc_why = guarded(rule.unless, ctx)
-        if exc:
-            return False, f"{why}; but unless: {exc_why}"
-        # Say why the exception did not apply: "why was my partner's mail quarantined?"
-        return True, f"{why}; unless not met: {exc_why}"
-    return True, why
 
 
 def evaluate(
@@ -194,49 +182,116 @@ def evaluate(
     return decision
 
 
+# What evaluating a rule needs, worked out once per policy instead of per message:
+# the conditions' bound evaluate methods, the mode tests, and each action's trace
+# entry (a dict template copied per match: the archive keeps the entries, so each
+# message gets its own).  The trace is the one the interpreting loop built, string
+# for string (tests/policies/test_policy_engine_reference.py holds it to that loop).
+@dataclass(frozen=True, slots=True)
+class _Step:
+    rule: Rule
+    name: str
+    mode: str
+    windowed: bool  # active_from or active_until is set
+    when: Callable[[EvalContext], Result] | None
+    unless: Callable[[EvalContext], Result] | None
+    audit: bool
+    defer: bool  # on_error: defer, enforced
+    stop: bool
+    actions: tuple[tuple[PolicyAction, dict[str, Any]], ...]  # with the trace entry
+    audit_actions: tuple[dict[str, Any], ...]  # what an audit rule would do
+
+
+def _step(rule: Rule) -> _Step:
+    return _Step(
+        rule=rule, name=rule.name, mode=rule.mode,
+        windowed=rule.active_from is not None or rule.active_until is not None,
+        when=None if rule.when is None else rule.when.evaluate,
+        unless=None if rule.unless is None else rule.unless.evaluate,
+        audit=rule.mode == "audit",
+        defer=rule.on_error == "defer" and rule.mode == "enforce",
+        stop=rule.stop,
+        actions=tuple((a, {**a.to_dict(), "rule": rule.name}) for a in rule.then),
+        audit_actions=tuple(a.to_dict() for a in rule.then),
+    )
+
+
+# Plans by policy: a reload makes a new Policy, and the few last ones are kept (the
+# Policy itself is held, so its id is not reused while its plan is here).
+_PLANS_MAX = 8
+_plans: dict[int, tuple[Policy, tuple[_Step, ...]]] = {}
+
+
+def _plan(policy: Policy) -> tuple[_Step, ...]:
+    entry = _plans.get(id(policy))
+    if entry is not None and entry[0] is policy:
+        return entry[1]
+    steps = tuple(_step(rule) for rule in policy.rules)
+    if len(_plans) >= _PLANS_MAX:
+        _plans.clear()
+    _plans[id(policy)] = (policy, steps)
+    return steps
+
+
 def _evaluate(
     policy: Policy, envelope: Envelope, message: MessageView | bytes,
     facts: Mapping[str, Any] | None, local_domains: Iterable[str], direction: str | None,
     now: datetime | None, decision: Decision,
 ) -> None:
+    steps = _plan(policy)
     view = message if isinstance(message, MessageView) else MessageView.from_bytes(message)
     try:
         direction = direction or derive_direction(envelope, local_domains)
     except Exception:
         direction = "relay"
     decision.direction = direction
+    errors = decision.errors
     ctx = EvalContext(envelope=envelope, message=view,
-                      facts=facts if isinstance(facts, Mapping) else {},
-                      direction=direction, now=_now(envelope, now), errors=decision.errors)
-    stopped_by: str | None = None
+                      facts=facts if type(facts) is dict or isinstance(facts, Mapping) else {},
+                      direction=direction, now=_now(envelope, now), errors=errors)
+    traces = decision.rules
     seen_actions: set[str] = set()
-    for rule in policy.rules:
-        if stopped_by is not None:
-            decision.rules.append(RuleTrace(rule.name, False, f"not evaluated: rule "
-                                            f"{stopped_by!r} stopped evaluation",
-                                            rule.mode, evaluated=False))
-            continue
-        inactive = _active(rule, ctx.now)
-        if inactive:
-            decision.rules.append(RuleTrace(rule.name, False, inactive, rule.mode))
-            continue
-        errors_before = len(decision.errors)
-        ok, why = _matches(rule, ctx)
-        trace = RuleTrace(rule.name, ok, why, rule.mode)
-        decision.rules.append(trace)
-        if (not ok and rule.on_error == "defer" and rule.mode == "enforce"
-                and len(decision.errors) > errors_before):
-            _defer(decision, rule, trace)
-            continue
+    for index, step in enumerate(steps):
+        if step.windowed:
+            inactive = _active(step.rule, ctx.now)
+            if inactive:
+                traces.append(RuleTrace(step.name, False, inactive, step.mode))
+                continue
+        errors_before = len(errors)
+        # _matches, with conditions.guarded inlined (a raising condition is a miss).
+        if step.when is None:
+            ok, why = True, "always"
+        else:
+            try:
+                ok, why = step.when(ctx)
+            except Exception as exc:
+                ok, why = failed(exc, ctx)
+        if ok and step.unless is not None:
+            try:
+                exc_ok, exc_why = step.unless(ctx)
+            except Exception as exc:
+                exc_ok, exc_why = failed(exc, ctx)
+            if exc_ok:
+                ok, why = False, f"{why}; but unless: {exc_why}"
+            else:
+                # Say why the exception did not apply: "why was my partner's mail quarantined?"
+                why = f"{why}; unless not met: {exc_why}"
+        trace = RuleTrace(step.name, ok, why, step.mode)
+        traces.append(trace)
         if not ok:
+            if step.defer and len(errors) > errors_before:
+                _defer(decision, step.rule, trace)
             continue
-        if rule.mode == "audit":
-            trace.actions = [a.to_dict() for a in rule.then]
+        if step.audit:
+            trace.actions = [dict(a) for a in step.audit_actions]
             continue
-        for action in rule.then:
-            _apply(decision, rule, action, trace, seen_actions)
-        if rule.stop:
-            stopped_by = rule.name
+        for action, entry in step.actions:
+            _apply(decision, step.rule, action, dict(entry), trace, seen_actions)
+        if step.stop:
+            why = f"not evaluated: rule {step.name!r} stopped evaluation"
+            for rest in steps[index + 1:]:
+                traces.append(RuleTrace(rest.name, False, why, rest.mode, evaluated=False))
+            break
     if decision.holds:
         # A legal hold overrides retention and any archive exemption: keep everything.
         decision.archive = True
@@ -263,9 +318,8 @@ def _defer(decision: Decision, rule: Rule, trace: RuleTrace) -> None:
                           "rule": rule.name})
 
 
-def _apply(decision: Decision, rule: Rule, action: PolicyAction, trace: RuleTrace,
-           seen: set[str]) -> None:
-    entry = {**action.to_dict(), "rule": rule.name}
+def _apply(decision: Decision, rule: Rule, action: PolicyAction, entry: dict[str, Any],
+           trace: RuleTrace, seen: set[str]) -> None:
     kind = action.kind
     if kind in DECIDING:
         if decision.decided_by is None or rule.override:

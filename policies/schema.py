@@ -631,7 +631,14 @@ def _keyword_pattern(words: Sequence[str], ctx: ParseContext,
         alts.append(head + body + tail)
     source = "(?:" + "|".join(alts) + ")"
     flags = regex.V0 if case_sensitive else regex.V0 | regex.IGNORECASE
-    return c.SafePattern(source, regex.compile(source, flags), ctx.regex_timeout)
+    # Each keyword's first word, for the scan that tries only where one starts.  A
+    # case-insensitive list needs ASCII words for it (see c.KeywordPattern).
+    firsts = tuple(sorted({w.split()[0] if case_sensitive else w.split()[0].lower()
+                           for w in words}))
+    if not case_sensitive and not all(f.isascii() for f in firsts):
+        firsts = ()
+    return c.KeywordPattern(source, regex.compile(source, flags), ctx.regex_timeout,
+                            firsts=firsts, case_sensitive=case_sensitive)
 
 
 def _glob(pattern: str, ctx: ParseContext, case_sensitive: bool) -> c.SafePattern:
