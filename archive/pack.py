@@ -156,23 +156,8 @@ class Sealed:
     key_entry: bytes
 
 
-def parse_record_header(data: bytes) -> RecordHeader:
-    if len(data) < RECORD_HEADER_LEN:
-        raise FormatError("record header too short")
-    magic, version, sha, dkid, length = _RECORD_HEAD.unpack_from(data)
-    if magic != RECORD_MAGIC:
-        raise FormatError("not a Coffer record (bad magic)")
-    if version != VERSION:
-        raise FormatError(f"unsupported record version {version}")
-    if length < TAG_BYTES:
-        raise FormatError("record shorter than its authentication tag")
-    return RecordHeader(sha.hex(), dkid.hex(), length, bytes(data[:RECORD_HEADER_LEN]))
-
-
-def record_fields(data: bytes, pos: int = 0) -> tuple[str, str, int]:
-    """(sha256, dkid, whole record length) of the record header at ``data[pos:]``: what
-    a scan keeps of :func:`parse_record_header`, with its checks and errors, without
-    building a RecordHeader per record."""
+def _unpack_head(data: bytes, pos: int) -> tuple[bytes, bytes, int]:
+    """(sha256, dkid, sealed length) of the record header at ``data[pos:]``, checked."""
     if len(data) - pos < RECORD_HEADER_LEN:
         raise FormatError("record header too short")
     magic, version, sha, dkid, length = _RECORD_HEAD.unpack_from(data, pos)
@@ -182,6 +167,19 @@ def record_fields(data: bytes, pos: int = 0) -> tuple[str, str, int]:
         raise FormatError(f"unsupported record version {version}")
     if length < TAG_BYTES:
         raise FormatError("record shorter than its authentication tag")
+    return sha, dkid, length
+
+
+def parse_record_header(data: bytes) -> RecordHeader:
+    sha, dkid, length = _unpack_head(data, 0)
+    return RecordHeader(sha.hex(), dkid.hex(), length, bytes(data[:RECORD_HEADER_LEN]))
+
+
+def record_fields(data: bytes, pos: int = 0) -> tuple[str, str, int]:
+    """(sha256, dkid, whole record length) of the record header at ``data[pos:]``: what
+    a scan keeps of :func:`parse_record_header`, with its checks and errors, without
+    building a RecordHeader per record."""
+    sha, dkid, length = _unpack_head(data, pos)
     return sha.hex(), dkid.hex(), RECORD_HEADER_LEN + length
 
 
