@@ -45,6 +45,7 @@ import dns.resolver
 import spf
 
 from gateway.errors import CofferError
+from gateway.mailparse import ValueMemo
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -183,7 +184,8 @@ class Resolver:
         self._res = res
         # Results derived from DNS answers (Resolver.remember): key -> (result, the
         # lookups it was computed from).  Only with a cache, which it is checked on.
-        self._memo: dict[Any, tuple[Any, tuple[tuple[tuple[str, str], Any], ...]]] = {}
+        self._memo: ValueMemo[Any, tuple[Any, tuple[tuple[tuple[str, str], Any], ...]]] = (
+            ValueMemo(MEMO_ENTRIES))
 
     @classmethod
     def from_config(cls, dns_config: Any, cache: TtlCache | None = None) -> Resolver:
@@ -277,10 +279,7 @@ class Resolver:
             if outer is not None:  # a result remembered inside another depends on these too
                 outer.extend(lookups)
         if all(records is not _UNUSABLE for _, records in lookups) and usable(result, lookups):
-            memo = self._memo
-            if len(memo) >= MEMO_ENTRIES:
-                memo.clear()  # cheap, and bounded; the senders that recur come back
-            memo[key] = (result, tuple(lookups))
+            self._memo.keep(key, (result, tuple(lookups)))
         return result
 
     def query(self, name: str, rdtype: str) -> tuple[dns.rdata.Rdata, ...]:

@@ -27,6 +27,7 @@ from gateway.check.config import CheckConfig
 from gateway.check.dns import MISSED, Missed, Resolver, TtlCache
 from gateway.check.verdicts import ArcVerdict, DkimVerdict, SpfVerdict, Verdicts
 from gateway.envelope import Envelope
+from gateway.mailparse import ValueMemo
 from gateway.pipeline import MessageContext, StageResult
 
 HEADER_MEMO = 1024
@@ -57,7 +58,8 @@ class CheckStage:
         # Authentication-Results values by (verdicts, checked): a pure function of
         # them (authserv_id and the checks are fixed here), and the same verdicts
         # recur for a recurring sender.  Cleared when full.
-        self._headers: dict[tuple[Verdicts, bool, str, tuple[str, ...]], str] = {}
+        self._headers: ValueMemo[tuple[Verdicts, bool, str, tuple[str, ...]], str] = (
+            ValueMemo(HEADER_MEMO))
 
     @classmethod
     def from_config(cls, cfg: Any, *, nameservers: list[str] | None = None) -> CheckStage:
@@ -123,11 +125,8 @@ class CheckStage:
         key = (verdicts, checked, self.authserv_id, tuple(self.config.checks))
         value = self._headers.get(key)
         if value is None:
-            value = authresults.build(self.authserv_id, verdicts,
-                                      checks=self.checks if checked else frozenset())
-            if len(self._headers) >= HEADER_MEMO:
-                self._headers.clear()
-            self._headers[key] = value
+            value = self._headers.keep(key, authresults.build(
+                self.authserv_id, verdicts, checks=self.checks if checked else frozenset()))
         return value
 
     async def run(self, ctx: MessageContext) -> StageResult:
