@@ -368,7 +368,9 @@ class Verifier:
             if self.progress:
                 self.progress("blobs", i, len(todo))
             self._verify_record(store, view, r, state.blobs.get(r.sha256), unacked_rec)
-        seen = {v.name: v.scan.size for v in views}
+        # Up to the last whole record each scan saw: a record half on disk then was
+        # being written, and may be listed by the ledger we read after it.
+        seen = {v.name: v.scan.end for v in views}
         for sha, st in sorted(state.blobs.items()):
             if st == "live" and sha not in present and not self._stored_since(store, sha, seen):
                 self.report("error", "blob_missing",

@@ -20,7 +20,8 @@ from packs import cut_record, drop_key, flip_byte, packs_dir, record_of, rewrite
 from archive.facade import Archive
 from archive.ledger import Ledger, entry_hash
 from archive.pack import RECORD_HEADER_LEN
-from archive.verify import Finding, verify
+from archive.store import BlobStore, SegmentView
+from archive.verify import Finding, Verifier, verify
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -394,6 +395,29 @@ def test_verify_while_a_writer_is_running_reports_no_errors(tmp_path: Path) -> N
         for stream in (proc.stdout, proc.stderr):
             if stream:
                 stream.close()
+
+
+def test_a_record_half_written_when_the_store_was_read_is_not_reported_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race a running writer makes: verify reads the store while the last record
+    is half on disk, then reads a ledger that already lists it.  The record lies past
+    the whole records that scan saw (scan.end), though before the file size it saw."""
+    make_archive(tmp_path)
+    real_read_store = Verifier._read_store
+
+    def read_store_mid_write(self: Verifier, store: BlobStore) -> list[SegmentView]:
+        views = real_read_store(self, store)
+        view = max(views, key=lambda v: v.scan.end)
+        last = view.scan.records.pop()
+        view.scan.end = last.offset
+        view.scan.size = last.offset + last.length // 2  # half of it written
+        view.acked = min(view.acked, last.offset)
+        return views
+
+    monkeypatch.setattr(Verifier, "_read_store", read_store_mid_write)
+    ok, findings = run_verify(tmp_path)
+    assert ok, [f for f in findings if f.severity == "error"]
 
 
 KILLED_BETWEEN_RECORDS_AND_KEYS = textwrap.dedent("""
