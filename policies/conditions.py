@@ -19,12 +19,12 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, time
-from email.utils import getaddresses
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
 import regex
 
+from gateway.check.headers import addresses
 from gateway.envelope import Envelope, domain_of, local_part_of
 from policies.message import Attachment, MessageView
 
@@ -507,7 +507,8 @@ class AddressField:
         elif self.field == "from":
             cached = ctx.message.cache.get("from")
             if not isinstance(cached, list):
-                cached = [a for _, a in getaddresses(ctx.message.header_values("from")) if a]
+                # read as DMARC reads it (gateway.check.headers.addresses)
+                cached = [a for _, a in addresses(ctx.message.header_values("from")) if a]
                 ctx.message.cache["from"] = cached
             addrs = cached
         else:

@@ -8,6 +8,7 @@ DKIM signature covers them as they are), and the check stage must remove some
 from __future__ import annotations
 
 import functools
+import inspect
 import re
 from dataclasses import dataclass
 from email.utils import getaddresses
@@ -154,19 +155,75 @@ def join(fields: list[Field], rest: bytes) -> bytes:
 CACHED_ADDRESSES = 2048
 MAX_CACHED_VALUE = 512
 
+# What addresses() answers for a list it will not read: the same sign as the stdlib's
+# strict mode gives (an empty name and an empty address).
+UNREADABLE: list[tuple[str, str]] = [("", "")]
+
+# CPython's later patch releases (and Debian's 3.11.2, which backports it) give
+# getaddresses a strict mode, on by default, for CVE-2023-27043; older ones have only the
+# lenient parser.  Coffer always asks for the lenient one and applies its own check
+# (_ambiguous), so a message gets the same DMARC domain and the same spam symbols on
+# every interpreter.
+_LENIENT: dict[str, bool] = (
+    {"strict": False} if "strict" in inspect.signature(getaddresses).parameters else {})
+
 
 def addresses(values: list[str]) -> list[tuple[str, str]]:
-    """``email.utils.getaddresses(values)``, remembered for short values.
+    """(display name, address) of each address in the header field ``values``, or
+    UNREADABLE when a value is malformed so that its addresses are ambiguous.
 
-    The stdlib parser costs 6-9 µs for one plain address, and the checks parse the
-    From field twice (DMARC, spam heuristics).  It is a pure function of its input:
-    the cached answer is the same list, copied (exceptions are not cached).
+    The stdlib's lenient parser reads ``alice@example.org)<bob@example.com>`` as an
+    address in example.org, which a mail client would not show (CVE-2023-27043): a
+    value whose quotes or comments do not balance, or with an "@" outside quoted
+    strings and comments that did not become part of an address, is refused whole.
+    Remembered for short values: the stdlib parser costs 6-9 µs for one plain address,
+    and the checks parse the From field twice (DMARC, spam heuristics).
     """
     if sum(map(len, values)) > MAX_CACHED_VALUE:
-        return getaddresses(values)
-    return list(_addresses(tuple(values)))
+        return _parse(tuple(values))
+    return list(_remembered(tuple(values)))
 
 
 @functools.lru_cache(maxsize=CACHED_ADDRESSES)
-def _addresses(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
-    return tuple(getaddresses(list(values)))
+def _remembered(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    return tuple(_parse(values))
+
+
+def _parse(values: tuple[str, ...]) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    for value in values:
+        found = getaddresses([value], **_LENIENT)
+        if _ambiguous(value, sum("@" in a for _, a in found)):
+            return list(UNREADABLE)
+        out.extend(found)
+    return out
+
+
+def _ambiguous(value: str, parsed_ats: int) -> bool:
+    """Do quoted strings or comments not balance in ``value``, or does it hold another
+    number of "@" outside them than ``parsed_ats``, the addresses with one the parser
+    found?  (RFC 5322 §3.2.4 quoted-string, §3.2.2 comment with quoted-pair: a comment
+    may nest, and a '"' inside one is ordinary text.)"""
+    depth = 0
+    quoted = escaped = False
+    ats = 0
+    for ch in value:
+        if escaped:
+            escaped = False
+        elif ch == "\\" and (quoted or depth):
+            escaped = True
+        elif quoted:
+            quoted = ch != '"'
+        elif ch == "(":
+            depth += 1
+        elif ch == ")":
+            if not depth:
+                return True
+            depth -= 1
+        elif depth:
+            continue
+        elif ch == '"':
+            quoted = True
+        elif ch == "@":
+            ats += 1
+    return quoted or depth > 0 or ats != parsed_ats

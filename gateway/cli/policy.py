@@ -21,11 +21,11 @@ import sys
 from datetime import UTC, datetime
 from email.parser import BytesHeaderParser
 from email.policy import compat32
-from email.utils import getaddresses
 from pathlib import Path
 from typing import Any
 
 from gateway import config, mailparse
+from gateway.check.headers import addresses
 from gateway.envelope import Envelope, TlsInfo
 from gateway.errors import ConfigError
 from policies.conditions import DIRECTIONS
@@ -224,8 +224,8 @@ def _outcome(d: Decision) -> dict[str, Any]:
 def _envelope_from_headers(raw: bytes) -> tuple[str, list[str]]:
     try:
         headers = BytesHeaderParser(policy=compat32).parsebytes(mailparse.header_block(raw))
-        frm = [a for _, a in getaddresses([str(v) for v in headers.get_all("From", [])]) if a]
-        to = [a for _, a in getaddresses(
+        frm = [a for _, a in addresses([str(v) for v in headers.get_all("From", [])]) if a]
+        to = [a for _, a in addresses(
             [str(v) for v in headers.get_all("To", []) + headers.get_all("Cc", [])]) if a]
     except Exception:
         frm, to = [], []

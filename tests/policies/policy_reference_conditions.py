@@ -23,12 +23,13 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, time
-from email.utils import getaddresses
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
 import regex
 
+# A deliberate change (session 6): the From condition reads addresses as DMARC does.
+from gateway.check.headers import addresses as getaddresses
 from gateway.envelope import Envelope, domain_of, local_part_of
 from policies.message import Attachment, MessageView
 

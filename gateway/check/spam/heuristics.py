@@ -159,9 +159,18 @@ def link_domains(pm: ParsedMessage, limit: int = 100) -> list[str]:
 def _addresses(values: list[str]) -> list[tuple[str, str]]:
     try:
         # bounded: the stdlib address parser recurses into nested comments
-        return [(n, a) for n, a in headers.addresses([v[:4096] for v in values]) if n or a]
+        return [(n, a) for n, a in headers.addresses([_bounded(v) for v in values]) if n or a]
     except (ValueError, IndexError, TypeError, RecursionError):
         return []
+
+
+def _bounded(value: str, limit: int = 4096) -> str:
+    """``value`` cut to at most ``limit`` characters, at the last comma before it when
+    there is one: an address cut in half would make the whole list unreadable."""
+    if len(value) <= limit:
+        return value
+    comma = value.rfind(",", 0, limit)
+    return value[:comma] if comma > 0 else value[:limit]
 
 
 def _domain(addr: str) -> str:
