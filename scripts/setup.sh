@@ -202,12 +202,24 @@ fi
 
 # Re-install only when pyproject.toml changed (or the package is not importable).
 stamp="$venv/.coffer-setup-stamp"
-want_stamp=$(sha256sum pyproject.toml | cut -d' ' -f1)
+# The pip floor is part of the stamp, so a venv set up before it was raised is set up again.
+pip_floor="pip>=23.1"
+want_stamp=$( (cat pyproject.toml; echo "$pip_floor") | sha256sum | cut -d' ' -f1)
 if [ "${COFFER_FORCE_PIP:-0}" = 1 ] || [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want_stamp" ] \
         || ! "$venv/bin/python" -c 'import gateway' >/dev/null 2>&1; then
     say "installing Coffer and its test dependencies into $venv"
     export PIP_DISABLE_PIP_VERSION_CHECK=1
+    # Debian 12's venv brings pip 23.0.1, which installs an sdist without a wheel (pyspf) by
+    # the legacy `setup.py install`: no bytecode is written, so the first import compiles
+    # spf.py and its invalid escape sequences fail the suite's `-W error`. pip 23.1 and newer
+    # always build a wheel, which is installed compiled. --force-reinstall redoes such a
+    # legacy install.
+    "$venv/bin/python" -m pip install -q --upgrade "$pip_floor"
     "$venv/bin/python" -m pip install -q -e '.[test]'
+    purelib=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+    if compgen -G "$purelib/pyspf-*.egg-info" >/dev/null; then
+        "$venv/bin/python" -m pip install -q --force-reinstall --no-deps pyspf
+    fi
     printf '%s\n' "$want_stamp" > "$stamp"
 fi
 say "ready: $venv ($("$venv/bin/python" -V 2>&1))"
