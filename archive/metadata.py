@@ -460,7 +460,11 @@ _MIGRATE_LOCK = threading.Lock()
 
 _SQLITE_PRAGMAS = (
     "PRAGMA journal_mode=WAL",  # readers never block the archive writer
-    "PRAGMA synchronous=NORMAL",  # durable at checkpoints; the store+ledger are the proof
+    # FULL: a commit is on disk when it returns (WAL fsynced at every commit), so a power
+    # loss cannot take rows the spool has already been told are archived; the store and
+    # ledger remain the proof, this keeps the searchable copy in step with them.  One
+    # fsync per archive batch: within noise in bench/relay.py (docs/benchmarks.md).
+    "PRAGMA synchronous=FULL",
     "PRAGMA foreign_keys=ON",
     "PRAGMA busy_timeout=10000",
 )

@@ -87,7 +87,10 @@ class Fts5Index:
             self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA busy_timeout=10000")
             _enter_wal(self.db)
-            self.db.execute("PRAGMA synchronous=NORMAL")
+            # FULL, as the metadata database: the metadata marks a batch indexed after
+            # this commit, so an index that could lose a committed batch to a power loss
+            # would leave those messages unsearchable with nothing left to re-index them.
+            self.db.execute("PRAGMA synchronous=FULL")
             self._create()
         except sqlite3.Error as exc:
             raise FullTextError(f"{path}: cannot open the FTS5 index: {exc}") from exc

@@ -183,3 +183,14 @@ def _open_after_barrier(path: str, start: Any, errors: Any) -> None:
         errors.put(f"{type(exc).__name__}: {exc}")
     else:
         errors.put("")
+
+
+def test_fts5_index_commits_are_durable_at_once(tmp_path: Path) -> None:
+    # The metadata marks a batch indexed after the index commits it: a commit that a
+    # power loss could undo would leave those messages unsearchable for good.
+    index = Fts5Index(tmp_path / "index.db")
+    try:
+        assert index.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert index.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    finally:
+        index.close()

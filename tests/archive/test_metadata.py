@@ -7,6 +7,7 @@ import sys
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from email.policy import SMTP
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -244,3 +245,17 @@ def test_other_dialects_bind_timestamps_the_generic_way() -> None:
     typ = Message.__table__.c.date.type.dialect_impl(dialect)
     fast = typ.bind_processor(dialect)
     assert fast is None or fast.__name__ != "_sqlite_utc_text"
+
+
+def test_sqlite_metadata_commits_are_durable_at_once_not_at_the_next_checkpoint(
+        tmp_path: Path) -> None:
+    # synchronous=FULL in WAL mode fsyncs the WAL at every commit: a power loss cannot
+    # take rows whose messages the queue already counts as archived.
+    meta = Metadata.for_data_dir(tmp_path)
+    try:
+        meta.migrate()
+        with meta.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+    finally:
+        meta.close()
