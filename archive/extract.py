@@ -38,6 +38,7 @@ from typing import Any
 from xml.etree import ElementTree
 
 from gateway import mailparse
+from gateway.check.headers import getaddresses_lenient
 
 __all__ = [
     "Attachment", "Extracted", "Limits", "Participant", "body_text", "clean_text", "extract",
@@ -438,7 +439,9 @@ def _parse_addresses(role: str, value: object, flags: list[str]) -> list[Partici
     # Fallback: the permissive compat32 parser for headers the default policy rejects.
     try:
         text = _decode_words(str(value))
-        for name, addr in email.utils.getaddresses([text]):
+        # Lenient on every Python patch level (CVE-2023-27043 made the default strict
+        # on some): a rebuild on another interpreter restores the same participants.
+        for name, addr in getaddresses_lenient([text]):
             if name or addr:
                 found.append(Participant(role, addr.strip().lower(), name))
     except Exception as exc:

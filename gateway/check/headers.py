@@ -168,6 +168,13 @@ _LENIENT: dict[str, bool] = (
     {"strict": False} if "strict" in inspect.signature(getaddresses).parameters else {})
 
 
+def getaddresses_lenient(values: list[str]) -> list[tuple[str, str]]:
+    """``email.utils.getaddresses`` in its lenient mode on every interpreter (see
+    _LENIENT), with none of :func:`addresses`' checks: for readers that must only be
+    deterministic (the archive's participants fallback), not safe against spoofing."""
+    return getaddresses(values, **_LENIENT)
+
+
 def addresses(values: list[str]) -> list[tuple[str, str]]:
     """(display name, address) of each address in the header field ``values``, or
     UNREADABLE when a value is malformed so that its addresses are ambiguous.

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from authcorpus import corpus_dir
+from other_python import other_interpreter
 
 from gateway.check import dmarc, headers
 
@@ -66,26 +65,6 @@ def test_display_names_with_a_bare_address_are_two_addresses() -> None:
         "paypal.example", "evil.example"]
 
 
-def _other_interpreter() -> str | None:
-    """A Python >= 3.11 other than this one (Debian's /usr/bin/python3 next to a pyenv
-    build, or the other way round): the stdlib parser differs between patch releases."""
-    here = os.path.realpath(sys.executable)
-    for cand in ("/usr/bin/python3", "/usr/local/bin/python3", shutil.which("python3")):
-        if not cand or not os.path.exists(cand):
-            continue
-        real = os.path.realpath(cand)
-        if real == here:
-            continue
-        ok = subprocess.run([real, "-c", "import sys; sys.exit(sys.version_info < (3, 11))"],
-                            capture_output=True).returncode == 0
-        same = subprocess.run(
-            [real, "-c", "import sys; print(sys.version)"], capture_output=True, text=True
-        ).stdout.strip() == sys.version
-        if ok and not same:
-            return real
-    return None
-
-
 PROBE = """
 import json, sys
 from gateway.check import headers
@@ -94,7 +73,7 @@ print(json.dumps([headers.addresses(v) for v in json.load(sys.stdin)]))
 
 
 def test_every_interpreter_reads_address_lists_alike() -> None:
-    other = _other_interpreter()
+    other = other_interpreter()
     if other is None:
         pytest.skip("no second Python >= 3.11 on this machine to compare with")
     values = [[v] for v in VECTORS]
