@@ -319,8 +319,25 @@ class BlobStore(ZstdContexts):
                 continue
             if loc.dkid in table.keys:
                 return "live", loc
+            if self._unacknowledged(loc):
+                # Written, but its key never was: a batch cut short (ENOSPC between the
+                # record and its key, or a writer still between the two).  Nobody was
+                # told it is stored, so it is no shred: the bytes may be stored again.
+                continue
             shredded = loc
         return ("shredded", shredded) if shredded else ("absent", None)
+
+    def _unacknowledged(self, loc: Location) -> bool:
+        """Is ``loc`` past its segment's acknowledged end?  The end is read again from
+        the .ack log (this is the rare keyless case) so that a stale view of another
+        writer's segment never passes a real shred off as a cut-short write."""
+        seg = self._segs.get(loc.segment)
+        if seg is None:
+            return False
+        if loc.offset >= seg.acked:
+            seg.acked = max(seg.acked, read_acked(self.packs / f"{loc.segment}.ack",
+                                                  seg.header_len))
+        return loc.offset >= seg.acked
 
     def locate(self, sha256: str) -> tuple[str, Location | None]:
         """Like ``_state``, refreshing the index first if the blob is not live in it."""

@@ -10,15 +10,20 @@ that cannot move (RFC 5321 §4.2.5: the client keeps it and tries again).  A
 periodic probe (a ``SELECT 1`` and a HEAD of the bucket, ``archive.health_probe``)
 marks it up again, and the messages deferred by the outage are retried at once.
 
-A SQLite file and the local store have no outage of their own (a full disk is
-the spool's 452): the probe simply passes.
+A SQLite file and the local store have one outage of their own: a full file system.
+Their writes then fail with ENOSPC (SQLite: "database or disk is full"); the message
+is deferred, new mail gets 451 4.3.0, and the probe (:func:`check_room`) sees the
+backend up again once the archive's file systems have room.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from pathlib import Path
 
 from gateway import log, metrics, replies
 from gateway.replies import Reply
@@ -27,10 +32,28 @@ ARCHIVE_UNAVAILABLE = replies.Reply(
     451, "4.3.0", "Archive temporarily unavailable, try again later")
 
 
+# A full file system (or quota) under the local store, ledger or SQLite files is an
+# outage like an unreachable server: the message waits in the spool until there is room.
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+# Below this much free space under an archive directory the probe keeps the backend down.
+PROBE_MIN_FREE = 1024 * 1024
+
+
+def check_room(paths: Iterable[Path], min_free: int = PROBE_MIN_FREE) -> None:
+    """Raise OSError(ENOSPC) when the file system of one of ``paths`` has less than
+    ``min_free`` bytes available (the probe of a local archive after a full disk)."""
+    for path in paths:
+        st = os.statvfs(path)
+        if st.f_bavail * st.f_frsize < min_free:
+            raise OSError(errno.ENOSPC, f"less than {min_free} bytes free", str(path))
+
+
 def backend_unavailable(exc: BaseException) -> bool:
     """True when ``exc`` means "the archive backend cannot be reached now" (try later).
 
     S3: unreachable, timed out or 5xx (archive.s3store.ObjectStoreUnavailableError).
+    Local files: a full file system or quota (ENOSPC, EDQUOT; SQLite's "database or disk
+    is full" is an OperationalError).
     PostgreSQL: a connection that could not be made or was lost (SQLAlchemy's
     OperationalError / InterfaceError / DisconnectionError, also when wrapped in a
     MetadataError).  A constraint violation or a bug is not an outage: it still
@@ -49,6 +72,8 @@ def backend_unavailable(exc: BaseException) -> bool:
         if isinstance(cur, sa_exc.OperationalError | sa_exc.InterfaceError):
             return True
         if isinstance(cur, sa_exc.DBAPIError) and cur.connection_invalidated:
+            return True
+        if isinstance(cur, OSError) and cur.errno in DISK_FULL:
             return True
         cur = cur.__cause__ or cur.__context__
     return False

@@ -39,6 +39,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import text
@@ -62,6 +63,7 @@ from gateway.archive_health import (
     ARCHIVE_UNAVAILABLE,
     BackendHealth,
     backend_unavailable,
+    check_room,
     describe,
 )
 from gateway.config import Config
@@ -331,10 +333,21 @@ class ArchiveStage:
                                reason=f"archive backend unavailable: {reason}")
 
     def probe(self) -> None:
-        """Raise unless the metadata database and the blob store answer (a cheap request)."""
+        """Raise unless the metadata database and the blob store answer (a cheap request)
+        and the archive's local files have room to grow (after a full disk)."""
         with self.meta.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
         self.archive.probe()
+        check_room(self._local_dirs())
+
+    def _local_dirs(self) -> list[Path]:
+        """The directories whose file systems the archive writes: ledger and keys always,
+        the store unless it is S3, the metadata when it is an SQLite file."""
+        dirs = [self.archive.paths.root]
+        db = self.meta.engine.url.database
+        if self.meta.dialect == "sqlite" and db and db != ":memory:":
+            dirs.append(Path(db).parent)
+        return dirs
 
     async def _archive(self, ctx: MessageContext) -> StageResult:
         copies = copies_of(ctx)

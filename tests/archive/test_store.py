@@ -361,3 +361,55 @@ async def test_puts_arriving_while_a_batch_commits_share_the_next_batch(tmp_path
         archive.close()
     assert len(rest) == 6
     assert Recording.sizes == [1, 6]
+
+
+def test_a_batch_cut_short_between_record_and_key_can_be_stored_again(
+        archive: Archive, monkeypatch: pytest.MonkeyPatch) -> None:
+    # ENOSPC after the record reached the segment and before its key did (a full disk:
+    # tests/service/test_full_disk.py).  Nobody was told it is stored, so the record is
+    # no shred: the queue's retry of the same message must store it, not be refused.
+    import archive.store as store_module
+
+    real = store_module.write_all
+    calls = {"n": 0}
+
+    def key_write_fails(fd: int, data: bytes) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:  # the batch's records first, then their keys
+            raise OSError(28, "No space left on device")
+        real(fd, data)
+
+    archive.put(b"an earlier message")  # the segment exists: the next batch only appends
+    monkeypatch.setattr(store_module, "write_all", key_write_fails)
+    with pytest.raises(OSError, match="No space left"):
+        archive.put(MESSAGE)
+    monkeypatch.setattr(store_module, "write_all", real)
+    ref = archive.put(MESSAGE)  # a new segment: the cut-short one is never appended to
+    assert archive.get(ref.sha256) == MESSAGE
+    archive.close()
+    reopened = Archive.open(archive.paths.root.parent)  # recover() cuts the keyless record
+    try:
+        assert reopened.get(ref.sha256) == MESSAGE
+        summary, _ = verify(reopened.paths.root)
+        assert summary.ok
+    finally:
+        reopened.close()
+
+
+def test_a_shred_in_another_writers_segment_is_still_a_shred(tmp_path: Path) -> None:
+    # The keyless-record check reads the segment's acknowledged end again: a view taken
+    # while the other writer was still writing must not pass a later shred off as a
+    # cut-short write.
+    a = Archive.open(tmp_path)
+    b = Archive.open(tmp_path)
+    try:
+        first = a.put(b"an earlier message")
+        assert b.get(first.sha256) == b"an earlier message"  # b knows a's segment now
+        ref = a.put(MESSAGE)  # appended to that segment after b read its .ack
+        assert b.get(ref.sha256) == MESSAGE
+        a.shred(ref.sha256, reason="retention expired")
+        with pytest.raises(BlobShreddedError, match="cannot be stored again"):
+            b.put(MESSAGE)
+    finally:
+        a.close()
+        b.close()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
+import pytest
 from sqlalchemy import exc as sa_exc
 
 from archive.metadata import MetadataError
@@ -12,6 +15,7 @@ from gateway.archive_health import (
     ARCHIVE_UNAVAILABLE,
     BackendHealth,
     backend_unavailable,
+    check_room,
     describe,
 )
 from gateway.queue.spool import Spool
@@ -31,6 +35,22 @@ def test_unreachable_database_or_storage_is_an_outage() -> None:
     assert backend_unavailable(_wrapped(lost))
     assert backend_unavailable(sa_exc.InterfaceError("SELECT 1", {}, Exception("closed")))
     assert backend_unavailable(ObjectStoreUnavailableError("S3 put_object: unreachable"))
+
+
+def test_a_full_file_system_under_the_archive_is_an_outage() -> None:
+    assert backend_unavailable(OSError(errno.ENOSPC, "No space left on device"))
+    assert backend_unavailable(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert backend_unavailable(_wrapped(OSError(errno.ENOSPC, "No space left on device")))
+    assert not backend_unavailable(OSError(errno.EACCES, "Permission denied"))
+    assert not backend_unavailable(OSError(errno.EIO, "Input/output error"))
+
+
+def test_the_probe_keeps_a_full_archive_down_until_it_has_room(tmp_path: Path) -> None:
+    free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
+    check_room([tmp_path], min_free=1)
+    with pytest.raises(OSError) as info:
+        check_room([tmp_path], min_free=free * 2)
+    assert info.value.errno == errno.ENOSPC and backend_unavailable(info.value)
 
 
 def test_a_refusal_or_a_bug_is_not_an_outage() -> None:
