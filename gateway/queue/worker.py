@@ -155,6 +155,10 @@ class QueueWorker:
         self.executor = executor
         self._ready: asyncio.Queue[str] = asyncio.Queue()
         self._pending: set[str] = set()  # waiting in _ready or being processed here
+        # Delivery results the spool could not take (a full disk), by queue id: written
+        # before the message is tried again, so that no recipient that got 250 gets it
+        # twice from this process.
+        self._unrecorded: dict[str, list[dict[str, Any]]] = {}
         self._inflight: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(cfg.queue.delivery_concurrency)
         # qid -> (state log mtime_ns, held, next attempt): saves re-reading the logs of
@@ -217,6 +221,11 @@ class QueueWorker:
             if claim is None:
                 return
             fd, size = claim
+            if qid in self._unrecorded:
+                # Raises while the disk is still full: nothing is tried before this is
+                # on disk (the message waits for the next scan).
+                await self._io(self.spool.append_events, qid, self._unrecorded[qid])
+                del self._unrecorded[qid]
             try:
                 # Read through the claim's descriptor: the file cannot go away now (and
                 # only its holder appends to it: the size is still right).
@@ -578,15 +587,20 @@ class QueueWorker:
 
         # Record first, log after: the time between the next hop's 250 and our
         # record is the only window in which a crash repeats a delivery (RFC 1047).
-        if st.finished and not any(
-            r.status is RcptStatus.BOUNCED for r in st.recipients.values()
-        ):
-            await self._remove(msg)
-            self._log_attempt(msg, mid, attempts, events)
-            log.event("done", qid=qid, message_id=mid, attempts=attempts)
-            return
-        # One fsync for the whole attempt, before a DSN or a retry relies on it.
-        await self._io(self.spool.append_events, qid, events)
+        try:
+            if st.finished and not any(
+                r.status is RcptStatus.BOUNCED for r in st.recipients.values()
+            ):
+                await self._remove(msg)
+                self._log_attempt(msg, mid, attempts, events)
+                log.event("done", qid=qid, message_id=mid, attempts=attempts)
+                return
+            # One fsync for the whole attempt, before a DSN or a retry relies on it.
+            await self._io(self.spool.append_events, qid, events)
+        except (SpoolError, OSError):
+            # The next hop has these results and the spool has not: kept for process().
+            self._unrecorded.setdefault(qid, []).extend(events)
+            raise
         self._log_attempt(msg, mid, attempts, events)
         if st.finished:
             await self._finish(msg, st, remote)

@@ -18,6 +18,7 @@ from gateway import metrics, replies
 from gateway.config import Config, DeliveryConfig, QueueConfig
 from gateway.deliver.deliverer import Deliverer
 from gateway.envelope import Envelope
+from gateway.errors import SpoolFullError
 from gateway.pipeline import Action, Stage, StageResult
 from gateway.queue.spool import Spool
 from gateway.queue.state import RcptStatus
@@ -624,3 +625,39 @@ async def test_a_message_never_transformed_is_removed_without_touching_a_data_fi
     await rig.worker.run_due()
     assert rig.spool.queue_ids() == []
     assert [Path(p).name for p in unlinked] == [f"{qid}.msg", f"{qid}.state"]
+
+
+async def test_results_a_full_spool_could_not_take_are_written_before_any_retry(
+    make_rig: Callable[..., Rig], nexthop: NextHop, clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The next hop took a@ (250) and deferred b@, and the disk was full when the worker
+    # recorded that: the retry must not deliver to a@ again (RFC 1047's window is for a
+    # crash, not for a full disk).
+    nexthop.rules = {"b@dst.test": "450 4.2.0 Mailbox busy"}
+    rig = make_rig()
+    qid = rig.store("a@dst.test", "b@dst.test")
+    real = rig.worker.spool.append_events
+    disk_full = True
+
+    def append_events(q: str, events: list[dict[str, Any]]) -> None:
+        if disk_full:
+            raise SpoolFullError("state write failed: [Errno 28] No space left on device")
+        real(q, events)
+
+    monkeypatch.setattr(rig.worker.spool, "append_events", append_events)
+    await rig.worker.run_due()
+    assert nexthop.delivered_to("a@dst.test") == 1
+    clock.advance(61)
+    await rig.worker.run_due()  # still full: nothing is tried before the results are kept
+    assert nexthop.mail_commands == 1
+
+    disk_full = False
+    nexthop.rules.clear()
+    clock.advance(61)
+    for _ in range(3):
+        await rig.worker.run_due()
+        clock.advance(3600)
+    assert nexthop.delivered_to("a@dst.test") == 1
+    assert nexthop.delivered_to("b@dst.test") == 1
+    assert not rig.spool.exists(qid)
