@@ -9,6 +9,7 @@ import base64
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -140,3 +141,34 @@ def test_links_resolve_to_the_nearest_copy_when_the_same_bytes_recur() -> None:
     rows = [("p", "s1"), ("s1", "p"), ("p", "s2"), ("s2", "p")]
     assert resolve_links(rows) == {0: 1, 1: 0, 2: 3, 3: 2}
     assert resolve_links([("a", None), ("b", "missing")]) == {}
+
+
+async def test_a_rerun_after_the_metadata_write_failed_is_one_row_and_audit_db_agrees(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The store and the ledger took the message, then the database write failed (a full
+    # disk): the queue defers it and runs the stage again.  The second run appends the
+    # same receipt to the ledger again; the database keeps one row, and audit-db must not
+    # call that a deleted row.
+    import errno
+
+    from archive.audit import check_database
+
+    real = rig.meta.add_messages
+    calls = {"n": 0}
+
+    def full_once(recs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(recs)
+
+    monkeypatch.setattr(rig.meta, "add_messages", full_once)
+    first = await rig.stage.run(_ctx(PLAIN))
+    assert first.action.value == "tempfail"
+    rig.stage.health.mark_up()
+    second = await rig.stage.run(_ctx(PLAIN))
+    assert second.action.value == "continue"
+    stored = [e for e in rig.archive.ledger.entries()
+              if e.kind == "message_stored" and e.fields.get("qid") == "Q1"]
+    assert len(stored) == 2  # the same receipt twice
+    assert check_database(rig.meta, rig.archive.paths.ledger) == []
