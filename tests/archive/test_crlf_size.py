@@ -11,11 +11,17 @@ import os
 from pathlib import Path
 
 import pytest
+from admin_env import *  # noqa: F403 - fixtures: env
+from admin_env import Env
+from archive_db import *  # noqa: F403 - fixtures: backend, meta, pg_admin
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sqlalchemy import select
 
 from archive.extract import crlf_size, extract
 from archive.imap.render import to_crlf
+from archive.importer import import_path
+from archive.metadata import Message
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -69,3 +75,22 @@ def test_extract_records_the_crlf_size_of_the_bytes_it_was_given() -> None:
     raw = b"From: a@example.com\nSubject: lf\n\nbody\r\nmore\n"
     ex = extract(raw)
     assert ex.size == len(raw) and ex.crlf_size == len(to_crlf(raw)) == len(raw) + 4  # four bare LF
+
+
+LF_ONLY = b"From: a@example.com\nTo: b@example.com\nSubject: lf\n\nline one\nline two"
+MIXED = b"From: a@example.com\r\nSubject: mixed\r\n\r\nbare\rcr\nand lf\r\n"
+
+
+def test_import_records_each_message_s_imap_size(env: Env, tmp_path: Path) -> None:
+    md = tmp_path / "Maildir"
+    for sub in ("cur", "new", "tmp"):
+        (md / sub).mkdir(parents=True)
+    (md / "cur" / "1.host:2,S").write_bytes(LF_ONLY)
+    (md / "new" / "2.host").write_bytes(MIXED)
+    assert import_path(env.meta, env.archive, env.index, md).stored == 2
+    with env.meta.session() as s:
+        rows = list(s.execute(select(Message.sha256, Message.crlf_size)))
+    assert len(rows) == 2
+    for sha, size in rows:
+        assert size == len(to_crlf(env.archive.get(sha)))
+    assert sorted(size for _, size in rows) == sorted([len(LF_ONLY) + 5, len(MIXED) + 1])
