@@ -2,26 +2,32 @@
 
 The archive records it with each message row (migration 0003) and the IMAP server
 answers RFC822.SIZE from the row, so it must equal ``len(to_crlf(raw))`` exactly:
-on every corpus message, on random bytes, and on the line-end edge cases.
+on every corpus message, on random bytes, and on the line-end edge cases.  The
+importer records it; rows archived before migration 0003 keep NULL.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from admin_env import *  # noqa: F403 - fixtures: env
 from admin_env import Env
 from archive_db import *  # noqa: F403 - fixtures: backend, meta, pg_admin
+from archive_db import make_record
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
 
+from archive import metadata
 from archive.extract import crlf_size, extract
 from archive.imap.render import to_crlf
 from archive.importer import import_path
-from archive.metadata import Message
+from archive.metadata import Message, Metadata
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -94,3 +100,39 @@ def test_import_records_each_message_s_imap_size(env: Env, tmp_path: Path) -> No
     for sha, size in rows:
         assert size == len(to_crlf(env.archive.get(sha)))
     assert sorted(size for _, size in rows) == sorted([len(LF_ONLY) + 5, len(MIXED) + 1])
+
+
+def _alembic(meta: Metadata, action: str, revision: str) -> None:
+    """``alembic ACTION REVISION`` on this database (Metadata.migrate only upgrades)."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(REPO / "archive" / "migrations"))
+    with meta.engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        getattr(command, action)(cfg, revision)
+
+
+def test_migration_0003_leaves_rows_archived_before_it_null(
+        meta: Metadata, monkeypatch: pytest.MonkeyPatch) -> None:
+    _alembic(meta, "downgrade", "0002")  # an archive as it was before the revision
+    with meta.engine.connect() as conn:
+        assert "crlf_size" not in {c["name"] for c in sa.inspect(conn).get_columns("messages")}
+    with monkeypatch.context() as m:  # and a row written by the code of then
+        m.setattr(metadata, "_message_row", _without_crlf_size(metadata._message_row))
+        old = meta.add_message(make_record(MIXED)).id
+    _alembic(meta, "upgrade", "head")
+    new = meta.add_message(make_record(LF_ONLY)).id
+    with meta.session() as s:
+        got = dict(s.execute(select(Message.id, Message.crlf_size)).all())
+    assert got == {old: None, new: len(LF_ONLY) + LF_ONLY.count(b"\n")}
+
+
+def _without_crlf_size(row: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    def before_0003(*args: Any, **kw: Any) -> dict[str, Any]:
+        out = row(*args, **kw)
+        del out["crlf_size"]
+        return out
+
+    return before_0003
