@@ -130,7 +130,7 @@ def extract(raw: bytes, limits: Limits | None = None) -> Extracted:
 
 
 def crlf_size(raw: bytes) -> int:
-    """The length of ``raw`` as IMAP serves it, every bare LF as CRLF: its RFC822.SIZE.
+    r"""The length of ``raw`` as IMAP serves it, every bare LF as CRLF: its RFC822.SIZE.
 
     Equal to ``len(archive.imap.render.to_crlf(raw))`` without building the copy
     (tests/archive/test_crlf_size.py proves it on the MIME corpus and random bytes):
