@@ -186,6 +186,10 @@ class Message(Base):
     subject: Mapped[str] = mapped_column(Text)
     from_addr: Mapped[str] = mapped_column(String(320))
     size: Mapped[int] = mapped_column(BigInteger, index=True)
+    # IMAP's RFC822.SIZE: the size with bare LF as CRLF (archive.extract.crlf_size),
+    # recorded with the row so a SELECT need not read the blob; NULL on rows archived
+    # before migration 0003 (archive.imap.archive_backend measures those lazily).
+    crlf_size: Mapped[int | None] = mapped_column(BigInteger)
     attachment_count: Mapped[int] = mapped_column(Integer, default=0)
     direction: Mapped[str] = mapped_column(String(16), index=True)
     received_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
@@ -871,7 +875,7 @@ def _message_row(blob_id: int, rec: MessageRecord,
     return {
         "blob_id": blob_id, "sha256": rec.sha256, "message_id": ex.message_id[:998],
         "date": ex.date or rec.received_at, "subject": ex.subject,
-        "from_addr": ex.from_address[:320], "size": ex.size,
+        "from_addr": ex.from_address[:320], "size": ex.size, "crlf_size": ex.crlf_size,
         "attachment_count": sum(1 for a in ex.attachments if a.depth == 0),
         "direction": rec.direction, "received_at": rec.received_at,
         "retention_until": rec.retention_until, "source": rec.source[:255], "state": rec.state,

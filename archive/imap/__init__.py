@@ -17,7 +17,8 @@ tests/imap compares them byte for byte).  Deliberate choices:
   refuses STORE.  Python's imaplib raises on a READ-ONLY answer to SELECT, so
   ``ImapConfig.select_read_only=False`` answers ``[READ-WRITE]`` for such clients.
 * Messages are served with bare LF as CRLF and NUL as 0x80 (RFC 3501 §4.3, as Dovecot);
-  RFC822.SIZE is always the length of exactly those bytes.
+  RFC822.SIZE is always the length of exactly those bytes: recorded with the message
+  row when it was archived (archive.extract.crlf_size), else measured from the blob once.
 * Only \\Seen and \\Flagged are kept (PERMANENTFLAGS); other flags are refused with
   ``NO [CANNOT]`` rather than silently kept for the session.
 """

@@ -228,20 +228,19 @@ class ArchiveBackend:
         f = self._folder(principal, mailbox)
         listing = self._listing(principal, f)
         rows: dict[int, tuple[Any, str, int]] = {}
+        sizes: dict[str, int] = {}
         pks = [pk for _, pk in listing]
         with self.meta.session() as s:
             for i in range(0, len(pks), 5000):
                 chunk = pks[i:i + 5000]
-                for pk, received, sha, blob_id in s.execute(
-                        select(Message.id, Message.received_at, Message.sha256, Message.blob_id)
+                for pk, received, sha, blob_id, size in s.execute(
+                        select(Message.id, Message.received_at, Message.sha256, Message.blob_id,
+                               Message.crlf_size)
                         .where(self.meta.ids_condition(Message.id, chunk))):
                     rows[pk] = (received, sha, blob_id)
-        sizes = self.accounts.crlf_sizes(r[1] for r in rows.values())
-        missing = {r[1] for r in rows.values() if r[1] not in sizes}
-        if missing:
-            computed = {sha: len(to_crlf(self.blobs.get(sha))) for sha in missing}
-            self.accounts.set_crlf_sizes(computed)
-            sizes.update(computed)
+                    if size is not None:
+                        sizes[sha] = size
+        sizes.update(self._unrecorded_sizes({r[1] for r in rows.values()} - sizes.keys()))
         flags = self.accounts.flags(principal.name, f.key)
         view: dict[int, _Entry] = {}
         out = []
@@ -255,6 +254,24 @@ class ArchiveBackend:
         with self._lock:
             self._views[(principal.name, mailbox)] = view
         return out
+
+    def _unrecorded_sizes(self, shas: set[str]) -> dict[str, int]:
+        """RFC822.SIZE of blobs whose rows have none (archived before migration 0003):
+        from the account database's cache, else measured from the blob and cached.
+
+        The cache, not the metadata row, takes the measured size: the IMAP server only
+        reads the metadata database, whose writers (the archive stage, the importer,
+        the rebuild) stay the gateway's; and the cache is already there for such rows.
+        """
+        if not shas:
+            return {}
+        sizes = self.accounts.crlf_sizes(shas)
+        missing = shas - sizes.keys()
+        if missing:
+            computed = {sha: len(to_crlf(self.blobs.get(sha))) for sha in missing}
+            self.accounts.set_crlf_sizes(computed)
+            sizes.update(computed)
+        return sizes
 
     def _entry(self, p: Principal, mailbox: str, uid: int) -> _Entry:
         with self._lock:

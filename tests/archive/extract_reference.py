@@ -42,6 +42,7 @@ from archive.extract import (
     clean_text,
     html_to_text,
 )
+from archive.imap.render import to_crlf
 from gateway import mailparse
 
 _PARSE = ex._PARSE
@@ -49,7 +50,9 @@ _PARSE = ex._PARSE
 
 def extract(raw: bytes, limits: ex.Limits | None = None) -> Extracted:
     limits = limits or ex.Limits()
-    out = Extracted(size=len(raw))
+    # Not in the old code: the IMAP size, measured as the IMAP server did before (the
+    # CRLF copy built), so the differential tests compare crlf_size on the corpus too.
+    out = Extracted(size=len(raw), crlf_size=len(to_crlf(raw)))
     try:
         ex._Extractor(limits).run(raw, out, depth=0)
     except RecursionError:

@@ -57,7 +57,7 @@ def test_migrate_builds_exactly_the_model_schema_and_is_idempotent(meta: Metadat
     with meta.engine.connect() as conn:
         ctx = MigrationContext.configure(conn, opts={"compare_type": True})
         assert compare_metadata(ctx, Base.metadata) == []
-        assert ctx.get_current_revision() == "0002"  # the newest migration
+        assert ctx.get_current_revision() == "0003"  # the newest migration
 
 
 def test_same_bytes_twice_are_one_blob_with_two_envelope_records(meta: Metadata) -> None:
@@ -204,7 +204,7 @@ def test_nodes_migrating_at_the_same_time_all_succeed(meta: Metadata, backend: s
     try:
         assert results == [(0, "")] * 4
         with fresh.engine.connect() as conn:
-            assert MigrationContext.configure(conn).get_current_revision() == "0002"
+            assert MigrationContext.configure(conn).get_current_revision() == "0003"
     finally:
         fresh.close()
         if schema is not None:
