@@ -331,6 +331,28 @@ class Ledger:
                 return
             yield parse_entry(raw)
 
+    def entries_since(self, since: datetime) -> Iterator[LedgerEntry]:
+        """The complete entries appended at or after ``since``, in order.
+
+        Reads only the segments that can hold them: from the last one whose first
+        entry is older than ``since`` (entry times follow the chain: each append
+        stamps the clock under the lock).  A ledger sealed into many segments
+        answers "what is new" without reading its history.
+        """
+        segs = segments(self.path)
+        start = 0
+        for i in range(len(segs) - 1, -1, -1):
+            first = _first_time(segs[i][1])
+            if first is not None and first < since:
+                start = i
+                break
+        for raw in read_lines(self.path, segs[start:]):
+            if not raw.complete:
+                return
+            entry = parse_entry(raw)
+            if _entry_time(entry.time) >= since:
+                yield entry
+
     # -- internals ---------------------------------------------------------------
 
     @staticmethod
@@ -566,6 +588,26 @@ def _last_line(seg: Path) -> tuple[bytes | None, int]:
     torn = len(buf) - nl - 1
     start = buf.rfind(b"\n", 0, nl) + 1
     return buf[start:nl], torn
+
+
+def _entry_time(text: str) -> datetime:
+    t = datetime.fromisoformat(text)
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+def _first_time(seg: Path) -> datetime | None:
+    """The time of a segment's first entry (None: empty, torn or unreadable)."""
+    try:
+        with open(seg, "rb") as fh:
+            line = fh.readline()
+    except OSError:
+        return None
+    if not line.endswith(b"\n"):
+        return None
+    try:
+        return _entry_time(_parse_json(line.rstrip(b"\n"), seg, 1)["time"])
+    except (LedgerCorruptError, ValueError):
+        return None
 
 
 def _parse_json(line: bytes, seg: Path, lineno: int | None) -> dict[str, Any]:

@@ -68,8 +68,10 @@ import email.policy
 import email.utils
 import os
 import re
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -180,9 +182,9 @@ class _Ledger:
     holds: list[LedgerEntry] = field(default_factory=list)
 
 
-def _read_ledger(archive: Archive) -> _Ledger:
+def _read_ledger(archive: Archive, entries: Iterable[LedgerEntry] | None = None) -> _Ledger:
     out = _Ledger()
-    for e in archive.ledger.entries():
+    for e in archive.ledger.entries() if entries is None else entries:
         if e.kind == "message_stored" and not is_message_entry(e):
             continue  # a receipt or ledger document: read through the entry naming it
         if e.kind == "message_stored":
@@ -261,20 +263,7 @@ def rebuild(data_dir: Path, *, database: str | None = None, index_engine: str | 
         wanted: list[Any] = []  # the archive id a writer recorded in the entry, if any
         rows: list[tuple[int, str, str | None]] = []  # (id, sha256, linked sha256)
         for entry in led.stored:
-            sha = str(entry.fields["sha256"])
-            if sha in led.tombstones:
-                # Kept as an expired row, so later archive ids stay what they were.
-                batch.append(shredded_record(entry))
-                result.shredded += 1
-            else:
-                try:
-                    raw = archive.get(sha)
-                except ArchiveError as exc:
-                    result.warnings.append(f"ledger seq {entry.seq}: {exc}")
-                    batch.append(shredded_record(entry))
-                else:
-                    batch.append(_with_receipt(archive, entry, record_from(entry, raw),
-                                               led.tombstones, result))
+            batch.append(restored_record(archive, entry, led.tombstones, result))
             wanted.append(entry.fields.get("archive_id"))
             if len(batch) >= BATCH:
                 _flush(meta, batch, wanted, result, rows)
@@ -301,6 +290,22 @@ def rebuild(data_dir: Path, *, database: str | None = None, index_engine: str | 
     return result
 
 
+def restored_record(archive: Archive, entry: LedgerEntry, tombstones: dict[str, datetime],
+                    result: RebuildResult | CatchUpResult) -> MessageRecord:
+    """The row of one ``message_stored`` entry, from the store and its receipt."""
+    sha = str(entry.fields["sha256"])
+    if sha in tombstones:
+        # Kept as an expired row, so later archive ids stay what they were.
+        result.shredded += 1
+        return shredded_record(entry)
+    try:
+        raw = archive.get(sha)
+    except ArchiveError as exc:
+        result.warnings.append(f"ledger seq {entry.seq}: {exc}")
+        return shredded_record(entry)
+    return _with_receipt(archive, entry, record_from(entry, raw), tombstones, result)
+
+
 def _restore_log(meta: Metadata, archive: Archive, led: _Ledger,
                  result: RebuildResult) -> None:
     """Holds and audit events from their ledger documents (reports.rebuild_log)."""
@@ -316,7 +321,8 @@ def _restore_log(meta: Metadata, archive: Archive, led: _Ledger,
 
 
 def _with_receipt(archive: Archive, entry: LedgerEntry, rec: MessageRecord,
-                  tombstones: dict[str, datetime], result: RebuildResult) -> MessageRecord:
+                  tombstones: dict[str, datetime],
+                  result: RebuildResult | CatchUpResult) -> MessageRecord:
     """Overlay the receipt blob the entry names (archive.receipts), when there is one:
     the envelope (Bcc), verdicts, decision, rule hits and retention end."""
     sha = entry.fields.get(RECEIPT)
@@ -372,3 +378,184 @@ def _flush(meta: Metadata, batch: list[MessageRecord], wanted: list[Any],
     result.blobs += sum(1 for s in stored if s.new_blob)
     batch.clear()
     wanted.clear()
+
+
+# -- catching up: the rows the database lost, the database kept ------------------------
+
+# How far before the newest row's receive time start-up looks in the ledger: covers the
+# time from a ledger append to its row's commit, and clocks a little apart in a cluster.
+TAIL_MARGIN = timedelta(hours=1)
+
+
+@dataclass
+class CatchUpResult:
+    checked: int = 0  # message entries of the ledger looked at
+    restored: int = 0  # rows added
+    receipts: int = 0  # of them, restored with envelope and decision from a receipt
+    shredded: int = 0  # of them, expired rows (content shredded)
+    links: int = 0  # restored rows linked to another copy of their message
+    since: str | None = None  # the ledger time the check started from; None: all of it
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Rows:
+    """The rows that hold some blobs: their ids, and per blob their receipt keys."""
+
+    ids: set[int] = field(default_factory=set)
+    keys: dict[str, Counter[tuple[datetime, str]]] = field(default_factory=dict)
+
+    def count(self, sha: str) -> int:
+        return sum(self.keys.get(sha, Counter()).values())
+
+
+def tail_start(meta: Metadata) -> datetime | None:
+    """Where the ledger may hold entries the database lost: the receive time of the
+    newest row the gateway wrote (our clock, unlike an import's Date), less
+    TAIL_MARGIN; None when there is no such row (look at the whole ledger).
+
+    A power loss loses the newest transactions (SQLite WAL, ``synchronous=NORMAL``);
+    each lost row's ledger entry was appended just before its commit, after the
+    newest row that survived was received.  Rows carry no ledger seq (the archive
+    stage writes none), so time is the cheap bound.
+    """
+    with meta.session() as s:
+        newest = s.scalar(select(Message.received_at).where(Message.source == "smtp")
+                          .order_by(Message.id.desc()).limit(1))
+    return None if newest is None else newest - TAIL_MARGIN
+
+
+def catch_up(archive: Archive, meta: Metadata, *, since: datetime | None = None,
+             progress: bool | None = None) -> CatchUpResult:
+    """Add the rows of ledger messages the database lacks, as a rebuild restores them.
+
+    Looks at the message entries appended since ``since`` (all: None).  A blob whose
+    entries outnumber its rows lacks rows; its entries' records (restored_record)
+    are matched to its rows by receipt key (blob, receive time, source), and the
+    newest unmatched ones are restored, never more than the shortfall.  They are
+    ``once`` records written under the exclusive receipts lock (Metadata.add_messages),
+    so an archive writer recording the same receipt meanwhile gets the same row, and
+    a second run restores nothing.  New ids (the database is kept); new blobs wait
+    unindexed for the indexer.  Imports write no receipt and no ``once`` row: do not
+    run this while ``coffer archive import`` writes.
+    """
+    result = CatchUpResult(since=since.isoformat() if since else None)
+    led = _read_ledger(archive, None if since is None else archive.ledger.entries_since(since))
+    result.checked = len(led.stored)
+    bar = Progress("catch-up", len(led.stored), enabled=progress)
+    by_sha: dict[str, list[LedgerEntry]] = {}
+    for entry in led.stored:
+        by_sha.setdefault(str(entry.fields["sha256"]), []).append(entry)
+    rows = _rows_of(meta, list(by_sha))
+    missing: list[MessageRecord] = []
+    for done, (sha, entries) in enumerate(by_sha.items(), 1):
+        short = len(entries) - rows.count(sha)
+        if short > 0:
+            missing += _unmatched(archive, entries, rows.keys.get(sha, Counter()),
+                                  led.tombstones, result)[-short:]
+        bar.update(done)
+    added: list[tuple[int, MessageRecord]] = []
+    for i in range(0, len(missing), BATCH):
+        batch = missing[i:i + BATCH]
+        for rec in batch:
+            rec.once = True
+        stored = meta.add_messages(batch, exclusive=True)
+        # A row returned that was there before: a writer recorded this receipt meanwhile.
+        added += [(row.id, rec) for row, rec in zip(stored, batch, strict=True)
+                  if row.id not in rows.ids]
+    result.restored = len(added)
+    result.links = (_relink(meta, [(pk, rec.sha256, rec.link_sha256) for pk, rec in added])
+                    + _link_to_kept(meta, added))
+    restored_shas = {rec.sha256 for _, rec in added}
+    _mark_shredded(meta, {sha: t for sha, t in led.tombstones.items() if sha in restored_shas})
+    bar.done(len(by_sha))
+    return result
+
+
+def rebuild_missing(data_dir: Path, *, database: str | None = None,
+                    index_engine: str | None = None, officer: str = "unknown",
+                    progress: bool | None = None) -> CatchUpResult:
+    """``coffer archive rebuild --missing``: catch_up over the whole ledger, keeping the
+    database; the new blobs are indexed here unless a gateway's indexer holds the index
+    job (then it takes them).  Audited like a rebuild."""
+    archive = Archive.open(data_dir, create=False)
+    meta = Metadata(metadata_url(data_dir, database))
+    try:
+        meta.migrate()
+        result = catch_up(archive, meta, progress=progress)
+        if result.restored:
+            _index_pending(meta, archive, data_dir, index_engine)
+        record_audit(meta, archive, officer, "rebuild-missing", result_count=result.restored,
+                     detail={"checked": result.checked, "receipts": result.receipts,
+                             "shredded": result.shredded, "links": result.links,
+                             "warnings": result.warnings})
+    finally:
+        meta.close()
+        archive.close()
+    return result
+
+
+def _index_pending(meta: Metadata, archive: Archive, data_dir: Path,
+                   index_engine: str | None) -> None:
+    from archive.joblock import JobLock
+
+    with JobLock("index", meta, data_dir).attempt() as mine:
+        if not mine:
+            return  # a running gateway's indexer has the job: it picks the blobs up
+        engine = index_engine or ("pg" if meta.dialect == "postgresql" else "fts5")
+        index = open_index(engine, data_dir=data_dir, meta=meta)
+        try:
+            Indexer(meta, index, archive.get).run()
+        finally:
+            index.close()
+
+
+def _rows_of(meta: Metadata, shas: list[str]) -> _Rows:
+    out = _Rows()
+    for i in range(0, len(shas), BATCH):  # bounded IN lists
+        with meta.session() as s:
+            for pk, sha, when, source in s.execute(
+                    select(Message.id, Message.sha256, Message.received_at, Message.source)
+                    .where(Message.sha256.in_(shas[i:i + BATCH]))):
+                out.ids.add(pk)
+                out.keys.setdefault(sha, Counter())[(when.astimezone(UTC), source)] += 1
+    return out
+
+
+def _unmatched(archive: Archive, entries: list[LedgerEntry],
+               kept: Counter[tuple[datetime, str]], tombstones: dict[str, datetime],
+               result: CatchUpResult) -> list[MessageRecord]:
+    """The records of ``entries`` that no kept row holds (by receipt key), in order;
+    the counts and warnings of those records only go into ``result``."""
+    left = Counter(kept)
+    out: list[MessageRecord] = []
+    for entry in entries:
+        one = CatchUpResult()
+        rec = restored_record(archive, entry, tombstones, one)
+        key = (rec.received_at.astimezone(UTC), rec.source)
+        if left[key] > 0:
+            left[key] -= 1
+            continue
+        result.receipts += one.receipts
+        result.shredded += one.shredded
+        result.warnings += one.warnings
+        out.append(rec)
+    return out
+
+
+def _link_to_kept(meta: Metadata, added: list[tuple[int, MessageRecord]]) -> int:
+    """Link a restored copy whose other copy kept its row: the copies of one message
+    share its receive time (gateway.archive_stage.record_for)."""
+    pairs: list[tuple[int, int]] = []
+    with meta.session() as s:
+        for pk, rec in added:
+            if not rec.link_sha256 or s.scalar(select(Message.linked_id)
+                                               .where(Message.id == pk)):
+                continue
+            other = s.scalar(select(Message.id).where(
+                Message.sha256 == rec.link_sha256, Message.received_at == rec.received_at,
+                Message.id != pk).order_by(Message.id.desc()).limit(1))
+            if other is not None:
+                pairs.append((pk, other))
+    meta.link(pairs)
+    return len(pairs)
