@@ -59,6 +59,10 @@ detail, hence ``coffer audit log`` and the audit report.
 
 After a rebuild, archive.audit.check_database (``coffer archive audit-db``)
 finds the database consistent with the ledger.
+
+:func:`catch_up` (``coffer archive rebuild --missing``; ``coffer serve`` at start,
+over the ledger tail) keeps the database and adds only the rows of ledger messages
+it lacks, each restored as above (:func:`restored_record`) but with a new archive id.
 """
 
 from __future__ import annotations
