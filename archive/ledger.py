@@ -346,12 +346,18 @@ class Ledger:
             if first is not None and first < since:
                 start = i
                 break
-        for raw in read_lines(self.path, segs[start:]):
-            if not raw.complete:
-                return
-            entry = parse_entry(raw)
-            if _entry_time(entry.time) >= since:
-                yield entry
+        for n, (_first, seg) in enumerate(segs[start:]):
+            # A single node never closes its segment: in the first one, skip to the
+            # tail by a binary search over byte offsets instead of parsing it all.
+            offset = _offset_before(seg, since) if n == 0 else 0
+            with open(seg, "rb") as fh:
+                fh.seek(offset)
+                for line in fh:
+                    if not line.endswith(b"\n"):
+                        return  # a torn tail: not an entry (yet)
+                    entry = parse_entry(RawLine(seg, 0, line.rstrip(b"\n"), True))
+                    if _entry_time(entry.time) >= since:
+                        yield entry
 
     # -- internals ---------------------------------------------------------------
 
@@ -593,6 +599,34 @@ def _last_line(seg: Path) -> tuple[bytes | None, int]:
 def _entry_time(text: str) -> datetime:
     t = datetime.fromisoformat(text)
     return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+_SCAN = 64 * 1024  # below this distance the tail is read, not searched
+
+
+def _offset_before(seg: Path, since: datetime) -> int:
+    """A line start in ``seg`` at or before the first entry at or after ``since``: the
+    line there is older (or it is 0).  Entry times follow the file (see entries_since)."""
+    with open(seg, "rb") as fh:
+        lo, hi = 0, fh.seek(0, os.SEEK_END)
+        while hi - lo > _SCAN:
+            mid = (lo + hi) // 2
+            fh.seek(mid)
+            fh.readline()  # the rest of the line mid falls in
+            pos = fh.tell()
+            line = fh.readline()
+            if pos >= hi or not line.endswith(b"\n"):
+                hi = mid
+                continue
+            try:
+                t = _entry_time(_parse_json(line.rstrip(b"\n"), seg, None)["time"])
+            except (LedgerCorruptError, ValueError):
+                return lo  # a damaged line: read from here, and let parsing say so
+            if t < since:
+                lo = pos
+            else:
+                hi = mid
+        return lo
 
 
 def _first_time(seg: Path) -> datetime | None:
