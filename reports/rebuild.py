@@ -387,8 +387,10 @@ def _flush(meta: Metadata, batch: list[MessageRecord], wanted: list[Any],
 # -- catching up: the rows the database lost, the database kept ------------------------
 
 # How far before the newest row's receive time start-up looks in the ledger: covers the
-# time from a ledger append to its row's commit, and clocks a little apart in a cluster.
-TAIL_MARGIN = timedelta(hours=1)
+# time from a ledger append to its row's commit (one metadata batch), clocks a little
+# apart in a cluster or stepped back.  Not more: a busy gateway appends ~300,000
+# entries in ten minutes, about two seconds of parsing.
+TAIL_MARGIN = timedelta(minutes=10)
 
 
 @dataclass
