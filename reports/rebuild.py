@@ -87,7 +87,7 @@ from archive.extract import Extracted, extract
 from archive.facade import Archive
 from archive.index import Indexer, open_index
 from archive.ledger import LedgerEntry
-from archive.metadata import Blob, Message, MessageRecord, Metadata, resolve_links, safe_url
+from archive.metadata import Blob, Hold, Message, MessageRecord, Metadata, resolve_links, safe_url
 from archive.receipts import RECEIPT, apply_receipt, parse_receipt
 from gateway import mailparse
 from reports.common import Progress, metadata_url, parse_utc, record_audit
@@ -474,6 +474,7 @@ def catch_up(archive: Archive, meta: Metadata, *, since: datetime | None = None,
                     + _link_to_kept(meta, added))
     restored_shas = {rec.sha256 for _, rec in added}
     _mark_shredded(meta, {sha: t for sha, t in led.tombstones.items() if sha in restored_shas})
+    result.warnings += _lost_holds(meta, led.holds)
     bar.done(len(by_sha))
     return result
 
@@ -514,6 +515,20 @@ def _index_pending(meta: Metadata, archive: Archive, data_dir: Path,
             Indexer(meta, index, archive.get).run()
         finally:
             index.close()
+
+
+def _lost_holds(meta: Metadata, entries: list[LedgerEntry]) -> list[str]:
+    """Holds the ledger placed and the database lacks.  Not restored here: a hold placed
+    after the lost rows names their old archive ids (the restored rows have new ones)."""
+    placed = {int(e.fields["hold"]): e for e in entries
+              if e.kind == "hold_placed" and isinstance(e.fields.get("hold"), int)}
+    if not placed:
+        return []
+    with meta.session() as s:
+        have = set(s.scalars(select(Hold.id).where(Hold.id.in_(sorted(placed)))))
+    return [f"ledger seq {e.seq}: legal hold {e.fields.get('case')!r} (id {hid}) is not in "
+            "the database and is not restored here: place it again (coffer hold create) "
+            "or rebuild with --force" for hid, e in placed.items() if hid not in have]
 
 
 def _rows_of(meta: Metadata, shas: list[str]) -> _Rows:

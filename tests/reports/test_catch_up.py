@@ -211,3 +211,18 @@ def test_rebuild_missing_and_force_are_not_given_together(
         db: Db, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["archive", "rebuild", "--missing", "--force", *db.cli()]) == 2
     assert "choose one" in capsys.readouterr().err
+
+
+async def test_a_legal_hold_the_database_lost_is_named_in_the_warnings(
+        db: Db, capsys: pytest.CaptureFixture[str]) -> None:
+    await archive(db, [context(n) for n in range(3)])
+    assert main(["hold", "create", "C-LOST", "--query", "zebra2quill", "--officer", "olga",
+                 *db.cli()]) == 0
+    lose_newest(db, 1)
+    with db.open() as meta, meta.engine.begin() as c:  # the hold was written after it
+        c.execute(sa.text("DELETE FROM hold_items"))
+        c.execute(sa.text("DELETE FROM holds"))
+    out = rebuild_missing(db, capsys)
+    assert out["restored"] == 1
+    [warning] = out["warnings"]  # type: ignore[misc]
+    assert "C-LOST" in str(warning) and "coffer hold create" in str(warning)
