@@ -416,13 +416,14 @@ async def catch_up_at_start(stage: ArchiveStage) -> None:
     def run() -> Any:
         res = catch_up(stage.archive, stage.meta, since=tail_start(stage.meta),
                        progress=False)
-        if res.restored:
+        if res.restored or res.audit_events:
             from reports.common import record_audit
 
             record_audit(stage.meta, stage.archive, "coffer serve", "rebuild-missing",
                          result_count=res.restored,
                          detail={"checked": res.checked, "since": res.since,
                                  "receipts": res.receipts, "shredded": res.shredded,
+                                 "audit_events": res.audit_events,
                                  "links": res.links, "warnings": res.warnings})
         return res
 
@@ -431,9 +432,10 @@ async def catch_up_at_start(stage: ArchiveStage) -> None:
     except Exception as exc:  # the database is down: `coffer archive rebuild --missing`
         log.event("archive_catch_up_failed", level=logging.ERROR, error=describe(exc))
         return
-    if res.restored or res.warnings:
+    if res.restored or res.audit_events or res.warnings:
         log.event("archive_caught_up", level=logging.WARNING, restored=res.restored,
                   checked=res.checked, since=res.since, receipts=res.receipts,
+                  audit_events=res.audit_events,
                   shredded=res.shredded, links=res.links, warnings=res.warnings[:20])
 
 

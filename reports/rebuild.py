@@ -87,12 +87,21 @@ from archive.extract import Extracted, extract
 from archive.facade import Archive
 from archive.index import Indexer, open_index
 from archive.ledger import LedgerEntry
-from archive.metadata import Blob, Hold, Message, MessageRecord, Metadata, resolve_links, safe_url
+from archive.metadata import (
+    AuditEvent,
+    Blob,
+    Hold,
+    Message,
+    MessageRecord,
+    Metadata,
+    resolve_links,
+    safe_url,
+)
 from archive.receipts import RECEIPT, apply_receipt, parse_receipt
 from gateway import mailparse
 from reports.common import Progress, metadata_url, parse_utc, record_audit
 from reports.errors import RebuildError
-from reports.rebuild_log import event_id, restore_audit, restore_holds
+from reports.rebuild_log import LogRestore, event_id, restore_audit, restore_holds
 
 BATCH = 500
 _RECEIVED = re.compile(
@@ -400,6 +409,7 @@ class CatchUpResult:
     receipts: int = 0  # of them, restored with envelope and decision from a receipt
     shredded: int = 0  # of them, expired rows (content shredded)
     links: int = 0  # restored rows linked to another copy of their message
+    audit_events: int = 0  # audit events the ledger holds and the database had lost
     since: str | None = None  # the ledger time the check started from; None: all of it
     warnings: list[str] = field(default_factory=list)
 
@@ -474,7 +484,9 @@ def catch_up(archive: Archive, meta: Metadata, *, since: datetime | None = None,
                     + _link_to_kept(meta, added))
     restored_shas = {rec.sha256 for _, rec in added}
     _mark_shredded(meta, {sha: t for sha, t in led.tombstones.items() if sha in restored_shas})
-    result.warnings += _lost_holds(meta, led.holds)
+    audit = _lost_audit(meta, archive, led.audits)
+    result.audit_events = audit.restored
+    result.warnings += audit.warnings + _lost_holds(meta, led.holds)
     bar.done(len(by_sha))
     return result
 
@@ -494,6 +506,7 @@ def rebuild_missing(data_dir: Path, *, database: str | None = None,
             _index_pending(meta, archive, data_dir, index_engine)
         record_audit(meta, archive, officer, "rebuild-missing", result_count=result.restored,
                      detail={"checked": result.checked, "receipts": result.receipts,
+                             "audit_events": result.audit_events,
                              "shredded": result.shredded, "links": result.links,
                              "warnings": result.warnings})
     finally:
@@ -515,6 +528,18 @@ def _index_pending(meta: Metadata, archive: Archive, data_dir: Path,
             Indexer(meta, index, archive.get).run()
         finally:
             index.close()
+
+
+def _lost_audit(meta: Metadata, archive: Archive, entries: list[LedgerEntry]) -> LogRestore:
+    """Audit events whose id the database lacks, from their ledger documents, with their
+    ids (reports.rebuild_log; before the catch-up records its own event, which could
+    otherwise take a lost event's id)."""
+    ids = {event_id(e) for e in entries} - {None}
+    if not ids:
+        return LogRestore()
+    with meta.session() as s:
+        have = set(s.scalars(select(AuditEvent.id).where(AuditEvent.id.in_(sorted(ids)))))
+    return restore_audit(meta, archive, [e for e in entries if event_id(e) not in have])
 
 
 def _lost_holds(meta: Metadata, entries: list[LedgerEntry]) -> list[str]:

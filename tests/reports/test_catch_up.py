@@ -226,3 +226,19 @@ async def test_a_legal_hold_the_database_lost_is_named_in_the_warnings(
     assert out["restored"] == 1
     [warning] = out["warnings"]  # type: ignore[misc]
     assert "C-LOST" in str(warning) and "coffer hold create" in str(warning)
+
+
+async def test_audit_events_the_database_lost_come_back_from_the_ledger(
+        db: Db, capsys: pytest.CaptureFixture[str]) -> None:
+    await archive(db, [context(n) for n in range(2)])
+    assert main(["search", "zebra1quill", "--officer", "olivia", *db.cli()]) == 0
+    lose_newest(db, 1)
+    with db.open() as meta, meta.engine.begin() as c:  # written after the lost row
+        c.execute(sa.text("DELETE FROM audit_events WHERE action = 'search'"))
+    assert any("db_audit_missing" in e for e in errors(db))
+    out = rebuild_missing(db, capsys)
+    assert (out["restored"], out["audit_events"]) == (1, 1)
+    assert errors(db) == []
+    with db.open() as meta:
+        [event] = [e for e in meta.audit_events() if e.action == "search"]
+        assert (event.who, event.query) == ("olivia", "zebra1quill")
