@@ -414,15 +414,8 @@ class CatchUpResult:
     warnings: list[str] = field(default_factory=list)
 
 
-@dataclass
-class _Rows:
-    """The rows that hold some blobs: their ids, and per blob their receipt keys."""
-
-    ids: set[int] = field(default_factory=set)
-    keys: dict[str, Counter[tuple[datetime, str]]] = field(default_factory=dict)
-
-    def count(self, sha: str) -> int:
-        return sum(self.keys.get(sha, Counter()).values())
+# sha256 -> (id, receive time, source) of each row holding those bytes
+_Rows = dict[str, list[tuple[int, datetime, str]]]
 
 
 def tail_start(meta: Metadata) -> datetime | None:
@@ -458,27 +451,37 @@ def catch_up(archive: Archive, meta: Metadata, *, since: datetime | None = None,
     result = CatchUpResult(since=since.isoformat() if since else None)
     led = _read_ledger(archive, None if since is None else archive.ledger.entries_since(since))
     result.checked = len(led.stored)
-    bar = Progress("catch-up", len(led.stored), enabled=progress)
     by_sha: dict[str, list[LedgerEntry]] = {}
     for entry in led.stored:
         by_sha.setdefault(str(entry.fields["sha256"]), []).append(entry)
-    rows = _rows_of(meta, list(by_sha))
+    bar = Progress("catch-up (blobs checked)", len(by_sha), enabled=progress)
     missing: list[MessageRecord] = []
-    for done, (sha, entries) in enumerate(by_sha.items(), 1):
-        short = len(entries) - rows.count(sha)
-        if short > 0:
-            missing += _unmatched(archive, entries, rows.keys.get(sha, Counter()),
-                                  led.tombstones, result)[-short:]
-        bar.update(done)
+    known: set[int] = set()  # the ids of rows holding the bytes of a missing one
+    shas = list(by_sha)
+    for i in range(0, len(shas), BATCH):  # bounded IN lists, and only these rows kept
+        rows = _rows_of(meta, shas[i:i + BATCH])
+        for sha in shas[i:i + BATCH]:
+            entries, held = by_sha[sha], rows.get(sha, [])
+            short = len(entries) - len(held)
+            if short > 0:
+                known.update(pk for pk, _, _ in held)
+                kept = Counter((when, source) for _, when, source in held)
+                for rec, one in _unmatched(archive, entries, kept, led.tombstones)[-short:]:
+                    missing.append(rec)
+                    result.receipts += one.receipts
+                    result.shredded += one.shredded
+                    result.warnings += one.warnings
+        bar.update(min(i + BATCH, len(shas)))
     added: list[tuple[int, MessageRecord]] = []
     for i in range(0, len(missing), BATCH):
         batch = missing[i:i + BATCH]
         for rec in batch:
             rec.once = True
         stored = meta.add_messages(batch, exclusive=True)
-        # A row returned that was there before: a writer recorded this receipt meanwhile.
+        # A known id back: that receipt's row was there (in a race with a writer, the
+        # writer's new row is counted as restored here: it is not duplicated either way).
         added += [(row.id, rec) for row, rec in zip(stored, batch, strict=True)
-                  if row.id not in rows.ids]
+                  if row.id not in known]
     result.restored = len(added)
     result.links = (_relink(meta, [(pk, rec.sha256, rec.link_sha256) for pk, rec in added])
                     + _link_to_kept(meta, added))
@@ -557,24 +560,22 @@ def _lost_holds(meta: Metadata, entries: list[LedgerEntry]) -> list[str]:
 
 
 def _rows_of(meta: Metadata, shas: list[str]) -> _Rows:
-    out = _Rows()
-    for i in range(0, len(shas), BATCH):  # bounded IN lists
-        with meta.session() as s:
-            for pk, sha, when, source in s.execute(
-                    select(Message.id, Message.sha256, Message.received_at, Message.source)
-                    .where(Message.sha256.in_(shas[i:i + BATCH]))):
-                out.ids.add(pk)
-                out.keys.setdefault(sha, Counter())[(when.astimezone(UTC), source)] += 1
+    out: _Rows = {}
+    with meta.session() as s:
+        for pk, sha, when, source in s.execute(
+                select(Message.id, Message.sha256, Message.received_at, Message.source)
+                .where(Message.sha256.in_(shas))):
+            out.setdefault(sha, []).append((pk, when.astimezone(UTC), source))
     return out
 
 
 def _unmatched(archive: Archive, entries: list[LedgerEntry],
-               kept: Counter[tuple[datetime, str]], tombstones: dict[str, datetime],
-               result: CatchUpResult) -> list[MessageRecord]:
-    """The records of ``entries`` that no kept row holds (by receipt key), in order;
-    the counts and warnings of those records only go into ``result``."""
+               kept: Counter[tuple[datetime, str]], tombstones: dict[str, datetime]
+               ) -> list[tuple[MessageRecord, CatchUpResult]]:
+    """The records of ``entries`` that no kept row holds (by receipt key), in order, each
+    with its own counts and warnings."""
     left = Counter(kept)
-    out: list[MessageRecord] = []
+    out: list[tuple[MessageRecord, CatchUpResult]] = []
     for entry in entries:
         one = CatchUpResult()
         rec = restored_record(archive, entry, tombstones, one)
@@ -582,10 +583,7 @@ def _unmatched(archive: Archive, entries: list[LedgerEntry],
         if left[key] > 0:
             left[key] -= 1
             continue
-        result.receipts += one.receipts
-        result.shredded += one.shredded
-        result.warnings += one.warnings
-        out.append(rec)
+        out.append((rec, one))
     return out
 
 

@@ -242,3 +242,24 @@ async def test_audit_events_the_database_lost_come_back_from_the_ledger(
     with db.open() as meta:
         [event] = [e for e in meta.audit_events() if e.action == "search"]
         assert (event.who, event.query) == ("olivia", "zebra1quill")
+
+
+async def test_the_same_bytes_received_twice_get_back_only_the_lost_receipt(
+        db: Db, capsys: pytest.CaptureFixture[str]) -> None:
+    first, again = context(1), context(1)
+    again.envelope.received_at += 3600  # the same bytes, another SMTP transaction
+    await archive(db, [context(0), first, again])
+    before = sorted(facts_rows(db))
+    lose_newest(db, 1)  # the second receipt: its blob row stays (the first holds it)
+    assert rebuild_missing(db, capsys)["restored"] == 1
+    assert sorted(facts_rows(db)) == before
+    assert rebuild_missing(db, capsys)["restored"] == 0
+    assert errors(db) == []
+
+
+def facts_rows(db: Db) -> list[tuple[str, datetime, str]]:
+    with db.open() as meta, meta.session() as s:
+        from archive.metadata import Message
+
+        return [(sha, when, rcpt) for sha, when, rcpt in s.execute(
+            sa.select(Message.sha256, Message.received_at, Message.mail_from))]
