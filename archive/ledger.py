@@ -331,6 +331,34 @@ class Ledger:
                 return
             yield parse_entry(raw)
 
+    def entries_since(self, since: datetime) -> Iterator[LedgerEntry]:
+        """The complete entries appended at or after ``since``, in order.
+
+        Reads only the segments that can hold them: from the last one whose first
+        entry is older than ``since`` (entry times follow the chain: each append
+        stamps the clock under the lock).  A ledger sealed into many segments
+        answers "what is new" without reading its history.
+        """
+        segs = segments(self.path)
+        start = 0
+        for i in range(len(segs) - 1, -1, -1):
+            first = _first_time(segs[i][1])
+            if first is not None and first < since:
+                start = i
+                break
+        for n, (_first, seg) in enumerate(segs[start:]):
+            # A single node never closes its segment: in the first one, skip to the
+            # tail by a binary search over byte offsets instead of parsing it all.
+            offset = _offset_before(seg, since) if n == 0 else 0
+            with open(seg, "rb") as fh:
+                fh.seek(offset)
+                for line in fh:
+                    if not line.endswith(b"\n"):
+                        return  # a torn tail: not an entry (yet)
+                    entry = parse_entry(RawLine(seg, 0, line.rstrip(b"\n"), True))
+                    if _entry_time(entry.time) >= since:
+                        yield entry
+
     # -- internals ---------------------------------------------------------------
 
     @staticmethod
@@ -566,6 +594,54 @@ def _last_line(seg: Path) -> tuple[bytes | None, int]:
     torn = len(buf) - nl - 1
     start = buf.rfind(b"\n", 0, nl) + 1
     return buf[start:nl], torn
+
+
+def _entry_time(text: str) -> datetime:
+    t = datetime.fromisoformat(text)
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+_SCAN = 64 * 1024  # below this distance the tail is read, not searched
+
+
+def _offset_before(seg: Path, since: datetime) -> int:
+    """A line start in ``seg`` at or before the first entry at or after ``since``: the
+    line there is older (or it is 0).  Entry times follow the file (see entries_since)."""
+    with open(seg, "rb") as fh:
+        lo, hi = 0, fh.seek(0, os.SEEK_END)
+        while hi - lo > _SCAN:
+            mid = (lo + hi) // 2
+            fh.seek(mid)
+            fh.readline()  # the rest of the line mid falls in
+            pos = fh.tell()
+            line = fh.readline()
+            if pos >= hi or not line.endswith(b"\n"):
+                hi = mid
+                continue
+            try:
+                t = _entry_time(_parse_json(line.rstrip(b"\n"), seg, None)["time"])
+            except (LedgerCorruptError, ValueError):
+                return lo  # a damaged line: read from here, and let parsing say so
+            if t < since:
+                lo = pos
+            else:
+                hi = mid
+        return lo
+
+
+def _first_time(seg: Path) -> datetime | None:
+    """The time of a segment's first entry (None: empty, torn or unreadable)."""
+    try:
+        with open(seg, "rb") as fh:
+            line = fh.readline()
+    except OSError:
+        return None
+    if not line.endswith(b"\n"):
+        return None
+    try:
+        return _entry_time(_parse_json(line.rstrip(b"\n"), seg, 1)["time"])
+    except (LedgerCorruptError, ValueError):
+        return None
 
 
 def _parse_json(line: bytes, seg: Path, lineno: int | None) -> dict[str, Any]:

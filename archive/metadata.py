@@ -29,7 +29,7 @@ import json
 import os
 import threading
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -484,6 +484,14 @@ _RECORDED = select(_MESSAGES.c.sha256, _MESSAGES.c.received_at, _MESSAGES.c.sour
 _UNINDEXED = (select(_BLOBS.c.id, _BLOBS.c.sha256)
               .where(_BLOBS.c.indexed_at.is_(None), _BLOBS.c.shredded_at.is_(None))
               .order_by(_BLOBS.c.id).limit(bindparam("limit", type_=Integer)))
+# The receipts lock on PostgreSQL (Metadata.add_messages), per schema as archive.joblock:
+# released at commit.  Shared locks do not wait for each other, so the nodes' archive
+# writers never queue behind one another, only behind a catch-up.
+_PG_RECEIPTS_KEY = "hashtextextended(current_schema() || ':' || :k, 0)"
+_PG_RECEIPTS_LOCK = {
+    False: text(f"SELECT pg_advisory_xact_lock_shared({_PG_RECEIPTS_KEY})"),
+    True: text(f"SELECT pg_advisory_xact_lock({_PG_RECEIPTS_KEY})"),
+}
 _LINK = (_MESSAGES.update().where(_MESSAGES.c.id == bindparam("pk"))
          .values(linked_id=bindparam("link")))
 
@@ -592,7 +600,8 @@ class Metadata:
         """Record one receipt; the blob row (and its attachments) only if new."""
         return self.add_messages([rec])[0]
 
-    def add_messages(self, recs: Sequence[MessageRecord]) -> list[StoredMessage]:
+    def add_messages(self, recs: Sequence[MessageRecord], *,
+                     exclusive: bool = False) -> list[StoredMessage]:
         """Record a batch of receipts in one transaction (group commit).
 
         Bulk inserts on a Core connection (one statement per table, ids back in
@@ -604,10 +613,19 @@ class Metadata:
         one.  The gateway records a message, then notes in its spool that it did; a
         crash between the two runs the archive stage again after the restart, and
         the message must still be archived once.
+
+        That check and the insert run under the receipts lock (:meth:`_receipts_lock`)
+        when a record is ``once``: shared by the archive writers, ``exclusive`` for
+        the catch-up (reports.rebuild.catch_up), which restores rows for ledger entries
+        a writer may be about to record; whichever comes second finds the other's row.
         """
         if not recs:
             return []
-        with self.engine.begin() as conn:
+        locked = exclusive or any(r.once for r in recs)
+        with (self._receipts_lock(exclusive) if locked else nullcontext(),
+              self.engine.begin() as conn):
+            if locked and self.dialect == "postgresql":
+                conn.execute(_PG_RECEIPTS_LOCK[exclusive], {"k": "coffer-receipts"})
             w = rows_for(conn)
             blob_ids: dict[str, int] = w.ids_by(
                 _BLOBS, "sha256", list(dict.fromkeys(r.sha256 for r in recs)))
@@ -622,6 +640,27 @@ class Metadata:
                 fresh_out = iter(self._insert(conn, w, rest, blob_ids, existing))
                 return [done[i] if i in done else next(fresh_out) for i in range(len(recs))]
             return self._insert(conn, w, recs, blob_ids, existing)
+
+    @contextmanager
+    def _receipts_lock(self, exclusive: bool) -> Iterator[None]:
+        """SQLite: a ``flock`` of ``meta.db.receipts-lock`` (PostgreSQL: an advisory lock
+        in the transaction, see add_messages), shared or exclusive.
+
+        The pysqlite driver reads before it begins the write transaction, so SQLite's
+        own writer lock does not cover the ``once`` check.  A new open file per use:
+        flock locks belong to the open file, and threads of one process (the
+        gateway's writer and its start-up catch-up) must exclude each other too.
+        """
+        database = self.engine.url.database
+        if self.dialect != "sqlite" or not database or database == ":memory:":
+            yield
+            return
+        fd = os.open(f"{database}.receipts-lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def _insert(self, conn: Connection, w: Rows, recs: Sequence[MessageRecord],
                 blob_ids: dict[str, int], existing: set[str]) -> list[StoredMessage]:

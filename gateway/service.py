@@ -407,6 +407,38 @@ async def index_loop(stage: ArchiveStage, cfg: Config, idle: float = 1.0, *,
         index.close()
 
 
+async def catch_up_at_start(stage: ArchiveStage) -> None:
+    """Restore the metadata rows of ledger messages the database lost (a power loss
+    takes its newest transactions), looking at the ledger tail only
+    (reports.rebuild.catch_up, tail_start).  One log line when it restored anything."""
+    from reports.rebuild import catch_up, tail_start
+
+    def run() -> Any:
+        res = catch_up(stage.archive, stage.meta, since=tail_start(stage.meta),
+                       progress=False)
+        if res.restored or res.audit_events:
+            from reports.common import record_audit
+
+            record_audit(stage.meta, stage.archive, "coffer serve", "rebuild-missing",
+                         result_count=res.restored,
+                         detail={"checked": res.checked, "since": res.since,
+                                 "receipts": res.receipts, "shredded": res.shredded,
+                                 "audit_events": res.audit_events,
+                                 "links": res.links, "warnings": res.warnings})
+        return res
+
+    try:
+        res = await asyncio.to_thread(run)
+    except Exception as exc:  # the database is down: `coffer archive rebuild --missing`
+        log.event("archive_catch_up_failed", level=logging.ERROR, error=describe(exc))
+        return
+    if res.restored or res.audit_events or res.warnings:
+        log.event("archive_caught_up", level=logging.WARNING, restored=res.restored,
+                  checked=res.checked, since=res.since, receipts=res.receipts,
+                  audit_events=res.audit_events,
+                  shredded=res.shredded, links=res.links, warnings=res.warnings[:20])
+
+
 def close_stages(stages: list[Stage]) -> None:
     for stage in stages:
         if isinstance(stage, CheckStage | SpamStage | EncryptStage):
@@ -436,6 +468,7 @@ class Service:
     _policy_task: asyncio.Task[None] | None = field(default=None, init=False)
     _health_task: asyncio.Task[None] | None = field(default=None, init=False)
     _seal_task: asyncio.Task[None] | None = field(default=None, init=False)
+    _catch_up_task: asyncio.Task[None] | None = field(default=None, init=False)
     _imap: EmbeddedImap | None = field(default=None, init=False)
     _bg: set[asyncio.Task[None]] = field(default_factory=set, init=False)
 
@@ -474,6 +507,10 @@ class Service:
         if archive is not None and self.worker_index == 0:
             # One process per node seals and mirrors the node's ledger chain.
             self._seal_task = asyncio.create_task(self._seal_loop(archive), name="ledger-seal")
+            # The rows a power loss took from the metadata database, in the background:
+            # mail flows meanwhile (the receipts lock keeps both from writing one twice).
+            self._catch_up_task = asyncio.create_task(catch_up_at_start(archive),
+                                                      name="archive-catch-up")
         if archive is not None:
             # One indexer per worker, each for what it archived; one writer at a time
             # across the cluster (index_loop).
@@ -510,8 +547,13 @@ class Service:
                 pass
             except Exception as exc:  # the worker's own failure: log, still exit cleanly
                 log.event("worker_failed", level=logging.ERROR, error=repr(exc))
+        if self._catch_up_task is not None:
+            # A thread cannot be cancelled: let it finish before its database is closed.
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self._catch_up_task),
+                                       timeout=self.drain_timeout)
         for task in (self._indexer_task, self._policy_task, self._health_task,
-                     self._seal_task):
+                     self._seal_task, self._catch_up_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

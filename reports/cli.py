@@ -125,6 +125,9 @@ def register(sub: SubParsers) -> None:
         "cannot be recovered).")
     rb.add_argument("--force", action="store_true",
                     help="replace an existing (e.g. damaged) metadata database")
+    rb.add_argument("--missing", action="store_true",
+                    help="keep the database; add only the rows of ledger messages it lacks "
+                    "(after a power loss or an older database backup)")
     rb.add_argument("--officer", metavar="NAME")
     rb.add_argument("--progress", action="store_true", default=None)
     rb.add_argument("--json", action="store_true",
@@ -308,6 +311,8 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
 
     loc = location_from_args(args)
     data_dir = loc.data_dir
+    if args.missing:
+        return _rebuild_missing(args, loc.data_dir, loc.database, loc.index)
     res = rebuild(data_dir, database=loc.database, index_engine=loc.index, force=args.force,
                   officer=current_officer(args.officer), progress=args.progress)
     if args.json:
@@ -316,6 +321,26 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
           f"{res.indexed} indexed, {res.receipts} with receipts, {res.links} copies linked), "
           f"{res.holds} legal holds and {res.audit_events} audit events from the ledger",
           file=sys.stderr)
+    for w in res.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _rebuild_missing(args: argparse.Namespace, data_dir: Path, database: str | None,
+                     index: str | None) -> int:
+    from reports.rebuild import rebuild_missing
+
+    if args.force:
+        print("coffer archive rebuild: --missing keeps the database, --force replaces it: "
+              "choose one", file=sys.stderr)
+        return EXIT_USAGE
+    res = rebuild_missing(data_dir, database=database, index_engine=index,
+                          officer=current_officer(args.officer), progress=args.progress)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(res), ensure_ascii=False))
+    print(f"checked {res.checked} ledger messages, restored {res.restored} missing rows "
+          f"({res.receipts} with receipts, {res.shredded} shredded, {res.links} copies "
+          "linked)", file=sys.stderr)
     for w in res.warnings:
         print(f"warning: {w}", file=sys.stderr)
     return EXIT_OK

@@ -59,6 +59,10 @@ detail, hence ``coffer audit log`` and the audit report.
 
 After a rebuild, archive.audit.check_database (``coffer archive audit-db``)
 finds the database consistent with the ledger.
+
+:func:`catch_up` (``coffer archive rebuild --missing``; ``coffer serve`` at start,
+over the ledger tail) keeps the database and adds only the rows of ledger messages
+it lacks, each restored as above (:func:`restored_record`) but with a new archive id.
 """
 
 from __future__ import annotations
@@ -68,8 +72,10 @@ import email.policy
 import email.utils
 import os
 import re
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -81,12 +87,21 @@ from archive.extract import Extracted, extract
 from archive.facade import Archive
 from archive.index import Indexer, open_index
 from archive.ledger import LedgerEntry
-from archive.metadata import Blob, Message, MessageRecord, Metadata, resolve_links, safe_url
+from archive.metadata import (
+    AuditEvent,
+    Blob,
+    Hold,
+    Message,
+    MessageRecord,
+    Metadata,
+    resolve_links,
+    safe_url,
+)
 from archive.receipts import RECEIPT, apply_receipt, parse_receipt
 from gateway import mailparse
 from reports.common import Progress, metadata_url, parse_utc, record_audit
 from reports.errors import RebuildError
-from reports.rebuild_log import event_id, restore_audit, restore_holds
+from reports.rebuild_log import LogRestore, event_id, restore_audit, restore_holds
 
 BATCH = 500
 _RECEIVED = re.compile(
@@ -180,9 +195,9 @@ class _Ledger:
     holds: list[LedgerEntry] = field(default_factory=list)
 
 
-def _read_ledger(archive: Archive) -> _Ledger:
+def _read_ledger(archive: Archive, entries: Iterable[LedgerEntry] | None = None) -> _Ledger:
     out = _Ledger()
-    for e in archive.ledger.entries():
+    for e in archive.ledger.entries() if entries is None else entries:
         if e.kind == "message_stored" and not is_message_entry(e):
             continue  # a receipt or ledger document: read through the entry naming it
         if e.kind == "message_stored":
@@ -261,20 +276,7 @@ def rebuild(data_dir: Path, *, database: str | None = None, index_engine: str | 
         wanted: list[Any] = []  # the archive id a writer recorded in the entry, if any
         rows: list[tuple[int, str, str | None]] = []  # (id, sha256, linked sha256)
         for entry in led.stored:
-            sha = str(entry.fields["sha256"])
-            if sha in led.tombstones:
-                # Kept as an expired row, so later archive ids stay what they were.
-                batch.append(shredded_record(entry))
-                result.shredded += 1
-            else:
-                try:
-                    raw = archive.get(sha)
-                except ArchiveError as exc:
-                    result.warnings.append(f"ledger seq {entry.seq}: {exc}")
-                    batch.append(shredded_record(entry))
-                else:
-                    batch.append(_with_receipt(archive, entry, record_from(entry, raw),
-                                               led.tombstones, result))
+            batch.append(restored_record(archive, entry, led.tombstones, result))
             wanted.append(entry.fields.get("archive_id"))
             if len(batch) >= BATCH:
                 _flush(meta, batch, wanted, result, rows)
@@ -301,6 +303,22 @@ def rebuild(data_dir: Path, *, database: str | None = None, index_engine: str | 
     return result
 
 
+def restored_record(archive: Archive, entry: LedgerEntry, tombstones: dict[str, datetime],
+                    result: RebuildResult | CatchUpResult) -> MessageRecord:
+    """The row of one ``message_stored`` entry, from the store and its receipt."""
+    sha = str(entry.fields["sha256"])
+    if sha in tombstones:
+        # Kept as an expired row, so later archive ids stay what they were.
+        result.shredded += 1
+        return shredded_record(entry)
+    try:
+        raw = archive.get(sha)
+    except ArchiveError as exc:
+        result.warnings.append(f"ledger seq {entry.seq}: {exc}")
+        return shredded_record(entry)
+    return _with_receipt(archive, entry, record_from(entry, raw), tombstones, result)
+
+
 def _restore_log(meta: Metadata, archive: Archive, led: _Ledger,
                  result: RebuildResult) -> None:
     """Holds and audit events from their ledger documents (reports.rebuild_log)."""
@@ -316,7 +334,8 @@ def _restore_log(meta: Metadata, archive: Archive, led: _Ledger,
 
 
 def _with_receipt(archive: Archive, entry: LedgerEntry, rec: MessageRecord,
-                  tombstones: dict[str, datetime], result: RebuildResult) -> MessageRecord:
+                  tombstones: dict[str, datetime],
+                  result: RebuildResult | CatchUpResult) -> MessageRecord:
     """Overlay the receipt blob the entry names (archive.receipts), when there is one:
     the envelope (Bcc), verdicts, decision, rule hits and retention end."""
     sha = entry.fields.get(RECEIPT)
@@ -372,3 +391,215 @@ def _flush(meta: Metadata, batch: list[MessageRecord], wanted: list[Any],
     result.blobs += sum(1 for s in stored if s.new_blob)
     batch.clear()
     wanted.clear()
+
+
+# -- catching up: the rows the database lost, the database kept ------------------------
+
+# How far before the newest row's receive time start-up looks in the ledger: covers the
+# time from a ledger append to its row's commit (one metadata batch), clocks a little
+# apart in a cluster or stepped back.  Not more: a busy gateway appends ~300,000
+# entries in ten minutes, about two seconds of parsing.
+TAIL_MARGIN = timedelta(minutes=10)
+
+
+@dataclass
+class CatchUpResult:
+    checked: int = 0  # message entries of the ledger looked at
+    restored: int = 0  # rows added
+    receipts: int = 0  # of them, restored with envelope and decision from a receipt
+    shredded: int = 0  # of them, expired rows (content shredded)
+    links: int = 0  # restored rows linked to another copy of their message
+    audit_events: int = 0  # audit events the ledger holds and the database had lost
+    since: str | None = None  # the ledger time the check started from; None: all of it
+    warnings: list[str] = field(default_factory=list)
+
+
+# sha256 -> (id, receive time, source) of each row holding those bytes
+_Rows = dict[str, list[tuple[int, datetime, str]]]
+
+
+def tail_start(meta: Metadata) -> datetime | None:
+    """Where the ledger may hold entries the database lost: the receive time of the
+    newest row the gateway wrote (our clock, unlike an import's Date), less
+    TAIL_MARGIN; None when there is no such row (look at the whole ledger).
+
+    A power loss loses the newest transactions (SQLite WAL, ``synchronous=NORMAL``);
+    each lost row's ledger entry was appended just before its commit, after the
+    newest row that survived was received.  Rows carry no ledger seq (the archive
+    stage writes none), so time is the cheap bound.
+    """
+    with meta.session() as s:
+        newest = s.scalar(select(Message.received_at).where(Message.source == "smtp")
+                          .order_by(Message.id.desc()).limit(1))
+    return None if newest is None else newest - TAIL_MARGIN
+
+
+def catch_up(archive: Archive, meta: Metadata, *, since: datetime | None = None,
+             progress: bool | None = None) -> CatchUpResult:
+    """Add the rows of ledger messages the database lacks, as a rebuild restores them.
+
+    Looks at the message entries appended since ``since`` (all: None).  A blob whose
+    entries outnumber its rows lacks rows; its entries' records (restored_record)
+    are matched to its rows by receipt key (blob, receive time, source), and the
+    newest unmatched ones are restored, never more than the shortfall.  They are
+    ``once`` records written under the exclusive receipts lock (Metadata.add_messages),
+    so an archive writer recording the same receipt meanwhile gets the same row, and
+    a second run restores nothing.  New ids (the database is kept); new blobs wait
+    unindexed for the indexer.  Imports write no receipt and no ``once`` row: do not
+    run this while ``coffer archive import`` writes.
+    """
+    result = CatchUpResult(since=since.isoformat() if since else None)
+    led = _read_ledger(archive, None if since is None else archive.ledger.entries_since(since))
+    result.checked = len(led.stored)
+    by_sha: dict[str, list[LedgerEntry]] = {}
+    for entry in led.stored:
+        by_sha.setdefault(str(entry.fields["sha256"]), []).append(entry)
+    bar = Progress("catch-up (blobs checked)", len(by_sha), enabled=progress)
+    missing: list[MessageRecord] = []
+    known: set[int] = set()  # the ids of rows holding the bytes of a missing one
+    shas = list(by_sha)
+    for i in range(0, len(shas), BATCH):  # bounded IN lists, and only these rows kept
+        rows = _rows_of(meta, shas[i:i + BATCH])
+        for sha in shas[i:i + BATCH]:
+            entries, held = by_sha[sha], rows.get(sha, [])
+            short = len(entries) - len(held)
+            if short > 0:
+                known.update(pk for pk, _, _ in held)
+                kept = Counter((when, source) for _, when, source in held)
+                for rec, one in _unmatched(archive, entries, kept, led.tombstones)[-short:]:
+                    missing.append(rec)
+                    result.receipts += one.receipts
+                    result.shredded += one.shredded
+                    result.warnings += one.warnings
+        bar.update(min(i + BATCH, len(shas)))
+    added: list[tuple[int, MessageRecord]] = []
+    for i in range(0, len(missing), BATCH):
+        batch = missing[i:i + BATCH]
+        for rec in batch:
+            rec.once = True
+        stored = meta.add_messages(batch, exclusive=True)
+        # A known id back: that receipt's row was there (in a race with a writer, the
+        # writer's new row is counted as restored here: it is not duplicated either way).
+        added += [(row.id, rec) for row, rec in zip(stored, batch, strict=True)
+                  if row.id not in known]
+    result.restored = len(added)
+    result.links = (_relink(meta, [(pk, rec.sha256, rec.link_sha256) for pk, rec in added])
+                    + _link_to_kept(meta, added))
+    restored_shas = {rec.sha256 for _, rec in added}
+    _mark_shredded(meta, {sha: t for sha, t in led.tombstones.items() if sha in restored_shas})
+    audit = _lost_audit(meta, archive, led.audits)
+    result.audit_events = audit.restored
+    result.warnings += audit.warnings + _lost_holds(meta, led.holds)
+    bar.done(len(by_sha))
+    return result
+
+
+def rebuild_missing(data_dir: Path, *, database: str | None = None,
+                    index_engine: str | None = None, officer: str = "unknown",
+                    progress: bool | None = None) -> CatchUpResult:
+    """``coffer archive rebuild --missing``: catch_up over the whole ledger, keeping the
+    database; the new blobs are indexed here unless a gateway's indexer holds the index
+    job (then it takes them).  Audited like a rebuild."""
+    archive = Archive.open(data_dir, create=False)
+    meta = Metadata(metadata_url(data_dir, database))
+    try:
+        meta.migrate()
+        result = catch_up(archive, meta, progress=progress)
+        if result.restored:
+            _index_pending(meta, archive, data_dir, index_engine)
+        record_audit(meta, archive, officer, "rebuild-missing", result_count=result.restored,
+                     detail={"checked": result.checked, "receipts": result.receipts,
+                             "audit_events": result.audit_events,
+                             "shredded": result.shredded, "links": result.links,
+                             "warnings": result.warnings})
+    finally:
+        meta.close()
+        archive.close()
+    return result
+
+
+def _index_pending(meta: Metadata, archive: Archive, data_dir: Path,
+                   index_engine: str | None) -> None:
+    from archive.joblock import JobLock
+
+    with JobLock("index", meta, data_dir).attempt() as mine:
+        if not mine:
+            return  # a running gateway's indexer has the job: it picks the blobs up
+        engine = index_engine or ("pg" if meta.dialect == "postgresql" else "fts5")
+        index = open_index(engine, data_dir=data_dir, meta=meta)
+        try:
+            Indexer(meta, index, archive.get).run()
+        finally:
+            index.close()
+
+
+def _lost_audit(meta: Metadata, archive: Archive, entries: list[LedgerEntry]) -> LogRestore:
+    """Audit events whose id the database lacks, from their ledger documents, with their
+    ids (reports.rebuild_log; before the catch-up records its own event, which could
+    otherwise take a lost event's id)."""
+    ids = {event_id(e) for e in entries} - {None}
+    if not ids:
+        return LogRestore()
+    with meta.session() as s:
+        have = set(s.scalars(select(AuditEvent.id).where(AuditEvent.id.in_(sorted(ids)))))
+    return restore_audit(meta, archive, [e for e in entries if event_id(e) not in have])
+
+
+def _lost_holds(meta: Metadata, entries: list[LedgerEntry]) -> list[str]:
+    """Holds the ledger placed and the database lacks.  Not restored here: a hold placed
+    after the lost rows names their old archive ids (the restored rows have new ones)."""
+    placed = {int(e.fields["hold"]): e for e in entries
+              if e.kind == "hold_placed" and isinstance(e.fields.get("hold"), int)}
+    if not placed:
+        return []
+    with meta.session() as s:
+        have = set(s.scalars(select(Hold.id).where(Hold.id.in_(sorted(placed)))))
+    return [f"ledger seq {e.seq}: legal hold {e.fields.get('case')!r} (id {hid}) is not in "
+            "the database and is not restored here: place it again (coffer hold create) "
+            "or rebuild with --force" for hid, e in placed.items() if hid not in have]
+
+
+def _rows_of(meta: Metadata, shas: list[str]) -> _Rows:
+    out: _Rows = {}
+    with meta.session() as s:
+        for pk, sha, when, source in s.execute(
+                select(Message.id, Message.sha256, Message.received_at, Message.source)
+                .where(Message.sha256.in_(shas))):
+            out.setdefault(sha, []).append((pk, when.astimezone(UTC), source))
+    return out
+
+
+def _unmatched(archive: Archive, entries: list[LedgerEntry],
+               kept: Counter[tuple[datetime, str]], tombstones: dict[str, datetime]
+               ) -> list[tuple[MessageRecord, CatchUpResult]]:
+    """The records of ``entries`` that no kept row holds (by receipt key), in order, each
+    with its own counts and warnings."""
+    left = Counter(kept)
+    out: list[tuple[MessageRecord, CatchUpResult]] = []
+    for entry in entries:
+        one = CatchUpResult()
+        rec = restored_record(archive, entry, tombstones, one)
+        key = (rec.received_at.astimezone(UTC), rec.source)
+        if left[key] > 0:
+            left[key] -= 1
+            continue
+        out.append((rec, one))
+    return out
+
+
+def _link_to_kept(meta: Metadata, added: list[tuple[int, MessageRecord]]) -> int:
+    """Link a restored copy whose other copy kept its row: the copies of one message
+    share its receive time (gateway.archive_stage.record_for)."""
+    pairs: list[tuple[int, int]] = []
+    with meta.session() as s:
+        for pk, rec in added:
+            if not rec.link_sha256 or s.scalar(select(Message.linked_id)
+                                               .where(Message.id == pk)):
+                continue
+            other = s.scalar(select(Message.id).where(
+                Message.sha256 == rec.link_sha256, Message.received_at == rec.received_at,
+                Message.id != pk).order_by(Message.id.desc()).limit(1))
+            if other is not None:
+                pairs.append((pk, other))
+    meta.link(pairs)
+    return len(pairs)

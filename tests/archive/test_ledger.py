@@ -11,6 +11,7 @@ import json
 import multiprocessing
 import os
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -241,3 +242,22 @@ def test_a_ledger_dropped_without_close_gives_its_lock_file_back(tmp_path: Path)
     gc.collect()
     with pytest.raises(OSError):
         os.fstat(fd)
+
+
+@pytest.mark.parametrize("segment_entries", [100, 1_000_000])
+def test_entries_since_reads_the_tail_from_any_segment_layout(
+        tmp_path: Path, segment_entries: int) -> None:
+    t0 = datetime(2026, 11, 1, tzinfo=UTC)
+    ticks = iter(range(10_000))
+    ledger = Ledger(tmp_path / "ledger", segment_entries=segment_entries,
+                    clock=lambda: t0 + timedelta(seconds=next(ticks)))
+    for i in range(0, 3000, 50):  # ~400 KB: the binary search, not the scan, finds it
+        ledger.append_many([("note", {"n": n, "pad": "x" * 80}) for n in range(i, i + 50)])
+    everything = list(ledger.entries())
+    for k in (0, 1, 1234, 2999):
+        since = datetime.fromisoformat(everything[k].time)
+        # One time per append: the entries of that batch before k are in the tail too.
+        want = [e.seq for e in everything if datetime.fromisoformat(e.time) >= since]
+        assert want[0] <= everything[k].seq
+        assert [e.seq for e in ledger.entries_since(since)] == want
+    assert list(ledger.entries_since(t0 + timedelta(days=1))) == []

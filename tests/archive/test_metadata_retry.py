@@ -3,6 +3,8 @@ row; other records (imports, tests) are never merged."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from archive_db import *  # noqa: F403 - fixtures: backend, meta, pg_admin
@@ -30,3 +32,38 @@ def test_the_same_bytes_received_again_later_are_a_second_message(meta: Metadata
     [d] = meta.add_messages([make_record(M1, received_at=T)])  # not marked: a new receipt
     assert len({a.id, b.id, c.id, d.id}) == 4 and a.blob_id == b.blob_id == c.blob_id
     assert not b.new_blob and not c.new_blob
+
+
+def _hold_exclusive(meta: Metadata) -> Callable[[], None]:
+    """Take the receipts lock as a catch-up does (exclusive); returns its release."""
+    if meta.dialect == "postgresql":
+        from archive.metadata import _PG_RECEIPTS_LOCK
+
+        conn = meta.engine.connect()
+        tx = conn.begin()
+        conn.execute(_PG_RECEIPTS_LOCK[True], {"k": "coffer-receipts"})
+
+        def release() -> None:
+            tx.commit()
+            conn.close()
+        return release
+    held = meta._receipts_lock(True)
+    held.__enter__()
+    return lambda: held.__exit__(None, None, None)
+
+
+def test_a_writer_waits_for_the_catch_up_before_it_checks_for_its_receipt(
+        meta: Metadata) -> None:
+    release = _hold_exclusive(meta)
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (
+        meta.add_messages([make_record(M1, received_at=T, once=True)]), done.set()))
+    worker.start()
+    try:
+        assert not done.wait(0.5)  # the archive writer (``once``) waits
+        # An import (not ``once``) takes no lock and is not held up.
+        meta.add_messages([make_record(M2, received_at=T, source="import")])
+    finally:
+        release()
+    worker.join(10)
+    assert done.is_set() and meta.count() == 2
