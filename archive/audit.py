@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -37,7 +37,7 @@ from archive.documents import append_documented, is_message_entry
 from archive.facade import Archive
 from archive.ledger import Ledger
 from archive.metadata import AuditEvent, Message, Metadata
-from archive.receipts import RECEIPT
+from archive.receipts import receipt_key
 from archive.search import AuditHook, audit, register_audit_hook, unregister_audit_hook
 
 __all__ = [
@@ -186,7 +186,7 @@ def check_database(meta: Metadata, ledger_dir: Path) -> list[DbFinding]:
     ``coffer archive verify`` proves the ledger itself)."""
     stored: Counter[str] = Counter()
     first_seq: dict[str, int] = {}
-    receipts: defaultdict[str, set[str]] = defaultdict(set)
+    receipts: set[str] = set()
     recovered: set[str] = set()
     tombstoned: set[str] = set()
     audit_events: dict[int, int] = {}
@@ -198,11 +198,10 @@ def check_database(meta: Metadata, ledger_dir: Path) -> list[DbFinding]:
             # A re-run of one receipt (the archive stage retried after its metadata write
             # failed: the same bytes, the same receipt) is one row, as the database keeps
             # it (Metadata: once per receipt); an entry without a receipt counts alone.
-            receipt = entry.fields.get(RECEIPT)
-            key = receipt if isinstance(receipt, str) else f"#{entry.seq}"
-            if key in receipts[sha]:
+            key = receipt_key(entry)
+            if key in receipts:
                 continue
-            receipts[sha].add(key)
+            receipts.add(key)
             stored[sha] += 1
             first_seq.setdefault(sha, entry.seq)
         elif entry.kind == "blob_recovered" and isinstance(sha, str):

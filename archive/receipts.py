@@ -41,7 +41,7 @@ from json.encoder import encode_basestring
 from typing import Any
 
 from archive.errors import ArchiveError
-from archive.ledger import Ledger
+from archive.ledger import Ledger, LedgerEntry
 from archive.metadata import MessageRecord
 from gateway.mailparse import ValueMemo
 
@@ -196,3 +196,17 @@ def receipts_of(ledger: Ledger, message_shas: Iterable[str]) -> dict[str, list[s
         if e.kind == "message_stored" and of in wanted:
             out.setdefault(str(of), []).append(str(e.fields["sha256"]))
     return out
+
+
+def receipt_key(entry: LedgerEntry) -> str:
+    """What a message entry (``message_stored``) records one receipt of: its blob and
+    receipt SHA-256s, or the entry itself when it names no receipt (imports, entries
+    from before receipts).  Two entries with one key are the same receipt written twice:
+    the archive stage ran again after its database write failed (a full disk, a lost
+    connection), and the database keeps one row for it, so rebuilds and checks count
+    one."""
+    receipt = entry.fields.get(RECEIPT)
+    if isinstance(receipt, str):
+        return f"{entry.fields.get('sha256')}/{receipt}"
+    return f"#{entry.seq}"
+

@@ -97,7 +97,7 @@ from archive.metadata import (
     resolve_links,
     safe_url,
 )
-from archive.receipts import RECEIPT, apply_receipt, parse_receipt
+from archive.receipts import RECEIPT, apply_receipt, parse_receipt, receipt_key
 from gateway import mailparse
 from reports.common import Progress, metadata_url, parse_utc, record_audit
 from reports.errors import RebuildError
@@ -197,11 +197,15 @@ class _Ledger:
 
 def _read_ledger(archive: Archive, entries: Iterable[LedgerEntry] | None = None) -> _Ledger:
     out = _Ledger()
+    receipts: set[str] = set()
     for e in archive.ledger.entries() if entries is None else entries:
         if e.kind == "message_stored" and not is_message_entry(e):
             continue  # a receipt or ledger document: read through the entry naming it
         if e.kind == "message_stored":
-            out.stored.append(e)
+            key = receipt_key(e)
+            if key not in receipts:  # else the same receipt again: one row (receipt_key)
+                receipts.add(key)
+                out.stored.append(e)
         elif e.kind == "tombstone":
             out.tombstones.setdefault(str(e.fields.get("sha256")), parse_utc(e.time))
         elif e.kind in ("hold_placed", "hold_released"):

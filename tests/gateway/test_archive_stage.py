@@ -143,7 +143,7 @@ def test_links_resolve_to_the_nearest_copy_when_the_same_bytes_recur() -> None:
     assert resolve_links([("a", None), ("b", "missing")]) == {}
 
 
-async def test_a_rerun_after_the_metadata_write_failed_is_one_row_and_audit_db_agrees(
+async def test_a_rerun_after_the_metadata_write_failed_is_one_row_for_audit_db_and_rebuild(
         rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
     # The store and the ledger took the message, then the database write failed (a full
     # disk): the queue defers it and runs the stage again.  The second run appends the
@@ -172,3 +172,14 @@ async def test_a_rerun_after_the_metadata_write_failed_is_one_row_and_audit_db_a
               if e.kind == "message_stored" and e.fields.get("qid") == "Q1"]
     assert len(stored) == 2  # the same receipt twice
     assert check_database(rig.meta, rig.archive.paths.ledger) == []
+    # A rebuild from the ledger restores the one row too, not two.
+    from reports.rebuild import rebuild
+
+    rebuilt_url = f"sqlite:///{rig.data / 'rebuilt.db'}"
+    result = rebuild(rig.data, database=rebuilt_url, progress=False)
+    assert result.messages == 1
+    rebuilt = Metadata(rebuilt_url)
+    try:
+        assert rebuilt.count() == 1
+    finally:
+        rebuilt.close()
