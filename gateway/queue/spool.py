@@ -297,6 +297,9 @@ class Spool:
         self._handoff_limit = 0
         self._handoff_lock = threading.Lock()
         self._fresh: dict[str, _Handoff] = {}  # claimed through a hand-off: for load
+        # Claims this process keeps between two attempts (retain): qid -> a descriptor
+        # sharing the claim's open file description, so its flock stays held.
+        self._retained: dict[str, int] = {}
 
     # -- paths ---------------------------------------------------------------
     def _path(self, qid: str, suffix: str) -> str:
@@ -405,8 +408,25 @@ class Spool:
         with self._handoff_lock:
             self._handoff_limit = limit
             gone = self._trim()
+            retained = list(self._retained.values()) if not limit else []
+            if not limit:
+                self._retained.clear()
         for h in gone:
             os.close(h.fd)
+        for fd in retained:
+            os.close(fd)
+
+    def retain(self, qid: str, fd: int) -> None:
+        """Go on holding the claim of ``fd`` (a claimed message's descriptor) after the
+        :meth:`claimed` block ends, until this process claims the message again: its
+        worker still has to write delivery results the disk refused, and no other
+        process may try the message before that.  Let go by ``keep_claims(0)``."""
+        dup = os.dup(fd)  # the flock belongs to the open file description both share
+        with self._handoff_lock:
+            old = self._retained.pop(qid, None)
+            self._retained[qid] = dup
+        if old is not None:
+            os.close(old)
 
     def _trim(self) -> list[_Handoff]:
         gone: list[_Handoff] = []
@@ -662,6 +682,17 @@ class Spool:
             finally:
                 del self._fresh[qid]
                 os.close(h.fd)
+            return
+        kept = None
+        if self._retained:
+            with self._handoff_lock:
+                kept = self._retained.pop(qid, None)
+        if kept is not None:
+            try:
+                st = os.fstat(kept)
+                yield (kept, st.st_size) if st.st_nlink > 0 else None
+            finally:
+                os.close(kept)
             return
         try:
             fd = os.open(self._path(qid, ".msg"), os.O_RDWR | os.O_APPEND)

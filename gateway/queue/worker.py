@@ -221,23 +221,33 @@ class QueueWorker:
             if claim is None:
                 return
             fd, size = claim
-            if qid in self._unrecorded:
-                # Raises while the disk is still full: nothing is tried before this is
-                # on disk (the message waits for the next scan).
-                await self._io(self.spool.append_events, qid, self._unrecorded[qid])
-                del self._unrecorded[qid]
             try:
-                # Read through the claim's descriptor: the file cannot go away now (and
-                # only its holder appends to it: the size is still right).
-                if size <= INLINE_READ_BYTES:
-                    msg = self.spool.load(qid, fd, size)
-                else:
-                    msg = await self._io(self.spool.load, qid, fd, size)
-            except SpoolError as exc:
-                # A damaged spool file: keep it for an operator, never guess.
-                await self._hold(qid, "spool", str(exc))
-                return
-            await self._process_claimed(msg, fd)
+                await self._process_fd(qid, fd, size)
+            except BaseException:
+                if qid in self._unrecorded:
+                    # Results the disk refused: no other worker process may take the
+                    # message before they are written (this one knows them).
+                    self.spool.retain(qid, fd)
+                raise
+
+    async def _process_fd(self, qid: str, fd: int, size: int) -> None:
+        if qid in self._unrecorded:
+            # Raises while the disk is still full: nothing is tried before this is on
+            # disk (the message waits for the next scan, its claim kept).
+            await self._io(self.spool.append_events, qid, self._unrecorded[qid])
+            del self._unrecorded[qid]
+        try:
+            # Read through the claim's descriptor: the file cannot go away now (and
+            # only its holder appends to it: the size is still right).
+            if size <= INLINE_READ_BYTES:
+                msg = self.spool.load(qid, fd, size)
+            else:
+                msg = await self._io(self.spool.load, qid, fd, size)
+        except SpoolError as exc:
+            # A damaged spool file: keep it for an operator, never guess.
+            await self._hold(qid, "spool", str(exc))
+            return
+        await self._process_claimed(msg, fd)
 
     # -- the loop ------------------------------------------------------------------
     async def _dispatch(self) -> None:

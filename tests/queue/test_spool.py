@@ -310,3 +310,24 @@ async def test_a_store_the_spool_threads_cannot_take_leaves_nothing_behind(
         await store_from_loop(spool, pool, _env(), b"x")
     assert spool.queue_ids() == []
     assert list(spool.tmp_dir.iterdir()) == []
+
+
+def test_a_retained_claim_outlives_its_block_until_claimed_again_or_let_go(
+        tmp_path: Path) -> None:
+    here, other = Spool(tmp_path), Spool(tmp_path)  # two worker processes' views
+    qid = here.store(Envelope("a@src.test", ["b@dst.test"]), b"Subject: x\r\n\r\nbody\r\n")
+    with here.claimed(qid) as fd:
+        assert fd is not None
+        here.retain(qid, fd)
+    with other.claimed(qid) as fd:
+        assert fd is None  # still held by `here`
+    with here.claimed(qid) as fd:
+        assert fd is not None  # taken over (and let go at the end of this block)
+    with other.claimed(qid) as fd:
+        assert fd is not None
+    with here.claimed(qid) as fd:
+        assert fd is not None
+        here.retain(qid, fd)
+    here.keep_claims(0)  # the worker stops: every retained claim is let go
+    with other.claimed(qid) as fd:
+        assert fd is not None

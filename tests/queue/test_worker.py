@@ -632,8 +632,8 @@ async def test_results_a_full_spool_could_not_take_are_written_before_any_retry(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The next hop took a@ (250) and deferred b@, and the disk was full when the worker
-    # recorded that: the retry must not deliver to a@ again (RFC 1047's window is for a
-    # crash, not for a full disk).
+    # recorded that: no retry, by this worker or another process's, may deliver to a@
+    # again (RFC 1047's window is for a crash, not for a full disk).
     nexthop.rules = {"b@dst.test": "450 4.2.0 Mailbox busy"}
     rig = make_rig()
     qid = rig.store("a@dst.test", "b@dst.test")
@@ -650,6 +650,12 @@ async def test_results_a_full_spool_could_not_take_are_written_before_any_retry(
     assert nexthop.delivered_to("a@dst.test") == 1
     clock.advance(61)
     await rig.worker.run_due()  # still full: nothing is tried before the results are kept
+    assert nexthop.mail_commands == 1
+    other = rig.new_worker()  # another worker process on the same spool
+    try:
+        await other.run_due()  # the claim is still held by the worker that knows a@
+    finally:
+        await other.stop(0)
     assert nexthop.mail_commands == 1
 
     disk_full = False
