@@ -14,9 +14,10 @@ operator action:
   left no damaged record behind) and ``coffer archive audit-db`` finds the database
   in agreement with the ledger.
 
-Two cases: the spool's free-space reserve (``queue.min_free_space``) refuses new mail
-before the disk is full, and with no reserve the disk really fills, so the archive's
-own writes hit ENOSPC too.
+Three cases: the spool's free-space reserve (``queue.min_free_space``) refuses new mail
+before the disk is full; with no reserve the disk really fills, so the archive's own
+writes hit ENOSPC too; and that again with the gateway killed (kill -9) while the disk
+is full and restarted once there is room, so its recovery meets the cut-short writes.
 """
 
 from __future__ import annotations
@@ -154,9 +155,10 @@ def _archived_tokens(mnt: Path) -> set[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("reserve", ["2M", "0"])
+@pytest.mark.parametrize(("reserve", "crash"), [("2M", False), ("0", False), ("0", True)],
+                         ids=["reserve", "no-reserve", "no-reserve-kill9"])
 def test_a_full_disk_loses_no_acknowledged_message_and_recovers_by_itself(
-    tmp_path: Path, small_fs: Path, procs: list[Gateway | Sink], reserve: str
+    tmp_path: Path, small_fs: Path, procs: list[Gateway | Sink], reserve: str, crash: bool
 ) -> None:
     sink = Sink(free_port(), tmp_path / "sink.jsonl")
     procs.append(sink.start())
@@ -182,7 +184,14 @@ def test_a_full_disk_loses_no_acknowledged_message_and_recovers_by_itself(
     assert set(codes) <= {250, 451, 452}, codes
     assert codes[250] >= 1 and codes[250] < MESSAGES, f"the disk never filled: {codes}"
 
-    filler.unlink()  # the operator makes room; nothing else is done
+    if crash:
+        # Killed while the disk is full, writes cut short everywhere; restarted with room.
+        gw.kill9()
+        filler.unlink()
+        gw = Gateway(cfg, port, tmp_path / "coffer-2.log")
+        procs.append(gw.start())
+    else:
+        filler.unlink()  # the operator makes room; nothing else is done
     spool = Spool(small_fs / "spool", fsync=False)
     wait_for(lambda: gw.alive() and not spool.queue_ids(), timeout=120,
              what="the queue to drain once there is room again")
