@@ -176,6 +176,11 @@ def test_a_full_disk_loses_no_acknowledged_message_and_recovers_by_itself(
         smtp.sendmail("alice@src.test", [f"{warm}@remote.test"], _message(warm))
     wait_for(lambda: warm in _archived_tokens(small_fs), timeout=30, what="the first message")
 
+    if crash:
+        # No delivery while the gateway may be killed: a kill between the next hop's 250
+        # and its record is RFC 1047's duplicate window (wider while the disk refuses the
+        # record), which this test is not about (see test_crash_kill9).
+        sink.stop()
     filler = _fill(small_fs, FREE_AT_START)
     burst = Burst(port)
     burst.run()
@@ -188,6 +193,7 @@ def test_a_full_disk_loses_no_acknowledged_message_and_recovers_by_itself(
         # Killed while the disk is full, writes cut short everywhere; restarted with room.
         gw.kill9()
         filler.unlink()
+        procs.append(sink.start())
         gw = Gateway(cfg, port, tmp_path / "coffer-2.log")
         procs.append(gw.start())
     else:
