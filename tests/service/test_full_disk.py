@@ -23,6 +23,7 @@ is full and restarted once there is room, so its recovery meets the cut-short wr
 from __future__ import annotations
 
 import base64
+import json
 import os
 import random
 import shutil
@@ -224,6 +225,20 @@ def test_a_full_disk_loses_no_acknowledged_message_and_recovers_by_itself(
     assert set(delivered) <= burst.acked, "delivered a message that was refused"
     archived = _archived_tokens(small_fs)
     assert not burst.acked - archived, "an acknowledged message was not archived"
+
+    # Searchable too: the indexer came through its own ENOSPC (it is paced: seconds).
+    def searchable() -> set[str]:
+        out = subprocess.run(
+            [sys.executable, "-m", "gateway", "search", "--config", str(cfg), "--json",
+             "--limit", "500", "--no-snippets", "--officer", "test", "subject:full"],
+            cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        rows = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+        return {str(r.get("message_id", "")).strip("<>").removesuffix("@src.test")
+                for r in rows}
+
+    wait_for(lambda: not burst.acked - searchable(), timeout=60,
+             what="every acknowledged message to be found by search")
 
     # The store and ledger are intact, and the database agrees with the ledger (no row
     # missing, none twice) although writes of all three were cut short.
