@@ -33,7 +33,6 @@ get no ``blobs``/``messages`` row: they are never indexed, searched or exported.
 from __future__ import annotations
 
 import json
-import marshal
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -43,7 +42,7 @@ from typing import Any
 from archive.errors import ArchiveError
 from archive.ledger import Ledger, LedgerEntry
 from archive.metadata import MessageRecord
-from gateway.mailparse import ValueMemo
+from gateway.mailparse import JsonFragments
 
 KIND = "coffer-receipt/1"
 RECEIPT_OF = "receipt_of"  # field of the receipt's own message_stored entry
@@ -89,29 +88,10 @@ def _document_text(rec: MessageRecord, envelope: Mapping[str, Any], qid: str) ->
 # The encoding of _document_text for documents of JSON types only: no default, so a
 # value of any other type raises and the general encoding takes the whole document.
 _STRICT = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-# The encoded decision and verdicts, by their marshal bytes.  The policy's rule trace
-# is most of a receipt, and the same trace recurs from message to message: encoding
-# it (its keys sorted at every level) was most of the receipt's CPU, marshalling it
-# is a fifth of that.  Equal marshal bytes mean equal values of the same exact types
-# in the same order (marshal refuses subclasses; True, 1 and 1.0 differ, as do -0.0
-# and 0.0), and a value is kept only after _STRICT encoded it, so it holds no bytes,
-# bytearray or other buffer (which marshal would not tell apart): equal bytes, equal
-# JSON.  tests/gateway/test_archive_stage_fastpaths.py holds this to _document_text.
-_FRAGMENTS: ValueMemo[bytes, str] = ValueMemo(limit=64)
-
-
-def _fragment(value: Any) -> str:
-    """``value`` as _STRICT encodes it, from _FRAGMENTS when it was seen before."""
-    if type(value) is not dict:
-        return _STRICT.encode(value)
-    try:
-        key = marshal.dumps(value)
-    except ValueError:  # a subclass or an object marshal does not know: no memo
-        return _STRICT.encode(value)
-    found = _FRAGMENTS.get(key)
-    if found is None:
-        found = _FRAGMENTS.keep(key, _STRICT.encode(value))
-    return found
+# The encoded decision and verdicts, by their marshal bytes (see JsonFragments).
+# tests/gateway/test_archive_stage_fastpaths.py holds this to _document_text.
+_FRAGMENTS = JsonFragments(_STRICT)
+_fragment = _FRAGMENTS.encode
 
 
 def _text(value: object) -> str:
