@@ -36,6 +36,8 @@ from sqlalchemy import Connection, Dialect, Select, Table, bindparam, insert, se
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.sql import elements, sqltypes
 
+from gateway.mailparse import JsonFragments
+
 Row = dict[str, Any]
 _Processor = Callable[[Any], Any] | None
 
@@ -140,6 +142,9 @@ def _bind_processor(impl: Any, dialect: Dialect) -> _Processor:
 
 
 _JSON_DEFAULT = json.JSONEncoder().default
+# json.dumps's text (the default encoder: ASCII, ", " and ": "), dict values by their
+# marshal bytes.
+_FRAGMENTS = JsonFragments(json.JSONEncoder())
 
 
 def _json_text(none_as_null: bool) -> Callable[[Any], Any]:
@@ -162,6 +167,9 @@ def _json_text(none_as_null: bool) -> Callable[[Any], Any]:
                 return None
         elif isinstance(value, elements.Null):
             return None
+        elif type(value) is dict:
+            # The decision's rule trace recurs from message to message (JsonFragments).
+            return _FRAGMENTS.encode(value)
         return "".join(c_make_encoder({}, _JSON_DEFAULT, encode_basestring_ascii, None,
                                       ": ", ", ", False, False, True)(value, 0))
 

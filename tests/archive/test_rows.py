@@ -236,6 +236,10 @@ def test_json_values_bind_as_sqlalchemys_json_processor_binds_them(none_as_null:
         {2: "int key", 1.5: "float key", None: "none key", True: "bool key"}, ("t", 1)]
     for value in values:
         assert ours(value) == theirs(value), value
+        assert ours(value) == theirs(value), value  # a dict's second time: from the memo
+    for typed in ({"x": True}, {"x": 1}, {"x": 1.0}, {"x": -0.0}, {"x": 0.0}, {"x": "1"},
+                  {"2": "a"}, {2: "a"}):  # equal as JSON or not: never confused
+        assert ours(typed) == theirs(typed), typed
     for bad in (loop, {"x": object()}, {("tuple", "key"): 1}):
         with pytest.raises((ValueError, TypeError)) as mine:
             ours(bad)
