@@ -411,20 +411,13 @@ async def catch_up_at_start(stage: ArchiveStage) -> None:
     """Restore the metadata rows of ledger messages the database lost (a power loss
     takes its newest transactions), looking at the ledger tail only
     (reports.rebuild.catch_up, tail_start).  One log line when it restored anything."""
-    from reports.rebuild import catch_up, tail_start
+    from reports.rebuild import audit_catch_up, catch_up, tail_start
 
     def run() -> Any:
         res = catch_up(stage.archive, stage.meta, since=tail_start(stage.meta),
                        progress=False)
         if res.restored or res.audit_events:
-            from reports.common import record_audit
-
-            record_audit(stage.meta, stage.archive, "coffer serve", "rebuild-missing",
-                         result_count=res.restored,
-                         detail={"checked": res.checked, "since": res.since,
-                                 "receipts": res.receipts, "shredded": res.shredded,
-                                 "audit_events": res.audit_events,
-                                 "links": res.links, "warnings": res.warnings})
+            audit_catch_up(stage.meta, stage.archive, "coffer serve", res)
         return res
 
     try:

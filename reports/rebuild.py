@@ -427,9 +427,10 @@ def tail_start(meta: Metadata) -> datetime | None:
     newest row the gateway wrote (our clock, unlike an import's Date), less
     TAIL_MARGIN; None when there is no such row (look at the whole ledger).
 
-    A power loss loses the newest transactions (SQLite WAL, ``synchronous=NORMAL``);
-    each lost row's ledger entry was appended just before its commit, after the
-    newest row that survived was received.  Rows carry no ledger seq (the archive
+    A database that lost rows lost its newest transactions (a power loss under
+    SQLite's former ``synchronous=NORMAL``, a PostgreSQL without synchronous commit, a
+    restored older backup); each lost row's ledger entry was appended just before its
+    commit, after the newest row that survived was received.  Rows carry no ledger seq (the archive
     stage writes none), so time is the cheap bound.
     """
     with meta.session() as s:
@@ -511,15 +512,21 @@ def rebuild_missing(data_dir: Path, *, database: str | None = None,
         result = catch_up(archive, meta, progress=progress)
         if result.restored:
             _index_pending(meta, archive, data_dir, index_engine)
-        record_audit(meta, archive, officer, "rebuild-missing", result_count=result.restored,
-                     detail={"checked": result.checked, "receipts": result.receipts,
-                             "audit_events": result.audit_events,
-                             "shredded": result.shredded, "links": result.links,
-                             "warnings": result.warnings})
+        audit_catch_up(meta, archive, officer, result)
     finally:
         meta.close()
         archive.close()
     return result
+
+
+def audit_catch_up(meta: Metadata, archive: Archive, officer: str,
+                   result: CatchUpResult) -> None:
+    """Record a catch-up as the audited action ``rebuild-missing`` (CLI and start-up)."""
+    record_audit(meta, archive, officer, "rebuild-missing", result_count=result.restored,
+                 detail={"checked": result.checked, "since": result.since,
+                         "receipts": result.receipts, "audit_events": result.audit_events,
+                         "shredded": result.shredded, "links": result.links,
+                         "warnings": result.warnings})
 
 
 def _index_pending(meta: Metadata, archive: Archive, data_dir: Path,
