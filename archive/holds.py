@@ -19,9 +19,12 @@ ledger) and leaves its own ledger entry (``hold_placed`` / ``hold_released``)
 holding the hold id, the case, the SHA-256 of the query and of the sorted item
 ids: ids and hashes, never addresses.  Each of those entries names an encrypted
 ledger document (archive.documents) with the hold in clear: case, query, reason,
-who and when, and the archive ids it froze (``coffer-hold/1``), or who released
-it and when (``coffer-hold-release/1``): ``coffer archive rebuild`` restores the
-hold, its items and its release from them (reports.rebuild_log).
+who and when, and the archive ids it froze with each one's blob SHA-256
+(``coffer-hold/1``), or who released it and when (``coffer-hold-release/1``):
+``coffer archive rebuild`` restores the hold, its items and its release from them,
+and ``coffer archive rebuild --missing`` (and ``coffer serve`` at start) the holds
+and releases a database lost, finding the held messages by their blobs
+(reports.rebuild_log).
 
 On the S3 store (issue 10) the storage enforces a hold too: every blob a hold
 records gets an S3 legal hold (Object Lock), so not even a direct DeleteObject
@@ -119,7 +122,11 @@ def create_hold(meta: Metadata, archive: Archive, searcher: Searcher, case: str,
     hold_id = meta.place_hold(case, query, who, ids, now, reason)
     doc = {"kind": HOLD_DOCUMENT, "hold": hold_id, "case": case, "query": query,
            "reason": reason, "created_at": now.isoformat(), "created_by": who,
-           "message_ids": sorted(set(ids))}
+           "message_ids": sorted(set(ids)),
+           # Ids are not forever: a database that lost its newest rows gets them back
+           # under new ids (coffer archive rebuild --missing), and hands the lost ids
+           # out again.  Each id's blob lets a catch-up find the held messages anyway.
+           "message_sha256": {str(pk): sha for pk, sha in sorted(_shas_of(meta, ids).items())}}
     _object_holds(meta, archive, ids, on=True)
     append_documented(archive, "hold_placed", doc, hold=hold_id, case=case,
                       query_sha256=sha256_text(query), items=len(ids),
@@ -183,6 +190,15 @@ def _object_holds(meta: Metadata, archive: Archive, ids: Iterable[int], *, on: b
             store.place_hold(sha)
         else:
             store.release_hold(sha)
+
+
+def _shas_of(meta: Metadata, ids: Iterable[int]) -> dict[int, str]:
+    ids = list(ids)
+    if not ids:
+        return {}
+    with meta.session() as s:
+        return {int(pk): str(sha) for pk, sha in s.execute(
+            select(Message.id, Message.sha256).where(meta.ids_condition(Message.id, ids)))}
 
 
 def _item_ids(meta: Metadata, hold_id: int) -> list[int]:

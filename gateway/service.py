@@ -416,7 +416,7 @@ async def catch_up_at_start(stage: ArchiveStage) -> None:
     def run() -> Any:
         res = catch_up(stage.archive, stage.meta, since=tail_start(stage.meta),
                        progress=False)
-        if res.restored or res.audit_events:
+        if res.restored or res.audit_events or res.holds or res.hold_releases:
             audit_catch_up(stage.meta, stage.archive, "coffer serve", res)
         return res
 
@@ -425,10 +425,11 @@ async def catch_up_at_start(stage: ArchiveStage) -> None:
     except Exception as exc:  # the database is down: `coffer archive rebuild --missing`
         log.event("archive_catch_up_failed", level=logging.ERROR, error=describe(exc))
         return
-    if res.restored or res.audit_events or res.warnings:
+    if res.restored or res.audit_events or res.holds or res.hold_releases or res.warnings:
         log.event("archive_caught_up", level=logging.WARNING, restored=res.restored,
                   checked=res.checked, since=res.since, receipts=res.receipts,
-                  audit_events=res.audit_events,
+                  audit_events=res.audit_events, holds=res.holds,
+                  hold_releases=res.hold_releases,
                   shredded=res.shredded, links=res.links, warnings=res.warnings[:20])
 
 

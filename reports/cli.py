@@ -340,7 +340,8 @@ def _rebuild_missing(args: argparse.Namespace, data_dir: Path, database: str | N
         print(json.dumps(dataclasses.asdict(res), ensure_ascii=False))
     print(f"checked {res.checked} ledger messages, restored {res.restored} missing rows "
           f"({res.receipts} with receipts, {res.shredded} shredded, {res.links} copies "
-          "linked)", file=sys.stderr)
+          f"linked), {res.audit_events} audit events, {res.holds} legal holds and "
+          f"{res.hold_releases} hold releases", file=sys.stderr)
     for w in res.warnings:
         print(f"warning: {w}", file=sys.stderr)
     return EXIT_OK

@@ -90,7 +90,6 @@ from archive.ledger import LedgerEntry
 from archive.metadata import (
     AuditEvent,
     Blob,
-    Hold,
     Message,
     MessageRecord,
     Metadata,
@@ -101,7 +100,13 @@ from archive.receipts import RECEIPT, apply_receipt, parse_receipt, receipt_key
 from gateway import mailparse
 from reports.common import Progress, metadata_url, parse_utc, record_audit
 from reports.errors import RebuildError
-from reports.rebuild_log import LogRestore, event_id, restore_audit, restore_holds
+from reports.rebuild_log import (
+    LogRestore,
+    event_id,
+    restore_audit,
+    restore_holds,
+    restore_lost_holds,
+)
 
 BATCH = 500
 _RECEIVED = re.compile(
@@ -414,6 +419,8 @@ class CatchUpResult:
     shredded: int = 0  # of them, expired rows (content shredded)
     links: int = 0  # restored rows linked to another copy of their message
     audit_events: int = 0  # audit events the ledger holds and the database had lost
+    holds: int = 0  # legal holds the database had lost
+    hold_releases: int = 0  # releases it had lost, of holds restored or kept
     since: str | None = None  # the ledger time the check started from; None: all of it
     warnings: list[str] = field(default_factory=list)
 
@@ -494,7 +501,10 @@ def catch_up(archive: Archive, meta: Metadata, *, since: datetime | None = None,
     _mark_shredded(meta, {sha: t for sha, t in led.tombstones.items() if sha in restored_shas})
     audit = _lost_audit(meta, archive, led.audits)
     result.audit_events = audit.restored
-    result.warnings += audit.warnings + _lost_holds(meta, led.holds)
+    # After the rows: a lost hold's frozen messages are found among them by blob.
+    holds = restore_lost_holds(meta, archive, led.holds)
+    result.holds, result.hold_releases = holds.restored, holds.released
+    result.warnings += audit.warnings + holds.warnings
     bar.done(len(by_sha))
     return result
 
@@ -525,6 +535,7 @@ def audit_catch_up(meta: Metadata, archive: Archive, officer: str,
     record_audit(meta, archive, officer, "rebuild-missing", result_count=result.restored,
                  detail={"checked": result.checked, "since": result.since,
                          "receipts": result.receipts, "audit_events": result.audit_events,
+                         "holds": result.holds, "hold_releases": result.hold_releases,
                          "shredded": result.shredded, "links": result.links,
                          "warnings": result.warnings})
 
@@ -554,20 +565,6 @@ def _lost_audit(meta: Metadata, archive: Archive, entries: list[LedgerEntry]) ->
     with meta.session() as s:
         have = set(s.scalars(select(AuditEvent.id).where(AuditEvent.id.in_(sorted(ids)))))
     return restore_audit(meta, archive, [e for e in entries if event_id(e) not in have])
-
-
-def _lost_holds(meta: Metadata, entries: list[LedgerEntry]) -> list[str]:
-    """Holds the ledger placed and the database lacks.  Not restored here: a hold placed
-    after the lost rows names their old archive ids (the restored rows have new ones)."""
-    placed = {int(e.fields["hold"]): e for e in entries
-              if e.kind == "hold_placed" and isinstance(e.fields.get("hold"), int)}
-    if not placed:
-        return []
-    with meta.session() as s:
-        have = set(s.scalars(select(Hold.id).where(Hold.id.in_(sorted(placed)))))
-    return [f"ledger seq {e.seq}: legal hold {e.fields.get('case')!r} (id {hid}) is not in "
-            "the database and is not restored here: place it again (coffer hold create) "
-            "or rebuild with --force" for hid, e in placed.items() if hid not in have]
 
 
 def _rows_of(meta: Metadata, shas: list[str]) -> _Rows:

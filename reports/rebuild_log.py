@@ -8,6 +8,13 @@ with their original ids (PostgreSQL's sequences are moved past them), so a
 ``hold:CASE`` search, ``coffer hold list`` and ``coffer audit log`` answer as
 before the loss.
 
+A catch-up (``coffer archive rebuild --missing``) keeps the database, so what it
+restores must fit beside what is there: :func:`restore_lost_holds` brings back the
+holds (and releases) whose case the database lacks, under their recorded id unless
+another hold has it since, and finds each held message by the blob SHA-256 its
+document records: the message's row may be back under a new id, and its old id may
+now be another message's.
+
 Entries written before documents existed are counted, never fatal: their audit
 events come back as the ledger knows them (ids, time, action, counts; officer,
 query, target and detail as SHA-256 only), and their holds are listed so each
@@ -30,7 +37,7 @@ from archive.ledger import LedgerEntry
 from archive.metadata import AuditEvent, Hold, HoldItem, Message, Metadata
 from reports.common import parse_utc
 
-__all__ = ["LogRestore", "event_id", "restore_audit", "restore_holds"]
+__all__ = ["LogRestore", "event_id", "restore_audit", "restore_holds", "restore_lost_holds"]
 
 
 @dataclass
@@ -38,6 +45,7 @@ class LogRestore:
     """What one restore step brought back, and what it could only report."""
 
     restored: int = 0
+    released: int = 0  # releases restored for holds that stayed (restore_lost_holds)
     without_document: int = 0  # entries older than ledger documents
     warnings: list[str] = field(default_factory=list)
 
@@ -252,3 +260,124 @@ def _release(s: Session, ids: _HoldIds, doc: dict[str, Any], e: LedgerEntry,
         return
     hold.released_at = parse_utc(str(doc["released_at"]))
     hold.released_by = str(doc.get("released_by") or "")
+
+
+# -- catching up: holds the database lost, beside the ones it kept ---------------------
+
+BATCH = 500  # SHA-256 values per IN list
+
+
+def restore_lost_holds(meta: Metadata, archive: Archive, entries: list[LedgerEntry]
+                       ) -> LogRestore:
+    """The holds whose case the database lacks and the releases it lacks, in ledger order.
+
+    A hold's case is used once, so a case the database does not know is a hold it
+    lost.  Its frozen messages are matched by blob (:func:`held_rows`); a release is
+    restored for a hold restored here, or for a kept hold whose id the release names
+    and which the database still shows active (the release was lost, the hold was not).
+    """
+    out = LogRestore()
+    with meta.session() as s:
+        kept = {h.case: (h.id, h.released_at) for h in s.scalars(select(Hold))}
+    lost = {str(e.fields.get("case")) for e in entries
+            if e.kind == "hold_placed" and str(e.fields.get("case")) not in kept}
+    wanted = [e for e in entries if str(e.fields.get("case")) in lost
+              or (e.kind == "hold_released" and _release_lost(e, kept))]
+    if not wanted:
+        return out
+    docs = _hold_documents(archive, wanted, out)
+    taken = {hid for hid, _ in kept.values()}
+    rows: dict[str, int] = {case: hid for case, (hid, _) in kept.items()}
+    with meta.session() as s:
+        for e, doc in docs:
+            try:
+                if e.kind == "hold_placed":
+                    _place_lost(meta, s, doc, e, taken, rows, out)
+                else:
+                    _release_by_case(s, rows, doc, e, out)
+            except (KeyError, TypeError, ValueError) as exc:
+                out.warnings.append(f"ledger seq {e.seq}: malformed {e.kind} document "
+                                    f"({exc!r})")
+    if out.restored:
+        _advance_sequence(meta, "holds")
+    return out
+
+
+def _release_lost(e: LedgerEntry, kept: dict[str, tuple[int, Any]]) -> bool:
+    """A release entry for a hold the database kept and still shows active."""
+    known = kept.get(str(e.fields.get("case")))
+    return known is not None and known[1] is None and e.fields.get("hold") == known[0]
+
+
+def _place_lost(meta: Metadata, s: Session, doc: dict[str, Any], e: LedgerEntry,
+                taken: set[int], rows: dict[str, int], out: LogRestore) -> None:
+    hold = _hold_row(doc)
+    if hold.case in rows:
+        out.warnings.append(f"ledger seq {e.seq}: hold {hold.case} placed a second time; "
+                            "this later one is NOT restored (a case name is used once)")
+        return
+    if hold.id in taken:  # handed out again since the loss, to another case
+        recorded, hold.id = hold.id, max(taken) + 1
+        out.warnings.append(f"ledger seq {e.seq}: hold {hold.case}: id {recorded} is "
+                            f"another hold's now; restored as {hold.id}")
+    taken.add(hold.id)
+    rows[hold.case] = hold.id
+    held, unmatched = held_rows(meta, s, doc)
+    s.add(hold)
+    s.flush()  # the hold row before its items (foreign key)
+    s.add_all(HoldItem(hold_id=hold.id, message_pk=pk) for pk in held)
+    if unmatched:
+        out.warnings.append(
+            f"ledger seq {e.seq}: hold {hold.case}: {unmatched} of its "
+            f"{len(doc.get('message_ids') or [])} held message(s) could not be found by "
+            "their blob (a document from before blob hashes were recorded, or a message "
+            "not restored); the hold's query still keeps every message it matches")
+    out.restored += 1
+
+
+def held_rows(meta: Metadata, s: Session, doc: dict[str, Any]) -> tuple[list[int], int]:
+    """(the row ids a hold document's frozen messages have now, how many were not found).
+
+    A recorded id is trusted only while its row still holds the recorded blob; else
+    every row of that blob is held (the restored row, and any other copy of the same
+    bytes: holding more than was frozen is safe, less is not).  Documents without the
+    blob hashes (written before them) find nothing.
+    """
+    ids = sorted({int(i) for i in doc.get("message_ids") or []})
+    shas = {int(k): str(v) for k, v in (doc.get("message_sha256") or {}).items()}
+    wanted = sorted({shas[i] for i in ids if i in shas})
+    now: dict[int, str] = {}
+    by_sha: dict[str, list[int]] = {}
+    if shas:
+        now = {int(pk): str(sha) for pk, sha in s.execute(
+            select(Message.id, Message.sha256).where(
+                meta.ids_condition(Message.id, list(shas))))}
+    for i in range(0, len(wanted), BATCH):
+        for pk, blob in s.execute(select(Message.id, Message.sha256)
+                                  .where(Message.sha256.in_(wanted[i:i + BATCH]))):
+            by_sha.setdefault(str(blob), []).append(int(pk))
+    held: set[int] = set()
+    unmatched = 0
+    for pk in ids:
+        sha = shas.get(pk)
+        if sha is not None and now.get(pk) == sha:
+            held.add(pk)
+        elif sha is not None and by_sha.get(sha):
+            held.update(by_sha[sha])
+        else:
+            unmatched += 1
+    return sorted(held), unmatched
+
+
+def _release_by_case(s: Session, rows: dict[str, int], doc: dict[str, Any], e: LedgerEntry,
+                     out: LogRestore) -> None:
+    case = str(doc["case"])
+    hold = s.get(Hold, rows[case]) if case in rows else None
+    if hold is None or hold.case != case:
+        out.warnings.append(f"ledger seq {e.seq}: release of hold {case!r}, "
+                            "which was not restored")
+        return
+    if hold.released_at is None:
+        hold.released_at = parse_utc(str(doc["released_at"]))
+        hold.released_by = str(doc.get("released_by") or "")
+        out.released += 1

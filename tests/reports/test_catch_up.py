@@ -13,6 +13,7 @@ from metadata_db import Db
 
 from archive.audit import check_database
 from archive.facade import Archive
+from archive.holds import HoldInfo, get_hold
 from archive.index import Indexer
 from archive.search import Searcher
 from gateway.archive_stage import ArchiveStage, record_for
@@ -20,6 +21,7 @@ from gateway.cli import main
 from gateway.envelope import Envelope, TlsInfo
 from gateway.pipeline import MessageContext
 from reports.rebuild import catch_up, tail_start
+from reports.rebuild_log import held_rows
 
 CHECK = {"spf": {"result": "pass"}, "dkim": [{"result": "pass"}], "dmarc": {"result": "pass"}}
 T0 = 1709283600.0
@@ -213,19 +215,90 @@ def test_rebuild_missing_and_force_are_not_given_together(
     assert "choose one" in capsys.readouterr().err
 
 
-async def test_a_legal_hold_the_database_lost_is_named_in_the_warnings(
+def hold_of(db: Db, case: str) -> tuple[HoldInfo, list[str]]:
+    """The hold and the blob sha256 of each message it holds (ids change)."""
+    with db.open() as meta, meta.session() as s:
+        from archive.metadata import Message
+
+        info = get_hold(meta, case, missing_ok=False, with_ids=True)
+        assert info is not None
+        shas = sorted(s.scalars(sa.select(Message.sha256)
+                                .where(Message.id.in_(info.message_ids))))
+        return info, shas
+
+
+def lose_holds(db: Db) -> None:
+    """The holds were written after the lost rows: they went with them."""
+    with db.open() as meta, meta.engine.begin() as c:
+        c.execute(sa.text("DELETE FROM hold_items"))
+        c.execute(sa.text("DELETE FROM holds"))
+
+
+async def test_a_legal_hold_the_database_lost_comes_back_holding_its_message_by_blob(
         db: Db, capsys: pytest.CaptureFixture[str]) -> None:
     await archive(db, [context(n) for n in range(3)])
     assert main(["hold", "create", "C-LOST", "--query", "zebra2quill", "--officer", "olga",
+                 "--reason", "litigation 7", *db.cli()]) == 0
+    placed, frozen = hold_of(db, "C-LOST")
+    assert len(frozen) == 1
+    lose_newest(db, 1)  # message 2 itself: its row comes back under another id
+    lose_holds(db)
+    # Mail and an officer go on after the loss: the new row and the new hold may be
+    # handed the lost ones' ids (SQLite reuses a deleted last id).
+    await archive(db, [context(7)])
+    assert main(["hold", "create", "C-NEW", "--query", "zebra7quill", "--officer", "otto",
                  *db.cli()]) == 0
-    lose_newest(db, 1)
-    with db.open() as meta, meta.engine.begin() as c:  # the hold was written after it
-        c.execute(sa.text("DELETE FROM hold_items"))
-        c.execute(sa.text("DELETE FROM holds"))
+
     out = rebuild_missing(db, capsys)
-    assert out["restored"] == 1
-    [warning] = out["warnings"]  # type: ignore[misc]
-    assert "C-LOST" in str(warning) and "coffer hold create" in str(warning)
+    assert (out["restored"], out["holds"], out["hold_releases"]) == (1, 1, 0)
+    restored, shas = hold_of(db, "C-LOST")
+    assert shas == frozen  # message 2's blob, not the message that took its id
+    assert (restored.query, restored.reason, restored.created_by, restored.created_at,
+            restored.active) == ("zebra2quill", "litigation 7", "olga", placed.created_at, True)
+    assert hold_of(db, "C-NEW")[0].case == "C-NEW"  # kept as it is
+    if restored.id != placed.id:
+        assert any("C-LOST" in str(w) and "restored as" in str(w)
+                   for w in out["warnings"])  # type: ignore[union-attr]
+    again = rebuild_missing(db, capsys)
+    assert (again["holds"], again["hold_releases"]) == (0, 0)  # idempotent
+    with db.open() as meta:
+        [event, _] = [e for e in meta.audit_events() if e.action == "rebuild-missing"]
+        assert event.detail["holds"] == 1
+    assert errors(db) == []
+
+
+async def test_a_release_the_database_lost_is_restored_for_the_hold_it_kept(
+        db: Db, capsys: pytest.CaptureFixture[str]) -> None:
+    await archive(db, [context(n) for n in range(2)])
+    assert main(["hold", "create", "C-1", "--query", "zebra1quill", *db.cli()]) == 0
+    assert main(["hold", "release", "C-1", "--officer", "rita", *db.cli()]) == 0
+    released = hold_of(db, "C-1")[0]
+    with db.open() as meta, meta.engine.begin() as c:  # the release's transaction is lost
+        c.execute(sa.text("UPDATE holds SET released_at = NULL, released_by = NULL"))
+    assert hold_of(db, "C-1")[0].active
+
+    out = rebuild_missing(db, capsys)
+    assert (out["holds"], out["hold_releases"]) == (0, 1)
+    info = hold_of(db, "C-1")[0]
+    assert (info.active, info.released_by, info.released_at) == (
+        False, "rita", released.released_at)
+    assert rebuild_missing(db, capsys)["hold_releases"] == 0
+
+
+async def test_a_hold_document_without_blob_hashes_finds_no_message_by_a_bare_id(
+        db: Db) -> None:
+    await archive(db, [context(n) for n in range(2)])
+    with db.open() as meta, meta.session() as s:
+        from archive.metadata import Message
+
+        ids = sorted(s.scalars(sa.select(Message.id)))
+        sha = s.scalar(sa.select(Message.sha256).where(Message.id == ids[1]))
+        old = {"message_ids": ids}  # before blob hashes: an id alone is not trusted
+        assert held_rows(meta, s, old) == ([], 2)
+        moved = {"message_ids": [999], "message_sha256": {"999": sha}}
+        assert held_rows(meta, s, moved) == ([ids[1]], 0)
+        wrong = {"message_ids": [ids[0]], "message_sha256": {str(ids[0]): sha}}
+        assert held_rows(meta, s, wrong) == ([ids[1]], 0)  # the id is another blob's now
 
 
 async def test_audit_events_the_database_lost_come_back_from_the_ledger(
