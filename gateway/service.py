@@ -345,7 +345,7 @@ class _StageIndexer(Indexer):
             if ex is None:
                 missed.append((blob_id, sha256))
             else:
-                out.append(IndexDoc.from_extracted(blob_id, ex))
+                out.append(IndexDoc.from_extracted(blob_id, ex, sha256))
         return out + super().docs(missed) if missed else out
 
 

@@ -50,11 +50,17 @@ class IndexDoc:
     attachment: str = ""  # extracted attachment text
     filename: str = ""  # attachment names, one per line
     participants: str = ""  # header names and addresses
+    # The blob's SHA-256 ("": not known).  An id the index already holds with the same
+    # blob is not added again; with another blob (or not known), the new document
+    # replaces the old one: a metadata database that lost its newest rows (a power
+    # loss, an older copy restored) hands their blob ids out again, to other messages,
+    # while the index file kept the lost ones' documents.
+    sha256: str = ""
 
     @classmethod
-    def from_extracted(cls, doc_id: int, ex: Extracted) -> IndexDoc:
+    def from_extracted(cls, doc_id: int, ex: Extracted, sha256: str = "") -> IndexDoc:
         return cls(doc_id, ex.subject, ex.body, ex.attachment_text(), ex.attachment_names(),
-                   ex.participants_text())
+                   ex.participants_text(), sha256)
 
     def field(self, name: str) -> str:
         return str(getattr(self, name))
@@ -64,7 +70,11 @@ class Index(Protocol):
     name: str
 
     def add(self, docs: Iterable[IndexDoc]) -> int:
-        """Index a batch (one transaction); documents already present are skipped."""
+        """Index a batch (one transaction); how many ids are new to the index.
+
+        An id already present with the same blob (IndexDoc.sha256) is left as it is;
+        with another blob, or one not known, its document is replaced: the id names
+        the new document only, and every later search answers for it."""
 
     def delete(self, ids: Iterable[int]) -> None:
         """Remove documents (expiry): their ids never match again."""
@@ -145,7 +155,7 @@ class Indexer:
                 raw = self.fetch(sha256)
             except ArchiveError:
                 continue  # shredded or missing: verify reports it, the index skips it
-            out.append(IndexDoc.from_extracted(blob_id, extract(raw, self.limits)))
+            out.append(IndexDoc.from_extracted(blob_id, extract(raw, self.limits), sha256))
         return out
 
     def run_once(self, batch: int = 500) -> int:

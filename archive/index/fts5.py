@@ -5,9 +5,13 @@ positions, per-column sizes for bm25) but not the text, so the index file holds 
 little of the message as a word index can.  Document ids are the rowids.
 
 Deleting from a contentless table needs ``contentless_delete=1`` (SQLite 3.43+).
-On older SQLite the index records deleted ids in a ``deleted`` table and excludes
-them from every search; their terms stay until ``coffer archive reindex``
-rebuilds the index from the store.
+On older SQLite the index records deleted rowids in a ``deleted`` table and
+excludes them from every search; their terms stay until ``coffer archive reindex``
+rebuilds the index from the store.  Replacing a document there (an id handed out
+again for another blob, see IndexDoc.sha256) cannot reuse its rowid: the new
+document goes in under a fresh negative rowid, the ``moved`` table maps it back to
+the id, and the old rowid is recorded as deleted.  ``present`` keeps each id's blob
+SHA-256, so adding the same blob again is a no-op.
 """
 
 from __future__ import annotations
@@ -99,6 +103,7 @@ class Fts5Index:
 
     def _create(self) -> None:
         if self.db.execute("SELECT 1 FROM sqlite_master WHERE name='docs'").fetchone():
+            self._upgrade()
             return
         delete = _has_contentless_delete()
         options = ", contentless_delete=1" if delete else ""
@@ -111,12 +116,28 @@ class Fts5Index:
             self.db.execute(
                 f"CREATE VIRTUAL TABLE docs USING fts5({', '.join(_COLUMNS)}, content=''"
                 f"{options}, tokenize='unicode61 remove_diacritics 2')")
-            # Which ids are in the index (FTS5 cannot answer that for contentless rows).
-            self.db.execute("CREATE TABLE present (id INTEGER PRIMARY KEY)")
-            self.db.execute("CREATE TABLE deleted (id INTEGER PRIMARY KEY)")
+            # Which ids are in the index, and of which blob (FTS5 cannot answer that for
+            # contentless rows).
+            self.db.execute("CREATE TABLE present (id INTEGER PRIMARY KEY, sha256 TEXT)")
+            self.db.execute("CREATE TABLE deleted (id INTEGER PRIMARY KEY)")  # rowids
+            self.db.execute("CREATE TABLE moved (id INTEGER PRIMARY KEY, "
+                            "rowid_now INTEGER UNIQUE NOT NULL)")
             self.db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
             self.db.execute("INSERT INTO meta VALUES ('contentless_delete', ?)",
                             ("1" if delete else "0",))
+
+    def _upgrade(self) -> None:
+        """An index file from before blob hashes: ``present.sha256`` (NULL: not known,
+        so the next document under that id replaces it) and ``moved``."""
+        if self.db.execute("SELECT 1 FROM sqlite_master WHERE name='moved'").fetchone():
+            return
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")  # other processes open it at the same time
+            if self.db.execute("SELECT 1 FROM sqlite_master WHERE name='moved'").fetchone():
+                return
+            self.db.execute("ALTER TABLE present ADD COLUMN sha256 TEXT")
+            self.db.execute("CREATE TABLE moved (id INTEGER PRIMARY KEY, "
+                            "rowid_now INTEGER UNIQUE NOT NULL)")
 
     def add(self, docs: Iterable[IndexDoc]) -> int:
         # One query for the ids already present and one executemany per table: the
@@ -129,21 +150,57 @@ class Fts5Index:
         try:
             with self.db:
                 self.db.execute("BEGIN")
-                present = {row[0] for row in self.db.execute(
-                    "SELECT id FROM present WHERE id IN (SELECT value FROM json_each(?))",
-                    (json.dumps(list(batch)),))}
-                # Same id, same content: blobs are content-addressed.
+                # id -> its blob, or None where it must be replaced: not known, or
+                # deleted (older SQLite keeps a deleted id in ``present``).
+                present: dict[int, str | None] = {
+                    i: None if gone else sha for i, sha, gone in self.db.execute(
+                        "SELECT p.id, p.sha256, coalesce(m.rowid_now, p.id) IN "
+                        "(SELECT id FROM deleted) FROM present p LEFT JOIN moved m "
+                        "ON m.id = p.id WHERE p.id IN (SELECT value FROM json_each(?))",
+                        (json.dumps(list(batch)),))}
                 new = [d for i, d in batch.items() if i not in present]
-                self.db.executemany(
-                    "INSERT INTO docs(rowid, subject, body, attachment, filename, "
-                    "participants) VALUES (?, ?, ?, ?, ?, ?)",
-                    [(d.doc_id, d.subject, d.body, d.attachment, d.filename, d.participants)
-                     for d in new])
-                self.db.executemany("INSERT INTO present VALUES (?)",
-                                    [(d.doc_id,) for d in new])
+                self._insert(new, [d.doc_id for d in new])
+                self.db.executemany("INSERT INTO present VALUES (?, ?)",
+                                    [(d.doc_id, d.sha256 or None) for d in new])
+                # Same id, same blob: the same document.  Else the id was handed out
+                # again (IndexDoc.sha256): the new document replaces the old one.
+                self._replace([d for i, d in batch.items() if i in present
+                               and not (d.sha256 and d.sha256 == present[i])])
         except sqlite3.Error as exc:
             raise FullTextError(f"{self.path}: cannot add to the index: {exc}") from exc
         return len(new)
+
+    def _insert(self, docs: list[IndexDoc], rowids: list[int]) -> None:
+        self.db.executemany(
+            "INSERT INTO docs(rowid, subject, body, attachment, filename, "
+            "participants) VALUES (?, ?, ?, ?, ?, ?)",
+            [(r, d.subject, d.body, d.attachment, d.filename, d.participants)
+             for r, d in zip(rowids, docs, strict=True)])
+
+    def _replace(self, docs: list[IndexDoc]) -> None:
+        """Put ``docs`` in place of the documents their ids have (in the open transaction)."""
+        if not docs:
+            return
+        if self.contentless_delete:
+            self.db.executemany("DELETE FROM docs WHERE rowid=?", [(d.doc_id,) for d in docs])
+            self._insert(docs, [d.doc_id for d in docs])
+        else:
+            # The old terms cannot be taken out: hide their rowid, use a new one.
+            low = int(self.db.execute("SELECT min(0, coalesce(min(rowid_now), 0)) FROM moved"
+                                      ).fetchone()[0])
+            rowids = [low - n for n in range(1, len(docs) + 1)]
+            self.db.executemany("INSERT OR IGNORE INTO deleted VALUES (?)",
+                                [(self._rowid(d.doc_id),) for d in docs])
+            self._insert(docs, rowids)
+            self.db.executemany("INSERT OR REPLACE INTO moved VALUES (?, ?)",
+                                [(d.doc_id, r) for d, r in zip(docs, rowids, strict=True)])
+        self.db.executemany("UPDATE present SET sha256=? WHERE id=?",
+                            [(d.sha256 or None, d.doc_id) for d in docs])
+
+    def _rowid(self, doc_id: int) -> int:
+        """Where the terms of ``doc_id``'s document are now."""
+        row = self.db.execute("SELECT rowid_now FROM moved WHERE id=?", (doc_id,)).fetchone()
+        return doc_id if row is None else int(row[0])
 
     def delete(self, ids: Iterable[int]) -> None:
         with self.db:
@@ -153,7 +210,8 @@ class Fts5Index:
                     self.db.execute("DELETE FROM docs WHERE rowid=?", (i,))
                     self.db.execute("DELETE FROM present WHERE id=?", (i,))
                 else:
-                    self.db.execute("INSERT OR IGNORE INTO deleted VALUES (?)", (i,))
+                    self.db.execute("INSERT OR IGNORE INTO deleted VALUES (?)",
+                                    (self._rowid(i),))
 
     def search(self, query: Node, *, scored: bool = True) -> dict[int, float]:
         expr = match_expression(query)
@@ -163,6 +221,8 @@ class Fts5Index:
             sql += " AND rowid NOT IN (SELECT id FROM deleted)"
         try:
             rows = self.db.execute(sql, (expr,)).fetchall()
+            if any(r[0] < 0 for r in rows):  # replaced documents (see _replace)
+                rows = self._moved_back(rows)
             if not scored:
                 return dict.fromkeys([r[0] for r in rows], 0.0)
             # bm25 is lower-is-better; the interface wants higher-is-better.
@@ -170,10 +230,16 @@ class Fts5Index:
         except sqlite3.Error as exc:
             raise FullTextError(f"full-text query {expr!r} failed: {exc}") from exc
 
+    def _moved_back(self, rows: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        ids = dict(self.db.execute(
+            "SELECT rowid_now, id FROM moved WHERE rowid_now IN "
+            "(SELECT value FROM json_each(?))", (json.dumps([r[0] for r in rows if r[0] < 0]),)))
+        return [(ids[r[0]], *r[1:]) if r[0] < 0 else r for r in rows if r[0] in ids or r[0] >= 0]
+
     def count(self) -> int:
         row = self.db.execute(
-            "SELECT (SELECT count(*) FROM present) - "
-            "(SELECT count(*) FROM deleted WHERE id IN (SELECT id FROM present))").fetchone()
+            "SELECT count(*) FROM present p LEFT JOIN moved m ON m.id = p.id "
+            "WHERE coalesce(m.rowid_now, p.id) NOT IN (SELECT id FROM deleted)").fetchone()
         return int(row[0])
 
     def optimize(self) -> None:
@@ -185,6 +251,7 @@ class Fts5Index:
             self.db.execute("INSERT INTO docs(docs) VALUES ('delete-all')")
             self.db.execute("DELETE FROM present")
             self.db.execute("DELETE FROM deleted")
+            self.db.execute("DELETE FROM moved")
 
     def close(self) -> None:
         self.db.close()

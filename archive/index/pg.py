@@ -86,25 +86,34 @@ class PgIndex:
             raise FullTextError(f"cannot create the PostgreSQL full-text table: {exc}") from exc
 
     def add(self, docs: Iterable[IndexDoc]) -> int:
+        batch: dict[int, IndexDoc] = {}
+        for doc in docs:
+            batch.setdefault(doc.doc_id, doc)  # a repeated id: the first one
         rows = [{
             "id": d.doc_id,
             "tsv": tsvector_literal([("A", d.subject), ("B", d.body), ("C", d.attachment),
                                      ("D", d.filename)]),
             "people": tsvector_literal([("D", d.participants)]),
-        } for d in docs]
+        } for d in batch.values()]
         if not rows:
             return 0
         with self.engine.begin() as c:
-            result = c.execute(text(
+            present = set(c.scalars(text("SELECT doc_id FROM fts_docs WHERE doc_id = ANY(:ids)"),
+                                    {"ids": [r["id"] for r in rows]}))
+            # An id already present gets the new document unless it is the same one
+            # (IndexDoc.sha256: ids can be handed out again; the vectors tell here).
+            c.execute(text(
                 "INSERT INTO fts_docs (doc_id, tsv, people) VALUES "
                 "(:id, CAST(:tsv AS tsvector), CAST(:people AS tsvector)) "
-                "ON CONFLICT (doc_id) DO NOTHING"), rows)
+                "ON CONFLICT (doc_id) DO UPDATE SET tsv = EXCLUDED.tsv, people = EXCLUDED.people "
+                "WHERE fts_docs.tsv IS DISTINCT FROM EXCLUDED.tsv "
+                "OR fts_docs.people IS DISTINCT FROM EXCLUDED.people"), rows)
             # GIN's fast-update list is scanned linearly by every search and makes
             # the planner fall back to a sequential scan (detoasting every vector):
             # merge it now, in bulk, off the search path.
             c.execute(text("SELECT gin_clean_pending_list('fts_docs_tsv'::regclass), "
                            "gin_clean_pending_list('fts_docs_people'::regclass)"))
-        return int(result.rowcount) if result.rowcount >= 0 else len(rows)
+        return len(batch.keys() - present)
 
     def delete(self, ids: Iterable[int]) -> None:
         with self.engine.begin() as c:

@@ -84,13 +84,20 @@ class WhooshIndex:
         writer = self.ix.writer(limitmb=128)
         added = 0
         try:
+            done: set[str] = set()
             for doc in batch:
                 key = str(doc.doc_id)
+                if key in done:
+                    continue  # a repeated id: the first one, as the other engines
+                done.add(key)
+                fields = {f: doc.field(f) for f in FIELDS}
                 if key in present:
-                    continue  # content-addressed: same id, same content
-                present.add(key)
-                writer.add_document(id=key, **{f: doc.field(f) for f in FIELDS})
-                added += 1
+                    # The id may have been handed out again (IndexDoc.sha256); whoosh
+                    # keeps no blob hash, so the new document always replaces the old.
+                    writer.update_document(id=key, **fields)
+                else:
+                    writer.add_document(id=key, **fields)
+                    added += 1
         except Exception:
             writer.cancel()
             raise

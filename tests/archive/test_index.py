@@ -19,13 +19,17 @@ from archive.query import Term, parse
 DOCS = [
     IndexDoc(1, subject="Quarterly report", body="The merger with Falcon Corp is on track.",
              attachment="Revenue forecast 2024", filename="forecast.xlsx",
-             participants="Alice Example alice@example.com"),
+             participants="Alice Example alice@example.com", sha256="a" * 64),
     IndexDoc(2, subject="Lunch", body="Café au lait at noon? Wire transfer done.",
-             filename="menu.pdf\nmap.png", participants="Bob bob@example.org"),
+             filename="menu.pdf\nmap.png", participants="Bob bob@example.org",
+             sha256="b" * 64),
     IndexDoc(3, subject="Re: merger", body="Please wire the transfer today.",
              attachment="Signed contract for the merger", filename="contract.docx",
-             participants="Carol carol@example.net"),
+             participants="Carol carol@example.net", sha256="c" * 64),
 ]
+# Blob 3's id handed out again to another message (its metadata row was lost).
+REUSED = IndexDoc(3, subject="Holiday rota", body="Dana covers the helpdesk in August.",
+                  participants="Dana dana@example.com", sha256="d" * 64)
 
 
 @pytest.fixture(params=["fts5", "whoosh", "pg"])
@@ -85,6 +89,31 @@ def test_adding_an_indexed_document_again_is_a_no_op(index: Index) -> None:
     assert set(index.search(parse("quarterly"))) == {1}
 
 
+def test_an_id_given_to_another_blob_answers_for_the_new_document_only(index: Index) -> None:
+    assert index.add([REUSED]) == 0  # not a new id
+    assert set(index.search(parse("merger"))) == {1}
+    assert set(index.search(parse("helpdesk"))) == {3}
+    assert set(index.search(parse("subject:holiday dana"))) == {3}
+    assert index.count() == 3
+    assert index.add([REUSED]) == 0  # the same blob again: nothing changes
+    assert set(index.search(parse("helpdesk OR contract"))) == {3}
+    index.add([DOCS[2]])  # and back (the id reused once more)
+    assert set(index.search(parse("helpdesk"))) == set()
+    assert set(index.search(parse("merger"))) == {1, 3}
+    assert index.count() == 3
+
+
+def test_a_deleted_id_added_again_matches_again(index: Index) -> None:
+    index.delete([3])
+    index.add([REUSED])
+    assert set(index.search(parse("helpdesk"))) == {3}
+    assert set(index.search(parse("merger"))) == {1}
+    assert index.count() == 3
+    index.delete([3])
+    assert set(index.search(parse("helpdesk"))) == set()
+    assert index.count() == 2
+
+
 def test_deleted_documents_never_match_again(index: Index) -> None:
     index.delete([3])
     assert set(index.search(parse("merger"))) == {1}
@@ -131,9 +160,11 @@ def test_tokenizer_folds_case_and_accents_and_splits_on_underscore() -> None:
 def test_fts5_batch_add_equals_adding_one_document_at_a_time(tmp_path: Path) -> None:
     """A batch is added with one lookup and one executemany per table; the index (the
     matches and their bm25 scores) is the one adding each document alone builds.  A
-    repeated id keeps its first document; an id already present is skipped."""
-    extra = [IndexDoc(4, subject="Merger memo", body="merger merger wire"),
-             IndexDoc(4, subject="ignored", body="this copy of 4 is never indexed"),
+    repeated id of the same blob keeps its first document; an id already present with
+    the same blob is skipped."""
+    extra = [IndexDoc(4, subject="Merger memo", body="merger merger wire", sha256="e" * 64),
+             IndexDoc(4, subject="ignored", body="this copy of 4 is never indexed",
+                      sha256="e" * 64),
              DOCS[1],  # already present after the first batch
              IndexDoc(5, body="cafe transfer report", participants="Dana dana@example.com")]
     one = Fts5Index(tmp_path / "one.db")
@@ -194,3 +225,55 @@ def test_fts5_index_commits_are_durable_at_once(tmp_path: Path) -> None:
         assert index.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     finally:
         index.close()
+
+
+@pytest.mark.parametrize("contentless_delete", [False, True])
+def test_fts5_replaces_a_document_with_and_without_contentless_delete(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, contentless_delete: bool) -> None:
+    """Older SQLite (Debian 12's 3.40) cannot delete from a contentless table: the new
+    document goes under a fresh rowid that searches map back to its id."""
+    import sqlite3
+
+    import archive.index.fts5 as fts5
+
+    if contentless_delete and sqlite3.sqlite_version_info < (3, 43, 0):
+        pytest.skip(f"SQLite {sqlite3.sqlite_version} has no contentless_delete")
+    monkeypatch.setattr(fts5, "_has_contentless_delete", lambda: contentless_delete)
+    ix = Fts5Index(tmp_path / "index.db")
+    try:
+        assert ix.contentless_delete is contentless_delete
+        assert ix.add(DOCS) == 3
+        for _ in range(3):  # replaced several times: only the last one matches
+            ix.add([REUSED])
+            ix.add([DOCS[2]])
+        ix.add([REUSED])
+        assert ix.search(parse("helpdesk")).keys() == {3}
+        assert ix.search(parse("merger")).keys() == {1}
+        assert ix.search(parse("merger"), scored=False) == {1: 0.0}
+        assert ix.count() == 3
+    finally:
+        ix.close()
+
+
+def test_fts5_index_from_before_blob_hashes_is_upgraded_in_place(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "index.db"
+    ix = Fts5Index(path)
+    ix.add(DOCS)
+    ix.close()
+    db = sqlite3.connect(path)  # the file as an earlier version left it
+    db.executescript("DROP TABLE moved; CREATE TABLE p2 (id INTEGER PRIMARY KEY); "
+                     "INSERT INTO p2 SELECT id FROM present; DROP TABLE present; "
+                     "ALTER TABLE p2 RENAME TO present;")
+    db.close()
+    ix = Fts5Index(path)
+    try:
+        assert ix.count() == 3
+        ix.add([REUSED])  # its old document has no blob hash: replaced
+        assert set(ix.search(parse("helpdesk"))) == {3}
+        assert set(ix.search(parse("merger"))) == {1}
+        assert ix.add([DOCS[0]]) == 0  # no hash recorded for 1 either: replaced, same text
+        assert set(ix.search(parse("quarterly"))) == {1} and ix.count() == 3
+    finally:
+        ix.close()

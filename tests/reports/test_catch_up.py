@@ -215,6 +215,20 @@ def test_rebuild_missing_and_force_are_not_given_together(
     assert "choose one" in capsys.readouterr().err
 
 
+async def test_new_mail_given_a_lost_blob_id_is_found_by_its_own_words_only(
+        db: Db, capsys: pytest.CaptureFixture[str]) -> None:
+    """The index file kept the lost row's document; the database hands its blob id to
+    the next message (SQLite reuses a deleted last id)."""
+    await archive(db, [context(n) for n in range(3)])
+    shas = message_shas(db)
+    lose_newest(db, 1)
+    await archive(db, [context(7)])
+    new = message_shas(db)[-1]
+    assert rebuild_missing(db, capsys)["restored"] == 1
+    assert search(db, ["zebra7quill", "zebra2quill", "quarter"]) == {
+        "zebra7quill": [new], "zebra2quill": [shas[2]], "quarter": sorted([*shas, new])}
+
+
 def hold_of(db: Db, case: str) -> tuple[HoldInfo, list[str]]:
     """The hold and the blob sha256 of each message it holds (ids change)."""
     with db.open() as meta, meta.session() as s:
