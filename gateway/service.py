@@ -56,7 +56,12 @@ from archive.joblock import JobLock
 from archive.location import location_from_config
 from gateway import config as config_mod
 from gateway import log, profiling
-from gateway.archive_health import ARCHIVE_UNAVAILABLE, describe, unavailable_at_start
+from gateway.archive_health import (
+    ARCHIVE_UNAVAILABLE,
+    backend_unavailable,
+    describe,
+    unavailable_at_start,
+)
 from gateway.archive_stage import ArchivePending, ArchiveStage, open_archive_stage
 from gateway.check.arc import ArcSealStage
 from gateway.check.spam.stage import SpamStage
@@ -661,18 +666,22 @@ class Service:
                 log.event("archive_open_failed", level=logging.ERROR, error=reason)
             pending.health.mark_down(reason)
             return None
+        try:
+            await self._start_imap(stage)
+        except Exception as exc:
+            if backend_unavailable(exc):  # down again already: the next probe retries
+                await stage.close()
+                pending.health.mark_down(describe(exc))
+                return None
+            # At start this would stop the process; now mail is waiting: relay it, and
+            # say that the archive's IMAP access needs a restart.
+            log.event("imap_unavailable", level=logging.ERROR, error=describe(exc))
         # The worker sees the real stage before the health flag lets new mail in.
         self._after_stages[self._after_stages.index(pending)] = stage
         if self._worker is not None:
             self._worker.stages = [stage if st is pending else st for st in self._worker.stages]
         self._archive_rejected(self.cfg)
         self._start_archive_jobs(stage)
-        try:
-            await self._start_imap(stage)
-        except (ConfigError, OSError) as exc:
-            # At start this would stop the process; now mail is waiting: relay it, and
-            # say that the archive's IMAP access needs a restart.
-            log.event("imap_unavailable", level=logging.ERROR, error=str(exc))
         return stage
 
     def rescan(self) -> None:
@@ -903,6 +912,10 @@ class Supervisor:
     MIN_RESTART_INTERVAL = 1.0
     MAX_RESTART_INTERVAL = 60.0
     HEALTHY_AFTER = 10.0
+    # Exactly what one process does: a configuration mistake found when the workers first
+    # start (serve_process exits EXIT_USAGE: a bad policy, TLS pair, or an archive backend
+    # that refuses the configuration) stops the service instead of retrying it forever.
+    # A worker restarted later keeps the backoff: the others are serving mail.
 
     def __init__(self, cfg_path: Path, cfg: Config, drain_timeout: float) -> None:
         self.cfg_path = cfg_path
@@ -911,6 +924,7 @@ class Supervisor:
         self.children: dict[int, int] = {}  # pid -> worker index
         self.started_at: dict[int, float] = {}  # worker index -> last start
         self.backoff: dict[int, float] = {}  # worker index -> next restart delay
+        self.restarted: set[int] = set()  # worker indexes past their first start
 
     def _spawn(self, index: int) -> None:
         pid = os.fork()
@@ -978,6 +992,12 @@ class Supervisor:
             for index, status in self._reap():
                 log.event("worker_exited", level=logging.WARNING, worker=index,
                           status=_describe_status(status))
+                if (index not in self.restarted and os.WIFEXITED(status)
+                        and os.WEXITSTATUS(status) == EXIT_USAGE):
+                    log.event("start_failed", level=logging.ERROR, worker=index,
+                              error="configuration error (the worker's log line says which)")
+                    return self._shutdown(EXIT_USAGE)
+                self.restarted.add(index)
                 restart_due[index] = time.monotonic() + self._restart_delay(index)
             now = time.monotonic()
             for index, due in list(restart_due.items()):
@@ -1010,7 +1030,7 @@ class Supervisor:
         if keys:
             log.event("config_restart_required", level=logging.WARNING, keys=keys)
 
-    def _shutdown(self) -> int:
+    def _shutdown(self, rc: int = EXIT_OK) -> int:
         log.event("supervisor_draining", workers=len(self.children))
         self._signal_children(signal.SIGTERM)
         deadline = time.monotonic() + self.drain_timeout + 10.0
@@ -1025,7 +1045,7 @@ class Supervisor:
                 pid, _ = os.wait()
                 self.children.pop(pid, None)
         log.event("supervisor_stopped")
-        return EXIT_OK
+        return rc
 
 
 def _describe_status(status: int) -> str:

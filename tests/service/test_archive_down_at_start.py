@@ -21,7 +21,7 @@ from cluster_env import ARCHIVE_451, archived, s3_section, send
 from private_pg import *  # noqa: F403 - fixture: private_pg
 from private_pg import PrivatePostgres
 from seaweed import SeaweedServer, find_weed
-from svcproc import REPO, Gateway, Sink, free_port, wait_for, write_config
+from svcproc import REPO, Gateway, Sink, free_port, port_open, wait_for, write_config
 
 
 def node_config(path: Path, port: int, sink: Sink, extra: str, *, metrics_port: int,
@@ -55,6 +55,14 @@ def queue_list(cfg: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in res.stdout.splitlines() if line]
 
 
+def search(cfg: Path, query: str) -> list[dict[str, Any]]:
+    res = subprocess.run([sys.executable, "-m", "gateway", "search", "--json", "--config",
+                          str(cfg), query], cwd=REPO, capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert res.returncode == 0, res.stderr
+    return [json.loads(line) for line in res.stdout.splitlines() if line.strip()]
+
+
 def assert_waiting_for_the_archive(gw: Gateway, port: int, metrics_port: int,
                                    processes: int = 1) -> None:
     """Listening, refusing new mail with the outage's reply, one clear log line each."""
@@ -73,15 +81,18 @@ def test_postgresql_down_at_start_listens_refuses_then_delivers_the_spool_once_a
 ) -> None:
     sink = Sink(free_port(), tmp_path / "sink.jsonl")
     procs.append(sink.start())
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port, imap_port = free_port(), free_port(), free_port()
     url = private_pg.url
-    cfg = node_config(tmp_path / "coffer.yaml", port, sink, f"  database: {url}\n",
-                      metrics_port=metrics_port)
+    cfg = node_config(tmp_path / "coffer.yaml", port, sink,
+                      f"  database: {url}\n"
+                      f'imap:\n  address: "127.0.0.1:{imap_port}"\n'
+                      "  allow_plaintext_loopback: true\n", metrics_port=metrics_port)
 
     # Mail that is in the spool, not yet archived, when the node starts: accepted while
     # the database went away under a running node (test_archive_outage), which then stops.
     first = Gateway(cfg, port, tmp_path / "first.log")
     procs.append(first.start())
+    first.wait_event("started")  # IMAP too has opened what it needs from the database
     private_pg.stop()
     spooled: list[str] = []
     while True:
@@ -105,9 +116,11 @@ def test_postgresql_down_at_start_listens_refuses_then_delivers_the_spool_once_a
     assert {q["status"] for q in queued} == {"deferred"}
     assert {q["last_error"] for q in queued} == {ARCHIVE_451}
     assert sink.records() == []
+    assert not port_open(imap_port)  # the archive's IMAP server waits for the archive
 
     private_pg.start()
     gw.wait_event("archive_backend_up", timeout=30)
+    wait_for(lambda: port_open(imap_port), what="IMAP once the archive is open")
     after = uuid.uuid4().hex
     assert send(port, after) == 250
     everything = [*spooled, after]
@@ -117,6 +130,9 @@ def test_postgresql_down_at_start_listens_refuses_then_delivers_the_spool_once_a
     assert sorted(r["token"] for r in sink.records()) == sorted(everything)  # once each
     for token in everything:
         assert archived(url, token) == 1, token
+    # The indexer started with the archive: the new message is found by search.
+    wait_for(lambda: len(search(cfg, f"subject:{after}")) == 1, timeout=20,
+             what="the message to be indexed")
     assert backend_up_metric(metrics_port) == 1
     assert gw.events("held") == []
     assert len(gw.events("archive_backend_down")) == 1
@@ -169,18 +185,33 @@ def test_object_storage_down_at_start_with_two_workers_then_mail_is_stored_once(
         assert "Traceback" not in gw.log.read_text()
         gw.signal(15)
         assert gw.wait_exit() == 0
+
+        # The same storage, answering, with a secret it does not accept: a configuration
+        # mistake, which stops the start (exit 2) instead of waiting for the backend.
+        (tmp_path / "wrong").mkdir()
+        wrong = s3_section(server.info, bucket, server.info.bucket_name("keys"),
+                           tmp_path / "wrong" / "s3.secret")
+        (tmp_path / "wrong" / "s3.secret").write_text("not-the-secret\n")
+        bad = node_config(tmp_path / "wrong" / "coffer.yaml", free_port(), sink, wrong,
+                          metrics_port=free_port())
+        res = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(bad)],
+                             cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+        assert res.returncode == 2, res.stderr
+        assert "cannot start" in res.stderr and "[s3]" in res.stderr
+        assert "archive_backend_down" not in res.stderr and "Traceback" not in res.stderr
     finally:
         server.stop()
     assert server.info.secret_key not in (tmp_path / "coffer.log").read_text()
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_a_database_that_refuses_the_configuration_stops_the_start(
-    tmp_path: Path, private_pg: PrivatePostgres,
+    tmp_path: Path, private_pg: PrivatePostgres, workers: int,
 ) -> None:
     sink_port, port = free_port(), free_port()
     wrong = private_pg.url.rsplit("/", 1)[0] + "/no_such_archive"
     cfg = write_config(tmp_path / "coffer.yaml", port=port, local_domains=["gw.test"],
-                       routes={"*": f"smtp://127.0.0.1:{sink_port}?tls=off"},
+                       routes={"*": f"smtp://127.0.0.1:{sink_port}?tls=off"}, workers=workers,
                        extra=f"archive:\n  health_probe: 0.3s\n  database: {wrong}\n")
     res = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(cfg)],
                          cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
@@ -189,3 +220,5 @@ def test_a_database_that_refuses_the_configuration_stops_the_start(
     assert "cannot start" in out and "[archive.database]" in out
     assert 'database "no_such_archive" does not exist' in out
     assert "archive_backend_down" not in out and "Traceback" not in out
+    # With several workers the supervisor stops at the first start's mistake: no retries.
+    assert "worker_restart_delayed" not in out
