@@ -457,4 +457,3 @@ def _refused_section(exc: BaseException) -> str | None:
     if refused_by_server(exc):
         return "archive.database"
     return None
-

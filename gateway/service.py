@@ -25,7 +25,12 @@ connections across them) and runs its own queue worker on the shared spool,
 where the per-message ``flock`` claims keep two children from delivering the
 same message.  The supervisor restarts a child that dies, forwards SIGTERM,
 SIGINT, SIGHUP and SIGUSR1, and a child whose supervisor disappears drains and
-exits.  Each child serves metrics on ``metrics.address`` port + its index.
+exits.  Each child serves metrics on ``metrics.address`` port + its index.  A
+configuration mistake at the children's first start stops the supervisor (exit 2).
+
+An archive backend that cannot be reached at start does not stop a process: it
+listens and refuses new mail with 451 until a probe opens the archive
+(gateway.archive_stage.ArchivePending, Service._open_pending).
 
 The pid file ``<data_dir>/coffer.pid`` is held under an exclusive ``flock`` for
 the life of the service: a second ``coffer serve`` on the same data directory
