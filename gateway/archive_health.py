@@ -14,6 +14,13 @@ A SQLite file and the local store have one outage of their own: a full file syst
 Their writes then fail with ENOSPC (SQLite: "database or disk is full"); the message
 is deferred, new mail gets 451 4.3.0, and the probe (:func:`check_room`) sees the
 backend up again once the archive's file systems have room.
+
+At start (:func:`unavailable_at_start`) the same outage does not stop ``coffer serve``:
+the process binds its listeners, answers 451 4.3.0 and opens the archive when a probe
+succeeds (gateway.archive_stage.ArchivePending).  A backend that answers and refuses
+this configuration (an unknown database or role, a wrong password, S3 credentials it
+rejects, a bucket that is missing or has no Object Lock) is a configuration mistake:
+``coffer serve`` refuses to start and says why.
 """
 
 from __future__ import annotations
@@ -77,6 +84,49 @@ def backend_unavailable(exc: BaseException) -> bool:
             return True
         cur = cur.__cause__ or cur.__context__
     return False
+
+
+# What a PostgreSQL server says when it refuses a connection only for now: SQLSTATE
+# 57P03 cannot_connect_now (starting up, shutting down, in recovery) and 53300
+# too_many_connections.  libpq reports no SQLSTATE for a connection that failed, only
+# its text (psycopg's OperationalError.sqlstate is None then), so the text it is.
+_PG_NOT_NOW = ("the database system is", "too many clients",
+               "remaining connection slots are reserved")
+# A connection that failed with one of these texts was refused by the server (a FATAL
+# answer: unknown database or role, failed authentication, no pg_hba.conf entry) or by
+# libpq itself for want of a password: the configuration is wrong, not the network.
+_PG_REFUSED = ("FATAL:", "no password supplied")
+
+
+def refused_by_server(exc: BaseException) -> bool:
+    """True when ``exc`` says the PostgreSQL server answered and refused this connection
+    for good (database, role, password, pg_hba.conf), not that it cannot be reached."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        text = str(cur)
+        if (type(cur).__module__.startswith("psycopg")
+                and any(m in text for m in _PG_REFUSED)
+                and not any(m in text for m in _PG_NOT_NOW)):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+def unavailable_at_start(exc: BaseException) -> bool:
+    """True when ``coffer serve`` failed to open its archive because the backend cannot be
+    reached now (start anyway, refuse mail with 451 and keep probing); False for a
+    configuration mistake or a bug, which must stop the start.
+
+    The rule: what :func:`backend_unavailable` calls an outage at run time (connection
+    refused or lost, timeout, an S3 5xx, a name that does not resolve, a full disk),
+    except a PostgreSQL server that answered and refused us (:func:`refused_by_server`).
+    An S3 4xx (credentials, a missing bucket or one without Object Lock) is never an
+    outage.  Where the text is not recognised the failure counts as an outage: the node
+    then runs, refuses mail with 451 and logs the reason, rather than not start at all.
+    """
+    return backend_unavailable(exc) and not refused_by_server(exc)
 
 
 def describe(exc: BaseException) -> str:

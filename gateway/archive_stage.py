@@ -65,8 +65,11 @@ from gateway.archive_health import (
     backend_unavailable,
     check_room,
     describe,
+    refused_by_server,
+    unavailable_at_start,
 )
 from gateway.config import Config
+from gateway.errors import ConfigError
 from gateway.mailparse import ValueMemo
 from gateway.offload import cpu_bound
 from gateway.pipeline import Action, MessageContext, StageResult
@@ -271,10 +274,11 @@ class ArchiveStage:
     once = True
 
     def __init__(self, archive: Archive, meta: Metadata,
-                 clock: Callable[[], datetime] | None = None) -> None:
+                 clock: Callable[[], datetime] | None = None,
+                 health: BackendHealth | None = None) -> None:
         self.archive = archive
         self.meta = meta
-        self.health = BackendHealth()
+        self.health = health or BackendHealth()
         self.writer = BatchWriter(archive)
         self.batcher = _MetadataBatcher(meta)
         self.clock = clock or (lambda: datetime.now(UTC))
@@ -300,7 +304,7 @@ class ArchiveStage:
             self._extracted.popitem(last=False)  # the indexer fetches and extracts it
 
     @classmethod
-    def open(cls, cfg: Config) -> ArchiveStage:
+    def open(cls, cfg: Config, health: BackendHealth | None = None) -> ArchiveStage:
         """The configured archive: embedded under the data directory by default, or the
         ``archive.database`` (PostgreSQL) and ``s3`` bucket a cluster shares."""
         loc = location_from_config(cfg)
@@ -315,7 +319,7 @@ class ArchiveStage:
         except BaseException:
             meta.close()
             raise
-        return cls(archive, meta)
+        return cls(archive, meta, health=health)
 
     async def run(self, ctx: MessageContext) -> StageResult:
         decide = ctx.facts.get("decide") or {}
@@ -393,3 +397,63 @@ class ArchiveStage:
         await self.writer.close()
         self.meta.close()
 
+
+class ArchivePending:
+    """The archive stage of a process whose archive backend was unreachable at start.
+
+    Every message it sees is deferred exactly as in an outage at run time (TEMPFAIL,
+    ``451 4.3.0``: it stays in the spool, never held, never delivered unarchived), and
+    its health flag is down from the start, so the before-queue path refuses new
+    transactions at MAIL FROM.  The service probes by trying :meth:`open` again; the
+    stage that opens shares this flag, so clearing it (``archive_backend_up``) is what
+    lets mail in again.
+    """
+
+    name = "archive"
+    once = True
+
+    def __init__(self, cfg: Config, reason: str) -> None:
+        self.cfg = cfg  # the archive keys a restart alone changes (service.restart_required)
+        self.health = BackendHealth()
+        self.health.mark_down(reason)
+
+    async def run(self, ctx: MessageContext) -> StageResult:
+        return StageResult(action=Action.TEMPFAIL, reply=ARCHIVE_UNAVAILABLE,
+                           reason=f"archive backend unavailable: {self.health.reason}")
+
+    def open(self) -> ArchiveStage:
+        """The real stage, sharing this health flag (blocking I/O: run it in a thread)."""
+        return ArchiveStage.open(self.cfg, health=self.health)
+
+
+def open_archive_stage(cfg: Config) -> ArchiveStage | ArchivePending:
+    """The archive stage for ``coffer serve``: opened now, or pending when the backend
+    cannot be reached (gateway.archive_health.unavailable_at_start).
+
+    A backend that answers and refuses this configuration raises ConfigError naming
+    the section (``s3`` or ``archive.database``); any other failure propagates.
+    """
+    try:
+        return ArchiveStage.open(cfg)
+    except Exception as exc:
+        if unavailable_at_start(exc):
+            return ArchivePending(cfg, describe(exc))
+        key = _refused_section(exc)
+        if key is None:
+            raise  # a bug or a damaged archive: not for this function to name
+        first = (str(exc).splitlines() or [""])[0]  # the whole reason, no SQL parameters
+        raise ConfigError("the archive backend refused this configuration: "
+                          f"{type(exc).__name__}: {first}", file=cfg.source, key=key) from exc
+
+
+def _refused_section(exc: BaseException) -> str | None:
+    """The configuration section a backend's refusal is about, or None when ``exc`` is
+    no such refusal: S3 refused a request (credentials, bucket, Object Lock) -> ``s3``;
+    PostgreSQL refused the connection -> ``archive.database``."""
+    from archive.s3store import ObjectStoreError
+
+    if isinstance(exc, ObjectStoreError):
+        return "s3"
+    if refused_by_server(exc):
+        return "archive.database"
+    return None

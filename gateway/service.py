@@ -25,7 +25,12 @@ connections across them) and runs its own queue worker on the shared spool,
 where the per-message ``flock`` claims keep two children from delivering the
 same message.  The supervisor restarts a child that dies, forwards SIGTERM,
 SIGINT, SIGHUP and SIGUSR1, and a child whose supervisor disappears drains and
-exits.  Each child serves metrics on ``metrics.address`` port + its index.
+exits.  Each child serves metrics on ``metrics.address`` port + its index.  A
+configuration mistake at the children's first start stops the supervisor (exit 2).
+
+An archive backend that cannot be reached at start does not stop a process: it
+listens and refuses new mail with 451 until a probe opens the archive
+(gateway.archive_stage.ArchivePending, Service._open_pending).
 
 The pid file ``<data_dir>/coffer.pid`` is held under an exclusive ``flock`` for
 the life of the service: a second ``coffer serve`` on the same data directory
@@ -56,8 +61,13 @@ from archive.joblock import JobLock
 from archive.location import location_from_config
 from gateway import config as config_mod
 from gateway import log, profiling
-from gateway.archive_health import ARCHIVE_UNAVAILABLE, describe
-from gateway.archive_stage import ArchiveStage
+from gateway.archive_health import (
+    ARCHIVE_UNAVAILABLE,
+    backend_unavailable,
+    describe,
+    unavailable_at_start,
+)
+from gateway.archive_stage import ArchivePending, ArchiveStage, open_archive_stage
 from gateway.check.arc import ArcSealStage
 from gateway.check.spam.stage import SpamStage
 from gateway.check.stage import CheckStage
@@ -272,6 +282,11 @@ def after_queue_stages(cfg: Config) -> list[Stage]:
 
     Signing comes after any transformation that changes the body, and the ARC seal
     after signing, so both verify downstream (RFC 6376 §5.3, RFC 8617 §5.1).
+
+    An archive backend that cannot be reached yet gives an ArchivePending in the
+    archive's place (every message deferred, new mail refused with 451) until
+    Service._watch_archive opens it; a backend that refuses the configuration raises
+    ConfigError.
     """
     stages: list[Stage] = [EncryptStage.open(cfg.data_dir, cfg.crypto)]
     if cfg.check.dkim_signing:
@@ -279,7 +294,7 @@ def after_queue_stages(cfg: Config) -> list[Stage]:
     if cfg.check.arc_sealing is not None:
         authserv = cfg.check.authserv_id or cfg.hostname
         stages.append(ArcSealStage.from_config(cfg.check.arc_sealing, authserv, cfg.path))
-    stages.append(ArchiveStage.open(cfg))
+    stages.append(open_archive_stage(cfg))
     return stages
 
 
@@ -480,13 +495,15 @@ class Service:
         self._worker = QueueWorker(
             cfg, self.spool, self._after_stages, self._deliverer, executor=self._executor
         )
-        archive = next((st for st in self._after_stages if isinstance(st, ArchiveStage)), None)
+        slot = self._archive_slot()
+        # The archive, unless its backend could not be reached yet (slot: ArchivePending).
+        archive = slot if isinstance(slot, ArchiveStage) else None
         self.runner = Runner(
             self.spool,
             before_queue_stages(cfg, self.policy, next(
                 (st for st in self._after_stages if isinstance(st, EncryptStage)), None)),
             on_queued=self._worker.notify,
-            executor=self._executor, refuse=archive.health.refusal if archive else None,
+            executor=self._executor, refuse=slot.health.refusal if slot else None,
         )
         # The worker starts first: a message accepted in the first millisecond is
         # notified to a worker that is already running.
@@ -495,26 +512,14 @@ class Service:
             self._policy_task = asyncio.create_task(
                 watch_policy(self.policy, lambda: self.cfg), name="policy-watch")
         self._archive_rejected(cfg)
-        if archive is not None:
+        if slot is not None:
             self._health_task = asyncio.create_task(
-                self._watch_archive(archive), name="archive-health")
-        if archive is not None and self.worker_index == 0:
-            # One process per node seals and mirrors the node's ledger chain.
-            self._seal_task = asyncio.create_task(self._seal_loop(archive), name="ledger-seal")
-            # The rows a power loss took from the metadata database, in the background:
-            # mail flows meanwhile (the receipts lock keeps both from writing one twice).
-            self._catch_up_task = asyncio.create_task(catch_up_at_start(archive),
-                                                      name="archive-catch-up")
+                self._watch_archive(slot), name="archive-health")
         if archive is not None:
-            # One indexer per worker, each for what it archived; one writer at a time
-            # across the cluster (index_loop).
-            self._indexer_task = asyncio.create_task(
-                index_loop(archive, cfg, worker_index=self.worker_index,
-                           workers=cfg.queue.workers), name="archive-indexer")
+            self._start_archive_jobs(archive)
         self._listeners = await start_listeners(cfg, self.runner, reuse_port=self.reuse_port)
-        if cfg.imap.enabled and archive is not None and self.worker_index == 0:
-            # One IMAP server per node, reading through the archive stage's store.
-            self._imap = await EmbeddedImap.start(cfg, archive.archive, archive.meta)
+        if archive is not None:
+            await self._start_imap(archive)
         if cfg.metrics.address is not None:
             self._metrics = MetricsServer(cfg.metrics.address, self.worker_index)
             host, port = self._metrics.start()
@@ -571,11 +576,38 @@ class Service:
             self._metrics.close()
         log.event("stopped", pid=os.getpid(), seconds=round(time.monotonic() - started, 3))
 
+    def _archive_slot(self) -> ArchiveStage | ArchivePending | None:
+        """The archive stage among the after-queue stages, opened or still pending."""
+        return next((st for st in self._after_stages
+                     if isinstance(st, ArchiveStage | ArchivePending)), None)
+
+    def _start_archive_jobs(self, archive: ArchiveStage) -> None:
+        """What needs an open archive, in the background: at start, or once a backend
+        that was down at start answers (_open_pending)."""
+        cfg = self.cfg
+        if self.worker_index == 0:
+            # One process per node seals and mirrors the node's ledger chain.
+            self._seal_task = asyncio.create_task(self._seal_loop(archive), name="ledger-seal")
+            # The rows a power loss took from the metadata database, in the background:
+            # mail flows meanwhile (the receipts lock keeps both from writing one twice).
+            self._catch_up_task = asyncio.create_task(catch_up_at_start(archive),
+                                                      name="archive-catch-up")
+        # One indexer per worker, each for what it archived; one writer at a time
+        # across the cluster (index_loop).
+        self._indexer_task = asyncio.create_task(
+            index_loop(archive, cfg, worker_index=self.worker_index,
+                       workers=cfg.queue.workers), name="archive-indexer")
+
+    async def _start_imap(self, archive: ArchiveStage) -> None:
+        if self.cfg.imap.enabled and self.worker_index == 0:
+            # One IMAP server per node, reading through the archive stage's store.
+            self._imap = await EmbeddedImap.start(self.cfg, archive.archive, archive.meta)
+
     def _archive_rejected(self, cfg: Config) -> None:
         """Messages rejected after DATA go to this process's archive stage first (or not)."""
         if self.runner is None:
             return
-        archive = next((st for st in self._after_stages if isinstance(st, ArchiveStage)), None)
+        archive = self._archive_slot()
         self.runner.archive_rejected = (archive.run if archive is not None
                                         and cfg.archive.rejected else None)
 
@@ -597,19 +629,26 @@ class Service:
             log.event("ledger_mirrored", node=self.cfg.node_name, segments=len(res.segments),
                       checkpoints=len(res.checkpoints))
 
-    async def _watch_archive(self, stage: ArchiveStage) -> None:
-        """While the archive backend is marked down (by a failed write), probe it; when it
-        answers again, retry what the outage deferred.  A backend that is up is not
-        probed: the archive writes themselves are the probe."""
+    async def _watch_archive(self, stage: ArchiveStage | ArchivePending) -> None:
+        """While the archive backend is marked down (by a failed write, or at start), probe
+        it; when it answers again, retry what the outage deferred.  A backend that is up
+        is not probed: the archive writes themselves are the probe.  A stage still
+        pending since the start is probed by opening it (_open_pending)."""
         while True:
             await asyncio.sleep(self.cfg.archive.health_probe)
             if not stage.health.down:
                 continue
-            try:
-                await asyncio.to_thread(stage.probe)
-            except Exception as exc:  # any failure: the archive cannot take mail now
-                stage.health.mark_down(describe(exc))
-                continue
+            if isinstance(stage, ArchivePending):
+                opened = await self._open_pending(stage)
+                if opened is None:
+                    continue
+                stage = opened
+            else:
+                try:
+                    await asyncio.to_thread(stage.probe)
+                except Exception as exc:  # any failure: the archive cannot take mail now
+                    stage.health.mark_down(describe(exc))
+                    continue
             if stage.health.mark_up():
                 loop = asyncio.get_running_loop()
                 qids = await loop.run_in_executor(self._executor, _retry_deferred_by_archive,
@@ -618,6 +657,38 @@ class Service:
                 if self._worker is not None:
                     for qid in qids:
                         self._worker.notify(qid)
+
+    async def _open_pending(self, pending: ArchivePending) -> ArchiveStage | None:
+        """Try to open the archive a down backend kept from opening at start; once open,
+        put it in the pending stage's place and start what needs it (indexer; ledger
+        seal, catch-up and IMAP on worker 0).  None while it cannot be opened."""
+        try:
+            stage = await asyncio.to_thread(pending.open)
+        except Exception as exc:
+            reason = describe(exc)
+            if not unavailable_at_start(exc) and reason != pending.health.reason:
+                # The backend answers now but refuses us (a database or a bucket not
+                # there yet, credentials): still down, and the log says why.
+                log.event("archive_open_failed", level=logging.ERROR, error=reason)
+            pending.health.mark_down(reason)
+            return None
+        try:
+            await self._start_imap(stage)
+        except Exception as exc:
+            if backend_unavailable(exc):  # down again already: the next probe retries
+                await stage.close()
+                pending.health.mark_down(describe(exc))
+                return None
+            # At start this would stop the process; now mail is waiting: relay it, and
+            # say that the archive's IMAP access needs a restart.
+            log.event("imap_unavailable", level=logging.ERROR, error=describe(exc))
+        # The worker sees the real stage before the health flag lets new mail in.
+        self._after_stages[self._after_stages.index(pending)] = stage
+        if self._worker is not None:
+            self._worker.stages = [stage if st is pending else st for st in self._worker.stages]
+        self._archive_rejected(self.cfg)
+        self._start_archive_jobs(stage)
+        return stage
 
     def rescan(self) -> None:
         """SIGUSR1: pick up operator changes (retry, release) now, not at the next scan."""
@@ -847,6 +918,10 @@ class Supervisor:
     MIN_RESTART_INTERVAL = 1.0
     MAX_RESTART_INTERVAL = 60.0
     HEALTHY_AFTER = 10.0
+    # Exactly what one process does: a configuration mistake found when the workers first
+    # start (serve_process exits EXIT_USAGE: a bad policy, TLS pair, or an archive backend
+    # that refuses the configuration) stops the service instead of retrying it forever.
+    # A worker restarted later keeps the backoff: the others are serving mail.
 
     def __init__(self, cfg_path: Path, cfg: Config, drain_timeout: float) -> None:
         self.cfg_path = cfg_path
@@ -855,6 +930,7 @@ class Supervisor:
         self.children: dict[int, int] = {}  # pid -> worker index
         self.started_at: dict[int, float] = {}  # worker index -> last start
         self.backoff: dict[int, float] = {}  # worker index -> next restart delay
+        self.restarted: set[int] = set()  # worker indexes past their first start
 
     def _spawn(self, index: int) -> None:
         pid = os.fork()
@@ -922,6 +998,12 @@ class Supervisor:
             for index, status in self._reap():
                 log.event("worker_exited", level=logging.WARNING, worker=index,
                           status=_describe_status(status))
+                if (index not in self.restarted and os.WIFEXITED(status)
+                        and os.WEXITSTATUS(status) == EXIT_USAGE):
+                    log.event("start_failed", level=logging.ERROR, worker=index,
+                              error="configuration error (the worker's log line says which)")
+                    return self._shutdown(EXIT_USAGE)
+                self.restarted.add(index)
                 restart_due[index] = time.monotonic() + self._restart_delay(index)
             now = time.monotonic()
             for index, due in list(restart_due.items()):
@@ -954,7 +1036,7 @@ class Supervisor:
         if keys:
             log.event("config_restart_required", level=logging.WARNING, keys=keys)
 
-    def _shutdown(self) -> int:
+    def _shutdown(self, rc: int = EXIT_OK) -> int:
         log.event("supervisor_draining", workers=len(self.children))
         self._signal_children(signal.SIGTERM)
         deadline = time.monotonic() + self.drain_timeout + 10.0
@@ -969,7 +1051,7 @@ class Supervisor:
                 pid, _ = os.wait()
                 self.children.pop(pid, None)
         log.event("supervisor_stopped")
-        return EXIT_OK
+        return rc
 
 
 def _describe_status(status: int) -> str:

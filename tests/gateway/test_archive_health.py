@@ -6,6 +6,7 @@ import errno
 import os
 from pathlib import Path
 
+import psycopg
 import pytest
 from sqlalchemy import exc as sa_exc
 
@@ -17,6 +18,7 @@ from gateway.archive_health import (
     backend_unavailable,
     check_room,
     describe,
+    unavailable_at_start,
 )
 from gateway.queue.spool import Spool
 from gateway.runner import Runner
@@ -76,3 +78,45 @@ def test_new_transactions_are_refused_only_while_the_backend_is_down(tmp_path: P
     assert str(ARCHIVE_UNAVAILABLE).startswith("451 4.3.0 ")
     assert health.mark_up() and not health.mark_up()  # only the first call recovers
     assert runner.room_for(1000) is None and health.recoveries == 1
+
+
+def _pg_connect_failure(text: str) -> MetadataError:
+    """What ArchiveStage.open raises when libpq could not connect, with libpq's text."""
+    try:
+        try:
+            raise psycopg.OperationalError(f"connection failed: {text}")
+        except psycopg.OperationalError as orig:
+            raise sa_exc.OperationalError("SELECT 1", {}, orig) from orig
+    except sa_exc.OperationalError as exc:
+        return _wrapped(exc)
+
+
+def test_at_start_an_unreachable_backend_is_waited_for() -> None:
+    refused = _pg_connect_failure('connection to server at "127.0.0.1", port 5999 failed: '
+                                  "Connection refused")
+    assert unavailable_at_start(refused)
+    assert unavailable_at_start(_pg_connect_failure(
+        "failed to resolve host 'db.internal': [Errno -3] Temporary failure in name resolution"))
+    # The server is there but refuses connections for now (SQLSTATE 57P03, 53300).
+    assert unavailable_at_start(_pg_connect_failure(
+        'connection to server at "127.0.0.1", port 5432 failed: FATAL:  the database '
+        "system is starting up"))
+    assert unavailable_at_start(_pg_connect_failure(
+        'connection to server at "127.0.0.1", port 5432 failed: FATAL:  sorry, too many '
+        "clients already"))
+    assert unavailable_at_start(ObjectStoreUnavailableError("S3 head_bucket: unreachable"))
+
+
+def test_at_start_a_backend_that_refuses_the_configuration_is_a_mistake() -> None:
+    for fatal in ('database "archive" does not exist', 'role "coffer" does not exist',
+                  'password authentication failed for user "coffer"',
+                  'no pg_hba.conf entry for host "127.0.0.1", user "coffer"'):
+        assert not unavailable_at_start(_pg_connect_failure(
+            f'connection to server at "127.0.0.1", port 5432 failed: FATAL:  {fatal}')), fatal
+    assert not unavailable_at_start(_pg_connect_failure(
+        'connection to server at "127.0.0.1", port 5432 failed: fe_sendauth: no password '
+        "supplied"))
+    assert not unavailable_at_start(ObjectStoreError("S3 head_bucket: 403", "403"))
+    assert not unavailable_at_start(ObjectStoreError("S3 put_object: SignatureDoesNotMatch",
+                                                     "SignatureDoesNotMatch"))
+    assert not unavailable_at_start(ValueError("bug"))
