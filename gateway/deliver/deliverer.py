@@ -45,6 +45,10 @@ class Outcome:
     reply: str  # the reply that decided it, e.g. "250 2.0.0 Ok: queued as X"
     route: str  # e.g. "smtp:relay.example:25", "mx:example.com", "maildir:/srv/mail"
     remote: str = ""  # the host that answered ("" when Coffer decided itself)
+    # For a delivered recipient: the success notice it is owed if the sender asked
+    # for one (RFC 3461 NOTIFY=SUCCESS): "delivered" (a local mailbox), "relayed"
+    # (a next hop without DSN, §5.2.2), or "" (the next hop took the request on).
+    notice: str = ""
 
 
 def status_of(reply: str) -> RcptStatus:

@@ -32,6 +32,10 @@ class RecipientState:
     status: RcptStatus = RcptStatus.PENDING
     reply: str = ""
     updated_at: float = 0.0
+    # A success notice the sender asked for (RFC 3461 NOTIFY=SUCCESS) and is owed:
+    # "delivered" or "relayed" (RFC 3464 §2.3.3), with the host that answered.
+    notice: str = ""
+    remote: str = ""
 
 
 @dataclass(slots=True)
@@ -87,6 +91,8 @@ def fold(recipients: list[str], events: list[dict[str, Any]]) -> QueueState:
             rs.status = RcptStatus(ev["status"])
             rs.reply = ev.get("reply", "")
             rs.updated_at = at
+            rs.notice = ev.get("notice", "")
+            rs.remote = ev.get("remote", "")
         elif kind == "attempt":
             st.attempts = int(ev.get("attempts", st.attempts + 1))
             st.next_attempt_at = float(ev.get("next_at", 0.0))

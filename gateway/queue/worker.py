@@ -57,7 +57,8 @@ from typing import Any, Protocol, TypeVar
 from gateway import log, metrics, replies
 from gateway.config import Config
 from gateway.deliver.deliverer import Outcome
-from gateway.deliver.dsn import FailedRecipient, build_dsn
+from gateway.deliver.dsn import ReportedRecipient, build_dsn
+from gateway.dsn_params import RecipientRequest, message_request, recipient_requests
 from gateway.envelope import Envelope
 from gateway.errors import SpoolError
 from gateway.offload import in_thread
@@ -575,18 +576,30 @@ class QueueWorker:
         events: list[dict[str, Any]] = []
         remote: dict[str, str] = {}
         first_error = ""
+        requests: dict[str, RecipientRequest] | None = None
         for o in outcomes:
             status = o.status
             if status is RcptStatus.DEFERRED and too_old:
                 status = RcptStatus.BOUNCED  # RFC 5321 §4.5.4.1: give up after max_age
             elif status is RcptStatus.DEFERRED:
                 first_error = first_error or o.reply
-            events.append({"ev": "rcpt", "rcpt": o.rcpt, "status": str(status),
-                           "reply": o.reply, "route": o.route})
+            event = {"ev": "rcpt", "rcpt": o.rcpt, "status": str(status),
+                     "reply": o.reply, "route": o.route}
+            notice = ""
+            if status is RcptStatus.DELIVERED and o.notice:
+                # RFC 3461 §4.1: a success notice only for NOTIFY=SUCCESS.  Recorded
+                # with the delivery, so the notice survives until the message is done.
+                if requests is None:
+                    requests = recipient_requests(msg.envelope)
+                if o.rcpt in requests and requests[o.rcpt].wants("SUCCESS"):
+                    notice = event["notice"] = o.notice
+                    event["remote"] = o.remote
+            events.append(event)
             remote[o.rcpt] = o.remote
             rs = st.recipients.get(o.rcpt)
             if rs is not None and rs.status not in FINAL_STATUSES:
                 rs.status, rs.reply, rs.updated_at = status, o.reply, now
+                rs.notice, rs.remote = notice, o.remote if notice else ""
         next_at = 0.0
         if first_error:
             next_at = scheduler.next_attempt(arrived, attempts, now, self.cfg.queue, self.rand) \
@@ -599,7 +612,7 @@ class QueueWorker:
         # record is the only window in which a crash repeats a delivery (RFC 1047).
         try:
             if st.finished and not any(
-                r.status is RcptStatus.BOUNCED for r in st.recipients.values()
+                r.status is RcptStatus.BOUNCED or r.notice for r in st.recipients.values()
             ):
                 await self._remove(msg)
                 self._log_attempt(msg, mid, attempts, events)
@@ -635,40 +648,78 @@ class QueueWorker:
             metrics.BOUNCED.labels(route).inc()
 
     async def _finish(self, msg: SpooledMessage, st: QueueState, remote: dict[str, str]) -> None:
-        """Every recipient is final: bounce the failures in one DSN, then forget it."""
+        """Every recipient is final: the notices the sender is owed, then forget it.
+
+        One failure DSN for the bounced recipients that did not decline it (RFC 3461
+        §4.1 NOTIFY without FAILURE, or NEVER), and one success notice for those that
+        asked for it (NOTIFY=SUCCESS, recorded with their delivery)."""
         qid = msg.qid
+        env = msg.envelope
         bounced = [r for r in st.recipients.values() if r.status is RcptStatus.BOUNCED]
-        if bounced and not msg.envelope.mail_from:
+        succeeded = [r for r in st.recipients.values()
+                     if r.status is RcptStatus.DELIVERED and r.notice]
+        requests = recipient_requests(env) if bounced or succeeded else {}
+        declined = [r for r in bounced
+                    if not requests.get(r.address, RecipientRequest()).wants("FAILURE")]
+        if declined:
+            log.event("dsn_suppressed", qid=qid, recipients=[r.address for r in declined],
+                      reason="notify")
+            bounced = [r for r in bounced if r not in declined]
+        if (bounced or succeeded) and not env.mail_from:
             # RFC 5321 §4.5.5 / RFC 3464 §2: never a DSN to the null reverse-path.
-            log.event("dsn_suppressed", qid=qid, recipients=[r.address for r in bounced],
-                      reason="null sender")
-        elif bounced:
-            failed = [
-                FailedRecipient(r.address, r.reply, remote.get(r.address, ""),
-                                expired=r.reply.startswith("4"))
-                for r in bounced
-            ]
-            now = self.clock()
-            data = build_dsn(
-                sender=msg.envelope.mail_from, original=msg.data, failed=failed,
-                reporting_mta=self.cfg.hostname, arrival=arrival_time(qid, msg.envelope),
-                now=now, qid=qid,
-            )
-            sender = msg.envelope.mail_from
-            env = Envelope(
-                mail_from="", rcpt_to=[sender], received_at=now, helo=self.cfg.hostname,
-                listener="dsn", role="local",
-                mail_options=[] if sender.isascii() else ["SMTPUTF8"],
-            )
-            try:
-                dsn_qid = await store_from_loop(self.spool, self.executor, env, data,
-                                                {"dsn": {"of": qid}})
-            except SpoolError as exc:
-                # Keep the original (every recipient is final): the next scan tries again.
-                log.event("dsn_error", qid=qid, error=str(exc))
-                return
-            log.event("dsn", qid=qid, dsn_qid=dsn_qid, to=sender,
-                      recipients=[r.address for r in bounced])
-            self.notify(dsn_qid)
+            log.event("dsn_suppressed", qid=qid,
+                      recipients=[r.address for r in bounced + succeeded], reason="null sender")
+        elif bounced or succeeded:
+            notices = []
+            if bounced:
+                notices.append([
+                    ReportedRecipient(
+                        r.address, r.reply, remote.get(r.address, ""),
+                        expired=r.reply.startswith("4"),
+                        original_recipient=requests.get(
+                            r.address, RecipientRequest()).original_recipient)
+                    for r in bounced
+                ])
+            if succeeded:
+                notices.append([
+                    ReportedRecipient(
+                        r.address, r.reply, r.remote,
+                        action="delivered" if r.notice == "delivered" else "relayed",
+                        original_recipient=requests.get(
+                            r.address, RecipientRequest()).original_recipient)
+                    for r in succeeded
+                ])
+            for reported in notices:
+                if not await self._send_notice(msg, reported):
+                    return  # kept (every recipient is final): the next scan tries again
         await self._remove(msg)
         log.event("done", qid=qid, message_id=message_id(msg.data), attempts=st.attempts)
+
+    async def _send_notice(self, msg: SpooledMessage, reported: list[ReportedRecipient]) -> bool:
+        """Spool one DSN about ``reported`` to the message's sender, from the null
+        sender (RFC 3464 §2, RFC 5321 §4.5.5).  False if the spool refused it."""
+        qid = msg.qid
+        sender = msg.envelope.mail_from
+        request = message_request(msg.envelope.mail_options)
+        now = self.clock()
+        data = build_dsn(
+            sender=sender, original=msg.data, recipients=reported,
+            reporting_mta=self.cfg.hostname, arrival=arrival_time(qid, msg.envelope),
+            now=now, qid=qid, ret=request.ret, envid=request.envid,
+            full_limit=self.cfg.queue.bounce_size_limit,
+        )
+        env = Envelope(
+            mail_from="", rcpt_to=[sender], received_at=now, helo=self.cfg.hostname,
+            listener="dsn", role="local",
+            mail_options=[] if sender.isascii() else ["SMTPUTF8"],
+        )
+        try:
+            dsn_qid = await store_from_loop(self.spool, self.executor, env, data,
+                                            {"dsn": {"of": qid}})
+        except SpoolError as exc:
+            log.event("dsn_error", qid=qid, error=str(exc))
+            return False
+        log.event("dsn", qid=qid, dsn_qid=dsn_qid, to=sender,
+                  action=reported[0].action, recipients=[r.address for r in reported])
+        self.notify(dsn_qid)
+        return True

@@ -1,0 +1,120 @@
+"""Notices honour the sender's RFC 3461 request: NOTIFY, ORCPT, RET, ENVID (real next hop)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from nexthop import NextHop
+from queuekit import FakeClock
+from reportparse import parse_report
+from test_worker import MSG, Rig
+
+from gateway.envelope import Envelope
+
+
+@pytest.fixture
+async def make_rig(
+    tmp_path: Path, nexthop: NextHop, clock: FakeClock
+) -> AsyncIterator[Callable[..., Rig]]:
+    rigs: list[Rig] = []
+
+    def make(**kw: Any) -> Rig:
+        rig = Rig(tmp_path, nexthop, clock, **kw)
+        rigs.append(rig)
+        return rig
+
+    yield make
+    for rig in rigs:
+        await rig.worker.stop(0)
+
+
+def _store(rig: Rig, rcpts: dict[str, list[str]], *, mail_options: list[str] | None = None,
+           sender: str = "alice@src.test", data: bytes = MSG) -> str:
+    env = Envelope(mail_from=sender, rcpt_to=list(rcpts), received_at=rig.clock.now,
+                   mail_options=mail_options or [], rcpt_options=list(rcpts.values()))
+    return rig.spool.store(env, data)
+
+
+async def test_a_bounce_goes_only_to_recipients_that_did_not_decline_it(
+    make_rig: Callable[..., Rig], nexthop: NextHop
+) -> None:
+    nexthop.rules = {r: "550 5.1.1 No such user"
+                     for r in ("never@dst.test", "failure@dst.test", "plain@dst.test",
+                               "success@dst.test")}
+    rig = make_rig()
+    qid = _store(rig, {
+        "never@dst.test": ["NOTIFY=NEVER"],
+        "failure@dst.test": ["NOTIFY=FAILURE", "ORCPT=rfc822;Failure+2Bx@dst.test"],
+        "plain@dst.test": [],  # RFC 3461 §4.1: no NOTIFY behaves as FAILURE
+        "success@dst.test": ["NOTIFY=SUCCESS"],  # a success notice only: no bounce
+        "ok@dst.test": ["NOTIFY=NEVER"],
+    }, mail_options=["ENVID=QQ314159"])
+    await rig.worker.run_due()  # bounces, DSN spooled
+    assert not rig.spool.exists(qid)
+    await rig.worker.run_due()  # the DSN goes out through the next hop
+    assert rig.spool.queue_ids() == []
+    delivered, bounce = nexthop.received
+    assert delivered.rcpt_tos == ["ok@dst.test"]
+    assert bounce.mail_from == "" and bounce.rcpt_tos == ["alice@src.test"]
+    report = parse_report(bounce.data)
+    assert report.top["Subject"] == "Undelivered Mail Returned to Sender"
+    assert report.per_message["Original-Envelope-Id"] == "QQ314159"
+    failure, plain = report.recipients
+    assert failure["Final-Recipient"] == "rfc822; failure@dst.test"
+    assert failure["Original-Recipient"] == "rfc822; Failure+x@dst.test"
+    assert failure["Action"] == "failed" and failure["Status"] == "5.1.1"
+    assert plain["Final-Recipient"] == "rfc822; plain@dst.test"
+    assert "Original-Recipient" not in plain
+    assert "never@dst.test" not in report.human and "success@dst.test" not in report.human
+
+
+async def test_no_bounce_at_all_when_every_failed_recipient_said_never(
+    make_rig: Callable[..., Rig], nexthop: NextHop
+) -> None:
+    nexthop.rules = {"never@dst.test": "550 5.1.1 No such user"}
+    rig = make_rig()
+    qid = _store(rig, {"never@dst.test": ["NOTIFY=NEVER"]})
+    await rig.worker.run_due()
+    assert not rig.spool.exists(qid)
+    assert rig.dsns() == []
+
+
+async def test_ret_full_returns_the_message_up_to_the_size_limit(
+    make_rig: Callable[..., Rig], nexthop: NextHop
+) -> None:
+    nexthop.rules = {"b@dst.test": "550 5.1.1 No such user"}
+    rig = make_rig()
+    _store(rig, {"b@dst.test": []}, mail_options=["RET=FULL"])
+    await rig.worker.run_due()
+    (dsn_qid,) = rig.dsns()
+    report = parse_report(rig.spool.load(dsn_qid).data)
+    assert report.returned is not None
+    assert report.returned.get_payload() == "See you at nine.\r\n"
+    rig.spool.remove(dsn_qid)
+
+    big = MSG + b"x" * 200 + b"\r\n"
+    rig = make_rig(bounce_size_limit=len(big) - 1)
+    _store(rig, {"b@dst.test": []}, mail_options=["RET=FULL"], data=big)
+    await rig.worker.run_due()
+    (dsn_qid,) = rig.dsns()
+    report = parse_report(rig.spool.load(dsn_qid).data)
+    assert report.returned is None and "Subject: plans" in report.headers
+    assert "See you at nine." not in report.headers
+
+
+async def test_ret_hdrs_and_no_ret_return_the_header_section(
+    make_rig: Callable[..., Rig], nexthop: NextHop
+) -> None:
+    nexthop.rules = {"b@dst.test": "550 5.1.1 No such user"}
+    rig = make_rig()
+    for options in (["RET=HDRS"], []):
+        _store(rig, {"b@dst.test": []}, mail_options=options)
+        await rig.worker.run_due()
+        (dsn_qid,) = rig.dsns()
+        report = parse_report(rig.spool.load(dsn_qid).data)
+        assert report.returned is None and "Subject: plans" in report.headers
+        assert "See you at nine." not in report.headers
+        rig.spool.remove(dsn_qid)
