@@ -221,3 +221,16 @@ def recipient_requests(envelope: Envelope) -> dict[str, RecipientRequest]:
         return {}
     return {r: recipient_request(o) for r, o in zip(envelope.rcpt_to, envelope.rcpt_options,
                                                     strict=True) if o}
+
+
+def to_pass_on(envelope: Envelope) -> tuple[list[str], dict[str, list[str]]]:
+    """The DSN parameters to give a DSN-capable next hop (RFC 3461 §5.2.1: RET,
+    ENVID, NOTIFY and ORCPT are relayed unchanged): MAIL's, and each recipient's."""
+    mail = [o for o in envelope.mail_options if o.partition("=")[0].upper() in MAIL_KEYS]
+    rcpts: dict[str, list[str]] = {}
+    if len(envelope.rcpt_options) == len(envelope.rcpt_to):
+        for rcpt, options in zip(envelope.rcpt_to, envelope.rcpt_options, strict=True):
+            keep = [o for o in options if o.partition("=")[0].upper() in RCPT_KEYS]
+            if keep:
+                rcpts[rcpt] = keep
+    return mail, rcpts

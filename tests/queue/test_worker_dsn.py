@@ -118,3 +118,60 @@ async def test_ret_hdrs_and_no_ret_return_the_header_section(
         assert report.returned is None and "Subject: plans" in report.headers
         assert "See you at nine." not in report.headers
         rig.spool.remove(dsn_qid)
+
+
+async def test_notify_success_through_a_next_hop_without_dsn_gives_a_relayed_notice(
+    make_rig: Callable[..., Rig], nexthop: NextHop
+) -> None:
+    rig = make_rig()
+    qid = _store(rig, {"b@dst.test": ["NOTIFY=SUCCESS", "ORCPT=rfc822;b@dst.test"],
+                       "c@dst.test": ["NOTIFY=FAILURE"], "d@dst.test": []},
+                 mail_options=["ENVID=E1", "RET=FULL"])
+    await rig.worker.run_due()  # delivered; the notice spooled
+    assert not rig.spool.exists(qid)
+    await rig.worker.run_due()  # the notice goes out
+    original, notice = nexthop.received
+    assert original.rcpt_tos == ["b@dst.test", "c@dst.test", "d@dst.test"]
+    assert notice.mail_from == "" and notice.rcpt_tos == ["alice@src.test"]
+    report = parse_report(notice.data)
+    assert report.top["Subject"] == "Successful Mail Delivery Report"
+    assert report.per_message["Original-Envelope-Id"] == "E1"
+    (block,) = report.recipients  # only the recipient that asked
+    assert block["Final-Recipient"] == "rfc822; b@dst.test"
+    assert block["Original-Recipient"] == "rfc822; b@dst.test"
+    assert block["Action"] == "relayed" and block["Status"] == "2.0.0"
+    assert block["Remote-MTA"] == f"dns; 127.0.0.1[127.0.0.1]:{nexthop.port}"
+    # RET=FULL is about failure notices: a success notice carries the headers.
+    assert report.returned is None and "Subject: plans" in report.headers
+
+
+async def test_notify_success_through_a_dsn_next_hop_is_left_to_the_next_hop(
+    make_rig: Callable[..., Rig], nexthop: NextHop
+) -> None:
+    nexthop.dsn = True
+    rig = make_rig()
+    _store(rig, {"b@dst.test": ["NOTIFY=SUCCESS"]}, mail_options=["ENVID=E1"])
+    await rig.worker.run_due()
+    assert rig.spool.queue_ids() == []  # delivered, and no notice of ours
+    assert nexthop.rcpt_args == ["TO:<b@dst.test> NOTIFY=SUCCESS"]
+    assert nexthop.mail_args[0].endswith(" ENVID=E1")
+
+
+async def test_a_success_notice_waits_for_the_message_to_finish_and_survives_a_restart(
+    make_rig: Callable[..., Rig], nexthop: NextHop, clock: FakeClock
+) -> None:
+    nexthop.rules = {"c@dst.test": "451 4.3.0 Try later"}
+    rig = make_rig()
+    qid = _store(rig, {"b@dst.test": ["NOTIFY=SUCCESS"], "c@dst.test": ["NOTIFY=SUCCESS"]})
+    await rig.worker.run_due()
+    assert rig.dsns() == []  # c still pending: one notice when the message is done
+    await rig.worker.stop(0)
+    nexthop.rules.clear()
+    clock.advance(3600)
+    rig.worker = rig.new_worker()  # a new process: b's notice comes from the log
+    await rig.worker.run_due()
+    assert not rig.spool.exists(qid)
+    (dsn_qid,) = rig.dsns()
+    blocks = parse_report(rig.spool.load(dsn_qid).data).recipients
+    assert [(b["Final-Recipient"], b["Action"]) for b in blocks] == [
+        ("rfc822; b@dst.test", "relayed"), ("rfc822; c@dst.test", "relayed")]
