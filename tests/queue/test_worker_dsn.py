@@ -175,3 +175,29 @@ async def test_a_success_notice_waits_for_the_message_to_finish_and_survives_a_r
     blocks = parse_report(rig.spool.load(dsn_qid).data).recipients
     assert [(b["Final-Recipient"], b["Action"]) for b in blocks] == [
         ("rfc822; b@dst.test", "relayed"), ("rfc822; c@dst.test", "relayed")]
+
+
+async def test_notify_success_to_a_local_maildir_gives_a_delivered_notice(
+    make_rig: Callable[..., Rig], nexthop: NextHop, tmp_path: Path
+) -> None:
+    rig = make_rig()
+    routes = {"local.test": "maildir:mail", "*": f"smtp://127.0.0.1:{nexthop.port}?tls=off"}
+    rig.cfg = rig.cfg.model_copy(
+        update={"delivery": rig.cfg.delivery.model_copy(update={"routes": routes})})
+    await rig.worker.stop(0)
+    rig.worker = rig.new_worker()
+    qid = _store(rig, {"bob@local.test": ["NOTIFY=SUCCESS,FAILURE"],
+                       "carol@local.test": ["NOTIFY=FAILURE"]})
+    await rig.worker.run_due()
+    assert not rig.spool.exists(qid)
+    assert len(list((tmp_path / "mail" / "bob@local.test" / "new").iterdir())) == 1
+    await rig.worker.run_due()  # the notice goes to the sender through the next hop
+    (notice,) = nexthop.received
+    assert notice.mail_from == "" and notice.rcpt_tos == ["alice@src.test"]
+    report = parse_report(notice.data)
+    assert report.top["Subject"] == "Successful Mail Delivery Report"
+    (block,) = report.recipients
+    assert block["Final-Recipient"] == "rfc822; bob@local.test"
+    assert block["Action"] == "delivered" and block["Status"] == "2.0.0"
+    assert "Remote-MTA" not in block
+    assert "<bob@local.test>: delivery successful" in report.human
