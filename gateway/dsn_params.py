@@ -163,11 +163,12 @@ class RecipientRequest:
     def wants(self, event: str) -> bool:
         """Whether a notice of this kind (SUCCESS, FAILURE, DELAY) is wanted.
 
-        RFC 3461 §4.1: without NOTIFY, an MTA behaves as for FAILURE (and may add
-        DELAY); success is reported only when asked for.
+        RFC 3461 §4.1: without NOTIFY, an MTA may behave as for FAILURE,DELAY (as
+        Postfix does: delay warnings, when configured, go to every sender); success
+        is reported only when asked for.
         """
         if self.notify is None:
-            return event == "FAILURE"
+            return event in ("FAILURE", "DELAY")
         return event in self.notify
 
     @property

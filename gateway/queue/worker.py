@@ -65,7 +65,14 @@ from gateway.offload import in_thread
 from gateway.pipeline import Action, MessageContext, Stage, apply
 from gateway.queue import scheduler
 from gateway.queue.spool import Spool, SpooledMessage, store_from_loop
-from gateway.queue.state import FINAL_STATUSES, QueueState, RcptStatus, fold, parse_events
+from gateway.queue.state import (
+    FINAL_STATUSES,
+    QueueState,
+    RcptStatus,
+    RecipientState,
+    fold,
+    parse_events,
+)
 
 T = TypeVar("T")
 
@@ -607,6 +614,13 @@ class QueueWorker:
             events.append({"ev": "attempt", "attempts": attempts, "next_at": next_at,
                            "error": first_error})
             st.attempts, st.next_attempt_at, st.last_error = attempts, next_at, first_error
+        delayed = self._delay_due(msg, st, arrived, now) if first_error else []
+        if delayed:
+            # Recorded with the attempt, before the notice is spooled: a crash in
+            # between loses one warning rather than sending it twice.
+            events.append({"ev": "delay_notice", "rcpts": [r.address for r in delayed]})
+            for r in delayed:
+                r.delay_warned = True
 
         # Record first, log after: the time between the next hop's 250 and our
         # record is the only window in which a crash repeats a delivery (RFC 1047).
@@ -625,8 +639,35 @@ class QueueWorker:
             self._unrecorded.setdefault(qid, []).extend(events)
             raise
         self._log_attempt(msg, mid, attempts, events)
+        if delayed:
+            requests = recipient_requests(msg.envelope)
+            await self._send_notice(msg, [
+                ReportedRecipient(
+                    r.address, r.reply, remote.get(r.address, ""), action="delayed",
+                    will_retry_until=arrived + self.cfg.queue.max_age,
+                    original_recipient=requests.get(
+                        r.address, RecipientRequest()).original_recipient)
+                for r in delayed
+            ])
         if st.finished:
             await self._finish(msg, st, remote)
+
+    def _delay_due(
+        self, msg: SpooledMessage, st: QueueState, arrived: float, now: float
+    ) -> list[RecipientState]:
+        """The deferred recipients owed a "delayed" notice now (queue.delay_warning):
+        the message is that old, the recipient did not decline it (RFC 3461 §4.1
+        NOTIFY without DELAY), and it has not had one."""
+        warn_after = self.cfg.queue.delay_warning
+        if warn_after <= 0 or now - arrived < warn_after or not msg.envelope.mail_from:
+            return []
+        candidates = [r for r in st.recipients.values()
+                      if r.status is RcptStatus.DEFERRED and not r.delay_warned]
+        if not candidates:
+            return []
+        requests = recipient_requests(msg.envelope)
+        return [r for r in candidates
+                if requests.get(r.address, RecipientRequest()).wants("DELAY")]
 
     def _log_attempt(
         self, msg: SpooledMessage, mid: str, attempt: int, events: list[dict[str, Any]]

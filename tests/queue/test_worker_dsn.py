@@ -201,3 +201,55 @@ async def test_notify_success_to_a_local_maildir_gives_a_delivered_notice(
     assert block["Action"] == "delivered" and block["Status"] == "2.0.0"
     assert "Remote-MTA" not in block
     assert "<bob@local.test>: delivery successful" in report.human
+
+
+async def test_delay_warning_once_per_recipient_that_did_not_decline_it(
+    make_rig: Callable[..., Rig], nexthop: NextHop, clock: FakeClock
+) -> None:
+    busy = {r: "451 4.3.0 Try later"
+            for r in ("delay@dst.test", "failure@dst.test", "plain@dst.test", "never@dst.test")}
+    nexthop.rules = dict(busy)
+    rig = make_rig(retry_initial=300.0, retry_max=300.0, delay_warning=600.0)
+    qid = _store(rig, {"delay@dst.test": ["NOTIFY=DELAY", "ORCPT=rfc822;Delay@dst.test"],
+                       "failure@dst.test": ["NOTIFY=FAILURE"],
+                       "plain@dst.test": [],  # no NOTIFY: as FAILURE,DELAY (RFC 3461 §4.1)
+                       "never@dst.test": ["NOTIFY=NEVER"]})
+    await rig.worker.run_due()
+    clock.advance(300)
+    await rig.worker.run_due()
+    assert rig.dsns() == []  # deferred for 300 s only
+    clock.advance(300)
+    await rig.worker.run_due()  # 600 s: the warning
+    (dsn_qid,) = rig.dsns()
+    report = parse_report(rig.spool.load(dsn_qid).data)
+    assert report.top["Subject"] == "Delayed Mail (still being retried)"
+    delay, plain = report.recipients
+    assert delay["Final-Recipient"] == "rfc822; delay@dst.test"
+    assert delay["Original-Recipient"] == "rfc822; Delay@dst.test"
+    assert delay["Action"] == "delayed" and delay["Status"] == "4.3.0"
+    assert delay["Will-Retry-Until"]
+    assert plain["Final-Recipient"] == "rfc822; plain@dst.test"
+    assert report.returned is None and "Subject: plans" in report.headers
+    rig.spool.remove(dsn_qid)
+
+    await rig.worker.stop(0)
+    rig.worker = rig.new_worker()  # a restart does not warn again
+    clock.advance(300)
+    await rig.worker.run_due()
+    assert rig.dsns() == []
+    nexthop.rules.clear()
+    clock.advance(300)
+    await rig.worker.run_due()
+    assert not rig.spool.exists(qid) and rig.dsns() == []
+
+
+async def test_no_delay_warning_by_default(
+    make_rig: Callable[..., Rig], nexthop: NextHop, clock: FakeClock
+) -> None:
+    nexthop.rules = {"b@dst.test": "451 4.3.0 Try later"}
+    rig = make_rig(retry_initial=300.0, retry_max=300.0)
+    _store(rig, {"b@dst.test": ["NOTIFY=DELAY"]})
+    for _ in range(5):
+        await rig.worker.run_due()
+        clock.advance(3600)
+    assert rig.dsns() == []
