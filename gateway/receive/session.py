@@ -767,7 +767,7 @@ class SmtpSession(SMTP):
             return
         path, raw_params = split
         if raw_params and not self.session.extended_smtp:
-            await self._error(RCPT_SYNTAX)  # parameters need EHLO (RFC 5321 §4.1.1.3)
+            await self._error(RCPT_SYNTAX)  # extension parameters need EHLO (RFC 5321 §2.2.1)
             return
         params = addresses.parse_params(raw_params)
         if params is None:  # malformed, or a parameter given twice
