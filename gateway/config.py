@@ -166,6 +166,15 @@ class QueueConfig(_Model):
     workers: int = Field(1, ge=1, le=64, description="Processes sharing the SMTP ports")
     delivery_concurrency: int = Field(50, ge=1, description="Messages delivered at once")
     destination_concurrency: int = Field(10, ge=1, description="Connections per destination")
+    delay_warning: Duration = Field(
+        0.0, description="Tell the sender once per recipient when a message has been "
+        "deferred this long (RFC 3464 Action: delayed; NOTIFY=DELAY, or no NOTIFY); "
+        "0: never (Postfix delay_warning_time)"
+    )
+    bounce_size_limit: Size = Field(
+        100 * 1000, description="A RET=FULL failure notice returns the whole message up to "
+        "this size, its header section above it (RFC 3461 §4.3; Postfix bounce_size_limit)"
+    )
 
 
 class DeliveryConfig(_Model):

@@ -29,7 +29,8 @@ from gateway.deliver.routes import (
     parse_routes,
     select_route,
 )
-from gateway.deliver.smtp import Destination, SmtpClient
+from gateway.deliver.smtp import Destination, SmtpClient, TransactionResult
+from gateway.dsn_params import to_pass_on
 from gateway.envelope import Envelope, domain_of
 from gateway.errors import DeliveryError
 from gateway.queue.state import RcptStatus
@@ -45,6 +46,10 @@ class Outcome:
     reply: str  # the reply that decided it, e.g. "250 2.0.0 Ok: queued as X"
     route: str  # e.g. "smtp:relay.example:25", "mx:example.com", "maildir:/srv/mail"
     remote: str = ""  # the host that answered ("" when Coffer decided itself)
+    # For a delivered recipient: the success notice it is owed if the sender asked
+    # for one (RFC 3461 NOTIFY=SUCCESS): "delivered" (a local mailbox), "relayed"
+    # (a next hop without DSN, §5.2.2), or "" (the next hop took the request on).
+    notice: str = ""
 
 
 def status_of(reply: str) -> RcptStatus:
@@ -137,12 +142,18 @@ class Deliverer:
             return await self._maildir(route, envelope, data, rcpts)
         if isinstance(route, SmtpRoute):
             dest = Destination(route.host, route.port, route.tls, route.host)
-            result = await self.client.send(
-                dest, envelope.mail_from, rcpts, data, smtputf8=envelope.smtputf8
-            )
-            return [Outcome(r, status_of(result.replies[r]), result.replies[r], key, dest.label)
-                    for r in rcpts]
+            result = await self._send(dest, envelope, data, rcpts)
+            return _outcomes(result, rcpts, key, dest)
         return await self._mx(key, domain, envelope, data, rcpts)
+
+    async def _send(
+        self, dest: Destination, envelope: Envelope, data: bytes, rcpts: list[str]
+    ) -> TransactionResult:
+        mail_dsn, rcpt_dsn = to_pass_on(envelope)
+        return await self.client.send(
+            dest, envelope.mail_from, rcpts, data, smtputf8=envelope.smtputf8,
+            mail_dsn=mail_dsn, rcpt_dsn=rcpt_dsn,
+        )
 
     async def _maildir(
         self, route: MaildirRoute, envelope: Envelope, data: bytes, rcpts: list[str]
@@ -160,7 +171,8 @@ class Deliverer:
                 out.append(Outcome(rcpt, status_of(reply), reply, route.key))
                 continue
             out.append(Outcome(rcpt, RcptStatus.DELIVERED,
-                               f"250 2.0.0 Delivered to maildir as {path.name}", route.key))
+                               f"250 2.0.0 Delivered to maildir as {path.name}", route.key,
+                               notice="delivered"))  # RFC 3464 §2.3.3: final delivery
         return out
 
     async def _mx(
@@ -181,13 +193,8 @@ class Deliverer:
                     break
                 tried += 1
                 dest = Destination(addr, self.mx_port, tls, host.name)
-                result = await self.client.send(
-                    dest, envelope.mail_from, rcpts, data, smtputf8=envelope.smtputf8
-                )
-                outcomes = [
-                    Outcome(r, status_of(result.replies[r]), result.replies[r], key, dest.label)
-                    for r in rcpts
-                ]
+                result = await self._send(dest, envelope, data, rcpts)
+                outcomes = _outcomes(result, rcpts, key, dest)
                 # RFC 5321 §5.1: when a host cannot be reached or fails the session
                 # temporarily, try the next one; a per-recipient answer is final for
                 # this attempt, and so is a permanent refusal.
@@ -198,6 +205,16 @@ class Deliverer:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+def _outcomes(
+    result: TransactionResult, rcpts: list[str], key: str, dest: Destination
+) -> list[Outcome]:
+    # RFC 3461 §5.2.2: a next hop without DSN cannot report success, so a delivered
+    # recipient is owed a "relayed" notice from us (if it asked, see the worker).
+    notice = "" if result.dsn else "relayed"
+    return [Outcome(r, status_of(result.replies[r]), result.replies[r], key, dest.label,
+                    notice=notice) for r in rcpts]
 
 
 def _maildir_deliver(

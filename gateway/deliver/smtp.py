@@ -37,7 +37,7 @@ import contextlib
 import re
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import aiosmtplib
@@ -75,6 +75,9 @@ class TransactionResult:
     # True when the failure was in the session (connect, greeting, EHLO, TLS, MAIL),
     # before any recipient was judged individually: another MX host may do better.
     session_failed: bool = False
+    # The next hop offered DSN (RFC 3461), so the sender's DSN parameters went with
+    # the message and notices from here on are its business (§5.2.1).
+    dsn: bool = False
 
 
 def _fmt(code: int, message: str) -> str:
@@ -238,9 +241,14 @@ class SmtpClient:
     # -- the transaction -------------------------------------------------------
     async def send(
         self, dest: Destination, sender: str, rcpts: list[str], data: bytes,
-        *, smtputf8: bool = False,
+        *, smtputf8: bool = False, mail_dsn: Sequence[str] = (),
+        rcpt_dsn: Mapping[str, Sequence[str]] | None = None,
     ) -> TransactionResult:
-        """Deliver ``data`` to ``rcpts`` at ``dest``; every recipient gets a reply."""
+        """Deliver ``data`` to ``rcpts`` at ``dest``; every recipient gets a reply.
+
+        ``mail_dsn`` (RET, ENVID) and ``rcpt_dsn`` (NOTIFY, ORCPT per recipient) are
+        the sender's RFC 3461 parameters, in the canonical form the envelope keeps
+        them (ENVID and ORCPT still xtext): sent when the next hop offers DSN."""
         pool = self._pool(dest)
         async with pool.sem:
             for attempt in range(2):
@@ -248,9 +256,12 @@ class SmtpClient:
                     conn, reused = await self._acquire(pool, dest)
                 except _SessionError as exc:
                     return TransactionResult(dict.fromkeys(rcpts, exc.reply), session_failed=True)
+                dsn = conn.smtp.supports_extension("dsn")
                 try:
                     replies, reusable = await self._transaction(
-                        conn.smtp, dest, sender, rcpts, data, smtputf8=smtputf8
+                        conn.smtp, dest, sender, rcpts, data, smtputf8=smtputf8,
+                        mail_dsn=mail_dsn if dsn else (),
+                        rcpt_dsn=(rcpt_dsn or {}) if dsn else {},
                     )
                 except _SessionError as exc:
                     await self._release(pool, conn, False)
@@ -263,14 +274,17 @@ class SmtpClient:
                     await self._release(pool, conn, False)
                     raise
                 await self._release(pool, conn, reusable)
-                return TransactionResult(replies)
+                return TransactionResult(replies, dsn=dsn)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _transaction(
         self, smtp: aiosmtplib.SMTP, dest: Destination, sender: str, rcpts: list[str],
-        data: bytes, *, smtputf8: bool,
+        data: bytes, *, smtputf8: bool, mail_dsn: Sequence[str],
+        rcpt_dsn: Mapping[str, Sequence[str]],
     ) -> tuple[dict[str, str], bool]:
-        """(replies, whether the connection can be reused).  _SessionError before RCPT."""
+        """(replies, whether the connection can be reused).  _SessionError before RCPT.
+
+        ``mail_dsn``/``rcpt_dsn`` are sent as given: empty unless the next hop offers DSN."""
         options: list[str] = []
         encoding = "ascii"
         if smtputf8 or not (sender.isascii() and all(r.isascii() for r in rcpts)):
@@ -285,11 +299,13 @@ class SmtpClient:
             options.append("BODY=8BITMIME")
         if smtp.supports_extension("size"):
             options.append(f"SIZE={len(data)}")  # RFC 1870 §6.1
+        options.extend(mail_dsn)  # RFC 3461 §4.3 RET, §4.4 ENVID
 
         if _unsafe(sender):
             return dict.fromkeys(rcpts, "553 5.1.7 Invalid sender address"), True
         if self.pipelining and smtp.supports_extension("pipelining") and _plain(sender, rcpts):
-            return await self._pipelined(smtp, dest, sender, rcpts, data, options, encoding)
+            return await self._pipelined(smtp, dest, sender, rcpts, data, options, encoding,
+                                         rcpt_dsn)
         try:
             await _command(smtp, b"MAIL FROM:", sender, options, encoding, (250,))
         except SMTPResponseException as exc:
@@ -309,7 +325,8 @@ class SmtpClient:
                     replies[rcpt] = "553 5.1.3 Invalid recipient address"
                     continue
                 try:
-                    resp = await _command(smtp, b"RCPT TO:", rcpt, [], encoding, (250, 251))
+                    resp = await _command(smtp, b"RCPT TO:", rcpt, rcpt_dsn.get(rcpt, ()),
+                                          encoding, (250, 251))
                 except SMTPResponseException as exc:
                     replies[rcpt] = _fmt(exc.code, exc.message)
                     if exc.code == 421:
@@ -340,6 +357,7 @@ class SmtpClient:
     async def _pipelined(
         self, smtp: aiosmtplib.SMTP, dest: Destination, sender: str, rcpts: list[str],
         data: bytes, options: list[str], encoding: str,
+        rcpt_dsn: Mapping[str, Sequence[str]],
     ) -> tuple[dict[str, str], bool]:
         """:meth:`_transaction` with RFC 2920 command groups; the same results.
 
@@ -360,7 +378,7 @@ class SmtpClient:
             if _unsafe(rcpt):
                 replies[rcpt] = "553 5.1.3 Invalid recipient address"
                 continue
-            group.append(_line(b"RCPT TO:", rcpt, [], encoding))
+            group.append(_line(b"RCPT TO:", rcpt, rcpt_dsn.get(rcpt, ()), encoding))
             sent.append(rcpt)
         group.append(b"DATA\r\n")  # RFC 2920 §3.1: DATA is the last command of a group
         timeout = self.command_timeout
@@ -457,14 +475,15 @@ def _unsafe(address: str) -> bool:
 
 
 async def _command(
-    smtp: aiosmtplib.SMTP, verb: bytes, address: str, options: list[str], encoding: str,
+    smtp: aiosmtplib.SMTP, verb: bytes, address: str, options: Sequence[str], encoding: str,
     ok: tuple[int, ...],
 ) -> SMTPResponse:
     """MAIL FROM / RCPT TO without aiosmtplib's address re-parsing (the spool holds
     addresses the receive side already validated; re-parsing costs more than the
-    round trip on loopback)."""
+    round trip on loopback).  Options are ASCII but for an RFC 6533 utf-8 ORCPT,
+    which only an SMTPUTF8 transaction carries."""
     arg = verb + b"<" + address.encode(encoding) + b">"
-    resp = await smtp.execute_command(arg, *(o.encode("ascii") for o in options))
+    resp = await smtp.execute_command(arg, *(o.encode(encoding) for o in options))
     if resp.code not in ok:
         raise SMTPResponseException(resp.code, resp.message)
     return resp
@@ -476,10 +495,10 @@ def _plain(sender: str, rcpts: list[str]) -> bool:
     return not any(_CONTROL.search(a) for a in (sender, *rcpts))
 
 
-def _line(verb: bytes, address: str, options: list[str], encoding: str) -> bytes:
+def _line(verb: bytes, address: str, options: Sequence[str], encoding: str) -> bytes:
     """One command line of a group, as :func:`_command` would send it."""
     return b" ".join((verb + b"<" + address.encode(encoding) + b">",
-                      *(o.encode("ascii") for o in options))) + b"\r\n"
+                      *(o.encode(encoding) for o in options))) + b"\r\n"
 
 
 def _wire_body(data: bytes) -> bytes:

@@ -32,6 +32,11 @@ class RecipientState:
     status: RcptStatus = RcptStatus.PENDING
     reply: str = ""
     updated_at: float = 0.0
+    # A success notice the sender asked for (RFC 3461 NOTIFY=SUCCESS) and is owed:
+    # "delivered" or "relayed" (RFC 3464 §2.3.3), with the host that answered.
+    notice: str = ""
+    remote: str = ""
+    delay_warned: bool = False  # a "delayed" notice was sent (queue.delay_warning): once
 
 
 @dataclass(slots=True)
@@ -87,6 +92,12 @@ def fold(recipients: list[str], events: list[dict[str, Any]]) -> QueueState:
             rs.status = RcptStatus(ev["status"])
             rs.reply = ev.get("reply", "")
             rs.updated_at = at
+            rs.notice = ev.get("notice", "")
+            rs.remote = ev.get("remote", "")
+        elif kind == "delay_notice":
+            for addr in ev.get("rcpts", []):
+                if addr in st.recipients:
+                    st.recipients[addr].delay_warned = True
         elif kind == "attempt":
             st.attempts = int(ev.get("attempts", st.attempts + 1))
             st.next_attempt_at = float(ev.get("next_at", 0.0))

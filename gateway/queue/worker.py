@@ -57,14 +57,22 @@ from typing import Any, Protocol, TypeVar
 from gateway import log, metrics, replies
 from gateway.config import Config
 from gateway.deliver.deliverer import Outcome
-from gateway.deliver.dsn import FailedRecipient, build_dsn
+from gateway.deliver.dsn import ReportedRecipient, build_dsn
+from gateway.dsn_params import RecipientRequest, message_request, recipient_requests
 from gateway.envelope import Envelope
 from gateway.errors import SpoolError
 from gateway.offload import in_thread
 from gateway.pipeline import Action, MessageContext, Stage, apply
 from gateway.queue import scheduler
 from gateway.queue.spool import Spool, SpooledMessage, store_from_loop
-from gateway.queue.state import FINAL_STATUSES, QueueState, RcptStatus, fold, parse_events
+from gateway.queue.state import (
+    FINAL_STATUSES,
+    QueueState,
+    RcptStatus,
+    RecipientState,
+    fold,
+    parse_events,
+)
 
 T = TypeVar("T")
 
@@ -575,18 +583,30 @@ class QueueWorker:
         events: list[dict[str, Any]] = []
         remote: dict[str, str] = {}
         first_error = ""
+        requests: dict[str, RecipientRequest] | None = None
         for o in outcomes:
             status = o.status
             if status is RcptStatus.DEFERRED and too_old:
                 status = RcptStatus.BOUNCED  # RFC 5321 §4.5.4.1: give up after max_age
             elif status is RcptStatus.DEFERRED:
                 first_error = first_error or o.reply
-            events.append({"ev": "rcpt", "rcpt": o.rcpt, "status": str(status),
-                           "reply": o.reply, "route": o.route})
+            event = {"ev": "rcpt", "rcpt": o.rcpt, "status": str(status),
+                     "reply": o.reply, "route": o.route}
+            notice = ""
+            if status is RcptStatus.DELIVERED and o.notice:
+                # RFC 3461 §4.1: a success notice only for NOTIFY=SUCCESS.  Recorded
+                # with the delivery, so the notice survives until the message is done.
+                if requests is None:
+                    requests = recipient_requests(msg.envelope)
+                if o.rcpt in requests and requests[o.rcpt].wants("SUCCESS"):
+                    notice = event["notice"] = o.notice
+                    event["remote"] = o.remote
+            events.append(event)
             remote[o.rcpt] = o.remote
             rs = st.recipients.get(o.rcpt)
             if rs is not None and rs.status not in FINAL_STATUSES:
                 rs.status, rs.reply, rs.updated_at = status, o.reply, now
+                rs.notice, rs.remote = notice, o.remote if notice else ""
         next_at = 0.0
         if first_error:
             next_at = scheduler.next_attempt(arrived, attempts, now, self.cfg.queue, self.rand) \
@@ -594,12 +614,19 @@ class QueueWorker:
             events.append({"ev": "attempt", "attempts": attempts, "next_at": next_at,
                            "error": first_error})
             st.attempts, st.next_attempt_at, st.last_error = attempts, next_at, first_error
+        delayed = self._delay_due(msg, st, arrived, now) if first_error else []
+        if delayed:
+            # Recorded with the attempt, before the notice is spooled: a crash in
+            # between loses one warning rather than sending it twice.
+            events.append({"ev": "delay_notice", "rcpts": [r.address for r in delayed]})
+            for r in delayed:
+                r.delay_warned = True
 
         # Record first, log after: the time between the next hop's 250 and our
         # record is the only window in which a crash repeats a delivery (RFC 1047).
         try:
             if st.finished and not any(
-                r.status is RcptStatus.BOUNCED for r in st.recipients.values()
+                r.status is RcptStatus.BOUNCED or r.notice for r in st.recipients.values()
             ):
                 await self._remove(msg)
                 self._log_attempt(msg, mid, attempts, events)
@@ -612,8 +639,35 @@ class QueueWorker:
             self._unrecorded.setdefault(qid, []).extend(events)
             raise
         self._log_attempt(msg, mid, attempts, events)
+        if delayed:
+            requests = recipient_requests(msg.envelope)
+            await self._send_notice(msg, [
+                ReportedRecipient(
+                    r.address, r.reply, remote.get(r.address, ""), action="delayed",
+                    will_retry_until=arrived + self.cfg.queue.max_age,
+                    original_recipient=requests.get(
+                        r.address, RecipientRequest()).original_recipient)
+                for r in delayed
+            ])
         if st.finished:
             await self._finish(msg, st, remote)
+
+    def _delay_due(
+        self, msg: SpooledMessage, st: QueueState, arrived: float, now: float
+    ) -> list[RecipientState]:
+        """The deferred recipients owed a "delayed" notice now (queue.delay_warning):
+        the message is that old, the recipient did not decline it (RFC 3461 §4.1
+        NOTIFY without DELAY), and it has not had one."""
+        warn_after = self.cfg.queue.delay_warning
+        if warn_after <= 0 or now - arrived < warn_after or not msg.envelope.mail_from:
+            return []
+        candidates = [r for r in st.recipients.values()
+                      if r.status is RcptStatus.DEFERRED and not r.delay_warned]
+        if not candidates:
+            return []
+        requests = recipient_requests(msg.envelope)
+        return [r for r in candidates
+                if requests.get(r.address, RecipientRequest()).wants("DELAY")]
 
     def _log_attempt(
         self, msg: SpooledMessage, mid: str, attempt: int, events: list[dict[str, Any]]
@@ -635,40 +689,78 @@ class QueueWorker:
             metrics.BOUNCED.labels(route).inc()
 
     async def _finish(self, msg: SpooledMessage, st: QueueState, remote: dict[str, str]) -> None:
-        """Every recipient is final: bounce the failures in one DSN, then forget it."""
+        """Every recipient is final: the notices the sender is owed, then forget it.
+
+        One failure DSN for the bounced recipients that did not decline it (RFC 3461
+        §4.1 NOTIFY without FAILURE, or NEVER), and one success notice for those that
+        asked for it (NOTIFY=SUCCESS, recorded with their delivery)."""
         qid = msg.qid
+        env = msg.envelope
         bounced = [r for r in st.recipients.values() if r.status is RcptStatus.BOUNCED]
-        if bounced and not msg.envelope.mail_from:
+        succeeded = [r for r in st.recipients.values()
+                     if r.status is RcptStatus.DELIVERED and r.notice]
+        requests = recipient_requests(env) if bounced or succeeded else {}
+        declined = [r for r in bounced
+                    if not requests.get(r.address, RecipientRequest()).wants("FAILURE")]
+        if declined:
+            log.event("dsn_suppressed", qid=qid, recipients=[r.address for r in declined],
+                      reason="notify")
+            bounced = [r for r in bounced if r not in declined]
+        if (bounced or succeeded) and not env.mail_from:
             # RFC 5321 §4.5.5 / RFC 3464 §2: never a DSN to the null reverse-path.
-            log.event("dsn_suppressed", qid=qid, recipients=[r.address for r in bounced],
-                      reason="null sender")
-        elif bounced:
-            failed = [
-                FailedRecipient(r.address, r.reply, remote.get(r.address, ""),
-                                expired=r.reply.startswith("4"))
-                for r in bounced
-            ]
-            now = self.clock()
-            data = build_dsn(
-                sender=msg.envelope.mail_from, original=msg.data, failed=failed,
-                reporting_mta=self.cfg.hostname, arrival=arrival_time(qid, msg.envelope),
-                now=now, qid=qid,
-            )
-            sender = msg.envelope.mail_from
-            env = Envelope(
-                mail_from="", rcpt_to=[sender], received_at=now, helo=self.cfg.hostname,
-                listener="dsn", role="local",
-                mail_options=[] if sender.isascii() else ["SMTPUTF8"],
-            )
-            try:
-                dsn_qid = await store_from_loop(self.spool, self.executor, env, data,
-                                                {"dsn": {"of": qid}})
-            except SpoolError as exc:
-                # Keep the original (every recipient is final): the next scan tries again.
-                log.event("dsn_error", qid=qid, error=str(exc))
-                return
-            log.event("dsn", qid=qid, dsn_qid=dsn_qid, to=sender,
-                      recipients=[r.address for r in bounced])
-            self.notify(dsn_qid)
+            log.event("dsn_suppressed", qid=qid,
+                      recipients=[r.address for r in bounced + succeeded], reason="null sender")
+        elif bounced or succeeded:
+            notices = []
+            if bounced:
+                notices.append([
+                    ReportedRecipient(
+                        r.address, r.reply, remote.get(r.address, ""),
+                        expired=r.reply.startswith("4"),
+                        original_recipient=requests.get(
+                            r.address, RecipientRequest()).original_recipient)
+                    for r in bounced
+                ])
+            if succeeded:
+                notices.append([
+                    ReportedRecipient(
+                        r.address, r.reply, r.remote,
+                        action="delivered" if r.notice == "delivered" else "relayed",
+                        original_recipient=requests.get(
+                            r.address, RecipientRequest()).original_recipient)
+                    for r in succeeded
+                ])
+            for reported in notices:
+                if not await self._send_notice(msg, reported):
+                    return  # kept (every recipient is final): the next scan tries again
         await self._remove(msg)
         log.event("done", qid=qid, message_id=message_id(msg.data), attempts=st.attempts)
+
+    async def _send_notice(self, msg: SpooledMessage, reported: list[ReportedRecipient]) -> bool:
+        """Spool one DSN about ``reported`` to the message's sender, from the null
+        sender (RFC 3464 §2, RFC 5321 §4.5.5).  False if the spool refused it."""
+        qid = msg.qid
+        sender = msg.envelope.mail_from
+        request = message_request(msg.envelope.mail_options)
+        now = self.clock()
+        data = build_dsn(
+            sender=sender, original=msg.data, recipients=reported,
+            reporting_mta=self.cfg.hostname, arrival=arrival_time(qid, msg.envelope),
+            now=now, qid=qid, ret=request.ret, envid=request.envid,
+            full_limit=self.cfg.queue.bounce_size_limit,
+        )
+        env = Envelope(
+            mail_from="", rcpt_to=[sender], received_at=now, helo=self.cfg.hostname,
+            listener="dsn", role="local",
+            mail_options=[] if sender.isascii() else ["SMTPUTF8"],
+        )
+        try:
+            dsn_qid = await store_from_loop(self.spool, self.executor, env, data,
+                                            {"dsn": {"of": qid}})
+        except SpoolError as exc:
+            log.event("dsn_error", qid=qid, error=str(exc))
+            return False
+        log.event("dsn", qid=qid, dsn_qid=dsn_qid, to=sender,
+                  action=reported[0].action, recipients=[r.address for r in reported])
+        self.notify(dsn_qid)
+        return True

@@ -32,7 +32,7 @@ from typing import Any, AnyStr, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, TLSSetupException
 
-from gateway import log, metrics, replies
+from gateway import dsn_params, log, metrics, replies
 from gateway.config import Config, ListenerConfig
 from gateway.envelope import Envelope, TlsInfo
 from gateway.receive import addresses, relay_control
@@ -56,6 +56,7 @@ ARG_SYNTAX = Reply(501, "5.5.4", "Syntax error in parameters or arguments")
 MAIL_SYNTAX = Reply(501, "5.5.4", "Syntax: MAIL FROM:<address> [parameters]")
 RCPT_SYNTAX = Reply(501, "5.5.4", "Syntax: RCPT TO:<address>")
 PARAM_UNKNOWN = Reply(555, "5.5.4", "Unsupported MAIL or RCPT parameter")
+DSN_PARAM = Reply(501, "5.5.4", "Invalid DSN parameter")  # RFC 3461 §4, RFC 3463 §3.6
 NOT_IMPLEMENTED = Reply(502, "5.5.1", "Command not implemented")
 BAD_ENCODING = Reply(500, "5.5.2", "Command is not valid UTF-8")
 NEED_SMTPUTF8 = Reply(553, "5.6.7", "Non-ASCII address requires the SMTPUTF8 parameter")
@@ -133,6 +134,7 @@ class _Transaction:
     options: list[str]
     smtputf8: bool
     recipients: list[str] = field(default_factory=list)
+    rcpt_options: list[list[str]] = field(default_factory=list)  # one list per recipient
 
 
 class _LineTooLong(Exception):
@@ -512,7 +514,7 @@ class SmtpSession(SMTP):
             return
         lines = [
             self.hostname, "PIPELINING", f"SIZE {self.max_size}", "8BITMIME",
-            "SMTPUTF8", "ENHANCEDSTATUSCODES",
+            "SMTPUTF8", "ENHANCEDSTATUSCODES", "DSN",  # DSN: RFC 3461 §4
         ]
         if self.tls_context is not None and not self.is_tls:
             lines.append("STARTTLS")
@@ -714,6 +716,13 @@ class SmtpSession(SMTP):
                 if value is not None:
                     await self._error(MAIL_SYNTAX)
                     return
+            elif key in dsn_params.MAIL_KEYS:  # RFC 3461 §4.3 RET, §4.4 ENVID
+                try:
+                    options.append(dsn_params.mail_param(key, value))
+                except dsn_params.DsnParamError as exc:
+                    await self._error(DSN_PARAM.with_text(f"Invalid DSN parameter: {exc}"))
+                    return
+                continue
             elif key != "AUTH":  # RFC 4954 §5: accepted, recorded, not trusted
                 await self._error(PARAM_UNKNOWN)
                 return
@@ -756,10 +765,24 @@ class SmtpSession(SMTP):
             bad_path = (arg or "").upper().startswith("TO:") and len(arg or "") > 3
             await self._error(replies.BAD_MAILBOX_SYNTAX if bad_path else RCPT_SYNTAX)
             return
-        path, params = split
-        if params:  # no RCPT parameters are offered (no DSN)
-            await self._error(PARAM_UNKNOWN)
+        path, raw_params = split
+        if raw_params and not self.session.extended_smtp:
+            await self._error(RCPT_SYNTAX)  # extension parameters need EHLO (RFC 5321 §2.2.1)
             return
+        params = addresses.parse_params(raw_params)
+        if params is None:  # malformed, or a parameter given twice
+            await self._error(DSN_PARAM.with_text("Syntax error in RCPT parameters"))
+            return
+        options: list[str] = []
+        for key, value in params.items():
+            if key not in dsn_params.RCPT_KEYS:  # RFC 3461 §4.1 NOTIFY, §4.2 ORCPT only
+                await self._error(PARAM_UNKNOWN)
+                return
+            try:
+                options.append(dsn_params.rcpt_param(key, value, smtputf8=tx.smtputf8))
+            except dsn_params.DsnParamError as exc:
+                await self._error(DSN_PARAM.with_text(f"Invalid DSN parameter: {exc}"))
+                return
         try:
             mailbox = self._recipient(path)
         except AddressError as exc:
@@ -782,6 +805,7 @@ class SmtpSession(SMTP):
             await self._reject(replies.TOO_MANY_RECIPIENTS, "too_many_recipients")
             return
         tx.recipients.append(mailbox.address)
+        tx.rcpt_options.append(options)
         await self.reply(replies.RECIPIENT_OK)
 
     def _trusted_client(self) -> bool:
@@ -845,7 +869,7 @@ class SmtpSession(SMTP):
             listener=self.listener.name,
             role=self.listener.role,
             mail_options=list(tx.options),
-            rcpt_options=[[] for _ in tx.recipients],
+            rcpt_options=[list(o) for o in tx.rcpt_options],
         )
         trace = f"{self.sid}.{self.messages}"
         header = received_header(envelope, hostname=self.hostname, trace_id=trace,

@@ -60,6 +60,12 @@ class NextHop:
     # Advertise PIPELINING (RFC 2920).  aiosmtpd reads commands in order from its
     # stream, so it serves a pipelined client correctly; it just never says so.
     pipelining: bool = False
+    # Advertise DSN (RFC 3461) and accept its parameters (aiosmtpd knows none of them:
+    # they are taken off the command before aiosmtpd parses it).
+    dsn: bool = False
+    # Every MAIL FROM / RCPT TO argument as received, parameters included.
+    mail_args: list[str] = field(default_factory=list)
+    rcpt_args: list[str] = field(default_factory=list)
 
     async def handle_EHLO(
         self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
@@ -68,6 +74,8 @@ class NextHop:
         session.host_name = hostname
         if self.pipelining:
             responses.insert(1, "250-PIPELINING")
+        if self.dsn:
+            responses.insert(1, "250-DSN")
         return responses
 
     async def handle_MAIL(
@@ -126,6 +134,14 @@ class NextHop:
                     self._counted = True
                 super().connection_made(transport)
 
+            async def smtp_MAIL(self, arg: str) -> None:
+                hop.mail_args.append(arg)
+                await super().smtp_MAIL(_strip(arg, ("RET", "ENVID")) if hop.dsn else arg)
+
+            async def smtp_RCPT(self, arg: str) -> None:
+                hop.rcpt_args.append(arg)
+                await super().smtp_RCPT(_strip(arg, ("NOTIFY", "ORCPT")) if hop.dsn else arg)
+
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
             lambda: CountingSMTP(self, hostname="nexthop.test", decode_data=False,
@@ -139,6 +155,14 @@ class NextHop:
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
+
+
+def _strip(arg: str, keys: tuple[str, ...]) -> str:
+    """A MAIL/RCPT argument without the named parameters."""
+    if not arg:
+        return arg
+    words = arg.split(" ")
+    return " ".join(w for w in words if w.partition("=")[0].upper() not in keys)
 
 
 # -- TLS: a throwaway CA and a certificate for the next hop -------------------------

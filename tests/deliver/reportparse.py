@@ -14,7 +14,8 @@ class Report:
     parts: list[Message]  # human text, message/delivery-status, text/rfc822-headers
     per_message: Message  # RFC 3464 §2.2 fields
     recipients: list[Message]  # RFC 3464 §2.3 fields, one block per recipient
-    headers: str  # the text/rfc822-headers part
+    headers: str  # the text/rfc822-headers part ("" when the whole message came back)
+    returned: Message | None = None  # the message/rfc822 part's message (RET=FULL)
 
     @property
     def human(self) -> str:
@@ -33,6 +34,9 @@ def parse_report(raw: bytes) -> Report:
     top = email.message_from_bytes(raw, policy=email.policy.compat32)
     parts = _messages(top.get_payload())
     blocks = _messages(parts[1].get_payload())
+    if parts[2].get_content_type() == "message/rfc822":
+        (returned,) = _messages(parts[2].get_payload())
+        return Report(top, parts, blocks[0], blocks[1:], "", returned)
     headers = parts[2].get_payload()
     assert isinstance(headers, str)
     return Report(top, parts, blocks[0], blocks[1:], headers)

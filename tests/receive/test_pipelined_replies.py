@@ -92,7 +92,7 @@ async def test_held_replies_come_before_a_closing_421(
 SCRIPT = (
     b"NOOP\r\nRSET\r\nMAIL FROM:<a@ext.example>\r\nMAIL FROM:<b@ext.example>\r\n"
     b"RCPT TO:<bob@local.example>\r\nRCPT TO:<bad address>\r\nRCPT TO:<x@ext.example>\r\n"
-    b"RCPT TO:<bob@local.example> NOTIFY=NEVER\r\nBOGUS\r\nRSET\r\nRCPT TO:<bob@local.example>\r\n"
+    b"RCPT TO:<bob@local.example> FOO=1\r\nBOGUS\r\nRSET\r\nRCPT TO:<bob@local.example>\r\n"
     b"MAIL FROM:<a@ext.example> SIZE=10\r\nRCPT TO:<bob@local.example>\r\nDATA\r\n"
 )
 
