@@ -27,7 +27,7 @@ from typing import Any, Protocol
 from gateway import log, metrics, replies
 from gateway.envelope import Envelope
 from gateway.errors import SpoolError, SpoolFullError
-from gateway.pipeline import Action, MessageContext, Stage, apply
+from gateway.pipeline import Action, MessageContext, Stage, StageResult, apply
 from gateway.queue.spool import Spool, new_queue_id, store_from_loop
 from gateway.replies import Reply
 
@@ -134,10 +134,16 @@ class Runner:
                                "reply": str(reply), "reason": reason}
         ctx.facts["trace"] = ctx.trace
         try:
-            await self.archive_rejected(ctx)
+            kept = await self.archive_rejected(ctx)
         except Exception as exc:
             log.event("archive_rejected_failed", stage=stage, reply=str(reply),
                       error=f"{type(exc).__name__}: {exc}", sender=ctx.envelope.mail_from)
+            return replies.ARCHIVE_FAILED
+        if isinstance(kept, StageResult) and kept.action is Action.TEMPFAIL:
+            # The archive stage answers an outage (its backend down, a full disk) with a
+            # tempfail rather than an exception: nothing was recorded either.
+            log.event("archive_rejected_failed", stage=stage, reply=str(reply),
+                      error=kept.reason or str(kept.reply), sender=ctx.envelope.mail_from)
             return replies.ARCHIVE_FAILED
         return reply
 

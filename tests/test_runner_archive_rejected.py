@@ -64,6 +64,19 @@ async def test_archive_failure_during_reject_answers_451_and_spools_nothing(
     assert spool.queue_ids() == []
 
 
+async def test_an_archive_outage_during_reject_answers_451_not_the_5xx(
+        tmp_path: Path) -> None:
+    """The archive stage answers its backend's outage with a tempfail, not an exception."""
+    async def outage(ctx: MessageContext) -> StageResult:
+        return StageResult(Action.TEMPFAIL, reply=replies.ARCHIVE_FAILED,
+                           reason="archive backend unavailable: connection refused")
+
+    spool = Spool(tmp_path)
+    reply = await Runner(spool, [Stage(Action.REJECT)],
+                         archive_rejected=outage).accept(_env(), b"x")
+    assert reply == replies.ARCHIVE_FAILED and spool.queue_ids() == []
+
+
 async def test_tempfail_is_not_archived(tmp_path: Path) -> None:
     evidence = Evidence()
     reply = await Runner(Spool(tmp_path), [Stage(Action.TEMPFAIL)],
