@@ -35,8 +35,9 @@ class Reply:
         return Reply(self.code, self.enhanced, text)
 
 
-# RFC 5321 §4.2.2 / RFC 3463 §3.2 (X.0.0 other), §3.3 (addressing), §3.5 (system),
-# §3.6 (network/routing), §3.7 (protocol), §3.8 (security/policy).
+# RFC 5321 §4.2.2 / RFC 3463 §3.1 (X.0.X other), §3.2 (X.1.X addressing), §3.3 (X.2.X
+# mailbox), §3.4 (X.3.X mail system), §3.5 (X.4.X network/routing), §3.6 (X.5.X
+# protocol), §3.7 (X.6.X content), §3.8 (X.7.X security/policy).
 OK = Reply(250, "2.0.0", "OK")
 QUEUED = Reply(250, "2.0.0", "OK: queued as {qid}")
 SENDER_OK = Reply(250, "2.1.0", "Sender OK")
