@@ -70,7 +70,7 @@ _RAW_END = {
     for name in ("script", "style", "title")
 }
 _LETTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
-_MARKUP_START = _LETTERS | {"/", "!", "?"}  # what may follow a "<" that opens markup
+_MARKUP_OPEN = re.compile(r"<[A-Za-z/!?]")  # a "<" that opens markup (§13.2.5.6)
 _HIDDEN = frozenset({"template"})  # content parsed as markup, but never shown
 _BLOCK = frozenset({
     "address", "article", "aside", "blockquote", "br", "caption", "center", "dd", "details",
@@ -110,12 +110,9 @@ def html_to_text(markup: str, *, normalise: bool = False) -> HtmlText:
     pos = start = 0  # pos: where to look for the next "<"; start: of the pending text
     n = len(markup)
     while True:
-        lt = markup.find("<", pos)
-        if lt < 0 or markup[lt + 1:lt + 2] not in _MARKUP_START:
-            if lt >= 0:
-                pos = lt + 1  # "<" before anything else is text: the pending text goes on
-                continue
-            lt = n
+        # "<" before anything else is text: the pending text goes on past it
+        found_lt = _MARKUP_OPEN.search(markup, pos)
+        lt = n if found_lt is None else found_lt.start()
         # The text before this piece of markup (or the end): entities decoded.
         if lt > start and not hidden:
             chunk = markup[start:lt]
@@ -160,7 +157,7 @@ def html_to_text(markup: str, *, normalise: bool = False) -> HtmlText:
                 continue
             break  # eof-in-tag: the unfinished tag and all after it are dropped
         pos = start = m.end()
-        closing, name, attributes = m.groups()
+        closing, name = m.group(1, 2)  # the attributes are cut out only for <a>
         name = name.lower()
         raw_end = _RAW_END.get(name)
         if raw_end is not None:
@@ -184,7 +181,7 @@ def html_to_text(markup: str, *, normalise: bool = False) -> HtmlText:
                 links.append((href, " ".join("".join(anchor).split())))
                 anchor = None
             if not closing and len(links) < MAX_LINKS:
-                found = _href(attributes)
+                found = _href(m.group(3))
                 if found is not None:
                     href, anchor, anchor_len = found, [], 0
         elif name == "img" and not closing:

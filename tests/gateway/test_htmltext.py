@@ -179,8 +179,8 @@ HOSTILE = {
 
 class _Scanned:
     """Characters read by the converter's searches: every ``str.find`` on the markup
-    and every regular expression match or search, each counted from where it starts
-    to where it stops (the end of the markup when it finds nothing)."""
+    and every regular expression match or search on it, each counted from where it
+    starts to where it stops (the end of the markup when it finds nothing)."""
 
     def __init__(self) -> None:
         self.chars = 0
@@ -214,6 +214,8 @@ class _CountingPattern:
 
 def _scanned(markup: str, monkeypatch: pytest.MonkeyPatch) -> int:
     scanned = _Scanned()
+    monkeypatch.setattr(htmltext, "_MARKUP_OPEN",
+                        _CountingPattern(htmltext._MARKUP_OPEN, scanned))
     monkeypatch.setattr(htmltext, "_TAG", _CountingPattern(htmltext._TAG, scanned))
     monkeypatch.setattr(htmltext, "_COMMENT_END",
                         _CountingPattern(htmltext._COMMENT_END, scanned))
