@@ -23,7 +23,6 @@ import email.policy
 import email.utils
 import functools
 import hashlib
-import html
 import io
 import logging
 import re
@@ -33,16 +32,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.header import decode_header, make_header
-from html.parser import HTMLParser
 from typing import Any
 from xml.etree import ElementTree
 
 from gateway import mailparse
 from gateway.check.headers import getaddresses_lenient
+from gateway.htmltext import visible_text
 
 __all__ = [
     "Attachment", "Extracted", "Limits", "Participant", "body_text", "clean_text", "crlf_size",
-    "extract", "html_to_text",
+    "extract",
 ]
 
 
@@ -581,48 +580,6 @@ def _ascii_text(part: email.message.Message, charset: str | None
     return payload, flag
 
 
-class _HtmlText(HTMLParser):
-    _SKIP = frozenset({"script", "style", "head", "title", "template", "noscript"})
-    _BLOCK = frozenset({
-        "p", "div", "br", "tr", "li", "ul", "ol", "table", "h1", "h2", "h3", "h4", "h5",
-        "h6", "blockquote", "pre", "hr", "section", "article", "header", "footer", "td", "th",
-    })
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.out: list[str] = []
-        self.skip = 0
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in self._SKIP:
-            self.skip += 1
-        elif tag in self._BLOCK:
-            self.out.append("\n")
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag in self._SKIP:
-            self.skip = max(0, self.skip - 1)
-        elif tag in self._BLOCK:
-            self.out.append("\n")
-
-    def handle_data(self, data: str) -> None:
-        if not self.skip:
-            self.out.append(data)
-
-
-def html_to_text(markup: str) -> str:
-    """Visible text of an HTML document: no tags, scripts or styles; entities decoded."""
-    parser = _HtmlText()
-    try:
-        parser.feed(markup)
-        parser.close()
-    except Exception:
-        return re.sub(r"<[^>]*>", " ", html.unescape(markup))
-    text = "".join(parser.out)
-    text = re.sub(r"[ \t\r\f\v]+", " ", text)
-    return re.sub(r"\n\s*\n+", "\n\n", text).strip()
-
-
 # -- documents ---------------------------------------------------------------
 
 _W_NS = "{http://schemas.openxmlformats.org/wordprocessingml/2006/main}"
@@ -791,7 +748,7 @@ class _Extractor:
                 text, flag = found
             if flag:
                 out.flags.append(f"body: {flag}")
-            bodies.append(html_to_text(text) if ctype == "text/html" else text)
+            bodies.append(visible_text(text) if ctype == "text/html" else text)
             return
         if ctype.startswith("multipart/"):
             # RFC 2046 §5.1.1: no usable boundary; index the raw text rather than nothing.
@@ -824,7 +781,7 @@ class _Extractor:
         ctype = _guess_type(att.name, att.content_type, data)
         try:
             if ctype == "text/html":
-                att.text = html_to_text(_decode_bytes(data, None)[0])
+                att.text = visible_text(_decode_bytes(data, None)[0])
             elif ctype.startswith("text/") or ctype in ("application/json", "application/xml"):
                 att.text = _decode_bytes(data, None)[0]
             elif ctype == "application/pdf":

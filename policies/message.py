@@ -26,7 +26,6 @@ import email
 import email.header
 import email.message
 import email.policy
-import html.parser
 import io
 import mimetypes
 import re
@@ -35,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway import mailparse
+from gateway.htmltext import visible_text
 
 # Bounds that keep a hostile message from costing unbounded work; anything
 # beyond them is marked unscannable rather than silently skipped.
@@ -277,42 +277,6 @@ def _decode(data: bytes, charset: str | None) -> str:
         return data.decode("utf-8", "replace")
 
 
-class _HtmlText(html.parser.HTMLParser):
-    """Text of an HTML part: what a reader sees, without script and style."""
-
-    _SKIP = frozenset({"script", "style", "head", "title"})
-    _BREAK = frozenset({"br", "p", "div", "tr", "li", "td", "th", "h1", "h2", "h3", "table"})
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.out: list[str] = []
-        self.skip = 0
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in self._SKIP:
-            self.skip += 1
-        elif tag in self._BREAK:
-            self.out.append("\n")
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag in self._SKIP and self.skip:
-            self.skip -= 1
-
-    def handle_data(self, data: str) -> None:
-        if not self.skip:
-            self.out.append(data)
-
-
-def html_to_text(markup: str) -> str:
-    try:
-        parser = _HtmlText()
-        parser.feed(markup)
-        parser.close()
-        return "".join(parser.out)
-    except Exception:
-        return re.sub(r"<[^>]*>", " ", markup)
-
-
 # Magic numbers of the types rules most often ask about (file(1)'s magic, abridged).
 _MAGIC: tuple[tuple[int, bytes, str], ...] = (
     (0, b"%PDF-", "application/pdf"),
@@ -540,7 +504,7 @@ class _Walker:
             data = self.payload(part)
             if data is not None:
                 text = _decode(data, leaf.charset)
-                self.body.append(html_to_text(text) if ctype == "text/html" else text)
+                self.body.append(visible_text(text) if ctype == "text/html" else text)
             return
         data = self.payload(part)
         if data is None:
@@ -617,7 +581,7 @@ class _Walker:
                 self.text or (charset or "") not in _QUIET_CHARSETS):
             decoded = _decode(data, charset)
             if self.text:
-                text = self.take_text(html_to_text(decoded) if kind == "text/html" else decoded)
+                text = self.take_text(visible_text(decoded) if kind == "text/html" else decoded)
         unscannable, reason = enc, "encrypted" if enc else ""
         index = len(self.out)
         self.out.append(Attachment(
@@ -707,4 +671,4 @@ def _safe(fn: Any, default: Any) -> Any:
     return default
 
 
-__all__ = ["Attachment", "MessageView", "decode_header_value", "html_to_text", "sniff"]
+__all__ = ["Attachment", "MessageView", "decode_header_value", "sniff"]

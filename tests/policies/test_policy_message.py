@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from policies.message import MAX_DEPTH, MessageView, html_to_text
+from gateway.htmltext import visible_text
+from policies.message import MAX_DEPTH, MessageView
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -44,8 +45,8 @@ def test_headers_are_decoded_and_unfolded() -> None:
 
 
 def test_html_text_skips_script_and_style() -> None:
-    text = html_to_text("<style>p{}</style><p>Hello&amp;bye</p><script>evil()</script>")
-    assert text.strip() == "Hello&bye"
+    text = visible_text("<style>p{}</style><p>Hello&amp;bye</p><script>evil()</script>")
+    assert text == "Hello&bye"
 
 
 def test_body_uses_the_declared_charset_and_survives_an_unknown_one() -> None:

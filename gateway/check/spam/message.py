@@ -5,19 +5,20 @@ one :class:`ParsedMessage`.  It is built from the stdlib parser's tree in its fa
 ``compat32`` mode (one parse shared with the decide stage, :mod:`gateway.mailparse`),
 bounded (at most :data:`MAX_PARTS` parts, text cut at :data:`MAX_TEXT` characters)
 so that a hostile message costs no more than a big one.
-HTML is reduced to its text and its links with regular expressions: the rules
-only need the words and the ``<a href>`` pairs, not a DOM.
+HTML is reduced to its text, its ``<a href>`` links and its image count by
+:func:`gateway.htmltext.html_to_text` (one linear pass, no DOM): the rules only
+need the words and the links.
 """
 
 from __future__ import annotations
 
 import binascii
-import html
 import re
 from dataclasses import dataclass, field
 from email.message import Message
 
 from gateway import mailparse
+from gateway.htmltext import html_to_text
 
 MAX_PARTS = 100
 MAX_TEXT = 200_000  # characters of decoded text kept per message
@@ -27,11 +28,7 @@ MAX_TEXT = 200_000  # characters of decoded text kept per message
 # regular expression engine looks for their first characters, [\r\n], instead of
 # trying a match at every position: same matches, 40 % less time.
 _FOLD = re.compile(r"\r\n[ \t]+|\n[ \t]+")
-_TAG_NAME = re.compile(r"\s*(/?)\s*([a-zA-Z][a-zA-Z0-9]{0,15})\b")
-_HREF = re.compile(r"\bhref\s*=\s*(?:\"([^\"]*)\"|'([^']*)'|([^\s>]+))", re.IGNORECASE)
 _URL = re.compile(r"\b(?:https?://|www\.)[^\s<>\"'()\[\]{}]+", re.IGNORECASE)
-_BREAK_TAGS = frozenset({"br", "p", "div", "tr", "td", "li", "h1", "h2", "h3", "h4", "h5",
-                         "h6", "table", "blockquote"})
 
 
 @dataclass(slots=True)
@@ -132,67 +129,6 @@ def parse_headers(head: str) -> list[tuple[str, str]]:
         if sep and name and " " not in name.strip():
             out.append((name.strip().lower(), value.strip()))
     return out
-
-
-def html_to_text(markup: str) -> tuple[str, list[tuple[str, str]], int]:
-    """HTML -> (its text, its (href, anchor text) links, how many <img>).
-
-    One forward pass over the tags (no backtracking regular expression over the
-    whole document): hostile HTML - thousands of unclosed ``<a>`` or comments -
-    costs time linear in its length.
-    """
-    out: list[str] = []
-    links: list[tuple[str, str]] = []
-    images = 0
-    anchor: tuple[str, list[str]] | None = None
-    skipping = ""  # inside <script> or <style>
-    pos, n = 0, len(markup)
-    while pos < n:
-        lt = markup.find("<", pos)
-        chunk = markup[pos:] if lt < 0 else markup[pos:lt]
-        if chunk and not skipping:
-            out.append(chunk)
-            if anchor is not None and sum(map(len, anchor[1])) < 300:
-                anchor[1].append(chunk)
-        if lt < 0:
-            break
-        if markup.startswith("<!--", lt):
-            end = markup.find("-->", lt + 4)
-            pos = n if end < 0 else end + 3
-            continue
-        gt = markup.find(">", lt + 1)
-        if gt < 0:
-            break  # an unclosed tag: no '>' follows any later '<' either
-        pos = gt + 1
-        m = _TAG_NAME.match(markup, lt + 1, gt)
-        if m is None:
-            continue
-        closing, name = m.group(1), m.group(2).lower()
-        if skipping:
-            if closing and name == skipping:
-                skipping = ""
-            continue
-        if name in ("script", "style") and not closing:
-            skipping = name
-        elif name == "a":
-            if anchor is not None:
-                links.append((anchor[0], _anchor_text(anchor[1])))
-                anchor = None
-            if not closing and len(links) < 200:
-                h = _HREF.search(markup, lt, gt)
-                if h:
-                    anchor = (html.unescape(h.group(1) or h.group(2) or h.group(3) or "").strip(),
-                              [])
-        elif name == "img" and not closing:
-            images += 1
-        out.append("\n" if name in _BREAK_TAGS else " ")
-    if anchor is not None:
-        links.append((anchor[0], _anchor_text(anchor[1])))
-    return html.unescape("".join(out)), links, images
-
-
-def _anchor_text(parts: list[str]) -> str:
-    return " ".join(html.unescape("".join(parts)).split())
 
 
 def _decode_text(payload: bytes, charset: str) -> tuple[str, bool]:

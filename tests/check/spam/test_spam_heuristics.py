@@ -168,25 +168,3 @@ def test_thresholds_map_scores_to_actions() -> None:
     t = Thresholds(quarantine=6, reject=15)
     assert [t.action(s) for s in (-1, 5.9, 6, 14.9, 15)] == [
         "no action", "no action", "quarantine", "quarantine", "reject"]
-
-
-def test_html_text_links_and_images_are_extracted_in_one_pass() -> None:
-    from gateway.check.spam.message import html_to_text
-
-    text, links, images = html_to_text(
-        '<p>Hi <a href="http://x.example/a?b=1&amp;c=2">click <b>here</b></a>'
-        '<script>var s = "<a href=evil>";</script><!-- <a href=hidden> -->'
-        "<img src=y>bye &amp; thanks<a href='http://unclosed.example/'>tail")
-    assert links == [("http://x.example/a?b=1&c=2", "click here"),
-                     ("http://unclosed.example/", "tail")]
-    assert images == 1
-    assert "bye & thanks" in text and "var s" not in text and "hidden" not in text
-
-
-def test_hostile_html_is_taken_apart_without_backtracking() -> None:
-    from gateway.check.spam.message import html_to_text
-
-    # thousands of unclosed anchors, scripts and comments: each scanned once
-    for markup in ("<a href=x>" * 20000, "<script>" * 20000, "<!--" * 30000, "<" * 100000):
-        text, links, _ = html_to_text(markup)
-        assert text.strip() == "" and len(links) <= 200
