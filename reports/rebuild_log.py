@@ -23,6 +23,7 @@ case can be re-created with ``coffer hold create``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -164,19 +165,28 @@ def restore_holds(meta: Metadata, archive: Archive, entries: list[LedgerEntry]) 
     ids = _HoldIds(max((int(d["hold"]) for e, d in docs
                         if e.kind == "hold_placed" and isinstance(d.get("hold"), int)),
                        default=0))
+    _apply(meta, docs, out,
+           lambda s, e, doc: _place(meta, s, ids, doc, e, out),
+           lambda s, e, doc: _release(s, ids, doc, e, out))
+    return out
+
+
+_Step = Callable[[Session, LedgerEntry, dict[str, Any]], None]
+
+
+def _apply(meta: Metadata, docs: list[tuple[LedgerEntry, dict[str, Any]]], out: LogRestore,
+           place: _Step, release: _Step) -> None:
+    """Each hold document in ledger order, in one transaction; a malformed one is warned
+    about and skipped.  PostgreSQL's sequence is moved past the restored ids."""
     with meta.session() as s:
         for e, doc in docs:
             try:
-                if e.kind == "hold_placed":
-                    _place(meta, s, ids, doc, e, out)
-                else:
-                    _release(s, ids, doc, e, out)
+                (place if e.kind == "hold_placed" else release)(s, e, doc)
             except (KeyError, TypeError, ValueError) as exc:
                 out.warnings.append(f"ledger seq {e.seq}: malformed {e.kind} document "
                                     f"({exc!r})")
     if out.restored:
         _advance_sequence(meta, "holds")
-    return out
 
 
 def _hold_documents(archive: Archive, entries: list[LedgerEntry], out: LogRestore
@@ -288,18 +298,9 @@ def restore_lost_holds(meta: Metadata, archive: Archive, entries: list[LedgerEnt
     docs = _hold_documents(archive, wanted, out)
     taken = {hid for hid, _ in kept.values()}
     rows: dict[str, int] = {case: hid for case, (hid, _) in kept.items()}
-    with meta.session() as s:
-        for e, doc in docs:
-            try:
-                if e.kind == "hold_placed":
-                    _place_lost(meta, s, doc, e, taken, rows, out)
-                else:
-                    _release_by_case(s, rows, doc, e, out)
-            except (KeyError, TypeError, ValueError) as exc:
-                out.warnings.append(f"ledger seq {e.seq}: malformed {e.kind} document "
-                                    f"({exc!r})")
-    if out.restored:
-        _advance_sequence(meta, "holds")
+    _apply(meta, docs, out,
+           lambda s, e, doc: _place_lost(meta, s, doc, e, taken, rows, out),
+           lambda s, e, doc: _release_by_case(s, rows, doc, e, out))
     return out
 
 
