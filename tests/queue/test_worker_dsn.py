@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import pytest
+import test_worker
 from nexthop import NextHop
 from queuekit import FakeClock
 from reportparse import parse_report
@@ -14,21 +13,7 @@ from test_worker import MSG, Rig
 
 from gateway.envelope import Envelope
 
-
-@pytest.fixture
-async def make_rig(
-    tmp_path: Path, nexthop: NextHop, clock: FakeClock
-) -> AsyncIterator[Callable[..., Rig]]:
-    rigs: list[Rig] = []
-
-    def make(**kw: Any) -> Rig:
-        rig = Rig(tmp_path, nexthop, clock, **kw)
-        rigs.append(rig)
-        return rig
-
-    yield make
-    for rig in rigs:
-        await rig.worker.stop(0)
+make_rig = test_worker.make_rig  # the fixture, shared with the worker's own tests
 
 
 def _store(rig: Rig, rcpts: dict[str, list[str]], *, mail_options: list[str] | None = None,
