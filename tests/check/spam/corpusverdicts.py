@@ -9,9 +9,11 @@ every rule and the tokenizer read) and one of the classifier's tokens.  Speed-up
 of the scorer must keep all of it exactly; a deliberate change of a rule re-records
 it:
 
-    .venv/bin/python tests/check/spam/corpusverdicts.py
+    PYTHONPATH=. .venv/bin/python tests/check/spam/corpusverdicts.py
 
-(run on the commit whose behaviour is the reference).
+(run on the commit whose behaviour is the reference, from the checkout's top: with
+PYTHONPATH the checkout's own packages are imported, not those the virtualenv's
+editable install points at, which may be another worktree).
 """
 
 from __future__ import annotations
