@@ -49,6 +49,10 @@ def outage_then_recovery(gw: Gateway, sink: Sink, port: int, url: str,
     assert send(port, uuid.uuid4().hex) == 451  # still down: still refused
     # Nothing accepted during the outage was delivered (it could not be archived) and
     # nothing was held for an operator: it is deferred, waiting for the backend.
+    # The health flag goes down (new mail: 451) before the worker has recorded and logged
+    # the deferral of the message whose write failed: wait for that line.
+    wait_for(lambda: any(e.get("result") == "deferred" for e in gw.events("delivery")),
+             what="the deferral of the message accepted as the backend went down")
     assert {r["token"] for r in sink.records()} == set(before)
     assert gw.events("held") == []
     deferred = [e for e in gw.events("delivery") if e.get("result") == "deferred"]
