@@ -281,10 +281,16 @@ def cmd_show(args: argparse.Namespace) -> int:
     tls = f"{env.tls.version} {env.tls.cipher}" if env.tls else "none"
     print(f"tls / auth   {tls} / {env.auth_user or '-'}")
     print(f"size         {len(msg.data)} bytes")
-    print(f"from         <{env.mail_from}>")
+    params = f"  {' '.join(env.mail_options)}" if env.mail_options else ""
+    print(f"from         <{env.mail_from}>{params}")
+    # SMTP parameters per recipient (RFC 3461 NOTIFY, ORCPT), when still aligned.
+    options = dict(zip(env.rcpt_to, env.rcpt_options, strict=True)) \
+        if len(env.rcpt_options) == len(env.rcpt_to) else {}
     for r in st.recipients.values():
         reply = f"  {r.reply}" if r.reply else ""
-        print(f"to           <{r.address}> {r.status}{reply}")
+        given = options.get(r.address)
+        params = f"  [{' '.join(given)}]" if given else ""
+        print(f"to           <{r.address}> {r.status}{params}{reply}")
     if st.held:
         print(f"held         at stage {st.held_stage or '?'}: {st.held_error}")
     elif st.last_error:

@@ -111,6 +111,22 @@ def test_show_prints_envelope_per_recipient_state_and_headers(
     assert "Subject:     quarterly" in text
 
 
+def test_show_prints_the_dsn_parameters_of_the_sender_and_each_recipient(
+    cfg_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spool = _spool(cfg_path)
+    env = Envelope(mail_from="alice@src.test", rcpt_to=["a@dst.test", "b@dst.test"],
+                   received_at=time.time(), mail_options=["RET=HDRS", "ENVID=Q+2B1"],
+                   rcpt_options=[["NOTIFY=NEVER"], []])
+    qid = spool.store(env, b"Subject: s\r\n\r\nbody\r\n")
+    capsys.readouterr()
+    assert main(["queue", "show", qid, "--config", str(cfg_path)]) == 0
+    text = capsys.readouterr().out
+    assert "from         <alice@src.test>  RET=HDRS ENVID=Q+2B1\n" in text
+    assert "to           <a@dst.test> pending  [NOTIFY=NEVER]\n" in text
+    assert "to           <b@dst.test> pending\n" in text
+
+
 def test_show_of_an_unknown_queue_id_exits_1(
     cfg_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
