@@ -218,10 +218,7 @@ def recipient_request(rcpt_options: list[str]) -> RecipientRequest:
 def recipient_requests(envelope: Envelope) -> dict[str, RecipientRequest]:
     """Each recipient's request, by address.  Options out of step with ``rcpt_to``
     (a stage replaced the recipients) count as none given."""
-    if len(envelope.rcpt_options) != len(envelope.rcpt_to):
-        return {}
-    return {r: recipient_request(o) for r, o in zip(envelope.rcpt_to, envelope.rcpt_options,
-                                                    strict=True) if o}
+    return {r: recipient_request(o) for r, o in envelope.options_by_recipient().items() if o}
 
 
 def to_pass_on(envelope: Envelope) -> tuple[list[str], dict[str, list[str]]]:
@@ -229,9 +226,8 @@ def to_pass_on(envelope: Envelope) -> tuple[list[str], dict[str, list[str]]]:
     ENVID, NOTIFY and ORCPT are relayed unchanged): MAIL's, and each recipient's."""
     mail = [o for o in envelope.mail_options if o.partition("=")[0].upper() in MAIL_KEYS]
     rcpts: dict[str, list[str]] = {}
-    if len(envelope.rcpt_options) == len(envelope.rcpt_to):
-        for rcpt, options in zip(envelope.rcpt_to, envelope.rcpt_options, strict=True):
-            keep = [o for o in options if o.partition("=")[0].upper() in RCPT_KEYS]
-            if keep:
-                rcpts[rcpt] = keep
+    for rcpt, options in envelope.options_by_recipient().items():
+        keep = [o for o in options if o.partition("=")[0].upper() in RCPT_KEYS]
+        if keep:
+            rcpts[rcpt] = keep
     return mail, rcpts

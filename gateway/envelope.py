@@ -38,6 +38,13 @@ class Envelope:
     def smtputf8(self) -> bool:
         return any(o.upper() == "SMTPUTF8" for o in self.mail_options)
 
+    def options_by_recipient(self) -> dict[str, list[str]]:
+        """Each recipient's RCPT parameters (RFC 3461 NOTIFY, ORCPT), by address; empty
+        when they are out of step with ``rcpt_to`` (a stage replaced the recipients)."""
+        if len(self.rcpt_options) != len(self.rcpt_to):
+            return {}
+        return dict(zip(self.rcpt_to, self.rcpt_options, strict=True))
+
     def to_dict(self) -> dict[str, Any]:
         # What dataclasses.asdict gives (the same keys in field order, fresh lists, the
         # TLS facts as a dict) without its generic deep copy: this runs for every spooled

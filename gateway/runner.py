@@ -200,8 +200,7 @@ def split_copy(ctx: MessageContext, group: list[str], index: int,
                qids: list[str]) -> tuple[Envelope, dict[str, Any]]:
     """The envelope and facts of one group's spooled copy (pure)."""
     env = ctx.envelope
-    aligned = len(env.rcpt_options) == len(env.rcpt_to)
-    options = {r: env.rcpt_options[i] for i, r in enumerate(env.rcpt_to)} if aligned else {}
+    options = env.options_by_recipient()
     copy = dataclasses.replace(env, rcpt_to=list(group),
                                rcpt_options=[list(options.get(r, [])) for r in group])
     facts = dict(ctx.facts)

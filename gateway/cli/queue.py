@@ -283,9 +283,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(f"size         {len(msg.data)} bytes")
     params = f"  {' '.join(env.mail_options)}" if env.mail_options else ""
     print(f"from         <{env.mail_from}>{params}")
-    # SMTP parameters per recipient (RFC 3461 NOTIFY, ORCPT), when still aligned.
-    options = dict(zip(env.rcpt_to, env.rcpt_options, strict=True)) \
-        if len(env.rcpt_options) == len(env.rcpt_to) else {}
+    options = env.options_by_recipient()  # RFC 3461 NOTIFY, ORCPT
     for r in st.recipients.values():
         reply = f"  {r.reply}" if r.reply else ""
         given = options.get(r.address)
