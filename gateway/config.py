@@ -140,7 +140,9 @@ class LimitsConfig(_Model):
     max_line_length: int = Field(
         1000, ge=80, description="Longest command or text line incl. CRLF (RFC 5321 §4.5.3.1)"
     )
-    max_commands: int = Field(1000, ge=10, description="Commands per session before 421")
+    max_commands: int = Field(
+        1000, ge=10, description="Commands per session before 421 4.7.0, not counting those "
+        "of transactions that ended in an accepted message")
     idle_timeout: Duration = Field(300.0, description="Idle time before 421 4.4.2")
     max_connections_per_ip: int = Field(20, ge=1, description="Concurrent sessions per client IP")
     max_connections: int = Field(1000, ge=1, description="Concurrent sessions per process")

@@ -241,7 +241,7 @@ limits:
   max_recipients: 100
   # Longest command or text line including CRLF (RFC 5321 §4.5.3.1).
   max_line_length: 1000
-  # Commands per session before 421.
+  # Commands per session before 421 (those of accepted messages do not count).
   max_commands: 1000
   # Idle time before 421 4.4.2.
   idle_timeout: 5m

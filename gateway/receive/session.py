@@ -135,6 +135,7 @@ class _Transaction:
     smtputf8: bool
     recipients: list[str] = field(default_factory=list)
     rcpt_options: list[list[str]] = field(default_factory=list)  # one list per recipient
+    commands: int = 1  # MAIL, RCPT and DATA so far: credited back if a message is accepted
 
 
 class _LineTooLong(Exception):
@@ -187,7 +188,13 @@ class SmtpSession(SMTP):
         self.client_ip = ""
         self.client_port = 0
         self.started = ctx.clock()
-        self.commands = 0
+        self.commands = 0  # every command, for the session's log line
+        # Commands counted against limits.max_commands: those of a transaction that
+        # ended in an accepted message are taken off again, so the limit stops a client
+        # that talks without sending mail (RSET/NOOP/VRFY loops, refused RCPT probes) and
+        # never a relay that reuses one connection for many messages (Postfix's
+        # smtpd_junk_command_limit has the same aim).
+        self.charged = 0
         self.errors = 0
         self.auth_failures = 0
         self.messages = 0
@@ -441,7 +448,8 @@ class SmtpSession(SMTP):
 
     async def _dispatch(self, line: bytes) -> None:
         self.commands += 1
-        if self.commands > self.cfg.limits.max_commands:
+        self.charged += 1
+        if self.charged > self.cfg.limits.max_commands:
             metrics.REJECTED.labels("too_many_commands").inc()
             self._close_now(replies.TOO_MANY_COMMANDS, "too_many_commands")
             return
@@ -806,6 +814,7 @@ class SmtpSession(SMTP):
             return
         tx.recipients.append(mailbox.address)
         tx.rcpt_options.append(options)
+        tx.commands += 1  # refused RCPTs stay charged: address probing is what to stop
         await self.reply(replies.RECIPIENT_OK)
 
     def _trusted_client(self) -> bool:
@@ -884,6 +893,8 @@ class SmtpSession(SMTP):
             result = replies.LOCAL_ERROR
         finally:
             self._busy -= 1
+        if result.code < 400:
+            self.charged -= tx.commands + 1  # and this DATA
         # The runner logs the message itself; this ties the session to its queue id.
         log.event("smtp_data", logging.DEBUG, session=self.sid, trace=trace, reply=str(result))
         await self.reply(result)

@@ -118,6 +118,43 @@ async def test_too_many_commands_get_421_and_close(
     assert await c.rest() == ["421 4.7.0 Too many commands, closing connection"]
 
 
+async def test_commands_of_accepted_messages_do_not_count_against_the_limit(
+    start_gateway: StartGateway, raw: Connect
+) -> None:
+    # A relay reusing one connection for many messages is never cut off: 5 messages
+    # are 15 commands (MAIL, RCPT, DATA) on top of EHLO, with a limit of 10.
+    gw = await start_gateway(limits={"max_commands": 10}, listeners=NO_TLS)
+    c = await _ready(gw, raw)
+    for i in range(5):
+        await c.cmd("MAIL FROM:<a@ext.example>")
+        await c.cmd("RCPT TO:<bob@local.example>")
+        assert (await c.cmd("DATA")).startswith("354 ")
+        assert (await c.cmd(f"Subject: {i}\r\n\r\nbody\r\n.\r\n".encode())).startswith("250 ")
+    assert len(gw.spooled()) == 5
+    for _ in range(9):  # EHLO and these nine: the limit is reached again only by talk
+        assert await c.cmd("NOOP") == "250 2.0.0 OK"
+    c.send(b"NOOP\r\n")
+    assert await c.rest() == ["421 4.7.0 Too many commands, closing connection"]
+
+
+async def test_refused_recipients_count_against_the_command_limit(
+    start_gateway: StartGateway, raw: Connect
+) -> None:
+    # Address probing: refused RCPTs stay charged even when the message is accepted.
+    gw = await start_gateway(limits={"max_commands": 10}, listeners=NO_TLS)
+    c = await _ready(gw, raw)  # 1
+    await c.cmd("MAIL FROM:<a@ext.example>")  # credited with the accepted message
+    for _ in range(6):  # 2..7, refused: relaying to an outside domain
+        assert (await c.cmd("RCPT TO:<x@elsewhere.example>")).startswith("550 5.7.1")
+    await c.cmd("RCPT TO:<bob@local.example>")  # credited
+    assert (await c.cmd("DATA")).startswith("354 ")  # credited
+    assert (await c.cmd(b"Subject: x\r\n\r\nbody\r\n.\r\n")).startswith("250 ")
+    for _ in range(3):  # 8..10
+        assert await c.cmd("NOOP") == "250 2.0.0 OK"
+    c.send(b"NOOP\r\n")
+    assert await c.rest() == ["421 4.7.0 Too many commands, closing connection"]
+
+
 async def test_idle_client_gets_421_4_4_2_and_is_disconnected(
     start_gateway: StartGateway, raw: Connect
 ) -> None:
