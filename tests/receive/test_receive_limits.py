@@ -107,15 +107,20 @@ async def test_data_line_too_long_is_500_5_5_6_and_not_spooled(
     assert (await c.cmd(body + b".\r\n")).startswith("250 ")
 
 
+async def _noops_until_421(c: RawClient, allowed: int) -> None:
+    """``allowed`` NOOPs answered, then the next one closes the session with 421."""
+    for _ in range(allowed):
+        assert await c.cmd("NOOP") == "250 2.0.0 OK"
+    c.send(b"NOOP\r\n")
+    assert await c.rest() == ["421 4.7.0 Too many commands, closing connection"]
+
+
 async def test_too_many_commands_get_421_and_close(
     start_gateway: StartGateway, raw: Connect
 ) -> None:
     gw = await start_gateway(limits={"max_commands": 10}, listeners=NO_TLS)
     c = await _ready(gw, raw)  # EHLO is command 1
-    for _ in range(9):
-        assert await c.cmd("NOOP") == "250 2.0.0 OK"
-    c.send(b"NOOP\r\n")
-    assert await c.rest() == ["421 4.7.0 Too many commands, closing connection"]
+    await _noops_until_421(c, 9)
 
 
 async def test_commands_of_accepted_messages_do_not_count_against_the_limit(
@@ -131,10 +136,7 @@ async def test_commands_of_accepted_messages_do_not_count_against_the_limit(
         assert (await c.cmd("DATA")).startswith("354 ")
         assert (await c.cmd(f"Subject: {i}\r\n\r\nbody\r\n.\r\n".encode())).startswith("250 ")
     assert len(gw.spooled()) == 5
-    for _ in range(9):  # EHLO and these nine: the limit is reached again only by talk
-        assert await c.cmd("NOOP") == "250 2.0.0 OK"
-    c.send(b"NOOP\r\n")
-    assert await c.rest() == ["421 4.7.0 Too many commands, closing connection"]
+    await _noops_until_421(c, 9)  # EHLO and these: the limit is reached by talk alone
 
 
 async def test_refused_recipients_count_against_the_command_limit(
@@ -149,10 +151,7 @@ async def test_refused_recipients_count_against_the_command_limit(
     await c.cmd("RCPT TO:<bob@local.example>")  # credited
     assert (await c.cmd("DATA")).startswith("354 ")  # credited
     assert (await c.cmd(b"Subject: x\r\n\r\nbody\r\n.\r\n")).startswith("250 ")
-    for _ in range(3):  # 8..10
-        assert await c.cmd("NOOP") == "250 2.0.0 OK"
-    c.send(b"NOOP\r\n")
-    assert await c.rest() == ["421 4.7.0 Too many commands, closing connection"]
+    await _noops_until_421(c, 3)  # 8..10, then the 11th is refused
 
 
 async def test_idle_client_gets_421_4_4_2_and_is_disconnected(
