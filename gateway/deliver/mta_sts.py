@@ -29,6 +29,8 @@ Mode = Literal["enforce", "testing", "none"]
 MAX_AGE_LIMIT = 31557600
 # RFC 8461 §3.1: sts-id = 1*32(ALPHA / DIGIT)
 _ID = re.compile(r"[A-Za-z0-9]{1,32}")
+# RFC 8461 §3.1: sts-version, then sts-field-delim (*WSP ";" *WSP).
+_TXT_VERSION = re.compile(r"v=STSv1[ \t]*;")
 _MAX_AGE = re.compile(r"[0-9]{1,10}")
 _FIELD_KEY = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 # RFC 8461 §3.2: an mx pattern is a domain name, optionally with "*." as its first label.
@@ -58,7 +60,7 @@ def parse_txt(records: Iterable[str]) -> str | None:
     RFC 8461 §3.1: records that do not begin with ``v=STSv1;`` are discarded; if
     not exactly one remains, or it is invalid, the domain has no available policy.
     """
-    sts = [r for r in records if r.startswith("v=STSv1;")]
+    sts = [r for r in records if _TXT_VERSION.match(r)]
     if len(sts) != 1:
         return None
     fields: dict[str, str] = {}

@@ -24,6 +24,7 @@ GOOD = "version: STSv1\nmode: enforce\nmx: mx1.example.com\nmx: *.example.net\nm
 @pytest.mark.parametrize(("records", "expected"), [
     (["v=STSv1; id=20190429T010101;"], "20190429T010101"),
     (["v=STSv1;id=abc"], "abc"),
+    (["v=STSv1 ;\tid=abc ;"], "abc"),  # §3.1: whitespace around the delimiter
     (["v=STSv1; id=abc; ext=1"], "abc"),  # §3.1: other fields are ignored
     (["v=spf1 -all", "v=STSv1; id=abc"], "abc"),  # records of other kinds are discarded
     (["v=STSv1; id=a", "v=STSv1; id=b"], None),  # not exactly one: no policy

@@ -4,6 +4,7 @@ the policy, and a next-hop SMTP server with (or without) STARTTLS."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Iterator
@@ -100,13 +101,20 @@ def events(caplog: pytest.LogCaptureFixture) -> Iterator[Any]:
     logger.removeHandler(caplog.handler)
 
 
+def _fetches(result: str) -> float:
+    return metrics.REGISTRY.get_sample_value(
+        "coffer_mta_sts_fetches_total", {"result": result}) or 0.0
+
+
 def _refused(reason: str) -> float:
     return metrics.REGISTRY.get_sample_value(
         "coffer_mta_sts_refused_total", {"reason": reason}) or 0.0
 
 
 async def test_enforce_with_a_valid_certificate_delivers_over_tls(rig: Rig, events: Any) -> None:
+    before = _fetches("ok")
     out = await rig.send()
+    assert _fetches("ok") == before + 1
     assert out.status is RcptStatus.DELIVERED
     assert [m.tls for m in rig.hop.received] == [True]
     (fetched,) = events("mta_sts_policy")
@@ -114,6 +122,19 @@ async def test_enforce_with_a_valid_certificate_delivers_over_tls(rig: Rig, even
     request = rig.https.requests[0]
     assert request.startswith("GET /.well-known/mta-sts.txt HTTP/1.1\r\n")
     assert "Host: mta-sts.dst.test\r\n" in request
+
+
+async def test_messages_delivered_at_once_share_one_policy_fetch(rig: Rig) -> None:
+    d = rig.deliverer()
+    try:
+        outs = await asyncio.gather(*(rig.send(d) for _ in range(3)))
+    finally:
+        await d.aclose()
+    assert [o.status for o in outs] == [RcptStatus.DELIVERED] * 3
+    assert len(rig.https.requests) == 1
+    # Written once, atomically: no temporary file is left behind.
+    assert sorted(p.name for p in rig.data_dir.iterdir() if p.name.startswith("mta-sts")) == [
+        "mta-sts.json", "mta-sts.lock"]
 
 
 async def test_enforce_without_starttls_defers_and_sends_nothing_in_clear(rig: Rig) -> None:
