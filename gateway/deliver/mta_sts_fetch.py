@@ -174,11 +174,19 @@ class PolicySource:
 
     async def policy_for(self, domain: str) -> Policy | None:
         """The policy to apply to mail for ``domain``; None: deliver as without MTA-STS."""
-        domain = domain.lower().rstrip(".")
+        try:
+            # The policy host's name goes into DNS, SNI and the Host header: A-labels.
+            domain = domain.lower().rstrip(".").encode("idna").decode("ascii")
+        except UnicodeError:
+            return None  # not a name DNS can carry: MX delivery fails on it anyway
         # One discovery per domain at a time: the messages waiting behind it use its result.
         lock = self._locks.setdefault(domain, asyncio.Lock())
-        async with lock:
-            return await self._discover(domain)
+        try:
+            async with lock:
+                return await self._discover(domain)
+        finally:
+            if not lock.locked() and self._locks.get(domain) is lock:
+                del self._locks[domain]  # a lock per domain ever seen would only grow
 
     async def _discover(self, domain: str) -> Policy | None:
         records = await self.resolver.txt(f"_mta-sts.{domain}")
@@ -190,7 +198,9 @@ class PolicySource:
             return cached.policy
         if action == "none" or txt_id is None:
             return None
-        if now < self._failed.get(domain, float("-inf")) + FETCH_RETRY:
+        failed_at = self._failed.pop(domain, None)
+        if failed_at is not None and now < failed_at + FETCH_RETRY:
+            self._failed[domain] = failed_at
             return _unexpired(cached, now)
         host = f"mta-sts.{domain}"
         try:
@@ -207,15 +217,16 @@ class PolicySource:
             log.event("mta_sts_fetch_failed", domain=domain, id=txt_id, error=str(exc),
                       cached_mode=usable.mode if usable else None)
             return usable
-        self._failed.pop(domain, None)
         MTA_STS_FETCHES.labels("ok").inc()
         entry = CachedPolicy(txt_id, policy, now)
+        # An expired policy is as good as none (§5.1): drop those while here.
+        self._cache = {d: e for d, e in self._cache.items() if not e.expired(now)}
         self._cache[domain] = entry
         log.event("mta_sts_policy", domain=domain, id=txt_id, mode=policy.mode,
                   mx=list(policy.mx), max_age=policy.max_age,
                   change="updated" if cached is not None else "fetched")
         try:
-            await asyncio.to_thread(_store, self.path, domain, entry)
+            await asyncio.to_thread(_store, self.path, domain, entry, now)
         except OSError as exc:
             # Applied from memory all the same; only a restart would forget it.
             log.event("mta_sts_cache_write_failed", path=str(self.path), error=str(exc))
@@ -236,14 +247,14 @@ def _read(path: Path) -> dict[str, CachedPolicy]:
         return {}
 
 
-def _store(path: Path, domain: str, entry: CachedPolicy) -> None:
-    """Add one domain's policy to the cache file: read, update, write a temporary
-    file, fsync, rename over, fsync the directory.  Under a lock so that worker
-    processes sharing the data directory do not lose each other's entries."""
+def _store(path: Path, domain: str, entry: CachedPolicy, now: float) -> None:
+    """Add one domain's policy to the cache file, dropping expired ones: read, update,
+    write a temporary file, fsync, rename over, fsync the directory.  Under a lock so
+    that worker processes sharing the data directory do not lose each other's entries."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        entries = _read(path)
+        entries = {d: e for d, e in _read(path).items() if not e.expired(now)}
         entries[domain] = entry
         tmp = path.with_suffix(f".tmp.{os.getpid()}")
         with open(tmp, "w", encoding="utf-8") as f:

@@ -282,3 +282,43 @@ async def test_smarthost_route_keeps_its_own_tls_setting(rig: Rig) -> None:
     rig.hop.tls_context = None
     assert (await rig.send()).status is RcptStatus.DELIVERED
     assert rig.https.requests == []
+
+
+async def test_cached_policy_lapses_at_its_max_age(rig: Rig) -> None:
+    now = [1000.0]
+    resolver = MxResolver([rig.zone.nameserver], timeout=2.0)
+    source = PolicySource(resolver, rig.data_dir, context=rig.ca.client_context(),
+                          port=rig.https.port, timeout=2.0, clock=lambda: now[0])
+    policy = await source.policy_for("DST.test.")
+    assert policy is not None and policy.mode == "enforce"
+    rig.zone.txt("_mta-sts.dst.test")  # the record is withdrawn
+    now[0] += 86400 - 1
+    assert await source.policy_for(DOMAIN) == policy
+    now[0] += 1
+    assert await source.policy_for(DOMAIN) is None
+    assert len(rig.https.requests) == 1
+
+
+async def test_policy_of_an_internationalised_domain_is_found_by_its_a_labels(
+    rig: Rig, ca: StsCa,
+) -> None:
+    ace = "xn--bcher-kva.test"  # bücher.test
+    rig.zone.mx(ace, 10, f"mx1.{ace}")
+    rig.zone.a(f"mx1.{ace}", "127.0.0.1")
+    rig.zone.a(f"mta-sts.{ace}", "127.0.0.1")
+    rig.zone.txt(f"_mta-sts.{ace}", "v=STSv1; id=7")
+    await rig.https.stop()
+    rig.https.context = ca.server_context(f"mta-sts.{ace}")
+    rig.https.response = policy_response(ENFORCE.replace("dst.test", ace))
+    await rig.https.start()
+    rig.hop.tls_context = None
+    d = rig.deliverer()
+    try:
+        (out,) = await d.deliver(
+            Envelope(mail_from="a@src.test", rcpt_to=["u@bücher.test"]),
+            b"Subject: x\r\n\r\nhi\r\n", ["u@bücher.test"])
+    finally:
+        await d.aclose()
+    assert out.status is RcptStatus.DEFERRED
+    assert out.reply.startswith("451 4.7.5 MTA-STS policy of bücher.test: ")
+    assert f"Host: mta-sts.{ace}\r\n" in rig.https.requests[0]
