@@ -250,6 +250,8 @@ class Deliverer:
             return result
         if policy.mode == "testing":
             log.event("mta_sts_testing_failure", domain=domain, mx=dest.label, reason=failure)
+            if dest.tls == "required":  # delivery.mx_tls asked for no less anyway
+                return result
             return await self._send(dest, envelope, data, rcpts)
         MTA_STS_REFUSED.labels("tls").inc()
         log.event("mta_sts_refused", logging.WARNING, domain=domain, mx=dest.label,

@@ -10,7 +10,7 @@ import logging
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from nexthop import DnsZone, NextHop
@@ -44,12 +44,14 @@ class Rig:
     data_dir: Path
     routes: dict[str, str]
     mta_sts: bool = True
+    mx_tls: Literal["required", "opportunistic", "off"] = "opportunistic"
 
     def deliverer(self) -> Deliverer:
         cfg = Config(
             hostname="coffer.test", data_dir=self.data_dir,
             delivery=DeliveryConfig(routes=self.routes, connect_timeout=5.0,
-                                    command_timeout=5.0, mta_sts=self.mta_sts),
+                                    command_timeout=5.0, mta_sts=self.mta_sts,
+                                    mx_tls=self.mx_tls),
             dns=DnsConfig(nameservers=[self.zone.nameserver], timeout=2.0),
         )
         resolver = MxResolver([self.zone.nameserver], timeout=2.0, shuffle=lambda hosts: None)
@@ -184,6 +186,15 @@ async def test_testing_mode_delivers_and_logs_the_failure(rig: Rig, events: Any)
     assert [m.tls for m in rig.hop.received] == [False]
     (failure,) = events("mta_sts_testing_failure")
     assert failure["domain"] == DOMAIN and "STARTTLS" in failure["reason"]
+
+
+async def test_testing_mode_keeps_mx_tls_required_without_a_second_attempt(rig: Rig) -> None:
+    rig.https.response = policy_response(TESTING)
+    rig.mx_tls = "required"
+    rig.hop.tls_context = None
+    out = await rig.send()
+    assert out.status is RcptStatus.DEFERRED and out.reply.startswith("451 4.7.10 ")
+    assert rig.hop.connections == 1 and rig.hop.mail_commands == 0
 
 
 async def test_mode_none_and_no_policy_deliver_as_before(rig: Rig) -> None:
