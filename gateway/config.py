@@ -191,6 +191,21 @@ class DeliveryConfig(_Model):
     mx_tls: Literal["required", "opportunistic", "off"] = Field(
         "opportunistic", description="TLS towards MX hosts"
     )
+    mta_sts: bool = Field(
+        True, description="Honour the recipient domain's MTA-STS policy (RFC 8461) on "
+        "MX-routed delivery: in enforce mode only the policy's MX hosts, only over "
+        "STARTTLS with a verified certificate, else 451 4.7.5 and retry; testing mode "
+        "is logged. Routes to smtp:// next hops keep their own tls="
+    )
+    mta_sts_timeout: Duration = Field(
+        10.0, gt=0, description="Time limit for fetching one MTA-STS policy over HTTPS "
+        "(RFC 8461 §3.3)"
+    )
+    ca_file: Path | None = Field(
+        None, description="PEM CA certificates that verify next hops (tls=required, "
+        "smtps://, MTA-STS MX hosts) and MTA-STS policy hosts, relative to data_dir; "
+        "default: the system trust store"
+    )
 
 
 class DnsConfig(_Model):
@@ -324,6 +339,9 @@ def _check_semantics(cfg: Config, loc: yamlsource.Locator) -> None:
             ipaddress.ip_network(net, strict=False)
         except ValueError:
             raise loc.error(["relay", "trusted_networks", i], f"{net!r} is not a CIDR") from None
+    if cfg.delivery.ca_file is not None and not cfg.path(cfg.delivery.ca_file).is_file():
+        raise loc.error(["delivery", "ca_file"],
+                        f"{cfg.path(cfg.delivery.ca_file)}: no such file")
     from gateway.deliver.routes import RouteError, parse_route
 
     for dom, spec in cfg.delivery.routes.items():

@@ -46,6 +46,15 @@ ARCHIVE_BACKEND_UP = Gauge(
     "answers, 0 while new mail is refused with 451 4.3.0", registry=REGISTRY,
 )
 ARCHIVE_BACKEND_UP.set(1)
+MTA_STS_FETCHES = Counter(
+    "coffer_mta_sts_fetches_total", "MTA-STS policy fetches (RFC 8461 §3.3), by result "
+    "(ok, failed)", ["result"], registry=REGISTRY,
+)
+MTA_STS_REFUSED = Counter(
+    "coffer_mta_sts_refused_total", "Delivery attempts to an MX host refused by the "
+    "domain's MTA-STS policy in enforce mode, by reason (mx_mismatch, tls)", ["reason"],
+    registry=REGISTRY,
+)
 
 _STAGE_TIMERS: dict[str, Histogram] = {}
 

@@ -139,6 +139,9 @@ def restart_required(old: Config, new: Config) -> list[str]:
              if getattr(old.archive, k) != getattr(new.archive, k)]
     if old.s3 != new.s3:
         keys.append("s3")
+    # The deliverer built its certificate checks (next hops, MTA-STS) from it at start.
+    if old.delivery.ca_file != new.delivery.ca_file:
+        keys.append("delivery.ca_file")
     return keys
 
 
@@ -153,6 +156,7 @@ def effective_reload(old: Config, new: Config) -> Config:
             "archive": new.archive.model_copy(
                 update={k: getattr(old.archive, k) for k in _ARCHIVE_AT_START}),
             "s3": old.s3,
+            "delivery": new.delivery.model_copy(update={"ca_file": old.delivery.ca_file}),
         }
     )
 

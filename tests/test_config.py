@@ -75,6 +75,16 @@ def test_bad_route_is_located(tmp_path: Path) -> None:
     assert err.key == "delivery.routes.example.com" and err.line == 6
 
 
+def test_missing_delivery_ca_file_is_located(tmp_path: Path) -> None:
+    err = _error(tmp_path, MINIMAL + "delivery:\n  mta_sts: true\n  ca_file: certs/ca.pem\n")
+    assert err.key == "delivery.ca_file" and err.line == 6
+    assert "no such file" in err.message
+
+
+def test_mta_sts_is_on_by_default(tmp_path: Path) -> None:
+    assert config.load(_write(tmp_path, MINIMAL)).delivery.mta_sts is True
+
+
 def test_tls_without_certificate_is_refused_with_a_hint(tmp_path: Path) -> None:
     err = _error(tmp_path, "listeners:\n  - name: in\n    tls: starttls\n")
     assert err.key == "listeners.0.tls" and "coffer init" in err.message

@@ -291,6 +291,13 @@ delivery:
   command_timeout: 5m
   # TLS towards MX hosts: required | opportunistic | off.
   mx_tls: opportunistic
+  # Honour the recipient domain's MTA-STS policy (RFC 8461) on MX delivery: a domain in
+  # enforce mode gets mail only over verified TLS to its listed MX hosts (else 451 4.7.5).
+  mta_sts: true
+  # Time limit for fetching one policy over HTTPS.
+  mta_sts_timeout: 10s
+  # CA certificates (PEM) for verified next hops and policy hosts (default: the system's).
+  # ca_file: /etc/ssl/certs/ca-certificates.crt
 
 dns:
   # Resolvers as host or host:port; empty: /etc/resolv.conf.

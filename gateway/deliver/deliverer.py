@@ -11,6 +11,8 @@ bounces.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import ssl
 from collections.abc import Sequence
 from concurrent.futures import Executor
@@ -20,7 +22,9 @@ from pathlib import Path
 from gateway import log
 from gateway.config import Config
 from gateway.deliver import maildir
-from gateway.deliver.mx import MxResolver
+from gateway.deliver.mta_sts import Policy
+from gateway.deliver.mta_sts_fetch import PolicySource
+from gateway.deliver.mx import MxHost, MxResolver, address_literal
 from gateway.deliver.routes import (
     MaildirRoute,
     MxRoute,
@@ -33,6 +37,7 @@ from gateway.deliver.smtp import Destination, SmtpClient, TransactionResult
 from gateway.dsn_params import to_pass_on
 from gateway.envelope import Envelope, domain_of
 from gateway.errors import DeliveryError
+from gateway.metrics import MTA_STS_REFUSED
 from gateway.queue.state import RcptStatus
 
 # RFC 5321 §5.1 leaves the number of exchangers to try open; Postfix tries 5 addresses.
@@ -71,14 +76,20 @@ class Deliverer:
         tls_context: ssl.SSLContext | None = None,
         mx_port: int = 25,
         executor: Executor | None = None,
+        sts: PolicySource | None = None,
     ) -> None:
-        """``tls_context`` verifies next hops for ``tls=required`` and ``smtps://``
-        (default: the system trust store); ``mx_port`` exists for tests on loopback."""
+        """``tls_context`` verifies next hops for ``tls=required``, ``smtps://`` and
+        MTA-STS (default: ``delivery.ca_file``, else the system trust store);
+        ``mx_port`` and ``sts`` (its HTTPS port) exist for tests on loopback."""
         self.cfg = cfg
         self.routes: dict[str, Route] = parse_routes(cfg.delivery.routes, cfg.data_dir)
         self.resolver = resolver or MxResolver.from_config(cfg.dns)
         self.mx_port = mx_port
         self.executor = executor
+        if tls_context is None:
+            ca = cfg.delivery.ca_file
+            tls_context = ssl.create_default_context(
+                cafile=str(cfg.path(ca)) if ca is not None else None)
         self.client = SmtpClient(
             helo_name=cfg.delivery.helo_name or cfg.hostname,
             connect_timeout=cfg.delivery.connect_timeout,
@@ -86,6 +97,8 @@ class Deliverer:
             destination_concurrency=cfg.queue.destination_concurrency,
             verified_context=tls_context,
         )
+        self.sts = sts or PolicySource(self.resolver, cfg.data_dir, context=tls_context,
+                                       timeout=cfg.delivery.mta_sts_timeout)
 
     async def deliver(
         self, envelope: Envelope, data: bytes, rcpts: Sequence[str], *, qid: str = ""
@@ -184,16 +197,22 @@ class Deliverer:
             reply = exc.reply or f"451 4.4.3 {exc}"
             status = RcptStatus.DEFERRED if exc.transient else RcptStatus.BOUNCED
             return [Outcome(r, status, reply, key) for r in rcpts]
+        policy = await self._sts_policy(domain)
         tls = self.cfg.delivery.mx_tls
         tried = 0
         outcomes: list[Outcome] = []
         for host in hosts:
+            refusal = _sts_screen(policy, domain, host)
+            if refusal is not None:
+                outcomes = [Outcome(r, RcptStatus.DEFERRED, refusal, key, host.name)
+                            for r in rcpts]
+                continue
             for addr in host.addresses:
                 if tried >= MAX_MX_ADDRESSES:
                     break
                 tried += 1
                 dest = Destination(addr, self.mx_port, tls, host.name)
-                result = await self._send(dest, envelope, data, rcpts)
+                result = await self._send_sts(policy, domain, dest, envelope, data, rcpts)
                 outcomes = _outcomes(result, rcpts, key, dest)
                 # RFC 5321 §5.1: when a host cannot be reached or fails the session
                 # temporarily, try the next one; a per-recipient answer is final for
@@ -203,8 +222,77 @@ class Deliverer:
                     return outcomes
         return outcomes
 
+    async def _sts_policy(self, domain: str) -> Policy | None:
+        """The domain's MTA-STS policy in enforce or testing mode, else None."""
+        if not self.cfg.delivery.mta_sts or address_literal(domain) is not None:
+            return None
+        policy = await self.sts.policy_for(domain)
+        # RFC 8461 §5: mode none is delivery as if the domain published no policy.
+        return policy if policy is not None and policy.mode != "none" else None
+
+    async def _send_sts(
+        self, policy: Policy | None, domain: str, dest: Destination, envelope: Envelope,
+        data: bytes, rcpts: list[str],
+    ) -> TransactionResult:
+        """:meth:`_send` under the domain's MTA-STS policy.
+
+        RFC 8461 §4.2, §5: STARTTLS with a certificate valid for the MX host name
+        (PKIX); in enforce mode a host that cannot give it is not used (the session
+        failed: the next MX host is tried, and the recipients are deferred, never sent
+        in clear); in testing mode the failure is logged and mail goes as without it.
+        """
+        if policy is None:
+            return await self._send(dest, envelope, data, rcpts)
+        result = await self._send(dataclasses.replace(dest, tls="required"), envelope, data,
+                                  rcpts)
+        failure = _tls_failure(result)
+        if failure is None:
+            return result
+        if policy.mode == "testing":
+            log.event("mta_sts_testing_failure", domain=domain, mx=dest.label, reason=failure)
+            if dest.tls == "required":  # delivery.mx_tls asked for no less anyway
+                return result
+            return await self._send(dest, envelope, data, rcpts)
+        MTA_STS_REFUSED.labels("tls").inc()
+        log.event("mta_sts_refused", logging.WARNING, domain=domain, mx=dest.label,
+                  reason=failure)
+        reply = _sts_reply(domain, failure)
+        return TransactionResult(dict.fromkeys(rcpts, reply), session_failed=True)
+
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+def _sts_reply(domain: str, why: str) -> str:
+    # RFC 3463 X.7.5 (cryptographic failure), temporary: the queue retries, then bounces.
+    return f"451 4.7.5 MTA-STS policy of {domain}: {why}"
+
+
+def _sts_screen(policy: Policy | None, domain: str, host: MxHost) -> str | None:
+    """The reply for an MX host the enforced policy rules out, or None to try it.
+
+    RFC 8461 §4.1: an MX host must match one of the policy's mx patterns; in
+    testing mode a mismatch is logged only (§5)."""
+    if policy is None or policy.allows(host.name):
+        return None
+    why = f"MX host {host.name} matches no mx pattern ({', '.join(policy.mx)})"
+    if policy.mode == "testing":
+        log.event("mta_sts_testing_failure", domain=domain, mx=host.name, reason=why)
+        return None
+    MTA_STS_REFUSED.labels("mx_mismatch").inc()
+    log.event("mta_sts_refused", logging.WARNING, domain=domain, mx=host.name, reason=why)
+    return _sts_reply(domain, why)
+
+
+def _tls_failure(result: TransactionResult) -> str | None:
+    """What went wrong with TLS when a session failed for want of it (RFC 3207's
+    4.7.10 replies from the SMTP client), else None."""
+    if not result.session_failed:
+        return None
+    for reply in result.replies.values():
+        if reply.startswith("451 4.7.10 "):
+            return reply.removeprefix("451 4.7.10 ")
+    return None
 
 
 def _outcomes(

@@ -79,6 +79,21 @@ class MxResolver:
     def from_config(cls, cfg: DnsConfig) -> MxResolver:
         return cls(cfg.nameservers, cfg.timeout)
 
+    async def txt(self, name: str) -> list[str] | None:
+        """The TXT records at ``name``, each one's strings joined (RFC 7208 §3.3 does
+        the same); [] when there are none, None when the lookup failed temporarily."""
+        try:
+            answer = await self._resolver.resolve(name, "TXT", search=False)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return []
+        except dns.exception.DNSException:
+            return None
+        return [b"".join(r.strings).decode("utf-8", "replace") for r in answer]
+
+    async def addresses(self, name: str) -> tuple[str, ...]:
+        """The IPv4 then IPv6 addresses of ``name`` (none when the lookups fail)."""
+        return (await self._addresses(name))[0]
+
     async def _addresses(self, name: str) -> tuple[tuple[str, ...], bool]:
         """(addresses, whether a lookup failed temporarily).  IPv4 first."""
         out: list[str] = []

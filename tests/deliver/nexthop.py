@@ -27,7 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from dnslib import AAAA, MX, QTYPE, RCODE, RR, A, DNSLabel, DNSRecord
+from dnslib import AAAA, MX, QTYPE, RCODE, RR, TXT, A, DNSLabel, DNSRecord
 from dnslib.server import DNSHandler, DNSLogger, DNSServer
 
 DROP = "drop"
@@ -247,7 +247,7 @@ class _ZoneResolver:
 
 
 class DnsZone:
-    """A loopback DNS server; add records with :meth:`mx`, :meth:`a`, :meth:`aaaa`."""
+    """A loopback DNS server; add records with :meth:`mx`, :meth:`a`, :meth:`aaaa`, :meth:`txt`."""
 
     def __init__(self) -> None:
         self.resolver = _ZoneResolver([])
@@ -272,6 +272,14 @@ class DnsZone:
 
     def aaaa(self, name: str, addr: str) -> None:
         self.add(RR(DNSLabel(name), QTYPE.AAAA, rdata=AAAA(addr), ttl=60))
+
+    def txt(self, name: str, *texts: str) -> None:
+        """Replace the TXT records at ``name`` (none given: remove them)."""
+        label = DNSLabel(name)
+        self.resolver.records = [rr for rr in self.resolver.records
+                                 if not (rr.rname == label and rr.rtype == QTYPE.TXT)]
+        for text in texts:
+            self.add(RR(label, QTYPE.TXT, rdata=TXT(text), ttl=60))
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._server.server.serve_forever,

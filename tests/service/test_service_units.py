@@ -58,6 +58,19 @@ def test_the_archive_backend_needs_a_restart_but_its_timers_apply_live(
     assert restart_required(old, live) == []
 
 
+def test_the_delivery_ca_file_needs_a_restart_but_mta_sts_applies_live(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "ca.pem").write_text("not read by the loader\n")
+    old = _cfg(tmp_path, BASE)
+    new = _cfg(tmp_path, BASE + "delivery:\n  ca_file: ca.pem\n  mta_sts: false\n")
+    assert restart_required(old, new) == ["delivery.ca_file"]
+    live = effective_reload(old, new)
+    assert live.delivery.ca_file is None  # until a restart
+    assert live.delivery.mta_sts is False
+    assert restart_required(old, live) == []
+
+
 def test_a_failing_worker_is_restarted_with_growing_delays(tmp_path: Path) -> None:
     sup = Supervisor(tmp_path / "coffer.yaml", _cfg(tmp_path, BASE), drain_timeout=1.0)
     sup.started_at[0] = time.monotonic()  # died at once
