@@ -197,6 +197,9 @@ class SmtpClient:
         except (SMTPException, OSError, ssl.SSLError, TimeoutError) as exc:
             smtp.close()
             raise _SessionError(_network_reply(exc, dest)) from None
+        except BaseException:  # cancelled (a probe's timeout, a shutdown): never left open
+            smtp.close()
+            raise
         return _Conn(smtp)
 
     async def _ehlo(self, smtp: aiosmtplib.SMTP) -> None:
@@ -270,6 +273,11 @@ class SmtpClient:
                         # idle): nothing was accepted, so a fresh connection is safe.
                         continue
                     return exc
+                except asyncio.CancelledError:
+                    # Abandoned (a probe's timeout, a shutdown): drop the connection
+                    # rather than wait for the reply to a QUIT.
+                    conn.smtp.close()
+                    raise
                 except BaseException:
                     await self._release(pool, conn, False)
                     raise

@@ -16,6 +16,7 @@ client retrying) share one probe; every probe is bounded by
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 import time
 from collections.abc import Callable
@@ -121,6 +122,10 @@ class RecipientGate:
             listed = load_recipient_list(cfg.path(recipients.file))
         routes = parse_routes(cfg.delivery.routes, cfg.data_dir)
         rules = RecipientRules.from_config(recipients, listed, routes)
+        skipped = rules.unverifiable(cfg.relay.local_domains)
+        if skipped:
+            log.event("recipient_verify_skipped", level=logging.WARNING, domains=skipped,
+                      why="no smtp:// or smtps:// route in delivery.routes")
         prober = None
         if recipients.verify:
             client = SmtpClient(

@@ -190,6 +190,13 @@ class RecipientRules:
             return None
         return Destination(route.host, route.port, route.tls, route.host)
 
+    def unverifiable(self, local_domains: list[str]) -> list[str]:
+        """The local domains verification cannot cover (no smtp:// route): for a warning."""
+        if not self.verify:
+            return []
+        return [d for d in local_domains
+                if not isinstance(select_route(self.routes, d), SmtpRoute)]
+
     def reply_for(self, verdict: Verdict, mailbox: Mailbox, hop_reply: str) -> Reply | None:
         """The refusal a verdict calls for; None to accept the recipient."""
         if verdict is Verdict.VALID:

@@ -157,7 +157,36 @@ async def test_a_next_hop_that_never_answers_is_undetermined_after_the_probe_tim
         refusal = await gate.refusal(_mb(f"alice@{LOCAL}"))
     finally:
         server.close()
+        # The abandoned probe closed its connection: the server has none left.
+        await asyncio.wait_for(server.wait_closed(), 5)
     assert refusal is not None and refusal.reason == REASON_UNVERIFIED
+
+
+async def test_a_probe_that_times_out_at_rcpt_drops_its_connection(
+    tmp_path: Path, gates: list[RecipientGate]
+) -> None:
+    closed = asyncio.Event()
+
+    async def stalls_at_rcpt(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 stall.test ESMTP\r\n")
+        while line := await reader.readline():
+            if line.upper().startswith(b"EHLO"):
+                writer.write(b"250 stall.test\r\n")
+            elif line.upper().startswith(b"MAIL"):
+                writer.write(b"250 2.1.0 Ok\r\n")
+            # RCPT: no answer, ever
+        closed.set()
+        writer.close()
+
+    server = await asyncio.start_server(stalls_at_rcpt, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        gate = _gate(gates, _cfg(tmp_path, port, verify_timeout="300ms"))
+        refusal = await gate.refusal(_mb(f"alice@{LOCAL}"))
+        assert refusal is not None and refusal.reason == REASON_UNVERIFIED
+        await asyncio.wait_for(closed.wait(), 5)  # not kept open, not pooled
+    finally:
+        server.close()
 
 
 async def test_a_cached_answer_does_not_reach_the_next_hop(
@@ -199,9 +228,11 @@ async def test_concurrent_rcpts_for_one_address_share_one_probe(
     assert hop.rcpt_args == [f"TO:<nobody@{LOCAL}>"]
 
 
-async def test_maildir_and_mx_routes_are_not_probed(
-    tmp_path: Path, hop: NextHop, gates: list[RecipientGate]
+async def test_maildir_and_mx_routes_are_not_probed_and_the_log_says_so(
+    tmp_path: Path, hop: NextHop, gates: list[RecipientGate],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level("INFO", logger="coffer")
     cfg = Config.model_validate({
         "data_dir": str(tmp_path),
         "relay": {"local_domains": [LOCAL, "box.example"],
@@ -212,6 +243,9 @@ async def test_maildir_and_mx_routes_are_not_probed(
     assert await gate.refusal(_mb("nobody@box.example")) is None
     assert await gate.refusal(_mb(f"nobody@{LOCAL}")) is None
     assert hop.connections == 0
+    [warning] = [getattr(r, "fields", {}) for r in caplog.records
+                 if r.getMessage() == "recipient_verify_skipped"]
+    assert warning["domains"] == [LOCAL, "box.example"]
 
 
 # -- over SMTP -------------------------------------------------------------------------
