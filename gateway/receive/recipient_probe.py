@@ -95,8 +95,9 @@ class RecipientProber:
         return self.cache.put(key, verdict, result.reply)
 
     async def aclose(self) -> None:
-        for task in list(self._inflight.values()):
-            task.cancel()
+        """Let the probes under way finish (sessions wait for them; each is bounded by
+        the timeout), then close the pooled connections."""
+        await asyncio.gather(*self._inflight.values(), return_exceptions=True)
         await self.client.aclose()
 
 

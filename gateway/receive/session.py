@@ -166,7 +166,6 @@ class SmtpSession(SMTP):
         # (Listeners.reconfigure) applies to the sessions that start after it.
         cfg = self.cfg = ctx.cfg
         self.rules = ctx.rules
-        self.recipients = ctx.recipients
         self.passwords = ctx.passwords
         self.ctx = ctx
         self.listener = listener
@@ -816,16 +815,18 @@ class SmtpSession(SMTP):
             # RFC 5321 §4.5.3.1.10: 452 so the client sends the rest in another transaction.
             await self._reject(replies.TOO_MANY_RECIPIENTS, "too_many_recipients")
             return
-        if self.recipients.active and self.rules.is_local(mailbox):
+        # The current recipient checks, not those of the session's start: a reload
+        # retires the old ones (their list is stale, their probe client closed).
+        gate = self.ctx.recipients
+        if gate.active and self.rules.is_local(mailbox):
             self._busy += 1  # a probe waits for the next hop, not for the client
             try:
-                refusal = await self.recipients.refusal(mailbox)
+                refusal = await gate.refusal(mailbox)
             finally:
                 self._busy -= 1
             if refusal is not None:
                 await self._reject(refusal.reply, refusal.reason, recipient=mailbox.address,
-                                   **({"next_hop_reply": refusal.detail} if refusal.detail
-                                      else {}))
+                                   next_hop_reply=refusal.detail or None)
                 return
         tx.recipients.append(mailbox.address)
         tx.rcpt_options.append(options)

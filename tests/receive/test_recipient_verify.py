@@ -383,3 +383,40 @@ def test_check_config_locates_a_bad_list_line_and_a_missing_file(tmp_path: Path)
     with pytest.raises(ConfigError) as err:
         preflight(cfg)
     assert (err.value.file, err.value.line) == (str(tmp_path / "recipients.txt"), 3)
+
+
+async def test_a_session_open_across_a_reload_uses_the_new_list(
+    start_gateway: StartGateway, raw: Connect, tmp_path: Path
+) -> None:
+    listed = tmp_path / "recipients.txt"
+    listed.write_text(f"alice@{LOCAL}\n")
+    gw = await start_gateway(relay={"recipients": {"file": "recipients.txt"}})
+    c = await raw(gw.port())
+    await c.line()
+    await c.cmd("EHLO client.example")
+    await c.cmd("MAIL FROM:<a@ext.example>")
+    assert (await c.cmd(f"RCPT TO:<bob@{LOCAL}>")).startswith("550 5.1.1 ")
+    listed.write_text(f"alice@{LOCAL}\nbob@{LOCAL}\n")
+    gw.listeners.reconfigure(gw.cfg)
+    assert await c.cmd(f"RCPT TO:<bob@{LOCAL}>") == "250 2.1.5 Recipient OK"
+
+
+async def test_a_reload_lets_a_probe_under_way_finish(
+    start_gateway: StartGateway, raw: Connect, hop: NextHop
+) -> None:
+    gw = await start_gateway(
+        relay={"recipients": {"verify": True}},
+        delivery={"routes": {LOCAL: f"smtp://127.0.0.1:{hop.port}?tls=off"}})
+    c = await raw(gw.port())
+    await c.line()
+    await c.cmd("EHLO client.example")
+    await c.cmd("MAIL FROM:<a@ext.example>")
+    c.send(f"RCPT TO:<nobody@{LOCAL}>\r\n".encode())
+
+    async def probe_reached_the_hop() -> None:
+        while not hop.rcpt_args:
+            await asyncio.sleep(0.005)
+
+    await asyncio.wait_for(probe_reached_the_hop(), 5)
+    gw.listeners.reconfigure(gw.cfg)
+    assert (await c.line()).startswith("550 5.1.1 ")
