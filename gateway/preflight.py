@@ -80,6 +80,7 @@ def preflight(cfg: Config) -> None:
 
 def summary(cfg: Config) -> dict[str, Any]:
     """What an operator wants to see after a clean check (JSON-friendly)."""
+    recipients = cfg.relay.recipients
     return {
         "file": cfg.source,
         "hostname": cfg.hostname,
@@ -91,6 +92,10 @@ def summary(cfg: Config) -> dict[str, Any]:
         ],
         "local_domains": list(cfg.relay.local_domains),
         "trusted_networks": list(cfg.relay.trusted_networks),
+        "recipients": {
+            "file": str(cfg.path(recipients.file)) if recipients.file else None,
+            "verify": recipients.verify, "undetermined": recipients.undetermined,
+        },
         "routes": dict(cfg.delivery.routes),
         "workers": cfg.queue.workers,
         "fsync": cfg.queue.fsync,
