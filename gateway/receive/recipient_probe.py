@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from gateway import log
 from gateway.config import Config
+from gateway.deliver.deliverer import next_hop_context
 from gateway.deliver.routes import parse_routes
 from gateway.deliver.smtp import Destination, ProbeResult, SmtpClient
 from gateway.receive.addresses import Mailbox
@@ -116,7 +117,7 @@ class RecipientGate:
         """Read the list file (ConfigError with file and line) and set up probing.
 
         ``tls_context`` verifies next hops for ``tls=required`` and ``smtps://``
-        (default: the system trust store, as the deliverer's)."""
+        (default: the deliverer's, ``delivery.ca_file`` or the system trust store)."""
         recipients = cfg.relay.recipients
         listed: RecipientList | None = None
         if recipients.file is not None:
@@ -134,7 +135,7 @@ class RecipientGate:
                 connect_timeout=min(cfg.delivery.connect_timeout, recipients.verify_timeout),
                 command_timeout=recipients.verify_timeout,
                 destination_concurrency=cfg.queue.destination_concurrency,
-                verified_context=tls_context,
+                verified_context=tls_context or next_hop_context(cfg),
             )
             prober = RecipientProber(client, VerifyCache.from_config(recipients, clock),
                                      recipients.verify_timeout)

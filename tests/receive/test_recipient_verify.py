@@ -33,7 +33,7 @@ from gateway.receive.recipient_probe import (
 
 # The next-hop server lives with the delivery tests; share it rather than copy it.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "deliver"))
-from nexthop import NextHop
+from nexthop import NextHop, make_tls
 
 UNKNOWN_TEXT = "5.1.1 <nobody@local.example>: User unknown in virtual mailbox table"
 
@@ -187,6 +187,33 @@ async def test_a_probe_that_times_out_at_rcpt_drops_its_connection(
         await asyncio.wait_for(closed.wait(), 5)  # not kept open, not pooled
     finally:
         server.close()
+
+
+async def test_a_probe_follows_the_routes_tls_rules(
+    tmp_path: Path, gates: list[RecipientGate]
+) -> None:
+    tls = make_tls(tmp_path)
+    hop = NextHop(tls_context=tls.server, rules={f"nobody@{LOCAL}": f"550 {UNKNOWN_TEXT}"})
+    await hop.start()
+    try:
+        cfg = Config.model_validate({
+            "data_dir": str(tmp_path),
+            "relay": {"local_domains": [LOCAL], "recipients": {"verify": True}},
+            "delivery": {"routes": {LOCAL: f"smtp://127.0.0.1:{hop.port}?tls=required"}},
+        })
+        verified = RecipientGate.from_config(cfg, tls_context=tls.client)
+        gates.append(verified)
+        refusal = await verified.refusal(_mb(f"nobody@{LOCAL}"))
+        assert refusal is not None and refusal.reason == REASON_REFUSED_BY_HOP
+        # The system trust store does not know the test CA: no answer, as delivery
+        # would not send there either.
+        unverified = _gate(gates, cfg)
+        refusal = await unverified.refusal(_mb(f"nobody@{LOCAL}"))
+        assert refusal is not None and refusal.reason == REASON_UNVERIFIED
+        assert "4.7.10" in refusal.detail
+        assert hop.rcpt_args == [f"TO:<nobody@{LOCAL}>"]  # over TLS, once
+    finally:
+        await hop.stop()
 
 
 async def test_a_cached_answer_does_not_reach_the_next_hop(
