@@ -12,14 +12,14 @@ from __future__ import annotations
 import asyncio
 import smtplib
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from receive_helpers import LOCAL, Connect, StartGateway
+from receive_helpers import LOCAL, Connect, Gateway, StartGateway
 
-from gateway import metrics
+from gateway import config, metrics
 from gateway.config import Config
 from gateway.errors import ConfigError
 from gateway.preflight import preflight
@@ -29,6 +29,7 @@ from gateway.receive.recipient_probe import (
     REASON_UNLISTED,
     REASON_UNVERIFIED,
     RecipientGate,
+    Refusal,
 )
 
 # The next-hop server lives with the delivery tests; share it rather than copy it.
@@ -143,6 +144,21 @@ async def test_a_4xx_from_the_next_hop_is_undetermined(
     assert refusal.detail == "450 4.2.1 Mailbox busy, try later"
 
 
+async def _probe_a_stalling_hop(
+    tmp_path: Path, gates: list[RecipientGate],
+    handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> tuple[Refusal | None, asyncio.Server]:
+    """Verify alice@ at a loopback server run by ``handler``, with a 300 ms
+    verify_timeout; the server is closed (to new connections) on return."""
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    try:
+        gate = _gate(gates, _cfg(tmp_path, server.sockets[0].getsockname()[1],
+                                 verify_timeout="300ms"))
+        return await gate.refusal(_mb(f"alice@{LOCAL}")), server
+    finally:
+        server.close()
+
+
 async def test_a_next_hop_that_never_answers_is_undetermined_after_the_probe_timeout(
     tmp_path: Path, gates: list[RecipientGate]
 ) -> None:
@@ -150,16 +166,10 @@ async def test_a_next_hop_that_never_answers_is_undetermined_after_the_probe_tim
         await reader.read()  # no greeting, ever
         writer.close()
 
-    server = await asyncio.start_server(silent, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        gate = _gate(gates, _cfg(tmp_path, port, verify_timeout="300ms"))
-        refusal = await gate.refusal(_mb(f"alice@{LOCAL}"))
-    finally:
-        server.close()
-        # The abandoned probe closed its connection: the server has none left.
-        await asyncio.wait_for(server.wait_closed(), 5)
+    refusal, server = await _probe_a_stalling_hop(tmp_path, gates, silent)
     assert refusal is not None and refusal.reason == REASON_UNVERIFIED
+    # The abandoned probe closed its connection: the server has none left.
+    await asyncio.wait_for(server.wait_closed(), 5)
 
 
 async def test_a_probe_that_times_out_at_rcpt_drops_its_connection(
@@ -178,15 +188,9 @@ async def test_a_probe_that_times_out_at_rcpt_drops_its_connection(
         closed.set()
         writer.close()
 
-    server = await asyncio.start_server(stalls_at_rcpt, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        gate = _gate(gates, _cfg(tmp_path, port, verify_timeout="300ms"))
-        refusal = await gate.refusal(_mb(f"alice@{LOCAL}"))
-        assert refusal is not None and refusal.reason == REASON_UNVERIFIED
-        await asyncio.wait_for(closed.wait(), 5)  # not kept open, not pooled
-    finally:
-        server.close()
+    refusal, _ = await _probe_a_stalling_hop(tmp_path, gates, stalls_at_rcpt)
+    assert refusal is not None and refusal.reason == REASON_UNVERIFIED
+    await asyncio.wait_for(closed.wait(), 5)  # not kept open, not pooled
 
 
 async def test_a_probe_follows_the_routes_tls_rules(
@@ -294,10 +298,9 @@ async def test_the_list_refuses_unknown_recipients_at_rcpt(
     start_gateway: StartGateway, raw: Connect, tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    (tmp_path / "recipients.txt").write_text(f"alice@{LOCAL}\n@other.example\n")
     before = _rejected(REASON_UNLISTED)
     caplog.set_level("INFO", logger="coffer")
-    gw = await start_gateway(relay={"recipients": {"file": "recipients.txt"}})
+    gw, _ = await _listing(start_gateway, tmp_path, f"alice@{LOCAL}", "@other.example")
     assert await _rcpt(gw.port(), raw, f"Alice@{LOCAL}", f"mallory@{LOCAL}",
                        "anyone@Other.Example", "Postmaster") == [
         "250 2.1.5 Recipient OK",
@@ -326,24 +329,18 @@ async def test_the_probe_refuses_unknown_recipients_at_rcpt(
     assert _rejected(REASON_REFUSED_BY_HOP) == before + 1
 
 
-async def test_relayed_mail_from_a_trusted_network_is_not_probed(
+async def test_a_trusted_networks_relayed_mail_is_not_probed_but_its_local_mail_is(
     start_gateway: StartGateway, raw: Connect, hop: NextHop
 ) -> None:
+    # Every domain routes to the probing next hop: only the domain decides.
     gw = await start_gateway(
         relay={"trusted_networks": ["127.0.0.0/8"], "recipients": {"verify": True}},
         delivery={"routes": {"*": f"smtp://127.0.0.1:{hop.port}?tls=off"}})
     assert await _rcpt(gw.port(), raw, "nobody@ext.example") == ["250 2.1.5 Recipient OK"]
     assert hop.connections == 0
-
-
-async def test_trusted_clients_sending_to_a_local_domain_are_checked(
-    start_gateway: StartGateway, raw: Connect, hop: NextHop
-) -> None:
-    gw = await start_gateway(
-        relay={"trusted_networks": ["127.0.0.0/8"], "recipients": {"verify": True}},
-        delivery={"routes": {"*": f"smtp://127.0.0.1:{hop.port}?tls=off"}})
     [reply] = await _rcpt(gw.port(), raw, f"nobody@{LOCAL}")
     assert reply.startswith("550 5.1.1 ")
+    assert hop.rcpt_args == [f"TO:<nobody@{LOCAL}>"]
 
 
 async def test_end_to_end_smtplib_message_goes_to_known_recipients_only(
@@ -368,21 +365,26 @@ async def test_end_to_end_smtplib_message_goes_to_known_recipients_only(
 
 # -- the list file: errors at start and on reload ----------------------------------------
 
+async def _listing(start_gateway: StartGateway, tmp_path: Path,
+                   *lines: str) -> tuple[Gateway, Path]:
+    """A gateway whose relay.recipients.file holds ``lines``, and that file."""
+    listed = tmp_path / "recipients.txt"
+    listed.write_text("".join(f"{line}\n" for line in lines))
+    return await start_gateway(relay={"recipients": {"file": listed.name}}), listed
+
+
 async def test_a_bad_list_file_stops_the_start_with_file_and_line(
     start_gateway: StartGateway, tmp_path: Path
 ) -> None:
-    (tmp_path / "recipients.txt").write_text(f"alice@{LOCAL}\nbob at {LOCAL}\n")
     with pytest.raises(ConfigError) as err:
-        await start_gateway(relay={"recipients": {"file": "recipients.txt"}})
+        await _listing(start_gateway, tmp_path, f"alice@{LOCAL}", f"bob at {LOCAL}")
     assert str(err.value).startswith(f"{tmp_path / 'recipients.txt'}:2:")
 
 
 async def test_a_bad_list_on_reload_keeps_the_old_list(
     start_gateway: StartGateway, raw: Connect, tmp_path: Path
 ) -> None:
-    listed = tmp_path / "recipients.txt"
-    listed.write_text(f"alice@{LOCAL}\n")
-    gw = await start_gateway(relay={"recipients": {"file": "recipients.txt"}})
+    gw, listed = await _listing(start_gateway, tmp_path, f"alice@{LOCAL}")
     listed.write_text(f"alice@{LOCAL}\nbob@{LOCAL}\nnot an address\n")
     with pytest.raises(ConfigError) as err:
         gw.listeners.reconfigure(gw.cfg)
@@ -400,8 +402,6 @@ def test_check_config_locates_a_bad_list_line_and_a_missing_file(tmp_path: Path)
     conf = tmp_path / "coffer.yaml"
     conf.write_text("listeners:\n  - {name: inbound, tls: none}\n"
                     "relay:\n  recipients:\n    file: recipients.txt\n")
-    from gateway import config
-
     cfg = config.load(conf)
     with pytest.raises(ConfigError) as err:
         preflight(cfg)
@@ -415,9 +415,7 @@ def test_check_config_locates_a_bad_list_line_and_a_missing_file(tmp_path: Path)
 async def test_a_session_open_across_a_reload_uses_the_new_list(
     start_gateway: StartGateway, raw: Connect, tmp_path: Path
 ) -> None:
-    listed = tmp_path / "recipients.txt"
-    listed.write_text(f"alice@{LOCAL}\n")
-    gw = await start_gateway(relay={"recipients": {"file": "recipients.txt"}})
+    gw, listed = await _listing(start_gateway, tmp_path, f"alice@{LOCAL}")
     c = await raw(gw.port())
     await c.line()
     await c.cmd("EHLO client.example")
