@@ -119,6 +119,43 @@ class TlsConfig(_Model):
     key: Path | None = Field(None, description="PEM private key (relative to data_dir)")
 
 
+class RecipientsConfig(_Model):
+    """Which recipients of the local domains exist, checked at RCPT for every client:
+    an unknown one gets 550 5.1.1 instead of a bounce later to a sender that is often
+    forged (backscatter). Like Postfix's `relay_recipient_maps` (`file`) and
+    `reject_unverified_recipient` (`verify`); mail to other domains is never checked."""
+
+    file: Path | None = Field(
+        None, description="File of valid recipients, one address a line, '@domain' for a "
+        "whole domain, '#' comments (relative to data_dir); null: every recipient of a "
+        "local domain is accepted. Re-read on SIGHUP",
+    )
+    verify: bool = Field(
+        False, description="Probe the next hop (delivery.routes smtp:// or smtps://) with "
+        "MAIL FROM:<> and RCPT TO before answering RCPT, and cache its answer",
+    )
+    verify_timeout: Duration = Field(
+        10.0, gt=0, description="Longest a probe may take (connect included); then the "
+        "recipient is undetermined",
+    )
+    positive_ttl: Duration = Field(
+        7 * 86400.0, gt=0, description="How long a recipient the next hop accepted is "
+        "remembered (Postfix address_verify_positive_expire_time)",
+    )
+    negative_ttl: Duration = Field(
+        3 * 3600.0, gt=0, description="How long a recipient the next hop refused (5xx) is "
+        "remembered (Postfix address_verify_negative_expire_time)",
+    )
+    undetermined_ttl: Duration = Field(
+        60.0, gt=0, description="How long a probe without an answer (4xx, no connection, "
+        "timeout) is remembered before the next hop is asked again",
+    )
+    undetermined: Literal["tempfail", "accept"] = Field(
+        "tempfail", description="RCPT reply when a probe gets no answer: tempfail (450 "
+        "4.1.1, the client retries; Postfix's default) or accept",
+    )
+
+
 class RelayConfig(_Model):
     local_domains: list[str] = Field(
         default_factory=list, description="Domains Coffer accepts mail for from anyone"
@@ -127,6 +164,8 @@ class RelayConfig(_Model):
         default_factory=list,
         description="CIDRs allowed to relay to any domain without AUTH (like Postfix mynetworks)",
     )
+
+    recipients: RecipientsConfig = Field(default_factory=RecipientsConfig)
 
     def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
         return [ipaddress.ip_network(n, strict=False) for n in self.trusted_networks]

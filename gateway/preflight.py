@@ -19,6 +19,7 @@ from gateway import yamlsource
 from gateway.config import Config
 from gateway.errors import ConfigError
 from gateway.metrics_http import endpoint
+from gateway.receive.recipients import load_recipient_list
 
 
 def config_error(cfg: Config, path: Sequence[str | int], message: str) -> ConfigError:
@@ -51,6 +52,12 @@ def preflight(cfg: Config) -> None:
         p = cfg.path(cfg.auth.passwd_file)
         if not p.is_file():
             raise config_error(cfg, ["auth", "passwd_file"], f"{p}: no such file")
+    if cfg.relay.recipients.file is not None:
+        p = cfg.path(cfg.relay.recipients.file)
+        if not p.is_file():
+            raise config_error(cfg, ["relay", "recipients", "file"], f"{p}: no such file")
+        # A bad line is located in the list file itself, like a policy mistake.
+        load_recipient_list(p)
     if cfg.policy is not None:
         p = cfg.path(cfg.policy)
         if not p.is_file():
@@ -73,6 +80,7 @@ def preflight(cfg: Config) -> None:
 
 def summary(cfg: Config) -> dict[str, Any]:
     """What an operator wants to see after a clean check (JSON-friendly)."""
+    recipients = cfg.relay.recipients
     return {
         "file": cfg.source,
         "hostname": cfg.hostname,
@@ -84,6 +92,10 @@ def summary(cfg: Config) -> dict[str, Any]:
         ],
         "local_domains": list(cfg.relay.local_domains),
         "trusted_networks": list(cfg.relay.trusted_networks),
+        "recipients": {
+            "file": str(cfg.path(recipients.file)) if recipients.file else None,
+            "verify": recipients.verify, "undetermined": recipients.undetermined,
+        },
         "routes": dict(cfg.delivery.routes),
         "workers": cfg.queue.workers,
         "fsync": cfg.queue.fsync,

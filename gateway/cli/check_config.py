@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
               f"tls {lst['tls']}{auth}")
     print(f"  local domains   {', '.join(info['local_domains']) or '(none)'}")
     print(f"  trusted nets    {', '.join(info['trusted_networks']) or '(none)'}")
+    print(f"  recipients      {_recipients(info['recipients'])}")
     for dom, route in info["routes"].items():
         print(f"  route           {dom} -> {route}")
     print(f"  workers         {info['workers']} (fsync {'on' if info['fsync'] else 'OFF'})")
@@ -54,3 +55,13 @@ def run(args: argparse.Namespace) -> int:
     log = info["log"]
     print(f"  log             {log['level']} {log['format']} to {log['file'] or 'stderr'}")
     return EXIT_OK
+
+
+def _recipients(rcpt: dict[str, Any]) -> str:
+    """How local recipients are checked at RCPT, in one line."""
+    checks = []
+    if rcpt["file"]:
+        checks.append(f"listed in {rcpt['file']}")
+    if rcpt["verify"]:
+        checks.append(f"verified at the next hop ({rcpt['undetermined']} when no answer)")
+    return ", ".join(checks) or "every address of a local domain accepted"

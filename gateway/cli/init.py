@@ -209,6 +209,16 @@ relay:
   # Networks (CIDR) allowed to relay to any domain without AUTH, like Postfix mynetworks.
   # Empty: only authenticated clients may send to other domains.
   trusted_networks: []
+  # Refuse unknown recipients of your domains at RCPT (550 5.1.1) rather than bounce
+  # them later to forged senders (backscatter); see "Rejecting unknown recipients" in
+  # the README. Off by default: every address of a local domain is accepted.
+  # recipients:
+  #   # One address a line, @domain for a whole domain; re-read on SIGHUP.
+  #   file: "recipients.txt"
+  #   # Ask the mail store (an smtp:// route) with RCPT TO and remember its answer.
+  #   verify: true
+  #   # When the mail store cannot answer: tempfail (450 4.1.1) or accept.
+  #   undetermined: tempfail
 
 # SMTP listeners. Changing an address needs a restart (SIGHUP logs that).
 listeners:

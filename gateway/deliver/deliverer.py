@@ -67,6 +67,13 @@ def status_of(reply: str) -> RcptStatus:
     return RcptStatus.DEFERRED
 
 
+def next_hop_context(cfg: Config) -> ssl.SSLContext:
+    """What verifies a next hop's certificate: ``delivery.ca_file``, else the system
+    trust store (for delivery and for recipient verification alike)."""
+    ca = cfg.delivery.ca_file
+    return ssl.create_default_context(cafile=str(cfg.path(ca)) if ca is not None else None)
+
+
 class Deliverer:
     def __init__(
         self,
@@ -87,9 +94,7 @@ class Deliverer:
         self.mx_port = mx_port
         self.executor = executor
         if tls_context is None:
-            ca = cfg.delivery.ca_file
-            tls_context = ssl.create_default_context(
-                cafile=str(cfg.path(ca)) if ca is not None else None)
+            tls_context = next_hop_context(cfg)
         self.client = SmtpClient(
             helo_name=cfg.delivery.helo_name or cfg.hostname,
             connect_timeout=cfg.delivery.connect_timeout,

@@ -37,8 +37,9 @@ import contextlib
 import re
 import ssl
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import aiosmtplib
 from aiosmtplib import (
@@ -54,6 +55,8 @@ from aiosmtplib.protocol import SMTPProtocol, normalize_message_line_endings
 
 from gateway.deliver.routes import TlsMode
 
+_T = TypeVar("_T")
+
 
 @dataclass(frozen=True, slots=True)
 class Destination:
@@ -67,6 +70,14 @@ class Destination:
     @property
     def label(self) -> str:
         return f"{self.server_name}[{self.host}]:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    """What a next hop said about one recipient it was asked about (:meth:`SmtpClient.probe`)."""
+
+    reply: str  # "550 5.1.1 No such user", or what stopped the probe before RCPT TO
+    answered: bool  # the reply is the next hop's answer to RCPT TO
 
 
 @dataclass(slots=True)
@@ -186,6 +197,9 @@ class SmtpClient:
         except (SMTPException, OSError, ssl.SSLError, TimeoutError) as exc:
             smtp.close()
             raise _SessionError(_network_reply(exc, dest)) from None
+        except BaseException:  # cancelled (a probe's timeout, a shutdown): never left open
+            smtp.close()
+            raise
         return _Conn(smtp)
 
     async def _ehlo(self, smtp: aiosmtplib.SMTP) -> None:
@@ -238,6 +252,39 @@ class SmtpClient:
         else:
             await _close(conn.smtp, quit=conn.smtp.is_connected)
 
+    async def _on_connection(
+        self, dest: Destination, op: Callable[[aiosmtplib.SMTP], Awaitable[tuple[_T, bool]]],
+    ) -> _T | _SessionError:
+        """Run ``op`` (its result, whether the connection can be reused) on a pooled or
+        new connection to ``dest``; the _SessionError that stopped it otherwise."""
+        pool = self._pool(dest)
+        async with pool.sem:
+            for attempt in range(2):
+                try:
+                    conn, reused = await self._acquire(pool, dest)
+                except _SessionError as exc:
+                    return exc
+                try:
+                    value, reusable = await op(conn.smtp)
+                except _SessionError as exc:
+                    await self._release(pool, conn, False)
+                    if reused and attempt == 0:
+                        # The pooled connection went stale (the server closed it while
+                        # idle): nothing was accepted, so a fresh connection is safe.
+                        continue
+                    return exc
+                except asyncio.CancelledError:
+                    # Abandoned (a probe's timeout, a shutdown): drop the connection
+                    # rather than wait for the reply to a QUIT.
+                    conn.smtp.close()
+                    raise
+                except BaseException:
+                    await self._release(pool, conn, False)
+                    raise
+                await self._release(pool, conn, reusable)
+                return value
+        raise AssertionError("unreachable")  # pragma: no cover
+
     # -- the transaction -------------------------------------------------------
     async def send(
         self, dest: Destination, sender: str, rcpts: list[str], data: bytes,
@@ -249,33 +296,73 @@ class SmtpClient:
         ``mail_dsn`` (RET, ENVID) and ``rcpt_dsn`` (NOTIFY, ORCPT per recipient) are
         the sender's RFC 3461 parameters, in the canonical form the envelope keeps
         them (ENVID and ORCPT still xtext): sent when the next hop offers DSN."""
-        pool = self._pool(dest)
-        async with pool.sem:
-            for attempt in range(2):
-                try:
-                    conn, reused = await self._acquire(pool, dest)
-                except _SessionError as exc:
-                    return TransactionResult(dict.fromkeys(rcpts, exc.reply), session_failed=True)
-                dsn = conn.smtp.supports_extension("dsn")
-                try:
-                    replies, reusable = await self._transaction(
-                        conn.smtp, dest, sender, rcpts, data, smtputf8=smtputf8,
-                        mail_dsn=mail_dsn if dsn else (),
-                        rcpt_dsn=(rcpt_dsn or {}) if dsn else {},
-                    )
-                except _SessionError as exc:
-                    await self._release(pool, conn, False)
-                    if reused and attempt == 0:
-                        # The pooled connection went stale (the server closed it while
-                        # idle): nothing was accepted, so a fresh connection is safe.
-                        continue
-                    return TransactionResult(dict.fromkeys(rcpts, exc.reply), session_failed=True)
-                except BaseException:
-                    await self._release(pool, conn, False)
-                    raise
-                await self._release(pool, conn, reusable)
-                return TransactionResult(replies, dsn=dsn)
-        raise AssertionError("unreachable")  # pragma: no cover
+
+        async def transaction(smtp: aiosmtplib.SMTP) -> tuple[TransactionResult, bool]:
+            dsn = smtp.supports_extension("dsn")
+            replies, reusable = await self._transaction(
+                smtp, dest, sender, rcpts, data, smtputf8=smtputf8,
+                mail_dsn=mail_dsn if dsn else (), rcpt_dsn=(rcpt_dsn or {}) if dsn else {},
+            )
+            return TransactionResult(replies, dsn=dsn), reusable
+
+        result = await self._on_connection(dest, transaction)
+        if isinstance(result, _SessionError):
+            return TransactionResult(dict.fromkeys(rcpts, result.reply), session_failed=True)
+        return result
+
+    # -- address verification ----------------------------------------------------
+    async def probe(self, dest: Destination, rcpt: str) -> ProbeResult:
+        """Ask ``dest`` whether it would take mail for ``rcpt``, sending none.
+
+        ``MAIL FROM:<>``, ``RCPT TO:<rcpt>``, then ``RSET`` (RFC 5321 §4.1.1.5) so
+        that the connection goes back to the pool; the null sender means no
+        notice can come back to anyone (RFC 5321 §4.5.5).  This is Postfix's
+        address verification; VRFY (§3.5.2) is disabled on most mail stores."""
+        if _unsafe(rcpt):
+            return ProbeResult("553 5.1.3 Invalid recipient address", answered=False)
+
+        async def ask(smtp: aiosmtplib.SMTP) -> tuple[ProbeResult, bool]:
+            return await self._probe(smtp, dest, rcpt)
+
+        result = await self._on_connection(dest, ask)
+        if isinstance(result, _SessionError):
+            return ProbeResult(result.reply, answered=False)
+        return result
+
+    async def _probe(
+        self, smtp: aiosmtplib.SMTP, dest: Destination, rcpt: str
+    ) -> tuple[ProbeResult, bool]:
+        options: list[str] = []
+        encoding = "ascii"
+        if not rcpt.isascii():
+            if not smtp.supports_extension("smtputf8"):  # RFC 6531 §3.2
+                return ProbeResult("553 5.6.7 Next hop does not support SMTPUTF8",
+                                   answered=False), True
+            options, encoding = ["SMTPUTF8"], "utf-8"
+        try:
+            await _command(smtp, b"MAIL FROM:", "", options, encoding, (250,))
+        except SMTPResponseException as exc:
+            reply = _fmt(exc.code, exc.message)
+            if exc.code == 421 or not smtp.is_connected:
+                raise _SessionError(reply) from None
+            await _rset(smtp)
+            return ProbeResult(reply, answered=False), smtp.is_connected
+        except (SMTPException, OSError, TimeoutError) as exc:
+            raise _SessionError(_network_reply(exc, dest)) from None
+        try:
+            resp = await _command(smtp, b"RCPT TO:", rcpt, (), encoding, (250, 251))
+        except SMTPResponseException as exc:
+            reply = _fmt(exc.code, exc.message)
+            if exc.code == 421:  # RFC 5321 §3.8: the server is closing; not an answer
+                smtp.close()
+                return ProbeResult(reply, answered=False), False
+            await _rset(smtp)
+            return ProbeResult(reply, answered=True), smtp.is_connected
+        except (SMTPException, OSError, TimeoutError) as exc:
+            smtp.close()
+            return ProbeResult(_network_reply(exc, dest), answered=False), False
+        await _rset(smtp)
+        return ProbeResult(_fmt(resp.code, resp.message), answered=True), smtp.is_connected
 
     async def _transaction(
         self, smtp: aiosmtplib.SMTP, dest: Destination, sender: str, rcpts: list[str],

@@ -23,6 +23,7 @@ from gateway import log
 from gateway.config import Config, ListenerConfig
 from gateway.errors import ConfigError
 from gateway.receive.auth import PasswordFile
+from gateway.receive.recipient_probe import RecipientGate
 from gateway.receive.relay_control import RelayRules
 from gateway.receive.session import SessionContext, SmtpSession
 from gateway.runner import Acceptor
@@ -67,9 +68,12 @@ class Listeners:
     def __init__(
         self, ctx: SessionContext, bound: list[BoundListener],
         ssl_context_factory: SslContextFactory | None = None,
+        gate_factory: Callable[[Config], RecipientGate] = RecipientGate.from_config,
     ) -> None:
         self._ctx = ctx
         self._ssl_context_factory = ssl_context_factory
+        self._gate_factory = gate_factory
+        self._retired: set[asyncio.Task[None]] = set()
         self.bound = {b.config.name: b for b in bound}
 
     @property
@@ -93,6 +97,8 @@ class Listeners:
                               "Coffer to apply", file=cfg.source, key="listeners")
         rules = RelayRules.from_config(cfg.relay)
         passwords = PasswordFile(cfg.path(cfg.auth.passwd_file)) if cfg.auth.passwd_file else None
+        # The recipient list is re-read here: a bad one keeps the old configuration.
+        gate = self._gate_factory(cfg)
         ctx = self._ctx
         if ctx.tls_context is not None:
             (self._ssl_context_factory or default_ssl_context)(cfg)  # validates cert and key
@@ -107,7 +113,19 @@ class Listeners:
                                       file=cfg.source, key="tls") from None
         ctx.cfg, ctx.rules, ctx.passwords = cfg, rules, passwords
         ctx.listeners = {lst.name: lst for lst in cfg.listeners}
-        log.event("smtp_reconfigured", local_domains=sorted(rules.local_domains))
+        # A fresh gate forgets the verification answers (the operator's way to make
+        # Coffer ask again); the old one's pooled probe connections are closed.
+        old_gate, ctx.recipients = ctx.recipients, gate
+        self._retire(old_gate)
+        log.event("smtp_reconfigured", local_domains=sorted(rules.local_domains),
+                  recipients_listed=_listed(gate), recipients_verified=gate.prober is not None)
+
+    def _retire(self, gate: RecipientGate) -> None:
+        if gate.prober is None:
+            return
+        task = asyncio.get_running_loop().create_task(gate.aclose())
+        self._retired.add(task)
+        task.add_done_callback(self._retired.discard)
 
     def address(self, name: str) -> tuple[str, int]:
         """The (host, port) listener ``name`` is really bound to."""
@@ -153,7 +171,7 @@ class Listeners:
                 await _wait(ctx.all_closed, 1.0)
         # Let the session tasks see their connection_lost and finish, so no task
         # or transport outlives the listeners.
-        tasks = [t for t in ctx.tasks if not t.done()]
+        tasks = [t for t in (*ctx.tasks, *self._retired) if not t.done()]
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=2.0)
             for t in pending:
@@ -162,6 +180,7 @@ class Listeners:
                 await asyncio.wait(pending, timeout=1.0)
         for b in self.bound.values():
             await b.server.wait_closed()
+        await ctx.recipients.aclose()
 
     async def __aenter__(self) -> Listeners:
         return self
@@ -177,14 +196,19 @@ async def start_listeners(
     reuse_port: bool = False,
     ssl_context_factory: SslContextFactory | None = None,
     clock: Callable[[], float] = time.time,
+    gate_factory: Callable[[Config], RecipientGate] = RecipientGate.from_config,
 ) -> Listeners:
-    """Start one SMTP server per ``cfg.listeners`` entry; raise ConfigError if one cannot."""
+    """Start one SMTP server per ``cfg.listeners`` entry; raise ConfigError if one cannot.
+
+    ``gate_factory`` builds the recipient checks from a configuration, at start
+    and on every reload (tests give it a clock or a TLS context for probes)."""
     needs_tls = any(lst.tls != "none" for lst in cfg.listeners)
     tls_context = (ssl_context_factory or default_ssl_context)(cfg) if needs_tls else None
     passwords = PasswordFile(cfg.path(cfg.auth.passwd_file)) if cfg.auth.passwd_file else None
     ctx = SessionContext(
         cfg=cfg, acceptor=acceptor, rules=RelayRules.from_config(cfg.relay),
-        passwords=passwords, tls_context=tls_context, clock=clock,
+        passwords=passwords, tls_context=tls_context, recipients=gate_factory(cfg),
+        clock=clock,
     )
     ctx.all_closed.set()
     loop = asyncio.get_running_loop()
@@ -220,4 +244,9 @@ async def start_listeners(
         if lst.auth_required and (passwords is None or lst.tls == "none"):
             log.event("smtp_listener_unusable", listener=lst.name,
                       why="requires AUTH but has no TLS or no auth.passwd_file")
-    return Listeners(ctx, bound, ssl_context_factory)
+    return Listeners(ctx, bound, ssl_context_factory, gate_factory)
+
+
+def _listed(gate: RecipientGate) -> int | None:
+    listed = gate.rules.listed
+    return None if listed is None else len(listed.addresses) + len(listed.domains)

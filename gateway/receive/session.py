@@ -10,7 +10,8 @@ that accepts bare LF and bare CR, no per-session command limit, no 421 on
 idle timeout, and no graceful drain.  Each override says why it exists.
 
 No policy lives here: relay control is :mod:`gateway.receive.relay_control`,
-address syntax :mod:`gateway.receive.addresses`, and everything after the end
+which recipients exist :mod:`gateway.receive.recipient_probe`, address syntax
+:mod:`gateway.receive.addresses`, and everything after the end
 of DATA is the Acceptor's (:class:`gateway.runner.Runner`), whose reply is sent
 back verbatim.
 """
@@ -40,6 +41,7 @@ from gateway.receive.addresses import AddressError, Mailbox
 from gateway.receive.auth import PasswordFile
 from gateway.receive.data import read_data
 from gateway.receive.received import received_header
+from gateway.receive.recipient_probe import RecipientGate
 from gateway.replies import Reply
 from gateway.runner import Acceptor
 
@@ -94,6 +96,7 @@ class SessionContext:
     rules: relay_control.RelayRules
     passwords: PasswordFile | None
     tls_context: ssl.SSLContext | None
+    recipients: RecipientGate
     clock: Callable[[], float] = time.time
     sessions: set[SmtpSession] = field(default_factory=set)
     per_ip: Counter[str] = field(default_factory=Counter)
@@ -812,6 +815,19 @@ class SmtpSession(SMTP):
             # RFC 5321 §4.5.3.1.10: 452 so the client sends the rest in another transaction.
             await self._reject(replies.TOO_MANY_RECIPIENTS, "too_many_recipients")
             return
+        # The current recipient checks, not those of the session's start: a reload
+        # retires the old ones (their list is stale, their probe client closed).
+        gate = self.ctx.recipients
+        if gate.active and self.rules.is_local(mailbox):
+            self._busy += 1  # a probe waits for the next hop, not for the client
+            try:
+                refusal = await gate.refusal(mailbox)
+            finally:
+                self._busy -= 1
+            if refusal is not None:
+                await self._reject(refusal.reply, refusal.reason, recipient=mailbox.address,
+                                   next_hop_reply=refusal.detail or None)
+                return
         tx.recipients.append(mailbox.address)
         tx.rcpt_options.append(options)
         tx.commands += 1  # refused RCPTs stay charged: address probing is what to stop

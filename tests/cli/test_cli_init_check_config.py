@@ -49,6 +49,23 @@ def test_init_writes_config_tls_pair_and_check_config_accepts_it(
     assert ": OK" in out
     assert "example.test, corp.test" in out
     assert "submission (submission) on 127.0.0.1:5587, tls starttls, AUTH required" in out
+    assert "recipients      every address of a local domain accepted" in out
+
+
+def test_check_config_shows_how_recipients_are_checked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    d = _init(tmp_path, "--domain", "example.test")
+    (d / "recipients.txt").write_text("@example.test\n")
+    conf = d / "coffer.yaml"
+    conf.write_text(conf.read_text().replace(
+        "  trusted_networks: []\n",
+        "  trusted_networks: []\n  recipients: {file: recipients.txt, verify: true}\n"))
+    capsys.readouterr()
+    assert main(["check-config", "--config", str(conf)]) == 0
+    out = capsys.readouterr().out
+    assert (f"recipients      listed in {d.resolve() / 'recipients.txt'}, verified at the "
+            "next hop (tempfail when no answer)") in out
 
 
 def test_every_key_in_the_written_config_has_a_comment(tmp_path: Path) -> None:
