@@ -33,7 +33,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -225,9 +225,9 @@ def _rows(spool: Spool, now: float) -> Iterator[dict[str, Any]]:
             yield {"qid": qid, "status": "corrupt", "last_error": str(exc)}
 
 
-def _entries(spool: Spool, now: float) -> list[Entry]:
+def _entries(rows: Iterable[dict[str, Any]]) -> list[Entry]:
     """The messages selectors look at (a corrupt one matches none: ``list`` shows it)."""
-    return [Entry.from_row(r) for r in _rows(spool, now) if r["status"] != "corrupt"]
+    return [Entry.from_row(r) for r in rows if r["status"] != "corrupt"]
 
 
 def _selector(args: argparse.Namespace) -> Selector:
@@ -312,13 +312,17 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_summary(args: argparse.Namespace) -> int:
     _cfg, spool = _open(args)
     sel = _selector(args)
-    result = shape.summarize([e for e in _entries(spool, time.time()) if sel.matches(e)],
+    rows = list(_rows(spool, time.time()))
+    corrupt = sum(r["status"] == "corrupt" for r in rows)
+    result = shape.summarize([e for e in _entries(rows) if sel.matches(e)],
                              by=args.by, top=args.top)
     if args.json:
-        _emit(shape.to_json(result))
+        _emit({**shape.to_json(result), "corrupt": corrupt})
         return EXIT_OK
     for line in shape.render(result):
         print(line)
+    if corrupt:
+        print(f"{corrupt} unreadable spool file(s) not counted: see coffer queue list")
     return EXIT_OK
 
 
@@ -413,7 +417,7 @@ def _targets(args: argparse.Namespace, spool: Spool, eligible: Callable[[Entry],
     if sel.empty:
         _err(f"give one or more QIDs or selectors (--to-domain, --from, ...) to {action}")
         return EXIT_USAGE
-    qids = [e.qid for e in _entries(spool, time.time()) if sel.matches(e) and eligible(e)]
+    qids = [e.qid for e in _entries(_rows(spool, time.time())) if sel.matches(e) and eligible(e)]
     if not qids:
         if not args.json:
             print(f"no message to {action} matches ({sel.describe()})")
@@ -458,8 +462,12 @@ def _log_bulk(cfg: Config, args: argparse.Namespace, action: str, done: list[str
     """One summary line for an action on a selection (each message has its own line)."""
     if args.qids:
         return
+    sel = _selector(args)
+    # retry --all / --held pick their own messages; selectors narrow them further.
+    picked = [f"--{flag}" for flag in ("all", "held") if getattr(args, flag, False)]
+    selection = ", ".join(picked + ([] if sel.empty and picked else [sel.describe()]))
     _setup_log(cfg)
-    log.event("queue_bulk", action=action, by=_operator(), selector=_selector(args).describe(),
+    log.event("queue_bulk", action=action, by=_operator(), selector=selection,
               done=len(done), failed=failed, **extra)
 
 
@@ -472,7 +480,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if (args.all or args.held) and sel.empty:
         # As before selectors existed: no confirmation for the whole deferred queue.
-        qids: list[str] | int = [e.qid for e in _entries(spool, time.time())
+        qids: list[str] | int = [e.qid for e in _entries(_rows(spool, time.time()))
                                  if _retry_selects(e, held=args.held)]
     else:
         qids = _targets(args, spool, lambda e: _retry_selects(e, held=args.held), "retry")

@@ -155,6 +155,18 @@ def test_summary_by_reason_and_by_sender_and_with_a_selector(
     assert obj["total"]["total"] == 2
 
 
+def test_summary_counts_no_unreadable_spool_file_but_says_how_many(
+    incident: Incident, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (incident.spool.queue_dir / "00000000000000BAD000.msg").write_bytes(b"not a spool file\n")
+    rc, out, _err = incident.cli(capsys, "summary")
+    assert rc == 0
+    assert out.splitlines()[1].split()[:2] == ["TOTAL", "8"]
+    assert out.splitlines()[-1] == "1 unreadable spool file(s) not counted: see coffer queue list"
+    obj = json.loads(incident.cli(capsys, "summary", "--json")[1])
+    assert (obj["total"]["total"], obj["corrupt"]) == (8, 1)
+
+
 @pytest.mark.parametrize(("selector", "expected"), [
     (["--to-domain", "STORE.test"], {"store_fresh", "store_old", "mixed", "spam1"}),
     (["--to-domain", "store.test", "--to-domain", "quiet.test"],
@@ -265,6 +277,17 @@ async def test_retry_to_domain_makes_only_that_domains_deferred_messages_due(
     assert incident.hop.delivered_to("p@partner.test") == 2
     assert incident.names(incident.spool.queue_ids()) == {
         "store_fresh", "store_old", "mixed", "spam1", "quarantined", "held"}
+
+
+def test_retry_all_narrowed_by_a_selector_logs_what_was_selected(
+    incident: Incident, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc, out, err = incident.cli(capsys, "retry", "--all", "--older-than", "10m", "--yes")
+    assert rc == 0
+    assert out.count("scheduled for delivery now") == 3  # store_old, mixed, partner
+    bulk = json.loads(err.splitlines()[-1])
+    assert (bulk["event"], bulk["selector"], bulk["done"]) == (
+        "queue_bulk", "--all, older than 600s", 3)
 
 
 def test_hold_from_a_sender_then_release_leaves_the_quarantine_alone(
