@@ -1,4 +1,4 @@
-"""``coffer queue list|show|retry|hold|release|delete``: the operator's view of the spool.
+"""``coffer queue list|show|summary|retry|hold|release|delete``: the operator's view of the spool.
 
 These commands work on the spool directory directly, so they work whether or
 not the gateway is running, and they change a message only the way the gateway
@@ -11,6 +11,14 @@ removes the message and logs who deleted it and why.
 After a change the running gateway (found through the locked pid file in the
 data directory) is sent SIGUSR1 so it rescans the spool at once instead of at
 its next ``queue.scan_interval``.
+
+During an incident the operator acts on a selection rather than on queue ids:
+``--to-domain``, ``--from``, ``--older-than``, ``--younger-than``, ``--error`` and
+``--state`` (gateway.queue.select) pick messages from the same rows ``list`` prints,
+and ``summary`` counts them by domain and age as Postfix's qshape does
+(gateway.queue.shape).  A mutating command given only a selector acts on every
+match, so it says how many first and needs ``--yes`` (or a "y" at a terminal): a
+mistyped selector must not empty the queue.
 """
 
 from __future__ import annotations
@@ -25,12 +33,15 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from gateway import config, log
 from gateway.config import Config
 from gateway.errors import SpoolError
+from gateway.queue import shape
+from gateway.queue.select import STATES, Entry, Selector
 from gateway.queue.spool import Spool
 from gateway.queue.state import QueueState
 
@@ -40,18 +51,54 @@ EXIT_USAGE = 2
 PID_FILE = "coffer.pid"
 
 
+def _duration(text: str) -> float:
+    try:
+        return config.parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _selector_options() -> argparse.ArgumentParser:
+    """The selectors every command that picks messages takes; combined with AND."""
+    sel = argparse.ArgumentParser(add_help=False)
+    g = sel.add_argument_group("selectors (combined with AND; a repeated one matches any)")
+    g.add_argument("--to-domain", action="append", default=[], metavar="DOMAIN",
+                   help="a recipient not yet delivered is in DOMAIN (case-insensitive)")
+    g.add_argument("--from", dest="sender", default="", metavar="ADDR|@DOMAIN",
+                   help="the envelope sender, or any sender in @DOMAIN")
+    g.add_argument("--older-than", type=_duration, metavar="DURATION",
+                   help="received longer ago than DURATION (30s, 5m, 2h, 5d)")
+    g.add_argument("--younger-than", type=_duration, metavar="DURATION",
+                   help="received less than DURATION ago")
+    g.add_argument("--error", default="", metavar="TEXT",
+                   help="the last deferral reply contains TEXT (case-insensitive)")
+    g.add_argument("--state", action="append", default=[], choices=STATES,
+                   help="active, deferred, held (any hold but a quarantine) or quarantined")
+    return sel
+
+
+def _bulk_options() -> argparse.ArgumentParser:
+    bulk = argparse.ArgumentParser(add_help=False)
+    bulk.add_argument("--yes", action="store_true",
+                      help="act on every message the selectors match without asking")
+    bulk.add_argument("--dry-run", action="store_true",
+                      help="list what would be done and change nothing")
+    return bulk
+
+
 def register(sub: Any) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", metavar="FILE",
                         help="configuration file (default: $COFFER_CONFIG, else ./coffer.yaml)")
     common.add_argument("--json", action="store_true", help="one JSON object per line on stdout")
+    sel, bulk = _selector_options(), _bulk_options()
 
     p = sub.add_parser("queue", help="list and manage queued messages",
                        description="Inspect and manage the spool of queued messages.")
     qsub = p.add_subparsers(dest="queue_command", metavar="QUEUE_COMMAND")
     qsub.required = True
 
-    ls = qsub.add_parser("list", parents=[common], help="list queued messages")
+    ls = qsub.add_parser("list", parents=[common, sel], help="list queued messages")
     ls.add_argument("--status", choices=["active", "deferred", "held"],
                     help="only messages in this state")
     ls.set_defaults(func=cmd_list)
@@ -60,8 +107,19 @@ def register(sub: Any) -> None:
     show.add_argument("qid", metavar="QID")
     show.set_defaults(func=cmd_show)
 
-    retry = qsub.add_parser("retry", parents=[common],
-                            help="attempt delivery now (QID..., --all deferred, --held failed)")
+    summary = qsub.add_parser(
+        "summary", parents=[common, sel], help="the queue's shape by domain and age (qshape)",
+        description="Messages per recipient domain (or sender domain, or last deferral "
+        "reason) and age bucket since reception, with counts by state; TOTAL first.")
+    summary.add_argument("--by", choices=shape.GROUPINGS, default="domain",
+                         help="rows: recipient domain (default), sender domain or reason")
+    summary.add_argument("--top", type=int, default=20, metavar="N",
+                         help="the N largest rows (default 20)")
+    summary.set_defaults(func=cmd_summary)
+
+    retry = qsub.add_parser("retry", parents=[common, sel, bulk],
+                            help="attempt delivery now (QID..., --all deferred, --held failed, "
+                            "or selectors)")
     retry.add_argument("qids", nargs="*", metavar="QID")
     retry.add_argument("--all", action="store_true",
                        help="every deferred message (held ones stay held)")
@@ -70,21 +128,23 @@ def register(sub: Any) -> None:
                        "start once the fault is fixed (quarantine and operator holds stay)")
     retry.set_defaults(func=cmd_retry)
 
-    hold = qsub.add_parser("hold", parents=[common], help="keep a message from delivery")
-    hold.add_argument("qid", metavar="QID")
+    hold = qsub.add_parser("hold", parents=[common, sel, bulk],
+                           help="keep messages from delivery (QID... or selectors)")
+    hold.add_argument("qids", nargs="*", metavar="QID")
     hold.add_argument("--reason", default="", help="recorded with the hold")
     hold.set_defaults(func=cmd_hold)
 
-    release = qsub.add_parser("release", parents=[common], help="let a held message go")
-    release.add_argument("qid", metavar="QID")
+    release = qsub.add_parser("release", parents=[common, sel, bulk],
+                              help="let held messages go (QID... or selectors)")
+    release.add_argument("qids", nargs="*", metavar="QID")
     release.set_defaults(func=cmd_release)
 
-    delete = qsub.add_parser("delete", parents=[common],
-                             help="remove a message for good (logged with who and why)")
-    delete.add_argument("qid", metavar="QID")
+    delete = qsub.add_parser("delete", parents=[common, sel, bulk],
+                             help="remove messages for good (logged with who and why)")
+    delete.add_argument("qids", nargs="*", metavar="QID")
     delete.add_argument("--reason", default="", help="recorded in the log")
     delete.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
-                        help="how long to wait for an in-flight delivery (default 60)")
+                        help="how long to wait for in-flight deliveries (default 60)")
     delete.set_defaults(func=cmd_delete)
 
 
@@ -148,7 +208,32 @@ def _summary(spool: Spool, qid: str, now: float) -> dict[str, Any]:
         "last_error": st.last_error,
         "held_stage": st.held_stage if st.held else "",
         "held_error": st.held_error if st.held else "",
+        "held_reason": st.held_reason if st.held else "",
+        "pending_recipients": st.pending,
     }
+
+
+def _rows(spool: Spool, now: float) -> Iterator[dict[str, Any]]:
+    """One ``list`` row per queued message, oldest first: the one way the spool is read
+    for ``list``, ``summary`` and the selectors."""
+    for qid in spool.queue_ids():
+        try:
+            yield _summary(spool, qid, now)
+        except FileNotFoundError:
+            continue  # delivered and removed while we looked
+        except SpoolError as exc:
+            yield {"qid": qid, "status": "corrupt", "last_error": str(exc)}
+
+
+def _entries(rows: Iterable[dict[str, Any]]) -> list[Entry]:
+    """The messages selectors look at (a corrupt one matches none: ``list`` shows it)."""
+    return [Entry.from_row(r) for r in rows if r["status"] != "corrupt"]
+
+
+def _selector(args: argparse.Namespace) -> Selector:
+    return Selector.build(to_domains=args.to_domain, sender=args.sender,
+                          older_than=args.older_than, younger_than=args.younger_than,
+                          error=args.error, states=args.state)
 
 
 def _known(spool: Spool, qid: str) -> bool:
@@ -192,15 +277,12 @@ def poke_service(cfg: Config) -> bool:
 def cmd_list(args: argparse.Namespace) -> int:
     _cfg, spool = _open(args)
     now = time.time()
+    sel = _selector(args)
     rows: list[dict[str, Any]] = []
-    for qid in spool.queue_ids():
-        try:
-            row = _summary(spool, qid, now)
-        except FileNotFoundError:
-            continue  # delivered and removed while we looked
-        except SpoolError as exc:
-            row = {"qid": qid, "status": "corrupt", "last_error": str(exc)}
+    for row in _rows(spool, now):
         if args.status and row["status"] != args.status:
+            continue
+        if not sel.empty and (row["status"] == "corrupt" or not sel.matches(Entry.from_row(row))):
             continue
         rows.append(row)
     if args.json:
@@ -208,7 +290,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             _emit(row)
         return EXIT_OK
     if not rows:
-        print("queue is empty" if not args.status else f"no {args.status} messages")
+        print("queue is empty" if not args.status and sel.empty else "no matching messages")
         return EXIT_OK
     print(f"{'QID':20} {'AGE':>5} {'SIZE':>7} {'RCPT':>7} {'STATUS':8} {'NEXT':>7}  SENDER / ERROR")
     for r in rows:
@@ -224,6 +306,23 @@ def cmd_list(args: argparse.Namespace) -> int:
             print(f"{'':20} held at stage {r['held_stage'] or '?'}: {r['held_error']}")
         elif r["last_error"]:
             print(f"{'':20} {r['last_error']}")
+    return EXIT_OK
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    _cfg, spool = _open(args)
+    sel = _selector(args)
+    rows = list(_rows(spool, time.time()))
+    corrupt = sum(r["status"] == "corrupt" for r in rows)
+    result = shape.summarize([e for e in _entries(rows) if sel.matches(e)],
+                             by=args.by, top=args.top)
+    if args.json:
+        _emit({**shape.to_json(result), "corrupt": corrupt})
+        return EXIT_OK
+    for line in shape.render(result):
+        print(line)
+    if corrupt:
+        print(f"{corrupt} unreadable spool file(s) not counted: see coffer queue list")
     return EXIT_OK
 
 
@@ -301,117 +400,226 @@ def cmd_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- acting on QIDs or on a selection ---------------------------------------------
+
+
+def _targets(args: argparse.Namespace, spool: Spool, eligible: Callable[[Entry], bool],
+             action: str) -> list[str] | int:
+    """The queue ids to act on: those given, or every eligible message the selectors
+    match once the operator confirmed (``--yes``, or "y" at a terminal).  An int is
+    the exit code to return at once (usage error, refusal, nothing matched)."""
+    sel = _selector(args)
+    if args.qids:
+        if not sel.empty:
+            _err("give QIDs or selectors, not both")
+            return EXIT_USAGE
+        return list(args.qids)
+    if sel.empty:
+        _err(f"give one or more QIDs or selectors (--to-domain, --from, ...) to {action}")
+        return EXIT_USAGE
+    qids = [e.qid for e in _entries(_rows(spool, time.time())) if sel.matches(e) and eligible(e)]
+    if not qids:
+        if not args.json:
+            print(f"no message to {action} matches ({sel.describe()})")
+        return EXIT_OK
+    if args.dry_run or args.yes:
+        return qids
+    return qids if _confirmed(len(qids), action, sel) else EXIT_USAGE
+
+
+def _confirmed(count: int, action: str, sel: Selector) -> bool:
+    what = f"{count} message(s) match ({sel.describe()})"
+    if not sys.stdin.isatty():
+        _err(f"{what}: refusing to {action} them without --yes")
+        return False
+    print(f"{what}. {action.capitalize()} them? [y/N] ", end="", flush=True, file=sys.stderr)
+    try:
+        answer = input()
+    except EOFError:
+        answer = ""
+    if answer.strip().lower() in ("y", "yes"):
+        return True
+    _err("nothing done")
+    return False
+
+
+def _report(args: argparse.Namespace, qid: str, action: str, text: str,
+            **extra: Any) -> None:
+    if args.json:
+        _emit({"qid": qid, "action": action, **extra})
+    else:
+        print(f"{qid}: {text}")
+
+
+def _dry_run(args: argparse.Namespace, qids: list[str], action: str) -> int:
+    for qid in qids:
+        _report(args, qid, action, f"would {action}", dry_run=True)
+    return EXIT_OK
+
+
+def _log_bulk(cfg: Config, args: argparse.Namespace, action: str, done: list[str],
+              failed: list[str], **extra: Any) -> None:
+    """One summary line for an action on a selection (each message has its own line)."""
+    if args.qids:
+        return
+    sel = _selector(args)
+    # retry --all / --held pick their own messages; selectors narrow them further.
+    picked = [f"--{flag}" for flag in ("all", "held") if getattr(args, flag, False)]
+    selection = ", ".join(picked + ([] if sel.empty and picked else [sel.describe()]))
+    _setup_log(cfg)
+    log.event("queue_bulk", action=action, by=_operator(), selector=selection,
+              done=len(done), failed=failed, **extra)
+
+
 def cmd_retry(args: argparse.Namespace) -> int:
     cfg, spool = _open(args)
-    if sum((bool(args.qids), bool(args.all), bool(args.held))) != 1:
-        _err("give one or more QIDs, --all or --held")
+    sel = _selector(args)
+    if sum((bool(args.qids), bool(args.all), bool(args.held))) > 1 or not (
+            args.qids or args.all or args.held or not sel.empty):
+        _err("give one or more QIDs, --all, --held or selectors (--to-domain, ...)")
         return EXIT_USAGE
+    if (args.all or args.held) and sel.empty:
+        # As before selectors existed: no confirmation for the whole deferred queue.
+        qids: list[str] | int = [e.qid for e in _entries(_rows(spool, time.time()))
+                                 if _retry_selects(e, held=args.held)]
+    else:
+        qids = _targets(args, spool, lambda e: _retry_selects(e, held=args.held), "retry")
+    if isinstance(qids, int):
+        return qids
+    if args.dry_run:
+        return _dry_run(args, qids, "retry")
     rc = EXIT_OK
     done: list[str] = []
-    if args.all or args.held:
-        for qid in spool.queue_ids():
-            try:
-                env, _f, _s = spool.read_header(qid)
-            except (FileNotFoundError, SpoolError):
-                continue
-            if _retry_selects(spool.read_state(qid, env.rcpt_to), held=args.held):
-                spool.append_event(qid, {"ev": "retry", "by": _operator()})
-                done.append(qid)
-    else:
-        for qid in args.qids:
-            if not _known(spool, qid):
-                rc = EXIT_PROBLEM
-                continue
-            # An explicit retry also releases a held message (gateway.queue.state.fold).
-            spool.append_event(qid, {"ev": "retry", "by": _operator()})
-            done.append(qid)
+    for qid in qids:
+        if not _known(spool, qid):
+            rc = EXIT_PROBLEM
+            continue
+        # An explicit retry also releases a held message (gateway.queue.state.fold);
+        # a selection holds no held message unless --held asked for them.
+        spool.append_event(qid, {"ev": "retry", "by": _operator()})
+        done.append(qid)
     poke_service(cfg)
     for qid in done:
-        if args.json:
-            _emit({"qid": qid, "action": "retry"})
-        else:
-            print(f"{qid}: scheduled for delivery now")
+        _report(args, qid, "retry", "scheduled for delivery now")
     if (args.all or args.held) and not done and not args.json:
         print("no held messages" if args.held else "no deferred messages")
+    _log_bulk(cfg, args, "retry", done, [])
     return rc
 
 
-def _retry_selects(st: QueueState, *, held: bool) -> bool:
-    """--held: held after a stage failure; --all: deferred and not held."""
-    if st.finished:
-        return False
+def _retry_selects(e: Entry, *, held: bool) -> bool:
+    """--held: held after a stage failure; otherwise (--all, a selection): not held."""
     if held:
-        return st.held and st.held_reason == "error"
-    return not st.held
+        return e.state == "held" and e.held_reason == "error"
+    return e.state in ("active", "deferred")
 
 
 def cmd_hold(args: argparse.Namespace) -> int:
     cfg, spool = _open(args)
-    if not _known(spool, args.qid):
-        return EXIT_PROBLEM
+    # A selection leaves held messages alone: a new hold would replace the record of
+    # why they are held (a quarantine, a stage failure).
+    qids = _targets(args, spool, lambda e: e.state in ("active", "deferred"), "hold")
+    if isinstance(qids, int):
+        return qids
+    if args.dry_run:
+        return _dry_run(args, qids, "hold")
     who = _operator()
     reason = f"held by {who}" + (f": {args.reason}" if args.reason else "")
-    spool.append_event(args.qid, {"ev": "held", "stage": "operator", "error": reason, "by": who,
-                                  "reason": "operator"})
     _setup_log(cfg)
-    log.event("queue_hold", qid=args.qid, by=who, reason=args.reason)
-    if args.json:
-        _emit({"qid": args.qid, "action": "hold"})
-    else:
-        print(f"{args.qid}: held (an attempt in progress finishes first)")
-    return EXIT_OK
+    rc, done = EXIT_OK, []
+    for qid in qids:
+        if not _known(spool, qid):
+            rc = EXIT_PROBLEM
+            continue
+        spool.append_event(qid, {"ev": "held", "stage": "operator", "error": reason, "by": who,
+                                 "reason": "operator"})
+        log.event("queue_hold", qid=qid, by=who, reason=args.reason)
+        done.append(qid)
+        _report(args, qid, "hold", "held (an attempt in progress finishes first)")
+    _log_bulk(cfg, args, "hold", done, [], reason=args.reason)
+    return rc
 
 
 def cmd_release(args: argparse.Namespace) -> int:
     cfg, spool = _open(args)
-    if not _known(spool, args.qid):
-        return EXIT_PROBLEM
+    # A quarantined message is released by a selection only if it names that state:
+    # "release --from x" must not let through what the policy quarantined as spam.
+    quarantine = "quarantined" in args.state
+    qids = _targets(args, spool,
+                    lambda e: e.state == "held" or (quarantine and e.state == "quarantined"),
+                    "release")
+    if isinstance(qids, int):
+        return qids
+    if args.dry_run:
+        return _dry_run(args, qids, "release")
     who = _operator()
-    spool.append_event(args.qid, {"ev": "released", "by": who})
     _setup_log(cfg)
-    log.event("queue_release", qid=args.qid, by=who)
+    rc, done = EXIT_OK, []
+    for qid in qids:
+        if not _known(spool, qid):
+            rc = EXIT_PROBLEM
+            continue
+        spool.append_event(qid, {"ev": "released", "by": who})
+        log.event("queue_release", qid=qid, by=who)
+        done.append(qid)
+        _report(args, qid, "release", "released")
     poke_service(cfg)
-    if args.json:
-        _emit({"qid": args.qid, "action": "release"})
-    else:
-        print(f"{args.qid}: released")
-    return EXIT_OK
+    _log_bulk(cfg, args, "release", done, [])
+    return rc
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
     cfg, spool = _open(args)
-    if not _known(spool, args.qid):
-        return EXIT_PROBLEM
+    qids = _targets(args, spool, lambda e: True, "delete")
+    if isinstance(qids, int):
+        return qids
+    if args.dry_run:
+        return _dry_run(args, qids, "delete")
     who = _operator()
+    # One deadline for the whole selection: a gateway busy with many of them must not
+    # make the command wait --wait seconds for each.
     deadline = time.monotonic() + max(args.wait, 0.0)
+    _setup_log(cfg)
+    done: list[str] = []
+    failed: list[str] = []
+    for qid in qids:
+        if not _known(spool, qid) or not _delete_one(args, spool, qid, who, deadline):
+            failed.append(qid)
+        else:
+            done.append(qid)
+    _log_bulk(cfg, args, "delete", done, failed, reason=args.reason)
+    return EXIT_PROBLEM if failed else EXIT_OK
+
+
+def _delete_one(args: argparse.Namespace, spool: Spool, qid: str, who: str,
+                deadline: float) -> bool:
+    """Take the message's claim (waiting for an attempt in progress until ``deadline``),
+    remove it and log who deleted it, why and what was never delivered."""
     while True:
-        with spool.claim(args.qid) as mine:
+        with spool.claim(qid) as mine:
             if mine:
                 try:
-                    env, _f, size = spool.read_header(args.qid)
-                    st = spool.read_state(args.qid, env.rcpt_to)
+                    env, _f, size = spool.read_header(qid)
+                    st = spool.read_state(qid, env.rcpt_to)
                     sender, pending = env.mail_from, st.pending
                 except SpoolError:
                     sender, pending, size = "", [], 0
-                spool.append_event(args.qid, {"ev": "deleted", "by": who, "reason": args.reason})
-                spool.remove(args.qid)
+                spool.append_event(qid, {"ev": "deleted", "by": who, "reason": args.reason})
+                spool.remove(qid)
                 break
-            if not spool.exists(args.qid):
-                _err(f"{args.qid}: delivered or removed meanwhile")
-                return EXIT_PROBLEM
+            if not spool.exists(qid):
+                _err(f"{qid}: delivered or removed meanwhile")
+                return False
         if time.monotonic() >= deadline:
-            _err(f"{args.qid}: a delivery attempt still holds it after {args.wait:g}s; "
+            _err(f"{qid}: a delivery attempt still holds it after {args.wait:g}s; "
                  "try again (or --wait longer)")
-            return EXIT_PROBLEM
+            return False
         time.sleep(0.1)
-    _setup_log(cfg)
-    log.event("queue_delete", qid=args.qid, by=who, reason=args.reason, sender=sender,
+    log.event("queue_delete", qid=qid, by=who, reason=args.reason, sender=sender,
               undelivered=pending, size=size)
-    if args.json:
-        _emit({"qid": args.qid, "action": "delete", "undelivered": pending})
-    else:
-        print(f"{args.qid}: deleted ({len(pending)} recipient(s) never delivered)")
-    return EXIT_OK
+    _report(args, qid, "delete", f"deleted ({len(pending)} recipient(s) never delivered)",
+            undelivered=pending)
+    return True
 
 
 def _setup_log(cfg: Config) -> None:
