@@ -74,7 +74,11 @@ def parse_rate(value: Any) -> tuple[int, float]:
     if m is None:
         raise ValueError(f"{value!r} is not a rate (use COUNT/DURATION, e.g. 500/1h or 100/1m)")
     count = int(m.group(1))
-    window = parse_duration(m.group(2))
+    try:
+        window = parse_duration(m.group(2))
+    except ValueError:
+        raise ValueError(f"{value!r}: {m.group(2)!r} is not a duration (use COUNT/DURATION, "
+                         "e.g. 500/1h or 100/1m)") from None
     if count < 1 or window < 1:
         raise ValueError(f"{value!r}: the count must be at least 1 and the window at least 1s")
     return count, window
