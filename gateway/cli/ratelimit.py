@@ -16,7 +16,7 @@ from typing import Any
 
 from gateway import config, log
 from gateway.cli.queue import _operator, _setup_log
-from gateway.receive.rate_limits import client_key
+from gateway.receive.rate_limits import client_key, span
 from gateway.receive.rate_store import FILE_NAME, CounterRow, RateStore
 
 EXIT_OK = 0
@@ -62,13 +62,6 @@ def _state(row: CounterRow) -> str:
     return "over" if row.count + 1 > row.limit else "near"
 
 
-def _window(seconds: float) -> str:
-    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= n and seconds % n == 0:
-            return f"{int(seconds // n)}{unit}"
-    return f"{seconds:g}s"
-
-
 def cmd_list(args: argparse.Namespace) -> int:
     _cfg, store = _store(args)
     rows = store.counters(time.time()) if store is not None else []
@@ -82,7 +75,7 @@ def cmd_list(args: argparse.Namespace) -> int:
                               "window": r.window, "state": _state(r)}, ensure_ascii=False))
         else:
             print(f"{r.rule:<16} {r.kind:<10} {r.key:<32} {r.count:8.1f} / {r.limit:<6} "
-                  f"per {_window(r.window):<4} {_state(r)}")
+                  f"per {span(r.window):<4} {_state(r)}")
     if not rows and not args.json:
         print("no key is near a rate limit" if not args.all else "no key is counted")
     return EXIT_OK

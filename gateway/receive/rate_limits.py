@@ -195,10 +195,11 @@ def refusal(c: Charge) -> Reply:
     """The 450 4.7.1 for a client over ``c``'s limit."""
     return RATE_LIMITED.with_text(
         f"Sending rate limit exceeded for {_KEY_WORDS.get(c.key_type, c.key_type)} {c.key} "
-        f"({c.limit} {c.kind} per {_span(c.window)}); try again later")
+        f"({c.limit} {c.kind} per {span(c.window)}); try again later")
 
 
-def _span(seconds: float) -> str:
+def span(seconds: float) -> str:
+    """3600.0 -> '1h', 90.0 -> '90s': a window as an operator writes it."""
     for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= n and seconds % n == 0:
             return f"{int(seconds // n)}{unit}"

@@ -18,7 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from receive_helpers import PASSWORD, USER, Connect, Gateway, RawClient, StartGateway, TlsFiles
+from receive_helpers import (
+    PASSWORD,
+    USER,
+    Connect,
+    Gateway,
+    RawClient,
+    StartGateway,
+    TlsFiles,
+    tls_session,
+)
 
 from gateway import metrics
 from gateway.cli import main as coffer
@@ -43,13 +52,7 @@ def _limits(**rule: Any) -> dict[str, Any]:
 
 
 async def _login(gw: Gateway, raw: Connect, tls_files: TlsFiles) -> RawClient:
-    c: RawClient = await raw(gw.port("submission"))
-    await c.line()
-    await c.cmd("EHLO laptop.example")
-    assert (await c.cmd("STARTTLS")).startswith("220 ")
-    await c.start_tls(tls_files.client_context())
-    c.send(b"EHLO laptop.example\r\n")
-    await c.reply()
+    c = await tls_session(gw, raw, tls_files)
     blob = base64.b64encode(f"\0{USER}\0{PASSWORD}".encode()).decode()
     assert (await c.cmd(f"AUTH PLAIN {blob}")).startswith("235 ")
     return c
