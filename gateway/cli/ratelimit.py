@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 import sys
 import time
 from typing import Any
@@ -62,9 +63,19 @@ def _state(row: CounterRow) -> str:
     return "over" if row.count + 1 > row.limit else "near"
 
 
+def _unreadable(store: RateStore, exc: sqlite3.Error) -> int:
+    print(f"coffer ratelimit: cannot use {store.path}: {exc}", file=sys.stderr)
+    return EXIT_PROBLEM
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     _cfg, store = _store(args)
-    rows = store.counters(time.time()) if store is not None else []
+    rows: list[CounterRow] = []
+    if store is not None:
+        try:
+            rows = store.counters(time.time())
+        except sqlite3.Error as exc:
+            return _unreadable(store, exc)
     if not args.all:
         rows = [r for r in rows if r.count >= NEAR * r.limit]
     rows.sort(key=lambda r: r.count / r.limit, reverse=True)
@@ -84,7 +95,12 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_reset(args: argparse.Namespace) -> int:
     cfg, store = _store(args)
     key = client_key(args.key) if ":" in args.key else args.key  # an IPv6 address: its /64
-    removed = store.reset(key, args.rule) if store is not None else 0
+    removed = 0
+    if store is not None:
+        try:
+            removed = store.reset(key, args.rule)
+        except sqlite3.Error as exc:
+            return _unreadable(store, exc)
     if removed == 0:
         print(f"coffer ratelimit: no counter for {key!r}", file=sys.stderr)
         return EXIT_PROBLEM

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from gateway.receive.rate_limits import Charge
 from gateway.receive.rate_store import RateStore
@@ -79,3 +82,14 @@ def test_two_processes_together_take_exactly_the_limit(tmp_path: Path) -> None:
     assert all(p.returncode == 0 for p in procs)
     taken = [int(o) for o in outs]
     assert sum(taken) == 60, taken  # 100 attempts, one limit of 60 held across processes
+
+
+def test_an_unusable_file_lets_mail_through_and_is_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "ratelimit.db").mkdir()  # not a database: sqlite cannot open it
+    caplog.set_level(logging.ERROR, logger="coffer")
+    store = RateStore(tmp_path / "ratelimit.db")
+    assert store.take(T0, [_msg(limit=1)]) is None
+    assert store.take(T0, [_msg(limit=1)]) is None
+    assert [r.getMessage() for r in caplog.records] == ["rate_limit_store_error"] * 2

@@ -31,6 +31,7 @@ from receive_helpers import (
 
 from gateway import metrics
 from gateway.cli import main as coffer
+from gateway.config import RateLimitRule
 
 SUBMISSION = {"name": "submission", "role": "submission", "address": "127.0.0.1:0",
               "tls": "starttls"}
@@ -188,3 +189,18 @@ async def test_coffer_ratelimit_list_shows_the_key_and_reset_lifts_the_block(
     assert audit["key"] == USER and audit["by"]
     assert (await _send(c, "x@ext.example")).startswith("250 ")
     assert coffer(["ratelimit", "reset", "nobody@local.example", "--config", conf]) == 1
+
+
+async def test_a_reload_applies_new_limits_at_once_and_keeps_the_counts(
+    start_gateway: StartGateway, raw: Connect, tls_files: TlsFiles
+) -> None:
+    gw = await start_gateway(clock=Clock(), **_limits(messages="2/1h"))
+    c = await _login(gw, raw, tls_files)
+    for _ in range(2):
+        assert (await _send(c, "x@ext.example")).startswith("250 ")
+    assert (await _send(c, "x@ext.example")).startswith("450 4.7.1 ")
+    rules = [{"key": "auth_user", "roles": ["submission"], "messages": "3/1h"}]
+    gw.listeners.reconfigure(gw.cfg.model_copy(update={
+        "rate_limits": [RateLimitRule.model_validate(r) for r in rules]}))
+    assert (await _send(c, "x@ext.example")).startswith("250 ")  # the third of three
+    assert (await _send(c, "x@ext.example")).startswith("450 4.7.1 ")
