@@ -2,11 +2,10 @@
 with 450 4.7.1 at MAIL or RCPT, nothing beyond the limit is spooled, the limit holds
 across gateways on one data directory, and it lifts with time or `coffer ratelimit reset`.
 
-Two gateways (two sets of listeners, each with its own connection to
-DATA_DIR/ratelimit.db) stand for two worker processes here: starting `coffer serve`
-with two workers and authenticating through it would take seconds per test; the
-cross-process atomicity of the file itself is proven with two real processes in
-test_rate_store.py.
+Two gateways here (two sets of listeners, each with its own connection to
+DATA_DIR/ratelimit.db) share one limit with an injected clock; two real worker
+processes of `coffer serve` are in tests/service/test_rate_limits_workers.py, and two
+processes racing on the file itself in test_rate_store.py.
 """
 
 from __future__ import annotations
