@@ -28,14 +28,11 @@ from typing import Literal, Protocol
 
 from gateway import log
 from gateway.config import RateLimitRule
-from gateway.replies import Reply
+from gateway.receive.addresses import AddressError, domain_to_ascii
+from gateway.replies import RATE_LIMITED, Reply
 
 Kind = Literal["messages", "recipients"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-# RFC 5321 §4.2.2 450 (mailbox unavailable, try again) with RFC 3463 §3.8 X.7.1
-# (delivery not authorized): the client keeps the message and retries later.
-RATE_LIMITED = Reply(450, "4.7.1", "Sending rate limit exceeded; try again later")
 
 _KEY_WORDS = {"auth_user": "user", "client_ip": "client", "sender_domain": "sender domain"}
 
@@ -157,7 +154,11 @@ class _Rule:
         # trusted network); from anyone else the domain is whatever they claim.
         if not (client.auth_user or client.trusted) or "@" not in sender:
             return None
-        return sender.rpartition("@")[2].lower()
+        domain = sender.rpartition("@")[2]
+        try:
+            return domain_to_ascii(domain)  # one counter for a U-label and its A-label
+        except AddressError:
+            return domain.lower()
 
 
 class RateRules:

@@ -112,6 +112,8 @@ def test_sender_domain_is_counted_only_for_clients_that_vouch_for_the_sender() -
     assert len(rules.charges(_client(auth_user=None, trusted=True), "messages",
                              "bob@corp.example")) == 1
     assert rules.charges(_client(), "messages", "") == []  # the null sender
+    [u] = rules.charges(_client(), "messages", "bob@bücher.example")
+    assert u.key == "xn--bcher-kva.example"  # the U-label and A-label count together
 
 
 def test_refusal_is_450_4_7_1_naming_the_key_and_limit() -> None:
