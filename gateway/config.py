@@ -208,6 +208,9 @@ class RateLimitRule(_Model):
         default_factory=list, description="CIDRs of clients the rule does not count "
         "(e.g. the mail store that relays for everyone)"
     )
+    exempt_trusted: bool = Field(
+        False, description="Do not count clients in relay.trusted_networks either"
+    )
 
     @field_validator("messages", "recipients")
     @classmethod

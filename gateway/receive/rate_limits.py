@@ -131,11 +131,14 @@ class _Rule:
     roles: frozenset[str]
     listeners: frozenset[str]
     exempt: tuple[IPNetwork, ...]
+    exempt_trusted: bool
 
     def applies(self, client: Client) -> bool:
         if client.role not in self.roles:
             return False
         if self.listeners and client.listener not in self.listeners:
+            return False
+        if self.exempt_trusted and client.trusted:
             return False
         if not self.exempt:
             return True
@@ -175,6 +178,7 @@ class RateRules:
             self._rules.append(_Rule(
                 r.rule_name, r.key, rates, frozenset(r.roles), frozenset(r.listeners),
                 tuple(ipaddress.ip_network(n, strict=False) for n in r.exempt_networks),
+                r.exempt_trusted,
             ))
 
     def __bool__(self) -> bool:

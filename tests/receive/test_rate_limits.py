@@ -102,6 +102,9 @@ def test_exempt_networks_and_listener_names_narrow_a_rule() -> None:
     assert rules.charges(_client(listener="other"), "messages", "") == []
     [c] = rules.charges(_client(listener="mx2"), "messages", "")
     assert c.key == "192.0.2.7" and c.window == 60
+    trusted = RateRules([RateLimitRule(key="client_ip", messages="10/1m", exempt_trusted=True)])
+    assert trusted.charges(_client(trusted=True), "messages", "") == []
+    assert len(trusted.charges(_client(), "messages", "")) == 1
 
 
 def test_sender_domain_is_counted_only_for_clients_that_vouch_for_the_sender() -> None:
