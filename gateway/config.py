@@ -65,6 +65,24 @@ def parse_size(value: Any) -> int:
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Size = Annotated[int, BeforeValidator(parse_size)]
 
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(\S+)\s*$")
+
+
+def parse_rate(value: Any) -> tuple[int, float]:
+    """'500/1h' (COUNT/DURATION) -> (500, 3600.0)."""
+    m = _RATE.match(str(value)) if isinstance(value, str) else None
+    if m is None:
+        raise ValueError(f"{value!r} is not a rate (use COUNT/DURATION, e.g. 500/1h or 100/1m)")
+    count = int(m.group(1))
+    try:
+        window = parse_duration(m.group(2))
+    except ValueError:
+        raise ValueError(f"{value!r}: {m.group(2)!r} is not a duration (use COUNT/DURATION, "
+                         "e.g. 500/1h or 100/1m)") from None
+    if count < 1 or window < 1:
+        raise ValueError(f"{value!r}: the count must be at least 1 and the window at least 1s")
+    return count, window
+
 
 def parse_hostport(value: str, default_port: int) -> tuple[str, int]:
     """'127.0.0.1:2525', '[::1]:25', 'host' -> (host, port)."""
@@ -186,6 +204,79 @@ class LimitsConfig(_Model):
     max_connections_per_ip: int = Field(20, ge=1, description="Concurrent sessions per client IP")
     max_connections: int = Field(1000, ge=1, description="Concurrent sessions per process")
     max_auth_failures: int = Field(3, ge=1, description="Failed AUTH attempts before 421")
+
+
+RateKey = Literal["auth_user", "client_ip", "sender_domain"]
+Role = Literal["inbound", "submission"]
+
+
+def _all_roles() -> list[Role]:
+    return ["inbound", "submission"]
+
+
+class RateLimitRule(_Model):
+    """One sending rate limit, counted per key across every worker process (the counts
+    live in DATA_DIR/ratelimit.db); over it, MAIL or RCPT gets 450 4.7.1."""
+
+    key: RateKey = Field(
+        description="What is counted: auth_user (the AUTH identity; unauthenticated "
+        "sessions are not counted), client_ip (an IPv6 client by its /64), sender_domain "
+        "(the MAIL FROM domain, only for authenticated or relay.trusted_networks clients)"
+    )
+    name: str | None = Field(
+        None, description="Names the rule in logs and `coffer ratelimit list`; default: "
+        "the key. Two rules on the same key need distinct names"
+    )
+    messages: str | None = Field(
+        None, description="Transactions (MAIL FROM) per sliding window, COUNT/DURATION "
+        "(e.g. 500/1h); over it MAIL FROM gets 450 4.7.1; null: not limited"
+    )
+    recipients: str | None = Field(
+        None, description="Accepted recipients (RCPT TO) per sliding window, "
+        "COUNT/DURATION (e.g. 2000/1h); over it RCPT TO gets 450 4.7.1; null: not limited"
+    )
+    roles: list[Role] = Field(
+        default_factory=_all_roles,
+        description="Listener roles the rule applies on",
+    )
+    listeners: list[str] = Field(
+        default_factory=list, description="Listener names the rule applies on; empty: "
+        "every listener of `roles`"
+    )
+    exempt_networks: list[str] = Field(
+        default_factory=list, description="CIDRs of clients the rule does not count "
+        "(e.g. the mail store that relays for everyone)"
+    )
+    exempt_trusted: bool = Field(
+        False, description="Do not count clients in relay.trusted_networks either"
+    )
+
+    @field_validator("messages", "recipients")
+    @classmethod
+    def _rate(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_rate(value)
+        return value
+
+    @property
+    def rule_name(self) -> str:
+        return self.name or self.key
+
+    @property
+    def message_rate(self) -> tuple[int, float] | None:
+        return parse_rate(self.messages) if self.messages is not None else None
+
+    @property
+    def recipient_rate(self) -> tuple[int, float] | None:
+        return parse_rate(self.recipients) if self.recipients is not None else None
+
+
+def _default_rate_limits() -> list[RateLimitRule]:
+    # A person sends tens of messages an hour, a busy one a hundred or two; a stolen
+    # password sends tens of thousands.  500 messages and 2000 recipients an hour stay
+    # far above the first and cut the second to a few percent (docs/operations.md).
+    return [RateLimitRule(key="auth_user", messages="500/1h", recipients="2000/1h",
+                          roles=["submission"])]
 
 
 class AuthConfig(_Model):
@@ -324,6 +415,13 @@ class Config(_Model):
     listeners: list[ListenerConfig] = Field(default_factory=_default_listeners)
     tls: TlsConfig = Field(default_factory=TlsConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    rate_limits: list[RateLimitRule] = Field(
+        default_factory=_default_rate_limits,
+        description="Sending rate limits (Postfix anvil's smtpd_client_message_rate_limit "
+        "and smtpd_client_recipient_rate_limit, per user, IP or sender domain); default: "
+        "500 messages and 2000 recipients an hour per authenticated user on submission "
+        "listeners; [] turns them off",
+    )
     auth: AuthConfig = Field(default_factory=AuthConfig)
     queue: QueueConfig = Field(default_factory=QueueConfig)
     delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
@@ -378,6 +476,7 @@ def _check_semantics(cfg: Config, loc: yamlsource.Locator) -> None:
             ipaddress.ip_network(net, strict=False)
         except ValueError:
             raise loc.error(["relay", "trusted_networks", i], f"{net!r} is not a CIDR") from None
+    _check_rate_limits(cfg, loc)
     if cfg.delivery.ca_file is not None and not cfg.path(cfg.delivery.ca_file).is_file():
         raise loc.error(["delivery", "ca_file"],
                         f"{cfg.path(cfg.delivery.ca_file)}: no such file")
@@ -388,6 +487,29 @@ def _check_semantics(cfg: Config, loc: yamlsource.Locator) -> None:
             parse_route(spec)
         except RouteError as exc:
             raise loc.error(["delivery", "routes", dom], str(exc)) from None
+
+
+def _check_rate_limits(cfg: Config, loc: yamlsource.Locator) -> None:
+    listener_names = {lst.name for lst in cfg.listeners}
+    seen: set[str] = set()
+    for i, rule in enumerate(cfg.rate_limits):
+        if rule.messages is None and rule.recipients is None:
+            raise loc.error(["rate_limits", i], "a rate limit needs messages, recipients or "
+                            "both (e.g. messages: 500/1h)")
+        if rule.rule_name in seen:
+            raise loc.error(["rate_limits", i, "name"], f"two rules are named "
+                            f"{rule.rule_name!r}: give each rule on the same key a name")
+        seen.add(rule.rule_name)
+        for j, name in enumerate(rule.listeners):
+            if name not in listener_names:
+                raise loc.error(["rate_limits", i, "listeners", j],
+                                f"no listener is named {name!r}")
+        for j, net in enumerate(rule.exempt_networks):
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise loc.error(["rate_limits", i, "exempt_networks", j],
+                                f"{net!r} is not a CIDR") from None
 
 
 def from_data(data: Any, loc: yamlsource.Locator, base: Path) -> Config:

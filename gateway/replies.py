@@ -57,6 +57,9 @@ ARCHIVE_FAILED = Reply(451, "4.3.0", "Message could not be recorded, try again l
 SPOOL_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")  # RFC 5321 §4.5.3.1.10
 TEMPFAIL_POLICY = Reply(451, "4.7.1", "Message deferred by policy")
+# RFC 5321 §4.2.2 450 (requested action not taken, try again) with RFC 3463 §3.8 X.7.1
+# (not authorized): a client over a sending rate limit keeps its message and retries.
+RATE_LIMITED = Reply(450, "4.7.1", "Sending rate limit exceeded; try again later")
 
 SYNTAX_ERROR = Reply(500, "5.5.2", "Syntax error, command unrecognised")
 LINE_TOO_LONG = Reply(500, "5.5.6", "Line too long")  # RFC 5321 §4.5.3.1.4

@@ -110,3 +110,35 @@ def test_parse_duration(text: str | int, seconds: float) -> None:
                                             ("1GiB", 1 << 30), (100, 100)])
 def test_parse_size(text: str | int, size: int) -> None:
     assert config.parse_size(text) == size
+
+
+def test_a_bad_rate_names_file_line_and_key(tmp_path: Path) -> None:
+    err = _error(tmp_path, MINIMAL + "rate_limits:\n  - key: auth_user\n"
+                 "    messages: 500/1x\n")
+    assert err.key == "rate_limits.0.messages" and err.line == 6
+    assert err.file is not None and err.file.endswith("coffer.yaml")
+    assert "500/1x" in err.message and "COUNT/DURATION" in err.message
+
+
+def test_rate_limits_parse_and_default_to_submission_users(tmp_path: Path) -> None:
+    [default] = config.load(_write(tmp_path, MINIMAL)).rate_limits
+    assert (default.key, default.roles) == ("auth_user", ["submission"])
+    assert (default.message_rate, default.recipient_rate) == ((500, 3600.0), (2000, 3600.0))
+    cfg = config.load(_write(tmp_path, MINIMAL + "rate_limits:\n  - key: client_ip\n"
+                             "    messages: 100/1m\n    listeners: [in]\n"))
+    assert cfg.rate_limits[0].message_rate == (100, 60.0)
+    assert config.load(_write(tmp_path, MINIMAL + "rate_limits: []\n")).rate_limits == []
+
+
+def test_rate_rule_mistakes_name_the_key(tmp_path: Path) -> None:
+    err = _error(tmp_path, MINIMAL + "rate_limits:\n  - key: client_ip\n")
+    assert err.key == "rate_limits.0" and "messages, recipients" in err.message
+    err = _error(tmp_path, MINIMAL + "rate_limits:\n  - key: client_ip\n    messages: 1/1m\n"
+                 "    listeners: [nope]\n")
+    assert err.key == "rate_limits.0.listeners.0" and err.line == 7
+    err = _error(tmp_path, MINIMAL + "rate_limits:\n  - {key: client_ip, messages: 1/1m}\n"
+                 "  - {key: client_ip, messages: 9/1h}\n")
+    assert err.key == "rate_limits.1.name" and "named 'client_ip'" in err.message
+    err = _error(tmp_path, MINIMAL + "rate_limits:\n  - key: client_ip\n    messages: 1/1m\n"
+                 "    exempt_networks: [10.0.0.0/33]\n")
+    assert err.key == "rate_limits.0.exempt_networks.0"

@@ -261,6 +261,24 @@ limits:
   # Failed AUTH attempts before the session is closed.
   max_auth_failures: 3
 
+# Sending rate limits, shared by every worker (DATA_DIR/ratelimit.db): a stolen password
+# must not send 50,000 messages in an hour. Over a limit, MAIL or RCPT gets 450 4.7.1;
+# `coffer ratelimit list` shows who is near one, `coffer ratelimit reset KEY` lifts it.
+# key: auth_user | client_ip (IPv6 by /64) | sender_domain (AUTH or trusted clients only).
+# Rates are COUNT/DURATION over a sliding window. [] turns rate limits off.
+rate_limits:
+  - key: auth_user
+    # Per authenticated user: far above what a person sends, far below what spam does.
+    messages: 500/1h
+    recipients: 2000/1h
+    # Listener roles (and, with listeners: [NAME, ...], listeners) the rule applies on.
+    roles: [submission]
+  # e.g. per client address on the inbound role, the mail store exempt:
+  # - key: client_ip
+  #   messages: 100/1m
+  #   roles: [inbound]
+  #   exempt_networks: ["10.0.5.20/32"]
+
 auth:
   # File of "user:argon2-hash" lines for SMTP AUTH, relative to data_dir.
   # Without it nobody can authenticate, so submission refuses every sender.

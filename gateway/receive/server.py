@@ -23,6 +23,8 @@ from gateway import log
 from gateway.config import Config, ListenerConfig
 from gateway.errors import ConfigError
 from gateway.receive.auth import PasswordFile
+from gateway.receive.rate_limits import RateLimiter, RateRules
+from gateway.receive.rate_store import RateStore, open_store
 from gateway.receive.recipient_probe import RecipientGate
 from gateway.receive.relay_control import RelayRules
 from gateway.receive.session import SessionContext, SmtpSession
@@ -52,6 +54,16 @@ async def _wait(event: asyncio.Event, timeout: float) -> bool:
         return True
     except TimeoutError:
         return False
+
+
+def rate_limiter(cfg: Config, clock: Callable[[], float],
+                 store: RateStore | None = None) -> RateLimiter | None:
+    """The limiter of ``cfg.rate_limits`` (None without rules), on ``store`` if given
+    (a reload keeps the open counters file), else on DATA_DIR/ratelimit.db."""
+    rules = RateRules(cfg.rate_limits)
+    if not rules:
+        return None
+    return RateLimiter(rules, store or open_store(cfg.data_dir), clock)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +123,9 @@ class Listeners:
                 except (OSError, ssl.SSLError) as exc:
                     raise ConfigError(f"cannot load TLS certificate/key: {exc}",
                                       file=cfg.source, key="tls") from None
+        old_store = ctx.limiter.store if ctx.limiter is not None else None
+        ctx.limiter = rate_limiter(cfg, ctx.clock,
+                                   old_store if isinstance(old_store, RateStore) else None)
         ctx.cfg, ctx.rules, ctx.passwords = cfg, rules, passwords
         ctx.listeners = {lst.name: lst for lst in cfg.listeners}
         # A fresh gate forgets the verification answers (the operator's way to make
@@ -181,6 +196,8 @@ class Listeners:
         for b in self.bound.values():
             await b.server.wait_closed()
         await ctx.recipients.aclose()
+        if ctx.limiter is not None and isinstance(ctx.limiter.store, RateStore):
+            ctx.limiter.store.close()
 
     async def __aenter__(self) -> Listeners:
         return self
@@ -208,7 +225,7 @@ async def start_listeners(
     ctx = SessionContext(
         cfg=cfg, acceptor=acceptor, rules=RelayRules.from_config(cfg.relay),
         passwords=passwords, tls_context=tls_context, recipients=gate_factory(cfg),
-        clock=clock,
+        clock=clock, limiter=rate_limiter(cfg, clock),
     )
     ctx.all_closed.set()
     loop = asyncio.get_running_loop()

@@ -40,6 +40,7 @@ from gateway.receive import addresses, relay_control
 from gateway.receive.addresses import AddressError, Mailbox
 from gateway.receive.auth import PasswordFile
 from gateway.receive.data import read_data
+from gateway.receive.rate_limits import Client, Kind, RateLimiter
 from gateway.receive.received import received_header
 from gateway.receive.recipient_probe import RecipientGate
 from gateway.replies import Reply
@@ -98,6 +99,7 @@ class SessionContext:
     tls_context: ssl.SSLContext | None
     recipients: RecipientGate
     clock: Callable[[], float] = time.time
+    limiter: RateLimiter | None = None  # rate_limits, None when there are none
     sessions: set[SmtpSession] = field(default_factory=set)
     per_ip: Counter[str] = field(default_factory=Counter)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -756,6 +758,10 @@ class SmtpSession(SMTP):
         if room is not None:
             await self._reject(room, "no_room", declared=size)
             return
+        limited = self._rate_limited("messages", sender)
+        if limited is not None:
+            await self._reject(limited, "rate_limited", sender=sender, user=self.auth_user)
+            return
         self._tx = _Transaction(sender=sender, options=options, smtputf8=smtputf8)
         await self.reply(replies.SENDER_OK)
 
@@ -828,6 +834,11 @@ class SmtpSession(SMTP):
                 await self._reject(refusal.reply, refusal.reason, recipient=mailbox.address,
                                    next_hop_reply=refusal.detail or None)
                 return
+        limited = self._rate_limited("recipients", tx.sender)
+        if limited is not None:
+            await self._reject(limited, "rate_limited", recipient=mailbox.address,
+                               user=self.auth_user)
+            return
         tx.recipients.append(mailbox.address)
         tx.rcpt_options.append(options)
         tx.commands += 1  # refused RCPTs stay charged: address probing is what to stop
@@ -842,6 +853,16 @@ class SmtpSession(SMTP):
         if self._trusted is None:
             self._trusted = self.rules.is_trusted(self.client_ip)
         return self._trusted
+
+    def _rate_limited(self, kind: Kind, sender: str) -> Reply | None:
+        """The 450 4.7.1 if this MAIL or RCPT is over a rate limit, else None (and
+        counted).  Checked last, so that only what would be accepted is counted."""
+        limiter = self.ctx.limiter
+        if limiter is None:
+            return None
+        client = Client(self.listener.name, self.listener.role, self.client_ip,
+                        self.auth_user, self._trusted_client())
+        return limiter.check(client, kind, sender)
 
     def _recipient(self, path: str) -> Mailbox:
         # RFC 5321 §4.5.1: "<Postmaster>" without a domain must be accepted; it

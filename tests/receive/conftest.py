@@ -1,6 +1,6 @@
 """Fixtures: real SMTP listeners on 127.0.0.1 with a real spool, and raw clients.
 
-``start_gateway(**overrides)`` starts :func:`gateway.receive.start_listeners`
+``start_gateway(clock=..., **overrides)`` starts :func:`gateway.receive.start_listeners`
 with a ``Runner`` spooling into a temporary directory (fsync off: durability is
 not what these tests are about) and closes everything at the end of the test.
 TLS uses a throw-away self-signed certificate for ``localhost``/127.0.0.1 made
@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -75,13 +76,13 @@ async def start_gateway(
 ) -> AsyncIterator[StartGateway]:
     started: list[Gateway] = []
 
-    async def start(**overrides: Any) -> Gateway:
+    async def start(clock: Callable[[], float] = time.time, **overrides: Any) -> Gateway:
         (tmp_path / "passwd").write_text(passwd_line)
         cfg = Config.model_validate(merge(base_config(tmp_path, tls_files), overrides))
         spool = Spool(tmp_path / f"spool{len(started)}", fsync=False)
         accepted: list[str] = []
         runner = Runner(spool, on_queued=accepted.append)
-        gw = Gateway(cfg, spool, await start_listeners(cfg, runner), accepted)
+        gw = Gateway(cfg, spool, await start_listeners(cfg, runner, clock=clock), accepted)
         started.append(gw)
         return gw
 

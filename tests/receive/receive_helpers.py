@@ -114,6 +114,19 @@ StartGateway = Callable[..., Awaitable[Gateway]]
 Connect = Callable[..., Awaitable[RawClient]]  # the ``raw`` fixture
 
 
+async def tls_session(gw: Gateway, raw: Connect, tls_files: TlsFiles,
+                      listener: str = "submission") -> RawClient:
+    """A raw client on ``listener`` after banner, EHLO, STARTTLS and EHLO again."""
+    c: RawClient = await raw(gw.port(listener))
+    await c.line()
+    await c.cmd("EHLO client.example")
+    assert (await c.cmd("STARTTLS")).startswith("220 ")
+    await c.start_tls(tls_files.client_context())
+    c.send(b"EHLO client.example\r\n")
+    await c.reply()
+    return c
+
+
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in extra.items():

@@ -20,6 +20,7 @@ from receive_helpers import (
     RawClient,
     StartGateway,
     TlsFiles,
+    tls_session,
 )
 
 from gateway.errors import ConfigError
@@ -40,21 +41,10 @@ async def _submission(start_gateway: StartGateway) -> Gateway:
     return await start_gateway(listeners=[SUBMISSION, IMPLICIT])
 
 
-async def _tls_session(gw: Gateway, raw: Connect, tls_files: TlsFiles) -> RawClient:
-    c: RawClient = await raw(gw.port("submission"))
-    await c.line()
-    await c.cmd("EHLO client.example")
-    assert (await c.cmd("STARTTLS")).startswith("220 ")
-    await c.start_tls(tls_files.client_context())
-    c.send(b"EHLO client.example\r\n")
-    await c.reply()
-    return c
-
-
 async def test_submission_mail_before_auth_is_530_5_7_0(start_gateway: StartGateway, raw: Connect,
                                                         tls_files: TlsFiles) -> None:
     gw = await _submission(start_gateway)
-    c = await _tls_session(gw, raw, tls_files)
+    c = await tls_session(gw, raw, tls_files)
     assert await c.cmd("MAIL FROM:<alice@local.example>") == "530 5.7.0 Authentication required"
     assert await c.cmd("RCPT TO:<x@ext.example>") == "530 5.7.0 Authentication required"
 
@@ -94,7 +84,7 @@ async def test_submission_auth_plain_then_relay_with_esmtpsa(
 async def test_auth_login_with_challenges(start_gateway: StartGateway, raw: Connect,
                                           tls_files: TlsFiles) -> None:
     gw = await _submission(start_gateway)
-    c = await _tls_session(gw, raw, tls_files)
+    c = await tls_session(gw, raw, tls_files)
     assert await c.cmd("AUTH LOGIN") == f"334 {_b64('Username:')}"
     assert await c.cmd(_b64(USER)) == f"334 {_b64('Password:')}"
     assert await c.cmd(_b64(PASSWORD)) == "235 2.7.0 Authentication successful"
@@ -106,7 +96,7 @@ async def test_auth_plain_with_empty_challenge_and_cancel(
     start_gateway: StartGateway, raw: Connect, tls_files: TlsFiles
 ) -> None:
     gw = await _submission(start_gateway)
-    c = await _tls_session(gw, raw, tls_files)
+    c = await tls_session(gw, raw, tls_files)
     assert await c.cmd("AUTH PLAIN") == "334 "
     assert (await c.cmd("*")).startswith("501 ")  # RFC 4954 §4: the client cancels
     assert await c.cmd("AUTH PLAIN") == "334 "
@@ -117,7 +107,7 @@ async def test_wrong_password_and_unknown_user_get_the_same_535(
     start_gateway: StartGateway, raw: Connect, tls_files: TlsFiles
 ) -> None:
     gw = await _submission(start_gateway)
-    c = await _tls_session(gw, raw, tls_files)
+    c = await tls_session(gw, raw, tls_files)
     wrong = await c.cmd(f"AUTH PLAIN {_b64(chr(0) + USER + chr(0) + 'nope')}")
     unknown = await c.cmd(f"AUTH PLAIN {_b64(chr(0) + 'mallory@x' + chr(0) + PASSWORD)}")
     assert wrong == unknown == "535 5.7.8 Authentication credentials invalid"
@@ -127,7 +117,7 @@ async def test_too_many_auth_failures_get_421_and_close(
     start_gateway: StartGateway, raw: Connect, tls_files: TlsFiles
 ) -> None:
     gw = await _submission(start_gateway)
-    c = await _tls_session(gw, raw, tls_files)
+    c = await tls_session(gw, raw, tls_files)
     bad = f"AUTH PLAIN {_b64(chr(0) + USER + chr(0) + 'guess')}"
     assert (await c.cmd(bad)).startswith("535 ")
     assert (await c.cmd(bad)).startswith("535 ")
@@ -139,7 +129,7 @@ async def test_authzid_other_than_the_user_is_refused(
     start_gateway: StartGateway, raw: Connect, tls_files: TlsFiles
 ) -> None:
     gw = await _submission(start_gateway)
-    c = await _tls_session(gw, raw, tls_files)
+    c = await tls_session(gw, raw, tls_files)
     blob = _b64(f"bob@local.example\0{USER}\0{PASSWORD}")
     assert (await c.cmd(f"AUTH PLAIN {blob}")).startswith("501 5.5.2 ")
 
@@ -205,7 +195,7 @@ async def test_passwd_file_change_is_picked_up_without_restart(
     passwd = tmp_path / "passwd"
     carol = f"carol@local.example:{hash_password('pw2', CHEAP_HASHER)}\n"
     passwd.write_text(passwd.read_text() + carol)
-    c = await _tls_session(gw, raw, tls_files)
+    c = await tls_session(gw, raw, tls_files)
     blob = _b64("\0carol@local.example\0pw2")
     assert await c.cmd(f"AUTH PLAIN {blob}") == "235 2.7.0 Authentication successful"
 

@@ -1,0 +1,151 @@
+"""The rate-limit counters, shared by every worker process: ``DATA_DIR/ratelimit.db``.
+
+One SQLite file in WAL mode, one row per counter (rule, kind, key) holding its
+sliding-window state (:class:`gateway.receive.rate_limits.Window`).  A MAIL or RCPT
+charges its counters in one ``BEGIN IMMEDIATE`` transaction, so two workers cannot both
+take the last message of a limit.  ``synchronous=NORMAL``: a commit is not fsynced
+(WAL), a power cut may lose the last counts, which only lets a client send a little
+more; a counter is not worth a disk flush on every submission.
+
+If the file cannot be used (disk full, permissions), mail is not refused: the limit is
+a guard against abuse, not a reason to stop every user; the error is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway import log
+from gateway.receive.rate_limits import Charge, Refused, Window, advance, charge, estimate
+
+FILE_NAME = "ratelimit.db"
+BUSY_TIMEOUT_MS = 2000
+PURGE_EVERY = 1000  # takes between two deletions of counters idle for two windows
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS counters (
+    rule TEXT NOT NULL, kind TEXT NOT NULL, key TEXT NOT NULL,
+    key_type TEXT NOT NULL, lim INTEGER NOT NULL, window REAL NOT NULL,
+    start REAL NOT NULL, current INTEGER NOT NULL, previous INTEGER NOT NULL,
+    warned REAL NOT NULL,
+    PRIMARY KEY (rule, kind, key)
+) WITHOUT ROWID
+"""
+_SELECT = ("SELECT window, start, current, previous, warned FROM counters "
+           "WHERE rule = ? AND kind = ? AND key = ?")
+_UPSERT = ("INSERT OR REPLACE INTO counters (rule, kind, key, key_type, lim, window, start, "
+           "current, previous, warned) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+
+
+@dataclass(frozen=True, slots=True)
+class CounterRow:
+    """One counter as ``coffer ratelimit list`` shows it."""
+
+    rule: str
+    kind: str
+    key_type: str
+    key: str
+    limit: int
+    window: float
+    count: float
+
+
+class RateStore:
+    """The SQLite counters; the connection is opened at first use (after a fork)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+        self._takes = 0
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                 timeout=BUSY_TIMEOUT_MS / 1000)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute(_SCHEMA)
+            self._db = db
+        return self._db
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def take(self, now: float, charges: list[Charge]) -> Refused | None:
+        try:
+            with self._lock:
+                return self._take(self._conn(), now, charges)
+        except sqlite3.Error as exc:
+            log.event("rate_limit_store_error", logging.ERROR, file=str(self.path),
+                      error=f"{type(exc).__name__}: {exc}")
+            return None
+
+    def _take(self, db: sqlite3.Connection, now: float,
+              charges: list[Charge]) -> Refused | None:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            updates = []
+            for c in charges:
+                out = charge(self._window(db, c), c, now)
+                if out.over:
+                    if out.first_refusal:  # remember the warning, count nothing
+                        db.execute(_UPSERT, _row(c, out.window))
+                    db.execute("COMMIT")
+                    return Refused(c, out.count, out.first_refusal)
+                updates.append(_row(c, out.window))
+            db.executemany(_UPSERT, updates)
+            self._takes += 1
+            if self._takes % PURGE_EVERY == 0:
+                db.execute("DELETE FROM counters WHERE start + 2 * window <= ?", (now,))
+            db.execute("COMMIT")
+            return None
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    @staticmethod
+    def _window(db: sqlite3.Connection, c: Charge) -> Window:
+        row = db.execute(_SELECT, (c.rule, c.kind, c.key)).fetchone()
+        if row is None or row[0] != c.window:  # new, or the rule's window changed
+            return Window()
+        return Window(start=row[1], current=row[2], previous=row[3], warned=row[4])
+
+    def counters(self, now: float) -> list[CounterRow]:
+        """Every counter with something in its sliding window at ``now``."""
+        with self._lock:
+            rows = self._conn().execute(
+                "SELECT rule, kind, key, key_type, lim, window, start, current, previous, "
+                "warned FROM counters ORDER BY rule, kind, key").fetchall()
+        out = []
+        for rule, kind, key, key_type, lim, window, start, cur, prev, warned in rows:
+            w = advance(Window(start, cur, prev, warned), now, window)
+            count = estimate(w, now, window)
+            if count > 0:
+                out.append(CounterRow(rule, kind, key_type, key, lim, window, count))
+        return out
+
+    def reset(self, key: str, rule: str | None = None) -> int:
+        """Forget the counters of ``key`` (of every rule, or of ``rule``): how many."""
+        with self._lock:
+            db = self._conn()
+            if rule is None:
+                cur = db.execute("DELETE FROM counters WHERE key = ?", (key,))
+            else:
+                cur = db.execute("DELETE FROM counters WHERE key = ? AND rule = ?", (key, rule))
+            return cur.rowcount
+
+
+def _row(c: Charge, w: Window) -> tuple[object, ...]:
+    return (c.rule, c.kind, c.key, c.key_type, c.limit, c.window, w.start, w.current,
+            w.previous, w.warned)
+
+
+def open_store(data_dir: Path) -> RateStore:
+    return RateStore(data_dir / FILE_NAME)
