@@ -941,6 +941,8 @@ class Supervisor:
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1,
                             signal.SIGCHLD):
                     signal.signal(sig, signal.SIG_DFL)
+                # The workers write to one log: each line says which one wrote it.
+                log.bind_process(worker=index)
                 rc = _run_async(serve_process(
                     self.cfg_path, self.cfg, worker_index=index, reuse_port=True,
                     drain_timeout=self.drain_timeout, parent_pid=os.getppid(),
