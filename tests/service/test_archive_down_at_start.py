@@ -32,6 +32,15 @@ def node_config(path: Path, port: int, sink: Sink, extra: str, *, metrics_port: 
         workers=workers, extra="archive:\n  health_probe: 0.3s\n" + extra)
 
 
+def imap_node_config(path: Path, port: int, sink: Sink, database: str, *, imap_port: int,
+                     metrics_port: int) -> Path:
+    """A node archiving to ``database`` that serves the archive over IMAP on loopback."""
+    return node_config(path, port, sink,
+                       f"  database: {database}\n"
+                       f'imap:\n  address: "127.0.0.1:{imap_port}"\n'
+                       "  allow_plaintext_loopback: true\n", metrics_port=metrics_port)
+
+
 def mail_reply(port: int) -> tuple[int, str]:
     """EHLO must succeed; then the reply to MAIL FROM, as "code text"."""
     with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
@@ -83,10 +92,8 @@ def test_postgresql_down_at_start_listens_refuses_then_delivers_the_spool_once_a
     procs.append(sink.start())
     port, metrics_port, imap_port = free_port(), free_port(), free_port()
     url = private_pg.url
-    cfg = node_config(tmp_path / "coffer.yaml", port, sink,
-                      f"  database: {url}\n"
-                      f'imap:\n  address: "127.0.0.1:{imap_port}"\n'
-                      "  allow_plaintext_loopback: true\n", metrics_port=metrics_port)
+    cfg = imap_node_config(tmp_path / "coffer.yaml", port, sink, url, imap_port=imap_port,
+                           metrics_port=metrics_port)
 
     # Mail that is in the spool, not yet archived, when the node starts: accepted while
     # the database went away under a running node (test_archive_outage), which then stops.

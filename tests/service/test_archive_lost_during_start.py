@@ -17,7 +17,11 @@ from pg_cut import PgCut
 from private_pg import *  # noqa: F403 - fixture: private_pg
 from private_pg import PrivatePostgres
 from svcproc import Gateway, Sink, free_port, port_open, wait_for
-from test_archive_down_at_start import assert_waiting_for_the_archive, node_config
+from test_archive_down_at_start import (
+    assert_waiting_for_the_archive,
+    imap_node_config,
+    node_config,
+)
 
 
 @pytest.fixture
@@ -33,10 +37,8 @@ def test_postgresql_lost_while_the_archive_starts_keeps_smtp_and_finishes_at_the
     sink = Sink(free_port(), tmp_path / "sink.jsonl")
     procs.append(sink.start())
     port, metrics_port, imap_port = free_port(), free_port(), free_port()
-    cfg = node_config(tmp_path / "coffer.yaml", port, sink,
-                      f"  database: {fts_cut.url}\n"
-                      f'imap:\n  address: "127.0.0.1:{imap_port}"\n'
-                      "  allow_plaintext_loopback: true\n", metrics_port=metrics_port)
+    cfg = imap_node_config(tmp_path / "coffer.yaml", port, sink, fts_cut.url,
+                           imap_port=imap_port, metrics_port=metrics_port)
     gw = Gateway(cfg, port, tmp_path / "coffer.log")
     procs.append(gw.start())
     gw.wait_event("started")
