@@ -400,6 +400,9 @@ async def index_loop(stage: ArchiveStage, cfg: Config, idle: float = 1.0, *,
             else:
                 log.event("index_failed", level=logging.ERROR, error=describe(exc))
             await asyncio.sleep(max(idle, cfg.archive.health_probe))
+    # The last of the start-up's database work in this process (with the catch-up's
+    # line on worker 0): a database lost after this is an outage at run time.
+    log.event("index_opened", index=index.name)
     indexer = _StageIndexer(stage, index,
                             lock=cfg.data_dir / INDEX_LOCK if workers > 1 else None,
                             leftovers=worker_index == 0)
@@ -459,6 +462,8 @@ async def catch_up_at_start(stage: ArchiveStage) -> bool:
                   audit_events=res.audit_events, holds=res.holds,
                   hold_releases=res.hold_releases,
                   shredded=res.shredded, links=res.links, warnings=res.warnings[:20])
+    else:
+        log.event("archive_catch_up_done", checked=res.checked, since=res.since)
     return True
 
 

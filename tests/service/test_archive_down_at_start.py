@@ -100,6 +100,10 @@ def test_postgresql_down_at_start_listens_refuses_then_delivers_the_spool_once_a
     first = Gateway(cfg, port, tmp_path / "first.log")
     procs.append(first.start())
     first.wait_event("started")  # IMAP too has opened what it needs from the database
+    # And the background start-up (catch-up, index) is done: a database lost during it
+    # would be noticed at once (test_archive_lost_during_start), before any mail.
+    first.wait_event("archive_catch_up_done")
+    first.wait_event("index_opened")
     private_pg.stop()
     spooled: list[str] = []
     while True:
