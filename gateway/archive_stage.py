@@ -412,9 +412,11 @@ class ArchivePending:
     name = "archive"
     once = True
 
-    def __init__(self, cfg: Config, reason: str) -> None:
+    def __init__(self, cfg: Config, reason: str, health: BackendHealth | None = None) -> None:
         self.cfg = cfg  # the archive keys a restart alone changes (service.restart_required)
-        self.health = BackendHealth()
+        # ``health``: the flag of a stage that opened and lost its backend before the
+        # start-up was complete (service.Service._start_archive); the runner reads it.
+        self.health = health or BackendHealth()
         self.health.mark_down(reason)
 
     async def run(self, ctx: MessageContext) -> StageResult:

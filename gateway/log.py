@@ -44,6 +44,16 @@ _C_ENCODER: Any = (
         _ENCODER.skipkeys, _ENCODER.allow_nan))
 
 
+# Fields every line of this process carries, after "event" and before the event's own
+# (a worker process's index: with several workers their lines interleave in one file).
+_PROCESS_FIELDS: dict[str, Any] = {}
+
+
+def bind_process(**fields: Any) -> None:
+    """Add ``fields`` to every later line of this process (e.g. ``worker=1``)."""
+    _PROCESS_FIELDS.update(fields)
+
+
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         obj: dict[str, Any] = {
@@ -51,6 +61,7 @@ class _JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "event": record.getMessage(),
         }
+        obj.update(_PROCESS_FIELDS)
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
             obj.update(fields)
@@ -68,6 +79,8 @@ def _json_line(created: float, level: int, name: str, fields: dict[str, Any]) ->
         "level": logging.getLevelName(level).lower(),
         "event": name,
     }
+    if _PROCESS_FIELDS:
+        obj.update(_PROCESS_FIELDS)
     obj.update(fields)
     if _C_ENCODER is None:
         return _ENCODER.encode(obj)
@@ -81,7 +94,7 @@ def _json_line(created: float, level: int, name: str, fields: dict[str, Any]) ->
 class _TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        fields = getattr(record, "fields", None) or {}
+        fields = {**_PROCESS_FIELDS, **(getattr(record, "fields", None) or {})}
         kv = " ".join(f"{k}={json.dumps(v, ensure_ascii=False, default=str)}"
                       for k, v in fields.items())
         line = f"{stamp} {record.levelname.lower()} {record.getMessage()} {kv}".rstrip()

@@ -99,9 +99,13 @@ def apply(ctx: MessageContext, stage: str, result: StageResult) -> None:
         )
         ctx.data = prefix + ctx.data
     if result.recipients is not None:
-        # Per-recipient options (RFC 3461 NOTIFY, ORCPT) belonged to the old recipients.
+        # RFC 3461 §4.1, §4.2: NOTIFY and ORCPT belong to the recipient they were given
+        # for, so they stay with each recipient that is still in the new list.  A
+        # recipient a stage adds never asked for anything: it gets none (the §4.1
+        # default applies to it: a notice on failure only).
+        kept = ctx.envelope.options_by_recipient()
         ctx.envelope.rcpt_to = list(result.recipients)
-        ctx.envelope.rcpt_options = [[] for _ in result.recipients]
+        ctx.envelope.rcpt_options = [list(kept.get(r, [])) for r in result.recipients]
     if result.extra_recipients:
         known = {r.lower() for r in ctx.envelope.rcpt_to}
         for rcpt in result.extra_recipients:

@@ -395,9 +395,18 @@ async def index_loop(stage: ArchiveStage, cfg: Config, idle: float = 1.0, *,
         try:
             index = await asyncio.to_thread(location_from_config(cfg).open_index, stage.meta)
             break
-        except Exception as exc:  # the database is down: the archive stage defers meanwhile
-            log.event("index_failed", level=logging.ERROR, error=describe(exc))
+        except Exception as exc:
+            if backend_unavailable(exc):
+                # The database went away during the start-up: an outage like one at run
+                # time (one archive_backend_down line, 451 at MAIL), over at the first
+                # probe that finds it again; this loop opens the index once it is back.
+                stage.health.mark_down(describe(exc))
+            else:
+                log.event("index_failed", level=logging.ERROR, error=describe(exc))
             await asyncio.sleep(max(idle, cfg.archive.health_probe))
+    # The last of the start-up's database work in this process (with the catch-up's
+    # line on worker 0): a database lost after this is an outage at run time.
+    log.event("index_opened", index=index.name)
     indexer = _StageIndexer(stage, index,
                             lock=cfg.data_dir / INDEX_LOCK if workers > 1 else None,
                             leftovers=worker_index == 0)
@@ -426,10 +435,13 @@ async def index_loop(stage: ArchiveStage, cfg: Config, idle: float = 1.0, *,
         index.close()
 
 
-async def catch_up_at_start(stage: ArchiveStage) -> None:
+async def catch_up_at_start(stage: ArchiveStage) -> bool:
     """Restore the metadata rows of ledger messages the database lost (a power loss
     takes its newest transactions), looking at the ledger tail only
-    (reports.rebuild.catch_up, tail_start).  One log line when it restored anything."""
+    (reports.rebuild.catch_up, tail_start).  One log line when it restored anything.
+
+    False when the database could not be reached: the backend is then marked down,
+    like an outage at run time, and the caller runs this again once it is back."""
     from reports.rebuild import audit_catch_up, catch_up, tail_start
 
     def run() -> Any:
@@ -441,15 +453,22 @@ async def catch_up_at_start(stage: ArchiveStage) -> None:
 
     try:
         res = await asyncio.to_thread(run)
-    except Exception as exc:  # the database is down: `coffer archive rebuild --missing`
+    except Exception as exc:
+        if backend_unavailable(exc):
+            stage.health.mark_down(describe(exc))
+            return False
+        # Not an outage: the operator's tool is `coffer archive rebuild --missing`.
         log.event("archive_catch_up_failed", level=logging.ERROR, error=describe(exc))
-        return
+        return True
     if res.restored or res.audit_events or res.holds or res.hold_releases or res.warnings:
         log.event("archive_caught_up", level=logging.WARNING, restored=res.restored,
                   checked=res.checked, since=res.since, receipts=res.receipts,
                   audit_events=res.audit_events, holds=res.holds,
                   hold_releases=res.hold_releases,
                   shredded=res.shredded, links=res.links, warnings=res.warnings[:20])
+    else:
+        log.event("archive_catch_up_done", checked=res.checked, since=res.since)
+    return True
 
 
 def close_stages(stages: list[Stage]) -> None:
@@ -482,6 +501,7 @@ class Service:
     _health_task: asyncio.Task[None] | None = field(default=None, init=False)
     _seal_task: asyncio.Task[None] | None = field(default=None, init=False)
     _catch_up_task: asyncio.Task[None] | None = field(default=None, init=False)
+    _catch_up_owed: bool = field(default=False, init=False)  # the database was down for it
     _imap: EmbeddedImap | None = field(default=None, init=False)
     _bg: set[asyncio.Task[None]] = field(default_factory=set, init=False)
 
@@ -515,15 +535,13 @@ class Service:
         if cfg.policy is not None:
             self._policy_task = asyncio.create_task(
                 watch_policy(self.policy, lambda: self.cfg), name="policy-watch")
+        if archive is not None:
+            slot = await self._start_archive(archive)
         self._archive_rejected(cfg)
         if slot is not None:
             self._health_task = asyncio.create_task(
                 self._watch_archive(slot), name="archive-health")
-        if archive is not None:
-            self._start_archive_jobs(archive)
         self._listeners = await start_listeners(cfg, self.runner, reuse_port=self.reuse_port)
-        if archive is not None:
-            await self._start_imap(archive)
         if cfg.metrics.address is not None:
             self._metrics = MetricsServer(cfg.metrics.address, self.worker_index)
             host, port = self._metrics.start()
@@ -585,6 +603,32 @@ class Service:
         return next((st for st in self._after_stages
                      if isinstance(st, ArchiveStage | ArchivePending)), None)
 
+    async def _start_archive(self, stage: ArchiveStage) -> ArchiveStage | ArchivePending:
+        """The rest of the start-up of an archive that opened: its IMAP server (which
+        creates the full-text table), then the background jobs.  A backend that goes
+        away meanwhile is an outage like one at run time, not a reason to stop: the
+        archive is closed and left pending under the same health flag (SMTP answers
+        451 at MAIL), and the first probe that opens it again finishes the start-up
+        (_open_pending).  A backend that answers and refuses us still stops the start."""
+        try:
+            await self._start_imap(stage)
+        except Exception as exc:
+            if not unavailable_at_start(exc):
+                raise
+            with contextlib.suppress(Exception):  # what it holds is gone with the backend
+                await stage.close()
+            pending = ArchivePending(self.cfg, describe(exc), health=stage.health)
+            self._put_stage(stage, pending)
+            return pending
+        self._start_archive_jobs(stage)
+        return stage
+
+    def _put_stage(self, old: Stage, new: Stage) -> None:
+        """``new`` in the place of ``old`` among the after-queue stages, the worker's too."""
+        self._after_stages[self._after_stages.index(old)] = new
+        if self._worker is not None:
+            self._worker.stages = [new if st is old else st for st in self._worker.stages]
+
     def _start_archive_jobs(self, archive: ArchiveStage) -> None:
         """What needs an open archive, in the background: at start, or once a backend
         that was down at start answers (_open_pending)."""
@@ -594,13 +638,20 @@ class Service:
             self._seal_task = asyncio.create_task(self._seal_loop(archive), name="ledger-seal")
             # The rows a power loss took from the metadata database, in the background:
             # mail flows meanwhile (the receipts lock keeps both from writing one twice).
-            self._catch_up_task = asyncio.create_task(catch_up_at_start(archive),
-                                                      name="archive-catch-up")
+            self._start_catch_up(archive)
         # One indexer per worker, each for what it archived; one writer at a time
         # across the cluster (index_loop).
         self._indexer_task = asyncio.create_task(
             index_loop(archive, cfg, worker_index=self.worker_index,
                        workers=cfg.queue.workers), name="archive-indexer")
+
+    def _start_catch_up(self, archive: ArchiveStage) -> None:
+        self._catch_up_owed = False
+
+        async def catch_up() -> None:
+            self._catch_up_owed = not await catch_up_at_start(archive)
+
+        self._catch_up_task = asyncio.create_task(catch_up(), name="archive-catch-up")
 
     async def _start_imap(self, archive: ArchiveStage) -> None:
         if self.cfg.imap.enabled and self.worker_index == 0:
@@ -654,6 +705,8 @@ class Service:
                     stage.health.mark_down(describe(exc))
                     continue
             if stage.health.mark_up():
+                if self._catch_up_owed:  # the database went away during the catch-up
+                    self._start_catch_up(stage)
                 loop = asyncio.get_running_loop()
                 qids = await loop.run_in_executor(self._executor, _retry_deferred_by_archive,
                                                   self.spool, time.time())
@@ -687,9 +740,7 @@ class Service:
             # say that the archive's IMAP access needs a restart.
             log.event("imap_unavailable", level=logging.ERROR, error=describe(exc))
         # The worker sees the real stage before the health flag lets new mail in.
-        self._after_stages[self._after_stages.index(pending)] = stage
-        if self._worker is not None:
-            self._worker.stages = [stage if st is pending else st for st in self._worker.stages]
+        self._put_stage(pending, stage)
         self._archive_rejected(self.cfg)
         self._start_archive_jobs(stage)
         return stage
@@ -945,6 +996,8 @@ class Supervisor:
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1,
                             signal.SIGCHLD):
                     signal.signal(sig, signal.SIG_DFL)
+                # The workers write to one log: each line says which one wrote it.
+                log.bind_process(worker=index)
                 rc = _run_async(serve_process(
                     self.cfg_path, self.cfg, worker_index=index, reuse_port=True,
                     drain_timeout=self.drain_timeout, parent_pid=os.getppid(),

@@ -45,6 +45,32 @@ def test_text_format_keeps_its_fields(log_file: Path, tmp_path: Path) -> None:
     assert path.read_text().split(" ", 1)[1] == 'info done qid="Q1" attempts=1\n'
 
 
+@pytest.fixture
+def worker_one() -> Iterator[None]:
+    saved = dict(log._PROCESS_FIELDS)
+    log.bind_process(worker=1)
+    yield
+    log._PROCESS_FIELDS.clear()
+    log._PROCESS_FIELDS.update(saved)
+
+
+@pytest.mark.usefixtures("worker_one")
+def test_a_worker_process_names_itself_on_every_line(log_file: Path, tmp_path: Path) -> None:
+    log.event("archive_backend_down", error="refused")  # the direct path
+    log.LOGGER.addHandler(logging.NullHandler())  # now through the formatter
+    log.event("delivery", qid="Q1")
+    log.LOGGER.warning("plain")
+    first, second, third = (json.loads(line) for line in log_file.read_text().splitlines())
+    assert list(first) == ["ts", "level", "event", "worker", "error"]
+    assert first["worker"] == second["worker"] == third["worker"] == 1
+    assert second["qid"] == "Q1" and third["event"] == "plain"
+    path = tmp_path / "text.log"
+    log.LOGGER.handlers[0].close()
+    log.setup(fmt="text", file=path)
+    log.event("done", qid="Q1")
+    assert path.read_text().split(" ", 1)[1] == 'info done worker=1 qid="Q1"\n'
+
+
 def test_below_level_is_not_written(log_file: Path) -> None:
     log.event("noise", level=logging.DEBUG, x=1)
     assert log_file.read_text() == ""

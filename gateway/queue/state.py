@@ -39,6 +39,30 @@ class RecipientState:
     delay_warned: bool = False  # a "delayed" notice was sent (queue.delay_warning): once
 
 
+class NoticeState(StrEnum):
+    """Where a notice (DSN) about the message stands, by its own queue id.
+
+    A notice is recorded ``spooling`` (with the queue id it will have) before it is
+    written to the spool, and ``spooled`` or ``refused`` after: it counts as sent
+    only once it is durable, and one the spool refused is made again.  A ``spooling``
+    left by a crash is settled from the spool: still there, ``spooled``; gone,
+    ``unconfirmed`` (spooled and already sent, or never written): never made again,
+    as a lost notice is preferred to a duplicate.
+    """
+
+    SPOOLING = "spooling"
+    SPOOLED = "spooled"
+    REFUSED = "refused"
+    UNCONFIRMED = "unconfirmed"
+
+
+@dataclass(slots=True)
+class Notice:
+    kind: str  # "failure", "success" or "delay"
+    rcpts: list[str]
+    state: NoticeState
+
+
 @dataclass(slots=True)
 class QueueState:
     recipients: dict[str, RecipientState]
@@ -59,6 +83,17 @@ class QueueState:
     # decision is not applied again, the message goes on to delivery.  (Releasing a
     # message held for a stage error only retries it: decisions still apply.)
     released: bool = False
+    notices: dict[str, Notice] = field(default_factory=dict)  # by the notice's queue id
+
+    @property
+    def unsettled_notices(self) -> list[str]:
+        """Notices recorded as being spooled, with no outcome: a crash in between."""
+        return [q for q, n in self.notices.items() if n.state is NoticeState.SPOOLING]
+
+    def notice_made(self, kind: str) -> bool:
+        """Whether a notice of this kind was made (or may have been): not again."""
+        return any(n.kind == kind and n.state is not NoticeState.REFUSED
+                   for n in self.notices.values())
 
     @property
     def pending(self) -> list[str]:
@@ -94,10 +129,12 @@ def fold(recipients: list[str], events: list[dict[str, Any]]) -> QueueState:
             rs.updated_at = at
             rs.notice = ev.get("notice", "")
             rs.remote = ev.get("remote", "")
-        elif kind == "delay_notice":
+        elif kind == "delay_notice":  # written before the notice records (older spools)
             for addr in ev.get("rcpts", []):
                 if addr in st.recipients:
                     st.recipients[addr].delay_warned = True
+        elif kind == "notice":
+            _fold_notice(st, ev)
         elif kind == "attempt":
             st.attempts = int(ev.get("attempts", st.attempts + 1))
             st.next_attempt_at = float(ev.get("next_at", 0.0))
@@ -119,7 +156,25 @@ def fold(recipients: list[str], events: list[dict[str, Any]]) -> QueueState:
             st.held = False
         elif kind == "deleted":
             st.deleted = True
+    for notice in st.notices.values():
+        if notice.kind == "delay" and notice.state is not NoticeState.REFUSED:
+            for addr in notice.rcpts:
+                if addr in st.recipients:
+                    st.recipients[addr].delay_warned = True
     return st
+
+
+def _fold_notice(st: QueueState, ev: dict[str, Any]) -> None:
+    dsn_qid = str(ev.get("dsn_qid", ""))
+    try:
+        state = NoticeState(ev.get("state", ""))
+    except ValueError:
+        return  # not a state this version knows: ignored like a torn line
+    known = st.notices.get(dsn_qid)
+    if known is None:
+        st.notices[dsn_qid] = Notice(str(ev.get("kind", "")), list(ev.get("rcpts", [])), state)
+    else:
+        known.state = state
 
 
 def parse_events(raw: bytes) -> list[dict[str, Any]]:

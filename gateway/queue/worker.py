@@ -37,16 +37,21 @@ For each due message (not held, not locked by another process: ``Spool.claim``):
 
 3. when every recipient is final: one DSN (RFC 3464) for all bounced recipients
    is spooled as a new message from the null sender (never to the null sender),
-   then the message is removed.  If the delivery attempt itself made every
-   recipient final without a bounce, removing the message is the durable record:
-   the window in which a crash repeats the delivery is the same as with a log
-   write first, and it saves an fsync per message.
+   then the message is removed.  Each notice (failure, success, delay) is recorded
+   in the message's log with the queue id it will have before it is spooled, and
+   as spooled (or refused) after: a retry makes only the notices the spool refused,
+   and a crash in between never makes a second copy (``state.NoticeState``).  If
+   the delivery attempt itself made every recipient final without a bounce,
+   removing the message is the durable record: the window in which a crash
+   repeats the delivery is the same as with a log write first, and it saves an
+   fsync per message.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import re
 import time
@@ -64,9 +69,10 @@ from gateway.errors import SpoolError
 from gateway.offload import in_thread
 from gateway.pipeline import Action, MessageContext, Stage, apply
 from gateway.queue import scheduler
-from gateway.queue.spool import Spool, SpooledMessage, store_from_loop
+from gateway.queue.spool import Spool, SpooledMessage, new_queue_id, store_from_loop
 from gateway.queue.state import (
     FINAL_STATUSES,
+    NoticeState,
     QueueState,
     RcptStatus,
     RecipientState,
@@ -376,6 +382,8 @@ class QueueWorker:
         now = self.clock()
         if st.next_attempt_at > now:
             return  # not due: a stale notification, or another process deferred it
+        if st.unsettled_notices:
+            await self._settle_notices(msg, st)
         if st.finished:
             # Every recipient is final but the message is still here: a crash
             # between the last record and the removal.  Finish it.
@@ -615,10 +623,12 @@ class QueueWorker:
                            "error": first_error})
             st.attempts, st.next_attempt_at, st.last_error = attempts, next_at, first_error
         delayed = self._delay_due(msg, st, arrived, now) if first_error else []
+        delay_notice: dict[str, Any] = {}
         if delayed:
-            # Recorded with the attempt, before the notice is spooled: a crash in
-            # between loses one warning rather than sending it twice.
-            events.append({"ev": "delay_notice", "rcpts": [r.address for r in delayed]})
+            # Recorded with the attempt (no fsync of its own), as being spooled: see
+            # NoticeState for what a crash before the outcome's record leaves.
+            delay_notice = self._notice_event("delay", [r.address for r in delayed], now)
+            events.append(delay_notice)
             for r in delayed:
                 r.delay_warned = True
 
@@ -641,7 +651,7 @@ class QueueWorker:
         self._log_attempt(msg, mid, attempts, events)
         if delayed:
             requests = recipient_requests(msg.envelope)
-            await self._send_notice(msg, [
+            outcome = await self._spool_notice(msg, delay_notice, [
                 ReportedRecipient(
                     r.address, r.reply, remote.get(r.address, ""), action="delayed",
                     will_retry_until=arrived + self.cfg.queue.max_age,
@@ -649,6 +659,7 @@ class QueueWorker:
                         r.address, RecipientRequest()).original_recipient)
                 for r in delayed
             ])
+            await self._io(self.spool.append_events, qid, [outcome])
         if st.finished:
             await self._finish(msg, st, remote)
 
@@ -711,35 +722,78 @@ class QueueWorker:
             log.event("dsn_suppressed", qid=qid,
                       recipients=[r.address for r in bounced + succeeded], reason="null sender")
         elif bounced or succeeded:
-            notices = []
-            if bounced:
-                notices.append([
+            # Only the notices not made yet: a retry after a refusal makes the
+            # missing one, never a second copy of one already spooled.
+            notices: list[tuple[str, list[ReportedRecipient]]] = []
+            if bounced and not st.notice_made("failure"):
+                notices.append(("failure", [
                     ReportedRecipient(
                         r.address, r.reply, remote.get(r.address, ""),
                         expired=r.reply.startswith("4"),
                         original_recipient=requests.get(
                             r.address, RecipientRequest()).original_recipient)
                     for r in bounced
-                ])
-            if succeeded:
-                notices.append([
+                ]))
+            if succeeded and not st.notice_made("success"):
+                notices.append(("success", [
                     ReportedRecipient(
                         r.address, r.reply, r.remote,
                         action="delivered" if r.notice == "delivered" else "relayed",
                         original_recipient=requests.get(
                             r.address, RecipientRequest()).original_recipient)
                     for r in succeeded
-                ])
-            for reported in notices:
-                if not await self._send_notice(msg, reported):
-                    return  # kept (every recipient is final): the next scan tries again
+                ]))
+            if notices and not await self._send_notices(msg, notices):
+                return  # kept (every recipient is final): the next scan tries again
         await self._remove(msg)
         log.event("done", qid=qid, message_id=message_id(msg.data), attempts=st.attempts)
 
-    async def _send_notice(self, msg: SpooledMessage, reported: list[ReportedRecipient]) -> bool:
-        """Spool one DSN about ``reported`` to the message's sender, from the null
-        sender (RFC 3464 §2, RFC 5321 §4.5.5).  False if the spool refused it."""
+    def _notice_event(self, kind: str, rcpts: list[str], now: float) -> dict[str, Any]:
+        """The record of a notice about to be spooled, with the queue id it will have."""
+        return {"ev": "notice", "kind": kind, "dsn_qid": new_queue_id(now), "rcpts": rcpts,
+                "state": str(NoticeState.SPOOLING)}
+
+    async def _send_notices(
+        self, msg: SpooledMessage, notices: list[tuple[str, list[ReportedRecipient]]]
+    ) -> bool:
+        """Record, spool, and record the outcome of each notice; False if any was refused.
+
+        Two fsyncs for all of them: the records before (a crash after a spool write
+        then finds the notice by its queue id, see NoticeState) and the outcomes after."""
+        now = self.clock()
+        records = [self._notice_event(kind, [r.address for r in reported], now)
+                   for kind, reported in notices]
+        await self._io(self.spool.append_events, msg.qid, records)
+        outcomes = [await self._spool_notice(msg, record, reported)
+                    for record, (_, reported) in zip(records, notices, strict=True)]
+        await self._io(self.spool.append_events, msg.qid, outcomes)
+        return all(o["state"] == NoticeState.SPOOLED for o in outcomes)
+
+    async def _settle_notices(self, msg: SpooledMessage, st: QueueState) -> None:
+        """Give each notice a crash left ``spooling`` its outcome, from the spool."""
+        events: list[dict[str, Any]] = []
+        for dsn_qid in st.unsettled_notices:
+            notice = st.notices[dsn_qid]
+            spooled = await self._io(self.spool.exists, dsn_qid)
+            notice.state = NoticeState.SPOOLED if spooled else NoticeState.UNCONFIRMED
+            events.append({"ev": "notice", "kind": notice.kind, "dsn_qid": dsn_qid,
+                           "state": str(notice.state)})
+            if not spooled:
+                # Spooled and already sent, or lost in the crash: not made again.
+                log.event("dsn_unconfirmed", level=logging.WARNING, qid=msg.qid,
+                          dsn_qid=dsn_qid, kind=notice.kind, recipients=notice.rcpts)
+        await self._io(self.spool.append_events, msg.qid, events)
+
+    async def _spool_notice(
+        self, msg: SpooledMessage, record: dict[str, Any], reported: list[ReportedRecipient]
+    ) -> dict[str, Any]:
+        """Spool one DSN about ``reported`` under the queue id ``record`` gave it, to
+        the message's sender, from the null sender (RFC 3464 §2, RFC 5321 §4.5.5).
+        The event that records the outcome: spooled, or refused by the spool."""
         qid = msg.qid
+        dsn_qid = record["dsn_qid"]
+        outcome = {"ev": "notice", "kind": record["kind"], "dsn_qid": dsn_qid,
+                   "state": str(NoticeState.SPOOLED)}
         sender = msg.envelope.mail_from
         request = message_request(msg.envelope.mail_options)
         now = self.clock()
@@ -755,12 +809,13 @@ class QueueWorker:
             mail_options=[] if sender.isascii() else ["SMTPUTF8"],
         )
         try:
-            dsn_qid = await store_from_loop(self.spool, self.executor, env, data,
-                                            {"dsn": {"of": qid}})
+            await store_from_loop(self.spool, self.executor, env, data,
+                                  {"dsn": {"of": qid}}, dsn_qid)
         except SpoolError as exc:
-            log.event("dsn_error", qid=qid, error=str(exc))
-            return False
+            log.event("dsn_error", qid=qid, dsn_qid=dsn_qid, error=str(exc))
+            outcome["state"] = str(NoticeState.REFUSED)
+            return outcome
         log.event("dsn", qid=qid, dsn_qid=dsn_qid, to=sender,
                   action=reported[0].action, recipients=[r.address for r in reported])
         self.notify(dsn_qid)
-        return True
+        return outcome

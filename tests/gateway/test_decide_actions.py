@@ -332,3 +332,32 @@ async def test_runner_spools_redirect_bcc_and_notice(tmp_path: Path, policy: Pol
     assert msg["Subject"] == "Review needed" and msg["From"] == "MAILER-DAEMON@gw.example"
     assert "<m1@outside.example>" in msg.get_content()
     assert b"in the body stays" not in notice.data
+
+
+KEEP_ONE = """
+version: 1
+rules:
+  - name: to-review
+    then: [{redirect: [bob@example.com, review@example.com]}]
+  - name: journal-all
+    then: [{bcc: journal@example.com}]
+"""
+
+
+async def test_a_redirect_keeps_the_dsn_parameters_of_the_recipients_that_remain(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(textwrap.dedent(KEEP_ONE), encoding="utf-8")
+    spool = Spool(tmp_path / "spool")
+    runner = Runner(spool, [DecideStage(load_policy(path), ["example.com"])])
+    bob = ["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;bob@example.com"]
+    env = Envelope("alice@outside.example", ["bob@example.com", "carol@example.com"],
+                   received_at=1800000000.0, rcpt_options=[bob, ["NOTIFY=NEVER"]])
+    assert (await runner.accept(env, MSG)).code == 250
+    [qid] = spool.queue_ids()
+    spooled = spool.load(qid).envelope
+    assert spooled.rcpt_to == ["bob@example.com", "review@example.com", "journal@example.com"]
+    # bob stays a recipient: what he asked for stays with him; carol's NOTIFY=NEVER
+    # went with her; the recipients the policy added asked for nothing.
+    assert spooled.rcpt_options == [bob, [], []]

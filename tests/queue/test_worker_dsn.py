@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import pytest
 import test_worker
 from nexthop import NextHop
 from queuekit import FakeClock
@@ -12,6 +14,8 @@ from reportparse import parse_report
 from test_worker import MSG, Rig
 
 from gateway.envelope import Envelope
+from gateway.queue import worker as worker_module
+from gateway.queue.spool import _FreeSpace
 
 make_rig = test_worker.make_rig  # the fixture, shared with the worker's own tests
 
@@ -238,3 +242,99 @@ async def test_no_delay_warning_by_default(
         await rig.worker.run_due()
         clock.advance(3600)
     assert rig.dsns() == []
+
+
+# -- notices are made once: recorded after the spool took them -------------------------
+
+def _spool_takes(rig: Rig, stores: int) -> list[int]:
+    """The worker's spool takes ``stores`` more messages, then is below its free-space
+    reserve (as on a full disk) until the returned counter is raised."""
+    left = [stores]
+
+    def measure(_path: Path) -> int:
+        left[0] -= 1
+        return 1 << 40 if left[0] >= 0 else 0
+
+    spool = rig.worker.spool
+    spool.min_free_bytes = 1 << 20
+    spool.free_space = _FreeSpace(spool.root, ttl=0.0, measure=measure)
+    return left
+
+
+def _notice_states(rig: Rig, qid: str) -> list[tuple[str, str]]:
+    return [(e["kind"], e["state"]) for e in rig.spool.events(qid) if e["ev"] == "notice"]
+
+
+async def test_a_notice_the_spool_refused_is_made_on_retry_and_only_that_one(
+    make_rig: Callable[..., Rig], nexthop: NextHop
+) -> None:
+    nexthop.rules = {"b@dst.test": "550 5.1.1 No such user"}
+    rig = make_rig()
+    qid = _store(rig, {"b@dst.test": [], "c@dst.test": ["NOTIFY=SUCCESS"]})
+    room = _spool_takes(rig, 1)  # the failure notice, then full for the success notice
+    await rig.worker.run_due()
+    assert len(rig.dsns()) == 1 and rig.spool.exists(qid)  # kept: a notice is owed
+    assert _notice_states(rig, qid) == [("failure", "spooling"), ("success", "spooling"),
+                                        ("failure", "spooled"), ("success", "refused")]
+    room[0] = 10
+    for _ in range(3):
+        await rig.worker.run_due()
+    assert rig.spool.queue_ids() == []
+    notices = [parse_report(m.data).top["Subject"] for m in nexthop.received if not m.mail_from]
+    assert sorted(notices) == ["Successful Mail Delivery Report",
+                               "Undelivered Mail Returned to Sender"]
+
+
+@pytest.mark.parametrize("notice_delivered_first", [False, True])
+async def test_a_crash_between_spooling_a_notice_and_recording_it_sends_it_once(
+    make_rig: Callable[..., Rig], nexthop: NextHop, monkeypatch: pytest.MonkeyPatch,
+    notice_delivered_first: bool,
+) -> None:
+    nexthop.rules = {"b@dst.test": "550 5.1.1 No such user"}
+    rig = make_rig()
+    qid = _store(rig, {"b@dst.test": []})
+    real = worker_module.store_from_loop
+
+    async def spooled_then_killed(*args: Any, **kwargs: Any) -> str:
+        await real(*args, **kwargs)
+        raise RuntimeError("killed after the notice was spooled")
+
+    monkeypatch.setattr(worker_module, "store_from_loop", spooled_then_killed)
+    await rig.worker.run_due()
+    (dsn_qid,) = rig.dsns()
+    assert rig.spool.exists(qid)  # the crash left the bounced message behind
+    monkeypatch.undo()
+    await rig.worker.stop(0)
+    rig.worker = rig.new_worker()  # the restart
+    if notice_delivered_first:
+        await rig.worker.process(dsn_qid)  # gone before the message is looked at again
+        assert not rig.spool.exists(dsn_qid)
+    for _ in range(3):
+        await rig.worker.run_due()
+    assert rig.spool.queue_ids() == []
+    assert [m.rcpt_tos for m in nexthop.received] == [["alice@src.test"]]
+
+
+async def test_a_delay_notice_the_spool_refused_is_made_at_the_next_attempt(
+    make_rig: Callable[..., Rig], nexthop: NextHop, clock: FakeClock
+) -> None:
+    nexthop.rules = {"b@dst.test": "451 4.3.0 Try later"}
+    rig = make_rig(retry_initial=300.0, retry_max=300.0, delay_warning=600.0)
+    qid = _store(rig, {"b@dst.test": []})
+    await rig.worker.run_due()
+    clock.advance(600)
+    room = _spool_takes(rig, 0)
+    await rig.worker.run_due()  # the warning is due, and the spool refuses it
+    assert rig.dsns() == []
+    assert _notice_states(rig, qid) == [("delay", "spooling"), ("delay", "refused")]
+    room[0] = 10
+    clock.advance(300)
+    await rig.worker.run_due()
+    (dsn_qid,) = rig.dsns()
+    assert parse_report(rig.spool.load(dsn_qid).data).top["Subject"] == (
+        "Delayed Mail (still being retried)")
+    assert _notice_states(rig, qid)[2:] == [("delay", "spooling"), ("delay", "spooled")]
+    rig.spool.remove(dsn_qid)
+    clock.advance(300)
+    await rig.worker.run_due()
+    assert rig.dsns() == []  # once

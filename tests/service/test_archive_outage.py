@@ -31,6 +31,9 @@ def outage_then_recovery(gw: Gateway, sink: Sink, port: int, url: str,
     before = [uuid.uuid4().hex for _ in range(3)]
     assert [send(port, t) for t in before] == [250] * 3
     wait_for(lambda: len(sink.records()) == 3, what="delivery before the outage")
+    # The start-up's background database work is done: the outage below is one at run time.
+    gw.wait_event("archive_catch_up_done")
+    gw.wait_event("index_opened")
 
     stop()
     accepted: list[str] = []

@@ -319,6 +319,9 @@ def test_several_workers_share_the_port_and_a_killed_worker_is_restarted(
     more = [_send(gw.port, f"again{i}@remote.test") for i in range(5)]
     wait_for(lambda: {r["token"] for r in sink.records()} >= set(more), what="delivery")
     assert len(sink.records()) == 15  # nothing delivered twice
+    # Both workers write to one log: every line a worker writes names it.
+    assert {e["worker"] for e in gw.events("delivery")} <= {0, 1}
+    assert {e["worker"] for e in gw.events("accepted")} <= {0, 1}
     gw.signal(signal.SIGTERM)
     assert gw.wait_exit() == 0
 
