@@ -52,7 +52,7 @@ def test_unknown_key_names_file_line_and_key(tmp_path: Path) -> None:
 def test_wrong_type_names_the_key(tmp_path: Path) -> None:
     err = _error(tmp_path, MINIMAL + "limits:\n  max_recipients: many\n")
     assert err.key == "limits.max_recipients"
-    assert err.line == 5
+    assert err.line == 6  # the line of the key in the file (1-based)
 
 
 def test_bad_duration_explains_the_format(tmp_path: Path) -> None:
@@ -110,3 +110,25 @@ def test_parse_duration(text: str | int, seconds: float) -> None:
                                             ("1GiB", 1 << 30), (100, 100)])
 def test_parse_size(text: str | int, size: int) -> None:
     assert config.parse_size(text) == size
+
+
+def test_journal_is_off_by_default_and_takes_trusted_and_authenticated_sources(
+        tmp_path: Path) -> None:
+    cfg = config.load(_write(tmp_path, MINIMAL))
+    assert cfg.archive.journal.addresses == []
+    assert cfg.archive.journal.sources == ["trusted_networks", "authenticated"]
+    cfg = config.load(_write(tmp_path, MINIMAL + "archive:\n  journal:\n"
+                             "    addresses: [Journal@Corp.Example]\n"))
+    assert cfg.archive.journal.addresses == ["journal@corp.example"]
+
+
+@pytest.mark.parametrize(("text", "key", "why"), [
+    ("    addresses: [journal]\n", "archive.journal.addresses", "not an address"),
+    ("    sources: [trusted, 10.0.0.0/8]\n", "archive.journal.sources",
+     "neither trusted_networks, authenticated nor a CIDR"),
+    ("    retention: seven years\n", "archive.journal.retention", "not a retention period"),
+])
+def test_bad_journal_setting_is_located(tmp_path: Path, text: str, key: str, why: str) -> None:
+    err = _error(tmp_path, MINIMAL + "archive:\n  journal:\n" + text)
+    assert err.key == key and why in err.message
+    assert err.line == 6  # the line of the key in the file (1-based)
