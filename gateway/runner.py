@@ -84,29 +84,37 @@ class Runner:
 
     async def accept(self, envelope: Envelope, data: bytes) -> Reply:
         journal = journal_recipients(envelope, self.journal_addresses)
-        if not journal:
-            return await self._accept(envelope, data)
+        if journal:
+            return await self._accept_with_journal(envelope, data, journal)
+        return await self._accept(envelope, data)
+
+    async def _accept_with_journal(self, envelope: Envelope, data: bytes,
+                                   journal: list[str]) -> Reply:
+        """Spool the journal copy, then run the rest through the stages (module doc)."""
         copy, facts = journal_copy(envelope, journal, self.journal_retention)
         try:
             jqid = await store_from_loop(self.spool, self.executor, copy, data, facts)
         except SpoolError as exc:
-            log.event("spool_error", error=str(exc), sender=envelope.mail_from)
-            metrics.REJECTED.labels("spool_error").inc()
-            return replies.SPOOL_FULL if isinstance(exc, SpoolFullError) else replies.LOCAL_ERROR
+            full = isinstance(exc, SpoolFullError)
+            log.event("spool_full" if full else "spool_error", error=str(exc),
+                      sender=envelope.mail_from)
+            metrics.REJECTED.labels("spool_full" if full else "spool_error").inc()
+            return replies.SPOOL_FULL if full else replies.LOCAL_ERROR
         rest = without_journal(envelope, journal)
-        reply = await self._accept(rest, data) if rest.rcpt_to else replies.QUEUED.with_text(
-            f"OK: queued as {jqid}")
-        if not reply.is_positive:
-            self.spool.remove(jqid)  # refused as a whole: nothing stays behind
-            return reply
-        metrics.accepted(envelope.listener).inc()
+        if rest.rcpt_to:
+            reply = await self._accept(rest, data)  # counted and logged there
+            if not reply.is_positive:
+                self.spool.remove(jqid)  # refused as a whole: nothing stays behind
+                return reply
+            reply = reply.with_text(f"{reply.text} {jqid}")
+        else:
+            metrics.accepted(envelope.listener).inc()
+            reply = replies.QUEUED.with_text(f"OK: queued as {jqid}")
         log.event("journal_accepted", qid=jqid, sender=envelope.mail_from, journal=journal,
                   size=len(data), client=envelope.client_ip)
         if self.on_queued is not None:
             self.on_queued(jqid)
-        if not rest.rcpt_to:
-            return reply
-        return reply.with_text(f"{reply.text} {jqid}")
+        return reply
 
     async def _accept(self, envelope: Envelope, data: bytes) -> Reply:
         ctx = MessageContext(envelope=envelope, data=data)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from test_runner import FixedStage
 
+from gateway import replies
 from gateway.envelope import Envelope
 from gateway.journal_intake import is_journal_copy
 from gateway.pipeline import Action, StageResult
@@ -74,3 +75,13 @@ async def test_no_journal_address_configured_changes_nothing(tmp_path: Path) -> 
         _env("journal@corp.example"), DATA)
     assert reply.code == 250
     assert not is_journal_copy(spool.load(queued[0]).facts)
+
+
+async def test_journal_copy_that_cannot_be_spooled_is_a_452_and_nothing_is_queued(
+        tmp_path: Path) -> None:
+    spool, queued = Spool(tmp_path, min_free_bytes=2**62), []
+    check = FixedStage("check")
+    reply = await _runner(spool, check, queued=queued).accept(
+        _env("bob@remote.example", "journal@corp.example"), DATA)
+    assert reply == replies.SPOOL_FULL
+    assert spool.queue_ids() == [] and queued == [] and check.seen == []
