@@ -163,7 +163,9 @@ def _report_text(part: Message) -> str:
 def _attached_bytes(data: bytes, boundary: str, index: int) -> bytes:
     """The body of the ``index``-th part between the top-level MIME ``boundary``
     lines of ``data``, exactly as it was sent (RFC 2046 §5.1.1)."""
-    delimiter = re.compile(rb"(?:^|\r?\n)--" + re.escape(boundary.encode()) + rb"(--)?[ \t]*\r?\n?")
+    # The delimiter is a whole line: "--abc-1" (a nested part's boundary) is not "--abc".
+    delimiter = re.compile(rb"(?:^|\r?\n)--" + re.escape(boundary.encode())
+                           + rb"(?:--)?[ \t]*(?:\r?\n|$)")
     marks = list(delimiter.finditer(data))
     if len(marks) < index + 2:
         raise JournalReportError("the attachment's MIME part is not closed")

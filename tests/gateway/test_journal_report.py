@@ -84,3 +84,11 @@ def test_report_marker_is_the_ms_journal_report_header() -> None:
 def test_malformed_report_raises(data: bytes, why: str) -> None:
     with pytest.raises(JournalReportError, match=why):
         parse_report(data)
+
+
+def test_original_whose_own_boundary_extends_the_report_boundary_is_cut_whole() -> None:
+    original = (b"From: a@corp.example\r\nMIME-Version: 1.0\r\n"
+                b'Content-Type: multipart/alternative; boundary="jrnl-b0und-inner"\r\n\r\n'
+                b"--jrnl-b0und-inner\r\nContent-Type: text/plain\r\n\r\nplain\r\n"
+                b"--jrnl-b0und-inner--\r\n")
+    assert parse_report(report(EXCHANGE_TEXT, original)).original == original
