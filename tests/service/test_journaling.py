@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import signal
 import smtplib
 import subprocess
 import sys
@@ -28,8 +30,8 @@ EXTRA = f"archive:\n  journal:\n    addresses: [{JOURNAL}]\n    retention: 7y\n"
 
 
 def _coffer(cfg: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([sys.executable, "-m", "gateway", args[0], "--config", str(cfg),
-                           *args[1:]], cwd=REPO, capture_output=True, check=False, timeout=120)
+    return subprocess.run([sys.executable, "-m", "gateway", *args, "--config", str(cfg)],
+                          cwd=REPO, capture_output=True, check=False, timeout=120)
 
 
 def _search(cfg: Path, query: str, *flags: str) -> list[dict[str, object]]:
@@ -90,6 +92,21 @@ def test_exchange_journal_report_archives_original_with_report_envelope(
     assert hit["linked_id"] == by_copy["journal_report"]["id"]
     # Nothing was delivered anywhere.
     assert not [r for r in sink.records() if token in str(r.get("subject"))]
+
+    # A rebuild from store + ledger gives the same rows back (the receipts carry the
+    # report's envelope, the flags and the link).
+    gw.signal(signal.SIGTERM)
+    assert gw.wait_exit() == 0
+    db = cfg.parent / "archive" / "meta.db"
+    shutil.move(db, cfg.parent / "meta.db.lost")
+    for suffix in ("-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    rebuilt = _coffer(cfg, "archive", "rebuild")
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    [again] = _search(cfg, f"bcc:dave@corp.example direction:journal subject:{token}")
+    assert again["copy"] == "journaled" and again["sha256"] == hit["sha256"]
+    shown = _coffer(cfg, "show", str(again["id"])).stdout.decode()
+    assert "journaled: envelope journal report" in shown and "journal:inbound" in shown
 
 
 def test_bcc_copy_and_mixed_transaction_deliver_only_the_normal_recipients(
