@@ -18,7 +18,9 @@ sendmail, a mail store) may honour it and relay where we would not.
 Journal addresses (``archive.journal``) take mail only from the configured sources
 (trusted networks, authenticated clients, listed CIDRs): a journal copy is archived
 as evidence of what was sent, so anyone else is refused at RCPT TO with 550 5.7.1
-(forged evidence never enters the archive).
+(forged evidence never enters the archive).  A journal address is never relayed,
+so relay control does not apply to it: its domain need not be a local domain, and
+a source listed only in ``archive.journal.sources`` may send to it and nowhere else.
 """
 
 from __future__ import annotations

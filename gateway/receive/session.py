@@ -800,15 +800,17 @@ class SmtpSession(SMTP):
         if not mailbox.is_ascii and not tx.smtputf8:
             await self._reject(NEED_SMTPUTF8, "smtputf8_required")
             return
-        denied = relay_control.check_journal(self.rules, mailbox, self.client_ip,
-                                             authenticated=self.auth_user is not None)
+        if self.rules.is_journal(mailbox):
+            # Never relayed (archived only): its sources decide, not relay control.
+            denied = relay_control.check_journal(self.rules, mailbox, self.client_ip,
+                                                 authenticated=self.auth_user is not None)
+            reason = "journal_denied"
+        else:
+            may_relay = self.auth_user is not None or self._trusted_client()
+            denied = relay_control.check_recipient(self.rules, mailbox, may_relay=may_relay)
+            reason = "relay_denied"
         if denied is not None:
-            await self._reject(denied, "journal_denied", recipient=mailbox.address)
-            return
-        may_relay = self.auth_user is not None or self._trusted_client()
-        denied = relay_control.check_recipient(self.rules, mailbox, may_relay=may_relay)
-        if denied is not None:
-            await self._reject(denied, "relay_denied", recipient=mailbox.address)
+            await self._reject(denied, reason, recipient=mailbox.address)
             return
         if mailbox.address in tx.recipients:  # the same mailbox twice: deliver once
             await self.reply(replies.RECIPIENT_OK)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from receive_helpers import RawClient, StartGateway
 
 from gateway.config import JournalConfig, RelayConfig
 from gateway.receive.addresses import parse_path
@@ -39,3 +40,25 @@ def test_journal_refusal_is_550_5_7_1_and_other_recipients_are_not_affected() ->
     assert (JOURNAL_DENIED.code, JOURNAL_DENIED.enhanced) == (550, "5.7.1")
     assert check_journal(_rules(), parse_path("<bob@corp.example>"), "198.51.100.1",
                          authenticated=False) is None
+
+
+async def test_session_refuses_journal_address_outside_sources_and_never_relays_for_one(
+        start_gateway: StartGateway) -> None:
+    gw = await start_gateway(archive={"journal": {"addresses": ["journal@archive.test"],
+                                                  "sources": ["127.0.0.2/32"]}})
+    outsider = await RawClient.connect(gw.port())
+    source = await RawClient.connect(gw.port(), source="127.0.0.2")
+    try:
+        for c in (outsider, source):
+            await c.reply()
+            await c.cmd("EHLO client.example")
+            assert (await c.cmd("MAIL FROM:<exchange@corp.example>")).startswith("250")
+        assert (await outsider.cmd("RCPT TO:<journal@archive.test>")).startswith(
+            "550 5.7.1 Journal address")
+        # A listed source reaches the journal address (its domain is no local domain),
+        # and nothing else: being a journal source is no licence to relay.
+        assert (await source.cmd("RCPT TO:<Journal@Archive.Test>")).startswith("250")
+        assert (await source.cmd("RCPT TO:<x@ext.example>")).startswith("550 5.7.1 Relay")
+    finally:
+        await outsider.close()
+        await source.close()
