@@ -30,7 +30,7 @@ attachment is cut out of the report at its MIME boundaries, not re-serialised.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from email.message import Message
 
 from gateway.mailparse import parse
@@ -76,7 +76,6 @@ class ReportEnvelope:
 class JournalReport:
     envelope: ReportEnvelope
     original: bytes  # the attached message, byte for byte
-    facts: dict[str, object] = field(default_factory=dict)
 
 
 def is_journal_report(msg: Message) -> bool:
