@@ -28,6 +28,8 @@ from archive.location import ArchiveLocation, location_from_args
 from archive.metadata import (
     DECRYPTED,
     ENCRYPTED,
+    JOURNAL_REPORT,
+    JOURNALED,
     RECEIVED,
     SECONDARY_COPIES,
     SENT,
@@ -223,6 +225,8 @@ _COPY_TEXT = {
     SENT: "as sent (after signing/encryption: the exact bytes delivered)",
     DECRYPTED: "decrypted (as the recipient reads it)",
     ENCRYPTED: "as received and delivered (encrypted)",
+    JOURNALED: "journaled original (the message a journal report carried, with its envelope)",
+    JOURNAL_REPORT: "journal report as received (how the journaled copy arrived)",
 }
 
 

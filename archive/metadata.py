@@ -360,6 +360,9 @@ class MessageRecord:
     # The receive time identifies this receipt (an SMTP transaction, to the microsecond):
     # recorded again (the archive stage re-run after a crash), it returns the first row.
     once: bool = False
+    # Said about this receipt beyond what the bytes show (Message.flags), e.g. that it
+    # came as a journal copy (gateway.journal_archive).
+    flags: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,8 +405,11 @@ class MessageSummary:
 # the readable copy (RECEIVED, DECRYPTED, or the only one ""); the SECONDARY copies are
 # reached through ``linked_id`` (coffer show), and holds and exports take them too.
 RECEIVED, SENT, DECRYPTED, ENCRYPTED = "received", "sent", "decrypted", "encrypted"
-COPIES = frozenset({"", RECEIVED, SENT, DECRYPTED, ENCRYPTED})
-SECONDARY_COPIES = frozenset({SENT, ENCRYPTED})
+# A journal report (gateway.journal_archive): the original message it carries, with the
+# report's envelope, is JOURNALED; the report as it arrived is JOURNAL_REPORT.
+JOURNALED, JOURNAL_REPORT = "journaled", "journal_report"
+COPIES = frozenset({"", RECEIVED, SENT, DECRYPTED, ENCRYPTED, JOURNALED, JOURNAL_REPORT})
+SECONDARY_COPIES = frozenset({SENT, ENCRYPTED, JOURNAL_REPORT})
 
 
 def resolve_links(rows: Sequence[tuple[str, str | None]]) -> dict[int, int]:
@@ -918,7 +924,8 @@ def _message_row(blob_id: int, rec: MessageRecord,
         "attachment_count": sum(1 for a in ex.attachments if a.depth == 0),
         "direction": rec.direction, "received_at": rec.received_at,
         "retention_until": rec.retention_until, "source": rec.source[:255], "state": rec.state,
-        "flags": list(ex.flags) + ([] if ex.date else ["no Date header: dated by receipt"]),
+        "flags": list(rec.flags) + list(ex.flags)
+        + ([] if ex.date else ["no Date header: dated by receipt"]),
         "mail_from": rec.mail_from[:320], "client_ip": rec.client_ip[:64],
         "helo": rec.helo[:255], "tls": rec.tls[:128], "auth_user": rec.auth_user[:255],
         "spf": summary.get("spf", ""),  # _verdict_summary(kind, None): none given

@@ -21,7 +21,7 @@ Fields::
     date:2024-01..2024-06             YYYY, YYYY-MM or YYYY-MM-DD; "A..B", "A..", "..B"
     before:X / after:X                strictly before the start / from the end of period X
     size:>1M                          > >= < <= =, bare means >=; units K M G (1024)
-    direction:inbound|outbound|internal
+    direction:inbound|outbound|internal|journal
     spf: dkim: dmarc:                 authentication verdict, e.g. spf:fail
     rule:NAME                         a policy rule that matched the message
     hold:CASE                         covered by the legal hold CASE
@@ -152,7 +152,7 @@ class Not:
 Node = (Term | Address | DateRange | Size | Has | Direction | Verdict | Rule | Hold
         | MessageId | And | Or | Not)
 
-DIRECTIONS = frozenset({"inbound", "outbound", "internal"})
+DIRECTIONS = frozenset({"inbound", "outbound", "internal", "journal"})
 # RFC 8601 §2.7.1 (dkim), §2.7.2 (spf, RFC 7208 §2.6), §2.7.1 of RFC 7489 for dmarc.
 VERDICTS: dict[str, frozenset[str]] = {
     "spf": frozenset({"pass", "fail", "softfail", "neutral", "none", "temperror", "permerror",

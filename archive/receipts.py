@@ -80,6 +80,8 @@ def _document_text(rec: MessageRecord, envelope: Mapping[str, Any], qid: str) ->
         "retention_until": _iso(rec.retention_until),
         "copy": rec.copy, "linked_sha256": rec.link_sha256,
     }
+    if rec.flags:  # only when there are some: every other receipt stays as it was
+        doc["flags"] = list(rec.flags)
     # default=str: a fact a stage stored as a non-JSON value must not hold the message.
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
                       default=str)
@@ -106,7 +108,7 @@ def _fast_document(rec: MessageRecord, envelope: Mapping[str, Any], qid: str) ->
     """
     return (f'{{"copy":{_text(rec.copy)},"decision":{_fragment(rec.decision)},'
             f'"direction":{_text(rec.direction)},"envelope":{_STRICT.encode(dict(envelope))},'
-            f'"kind":{_KIND_JSON},"linked_sha256":{_text(rec.link_sha256)},'
+            f'{_flags(rec.flags)}"kind":{_KIND_JSON},"linked_sha256":{_text(rec.link_sha256)},'
             f'"message_sha256":{_text(rec.sha256)},"qid":{_text(qid)},'
             f'"received_at":{_text(_iso(rec.received_at))},'
             f'"retention_until":{_text(_iso(rec.retention_until))},'
@@ -116,6 +118,10 @@ def _fast_document(rec: MessageRecord, envelope: Mapping[str, Any], qid: str) ->
 
 
 _KIND_JSON = encode_basestring(KIND)
+
+
+def _flags(flags: list[str]) -> str:
+    return f'"flags":{_STRICT.encode(list(flags))},' if flags else ""
 
 
 def parse_receipt(raw: bytes, message_sha256: str) -> dict[str, Any]:
@@ -162,6 +168,7 @@ def apply_receipt(rec: MessageRecord, doc: Mapping[str, Any]) -> MessageRecord:
         retention_until=_time(doc.get("retention_until")),
         copy=str(doc.get("copy") or ""),
         link_sha256=str(doc["linked_sha256"]) if doc.get("linked_sha256") else None,
+        flags=[str(f) for f in doc.get("flags") or []],
     )
 
 

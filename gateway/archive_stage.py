@@ -37,7 +37,7 @@ import logging
 import re
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,7 @@ from archive.location import location_from_config
 from archive.metadata import (
     DECRYPTED,
     ENCRYPTED,
+    JOURNAL_REPORT,
     RECEIVED,
     SENT,
     MessageRecord,
@@ -70,6 +71,12 @@ from gateway.archive_health import (
 )
 from gateway.config import Config
 from gateway.errors import ConfigError
+from gateway.journal_archive import DIRECTION as JOURNAL_DIRECTION
+from gateway.journal_archive import STATE as JOURNAL_STATE
+from gateway.journal_archive import JournalPlan
+from gateway.journal_archive import plan as journal_plan
+from gateway.journal_archive import source as journal_source
+from gateway.journal_intake import is_journal_copy
 from gateway.mailparse import ValueMemo
 from gateway.offload import cpu_bound
 from gateway.pipeline import Action, MessageContext, StageResult
@@ -157,7 +164,7 @@ def linked(copies: list[Copy], shas: list[str]) -> list[str | None]:
 def delivered(copies: list[Copy]) -> int:
     """The position of the copy whose bytes the next hop gets."""
     kinds = [c.kind for c in copies]
-    for kind in (SENT, ENCRYPTED, ""):
+    for kind in (SENT, ENCRYPTED, JOURNAL_REPORT, ""):
         if kind in kinds:
             return kinds.index(kind)
     raise ValueError(f"no delivered copy among {kinds}")
@@ -218,6 +225,23 @@ def record_for(ctx: MessageContext, sha256: str, now: datetime,
         copy=copy,
         link_sha256=link_sha256,
     )
+
+
+def journaled(rec: MessageRecord, ctx: MessageContext, plan: JournalPlan, index: int,
+              ) -> MessageRecord:
+    """``rec`` (record_for) as the row of a journal copy's ``index``-th copy (pure): the
+    envelope the journal gave, direction journal, source journal:LISTENER, the
+    retention of archive.journal (the policy did not run), the journal facts as the
+    decision trace (gateway.journal_archive)."""
+    jc = plan.copies[index]
+    facts = ctx.facts.get("journal") or {}
+    label = facts.get("retention") if isinstance(facts, dict) else None
+    return replace(
+        rec, mail_from=jc.mail_from, rcpt_to=list(jc.rcpt_to), direction=JOURNAL_DIRECTION,
+        source=journal_source(ctx.envelope), state=JOURNAL_STATE, flags=list(jc.flags),
+        decision={"action": "journal", "journal": {**plan.facts,
+                                                   "addresses": facts.get("addresses", [])}},
+        rules=[], retention_until=retention_end(rec.received_at, label))
 
 
 class _MetadataBatcher:
@@ -354,9 +378,14 @@ class ArchiveStage:
         return dirs
 
     async def _archive(self, ctx: MessageContext) -> StageResult:
-        copies = copies_of(ctx)
+        plan = journal_plan(ctx.envelope, ctx.data, ctx.facts["journal"]) \
+            if is_journal_copy(ctx.facts) else None
+        if plan is not None and plan.warning:
+            log.event("journal_unparsed", level=logging.WARNING, qid=ctx.qid,
+                      error=plan.warning, sender=ctx.envelope.mail_from)
+        copies = [Copy(c.kind, c.data) for c in plan.copies] if plan else copies_of(ctx)
         recs, receipts = await cpu_bound(sum(len(c.data) for c in copies), None,
-                                         self._prepare, ctx, copies)
+                                         self._prepare, ctx, copies, plan)
         # Each receipt first, in the same ledger append: the message's entry names it.
         blobs: list[bytes] = []
         fields: list[dict[str, Any]] = []
@@ -383,15 +412,22 @@ class ArchiveStage:
                           for c, ref, row in zip(copies, refs, rows, strict=True))
         return StageResult(reason=f"archived {names}", facts=facts)
 
-    def _prepare(self, ctx: MessageContext, copies: list[Copy]
-                 ) -> tuple[list[MessageRecord], list[bytes]]:
+    def _prepare(self, ctx: MessageContext, copies: list[Copy],
+                 plan: JournalPlan | None = None) -> tuple[list[MessageRecord], list[bytes]]:
         """The metadata records and receipt blobs (archive.receipts) of a message's copies."""
         now = self.clock()
         shas = [hashlib.sha256(c.data).hexdigest() for c in copies]
         envelope = ctx.envelope.to_dict()
         recs = [record_for(ctx, sha, now, c.data, copy=c.kind, link_sha256=link)
                 for c, sha, link in zip(copies, shas, linked(copies, shas), strict=True)]
-        return recs, [receipt_document(r, envelope, ctx.qid) for r in recs]
+        if plan is None:
+            return recs, [receipt_document(r, envelope, ctx.qid) for r in recs]
+        recs = [journaled(r, ctx, plan, i) for i, r in enumerate(recs)]
+        # Each receipt's envelope is the one its row has: a rebuild gives the original
+        # the report's sender and recipients, not the journal address.
+        return recs, [receipt_document(r, {**envelope, "mail_from": r.mail_from,
+                                           "rcpt_to": list(r.rcpt_to)}, ctx.qid)
+                      for r in recs]
 
     async def close(self) -> None:
         await self.writer.close()

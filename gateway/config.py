@@ -357,6 +357,64 @@ class LogConfig(_Model):
     file: Path | None = Field(None, description="Log file (default: standard error)")
 
 
+JOURNAL_SOURCE_KEYWORDS = ("trusted_networks", "authenticated")
+
+
+class JournalConfig(_Model):
+    """Journaling: mail servers send a copy of every message (internal mail too) to a
+    journal address; Coffer archives it with its true envelope and delivers nothing."""
+
+    addresses: list[str] = Field(
+        default_factory=list, description="Journal addresses: mail to them is archived "
+        "(an Exchange/Microsoft 365 envelope journal report as the original it carries, "
+        "anything else as is) and never delivered; empty: no journaling"
+    )
+    sources: list[str] = Field(
+        default_factory=lambda: list(JOURNAL_SOURCE_KEYWORDS),
+        description="Who may send to a journal address: trusted_networks "
+        "(relay.trusted_networks), authenticated (SMTP AUTH) and/or CIDRs; anyone else "
+        "gets 550 5.7.1 at RCPT TO",
+    )
+    retention: str | None = Field(
+        None, description="Retention period of journaled messages (e.g. 7y, 18mo, 90d, "
+        "forever); the policy does not run for them. Default: kept until a retention is set",
+    )
+
+    @field_validator("addresses")
+    @classmethod
+    def _addresses(cls, value: list[str]) -> list[str]:
+        for addr in value:
+            if "@" not in addr.strip("@") or any(c.isspace() for c in addr):
+                raise ValueError(f"{addr!r} is not an address (local@domain)")
+        return [a.lower() for a in value]
+
+    @field_validator("sources")
+    @classmethod
+    def _sources(cls, value: list[str]) -> list[str]:
+        for src in value:
+            if src in JOURNAL_SOURCE_KEYWORDS:
+                continue
+            try:
+                ipaddress.ip_network(src, strict=False)
+            except ValueError:
+                raise ValueError(f"{src!r} is neither trusted_networks, authenticated "
+                                 "nor a CIDR") from None
+        return value
+
+    @field_validator("retention")
+    @classmethod
+    def _retention(cls, value: str | None) -> str | None:
+        if value is not None and value != "forever" and not re.fullmatch(
+                r"\d+(y|mo|w|d)", value.strip().lower()):
+            raise ValueError(f"{value!r} is not a retention period (use e.g. 7y, 18mo, "
+                             "90d, forever)")
+        return value
+
+    def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(s, strict=False) for s in self.sources
+                if s not in JOURNAL_SOURCE_KEYWORDS]
+
+
 class ArchiveConfig(_Model):
     """Where the archive's metadata and full-text index live (the store: ``s3:``)."""
 
@@ -383,6 +441,10 @@ class ArchiveConfig(_Model):
         True, description="Archive messages rejected after DATA (policy, spam, check 5xx) "
         'with state "rejected" and the reply, before the reply is sent; if that write '
         "fails the client gets 451 4.3.0 instead"
+    )
+    journal: JournalConfig = Field(
+        default_factory=JournalConfig,
+        description="Archiving internal mail by journaling (README: Archiving internal mail)",
     )
 
     @field_validator("database")

@@ -14,19 +14,27 @@ marked by ``facts["runner"]`` (action "reject", stage, reply, reason).  The writ
 is part of the transaction: if it fails, the client gets 451 4.3.0, never the 5xx
 (it retries; we never answer for a message we could not record) and never a 250.
 A 4xx is not archived: the client sends the message again.
+
+Journal recipients (``archive.journal.addresses``, gateway.journal_intake) are
+spooled first as a message of their own, which no stage here sees: it is
+archived and never delivered.  The other recipients go through the stages; if
+their part is not accepted (4xx or 5xx), the journal copy is removed again, so
+the client's retry cannot archive it twice and a refused transaction leaves
+nothing behind.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from concurrent.futures import Executor
 from typing import Any, Protocol
 
 from gateway import log, metrics, replies
 from gateway.envelope import Envelope
 from gateway.errors import SpoolError, SpoolFullError
+from gateway.journal_intake import journal_copy, journal_recipients, without_journal
 from gateway.pipeline import Action, MessageContext, Stage, StageResult, apply
 from gateway.queue.spool import Spool, new_queue_id, store_from_loop
 from gateway.replies import Reply
@@ -53,8 +61,13 @@ class Runner:
         clock: Callable[[], float] = time.time,
         archive_rejected: Callable[[MessageContext], Awaitable[object]] | None = None,
         refuse: Callable[[], Reply | None] | None = None,
+        journal_addresses: Collection[str] = (),
+        journal_retention: str | None = None,
     ) -> None:
         self.spool = spool
+        # Lower-cased (config.JournalConfig); replaced as a whole on SIGHUP.
+        self.journal_addresses = frozenset(a.lower() for a in journal_addresses)
+        self.journal_retention = journal_retention
         # A reason to refuse new transactions now (the archive backend is down:
         # gateway.archive_health), checked at MAIL FROM with the spool's room.
         self.refuse = refuse
@@ -70,6 +83,40 @@ class Runner:
         return None if self.spool.has_room(size) else replies.SPOOL_FULL
 
     async def accept(self, envelope: Envelope, data: bytes) -> Reply:
+        journal = journal_recipients(envelope, self.journal_addresses)
+        if journal:
+            return await self._accept_with_journal(envelope, data, journal)
+        return await self._accept(envelope, data)
+
+    async def _accept_with_journal(self, envelope: Envelope, data: bytes,
+                                   journal: list[str]) -> Reply:
+        """Spool the journal copy, then run the rest through the stages (module doc)."""
+        copy, facts = journal_copy(envelope, journal, self.journal_retention)
+        try:
+            jqid = await store_from_loop(self.spool, self.executor, copy, data, facts)
+        except SpoolError as exc:
+            full = isinstance(exc, SpoolFullError)
+            log.event("spool_full" if full else "spool_error", error=str(exc),
+                      sender=envelope.mail_from)
+            metrics.REJECTED.labels("spool_full" if full else "spool_error").inc()
+            return replies.SPOOL_FULL if full else replies.LOCAL_ERROR
+        rest = without_journal(envelope, journal)
+        if rest.rcpt_to:
+            reply = await self._accept(rest, data)  # counted and logged there
+            if not reply.is_positive:
+                self.spool.remove(jqid)  # refused as a whole: nothing stays behind
+                return reply
+            reply = reply.with_text(f"{reply.text} {jqid}")
+        else:
+            metrics.accepted(envelope.listener).inc()
+            reply = replies.QUEUED.with_text(f"OK: queued as {jqid}")
+        log.event("journal_accepted", qid=jqid, sender=envelope.mail_from, journal=journal,
+                  size=len(data), client=envelope.client_ip)
+        if self.on_queued is not None:
+            self.on_queued(jqid)
+        return reply
+
+    async def _accept(self, envelope: Envelope, data: bytes) -> Reply:
         ctx = MessageContext(envelope=envelope, data=data)
         held: tuple[str, str] | None = None
         for stage in self.stages:

@@ -528,6 +528,8 @@ class Service:
                 (st for st in self._after_stages if isinstance(st, EncryptStage)), None)),
             on_queued=self._worker.notify,
             executor=self._executor, refuse=slot.health.refusal if slot else None,
+            journal_addresses=cfg.archive.journal.addresses,
+            journal_retention=cfg.archive.journal.retention,
         )
         # The worker starts first: a message accepted in the first millisecond is
         # notified to a worker that is already running.
@@ -770,7 +772,8 @@ class Service:
             new = load_checked(self.cfg_path)
             routes = parse_routes(new.delivery.routes, new.data_dir)
             policy = PolicyHolder.load(new)
-            RelayRules.from_config(new.relay)  # validates the networks before anything changes
+            # validates the networks before anything changes
+            RelayRules.from_config(new.relay, new.archive.journal)
         except CofferError as exc:
             where = exc if isinstance(exc, ConfigError) else None
             log.event("config_reload_failed", level=logging.ERROR, error=str(exc),
@@ -796,6 +799,8 @@ class Service:
         self.policy.policy = policy
         self._archive_rejected(new)
         if self.runner is not None:
+            self.runner.journal_addresses = frozenset(new.archive.journal.addresses)
+            self.runner.journal_retention = new.archive.journal.retention
             # Relay domains feed the policy's idea of direction: rebuild decide only.
             self.runner.stages = [
                 DecideStage(self.policy, new.relay.local_domains, hostname=new.hostname)

@@ -142,3 +142,25 @@ def test_rate_rule_mistakes_name_the_key(tmp_path: Path) -> None:
     err = _error(tmp_path, MINIMAL + "rate_limits:\n  - key: client_ip\n    messages: 1/1m\n"
                  "    exempt_networks: [10.0.0.0/33]\n")
     assert err.key == "rate_limits.0.exempt_networks.0"
+
+
+def test_journal_is_off_by_default_and_takes_trusted_and_authenticated_sources(
+        tmp_path: Path) -> None:
+    cfg = config.load(_write(tmp_path, MINIMAL))
+    assert cfg.archive.journal.addresses == []
+    assert cfg.archive.journal.sources == ["trusted_networks", "authenticated"]
+    cfg = config.load(_write(tmp_path, MINIMAL + "archive:\n  journal:\n"
+                             "    addresses: [Journal@Corp.Example]\n"))
+    assert cfg.archive.journal.addresses == ["journal@corp.example"]
+
+
+@pytest.mark.parametrize(("text", "key", "why"), [
+    ("    addresses: [journal]\n", "archive.journal.addresses", "not an address"),
+    ("    sources: [trusted, 10.0.0.0/8]\n", "archive.journal.sources",
+     "neither trusted_networks, authenticated nor a CIDR"),
+    ("    retention: seven years\n", "archive.journal.retention", "not a retention period"),
+])
+def test_bad_journal_setting_is_located(tmp_path: Path, text: str, key: str, why: str) -> None:
+    err = _error(tmp_path, MINIMAL + "archive:\n  journal:\n" + text)
+    assert err.key == key and why in err.message
+    assert err.line == 6  # the line of the key in the file (1-based)

@@ -360,6 +360,15 @@ log:
   # Log file (default: standard error).
   # file: coffer.log
 
+# Archiving internal mail by journaling (README): mail servers send a copy of every message
+# to a journal address; Coffer archives it with its true envelope and delivers nothing.
+# Only these sources may send to it (others: 550 5.7.1); the policy does not run for it.
+# archive:
+#   journal:
+#     addresses: [journal@example.com]
+#     sources: [trusted_networks, authenticated]
+#     retention: 7y
+
 # Policy rules (relative to data_dir).
 {policy_line}
 

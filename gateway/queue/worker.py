@@ -28,6 +28,8 @@ For each due message (not held, not locked by another process: ``Spool.claim``):
 
    A quarantine/discard/hold decided before the queue (``facts["runner"]``) is
    carried out the same way; an operator's release skips quarantine and hold.
+   A journal copy (gateway.journal_intake) runs the archive stage only, then is
+   discarded that way: archived, never delivered.
 
 2. deliver the pending recipients (gateway.deliver.Deliverer) and persist every
    outcome with one fsync (``Spool.append_events``) before anything relies on it.
@@ -66,6 +68,7 @@ from gateway.deliver.dsn import ReportedRecipient, build_dsn
 from gateway.dsn_params import RecipientRequest, message_request, recipient_requests
 from gateway.envelope import Envelope
 from gateway.errors import SpoolError
+from gateway.journal_intake import is_journal_copy
 from gateway.offload import in_thread
 from gateway.pipeline import Action, MessageContext, Stage, apply
 from gateway.queue import scheduler
@@ -400,7 +403,7 @@ class QueueWorker:
         # Stage completions written but not yet fsynced (at the end of the .msg file):
         # one fsync covers them all, before delivery or whatever else ends this pass.
         unsynced = False
-        for stage in self.stages:
+        for stage in self._stages_for(msg):
             if stage.once and stage.name in st.stages_done:
                 if stage.name in st.stage_facts:
                     ctx.facts.setdefault(stage.name, {}).update(st.stage_facts[stage.name])
@@ -474,6 +477,14 @@ class QueueWorker:
         await self._sync_stages(fd, unsynced)
         outcomes = await self.deliverer.deliver(ctx.envelope, ctx.data, st.pending, qid=qid)
         await self._record(msg, st, ctx, outcomes)
+
+    def _stages_for(self, msg: SpooledMessage) -> Sequence[Stage]:
+        """The after-queue stages a message goes through: a journal copy
+        (gateway.journal_intake) the archive stage only, since a transform (signing,
+        encryption, sealing) would change the evidence it is kept as."""
+        if is_journal_copy(msg.facts):
+            return [st for st in self.stages if st.name == "archive"]
+        return self.stages
 
     async def _sync_stages(self, fd: int, unsynced: bool) -> None:
         if unsynced:

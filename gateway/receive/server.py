@@ -107,7 +107,7 @@ class Listeners:
         if old != new:
             raise ConfigError("listeners, their addresses or TLS modes changed: restart "
                               "Coffer to apply", file=cfg.source, key="listeners")
-        rules = RelayRules.from_config(cfg.relay)
+        rules = RelayRules.from_config(cfg.relay, cfg.archive.journal)
         passwords = PasswordFile(cfg.path(cfg.auth.passwd_file)) if cfg.auth.passwd_file else None
         # The recipient list is re-read here: a bad one keeps the old configuration.
         gate = self._gate_factory(cfg)
@@ -223,7 +223,8 @@ async def start_listeners(
     tls_context = (ssl_context_factory or default_ssl_context)(cfg) if needs_tls else None
     passwords = PasswordFile(cfg.path(cfg.auth.passwd_file)) if cfg.auth.passwd_file else None
     ctx = SessionContext(
-        cfg=cfg, acceptor=acceptor, rules=RelayRules.from_config(cfg.relay),
+        cfg=cfg, acceptor=acceptor,
+        rules=RelayRules.from_config(cfg.relay, cfg.archive.journal),
         passwords=passwords, tls_context=tls_context, recipients=gate_factory(cfg),
         clock=clock, limiter=rate_limiter(cfg, clock),
     )

@@ -809,10 +809,17 @@ class SmtpSession(SMTP):
         if not mailbox.is_ascii and not tx.smtputf8:
             await self._reject(NEED_SMTPUTF8, "smtputf8_required")
             return
-        may_relay = self.auth_user is not None or self._trusted_client()
-        denied = relay_control.check_recipient(self.rules, mailbox, may_relay=may_relay)
+        if self.rules.is_journal(mailbox):
+            # Never relayed (archived only): its sources decide, not relay control.
+            denied = relay_control.check_journal(self.rules, mailbox, self.client_ip,
+                                                 authenticated=self.auth_user is not None)
+            reason = "journal_denied"
+        else:
+            may_relay = self.auth_user is not None or self._trusted_client()
+            denied = relay_control.check_recipient(self.rules, mailbox, may_relay=may_relay)
+            reason = "relay_denied"
         if denied is not None:
-            await self._reject(denied, "relay_denied", recipient=mailbox.address)
+            await self._reject(denied, reason, recipient=mailbox.address)
             return
         if mailbox.address in tx.recipients:  # the same mailbox twice: deliver once
             await self.reply(replies.RECIPIENT_OK)
@@ -824,7 +831,7 @@ class SmtpSession(SMTP):
         # The current recipient checks, not those of the session's start: a reload
         # retires the old ones (their list is stale, their probe client closed).
         gate = self.ctx.recipients
-        if gate.active and self.rules.is_local(mailbox):
+        if gate.active and self.rules.is_local(mailbox) and not self.rules.is_journal(mailbox):
             self._busy += 1  # a probe waits for the next hop, not for the client
             try:
                 refusal = await gate.refusal(mailbox)

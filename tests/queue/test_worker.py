@@ -667,3 +667,20 @@ async def test_results_a_full_spool_could_not_take_are_written_before_any_retry(
     assert nexthop.delivered_to("a@dst.test") == 1
     assert nexthop.delivered_to("b@dst.test") == 1
     assert not rig.spool.exists(qid)
+
+
+async def test_journal_copy_runs_only_the_archive_stage_and_is_never_delivered(
+    make_rig: Callable[..., Rig], nexthop: NextHop
+) -> None:
+    transform = RecordingStage("transform", once=True,
+                               result=StageResult(data=b"X-Changed: 1\r\n" + MSG))
+    archive = RecordingStage("archive", once=True)
+    rig = make_rig(stages=[transform, archive])
+    facts = {"journal": {"addresses": ["journal@dst.test"], "recipients": []},
+             "runner": {"action": "discard"},
+             "trace": [{"stage": "journal", "action": "discard", "reason": "journal copy"}]}
+    qid = rig.store("journal@dst.test", facts=facts)
+    await rig.worker.run_due()
+    # A transform would change the evidence: the archive sees the bytes as received.
+    assert transform.runs == 0 and archive.runs == 1
+    assert not rig.spool.exists(qid) and nexthop.received == [] and rig.dsns() == []

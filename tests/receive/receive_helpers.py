@@ -46,9 +46,13 @@ class RawClient:
         self.reader, self.writer = reader, writer
 
     @classmethod
-    async def connect(cls, port: int, *, tls: ssl.SSLContext | None = None) -> RawClient:
+    async def connect(cls, port: int, *, tls: ssl.SSLContext | None = None,
+                      source: str | None = None) -> RawClient:
+        """``source``: the loopback address to connect from (127.0.0.0/8), e.g. to be a
+        client outside a trusted network."""
         reader, writer = await asyncio.open_connection(
-            "127.0.0.1", port, ssl=tls, server_hostname="localhost" if tls else None
+            "127.0.0.1", port, ssl=tls, server_hostname="localhost" if tls else None,
+            local_addr=(source, 0) if source else None,
         )
         return cls(reader, writer)
 

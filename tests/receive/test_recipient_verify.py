@@ -445,3 +445,18 @@ async def test_a_reload_lets_a_probe_under_way_finish(
     await asyncio.wait_for(probe_reached_the_hop(), 5)
     gw.listeners.reconfigure(gw.cfg)
     assert (await c.line()).startswith("550 5.1.1 ")
+
+
+async def test_a_journal_address_in_a_local_domain_needs_no_place_in_the_list(
+    start_gateway: StartGateway, raw: Connect, tmp_path: Path
+) -> None:
+    # The journal address is Coffer's own (archived, never delivered): the list of the
+    # mail store's users does not name it, and no next hop is asked about it.
+    (tmp_path / "recipients.txt").write_text(f"alice@{LOCAL}\n")
+    gw = await start_gateway(relay={"recipients": {"file": "recipients.txt"}},
+                             archive={"journal": {"addresses": [f"journal@{LOCAL}"],
+                                                  "sources": ["127.0.0.0/8"]}})
+    assert await _rcpt(gw.port(), raw, f"journal@{LOCAL}", f"mallory@{LOCAL}") == [
+        "250 2.1.5 Recipient OK",
+        f"550 5.1.1 <mallory@{LOCAL}>: Recipient address rejected: user unknown",
+    ]
