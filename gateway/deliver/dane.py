@@ -179,13 +179,30 @@ def _verify_ta(
         except (ValueError, TypeError, InvalidSignature) as exc:
             return f"chain broken below the trust anchor at depth {i}: {exc or 'bad signature'}"
     # RFC 7672 §3.1.2: with DANE-TA the usual PKIX checks apply below the anchor:
-    # validity dates and the server name.
+    # validity dates, intermediates that are CAs, and the server name.
     for i in range(anchor):
         if not (certs[i].not_valid_before_utc <= now <= certs[i].not_valid_after_utc):
             return f"certificate at depth {i} is outside its validity period"
+    for i in range(1, anchor):
+        # RFC 5280 §4.2.1.9, §4.2.1.3: only a CA may issue certificates, else any
+        # holder of a leaf under the trust anchor could mint one for our MX host.
+        if not _is_ca(certs[i]):
+            return f"certificate at depth {i} is not a CA but issued the one below it"
     if not any(name_matches(certs[0], name) for name in names):
         return f"certificate is not valid for {', '.join(names)}"
     return ""
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        if not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            return False
+    except x509.ExtensionNotFound:
+        return False
+    try:
+        return cert.extensions.get_extension_for_class(x509.KeyUsage).value.key_cert_sign
+    except x509.ExtensionNotFound:
+        return True  # no key usage: any use is allowed (RFC 5280 §4.2.1.3)
 
 
 def name_matches(cert: x509.Certificate, name: str) -> bool:

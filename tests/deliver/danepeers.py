@@ -70,3 +70,18 @@ def from_ca(ca: StsCa, *names: str) -> Served:
     (RFC 7672 §3.2.1: a DANE-TA server sends its trust anchor in the chain)."""
     crt, key = ca.leaf(*names)
     return Served((crt, ca.ca_pem), key)
+
+
+def issued_by(issuer: Served, tmp: Path, name: str) -> Served:
+    """A leaf for ``name`` signed with ``issuer``'s key (a leaf, not a CA), sent with
+    ``issuer``'s chain: what the holder of any certificate under a CA could forge."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    key, csr, crt = (tmp / f"{name}.forged.{s}" for s in ("key", "csr", "pem"))
+    openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={name}", cwd=tmp)
+    ext = tmp / f"{name}.forged.ext"
+    ext.write_text(f"subjectAltName=DNS:{name}\n")
+    openssl("x509", "-req", "-in", str(csr), "-CA", str(issuer.leaf), "-CAkey",
+            str(issuer.key), "-CAcreateserial", "-days", "2", "-sha256", "-extfile",
+            str(ext), "-out", str(crt), cwd=tmp)
+    return Served((crt, *issuer.chain), key)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from danepeers import Served, cert_sha256, der, from_ca, self_signed, spki_sha256
+from danepeers import Served, cert_sha256, der, from_ca, issued_by, self_signed, spki_sha256
 from stspeers import StsCa, make_ca
 
 from gateway.deliver.dane import (
@@ -37,14 +37,17 @@ class Pki:
     wrong_name: Served  # CA-signed leaf for another name, sent with the CA
     wildcard: Served  # CA-signed leaf for *.dst.test
     foreign: Served  # a leaf for MX from another CA, sent with that CA
+    forged: Served  # a leaf for MX signed by wrong_name's (non-CA) key, with its chain
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     tmp = tmp_path_factory.mktemp("dane-pki")
     ca, other = make_ca(tmp / "ca"), make_ca(tmp / "other")
+    wrong_name = from_ca(ca, "elsewhere.test")
     return Pki(ca, other, self_signed(tmp / "ss", "wrong.test"), from_ca(ca, MX),
-               from_ca(ca, "elsewhere.test"), from_ca(ca, "*.dst.test"), from_ca(other, MX))
+               wrong_name, from_ca(ca, "*.dst.test"), from_ca(other, MX),
+               issued_by(wrong_name, tmp / "forged", MX))
 
 
 def _spki_full(pem: Path) -> bytes:
@@ -80,6 +83,8 @@ CASES = [
      lambda p: [Tlsa(2, 0, 1, cert_sha256(p.other_ca.ca_pem))], "good", "no certificate"),
     ("a chain whose CA matches but whose leaf another CA signed",
      lambda p: [Tlsa(2, 0, 1, cert_sha256(p.ca.ca_pem))], "spliced", "chain broken"),
+    ("a leaf certificate under the anchor cannot issue one for the MX host",
+     lambda p: [Tlsa(2, 0, 1, cert_sha256(p.ca.ca_pem))], "forged", "not a CA"),
     ("2 x x never matches the leaf itself",
      lambda p: [Tlsa(2, 0, 1, cert_sha256(p.selfsigned.leaf))], "selfsigned", "no certificate"),
 ]
