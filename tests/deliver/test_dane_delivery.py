@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from danepeers import Served, cert_sha256, from_ca, self_signed, spki_sha256
@@ -141,7 +142,7 @@ async def test_delivers_over_tls_to_a_self_signed_wrongly_named_cert(
     assert _count("coffer_dane_sessions_total", mode=mode) == before + 1
 
 
-async def test_dane_ee_mismatch_defers_475_before_mail_from(rig: Rig) -> None:
+async def test_dane_ee_mismatch_defers_475_before_mail_from(rig: Rig, events: Any) -> None:
     hop = await rig.mx1(rig.pki.selfsigned, 3, 1, 1, spki_sha256(rig.pki.good.leaf))
     before = _refused("tls")
     out = await rig.send(hop.port)
@@ -149,6 +150,8 @@ async def test_dane_ee_mismatch_defers_475_before_mail_from(rig: Rig) -> None:
     assert "DANE-EE" in out.reply
     assert hop.connections == 1 and hop.mail_commands == 0 and hop.received == []
     assert _refused("tls") == before + 1
+    assert events("dane_refused") == [{"domain": DOMAIN, "mx": MX1, "reason": (
+        "certificate matches no DANE-EE TLSA record")}]
 
 
 async def test_dane_host_without_starttls_defers_and_sends_nothing_in_clear(rig: Rig) -> None:
