@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from danepeers import Served, cert_sha256, from_ca, self_signed, spki_sha256
@@ -54,6 +54,7 @@ class Rig:
     dane: bool = True
     mta_sts: bool = False
     sts_port: int = 0
+    mx_tls: Literal["required", "opportunistic", "off"] = "opportunistic"
 
     async def hop(self, served: Served | None) -> NextHop:
         """A next hop with STARTTLS presenting ``served`` (None: no STARTTLS)."""
@@ -87,7 +88,7 @@ class Rig:
             hostname="coffer.test", data_dir=self.data_dir,
             delivery=DeliveryConfig(routes={"*": "mx"}, connect_timeout=5.0,
                                     command_timeout=5.0, dane=self.dane,
-                                    mta_sts=self.mta_sts),
+                                    mta_sts=self.mta_sts, mx_tls=self.mx_tls),
             dns=DnsConfig(nameservers=[self.zone.nameserver], timeout=2.0),
         )
         resolver = MxResolver([self.zone.nameserver], timeout=2.0,
@@ -227,6 +228,14 @@ async def test_a_host_failing_dane_is_passed_over_for_the_next_mx(rig: Rig) -> N
     assert out.status is RcptStatus.DELIVERED, out.reply
     assert out.remote.startswith(MX2)
     assert hop.connections == 2 and len(hop.received) == 1
+
+
+async def test_dane_overrides_mx_tls_off(rig: Rig) -> None:
+    hop = await rig.mx1(rig.pki.selfsigned, 3, 1, 1, spki_sha256(rig.pki.selfsigned.leaf))
+    rig.mx_tls = "off"
+    out = await rig.send(hop.port)
+    assert out.status is RcptStatus.DELIVERED, out.reply
+    assert [m.tls for m in hop.received] == [True]
 
 
 async def test_switched_off_dane_ignores_tlsa_records(rig: Rig) -> None:
