@@ -327,6 +327,15 @@ class DeliveryConfig(_Model):
         "STARTTLS with a verified certificate, else 451 4.7.5 and retry; testing mode "
         "is logged. Routes to smtp:// next hops keep their own tls="
     )
+    dane: bool = Field(
+        True, description="DANE for SMTP (RFC 7672) on MX-routed delivery: when the "
+        "domain's MX records and an MX host's addresses are DNSSEC-validated (the AD bit "
+        "of dns.nameservers, which must then be a validating resolver on loopback, e.g. "
+        "unbound) and the host publishes TLSA records, STARTTLS is mandatory and the "
+        "certificate must match a DANE-EE/DANE-TA record, else 451 4.7.5 and the next MX "
+        "host; takes precedence over MTA-STS and mx_tls. Without a validating resolver "
+        "no answer is secure and it never applies"
+    )
     mta_sts_timeout: Duration = Field(
         10.0, gt=0, description="Time limit for fetching one MTA-STS policy over HTTPS "
         "(RFC 8461 §3.3)"

@@ -55,6 +55,17 @@ MTA_STS_REFUSED = Counter(
     "domain's MTA-STS policy in enforce mode, by reason (mx_mismatch, tls)", ["reason"],
     registry=REGISTRY,
 )
+DANE_SESSIONS = Counter(
+    "coffer_dane_sessions_total", "Delivery attempts to MX hosts with DNSSEC-validated "
+    "TLSA records (RFC 7672), by mode (dane: certificate checked against the records, "
+    "encrypt: only unusable records, TLS without authentication)", ["mode"],
+    registry=REGISTRY,
+)
+DANE_REFUSED = Counter(
+    "coffer_dane_refused_total", "MX hosts not used because DANE (RFC 7672) failed, by "
+    "reason (tlsa_lookup: the TLSA lookup failed; tls: no STARTTLS, handshake failed or "
+    "certificate matched no record)", ["reason"], registry=REGISTRY,
+)
 
 _STAGE_TIMERS: dict[str, Histogram] = {}
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from gateway import log
 from gateway.config import Config
-from gateway.deliver import maildir
+from gateway.deliver import dane, maildir
 from gateway.deliver.mta_sts import Policy
 from gateway.deliver.mta_sts_fetch import PolicySource
 from gateway.deliver.mx import MxHost, MxResolver, address_literal
@@ -37,7 +37,7 @@ from gateway.deliver.smtp import Destination, SmtpClient, TransactionResult
 from gateway.dsn_params import to_pass_on
 from gateway.envelope import Envelope, domain_of
 from gateway.errors import DeliveryError
-from gateway.metrics import MTA_STS_REFUSED
+from gateway.metrics import DANE_REFUSED, DANE_SESSIONS, MTA_STS_REFUSED
 from gateway.queue.state import RcptStatus
 
 # RFC 5321 §5.1 leaves the number of exchangers to try open; Postfix tries 5 addresses.
@@ -90,7 +90,7 @@ class Deliverer:
         ``mx_port`` and ``sts`` (its HTTPS port) exist for tests on loopback."""
         self.cfg = cfg
         self.routes: dict[str, Route] = parse_routes(cfg.delivery.routes, cfg.data_dir)
-        self.resolver = resolver or MxResolver.from_config(cfg.dns)
+        self.resolver = resolver or MxResolver.from_config(cfg.dns, dnssec=cfg.delivery.dane)
         self.mx_port = mx_port
         self.executor = executor
         if tls_context is None:
@@ -207,7 +207,13 @@ class Deliverer:
         tried = 0
         outcomes: list[Outcome] = []
         for host in hosts:
-            refusal = _sts_screen(policy, domain, host)
+            try:
+                host_dane = await self._dane_policy(domain, host, policy)
+            except _DaneLookupFailed as exc:
+                outcomes = [Outcome(r, RcptStatus.DEFERRED, exc.reply, key, host.name)
+                            for r in rcpts]
+                continue
+            refusal = None if host_dane is not None else _sts_screen(policy, domain, host)
             if refusal is not None:
                 outcomes = [Outcome(r, RcptStatus.DEFERRED, refusal, key, host.name)
                             for r in rcpts]
@@ -217,7 +223,11 @@ class Deliverer:
                     break
                 tried += 1
                 dest = Destination(addr, self.mx_port, tls, host.name)
-                result = await self._send_sts(policy, domain, dest, envelope, data, rcpts)
+                if host_dane is not None:
+                    result = await self._send_dane(host_dane, domain, dest, envelope, data,
+                                                   rcpts)
+                else:
+                    result = await self._send_sts(policy, domain, dest, envelope, data, rcpts)
                 outcomes = _outcomes(result, rcpts, key, dest)
                 # RFC 5321 §5.1: when a host cannot be reached or fails the session
                 # temporarily, try the next one; a per-recipient answer is final for
@@ -226,6 +236,49 @@ class Deliverer:
                         and all(o.status is RcptStatus.DEFERRED for o in outcomes)):
                     return outcomes
         return outcomes
+
+    async def _dane_policy(
+        self, domain: str, host: MxHost, sts: Policy | None
+    ) -> dane.HostPolicy | None:
+        """How DANE (RFC 7672) has this MX host be talked to, or None when it does
+        not apply (then MTA-STS or ``delivery.mx_tls`` do, as without DANE).
+
+        §2.2.1, §2.2.2: only a host reached through secure MX and address records
+        has its TLSA records looked up (``_<port>._tcp.<host>``, the port we connect
+        to).  §2.1.1: when that lookup fails the host is not used
+        (:class:`_DaneLookupFailed`): the failure may be an attacker's.
+        """
+        if not self.cfg.delivery.dane or not host.secure:
+            return None
+        answer = await self.resolver.tlsa(host.name, self.mx_port)
+        if answer is None:
+            raise _DaneLookupFailed(_dane_refusal(domain, host.name, "TLSA lookup failed",
+                                                  "tlsa_lookup"))
+        found = dane.host_policy(answer)
+        if found is not None and found.mode == "encrypt" and sts is not None \
+                and sts.mode == "enforce":
+            # Only unusable records: DANE asks for TLS without authentication, an
+            # enforced MTA-STS policy asks for more (a PKIX-valid certificate).
+            return None
+        # RFC 8461 §2: usable TLSA records take precedence over MTA-STS.
+        return found
+
+    async def _send_dane(
+        self, host_dane: dane.HostPolicy, domain: str, dest: Destination, envelope: Envelope,
+        data: bytes, rcpts: list[str],
+    ) -> TransactionResult:
+        """:meth:`_send` to a DANE-protected MX host (RFC 7672 §2.2, §3): STARTTLS
+        and, in ``dane`` mode, a certificate matching the TLSA records, or the host
+        is not used (session failed: the next MX host is tried, the recipients are
+        deferred 4.7.5, nothing is ever sent in clear)."""
+        DANE_SESSIONS.labels(host_dane.mode).inc()
+        dest = dataclasses.replace(dest, tls=host_dane.mode, tlsa=host_dane.records)
+        result = await self._send(dest, envelope, data, rcpts)
+        failure = _tls_failure(result)
+        if failure is None:
+            return result
+        reply = _dane_refusal(domain, dest.server_name, failure, "tls")
+        return TransactionResult(dict.fromkeys(rcpts, reply), session_failed=True)
 
     async def _sts_policy(self, domain: str) -> Policy | None:
         """The domain's MTA-STS policy in enforce or testing mode, else None."""
@@ -266,6 +319,22 @@ class Deliverer:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+class _DaneLookupFailed(Exception):
+    """A secure MX host whose TLSA records could not be had; ``reply`` says so."""
+
+    def __init__(self, reply: str) -> None:
+        super().__init__(reply)
+        self.reply = reply
+
+
+def _dane_refusal(domain: str, host: str, why: str, reason: str) -> str:
+    """Log and count an MX host DANE rules out; the reply its recipients get."""
+    DANE_REFUSED.labels(reason).inc()
+    log.event("dane_refused", logging.WARNING, domain=domain, mx=host, reason=why)
+    # RFC 3463 X.7.5 (cryptographic failure), temporary: the queue retries, then bounces.
+    return f"451 4.7.5 DANE: {host}: {why}"
 
 
 def _sts_reply(domain: str, why: str) -> str:

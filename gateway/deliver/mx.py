@@ -8,6 +8,14 @@ Errors are :class:`gateway.errors.DeliveryError` with an SMTP-style reply so the
 worker can record them like a next hop's answer: transient for DNS trouble that
 may pass (timeouts, SERVFAIL), permanent for a domain that does not exist or
 that publishes a null MX (RFC 7505).
+
+For DANE (RFC 7672) the resolver says which answers were DNSSEC-validated.  Like
+Postfix, Coffer does not validate signatures itself: it trusts the AD bit of the
+configured resolver (RFC 6840 §5.7), which must therefore be a validating resolver
+reached over a path nobody can tamper with (unbound on loopback).  With
+``dnssec=True`` the queries carry AD and EDNS0 DO (RFC 3225 §3: DO asks for
+DNSSEC data; some resolvers set AD only then); without a validating resolver no
+answer has AD, every host is "insecure" and DANE simply never applies.
 """
 
 from __future__ import annotations
@@ -20,11 +28,13 @@ from dataclasses import dataclass
 
 import dns.asyncresolver
 import dns.exception
+import dns.flags
 import dns.name
 import dns.nameserver
 import dns.resolver
 
 from gateway.config import DnsConfig, parse_hostport
+from gateway.deliver.dane import Tlsa, TlsaAnswer, tlsa_name
 from gateway.errors import DeliveryError
 
 
@@ -33,6 +43,9 @@ class MxHost:
     name: str  # the exchange (or the domain itself for the implicit MX)
     preference: int
     addresses: tuple[str, ...]
+    # RFC 7672 §2.2.1, §2.2.2: the MX RRset and this host's address records were all
+    # DNSSEC-validated (AD), so its TLSA records are worth looking up.
+    secure: bool = False
 
 
 def _temp(reply: str, message: str) -> DeliveryError:
@@ -60,7 +73,7 @@ def address_literal(domain: str) -> str | None:
 class MxResolver:
     def __init__(
         self, nameservers: Sequence[str] = (), timeout: float = 5.0, *,
-        shuffle: Callable[[list[MxHost]], None] = random.shuffle,
+        shuffle: Callable[[list[MxHost]], None] = random.shuffle, dnssec: bool = False,
     ) -> None:
         if nameservers:
             self._resolver = dns.asyncresolver.Resolver(configure=False)
@@ -73,11 +86,27 @@ class MxResolver:
             self._resolver = dns.asyncresolver.Resolver()
         self._resolver.lifetime = timeout
         self._resolver.timeout = timeout
+        if dnssec:
+            # RFC 6840 §5.7: AD in a query asks for AD in the answer; RFC 3225 §3: DO.
+            self._resolver.use_edns(0, dns.flags.DO, 1232)
+            self._resolver.flags = dns.flags.RD | dns.flags.AD
         self._shuffle = shuffle
 
     @classmethod
-    def from_config(cls, cfg: DnsConfig) -> MxResolver:
-        return cls(cfg.nameservers, cfg.timeout)
+    def from_config(cls, cfg: DnsConfig, *, dnssec: bool = False) -> MxResolver:
+        return cls(cfg.nameservers, cfg.timeout, dnssec=dnssec)
+
+    async def tlsa(self, host: str, port: int) -> TlsaAnswer | None:
+        """The TLSA records of ``host`` for SMTP on ``port`` (RFC 7672 §2.2.3); none
+        when it has none; None when the lookup failed (SERVFAIL, timeout)."""
+        try:
+            answer = await self._resolver.resolve(tlsa_name(host, port), "TLSA", search=False)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return TlsaAnswer((), secure=False)
+        except dns.exception.DNSException:
+            return None
+        records = tuple(Tlsa(r.usage, r.selector, r.mtype, r.cert) for r in answer)
+        return TlsaAnswer(records, _secure(answer))
 
     async def txt(self, name: str) -> list[str] | None:
         """The TXT records at ``name``, each one's strings joined (RFC 7208 §3.3 does
@@ -94,10 +123,12 @@ class MxResolver:
         """The IPv4 then IPv6 addresses of ``name`` (none when the lookups fail)."""
         return (await self._addresses(name))[0]
 
-    async def _addresses(self, name: str) -> tuple[tuple[str, ...], bool]:
-        """(addresses, whether a lookup failed temporarily).  IPv4 first."""
+    async def _addresses(self, name: str) -> tuple[tuple[str, ...], bool, bool]:
+        """(addresses, whether a lookup failed temporarily, whether every address
+        RRset found was DNSSEC-validated).  IPv4 first."""
         out: list[str] = []
         temporary = False
+        secure = True
         for rdtype in ("A", "AAAA"):
             try:
                 answer = await self._resolver.resolve(name, rdtype, search=False)
@@ -106,8 +137,9 @@ class MxResolver:
             except dns.exception.DNSException:
                 temporary = True
                 continue
+            secure = secure and _secure(answer)
             out.extend(r.address for r in answer)
-        return tuple(out), temporary
+        return tuple(out), temporary, secure and bool(out)
 
     async def lookup(self, domain: str) -> list[MxHost]:
         """The hosts to try for ``domain``, most preferred first, each with its addresses."""
@@ -118,6 +150,7 @@ class MxResolver:
         try:
             answer = await self._resolver.resolve(domain, "MX", search=False)
             records = [(int(r.preference), r.exchange.to_text(omit_final_dot=True)) for r in answer]
+            mx_secure = _secure(answer)
         except dns.resolver.NXDOMAIN:
             # RFC 5321 §5.1: a name that does not exist is a permanent failure.
             raise _perm(
@@ -125,6 +158,7 @@ class MxResolver:
             ) from None
         except dns.resolver.NoAnswer:
             records = []
+            mx_secure = False
         except (dns.exception.SyntaxError, dns.name.NameTooLong, UnicodeError) as exc:
             # Not a name DNS can carry (empty or over-long label): no retry can help.
             raise _perm("550 5.1.2 Bad destination domain name",
@@ -137,9 +171,10 @@ class MxResolver:
 
         if not records:
             # RFC 5321 §5.1: no MX records -> the domain itself is the implicit MX.
-            addrs, temporary = await self._addresses(domain)
+            # RFC 7672 §2.2.1: then the domain's own address records decide.
+            addrs, temporary, secure = await self._addresses(domain)
             if addrs:
-                return [MxHost(domain, 0, addrs)]
+                return [MxHost(domain, 0, addrs, secure)]
             if temporary:
                 raise _temp("451 4.4.3 Temporary DNS failure looking up the domain's address",
                             f"{domain}: A/AAAA lookup failed")
@@ -165,10 +200,10 @@ class MxResolver:
         for pref in sorted(hosts_by_pref):
             group = []
             for name in dict.fromkeys(hosts_by_pref[pref]):
-                addrs, temporary = addrs_of[name]
+                addrs, temporary, secure = addrs_of[name]
                 any_temporary = any_temporary or temporary
                 if addrs:
-                    group.append(MxHost(name, pref, addrs))
+                    group.append(MxHost(name, pref, addrs, mx_secure and secure))
             self._shuffle(group)
             out.extend(group)
         if not out:
@@ -178,3 +213,8 @@ class MxResolver:
             raise _temp(f"451 4.4.4 No usable mail exchanger for {domain} ({why})",
                         f"{domain}: MX hosts have no addresses ({why})")
         return out
+
+
+def _secure(answer: dns.resolver.Answer) -> bool:
+    """Whether the validating resolver vouched for the answer (AD, RFC 4035 §3.2.3)."""
+    return bool(answer.response.flags & dns.flags.AD)

@@ -27,6 +27,13 @@ TLS per route (RFC 3207):
   required       STARTTLS must be offered and succeed with a verified certificate;
                  otherwise the recipients are deferred (4.7.10) and nothing is sent
   implicit       TLS from the first byte (port 465, RFC 8314 §3.3), verified
+and, for MX hosts that publish DNSSEC-signed TLSA records (RFC 7672, chosen by
+gateway/deliver/deliverer.py, never by a route):
+  dane           STARTTLS must be offered and succeed, and the certificate chain the
+                 server sent must match one of the destination's TLSA records
+                 (gateway/deliver/dane.py) before MAIL FROM; no CA is involved
+  encrypt        STARTTLS must be offered and succeed, the certificate is not checked
+                 (RFC 7672 §2.2: TLSA records present but none usable)
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import aiosmtplib
 from aiosmtplib import (
@@ -53,9 +60,15 @@ from aiosmtplib import (
 )
 from aiosmtplib.protocol import SMTPProtocol, normalize_message_line_endings
 
+from gateway.deliver import dane
 from gateway.deliver.routes import TlsMode
 
 _T = TypeVar("_T")
+
+# A route's TLS modes, and the two only DANE (RFC 7672) asks for.
+SessionTls = Literal[TlsMode, "dane", "encrypt"]
+# The modes in which the session must not go on in clear (RFC 3207 §4).
+_MANDATORY = ("required", "dane", "encrypt")
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,8 +77,9 @@ class Destination:
 
     host: str  # what to connect to: an IP address, or a name for a smarthost
     port: int
-    tls: TlsMode
+    tls: SessionTls
     server_name: str  # the name the certificate must carry (SNI), and for logs
+    tlsa: tuple[dane.Tlsa, ...] = ()  # usable TLSA records, for tls="dane"
 
     @property
     def label(self) -> str:
@@ -164,11 +178,13 @@ class SmtpClient:
         # Use RFC 2920 PIPELINING when the next hop offers it (False: always one by
         # one; the tests compare both paths against the same server).
         self.pipelining = pipelining
-        self._pools: dict[tuple[str, int, str, str], _Pool] = {}
+        self._pools: dict[tuple[str, int, str, str, tuple[dane.Tlsa, ...]], _Pool] = {}
         self.connections_opened = 0  # for tests and metrics: how much reuse we get
 
     def _pool(self, dest: Destination) -> _Pool:
-        key = (dest.host, dest.port, dest.tls, dest.server_name)
+        # The TLSA records are part of the key: a connection authenticated by one
+        # set of records is not reused once DNS publishes another.
+        key = (dest.host, dest.port, dest.tls, dest.server_name, dest.tlsa)
         pool = self._pools.get(key)
         if pool is None:
             pool = self._pools[key] = _Pool(asyncio.Semaphore(self.destination_concurrency))
@@ -186,7 +202,7 @@ class SmtpClient:
             await smtp.connect(timeout=self.connect_timeout)
             self.connections_opened += 1
             await self._ehlo(smtp)
-            if dest.tls in ("required", "opportunistic"):
+            if dest.tls in ("opportunistic", *_MANDATORY):
                 await self._starttls(smtp, dest)
         except _SessionError:
             await _close(smtp, quit=True)
@@ -212,6 +228,7 @@ class SmtpClient:
             await smtp.helo()
 
     async def _starttls(self, smtp: aiosmtplib.SMTP, dest: Destination) -> None:
+        mandatory = dest.tls in _MANDATORY
         if not smtp.supports_extension("starttls"):
             if dest.tls == "required":
                 # RFC 3207 §4: a client that requires TLS must not continue in clear.
@@ -219,12 +236,16 @@ class SmtpClient:
                     "451 4.7.10 TLS required for this route but the next hop "
                     "does not offer STARTTLS"
                 )
+            if mandatory:  # RFC 7672 §2.2: a DANE host without STARTTLS is not used
+                raise _SessionError("451 4.7.10 next hop does not offer STARTTLS")
             return
+        # DANE authenticates with the TLSA records, not a CA (RFC 7672 §3.1): the
+        # handshake itself checks nothing, the chain is judged below.
         ctx = self.verified_context if dest.tls == "required" else self.opportunistic_context
         try:
             await smtp.starttls(server_hostname=dest.server_name, tls_context=ctx)
         except SMTPResponseException as exc:
-            if dest.tls == "required" or not smtp.is_connected:
+            if mandatory or not smtp.is_connected:
                 raise _SessionError(
                     f"451 4.7.10 STARTTLS refused by next hop: {_fmt(exc.code, exc.message)}"
                 ) from None
@@ -232,6 +253,11 @@ class SmtpClient:
         except (ssl.SSLError, SMTPException, OSError) as exc:
             raise _SessionError(f"451 4.7.10 TLS handshake with {dest.label} failed: {exc}") \
                 from None
+        if dest.tls == "dane":
+            # RFC 7672 §3: authenticated before anything else is said over TLS.
+            why = dane.verify(dest.tlsa, peer_chain(smtp), (dest.server_name,))
+            if why is not None:
+                raise _SessionError(f"451 4.7.10 {why}")
         # RFC 3207 §4.2: forget what the server said before TLS, and ask again.
         await smtp.ehlo()
 
@@ -541,6 +567,25 @@ class SmtpClient:
             *(_close(conn.smtp, quit=True) for pool in pools.values() for conn in pool.idle),
             return_exceptions=True,
         )
+
+
+def peer_chain(smtp: aiosmtplib.SMTP) -> list[bytes]:
+    """The certificates the server sent in the TLS handshake (DER, leaf first),
+    unverified.
+
+    Python 3.13 has ``SSLObject.get_unverified_chain()``; 3.11 and 3.12 have it only
+    on the private ``_sslobj`` (returning ``_ssl.Certificate`` objects).  Both are
+    used here and only here, so moving to 3.13 changes this one function.
+    """
+    ssl_object = smtp.get_transport_info("ssl_object")
+    if ssl_object is None:
+        return []
+    getter = getattr(ssl_object, "get_unverified_chain", None)
+    if getter is None:
+        getter = ssl_object._sslobj.get_unverified_chain
+    chain = getter() or []
+    return [c if isinstance(c, bytes) else c.public_bytes(ssl._ssl.ENCODING_DER)  # type: ignore[attr-defined]
+            for c in chain]
 
 
 def _network_reply(exc: BaseException, dest: Destination) -> str:

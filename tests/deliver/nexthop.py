@@ -5,7 +5,9 @@ per recipient, to answer 250, a 4xx or a 5xx, or to drop the connection; it
 records every message it accepted and every connection and MAIL command it saw.
 
 ``DnsZone`` is a real DNS server (dnslib) on 127.0.0.1 (random UDP port) answering
-from a small in-test zone.
+from a small in-test zone.  It can play a validating resolver for DANE: answers
+for the names in ``secure`` carry the AD bit (RFC 4035 §3.2.3), and it serves TLSA
+records.
 
 Both the tests under tests/deliver and tests/queue use these (the queue's
 conftest loads this file by path).
@@ -27,7 +29,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from dnslib import AAAA, MX, QTYPE, RCODE, RR, TXT, A, DNSLabel, DNSRecord
+from dnslib import AAAA, MX, QTYPE, RCODE, RR, TLSA, TXT, A, DNSLabel, DNSRecord
 from dnslib.server import DNSHandler, DNSLogger, DNSServer
 
 DROP = "drop"
@@ -226,6 +228,7 @@ class _ZoneResolver:
     def __init__(self, records: list[RR]) -> None:
         self.records = records
         self.servfail: set[str] = set()
+        self.secure: set[str] = set()  # names whose answers are "validated" (AD)
 
     def resolve(self, request: DNSRecord, handler: DNSHandler) -> DNSRecord:
         reply = request.reply()
@@ -234,6 +237,9 @@ class _ZoneResolver:
         if str(qname).lower().rstrip(".") in self.servfail:
             reply.header.rcode = RCODE.SERVFAIL
             return reply
+        # dnslib's reply() copies the query's flags, AD included: only "validated"
+        # names may keep it.
+        reply.header.ad = int(str(qname).lower().rstrip(".") in self.secure)
         names = {str(rr.rname).lower() for rr in self.records}
         matched = False
         for rr in self.records:
@@ -272,6 +278,15 @@ class DnsZone:
 
     def aaaa(self, name: str, addr: str) -> None:
         self.add(RR(DNSLabel(name), QTYPE.AAAA, rdata=AAAA(addr), ttl=60))
+
+    def tlsa(self, name: str, usage: int, selector: int, mtype: int, data: bytes) -> None:
+        self.add(RR(DNSLabel(name), QTYPE.TLSA, rdata=TLSA(usage, selector, mtype, data),
+                    ttl=60))
+
+    def secure(self, *names: str) -> None:
+        """Answer for ``names`` with the AD bit, as a validating resolver would for
+        DNSSEC-signed data."""
+        self.resolver.secure.update(n.lower().rstrip(".") for n in names)
 
     def txt(self, name: str, *texts: str) -> None:
         """Replace the TXT records at ``name`` (none given: remove them)."""

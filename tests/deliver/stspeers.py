@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-def _openssl(*args: str, cwd: Path) -> None:
+def openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
 
 
@@ -25,25 +25,30 @@ class StsCa:
 
     def server_context(self, *names: str) -> ssl.SSLContext:
         """A server context whose certificate, signed by the CA, is valid for ``names``."""
+        crt, key = self.leaf(*names)
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(crt, key)
+        return ctx
+
+    def leaf(self, *names: str) -> tuple[Path, Path]:
+        """(certificate, key) PEM files of a certificate signed by the CA for ``names``."""
         stem = names[0].replace("*", "star")
         key, csr, crt, ext = (self.dir / f"{stem}.{s}" for s in ("key", "csr", "pem", "ext"))
         if not crt.exists():
             ext.write_text("subjectAltName=" + ",".join(f"DNS:{n}" for n in names) + "\n"
                            "extendedKeyUsage=serverAuth\n")
-            _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+            openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
                      "-nodes", "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={names[0]}",
                      cwd=self.dir)
-            _openssl("x509", "-req", "-in", str(csr), "-CA", str(self.ca_pem), "-CAkey",
+            openssl("x509", "-req", "-in", str(csr), "-CA", str(self.ca_pem), "-CAkey",
                      str(self.dir / "ca.key"), "-CAcreateserial", "-days", "2", "-sha256",
                      "-extfile", str(ext), "-out", str(crt), cwd=self.dir)
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(crt, key)
-        return ctx
+        return crt, key
 
 
 def make_ca(tmp: Path) -> StsCa:
     tmp.mkdir(parents=True, exist_ok=True)
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
              "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=Coffer STS test CA",
              "-addext", "basicConstraints=critical,CA:TRUE",
              "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=tmp)

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -86,21 +85,6 @@ async def rig(ca: StsCa, dns_zone: DnsZone, tmp_path: Path) -> AsyncIterator[Rig
     yield Rig(dns_zone, https, hop, ca, tmp_path, {"*": "mx"})
     await hop.stop()
     await https.stop()
-
-
-@pytest.fixture
-def events(caplog: pytest.LogCaptureFixture) -> Iterator[Any]:
-    logger = logging.getLogger("coffer")
-    logger.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="coffer")
-
-    def named(name: str) -> list[dict[str, Any]]:
-        # The handler may see a record twice (directly and through propagation).
-        records = {id(r): r for r in caplog.records}.values()
-        return [r.__dict__["fields"] for r in records if r.getMessage() == name]
-
-    yield named
-    logger.removeHandler(caplog.handler)
 
 
 def _fetches(result: str) -> float:

@@ -103,3 +103,43 @@ async def test_domain_name_dns_cannot_carry_is_a_permanent_failure(dns_zone: Dns
     with pytest.raises(DeliveryError) as err:
         await _resolver(dns_zone).lookup("a" * 70 + ".test")  # label over 63 octets
     assert not err.value.transient
+
+
+async def test_mx_host_is_secure_only_when_mx_and_its_addresses_were_validated(
+    dns_zone: DnsZone,
+) -> None:
+    # RFC 7672 §2.2.1, §2.2.2: the AD bit of the (validating) resolver on each RRset.
+    dns_zone.mx("signed.test", 10, "a.signed.test")
+    dns_zone.mx("signed.test", 20, "b.signed.test")
+    dns_zone.a("a.signed.test", "127.0.0.1")
+    dns_zone.a("b.signed.test", "127.0.0.1")
+    dns_zone.secure("signed.test", "a.signed.test")  # b's address is not signed
+    resolver = MxResolver([dns_zone.nameserver], timeout=2.0, shuffle=lambda hosts: None,
+                          dnssec=True)
+    hosts = await resolver.lookup("signed.test")
+    assert [(h.name, h.secure) for h in hosts] == [("a.signed.test", True),
+                                                   ("b.signed.test", False)]
+    dns_zone.resolver.secure.discard("signed.test")  # an unsigned MX RRset taints all
+    assert [h.secure for h in await resolver.lookup("signed.test")] == [False, False]
+
+
+async def test_implicit_mx_is_secure_when_the_domain_address_is(dns_zone: DnsZone) -> None:
+    dns_zone.a("plain.test", "127.0.0.1")
+    dns_zone.secure("plain.test")
+    resolver = MxResolver([dns_zone.nameserver], timeout=2.0, dnssec=True)
+    assert await resolver.lookup("plain.test") == [
+        MxHost("plain.test", 0, ("127.0.0.1",), secure=True)]
+
+
+async def test_tlsa_lookup_tells_records_security_and_failure(dns_zone: DnsZone) -> None:
+    dns_zone.a("mx.signed.test", "127.0.0.1")
+    dns_zone.tlsa("_25._tcp.mx.signed.test", 3, 1, 1, b"\1" * 32)
+    dns_zone.secure("_25._tcp.mx.signed.test")
+    dns_zone.resolver.servfail.add("_26._tcp.mx.signed.test")
+    resolver = MxResolver([dns_zone.nameserver], timeout=2.0, dnssec=True)
+    answer = await resolver.tlsa("mx.signed.test", 25)
+    assert answer is not None and answer.secure
+    assert [str(r) for r in answer.records] == ["3 1 1 " + "01" * 32]
+    none = await resolver.tlsa("other.signed.test", 25)  # NXDOMAIN
+    assert none is not None and none.records == ()
+    assert await resolver.tlsa("mx.signed.test", 26) is None

@@ -293,7 +293,7 @@ async def test_reply_timeout_defers_and_closes(scripted: list[GroupServer]) -> N
     client = _client(command_timeout=0.3)
     try:
         res = await client.send(_dest(srv.port), "a@src.test", ["a@dst.test"], MSG)
-        idle = client._pools[("127.0.0.1", srv.port, "off", "scripted.test")].idle
+        idle = client._pools[("127.0.0.1", srv.port, "off", "scripted.test", ())].idle
     finally:
         await client.aclose()
     assert res.replies["a@dst.test"].startswith("451 4.4.2 Timeout talking to scripted.test")
