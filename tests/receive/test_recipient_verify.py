@@ -210,8 +210,9 @@ async def test_a_probe_follows_the_routes_tls_rules(
         refusal = await verified.refusal(_mb(f"nobody@{LOCAL}"))
         assert refusal is not None and refusal.reason == REASON_REFUSED_BY_HOP
         # The system trust store does not know the test CA: no answer, as delivery
-        # would not send there either.
-        unverified = _gate(gates, cfg)
+        # would not send there either.  (Another data_dir: not the first one's verdict.)
+        (tmp_path / "other").mkdir()
+        unverified = _gate(gates, cfg.model_copy(update={"data_dir": tmp_path / "other"}))
         refusal = await unverified.refusal(_mb(f"nobody@{LOCAL}"))
         assert refusal is not None and refusal.reason == REASON_UNVERIFIED
         assert "4.7.10" in refusal.detail
