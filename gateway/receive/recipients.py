@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 from gateway.config import RecipientsConfig
 from gateway.deliver.routes import Route, SmtpRoute, select_route
@@ -97,17 +97,23 @@ def parse_recipient_list(text: str, file: str) -> RecipientList:
         if not line:
             continue
         try:
-            if line.startswith("@"):
-                domains.add(domain_to_ascii(_plain_domain(line[1:])))
-            else:
-                mailbox = parse_path(f"<{line}>")
-                if mailbox.is_literal or mailbox.route:
-                    raise AddressError("an address literal or source route is not a recipient")
-                addresses.add(recipient_key(mailbox))
+            kind, value = address_or_domain(line)
+            (domains if kind == "domain" else addresses).add(value)
         except AddressError as exc:
             raise ConfigError(f"{line!r} is not an address or @domain: {exc}", file=file,
                               line=lineno) from None
     return RecipientList(frozenset(addresses), frozenset(domains))
+
+
+def address_or_domain(text: str) -> tuple[Literal["address", "domain"], str]:
+    """``user@domain`` as ("address", its recipient_key()) or ``@domain`` as ("domain",
+    its A-label); AddressError if it is neither (or an address literal, a source route)."""
+    if text.startswith("@"):
+        return "domain", domain_to_ascii(_plain_domain(text[1:]))
+    mailbox = parse_path(f"<{text}>")
+    if mailbox.is_literal or mailbox.route:
+        raise AddressError("an address literal or source route is not a recipient")
+    return "address", recipient_key(mailbox)
 
 
 def _plain_domain(domain: str) -> str:
