@@ -148,7 +148,7 @@ class RecipientGate:
     @classmethod
     def from_config(
         cls, cfg: Config, *, tls_context: ssl.SSLContext | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.time,
     ) -> RecipientGate:
         """Read the list file (ConfigError with file and line) and set up probing.
 
