@@ -9,79 +9,42 @@ or gateway opens the file with its own SQLite connection, as each worker does.
 from __future__ import annotations
 
 import sqlite3
-import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from receive_helpers import LOCAL, Connect, StartGateway
 
-from gateway.config import Config
-from gateway.receive.addresses import Mailbox, parse_path
+# The next hop of the delivery tests (conftest.py puts it on the path; `hop` knows every
+# user but nobody@, 550, and busy@, 450).
+from nexthop import NextHop
+from receive_helpers import (
+    LOCAL,
+    Clock,
+    Connect,
+    StartGateway,
+    mailbox,
+    make_gate,
+    rcpt_replies,
+    verify_config,
+)
+
+from gateway.receive.addresses import Mailbox
 from gateway.receive.recipient_probe import RecipientGate
 from gateway.receive.verify_store import FILE_NAME
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "deliver"))
-from nexthop import NextHop
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-async def hop() -> AsyncIterator[NextHop]:
-    """A mail store that knows every user but nobody@ (550) and busy@ (450)."""
-    h = NextHop(rules={f"nobody@{LOCAL}": "550 5.1.1 User unknown",
-                       f"busy@{LOCAL}": "450 4.2.1 Mailbox busy, try later"})
-    await h.start()
-    yield h
-    await h.stop()
-
-
-@pytest.fixture
-async def gates() -> AsyncIterator[list[RecipientGate]]:
-    made: list[RecipientGate] = []
-    yield made
-    for g in made:
-        await g.aclose()
-
-
-def _cfg(tmp_path: Path, port: int, **recipients: Any) -> Config:
-    return Config.model_validate({
-        "data_dir": str(tmp_path),
-        "relay": {"local_domains": [LOCAL], "recipients": {"verify": True, **recipients}},
-        "delivery": {"routes": {LOCAL: f"smtp://127.0.0.1:{port}?tls=off"}},
-    })
-
-
-def _gate(gates: list[RecipientGate], cfg: Config, clock: Clock) -> RecipientGate:
-    gate = RecipientGate.from_config(cfg, clock=clock)
-    gates.append(gate)
-    return gate
-
 
 def _mb(local: str) -> Mailbox:
-    return parse_path(f"<{local}@{LOCAL}>")
+    return mailbox(f"{local}@{LOCAL}")
+
+
+async def _rcpt(port: int, raw: Connect, *locals_: str) -> list[str]:
+    return await rcpt_replies(port, raw, *(f"{local}@{LOCAL}" for local in locals_))
 
 
 def _rows_in_file(tmp_path: Path) -> list[str]:
     """Every address in the file, expired or not (what `cache list` does not show)."""
     with sqlite3.connect(tmp_path / FILE_NAME) as db:
         return [r[0] for r in db.execute("SELECT address FROM verdicts ORDER BY address")]
-
-
-async def _rcpt(port: int, raw: Connect, *locals_: str) -> list[str]:
-    c = await raw(port)
-    await c.line()
-    await c.cmd("EHLO client.example")
-    await c.cmd("MAIL FROM:<a@ext.example>")
-    return [await c.cmd(f"RCPT TO:<{local}@{LOCAL}>") for local in locals_]
 
 
 async def test_two_gateways_on_one_data_dir_probe_an_address_once(
@@ -117,12 +80,12 @@ async def test_an_expired_answer_is_asked_again_by_any_gate_and_purged_from_the_
     tmp_path: Path, hop: NextHop, gates: list[RecipientGate]
 ) -> None:
     clock = Clock()
-    cfg = _cfg(tmp_path, hop.port, positive_ttl="1d", negative_ttl="1h")
-    first = _gate(gates, cfg, clock)
+    cfg = verify_config(tmp_path, hop.port, positive_ttl="1d", negative_ttl="1h")
+    first = make_gate(gates, cfg, clock)
     await first.refusal(_mb("alice"))
     await first.refusal(_mb("nobody"))
     clock.now += 3600  # the refusal expires, the acceptance holds
-    second = _gate(gates, cfg, clock)
+    second = make_gate(gates, cfg, clock)
     assert await second.refusal(_mb("alice")) is None
     assert hop.rcpt_args == [f"TO:<alice@{LOCAL}>", f"TO:<nobody@{LOCAL}>"]
     await second.refusal(_mb("bob"))  # the second gate's first answer purges expired rows
@@ -152,7 +115,7 @@ async def test_an_unusable_file_falls_back_to_memory_with_one_log_line(
 ) -> None:
     caplog.set_level("INFO", logger="coffer")
     (tmp_path / FILE_NAME).mkdir()  # SQLite cannot open a directory
-    gate = _gate(gates, _cfg(tmp_path, hop.port), Clock())
+    gate = make_gate(gates, verify_config(tmp_path, hop.port), Clock())
     for local in ("alice", "nobody", "alice", "nobody"):
         await gate.refusal(_mb(local))
     assert hop.rcpt_args == [f"TO:<alice@{LOCAL}>", f"TO:<nobody@{LOCAL}>"]  # remembered
@@ -164,8 +127,8 @@ async def test_an_unusable_file_falls_back_to_memory_with_one_log_line(
 async def test_with_the_cache_off_each_gate_remembers_for_itself_and_no_file_is_made(
     tmp_path: Path, hop: NextHop, gates: list[RecipientGate]
 ) -> None:
-    cfg = _cfg(tmp_path, hop.port, cache=False)
-    for gate in (_gate(gates, cfg, Clock()), _gate(gates, cfg, Clock())):
+    cfg = verify_config(tmp_path, hop.port, cache=False)
+    for gate in (make_gate(gates, cfg, Clock()), make_gate(gates, cfg, Clock())):
         await gate.refusal(_mb("nobody"))
         await gate.refusal(_mb("nobody"))
     assert hop.rcpt_args == [f"TO:<nobody@{LOCAL}>"] * 2
