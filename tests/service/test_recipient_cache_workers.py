@@ -7,7 +7,7 @@ import signal
 import smtplib
 from pathlib import Path
 
-from svcproc import Gateway, Sink, free_port, write_config
+from svcproc import Gateway, Sink, start_relay
 
 CLIENTS = 12
 
@@ -29,21 +29,18 @@ def _rcpts(port: int, address: str) -> list[int]:
             s.close()
 
 
+def _two_workers_verifying(cfg: Path) -> None:
+    text = cfg.read_text().replace("  workers: 1\n", "  workers: 2\n")
+    cfg.write_text(text.replace('  local_domains: ["gw.test"]\n',
+                                '  local_domains: ["gw.test"]\n  recipients: {verify: true}\n'))
+
+
 def test_two_workers_and_a_restart_probe_an_address_once(
     tmp_path: Path, procs: list[Gateway | Sink]
 ) -> None:
-    sink = Sink(free_port(), tmp_path / "sink.jsonl")
-    procs.append(sink.start())
-    port = free_port()
-    cfg = write_config(tmp_path / "coffer.yaml", port=port, local_domains=["gw.test"],
-                       routes={"*": f"smtp://127.0.0.1:{sink.port}?tls=off"}, workers=2)
-    cfg.write_text(cfg.read_text().replace(
-        "  trusted_networks: []\n",
-        "  trusted_networks: []\n  recipients:\n    verify: true\n"))
-    gw = Gateway(cfg, port, tmp_path / "coffer.log")
-    procs.append(gw.start())
+    _cfg, gw = start_relay(tmp_path, procs, configure=_two_workers_verifying)
     gw.wait_event("started", count=2)
-
+    port = gw.port
     assert _rcpts(port, "alice@gw.test") == [250] * CLIENTS
     assert {e.get("worker") for e in gw.events("smtp_connect")} == {0, 1}
     assert len(gw.events("recipient_verified")) == 1
