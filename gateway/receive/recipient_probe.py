@@ -11,9 +11,8 @@ The answers are kept in ``DATA_DIR/recipients.db``, shared by the workers and ke
 across restarts (:mod:`gateway.receive.verify_store`), or in memory with
 ``relay.recipients.cache: false``.  Concurrent RCPTs for the same address in one
 process (one message to many sessions, or a client retrying) share one probe; every
-probe is bounded by
-``relay.recipients.verify_timeout``, well below a client's RCPT timeout
-(RFC 5321 §4.5.3.2.3: five minutes).
+probe is bounded by ``relay.recipients.verify_timeout``, well below a client's RCPT
+timeout (RFC 5321 §4.5.3.2.3: five minutes).
 """
 
 from __future__ import annotations

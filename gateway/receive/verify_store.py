@@ -10,8 +10,10 @@ new address at the same moment may both probe (each shares its probe with its ow
 concurrent RCPTs only); the later answer replaces the earlier, which is harmless.
 
 Expired rows are deleted as the gateway goes (at the first answer stored, then every
-:data:`PURGE_EVERY`).  If the file cannot be opened or used (permissions, disk full, not
-a database), verification goes on in memory for this process, as it did before the file
+:data:`PURGE_EVERY`), and then, beyond :data:`MAX_ROWS` (addresses come from the
+Internet: a dictionary attack leaves one "unknown" row per guess), those that would
+expire first.  If the file cannot be opened or used (permissions, disk full, not a
+database), verification goes on in memory for this process, as it did before the file
 existed; ``recipient_cache_unavailable`` is logged once.
 """
 
@@ -28,6 +30,7 @@ from gateway.shared_db import SharedDb
 
 FILE_NAME = "recipients.db"
 PURGE_EVERY = 500  # answers stored between two deletions of expired rows
+MAX_ROWS = 100_000  # as many as the in-memory cache holds
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS verdicts (
@@ -49,8 +52,11 @@ class VerdictRow:
 class VerdictStore:
     """The verdicts file; every method may raise sqlite3.Error."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, max_rows: int = MAX_ROWS,
+                 purge_every: int = PURGE_EVERY) -> None:
         self.path = path
+        self.max_rows = max_rows
+        self.purge_every = purge_every
         self._file = SharedDb(path, _SCHEMA)
         self._puts = 0
 
@@ -69,8 +75,14 @@ class VerdictStore:
                        (key, key.rpartition("@")[2], answer.verdict.value, answer.reply,
                         answer.checked, answer.expires))
             self._puts += 1
-            if self._puts % PURGE_EVERY == 1:
-                db.execute("DELETE FROM verdicts WHERE expires <= ?", (answer.checked,))
+            if self._puts % self.purge_every == 1 % self.purge_every:
+                self._purge(db, answer.checked)
+
+    def _purge(self, db: sqlite3.Connection, now: float) -> None:
+        db.execute("DELETE FROM verdicts WHERE expires <= ?", (now,))
+        db.execute("DELETE FROM verdicts WHERE address IN (SELECT address FROM verdicts "
+                   "ORDER BY expires LIMIT max(0, (SELECT count(*) FROM verdicts) - ?))",
+                   (self.max_rows,))
 
     def rows(self, now: float) -> list[VerdictRow]:
         """Every answer still holding at ``now``, by address."""

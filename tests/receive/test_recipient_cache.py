@@ -30,7 +30,8 @@ from receive_helpers import (
 
 from gateway.receive.addresses import Mailbox
 from gateway.receive.recipient_probe import RecipientGate
-from gateway.receive.verify_store import FILE_NAME
+from gateway.receive.recipients import Cached, Verdict
+from gateway.receive.verify_store import FILE_NAME, VerdictStore
 
 
 def _mb(local: str) -> Mailbox:
@@ -133,3 +134,15 @@ async def test_with_the_cache_off_each_gate_remembers_for_itself_and_no_file_is_
         await gate.refusal(_mb("nobody"))
     assert hop.rcpt_args == [f"TO:<nobody@{LOCAL}>"] * 2
     assert not (tmp_path / FILE_NAME).exists()
+
+
+def test_the_file_keeps_at_most_max_rows_dropping_those_that_expire_first(
+    tmp_path: Path,
+) -> None:
+    store = VerdictStore(tmp_path / FILE_NAME, max_rows=2, purge_every=1)
+    try:
+        for i, ttl in enumerate((300.0, 100.0, 400.0, 200.0)):
+            store.put(f"u{i}@{LOCAL}", Cached(Verdict.UNKNOWN, "550", 1000.0 + ttl, 1000.0))
+        assert [r.address for r in store.rows(1000.0)] == [f"u0@{LOCAL}", f"u2@{LOCAL}"]
+    finally:
+        store.close()
