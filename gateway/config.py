@@ -168,6 +168,11 @@ class RecipientsConfig(_Model):
         60.0, gt=0, description="How long a probe without an answer (4xx, no connection, "
         "timeout) is remembered before the next hop is asked again",
     )
+    cache: bool = Field(
+        True, description="Keep the next hop's answers in DATA_DIR/recipients.db, shared by "
+        "the worker processes and kept across restarts (inspect and forget them with `coffer "
+        "recipients cache`); false: in memory, per process, forgotten on restart and SIGHUP",
+    )
     undetermined: Literal["tempfail", "accept"] = Field(
         "tempfail", description="RCPT reply when a probe gets no answer: tempfail (450 "
         "4.1.1, the client retries; Postfix's default) or accept",

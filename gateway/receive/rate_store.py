@@ -3,9 +3,8 @@
 One SQLite file in WAL mode, one row per counter (rule, kind, key) holding its
 sliding-window state (:class:`gateway.receive.rate_limits.Window`).  A MAIL or RCPT
 charges its counters in one ``BEGIN IMMEDIATE`` transaction, so two workers cannot both
-take the last message of a limit.  ``synchronous=NORMAL``: a commit is not fsynced
-(WAL), a power cut may lose the last counts, which only lets a client send a little
-more; a counter is not worth a disk flush on every submission.
+take the last message of a limit.  The file is a :class:`gateway.shared_db.SharedDb`: a
+power cut may lose the last counts, which only lets a client send a little more.
 
 If the file cannot be used (disk full, permissions), mail is not refused: the limit is
 a guard against abuse, not a reason to stop every user; the error is logged.
@@ -15,15 +14,14 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from gateway import log
 from gateway.receive.rate_limits import Charge, Refused, Window, advance, charge, estimate
+from gateway.shared_db import SharedDb
 
 FILE_NAME = "ratelimit.db"
-BUSY_TIMEOUT_MS = 2000
 PURGE_EVERY = 1000  # takes between two deletions of counters idle for two windows
 
 _SCHEMA = """
@@ -59,24 +57,13 @@ class RateStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._db: sqlite3.Connection | None = None
-        self._lock = threading.Lock()
+        self._file = SharedDb(path, _SCHEMA)
+        self._lock = self._file.lock
+        self._conn = self._file.conn
         self._takes = 0
 
-    def _conn(self) -> sqlite3.Connection:
-        if self._db is None:
-            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                                 timeout=BUSY_TIMEOUT_MS / 1000)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.execute(_SCHEMA)
-            self._db = db
-        return self._db
-
     def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        self._file.close()
 
     def take(self, now: float, charges: list[Charge]) -> Refused | None:
         try:

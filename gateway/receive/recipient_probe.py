@@ -7,10 +7,12 @@ this module reads the list file and runs the probes, through the delivery
 SMTP client (:meth:`gateway.deliver.smtp.SmtpClient.probe`) so that a probe
 follows the route's TLS rules exactly as delivery does.
 
-Concurrent RCPTs for the same address (one message to many sessions, or a
-client retrying) share one probe; every probe is bounded by
-``relay.recipients.verify_timeout``, well below a client's RCPT timeout
-(RFC 5321 §4.5.3.2.3: five minutes).
+The answers are kept in ``DATA_DIR/recipients.db``, shared by the workers and kept
+across restarts (:mod:`gateway.receive.verify_store`), or in memory with
+``relay.recipients.cache: false``.  Concurrent RCPTs for the same address in one
+process (one message to many sessions, or a client retrying) share one probe; every
+probe is bounded by ``relay.recipients.verify_timeout``, well below a client's RCPT
+timeout (RFC 5321 §4.5.3.2.3: five minutes).
 """
 
 from __future__ import annotations
@@ -33,11 +35,13 @@ from gateway.receive.recipients import (
     RecipientList,
     RecipientRules,
     Verdict,
+    VerdictCache,
     VerifyCache,
     load_recipient_list,
     recipient_key,
     verdict_of,
 )
+from gateway.receive.verify_store import FILE_NAME, SharedVerifyCache, VerdictStore
 from gateway.replies import Reply
 
 # Reasons in coffer_messages_rejected_total and the smtp_reject log line.
@@ -54,9 +58,9 @@ class Refusal:
 
 
 class RecipientProber:
-    """Probes next hops about recipients, remembering the answers in a VerifyCache."""
+    """Probes next hops about recipients, remembering the answers in a VerdictCache."""
 
-    def __init__(self, client: SmtpClient, cache: VerifyCache, timeout: float) -> None:
+    def __init__(self, client: SmtpClient, cache: VerdictCache, timeout: float) -> None:
         self.client = client
         self.cache = cache
         self.timeout = timeout
@@ -69,6 +73,12 @@ class RecipientProber:
         cached = self.cache.get(key)
         if cached is not None:
             return cached
+        return await self.probe(dest, mailbox)
+
+    async def probe(self, dest: Destination, mailbox: Mailbox) -> Cached:
+        """Ask ``dest`` about ``mailbox`` now (joining a probe under way for it) and
+        remember the answer."""
+        key = recipient_key(mailbox)
         task = self._inflight.get(key)
         if task is None:
             task = asyncio.create_task(self._probe(key, dest, mailbox.address),
@@ -100,6 +110,31 @@ class RecipientProber:
         the timeout), then close the pooled connections."""
         await asyncio.gather(*self._inflight.values(), return_exceptions=True)
         await self.client.aclose()
+        if isinstance(self.cache, SharedVerifyCache):
+            self.cache.close()
+
+
+def verdict_cache(cfg: Config, clock: Callable[[], float] = time.time) -> VerdictCache:
+    """The shared verdicts file (``relay.recipients.cache``), else memory."""
+    memory = VerifyCache.from_config(cfg.relay.recipients, clock)
+    if not cfg.relay.recipients.cache:
+        return memory
+    return SharedVerifyCache(memory, VerdictStore(cfg.data_dir / FILE_NAME))
+
+
+def make_prober(cfg: Config, tls_context: ssl.SSLContext | None = None,
+                clock: Callable[[], float] = time.time) -> RecipientProber:
+    """A prober with the delivery client's TLS rules (``tls_context`` verifies next hops
+    for ``tls=required`` and ``smtps://``; default: the deliverer's)."""
+    recipients = cfg.relay.recipients
+    client = SmtpClient(
+        helo_name=cfg.delivery.helo_name or cfg.hostname,
+        connect_timeout=min(cfg.delivery.connect_timeout, recipients.verify_timeout),
+        command_timeout=recipients.verify_timeout,
+        destination_concurrency=cfg.queue.destination_concurrency,
+        verified_context=tls_context or next_hop_context(cfg),
+    )
+    return RecipientProber(client, verdict_cache(cfg, clock), recipients.verify_timeout)
 
 
 class RecipientGate:
@@ -112,7 +147,7 @@ class RecipientGate:
     @classmethod
     def from_config(
         cls, cfg: Config, *, tls_context: ssl.SSLContext | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.time,
     ) -> RecipientGate:
         """Read the list file (ConfigError with file and line) and set up probing.
 
@@ -128,18 +163,13 @@ class RecipientGate:
         if skipped:
             log.event("recipient_verify_skipped", level=logging.WARNING, domains=skipped,
                       why="no smtp:// or smtps:// route in delivery.routes")
-        prober = None
-        if recipients.verify:
-            client = SmtpClient(
-                helo_name=cfg.delivery.helo_name or cfg.hostname,
-                connect_timeout=min(cfg.delivery.connect_timeout, recipients.verify_timeout),
-                command_timeout=recipients.verify_timeout,
-                destination_concurrency=cfg.queue.destination_concurrency,
-                verified_context=tls_context or next_hop_context(cfg),
-            )
-            prober = RecipientProber(client, VerifyCache.from_config(recipients, clock),
-                                     recipients.verify_timeout)
+        prober = make_prober(cfg, tls_context, clock) if recipients.verify else None
         return cls(rules, prober)
+
+    def forget_undetermined(self) -> None:
+        """On reload: ask again about recipients no next hop answered for."""
+        if self.prober is not None and isinstance(self.prober.cache, SharedVerifyCache):
+            self.prober.cache.forget_undetermined()
 
     @property
     def active(self) -> bool:

@@ -15,8 +15,9 @@ destination mailbox address"):
   ``reject_unverified_recipient``): for a recipient whose route is an SMTP next
   hop, that hop is asked with ``MAIL FROM:<>`` / ``RCPT TO`` (VRFY, RFC 5321
   §3.5.2, is not used: mail stores disable it).  Its answer is a :class:`Verdict`
-  remembered by :class:`VerifyCache`; the probe itself is
-  :mod:`gateway.receive.recipient_probe`.
+  kept for its time to live (:class:`VerifyCache` says how long); the probe and the
+  verdicts file shared by the workers are :mod:`gateway.receive.recipient_probe` and
+  :mod:`gateway.receive.verify_store`.
 
 Both apply to every client sending to a local domain, authenticated and trusted
 ones included (as Postfix does): an internal sender who mistypes a colleague's
@@ -36,6 +37,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, Protocol
 
 from gateway.config import RecipientsConfig
 from gateway.deliver.routes import Route, SmtpRoute, select_route
@@ -95,17 +97,23 @@ def parse_recipient_list(text: str, file: str) -> RecipientList:
         if not line:
             continue
         try:
-            if line.startswith("@"):
-                domains.add(domain_to_ascii(_plain_domain(line[1:])))
-            else:
-                mailbox = parse_path(f"<{line}>")
-                if mailbox.is_literal or mailbox.route:
-                    raise AddressError("an address literal or source route is not a recipient")
-                addresses.add(recipient_key(mailbox))
+            kind, value = address_or_domain(line)
+            (domains if kind == "domain" else addresses).add(value)
         except AddressError as exc:
             raise ConfigError(f"{line!r} is not an address or @domain: {exc}", file=file,
                               line=lineno) from None
     return RecipientList(frozenset(addresses), frozenset(domains))
+
+
+def address_or_domain(text: str) -> tuple[Literal["address", "domain"], str]:
+    """``user@domain`` as ("address", its recipient_key()) or ``@domain`` as ("domain",
+    its A-label); AddressError if it is neither (or an address literal, a source route)."""
+    if text.startswith("@"):
+        return "domain", domain_to_ascii(_plain_domain(text[1:]))
+    mailbox = parse_path(f"<{text}>")
+    if mailbox.is_literal or mailbox.route:
+        raise AddressError("an address literal or source route is not a recipient")
+    return "address", recipient_key(mailbox)
 
 
 def _plain_domain(domain: str) -> str:
@@ -214,28 +222,48 @@ def _format(reply: Reply, address: str, text: str = "") -> Reply:
 class Cached:
     verdict: Verdict
     reply: str  # the next hop's reply (or why there was none)
-    expires: float
+    expires: float  # clock time (wall clock: verdicts outlive the process)
+    checked: float = 0.0  # when the next hop was asked
+
+
+class VerdictCache(Protocol):
+    """Where probe answers are kept: :class:`VerifyCache` (memory, one process) or the
+    file the workers share (:class:`gateway.receive.verify_store.SharedVerifyCache`)."""
+
+    def get(self, key: str) -> Cached | None: ...
+
+    def put(self, key: str, verdict: Verdict, reply: str) -> Cached: ...
 
 
 @dataclass(slots=True)
 class VerifyCache:
     """Probe answers, per recipient, each kept for its verdict's time to live.
 
-    In memory and per process (Postfix keeps a database): a restart or a reload
-    forgets them, which is also how an operator makes Coffer ask again."""
+    This one is in memory, for one process: the verdicts when ``relay.recipients.cache``
+    is off or the shared file cannot be used.  It also says what an answer's entry is
+    (:meth:`entry`) for the shared file."""
 
     positive_ttl: float
     negative_ttl: float
     undetermined_ttl: float
-    clock: Callable[[], float] = time.monotonic
+    clock: Callable[[], float] = time.time
     max_entries: int = 100_000  # bounded: addresses come from the Internet
     _entries: dict[str, Cached] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, recipients: RecipientsConfig,
-                    clock: Callable[[], float] = time.monotonic) -> VerifyCache:
+                    clock: Callable[[], float] = time.time) -> VerifyCache:
         return cls(recipients.positive_ttl, recipients.negative_ttl,
                    recipients.undetermined_ttl, clock)
+
+    def ttl(self, verdict: Verdict) -> float:
+        return {Verdict.VALID: self.positive_ttl, Verdict.UNKNOWN: self.negative_ttl,
+                Verdict.UNDETERMINED: self.undetermined_ttl}[verdict]
+
+    def entry(self, verdict: Verdict, reply: str) -> Cached:
+        """The answer as remembered from now, until its verdict's time to live ends."""
+        now = self.clock()
+        return Cached(verdict, reply, now + self.ttl(verdict), now)
 
     def get(self, key: str) -> Cached | None:
         entry = self._entries.get(key)
@@ -247,11 +275,9 @@ class VerifyCache:
         return entry
 
     def put(self, key: str, verdict: Verdict, reply: str) -> Cached:
-        ttl = {Verdict.VALID: self.positive_ttl, Verdict.UNKNOWN: self.negative_ttl,
-               Verdict.UNDETERMINED: self.undetermined_ttl}[verdict]
         if len(self._entries) >= self.max_entries and key not in self._entries:
             self._evict()
-        entry = self._entries[key] = Cached(verdict, reply, self.clock() + ttl)
+        entry = self._entries[key] = self.entry(verdict, reply)
         return entry
 
     def _evict(self) -> None:

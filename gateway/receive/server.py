@@ -128,8 +128,10 @@ class Listeners:
                                    old_store if isinstance(old_store, RateStore) else None)
         ctx.cfg, ctx.rules, ctx.passwords = cfg, rules, passwords
         ctx.listeners = {lst.name: lst for lst in cfg.listeners}
-        # A fresh gate forgets the verification answers (the operator's way to make
-        # Coffer ask again); the old one's pooled probe connections are closed.
+        # The verdicts file outlives the gate; only unanswered probes are asked again (the
+        # next hop may just have been fixed).  With relay.recipients.cache off the fresh
+        # gate forgets every answer.  The old gate's pooled probe connections are closed.
+        gate.forget_undetermined()
         old_gate, ctx.recipients = ctx.recipients, gate
         self._retire(old_gate)
         log.event("smtp_reconfigured", local_domains=sorted(rules.local_domains),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -22,6 +23,7 @@ from receive_helpers import (
     CHEAP_HASHER,
     LOCAL,
     PASSWORD,
+    UNKNOWN_TEXT,
     USER,
     Gateway,
     RawClient,
@@ -35,7 +37,12 @@ from gateway.config import Config
 from gateway.queue.spool import Spool
 from gateway.receive import start_listeners
 from gateway.receive.auth import hash_password
+from gateway.receive.recipient_probe import RecipientGate
 from gateway.runner import Runner
+
+# The next-hop server lives with the delivery tests; share it rather than copy it.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "deliver"))
+from nexthop import NextHop
 
 
 def pytest_asyncio_loop_factories(
@@ -103,3 +110,25 @@ async def raw() -> AsyncIterator[Callable[..., Awaitable[RawClient]]]:
     yield connect
     for c in clients:
         await c.close()
+
+
+@pytest.fixture
+async def hop() -> AsyncIterator[NextHop]:
+    """A loopback mail store that knows every user but nobody@ (550) and busy@ (450); it
+    counts the connections and RCPTs it sees (recipient verification tests)."""
+    h = NextHop(rules={
+        f"nobody@{LOCAL}": f"550 {UNKNOWN_TEXT}",
+        f"busy@{LOCAL}": "450 4.2.1 Mailbox busy, try later",
+    })
+    await h.start()
+    yield h
+    await h.stop()
+
+
+@pytest.fixture
+async def gates() -> AsyncIterator[list[RecipientGate]]:
+    """The RecipientGates a test makes (receive_helpers.make_gate), closed at its end."""
+    made: list[RecipientGate] = []
+    yield made
+    for g in made:
+        await g.aclose()

@@ -21,6 +21,8 @@ from cryptography.x509.oid import NameOID
 from gateway.config import Config
 from gateway.queue.spool import Spool, SpooledMessage
 from gateway.receive import Listeners
+from gateway.receive.addresses import Mailbox, parse_path
+from gateway.receive.recipient_probe import RecipientGate
 
 # Verification reads the costs from the hash: cheap hashes keep AUTH tests fast.
 CHEAP_HASHER = PasswordHasher(time_cost=1, memory_cost=64, parallelism=1)
@@ -161,3 +163,48 @@ def make_tls_files(d: Path) -> TlsFiles:
         serialization.NoEncryption(),
     ))
     return TlsFiles(d / "cert.pem", d / "key.pem")
+
+
+# -- recipient verification (the `hop` and `gates` fixtures are in conftest.py) ---------
+
+UNKNOWN_TEXT = "5.1.1 <nobody@local.example>: User unknown in virtual mailbox table"
+
+
+class Clock:
+    """An injected clock: tests move ``now``."""
+
+    def __init__(self, now: float = 5000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def verify_config(tmp_path: Path, port: int, **recipients: Any) -> Config:
+    """relay.recipients.verify for LOCAL, whose route is the next hop on ``port``."""
+    return Config.model_validate({
+        "hostname": "mx.coffer.test", "data_dir": str(tmp_path),
+        "relay": {"local_domains": [LOCAL], "recipients": {"verify": True, **recipients}},
+        "delivery": {"routes": {LOCAL: f"smtp://127.0.0.1:{port}?tls=off", "*": "mx"}},
+    })
+
+
+def make_gate(gates: list[RecipientGate], cfg: Config,
+              clock: Clock | None = None) -> RecipientGate:
+    """A gate on ``cfg``, closed by the ``gates`` fixture."""
+    gate = RecipientGate.from_config(cfg, clock=clock or Clock())
+    gates.append(gate)
+    return gate
+
+
+def mailbox(address: str) -> Mailbox:
+    return parse_path(f"<{address}>")
+
+
+async def rcpt_replies(port: int, raw: Connect, *rcpts: str) -> list[str]:
+    """The replies to RCPT TO each of ``rcpts``, in one transaction from a new client."""
+    c = await raw(port)
+    await c.line()
+    await c.cmd("EHLO client.example")
+    await c.cmd("MAIL FROM:<a@ext.example>")
+    return [await c.cmd(f"RCPT TO:<{r}>") for r in rcpts]

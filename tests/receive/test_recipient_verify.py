@@ -11,19 +11,30 @@ from __future__ import annotations
 
 import asyncio
 import smtplib
-import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
-from receive_helpers import LOCAL, Connect, Gateway, StartGateway
+
+# The next-hop server lives with the delivery tests (conftest.py puts it on the path).
+from nexthop import NextHop, make_tls
+from receive_helpers import (
+    LOCAL,
+    UNKNOWN_TEXT,
+    Clock,
+    Connect,
+    Gateway,
+    StartGateway,
+    mailbox,
+    make_gate,
+    rcpt_replies,
+    verify_config,
+)
 
 from gateway import config, metrics
 from gateway.config import Config
 from gateway.errors import ConfigError
 from gateway.preflight import preflight
-from gateway.receive.addresses import Mailbox, parse_path
 from gateway.receive.recipient_probe import (
     REASON_REFUSED_BY_HOP,
     REASON_UNLISTED,
@@ -31,32 +42,6 @@ from gateway.receive.recipient_probe import (
     RecipientGate,
     Refusal,
 )
-
-# The next-hop server lives with the delivery tests; share it rather than copy it.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "deliver"))
-from nexthop import NextHop, make_tls
-
-UNKNOWN_TEXT = "5.1.1 <nobody@local.example>: User unknown in virtual mailbox table"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 5000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-async def hop() -> AsyncIterator[NextHop]:
-    """A mail store that knows every user but nobody@ and busy@ (4xx)."""
-    h = NextHop(rules={
-        f"nobody@{LOCAL}": f"550 {UNKNOWN_TEXT}",
-        f"busy@{LOCAL}": "450 4.2.1 Mailbox busy, try later",
-    })
-    await h.start()
-    yield h
-    await h.stop()
 
 
 @pytest.fixture
@@ -68,39 +53,13 @@ async def down_port() -> int:
     return h.port
 
 
-def _cfg(tmp_path: Path, port: int, **recipients: Any) -> Config:
-    return Config.model_validate({
-        "hostname": "mx.coffer.test", "data_dir": str(tmp_path),
-        "relay": {"local_domains": [LOCAL], "recipients": {"verify": True, **recipients}},
-        "delivery": {"routes": {LOCAL: f"smtp://127.0.0.1:{port}?tls=off", "*": "mx"}},
-    })
-
-
-def _mb(address: str) -> Mailbox:
-    return parse_path(f"<{address}>")
-
-
-@pytest.fixture
-async def gates() -> AsyncIterator[list[RecipientGate]]:
-    made: list[RecipientGate] = []
-    yield made
-    for g in made:
-        await g.aclose()
-
-
-def _gate(gates: list[RecipientGate], cfg: Config, clock: Clock | None = None) -> RecipientGate:
-    gate = RecipientGate.from_config(cfg, clock=clock or Clock())
-    gates.append(gate)
-    return gate
-
-
 # -- the probe, against a loopback next hop ------------------------------------------
 
 async def test_a_user_the_next_hop_knows_is_accepted_and_nothing_is_sent(
     tmp_path: Path, hop: NextHop, gates: list[RecipientGate]
 ) -> None:
-    gate = _gate(gates, _cfg(tmp_path, hop.port))
-    assert await gate.refusal(_mb(f"alice@{LOCAL}")) is None
+    gate = make_gate(gates, verify_config(tmp_path, hop.port))
+    assert await gate.refusal(mailbox(f"alice@{LOCAL}")) is None
     assert hop.mail_args == ["FROM:<>"]  # the null sender: no notice can come of it
     assert hop.rcpt_args == [f"TO:<alice@{LOCAL}>"]
     assert hop.received == []
@@ -109,8 +68,8 @@ async def test_a_user_the_next_hop_knows_is_accepted_and_nothing_is_sent(
 async def test_an_unknown_user_is_550_5_1_1_with_the_next_hops_text(
     tmp_path: Path, hop: NextHop, gates: list[RecipientGate]
 ) -> None:
-    gate = _gate(gates, _cfg(tmp_path, hop.port))
-    refusal = await gate.refusal(_mb(f"nobody@{LOCAL}"))
+    gate = make_gate(gates, verify_config(tmp_path, hop.port))
+    refusal = await gate.refusal(mailbox(f"nobody@{LOCAL}"))
     assert refusal is not None and refusal.reason == REASON_REFUSED_BY_HOP
     assert str(refusal.reply) == (
         f"550 5.1.1 <nobody@{LOCAL}>: recipient rejected by next hop: "
@@ -121,8 +80,8 @@ async def test_an_unknown_user_is_550_5_1_1_with_the_next_hops_text(
 async def test_a_next_hop_that_is_down_gives_450_4_1_1(
     tmp_path: Path, down_port: int, gates: list[RecipientGate]
 ) -> None:
-    gate = _gate(gates, _cfg(tmp_path, down_port))
-    refusal = await gate.refusal(_mb(f"alice@{LOCAL}"))
+    gate = make_gate(gates, verify_config(tmp_path, down_port))
+    refusal = await gate.refusal(mailbox(f"alice@{LOCAL}"))
     assert refusal is not None and refusal.reason == REASON_UNVERIFIED
     assert str(refusal.reply) == (f"450 4.1.1 <alice@{LOCAL}>: Recipient address rejected: "
                                   "unverified address, try again later")
@@ -131,15 +90,15 @@ async def test_a_next_hop_that_is_down_gives_450_4_1_1(
 async def test_a_next_hop_that_is_down_accepts_when_so_configured(
     tmp_path: Path, down_port: int, gates: list[RecipientGate]
 ) -> None:
-    gate = _gate(gates, _cfg(tmp_path, down_port, undetermined="accept"))
-    assert await gate.refusal(_mb(f"alice@{LOCAL}")) is None
+    gate = make_gate(gates, verify_config(tmp_path, down_port, undetermined="accept"))
+    assert await gate.refusal(mailbox(f"alice@{LOCAL}")) is None
 
 
 async def test_a_4xx_from_the_next_hop_is_undetermined(
     tmp_path: Path, hop: NextHop, gates: list[RecipientGate]
 ) -> None:
-    gate = _gate(gates, _cfg(tmp_path, hop.port))
-    refusal = await gate.refusal(_mb(f"busy@{LOCAL}"))
+    gate = make_gate(gates, verify_config(tmp_path, hop.port))
+    refusal = await gate.refusal(mailbox(f"busy@{LOCAL}"))
     assert refusal is not None and refusal.reply.code == 450
     assert refusal.detail == "450 4.2.1 Mailbox busy, try later"
 
@@ -152,9 +111,9 @@ async def _probe_a_stalling_hop(
     verify_timeout; the server is closed (to new connections) on return."""
     server = await asyncio.start_server(handler, "127.0.0.1", 0)
     try:
-        gate = _gate(gates, _cfg(tmp_path, server.sockets[0].getsockname()[1],
+        gate = make_gate(gates, verify_config(tmp_path, server.sockets[0].getsockname()[1],
                                  verify_timeout="300ms"))
-        return await gate.refusal(_mb(f"alice@{LOCAL}")), server
+        return await gate.refusal(mailbox(f"alice@{LOCAL}")), server
     finally:
         server.close()
 
@@ -207,12 +166,13 @@ async def test_a_probe_follows_the_routes_tls_rules(
         })
         verified = RecipientGate.from_config(cfg, tls_context=tls.client)
         gates.append(verified)
-        refusal = await verified.refusal(_mb(f"nobody@{LOCAL}"))
+        refusal = await verified.refusal(mailbox(f"nobody@{LOCAL}"))
         assert refusal is not None and refusal.reason == REASON_REFUSED_BY_HOP
         # The system trust store does not know the test CA: no answer, as delivery
-        # would not send there either.
-        unverified = _gate(gates, cfg)
-        refusal = await unverified.refusal(_mb(f"nobody@{LOCAL}"))
+        # would not send there either.  (Another data_dir: not the first one's verdict.)
+        (tmp_path / "other").mkdir()
+        unverified = make_gate(gates, cfg.model_copy(update={"data_dir": tmp_path / "other"}))
+        refusal = await unverified.refusal(mailbox(f"nobody@{LOCAL}"))
         assert refusal is not None and refusal.reason == REASON_UNVERIFIED
         assert "4.7.10" in refusal.detail
         assert hop.rcpt_args == [f"TO:<nobody@{LOCAL}>"]  # over TLS, once
@@ -223,11 +183,11 @@ async def test_a_probe_follows_the_routes_tls_rules(
 async def test_a_cached_answer_does_not_reach_the_next_hop(
     tmp_path: Path, hop: NextHop, gates: list[RecipientGate]
 ) -> None:
-    gate = _gate(gates, _cfg(tmp_path, hop.port))
+    gate = make_gate(gates, verify_config(tmp_path, hop.port))
     for address in (f"alice@{LOCAL}", f"ALICE@{LOCAL.upper()}", f"alice@{LOCAL}"):
-        assert await gate.refusal(_mb(address)) is None
+        assert await gate.refusal(mailbox(address)) is None
     for _ in range(2):
-        refusal = await gate.refusal(_mb(f"nobody@{LOCAL}"))
+        refusal = await gate.refusal(mailbox(f"nobody@{LOCAL}"))
         assert refusal is not None and refusal.reply.code == 550
     assert hop.rcpt_args == [f"TO:<alice@{LOCAL}>", f"TO:<nobody@{LOCAL}>"]
     assert hop.connections == 1  # and the second probe reused the first one's connection
@@ -237,24 +197,25 @@ async def test_answers_expire_after_their_ttl_and_are_asked_again(
     tmp_path: Path, hop: NextHop, gates: list[RecipientGate]
 ) -> None:
     clock = Clock()
-    gate = _gate(gates, _cfg(tmp_path, hop.port, positive_ttl="1d", negative_ttl="1h"), clock)
-    await gate.refusal(_mb(f"alice@{LOCAL}"))
-    await gate.refusal(_mb(f"nobody@{LOCAL}"))
+    cfg = verify_config(tmp_path, hop.port, positive_ttl="1d", negative_ttl="1h")
+    gate = make_gate(gates, cfg, clock)
+    await gate.refusal(mailbox(f"alice@{LOCAL}"))
+    await gate.refusal(mailbox(f"nobody@{LOCAL}"))
     clock.now += 3600  # the negative answer expires, the positive one stays
-    await gate.refusal(_mb(f"alice@{LOCAL}"))
-    await gate.refusal(_mb(f"nobody@{LOCAL}"))
+    await gate.refusal(mailbox(f"alice@{LOCAL}"))
+    await gate.refusal(mailbox(f"nobody@{LOCAL}"))
     assert hop.rcpt_args.count(f"TO:<alice@{LOCAL}>") == 1
     assert hop.rcpt_args.count(f"TO:<nobody@{LOCAL}>") == 2
     clock.now += 86400
-    await gate.refusal(_mb(f"alice@{LOCAL}"))
+    await gate.refusal(mailbox(f"alice@{LOCAL}"))
     assert hop.rcpt_args.count(f"TO:<alice@{LOCAL}>") == 2
 
 
 async def test_concurrent_rcpts_for_one_address_share_one_probe(
     tmp_path: Path, hop: NextHop, gates: list[RecipientGate]
 ) -> None:
-    gate = _gate(gates, _cfg(tmp_path, hop.port))
-    results = await asyncio.gather(*(gate.refusal(_mb(f"nobody@{LOCAL}")) for _ in range(5)))
+    gate = make_gate(gates, verify_config(tmp_path, hop.port))
+    results = await asyncio.gather(*(gate.refusal(mailbox(f"nobody@{LOCAL}")) for _ in range(5)))
     assert all(r is not None and r.reply.code == 550 for r in results)
     assert hop.rcpt_args == [f"TO:<nobody@{LOCAL}>"]
 
@@ -270,9 +231,9 @@ async def test_maildir_and_mx_routes_are_not_probed_and_the_log_says_so(
                   "recipients": {"verify": True}},
         "delivery": {"routes": {"box.example": "maildir:mail", "*": "mx"}},
     })
-    gate = _gate(gates, cfg)
-    assert await gate.refusal(_mb("nobody@box.example")) is None
-    assert await gate.refusal(_mb(f"nobody@{LOCAL}")) is None
+    gate = make_gate(gates, cfg)
+    assert await gate.refusal(mailbox("nobody@box.example")) is None
+    assert await gate.refusal(mailbox(f"nobody@{LOCAL}")) is None
     assert hop.connections == 0
     [warning] = [getattr(r, "fields", {}) for r in caplog.records
                  if r.getMessage() == "recipient_verify_skipped"]
@@ -286,14 +247,6 @@ def _rejected(reason: str) -> float:
         "coffer_messages_rejected_total", {"reason": reason}) or 0.0
 
 
-async def _rcpt(gw_port: int, raw: Connect, *rcpts: str) -> list[str]:
-    c = await raw(gw_port)
-    await c.line()
-    await c.cmd("EHLO client.example")
-    await c.cmd("MAIL FROM:<a@ext.example>")
-    return [await c.cmd(f"RCPT TO:<{r}>") for r in rcpts]
-
-
 async def test_the_list_refuses_unknown_recipients_at_rcpt(
     start_gateway: StartGateway, raw: Connect, tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
@@ -301,7 +254,7 @@ async def test_the_list_refuses_unknown_recipients_at_rcpt(
     before = _rejected(REASON_UNLISTED)
     caplog.set_level("INFO", logger="coffer")
     gw, _ = await _listing(start_gateway, tmp_path, f"alice@{LOCAL}", "@other.example")
-    assert await _rcpt(gw.port(), raw, f"Alice@{LOCAL}", f"mallory@{LOCAL}",
+    assert await rcpt_replies(gw.port(), raw, f"Alice@{LOCAL}", f"mallory@{LOCAL}",
                        "anyone@Other.Example", "Postmaster") == [
         "250 2.1.5 Recipient OK",
         f"550 5.1.1 <mallory@{LOCAL}>: Recipient address rejected: user unknown",
@@ -321,7 +274,7 @@ async def test_the_probe_refuses_unknown_recipients_at_rcpt(
     gw = await start_gateway(
         relay={"recipients": {"verify": True}},
         delivery={"routes": {LOCAL: f"smtp://127.0.0.1:{hop.port}?tls=off"}})
-    assert await _rcpt(gw.port(), raw, f"alice@{LOCAL}", f"nobody@{LOCAL}") == [
+    assert await rcpt_replies(gw.port(), raw, f"alice@{LOCAL}", f"nobody@{LOCAL}") == [
         "250 2.1.5 Recipient OK",
         f"550 5.1.1 <nobody@{LOCAL}>: recipient rejected by next hop: "
         f"<nobody@{LOCAL}>: User unknown in virtual mailbox table",
@@ -336,9 +289,9 @@ async def test_a_trusted_networks_relayed_mail_is_not_probed_but_its_local_mail_
     gw = await start_gateway(
         relay={"trusted_networks": ["127.0.0.0/8"], "recipients": {"verify": True}},
         delivery={"routes": {"*": f"smtp://127.0.0.1:{hop.port}?tls=off"}})
-    assert await _rcpt(gw.port(), raw, "nobody@ext.example") == ["250 2.1.5 Recipient OK"]
+    assert await rcpt_replies(gw.port(), raw, "nobody@ext.example") == ["250 2.1.5 Recipient OK"]
     assert hop.connections == 0
-    [reply] = await _rcpt(gw.port(), raw, f"nobody@{LOCAL}")
+    [reply] = await rcpt_replies(gw.port(), raw, f"nobody@{LOCAL}")
     assert reply.startswith("550 5.1.1 ")
     assert hop.rcpt_args == [f"TO:<nobody@{LOCAL}>"]
 
@@ -389,13 +342,13 @@ async def test_a_bad_list_on_reload_keeps_the_old_list(
     with pytest.raises(ConfigError) as err:
         gw.listeners.reconfigure(gw.cfg)
     assert (err.value.file, err.value.line) == (str(listed), 3)
-    assert await _rcpt(gw.port(), raw, f"alice@{LOCAL}", f"bob@{LOCAL}") == [
+    assert await rcpt_replies(gw.port(), raw, f"alice@{LOCAL}", f"bob@{LOCAL}") == [
         "250 2.1.5 Recipient OK",
         f"550 5.1.1 <bob@{LOCAL}>: Recipient address rejected: user unknown",
     ]
     listed.write_text(f"alice@{LOCAL}\nbob@{LOCAL}\n")
     gw.listeners.reconfigure(gw.cfg)
-    assert await _rcpt(gw.port(), raw, f"bob@{LOCAL}") == ["250 2.1.5 Recipient OK"]
+    assert await rcpt_replies(gw.port(), raw, f"bob@{LOCAL}") == ["250 2.1.5 Recipient OK"]
 
 
 def test_check_config_locates_a_bad_list_line_and_a_missing_file(tmp_path: Path) -> None:
@@ -456,7 +409,7 @@ async def test_a_journal_address_in_a_local_domain_needs_no_place_in_the_list(
     gw = await start_gateway(relay={"recipients": {"file": "recipients.txt"}},
                              archive={"journal": {"addresses": [f"journal@{LOCAL}"],
                                                   "sources": ["127.0.0.0/8"]}})
-    assert await _rcpt(gw.port(), raw, f"journal@{LOCAL}", f"mallory@{LOCAL}") == [
+    assert await rcpt_replies(gw.port(), raw, f"journal@{LOCAL}", f"mallory@{LOCAL}") == [
         "250 2.1.5 Recipient OK",
         f"550 5.1.1 <mallory@{LOCAL}>: Recipient address rejected: user unknown",
     ]
