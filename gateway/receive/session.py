@@ -497,11 +497,18 @@ class SmtpSession(SMTP):
             return
         await self.reply(r)
 
-    async def _reject(self, r: Reply, reason: str, **fields: Any) -> None:
+    async def _reject(self, r: Reply, reason: str, *, ours: bool = False,
+                      **fields: Any) -> None:
+        """Refuse, logged and counted.  ``ours``: the cause is this server's (a full
+        spool, an archive outage), which says nothing about the client: not one of
+        its errors, so a client retrying through our outage is not cut off with 421."""
         metrics.REJECTED.labels(reason).inc()
         log.event("smtp_reject", session=self.sid, listener=self.listener.name,
                   client=self.client_ip, reason=reason, reply=str(r), **fields)
-        await self._error(r)
+        if ours:
+            await self.reply(r)
+        else:
+            await self._error(r)
 
     def _auth_missing(self) -> bool:
         return self.listener.auth_required and not self.auth_user
@@ -756,7 +763,7 @@ class SmtpSession(SMTP):
             sender = mailbox.address
         room = self.ctx.acceptor.room_for(size)
         if room is not None:
-            await self._reject(room, "no_room", declared=size)
+            await self._reject(room, "no_room", ours=True, declared=size)
             return
         limited = self._rate_limited("messages", sender)
         if limited is not None:

@@ -23,7 +23,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from loopback_ports import stable_ports
 
 __all__ = ["Seaweed", "SeaweedServer", "find_weed", "seaweed", "seaweed_server"]
 
@@ -81,19 +81,6 @@ def find_weed() -> str | None:
     if here.is_file() and os.access(here, os.X_OK):
         return str(here)
     return shutil.which("weed")
-
-
-def _free_ports(n: int) -> list[int]:
-    socks: list[socket.socket] = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _log_tail(path: Path, lines: int = 30) -> str:
@@ -163,7 +150,7 @@ class SeaweedServer:
             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
         }]}))
         self.s3_conf.chmod(0o600)
-        self.ports = dict(zip(_PORT_FLAGS, _free_ports(len(_PORT_FLAGS)), strict=True))
+        self.ports = dict(zip(_PORT_FLAGS, stable_ports(len(_PORT_FLAGS)), strict=True))
         self.info = Seaweed(endpoint=f"http://127.0.0.1:{self.ports['s3.port']}",
                             access_key=access, secret_key=secret, region="us-east-1",
                             workdir=work)

@@ -15,14 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loopback_ports import stable_ports
+
 SINK = Path(__file__).with_name("sink.py")
 REPO = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port for a server this test may stop and start again on it (outside
+    the ephemeral range, where client connections could take it meanwhile)."""
+    return stable_ports(1)[0]
 
 
 def wait_for(pred: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
