@@ -36,6 +36,7 @@ from gateway.deliver.mta_sts import (
     parse_txt,
 )
 from gateway.deliver.mx import MxResolver
+from gateway.deliver.tlsrpt import STS_POLICY_FETCH_ERROR, STS_POLICY_INVALID
 from gateway.metrics import MTA_STS_FETCHES
 
 WELL_KNOWN = "/.well-known/mta-sts.txt"
@@ -126,7 +127,7 @@ async def fetch_policy_text(
     for addr in addresses:
         try:
             async with asyncio.timeout(timeout):
-                raw = await _exchange(addr, port, host, request, context)
+                raw = await https_exchange(addr, port, host, request, context)
         except (OSError, ssl.SSLError, TimeoutError, FetchError) as exc:
             errors.append(f"{addr}: {type(exc).__name__}: {exc}".rstrip(": "))
             continue
@@ -134,8 +135,10 @@ async def fetch_policy_text(
     raise FetchError("; ".join(errors))
 
 
-async def _exchange(addr: str, port: int, host: str, request: bytes,
+async def https_exchange(addr: str, port: int, host: str, request: bytes,
                     context: ssl.SSLContext) -> bytes:
+    """Send ``request`` over HTTPS to ``addr`` (certificate checked for ``host``) and
+    read the response, bounded in size (also the TLS report POST, RFC 8460 §5.4)."""
     reader, writer = await asyncio.open_connection(addr, port, ssl=context,
                                                    server_hostname=host)
     try:
@@ -171,6 +174,8 @@ class PolicySource:
         self._cache: dict[str, CachedPolicy] = _read(self.path)
         self._failed: dict[str, float] = {}  # domain -> when its last fetch failed
         self._locks: dict[str, asyncio.Lock] = {}
+        # Told (domain, RFC 8460 result type) when a policy fetch fails: TLS reporting.
+        self.on_fetch_failed: Callable[[str, str], None] | None = None
 
     async def policy_for(self, domain: str) -> Policy | None:
         """The policy to apply to mail for ``domain``; None: deliver as without MTA-STS."""
@@ -180,20 +185,40 @@ class PolicySource:
         except UnicodeError:
             return None  # not a name DNS can carry: MX delivery fails on it anyway
         # One discovery per domain at a time: the messages waiting behind it use its result.
+        return await self._locked(domain, refresh=False)
+
+    def refresh_due(self, within: float) -> list[str]:
+        """The cached domains whose policy expires less than ``within`` seconds from now."""
+        now = self.clock()
+        return sorted(d for d, e in self._cache.items()
+                      if not e.expired(now) and e.fetched + e.policy.max_age - now < within)
+
+    async def refresh(self, domain: str) -> Policy | None:
+        """Fetch ``domain``'s policy again although the cached one is still valid.
+
+        RFC 8461 §5.1: senders should refresh a cached policy before it expires, so
+        that a domain mail goes to rarely does not lose its protection in between.
+        The TXT record is looked up first: without one, the cached policy is kept
+        (until its max_age, as on delivery)."""
+        return await self._locked(domain, refresh=True)
+
+    async def _locked(self, domain: str, *, refresh: bool) -> Policy | None:
         lock = self._locks.setdefault(domain, asyncio.Lock())
         try:
             async with lock:
-                return await self._discover(domain)
+                return await self._discover(domain, refresh=refresh)
         finally:
             if not lock.locked() and self._locks.get(domain) is lock:
                 del self._locks[domain]  # a lock per domain ever seen would only grow
 
-    async def _discover(self, domain: str) -> Policy | None:
+    async def _discover(self, domain: str, *, refresh: bool = False) -> Policy | None:
         records = await self.resolver.txt(f"_mta-sts.{domain}")
         txt_id = parse_txt(records) if records is not None else None
         now = self.clock()
         cached = self._cache.get(domain)
         action = choose(txt_id, cached, now)
+        if refresh and txt_id is not None:
+            action = "fetch"
         if action == "cached" and cached is not None:
             return cached.policy
         if action == "none" or txt_id is None:
@@ -213,6 +238,10 @@ class PolicySource:
             # §5.1: with an unexpired cached policy, keep applying it.
             self._failed[domain] = now
             MTA_STS_FETCHES.labels("failed").inc()
+            if self.on_fetch_failed is not None:
+                # RFC 8460 §4.3.2.2: not fetched, or fetched and not a policy.
+                self.on_fetch_failed(domain, STS_POLICY_FETCH_ERROR
+                                     if isinstance(exc, FetchError) else STS_POLICY_INVALID)
             usable = _unexpired(cached, now)
             log.event("mta_sts_fetch_failed", domain=domain, id=txt_id, error=str(exc),
                       cached_mode=usable.mode if usable else None)
@@ -224,7 +253,8 @@ class PolicySource:
         self._cache[domain] = entry
         log.event("mta_sts_policy", domain=domain, id=txt_id, mode=policy.mode,
                   mx=list(policy.mx), max_age=policy.max_age,
-                  change="updated" if cached is not None else "fetched")
+                  change="refreshed" if refresh else
+                  "updated" if cached is not None else "fetched")
         try:
             await asyncio.to_thread(_store, self.path, domain, entry, now)
         except OSError as exc:
