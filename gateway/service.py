@@ -74,8 +74,9 @@ from gateway.check.stage import CheckStage
 from gateway.config import Config
 from gateway.decide import DecideStage
 from gateway.deliver.deliverer import Deliverer, next_hop_context
+from gateway.deliver.mta_sts_fetch import refresh_loop
 from gateway.deliver.routes import parse_routes
-from gateway.deliver.tlsrpt_send import TlsReporter, refresh_loop
+from gateway.deliver.tlsrpt_send import TlsReporter
 from gateway.deliver.tlsrpt_store import TlsReportStore
 from gateway.deliver.tlsrpt_store import open_store as open_tls_reports
 from gateway.errors import CofferError, ConfigError
@@ -145,6 +146,9 @@ def restart_required(old: Config, new: Config) -> list[str]:
     # The deliverer built its certificate checks (next hops, MTA-STS) from it at start.
     if old.delivery.ca_file != new.delivery.ca_file:
         keys.append("delivery.ca_file")
+    # The TLS report counting and the daily job were set up (or not) at start.
+    if old.delivery.tls_rpt != new.delivery.tls_rpt:
+        keys.append("delivery.tls_rpt")
     return keys
 
 
@@ -159,7 +163,8 @@ def effective_reload(old: Config, new: Config) -> Config:
             "archive": new.archive.model_copy(
                 update={k: getattr(old.archive, k) for k in _ARCHIVE_AT_START}),
             "s3": old.s3,
-            "delivery": new.delivery.model_copy(update={"ca_file": old.delivery.ca_file}),
+            "delivery": new.delivery.model_copy(update={"ca_file": old.delivery.ca_file,
+                                                        "tls_rpt": old.delivery.tls_rpt}),
         }
     )
 

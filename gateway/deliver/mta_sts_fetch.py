@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import ssl
 import time
@@ -47,6 +48,9 @@ _MAX_HEADER_BYTES = 16 * 1024
 # policy host must not cost every message to the domain a timeout).
 FETCH_RETRY = 300.0
 CACHE_FILE = "mta-sts.json"
+# RFC 8461 §5.1: refresh a cached policy that expires within a day, checked hourly.
+REFRESH_WITHIN = 86400.0
+REFRESH_EVERY = 3600.0
 
 
 class FetchError(PolicyError):
@@ -261,6 +265,26 @@ class PolicySource:
             # Applied from memory all the same; only a restart would forget it.
             log.event("mta_sts_cache_write_failed", path=str(self.path), error=str(exc))
         return policy
+
+
+async def refresh_policies(sts: PolicySource, *, within: float = REFRESH_WITHIN) -> list[str]:
+    """RFC 8461 §5.1: fetch again every cached policy that expires within ``within``
+    seconds (its TXT record first), so that it does not lapse for a domain mail goes
+    to rarely.  The domains refreshed."""
+    due = sts.refresh_due(within)
+    for domain in due:
+        await sts.refresh(domain)
+    return due
+
+
+async def refresh_loop(sts: PolicySource, every: float = REFRESH_EVERY) -> None:
+    while True:
+        try:
+            await refresh_policies(sts)
+        except Exception as exc:  # a bug must not end the refreshes for good
+            log.event("mta_sts_refresh_error", logging.ERROR,
+                      error=f"{type(exc).__name__}: {exc}")
+        await asyncio.sleep(every)
 
 
 def _unexpired(cached: CachedPolicy | None, now: float) -> Policy | None:

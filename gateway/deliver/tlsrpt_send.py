@@ -1,5 +1,4 @@
-"""Sending the daily SMTP TLS reports (RFC 8460 §4, §5) and refreshing MTA-STS
-policies before they expire (RFC 8461 §5.1).
+"""Sending the daily SMTP TLS reports (RFC 8460 §4, §5).
 
 :class:`TlsReporter` runs in every worker process (:meth:`TlsReporter.run`): it
 flushes the process's session counts to ``DATA_DIR/tlsrpt.db`` every
@@ -11,8 +10,6 @@ it looks up ``_smtp._tls.<domain>`` and sends the gzipped JSON report to every
 queue (as DSNs are), ``https:`` as a POST of ``application/tlsrpt+gzip``.  A report
 that fails is logged and counted, not retried (§5.4 leaves retries to the sender;
 the next day brings the next report).
-
-:func:`refresh_policies` is the MTA-STS refresh that worker 0 runs.
 """
 
 from __future__ import annotations
@@ -31,7 +28,7 @@ from urllib.parse import urlsplit
 from gateway import log
 from gateway.config import Config
 from gateway.deliver import tlsrpt
-from gateway.deliver.mta_sts_fetch import FetchError, PolicySource, https_exchange
+from gateway.deliver.mta_sts_fetch import FetchError, https_exchange
 from gateway.deliver.mx import MxResolver
 from gateway.deliver.tlsrpt_store import KEEP_DAYS, TlsReportStore, day_of
 from gateway.envelope import Envelope
@@ -42,9 +39,6 @@ from gateway.queue.spool import Spool, new_queue_id, store_from_loop
 FLUSH_EVERY = 60.0
 # A day is reported this long after it ends: every worker has flushed its counts.
 REPORT_DELAY = 600.0
-# RFC 8461 §5.1: refresh a cached policy that expires within a day.
-REFRESH_WITHIN = 86400.0
-REFRESH_EVERY = 3600.0
 # A report's POST is bounded in time like a policy fetch; its response is not read.
 POST_TIMEOUT = 30.0
 
@@ -226,23 +220,3 @@ async def post_report(uri: str, gz: bytes, resolver: MxResolver, *,
             raise ReportError(f"{uri}: {status[:80]!r}")
         return
     raise ReportError("; ".join(errors))
-
-
-async def refresh_policies(sts: PolicySource, *, within: float = REFRESH_WITHIN) -> list[str]:
-    """RFC 8461 §5.1: fetch again every cached policy that expires within ``within``
-    seconds (its TXT record first), so that it does not lapse for a domain mail goes
-    to rarely.  The domains refreshed."""
-    due = sts.refresh_due(within)
-    for domain in due:
-        await sts.refresh(domain)
-    return due
-
-
-async def refresh_loop(sts: PolicySource, every: float = REFRESH_EVERY) -> None:
-    while True:
-        try:
-            await refresh_policies(sts)
-        except Exception as exc:  # a bug must not end the refreshes for good
-            log.event("mta_sts_refresh_error", logging.ERROR,
-                      error=f"{type(exc).__name__}: {exc}")
-        await asyncio.sleep(every)

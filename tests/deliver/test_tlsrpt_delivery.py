@@ -27,10 +27,10 @@ from gateway.config import Config, DeliveryConfig, DnsConfig, RelayConfig, TlsRp
 from gateway.deliver import tlsrpt
 from gateway.deliver.dane import tlsa_name
 from gateway.deliver.deliverer import Deliverer
-from gateway.deliver.mta_sts_fetch import PolicySource
+from gateway.deliver.mta_sts_fetch import PolicySource, refresh_policies
 from gateway.deliver.mx import MxResolver
 from gateway.deliver.tlsrpt import SessionKey
-from gateway.deliver.tlsrpt_send import TlsReporter, refresh_policies
+from gateway.deliver.tlsrpt_send import TlsReporter
 from gateway.deliver.tlsrpt_store import TlsReportStore, open_store
 from gateway.envelope import Envelope
 from gateway.queue.spool import Spool
