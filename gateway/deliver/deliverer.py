@@ -321,12 +321,10 @@ class Deliverer:
         result = await self._send(dataclasses.replace(dest, tls="required"), envelope, data,
                                   rcpts)
         failure = _tls_failure(result)
+        if failure is not None or not result.session_failed:  # TLS was tried
+            self._count_sts_session(policy, domain, dest, failure)
         if failure is None:
-            if not result.session_failed:
-                self._count_sts(policy, domain, tlsrpt.SUCCESS)
             return result
-        self._count_sts(policy, domain, tlsrpt.result_type(failure, dane=False),
-                        dest.server_name, dest.host)
         if policy.mode == "testing":
             log.event("mta_sts_testing_failure", domain=domain, mx=dest.label, reason=failure)
             if dest.tls == "required":  # delivery.mx_tls asked for no less anyway
@@ -346,10 +344,11 @@ class Deliverer:
         if policy is None or policy.allows(host.name):
             return None
         why = f"MX host {host.name} matches no mx pattern ({', '.join(policy.mx)})"
-        self._count_sts(policy, domain, tlsrpt.result_type(why, dane=False), host.name)
         if policy.mode == "testing":
+            # Tried all the same: its session is counted as failed (_count_sts_session).
             log.event("mta_sts_testing_failure", domain=domain, mx=host.name, reason=why)
             return None
+        self._count_sts(policy, domain, tlsrpt.result_type(why, dane=False), host.name)
         MTA_STS_REFUSED.labels("mx_mismatch").inc()
         log.event("mta_sts_refused", logging.WARNING, domain=domain, mx=host.name,
                   reason=why)
@@ -365,6 +364,19 @@ class Deliverer:
             domain, "sts", tlsrpt.sts_policy_string(policy.mode, policy.mx, policy.max_age),
             policy.mx, result, mx if result != tlsrpt.SUCCESS else "",
             ip if result != tlsrpt.SUCCESS else ""))
+
+    def _count_sts_session(self, policy: Policy, domain: str, dest: Destination,
+                           failure: str | None) -> None:
+        """RFC 8460 §4.3: one result per session.  A host outside the mx patterns of a
+        testing policy (tried all the same, §5) fails it whatever TLS gave (§4.1)."""
+        if not policy.allows(dest.server_name):
+            result = tlsrpt.VALIDATION_FAILURE
+        elif failure is None:
+            self._count_sts(policy, domain, tlsrpt.SUCCESS)
+            return
+        else:
+            result = tlsrpt.result_type(failure, dane=False)
+        self._count_sts(policy, domain, result, dest.server_name, dest.host)
 
     def _count_tlsa(self, domain: str, mx: str, records: Sequence[dane.Tlsa], result: str,
                     ip: str = "") -> None:

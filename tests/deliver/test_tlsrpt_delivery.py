@@ -9,9 +9,7 @@ import asyncio
 import email
 import gzip
 import json
-import ssl
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,7 @@ from typing import Any
 import pytest
 from danepeers import Served, self_signed, spki_sha256
 from nexthop import DnsZone, NextHop
-from stspeers import PolicyServer, StsCa, make_ca, policy_response
+from stspeers import PolicyServer, ReportReceiver, StsCa, make_ca, policy_response
 from tlsrptschema import problems
 
 from gateway import metrics
@@ -132,6 +130,28 @@ async def test_sts_failure_then_success_are_counted_with_their_result_types(
                                                              172800)
 
 
+@pytest.mark.parametrize(("mode", "status"), [("testing", RcptStatus.DELIVERED),
+                                             ("enforce", RcptStatus.DEFERRED)])
+async def test_an_mx_host_outside_the_policy_counts_one_validation_failure(
+    ca: StsCa, dns_zone: DnsZone, sts_rig: PolicyServer, tmp_path: Path, mode: str,
+    status: RcptStatus,
+) -> None:
+    # The policy names mx9 only; the domain's MX is mx1 (with a good certificate).
+    sts_rig.response = policy_response(
+        f"version: STSv1\nmode: {mode}\nmx: mx9.dst.test\nmax_age: 172800\n")
+    store = open_store(tmp_path)
+    hop = NextHop(tls_context=ca.server_context(MX1))
+    await hop.start()
+    try:
+        assert await _send(_sts_deliverer(_cfg(tmp_path, dns_zone), dns_zone, ca, sts_rig,
+                                          hop.port, store)) is status
+    finally:
+        await hop.stop()
+    # testing: tried, and its one session failed; enforce: not tried, one failure.
+    assert _results(store) == {("sts", "validation-failure", MX1): 1}
+    assert len(hop.received) == (1 if mode == "testing" else 0)
+
+
 async def test_a_policy_that_cannot_be_fetched_counts_as_sts_policy_fetch_error(
     ca: StsCa, dns_zone: DnsZone, sts_rig: PolicyServer, tmp_path: Path,
 ) -> None:
@@ -175,37 +195,6 @@ async def test_dane_mismatch_then_match_are_counted_as_tlsa_sessions(
         await right.stop()
     assert _results(store) == {("tlsa", "validation-failure", MX1): 1,
                                ("tlsa", "success", ""): 1}
-
-
-@dataclass
-class ReportReceiver:
-    """An HTTPS server that takes report POSTs: (request head, body) of each."""
-
-    context: ssl.SSLContext
-    posts: list[tuple[str, bytes]] = field(default_factory=list)
-    port: int = 0
-    _server: asyncio.Server | None = None
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0,
-                                                  ssl=self.context)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
-            length = next(int(line.split(":", 1)[1]) for line in head.split("\r\n")
-                          if line.lower().startswith("content-length:"))
-            self.posts.append((head, await reader.readexactly(length)))
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-            await writer.drain()
-        finally:
-            writer.close()
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
 
 
 def _counted(data_dir: Path) -> None:
