@@ -293,7 +293,7 @@ class Deliverer:
                 self._count_tlsa(domain, dest.server_name, host_dane.records, tlsrpt.SUCCESS)
             return result
         self._count_tlsa(domain, dest.server_name, host_dane.records,
-                         tlsrpt.result_type(failure, dane=True), dest.host)
+                         tlsrpt.result_type(failure, dane=True), dest.host, result.local_ip)
         reply = _dane_refusal(domain, dest.server_name, failure, "tls")
         return TransactionResult(dict.fromkeys(rcpts, reply), session_failed=True)
 
@@ -322,7 +322,7 @@ class Deliverer:
                                   rcpts)
         failure = _tls_failure(result)
         if failure is not None or not result.session_failed:  # TLS was tried
-            self._count_sts_session(policy, domain, dest, failure)
+            self._count_sts_session(policy, domain, dest, failure, result.local_ip)
         if failure is None:
             return result
         if policy.mode == "testing":
@@ -357,16 +357,17 @@ class Deliverer:
     # -- RFC 8460 counts: one per session to a domain with a policy --------------------
 
     def _count_sts(self, policy: Policy, domain: str, result: str, mx: str = "",
-                   ip: str = "") -> None:
+                   ip: str = "", local: str = "") -> None:
         if self.tls_reports is None:
             return
+        failed = result != tlsrpt.SUCCESS  # §4.4: only failures say where
         self.tls_reports.count(self.clock(), SessionKey(
             domain, "sts", tlsrpt.sts_policy_string(policy.mode, policy.mx, policy.max_age),
-            policy.mx, result, mx if result != tlsrpt.SUCCESS else "",
-            ip if result != tlsrpt.SUCCESS else ""))
+            policy.mx, result, mx if failed else "", ip if failed else "",
+            local if failed else ""))
 
     def _count_sts_session(self, policy: Policy, domain: str, dest: Destination,
-                           failure: str | None) -> None:
+                           failure: str | None, local: str) -> None:
         """RFC 8460 §4.3: one result per session.  A host outside the mx patterns of a
         testing policy (tried all the same, §5) fails it whatever TLS gave (§4.1)."""
         if not policy.allows(dest.server_name):
@@ -376,16 +377,16 @@ class Deliverer:
             return
         else:
             result = tlsrpt.result_type(failure, dane=False)
-        self._count_sts(policy, domain, result, dest.server_name, dest.host)
+        self._count_sts(policy, domain, result, dest.server_name, dest.host, local)
 
     def _count_tlsa(self, domain: str, mx: str, records: Sequence[dane.Tlsa], result: str,
-                    ip: str = "") -> None:
+                    ip: str = "", local: str = "") -> None:
         if self.tls_reports is None:
             return
         failed = result != tlsrpt.SUCCESS
         self.tls_reports.count(self.clock(), SessionKey(
             domain, "tlsa", tuple(str(r) for r in records), (mx,), result,
-            mx if failed else "", ip if failed else ""))
+            mx if failed else "", ip if failed else "", local if failed else ""))
 
     def _sts_fetch_failed(self, domain: str, result: str) -> None:
         """RFC 8460 §4.3.2.2: a policy that could not be fetched, or did not parse."""

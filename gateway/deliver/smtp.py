@@ -103,6 +103,7 @@ class TransactionResult:
     # The next hop offered DSN (RFC 3461), so the sender's DSN parameters went with
     # the message and notices from here on are its business (§5.2.1).
     dsn: bool = False
+    local_ip: str = ""  # our address in the session, when known (TLS reports)
 
 
 def _fmt(code: int, message: str) -> str:
@@ -139,6 +140,7 @@ class _SessionError(Exception):
 
     def __init__(self, reply: str) -> None:
         self.reply = reply
+        self.local_ip = ""  # our end of the connection, when it got that far
         super().__init__(reply)
 
 
@@ -204,7 +206,8 @@ class SmtpClient:
             await self._ehlo(smtp)
             if dest.tls in ("opportunistic", *_MANDATORY):
                 await self._starttls(smtp, dest)
-        except _SessionError:
+        except _SessionError as exc:
+            exc.local_ip = local_ip(smtp)  # RFC 8460 §4.4 sending-mta-ip of a TLS failure
             await _close(smtp, quit=True)
             raise
         except SMTPResponseException as exc:
@@ -329,11 +332,12 @@ class SmtpClient:
                 smtp, dest, sender, rcpts, data, smtputf8=smtputf8,
                 mail_dsn=mail_dsn if dsn else (), rcpt_dsn=(rcpt_dsn or {}) if dsn else {},
             )
-            return TransactionResult(replies, dsn=dsn), reusable
+            return TransactionResult(replies, dsn=dsn, local_ip=local_ip(smtp)), reusable
 
         result = await self._on_connection(dest, transaction)
         if isinstance(result, _SessionError):
-            return TransactionResult(dict.fromkeys(rcpts, result.reply), session_failed=True)
+            return TransactionResult(dict.fromkeys(rcpts, result.reply), session_failed=True,
+                                     local_ip=result.local_ip)
         return result
 
     # -- address verification ----------------------------------------------------
@@ -586,6 +590,17 @@ def peer_chain(smtp: aiosmtplib.SMTP) -> list[bytes]:
     chain = getter() or []
     return [c if isinstance(c, bytes) else c.public_bytes(ssl._ssl.ENCODING_DER)  # type: ignore[attr-defined]
             for c in chain]
+
+
+def local_ip(smtp: aiosmtplib.SMTP) -> str:
+    """Our address on ``smtp``'s connection ("" when it has none, or no more)."""
+    if not smtp.is_connected:
+        return ""
+    try:
+        sockname = smtp.get_transport_info("sockname")
+    except SMTPException:
+        return ""
+    return str(sockname[0]) if isinstance(sockname, tuple) and sockname else ""
 
 
 def _network_reply(exc: BaseException, dest: Destination) -> str:

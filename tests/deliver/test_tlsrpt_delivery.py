@@ -125,7 +125,7 @@ async def test_sts_failure_then_success_are_counted_with_their_result_types(
     assert _results(store) == {("sts", "starttls-not-supported", MX1): 1,
                                ("sts", "success", ""): 1}
     (failure,) = [k for k, _ in store.sessions(DAY) if k.result != "success"]
-    assert failure.receiving_ip == "127.0.0.1"
+    assert (failure.receiving_ip, failure.sending_ip) == ("127.0.0.1", "127.0.0.1")
     assert failure.policy_string == tlsrpt.sts_policy_string("enforce", ("*.dst.test",),
                                                              172800)
 
@@ -195,6 +195,8 @@ async def test_dane_mismatch_then_match_are_counted_as_tlsa_sessions(
         await right.stop()
     assert _results(store) == {("tlsa", "validation-failure", MX1): 1,
                                ("tlsa", "success", ""): 1}
+    (failure,) = [k for k, _ in store.sessions(DAY) if k.result != "success"]
+    assert failure.sending_ip == "127.0.0.1"  # our end of the failed session
 
 
 def _counted(data_dir: Path) -> None:
