@@ -317,3 +317,31 @@ async def test_refresh_keeps_the_cached_policy_when_the_txt_record_is_gone(
     assert len(sts_rig.requests) == 1
     policy = await sts.policy_for(DOMAIN)
     assert policy is not None and policy.mode == "enforce"  # RFC 8461 §5.1
+
+
+async def test_a_report_the_receiver_refuses_is_logged_failed_and_not_sent_again(
+    ca: StsCa, dns_zone: DnsZone, tmp_path: Path, events: Any,
+) -> None:
+    receiver = PolicyServer(ca.server_context("rua.dst.test"),
+                            policy_response("no", status="500 Internal Server Error"))
+    await receiver.start()
+    dns_zone.a("rua.dst.test", "127.0.0.1")
+    dns_zone.txt(f"_smtp._tls.{DOMAIN}", f"v=TLSRPTv1; rua=https://rua.dst.test:{receiver.port}/")
+    _counted(tmp_path)
+    before = metrics.REGISTRY.get_sample_value(
+        "coffer_tlsrpt_reports_total", {"channel": "https", "result": "failed"}) or 0.0
+    store = open_store(tmp_path)
+    reporter = TlsReporter(_cfg(tmp_path, dns_zone), store, _resolver(dns_zone),
+                           Spool(tmp_path / "spool", fsync=False),
+                           context=ca.client_context(), clock=lambda: NEXT_MORNING)
+    try:
+        assert DOMAIN in await reporter.report_day(DAY)
+        assert await reporter.report_day(DAY) == []  # claimed: not tried again
+    finally:
+        await receiver.stop()
+        store.close()
+    assert len(receiver.requests) == 1
+    (failed,) = events("tlsrpt_failed")
+    assert failed["domain"] == DOMAIN and "500" in failed["error"]
+    assert metrics.REGISTRY.get_sample_value(
+        "coffer_tlsrpt_reports_total", {"channel": "https", "result": "failed"}) == before + 1
