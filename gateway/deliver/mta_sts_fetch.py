@@ -191,6 +191,13 @@ class PolicySource:
         # One discovery per domain at a time: the messages waiting behind it use its result.
         return await self._locked(domain, refresh=False)
 
+    def _reread(self, domain: str) -> CachedPolicy | None:
+        """``domain``'s entry as the cache file has it now (kept in memory if found)."""
+        entry = _read(self.path).get(domain)
+        if entry is not None:
+            self._cache[domain] = entry
+        return entry
+
     def refresh_due(self, within: float) -> list[str]:
         """The cached domains whose policy expires less than ``within`` seconds from now."""
         now = self.clock()
@@ -220,6 +227,10 @@ class PolicySource:
         txt_id = parse_txt(records) if records is not None else None
         now = self.clock()
         cached = self._cache.get(domain)
+        if cached is not None and cached.expired(now):
+            # Worker 0 refreshes policies before they expire (§5.1) and writes them to
+            # the file: another worker takes the refreshed copy from there.
+            cached = await asyncio.to_thread(self._reread, domain)
         action = choose(txt_id, cached, now)
         if refresh and txt_id is not None:
             action = "fetch"

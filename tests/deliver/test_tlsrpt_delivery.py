@@ -345,3 +345,26 @@ async def test_a_report_the_receiver_refuses_is_logged_failed_and_not_sent_again
     assert failed["domain"] == DOMAIN and "500" in failed["error"]
     assert metrics.REGISTRY.get_sample_value(
         "coffer_tlsrpt_reports_total", {"channel": "https", "result": "failed"}) == before + 1
+
+
+async def test_another_worker_takes_the_refreshed_policy_from_the_cache_file(
+    ca: StsCa, dns_zone: DnsZone, sts_rig: PolicyServer, tmp_path: Path,
+) -> None:
+    now = [IN_DAY]
+
+    def source() -> PolicySource:
+        return PolicySource(_resolver(dns_zone), tmp_path, context=ca.client_context(),
+                            port=sts_rig.port, timeout=2.0, clock=lambda: now[0])
+
+    worker0 = source()
+    assert await worker0.policy_for(DOMAIN) is not None
+    worker1 = source()  # read the same policy from the file at its start
+    now[0] = IN_DAY + 172800 - 3600
+    assert await refresh_policies(worker0) == [DOMAIN]
+    # Past the first copy's max_age the policy host is down: worker 1 still has the
+    # policy (the refreshed copy), it does not deliver as if there were none.
+    sts_rig.response = policy_response("down", status="503 Service Unavailable")
+    now[0] = IN_DAY + 172800 + 60
+    policy = await worker1.policy_for(DOMAIN)
+    assert policy is not None and policy.mode == "enforce"
+    assert len(sts_rig.requests) == 2  # worker 1 did not fetch at all
