@@ -289,7 +289,7 @@ class Deliverer:
         result = await self._send(dest, envelope, data, rcpts)
         failure = _tls_failure(result)
         if failure is None:
-            if not result.session_failed:
+            if not result.session_failed and result.new_session:
                 self._count_tlsa(domain, dest.server_name, host_dane.records, tlsrpt.SUCCESS)
             return result
         self._count_tlsa(domain, dest.server_name, host_dane.records,
@@ -321,7 +321,8 @@ class Deliverer:
         result = await self._send(dataclasses.replace(dest, tls="required"), envelope, data,
                                   rcpts)
         failure = _tls_failure(result)
-        if failure is not None or not result.session_failed:  # TLS was tried
+        # A new session that tried TLS (a pooled one was counted when it began).
+        if failure is not None or (not result.session_failed and result.new_session):
             self._count_sts_session(policy, domain, dest, failure, result.local_ip)
         if failure is None:
             return result

@@ -104,6 +104,9 @@ class TransactionResult:
     # the message and notices from here on are its business (§5.2.1).
     dsn: bool = False
     local_ip: str = ""  # our address in the session, when known (TLS reports)
+    # The first transaction on its connection: a TLS report counts sessions (RFC 8460
+    # §4.4), not the transactions a pooled connection carries.
+    new_session: bool = True
 
 
 def _fmt(code: int, message: str) -> str:
@@ -127,6 +130,7 @@ class _Conn:
     smtp: aiosmtplib.SMTP
     uses: int = 0
     idle_since: float = 0.0
+    sent: bool = False  # a transaction (not only probes) ran on it
 
 
 @dataclass(slots=True)
@@ -282,7 +286,7 @@ class SmtpClient:
             await _close(conn.smtp, quit=conn.smtp.is_connected)
 
     async def _on_connection(
-        self, dest: Destination, op: Callable[[aiosmtplib.SMTP], Awaitable[tuple[_T, bool]]],
+        self, dest: Destination, op: Callable[[_Conn], Awaitable[tuple[_T, bool]]],
     ) -> _T | _SessionError:
         """Run ``op`` (its result, whether the connection can be reused) on a pooled or
         new connection to ``dest``; the _SessionError that stopped it otherwise."""
@@ -294,7 +298,7 @@ class SmtpClient:
                 except _SessionError as exc:
                     return exc
                 try:
-                    value, reusable = await op(conn.smtp)
+                    value, reusable = await op(conn)
                 except _SessionError as exc:
                     await self._release(pool, conn, False)
                     if reused and attempt == 0:
@@ -326,13 +330,16 @@ class SmtpClient:
         the sender's RFC 3461 parameters, in the canonical form the envelope keeps
         them (ENVID and ORCPT still xtext): sent when the next hop offers DSN."""
 
-        async def transaction(smtp: aiosmtplib.SMTP) -> tuple[TransactionResult, bool]:
+        async def transaction(conn: _Conn) -> tuple[TransactionResult, bool]:
+            smtp = conn.smtp
+            new_session, conn.sent = not conn.sent, True
             dsn = smtp.supports_extension("dsn")
             replies, reusable = await self._transaction(
                 smtp, dest, sender, rcpts, data, smtputf8=smtputf8,
                 mail_dsn=mail_dsn if dsn else (), rcpt_dsn=(rcpt_dsn or {}) if dsn else {},
             )
-            return TransactionResult(replies, dsn=dsn, local_ip=local_ip(smtp)), reusable
+            return TransactionResult(replies, dsn=dsn, local_ip=local_ip(smtp),
+                                     new_session=new_session), reusable
 
         result = await self._on_connection(dest, transaction)
         if isinstance(result, _SessionError):
@@ -351,8 +358,8 @@ class SmtpClient:
         if _unsafe(rcpt):
             return ProbeResult("553 5.1.3 Invalid recipient address", answered=False)
 
-        async def ask(smtp: aiosmtplib.SMTP) -> tuple[ProbeResult, bool]:
-            return await self._probe(smtp, dest, rcpt)
+        async def ask(conn: _Conn) -> tuple[ProbeResult, bool]:
+            return await self._probe(conn.smtp, dest, rcpt)
 
         result = await self._on_connection(dest, ask)
         if isinstance(result, _SessionError):

@@ -130,6 +130,25 @@ async def test_sts_failure_then_success_are_counted_with_their_result_types(
                                                              172800)
 
 
+async def test_messages_over_one_pooled_connection_count_as_one_session(
+    ca: StsCa, dns_zone: DnsZone, sts_rig: PolicyServer, tmp_path: Path,
+) -> None:
+    store = open_store(tmp_path)
+    hop = NextHop(tls_context=ca.server_context(MX1))
+    await hop.start()
+    d = _sts_deliverer(_cfg(tmp_path, dns_zone), dns_zone, ca, sts_rig, hop.port, store)
+    try:
+        for _ in range(3):
+            (out,) = await d.deliver(Envelope(mail_from="a@src.test", rcpt_to=[RCPT]),
+                                     b"Subject: x\r\n\r\nsecret\r\n", [RCPT])
+            assert out.status is RcptStatus.DELIVERED
+    finally:
+        await d.aclose()
+        await hop.stop()
+    assert (len(hop.received), hop.connections) == (3, 1)
+    assert _results(store) == {("sts", "success", ""): 1}  # RFC 8460 §4.4: sessions
+
+
 @pytest.mark.parametrize(("mode", "status"), [("testing", RcptStatus.DELIVERED),
                                              ("enforce", RcptStatus.DEFERRED)])
 async def test_an_mx_host_outside_the_policy_counts_one_validation_failure(
