@@ -37,7 +37,7 @@ from gateway.deliver.mta_sts import (
     parse_txt,
 )
 from gateway.deliver.mx import MxResolver
-from gateway.deliver.tlsrpt import STS_POLICY_FETCH_ERROR, STS_POLICY_INVALID
+from gateway.deliver.tlsrpt import policy_failure
 from gateway.metrics import MTA_STS_FETCHES
 
 WELL_KNOWN = "/.well-known/mta-sts.txt"
@@ -254,9 +254,8 @@ class PolicySource:
             self._failed[domain] = now
             MTA_STS_FETCHES.labels("failed").inc()
             if self.on_fetch_failed is not None:
-                # RFC 8460 §4.3.2.2: not fetched, or fetched and not a policy.
-                self.on_fetch_failed(domain, STS_POLICY_FETCH_ERROR
-                                     if isinstance(exc, FetchError) else STS_POLICY_INVALID)
+                self.on_fetch_failed(domain, policy_failure(
+                    str(exc), fetched=not isinstance(exc, FetchError)))
             usable = _unexpired(cached, now)
             log.event("mta_sts_fetch_failed", domain=domain, id=txt_id, error=str(exc),
                       cached_mode=usable.mode if usable else None)

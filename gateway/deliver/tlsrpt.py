@@ -87,6 +87,19 @@ def result_type(reason: str, *, dane: bool) -> str:
     return VALIDATION_FAILURE
 
 
+def policy_failure(error: str, *, fetched: bool) -> str:
+    """The §4.3.2.2 result type of a failed MTA-STS policy discovery: the policy host's
+    certificate failed PKIX validation (``sts-webpki-invalid``), the policy could not
+    be fetched (``sts-policy-fetch-error``), or what was ``fetched`` is no policy
+    (``sts-policy-invalid``)."""
+    if fetched:
+        return STS_POLICY_INVALID
+    # The fetch's error names the exception that stopped it at each address tried.
+    if "SSLCertVerificationError" in error or "CertificateError" in error:
+        return STS_WEBPKI_INVALID
+    return STS_POLICY_FETCH_ERROR
+
+
 def parse_txt(records: Iterable[str]) -> tuple[str, ...] | None:
     """The ``rua`` URIs of a domain's ``_smtp._tls`` TXT records, or None if it asks
     for no report.

@@ -187,6 +187,38 @@ async def test_a_policy_that_cannot_be_fetched_counts_as_sts_policy_fetch_error(
     assert _results(store) == {("sts", "sts-policy-fetch-error", ""): 1}
 
 
+async def test_a_policy_host_with_a_certificate_for_another_name_counts_as_webpki_invalid(
+    ca: StsCa, dns_zone: DnsZone, sts_rig: PolicyServer, tmp_path: Path,
+) -> None:
+    await sts_rig.stop()
+    sts_rig.context = ca.server_context("elsewhere.test")
+    await sts_rig.start()  # same port, a certificate not valid for mta-sts.dst.test
+    store = open_store(tmp_path)
+    hop = NextHop()
+    await hop.start()
+    try:
+        assert await _send(_sts_deliverer(_cfg(tmp_path, dns_zone), dns_zone, ca, sts_rig,
+                                          hop.port, store)) is RcptStatus.DELIVERED
+    finally:
+        await hop.stop()
+    assert _results(store) == {("sts", "sts-webpki-invalid", ""): 1}
+
+
+async def test_a_fetched_file_that_is_no_policy_counts_as_sts_policy_invalid(
+    ca: StsCa, dns_zone: DnsZone, sts_rig: PolicyServer, tmp_path: Path,
+) -> None:
+    sts_rig.response = policy_response("version: STSv1\nmode: sometimes\n")
+    store = open_store(tmp_path)
+    hop = NextHop()
+    await hop.start()
+    try:
+        assert await _send(_sts_deliverer(_cfg(tmp_path, dns_zone), dns_zone, ca, sts_rig,
+                                          hop.port, store)) is RcptStatus.DELIVERED
+    finally:
+        await hop.stop()
+    assert _results(store) == {("sts", "sts-policy-invalid", ""): 1}
+
+
 async def test_dane_mismatch_then_match_are_counted_as_tlsa_sessions(
     dns_zone: DnsZone, selfsigned: Served, ca: StsCa, tmp_path: Path,
 ) -> None:
