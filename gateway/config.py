@@ -314,6 +314,30 @@ class QueueConfig(_Model):
     )
 
 
+class TlsRptConfig(_Model):
+    """SMTP TLS Reporting (RFC 8460): daily reports to the domains that ask for them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    enabled: bool = Field(
+        False, description="Count MX sessions to domains with an MTA-STS policy or DANE "
+        "records (successes and RFC 8460 §4.3 failures, in DATA_DIR/tlsrpt.db) and, after "
+        "each UTC day, send each such domain that publishes a _smtp._tls TXT record its "
+        "report (mailto: through the queue, https: POST)"
+    )
+    organization: str | None = Field(
+        None, description="organization-name in the report (default: hostname)"
+    )
+    contact: str | None = Field(
+        None, description="contact-info in the report (default: postmaster@ the first "
+        "relay.local_domains entry, else postmaster@hostname)"
+    )
+    from_address: str | None = Field(
+        None, alias="from", description="From: and envelope sender of mailed reports "
+        "(default: noreply-tlsrpt@hostname)"
+    )
+
+
 class DeliveryConfig(_Model):
     routes: dict[str, str] = Field(
         default_factory=lambda: {"*": "mx"},
@@ -344,6 +368,9 @@ class DeliveryConfig(_Model):
     mta_sts_timeout: Duration = Field(
         10.0, gt=0, description="Time limit for fetching one MTA-STS policy over HTTPS "
         "(RFC 8461 §3.3)"
+    )
+    tls_rpt: TlsRptConfig = Field(
+        default_factory=TlsRptConfig, description="SMTP TLS Reporting (RFC 8460)"
     )
     ca_file: Path | None = Field(
         None, description="PEM CA certificates that verify next hops (tls=required, "

@@ -61,6 +61,11 @@ DANE_SESSIONS = Counter(
     "encrypt: only unusable records, TLS without authentication)", ["mode"],
     registry=REGISTRY,
 )
+TLSRPT_REPORTS = Counter(
+    "coffer_tlsrpt_reports_total", "SMTP TLS reports (RFC 8460) sent to a domain's rua "
+    "address, by channel (mailto: spooled, https: POSTed) and result (sent, failed)",
+    ["channel", "result"], registry=REGISTRY,
+)
 DANE_REFUSED = Counter(
     "coffer_dane_refused_total", "MX hosts not used because DANE (RFC 7672) failed, by "
     "reason (tlsa_lookup: the TLSA lookup failed; tls: no STARTTLS, handshake failed or "

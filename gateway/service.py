@@ -73,8 +73,12 @@ from gateway.check.spam.stage import SpamStage
 from gateway.check.stage import CheckStage
 from gateway.config import Config
 from gateway.decide import DecideStage
-from gateway.deliver.deliverer import Deliverer
+from gateway.deliver.deliverer import Deliverer, next_hop_context
+from gateway.deliver.mta_sts_fetch import refresh_loop
 from gateway.deliver.routes import parse_routes
+from gateway.deliver.tlsrpt_send import TlsReporter
+from gateway.deliver.tlsrpt_store import TlsReportStore
+from gateway.deliver.tlsrpt_store import open_store as open_tls_reports
 from gateway.errors import CofferError, ConfigError
 from gateway.metrics_http import MetricsServer
 from gateway.offload import HopPool
@@ -142,6 +146,9 @@ def restart_required(old: Config, new: Config) -> list[str]:
     # The deliverer built its certificate checks (next hops, MTA-STS) from it at start.
     if old.delivery.ca_file != new.delivery.ca_file:
         keys.append("delivery.ca_file")
+    # The TLS report counting and the daily job were set up (or not) at start.
+    if old.delivery.tls_rpt != new.delivery.tls_rpt:
+        keys.append("delivery.tls_rpt")
     return keys
 
 
@@ -156,7 +163,8 @@ def effective_reload(old: Config, new: Config) -> Config:
             "archive": new.archive.model_copy(
                 update={k: getattr(old.archive, k) for k in _ARCHIVE_AT_START}),
             "s3": old.s3,
-            "delivery": new.delivery.model_copy(update={"ca_file": old.delivery.ca_file}),
+            "delivery": new.delivery.model_copy(update={"ca_file": old.delivery.ca_file,
+                                                        "tls_rpt": old.delivery.tls_rpt}),
         }
     )
 
@@ -504,6 +512,7 @@ class Service:
     _catch_up_owed: bool = field(default=False, init=False)  # the database was down for it
     _imap: EmbeddedImap | None = field(default=None, init=False)
     _bg: set[asyncio.Task[None]] = field(default_factory=set, init=False)
+    _tls_tasks: list[asyncio.Task[None]] = field(default_factory=list, init=False)
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -515,7 +524,8 @@ class Service:
         self._executor = HopPool(SPOOL_THREADS, thread_name_prefix="spool")
         self.policy = PolicyHolder(cfg)
         self._after_stages = after_queue_stages(cfg)
-        self._deliverer = Deliverer(cfg, executor=self._executor)
+        tls_reports = open_tls_reports(cfg.data_dir) if cfg.delivery.tls_rpt.enabled else None
+        self._deliverer = Deliverer(cfg, executor=self._executor, tls_reports=tls_reports)
         self._worker = QueueWorker(
             cfg, self.spool, self._after_stages, self._deliverer, executor=self._executor
         )
@@ -534,6 +544,7 @@ class Service:
         # The worker starts first: a message accepted in the first millisecond is
         # notified to a worker that is already running.
         self._worker_task = asyncio.create_task(self._worker.run(), name="queue-worker")
+        self._start_tls_jobs(tls_reports)
         if cfg.policy is not None:
             self._policy_task = asyncio.create_task(
                 watch_policy(self.policy, lambda: self.cfg), name="policy-watch")
@@ -570,6 +581,10 @@ class Service:
                 pass
             except Exception as exc:  # the worker's own failure: log, still exit cleanly
                 log.event("worker_failed", level=logging.ERROR, error=repr(exc))
+        for tls_task in self._tls_tasks:  # after the worker: its last sessions are counted
+            tls_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await tls_task
         if self._catch_up_task is not None:
             # A thread cannot be cancelled: let it finish before its database is closed.
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
@@ -599,6 +614,22 @@ class Service:
         if self._metrics is not None:
             self._metrics.close()
         log.event("stopped", pid=os.getpid(), seconds=round(time.monotonic() - started, 3))
+
+    def _start_tls_jobs(self, tls_reports: TlsReportStore | None) -> None:
+        """RFC 8460 reports (every worker flushes its counts; the claims in the store
+        make one of them send each report) and, on worker 0, the RFC 8461 §5.1 refresh
+        of cached MTA-STS policies."""
+        assert self._deliverer is not None and self._worker is not None
+        deliverer = self._deliverer
+        if tls_reports is not None:
+            reporter = TlsReporter(
+                self.cfg, tls_reports, deliverer.resolver, self.spool,
+                context=next_hop_context(self.cfg), notify=self._worker.notify,
+                executor=self._executor, who=f"{self.cfg.hostname}/{self.worker_index}")
+            self._tls_tasks.append(asyncio.create_task(reporter.run(), name="tls-reports"))
+        if self.cfg.delivery.mta_sts and self.worker_index == 0:
+            self._tls_tasks.append(asyncio.create_task(refresh_loop(deliverer.sts),
+                                                       name="mta-sts-refresh"))
 
     def _archive_slot(self) -> ArchiveStage | ArchivePending | None:
         """The archive stage among the after-queue stages, opened or still pending."""

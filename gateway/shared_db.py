@@ -1,4 +1,5 @@
-"""A small SQLite file shared by every worker process (rate counters, recipient verdicts).
+"""A small SQLite file shared by every worker process (rate counters, recipient verdicts,
+TLS report counts).
 
 WAL mode, so readers never wait for the one writer; ``synchronous=NORMAL``: a commit is
 not fsynced, a power cut may lose the last writes, which only costs a recount or a probe
@@ -33,7 +34,7 @@ class SharedDb:
             try:
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=NORMAL")
-                db.execute(self._schema)
+                db.executescript(self._schema)  # one or more CREATE statements
             except sqlite3.Error:
                 db.close()
                 raise

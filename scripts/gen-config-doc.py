@@ -131,8 +131,8 @@ def iter_keys(
     model: type[BaseModel] = config.Config, prefix: str = ""
 ) -> Iterator[tuple[str, FieldInfo]]:
     """(dotted key, field) for every key that holds a value rather than a section."""
-    for name, field in _fields(model):
-        key = f"{prefix}{name}"
+    for attr, field in _fields(model):
+        key = f"{prefix}{field.alias or attr}"
         inner = nested(field.annotation)
         if inner is None:
             yield key, field
@@ -214,7 +214,8 @@ def _fields(model: type[BaseModel]) -> list[tuple[str, FieldInfo]]:
 
 def _section(model: type[BaseModel], path: str, out: list[str], sub: list[tuple[str, Any]]) -> None:
     rows = ["| Key | Type | Default | Meaning |", "| --- | --- | --- | --- |"]
-    for name, field in _fields(model):
+    for attr, field in _fields(model):
+        name = field.alias or attr  # the YAML key (an alias where Python's name differs)
         key = f"{path}.{name}" if path else name
         inner = nested(field.annotation)
         kind = _kind(field)
@@ -256,8 +257,9 @@ def _yaml_defaults(model: type[BaseModel], instance: BaseModel, indent: int) -> 
     """The values of `instance` as block YAML, durations and sizes in operator units."""
     pad = "  " * indent
     lines = []
-    for name, field in _fields(model):
-        value = getattr(instance, name)
+    for attr, field in _fields(model):
+        value = getattr(instance, attr)
+        name = field.alias or attr  # the YAML key
         inner = nested(field.annotation)
         if inner is not None and isinstance(value, BaseModel):
             lines.append(f"{pad}{name}:")

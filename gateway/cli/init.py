@@ -324,6 +324,13 @@ delivery:
   mta_sts: true
   # Time limit for fetching one policy over HTTPS.
   mta_sts_timeout: 10s
+  # SMTP TLS Reporting (RFC 8460): count MTA-STS/DANE sessions and send each domain that
+  # publishes a _smtp._tls TXT record a daily report (coffer tlsrpt show: what it gets).
+  tls_rpt:
+    enabled: false
+    # organization: Example Ltd        (default: hostname)
+    # contact: postmaster@example.com  (default: postmaster@ the first local domain)
+    # from: noreply-tlsrpt@mail.example.com
   # CA certificates (PEM) for verified next hops and policy hosts (default: the system's).
   # ca_file: /etc/ssl/certs/ca-certificates.crt
 

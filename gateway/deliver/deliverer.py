@@ -14,14 +14,15 @@ import asyncio
 import dataclasses
 import logging
 import ssl
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 
 from gateway import log
 from gateway.config import Config
-from gateway.deliver import dane, maildir
+from gateway.deliver import dane, maildir, tlsrpt
 from gateway.deliver.mta_sts import Policy
 from gateway.deliver.mta_sts_fetch import PolicySource
 from gateway.deliver.mx import MxHost, MxResolver, address_literal
@@ -34,6 +35,8 @@ from gateway.deliver.routes import (
     select_route,
 )
 from gateway.deliver.smtp import Destination, SmtpClient, TransactionResult
+from gateway.deliver.tlsrpt import SessionKey
+from gateway.deliver.tlsrpt_store import TlsReportStore
 from gateway.dsn_params import to_pass_on
 from gateway.envelope import Envelope, domain_of
 from gateway.errors import DeliveryError
@@ -84,10 +87,14 @@ class Deliverer:
         mx_port: int = 25,
         executor: Executor | None = None,
         sts: PolicySource | None = None,
+        tls_reports: TlsReportStore | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         """``tls_context`` verifies next hops for ``tls=required``, ``smtps://`` and
         MTA-STS (default: ``delivery.ca_file``, else the system trust store);
-        ``mx_port`` and ``sts`` (its HTTPS port) exist for tests on loopback."""
+        ``mx_port`` and ``sts`` (its HTTPS port) exist for tests on loopback;
+        ``tls_reports`` counts the MTA-STS and DANE sessions for RFC 8460 reports
+        (``delivery.tls_rpt``)."""
         self.cfg = cfg
         self.routes: dict[str, Route] = parse_routes(cfg.delivery.routes, cfg.data_dir)
         self.resolver = resolver or MxResolver.from_config(cfg.dns, dnssec=cfg.delivery.dane)
@@ -104,6 +111,10 @@ class Deliverer:
         )
         self.sts = sts or PolicySource(self.resolver, cfg.data_dir, context=tls_context,
                                        timeout=cfg.delivery.mta_sts_timeout)
+        self.tls_reports = tls_reports
+        self.clock = clock
+        if tls_reports is not None:
+            self.sts.on_fetch_failed = self._sts_fetch_failed
 
     async def deliver(
         self, envelope: Envelope, data: bytes, rcpts: Sequence[str], *, qid: str = ""
@@ -210,10 +221,12 @@ class Deliverer:
             try:
                 host_dane = await self._dane_policy(domain, host, policy)
             except _DaneLookupFailed as exc:
+                self._count_tlsa(domain, host.name, (), tlsrpt.DNSSEC_INVALID)
                 outcomes = [Outcome(r, RcptStatus.DEFERRED, exc.reply, key, host.name)
                             for r in rcpts]
                 continue
-            refusal = None if host_dane is not None else _sts_screen(policy, domain, host)
+            refusal = None if host_dane is not None else self._sts_screen(policy, domain,
+                                                                          host)
             if refusal is not None:
                 outcomes = [Outcome(r, RcptStatus.DEFERRED, refusal, key, host.name)
                             for r in rcpts]
@@ -276,7 +289,11 @@ class Deliverer:
         result = await self._send(dest, envelope, data, rcpts)
         failure = _tls_failure(result)
         if failure is None:
+            if not result.session_failed and result.new_session:
+                self._count_tlsa(domain, dest.server_name, host_dane.records, tlsrpt.SUCCESS)
             return result
+        self._count_tlsa(domain, dest.server_name, host_dane.records,
+                         tlsrpt.result_type(failure, dane=True), dest.host, result.local_ip)
         reply = _dane_refusal(domain, dest.server_name, failure, "tls")
         return TransactionResult(dict.fromkeys(rcpts, reply), session_failed=True)
 
@@ -304,6 +321,9 @@ class Deliverer:
         result = await self._send(dataclasses.replace(dest, tls="required"), envelope, data,
                                   rcpts)
         failure = _tls_failure(result)
+        # A new session that tried TLS (a pooled one was counted when it began).
+        if failure is not None or (not result.session_failed and result.new_session):
+            self._count_sts_session(policy, domain, dest, failure, result.local_ip)
         if failure is None:
             return result
         if policy.mode == "testing":
@@ -316,6 +336,63 @@ class Deliverer:
                   reason=failure)
         reply = _sts_reply(domain, failure)
         return TransactionResult(dict.fromkeys(rcpts, reply), session_failed=True)
+
+    def _sts_screen(self, policy: Policy | None, domain: str, host: MxHost) -> str | None:
+        """The reply for an MX host the enforced policy rules out, or None to try it.
+
+        RFC 8461 §4.1: an MX host must match one of the policy's mx patterns; in
+        testing mode a mismatch is logged only (§5)."""
+        if policy is None or policy.allows(host.name):
+            return None
+        why = f"MX host {host.name} matches no mx pattern ({', '.join(policy.mx)})"
+        if policy.mode == "testing":
+            # Tried all the same: its session is counted as failed (_count_sts_session).
+            log.event("mta_sts_testing_failure", domain=domain, mx=host.name, reason=why)
+            return None
+        self._count_sts(policy, domain, tlsrpt.result_type(why, dane=False), host.name)
+        MTA_STS_REFUSED.labels("mx_mismatch").inc()
+        log.event("mta_sts_refused", logging.WARNING, domain=domain, mx=host.name,
+                  reason=why)
+        return _sts_reply(domain, why)
+
+    # -- RFC 8460 counts: one per session to a domain with a policy --------------------
+
+    def _count_sts(self, policy: Policy, domain: str, result: str, mx: str = "",
+                   ip: str = "", local: str = "") -> None:
+        if self.tls_reports is None:
+            return
+        failed = result != tlsrpt.SUCCESS  # §4.4: only failures say where
+        self.tls_reports.count(self.clock(), SessionKey(
+            domain, "sts", tlsrpt.sts_policy_string(policy.mode, policy.mx, policy.max_age),
+            policy.mx, result, mx if failed else "", ip if failed else "",
+            local if failed else ""))
+
+    def _count_sts_session(self, policy: Policy, domain: str, dest: Destination,
+                           failure: str | None, local: str) -> None:
+        """RFC 8460 §4.3: one result per session.  A host outside the mx patterns of a
+        testing policy (tried all the same, §5) fails it whatever TLS gave (§4.1)."""
+        if not policy.allows(dest.server_name):
+            result = tlsrpt.VALIDATION_FAILURE
+        elif failure is None:
+            self._count_sts(policy, domain, tlsrpt.SUCCESS)
+            return
+        else:
+            result = tlsrpt.result_type(failure, dane=False)
+        self._count_sts(policy, domain, result, dest.server_name, dest.host, local)
+
+    def _count_tlsa(self, domain: str, mx: str, records: Sequence[dane.Tlsa], result: str,
+                    ip: str = "", local: str = "") -> None:
+        if self.tls_reports is None:
+            return
+        failed = result != tlsrpt.SUCCESS
+        self.tls_reports.count(self.clock(), SessionKey(
+            domain, "tlsa", tuple(str(r) for r in records), (mx,), result,
+            mx if failed else "", ip if failed else "", local if failed else ""))
+
+    def _sts_fetch_failed(self, domain: str, result: str) -> None:
+        """RFC 8460 §4.3.2.2: a policy that could not be fetched, or did not parse."""
+        if self.tls_reports is not None:
+            self.tls_reports.count(self.clock(), SessionKey(domain, "sts", (), (), result))
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -340,22 +417,6 @@ def _dane_refusal(domain: str, host: str, why: str, reason: str) -> str:
 def _sts_reply(domain: str, why: str) -> str:
     # RFC 3463 X.7.5 (cryptographic failure), temporary: the queue retries, then bounces.
     return f"451 4.7.5 MTA-STS policy of {domain}: {why}"
-
-
-def _sts_screen(policy: Policy | None, domain: str, host: MxHost) -> str | None:
-    """The reply for an MX host the enforced policy rules out, or None to try it.
-
-    RFC 8461 §4.1: an MX host must match one of the policy's mx patterns; in
-    testing mode a mismatch is logged only (§5)."""
-    if policy is None or policy.allows(host.name):
-        return None
-    why = f"MX host {host.name} matches no mx pattern ({', '.join(policy.mx)})"
-    if policy.mode == "testing":
-        log.event("mta_sts_testing_failure", domain=domain, mx=host.name, reason=why)
-        return None
-    MTA_STS_REFUSED.labels("mx_mismatch").inc()
-    log.event("mta_sts_refused", logging.WARNING, domain=domain, mx=host.name, reason=why)
-    return _sts_reply(domain, why)
 
 
 def _tls_failure(result: TransactionResult) -> str | None:

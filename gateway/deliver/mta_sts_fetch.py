@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import ssl
 import time
@@ -36,6 +37,7 @@ from gateway.deliver.mta_sts import (
     parse_txt,
 )
 from gateway.deliver.mx import MxResolver
+from gateway.deliver.tlsrpt import policy_failure
 from gateway.metrics import MTA_STS_FETCHES
 
 WELL_KNOWN = "/.well-known/mta-sts.txt"
@@ -46,6 +48,9 @@ _MAX_HEADER_BYTES = 16 * 1024
 # policy host must not cost every message to the domain a timeout).
 FETCH_RETRY = 300.0
 CACHE_FILE = "mta-sts.json"
+# RFC 8461 §5.1: refresh a cached policy that expires within a day, checked hourly.
+REFRESH_WITHIN = 86400.0
+REFRESH_EVERY = 3600.0
 
 
 class FetchError(PolicyError):
@@ -126,7 +131,7 @@ async def fetch_policy_text(
     for addr in addresses:
         try:
             async with asyncio.timeout(timeout):
-                raw = await _exchange(addr, port, host, request, context)
+                raw = await https_exchange(addr, port, host, request, context)
         except (OSError, ssl.SSLError, TimeoutError, FetchError) as exc:
             errors.append(f"{addr}: {type(exc).__name__}: {exc}".rstrip(": "))
             continue
@@ -134,8 +139,10 @@ async def fetch_policy_text(
     raise FetchError("; ".join(errors))
 
 
-async def _exchange(addr: str, port: int, host: str, request: bytes,
+async def https_exchange(addr: str, port: int, host: str, request: bytes,
                     context: ssl.SSLContext) -> bytes:
+    """Send ``request`` over HTTPS to ``addr`` (certificate checked for ``host``) and
+    read the response, bounded in size (also the TLS report POST, RFC 8460 §5.4)."""
     reader, writer = await asyncio.open_connection(addr, port, ssl=context,
                                                    server_hostname=host)
     try:
@@ -171,6 +178,8 @@ class PolicySource:
         self._cache: dict[str, CachedPolicy] = _read(self.path)
         self._failed: dict[str, float] = {}  # domain -> when its last fetch failed
         self._locks: dict[str, asyncio.Lock] = {}
+        # Told (domain, RFC 8460 result type) when a policy fetch fails: TLS reporting.
+        self.on_fetch_failed: Callable[[str, str], None] | None = None
 
     async def policy_for(self, domain: str) -> Policy | None:
         """The policy to apply to mail for ``domain``; None: deliver as without MTA-STS."""
@@ -180,20 +189,51 @@ class PolicySource:
         except UnicodeError:
             return None  # not a name DNS can carry: MX delivery fails on it anyway
         # One discovery per domain at a time: the messages waiting behind it use its result.
+        return await self._locked(domain, refresh=False)
+
+    def _reread(self, domain: str) -> CachedPolicy | None:
+        """``domain``'s entry as the cache file has it now (kept in memory if found)."""
+        entry = _read(self.path).get(domain)
+        if entry is not None:
+            self._cache[domain] = entry
+        return entry
+
+    def refresh_due(self, within: float) -> list[str]:
+        """The cached domains whose policy expires less than ``within`` seconds from now."""
+        now = self.clock()
+        return sorted(d for d, e in self._cache.items()
+                      if not e.expired(now) and e.fetched + e.policy.max_age - now < within)
+
+    async def refresh(self, domain: str) -> Policy | None:
+        """Fetch ``domain``'s policy again although the cached one is still valid.
+
+        RFC 8461 §5.1: senders should refresh a cached policy before it expires, so
+        that a domain mail goes to rarely does not lose its protection in between.
+        The TXT record is looked up first: without one, the cached policy is kept
+        (until its max_age, as on delivery)."""
+        return await self._locked(domain, refresh=True)
+
+    async def _locked(self, domain: str, *, refresh: bool) -> Policy | None:
         lock = self._locks.setdefault(domain, asyncio.Lock())
         try:
             async with lock:
-                return await self._discover(domain)
+                return await self._discover(domain, refresh=refresh)
         finally:
             if not lock.locked() and self._locks.get(domain) is lock:
                 del self._locks[domain]  # a lock per domain ever seen would only grow
 
-    async def _discover(self, domain: str) -> Policy | None:
+    async def _discover(self, domain: str, *, refresh: bool = False) -> Policy | None:
         records = await self.resolver.txt(f"_mta-sts.{domain}")
         txt_id = parse_txt(records) if records is not None else None
         now = self.clock()
         cached = self._cache.get(domain)
+        if cached is not None and cached.expired(now):
+            # Worker 0 refreshes policies before they expire (§5.1) and writes them to
+            # the file: another worker takes the refreshed copy from there.
+            cached = await asyncio.to_thread(self._reread, domain)
         action = choose(txt_id, cached, now)
+        if refresh and txt_id is not None:
+            action = "fetch"
         if action == "cached" and cached is not None:
             return cached.policy
         if action == "none" or txt_id is None:
@@ -213,6 +253,9 @@ class PolicySource:
             # §5.1: with an unexpired cached policy, keep applying it.
             self._failed[domain] = now
             MTA_STS_FETCHES.labels("failed").inc()
+            if self.on_fetch_failed is not None:
+                self.on_fetch_failed(domain, policy_failure(
+                    str(exc), fetched=not isinstance(exc, FetchError)))
             usable = _unexpired(cached, now)
             log.event("mta_sts_fetch_failed", domain=domain, id=txt_id, error=str(exc),
                       cached_mode=usable.mode if usable else None)
@@ -224,13 +267,34 @@ class PolicySource:
         self._cache[domain] = entry
         log.event("mta_sts_policy", domain=domain, id=txt_id, mode=policy.mode,
                   mx=list(policy.mx), max_age=policy.max_age,
-                  change="updated" if cached is not None else "fetched")
+                  change="refreshed" if refresh else
+                  "updated" if cached is not None else "fetched")
         try:
             await asyncio.to_thread(_store, self.path, domain, entry, now)
         except OSError as exc:
             # Applied from memory all the same; only a restart would forget it.
             log.event("mta_sts_cache_write_failed", path=str(self.path), error=str(exc))
         return policy
+
+
+async def refresh_policies(sts: PolicySource, *, within: float = REFRESH_WITHIN) -> list[str]:
+    """RFC 8461 §5.1: fetch again every cached policy that expires within ``within``
+    seconds (its TXT record first), so that it does not lapse for a domain mail goes
+    to rarely.  The domains refreshed."""
+    due = sts.refresh_due(within)
+    for domain in due:
+        await sts.refresh(domain)
+    return due
+
+
+async def refresh_loop(sts: PolicySource, every: float = REFRESH_EVERY) -> None:
+    while True:
+        try:
+            await refresh_policies(sts)
+        except Exception as exc:  # a bug must not end the refreshes for good
+            log.event("mta_sts_refresh_error", logging.ERROR,
+                      error=f"{type(exc).__name__}: {exc}")
+        await asyncio.sleep(every)
 
 
 def _unexpired(cached: CachedPolicy | None, now: float) -> Policy | None:

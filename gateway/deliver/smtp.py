@@ -103,6 +103,10 @@ class TransactionResult:
     # The next hop offered DSN (RFC 3461), so the sender's DSN parameters went with
     # the message and notices from here on are its business (§5.2.1).
     dsn: bool = False
+    local_ip: str = ""  # our address in the session, when known (TLS reports)
+    # The first transaction on its connection: a TLS report counts sessions (RFC 8460
+    # §4.4), not the transactions a pooled connection carries.
+    new_session: bool = True
 
 
 def _fmt(code: int, message: str) -> str:
@@ -126,6 +130,7 @@ class _Conn:
     smtp: aiosmtplib.SMTP
     uses: int = 0
     idle_since: float = 0.0
+    sent: bool = False  # a transaction (not only probes) ran on it
 
 
 @dataclass(slots=True)
@@ -139,6 +144,7 @@ class _SessionError(Exception):
 
     def __init__(self, reply: str) -> None:
         self.reply = reply
+        self.local_ip = ""  # our end of the connection, when it got that far
         super().__init__(reply)
 
 
@@ -204,7 +210,8 @@ class SmtpClient:
             await self._ehlo(smtp)
             if dest.tls in ("opportunistic", *_MANDATORY):
                 await self._starttls(smtp, dest)
-        except _SessionError:
+        except _SessionError as exc:
+            exc.local_ip = local_ip(smtp)  # RFC 8460 §4.4 sending-mta-ip of a TLS failure
             await _close(smtp, quit=True)
             raise
         except SMTPResponseException as exc:
@@ -279,7 +286,7 @@ class SmtpClient:
             await _close(conn.smtp, quit=conn.smtp.is_connected)
 
     async def _on_connection(
-        self, dest: Destination, op: Callable[[aiosmtplib.SMTP], Awaitable[tuple[_T, bool]]],
+        self, dest: Destination, op: Callable[[_Conn], Awaitable[tuple[_T, bool]]],
     ) -> _T | _SessionError:
         """Run ``op`` (its result, whether the connection can be reused) on a pooled or
         new connection to ``dest``; the _SessionError that stopped it otherwise."""
@@ -291,7 +298,7 @@ class SmtpClient:
                 except _SessionError as exc:
                     return exc
                 try:
-                    value, reusable = await op(conn.smtp)
+                    value, reusable = await op(conn)
                 except _SessionError as exc:
                     await self._release(pool, conn, False)
                     if reused and attempt == 0:
@@ -323,17 +330,21 @@ class SmtpClient:
         the sender's RFC 3461 parameters, in the canonical form the envelope keeps
         them (ENVID and ORCPT still xtext): sent when the next hop offers DSN."""
 
-        async def transaction(smtp: aiosmtplib.SMTP) -> tuple[TransactionResult, bool]:
+        async def transaction(conn: _Conn) -> tuple[TransactionResult, bool]:
+            smtp = conn.smtp
+            new_session, conn.sent = not conn.sent, True
             dsn = smtp.supports_extension("dsn")
             replies, reusable = await self._transaction(
                 smtp, dest, sender, rcpts, data, smtputf8=smtputf8,
                 mail_dsn=mail_dsn if dsn else (), rcpt_dsn=(rcpt_dsn or {}) if dsn else {},
             )
-            return TransactionResult(replies, dsn=dsn), reusable
+            return TransactionResult(replies, dsn=dsn, local_ip=local_ip(smtp),
+                                     new_session=new_session), reusable
 
         result = await self._on_connection(dest, transaction)
         if isinstance(result, _SessionError):
-            return TransactionResult(dict.fromkeys(rcpts, result.reply), session_failed=True)
+            return TransactionResult(dict.fromkeys(rcpts, result.reply), session_failed=True,
+                                     local_ip=result.local_ip)
         return result
 
     # -- address verification ----------------------------------------------------
@@ -347,8 +358,8 @@ class SmtpClient:
         if _unsafe(rcpt):
             return ProbeResult("553 5.1.3 Invalid recipient address", answered=False)
 
-        async def ask(smtp: aiosmtplib.SMTP) -> tuple[ProbeResult, bool]:
-            return await self._probe(smtp, dest, rcpt)
+        async def ask(conn: _Conn) -> tuple[ProbeResult, bool]:
+            return await self._probe(conn.smtp, dest, rcpt)
 
         result = await self._on_connection(dest, ask)
         if isinstance(result, _SessionError):
@@ -586,6 +597,17 @@ def peer_chain(smtp: aiosmtplib.SMTP) -> list[bytes]:
     chain = getter() or []
     return [c if isinstance(c, bytes) else c.public_bytes(ssl._ssl.ENCODING_DER)  # type: ignore[attr-defined]
             for c in chain]
+
+
+def local_ip(smtp: aiosmtplib.SMTP) -> str:
+    """Our address on ``smtp``'s connection ("" when it has none, or no more)."""
+    if not smtp.is_connected:
+        return ""
+    try:
+        sockname = smtp.get_transport_info("sockname")
+    except SMTPException:
+        return ""
+    return str(sockname[0]) if isinstance(sockname, tuple) and sockname else ""
 
 
 def _network_reply(exc: BaseException, dest: Destination) -> str:

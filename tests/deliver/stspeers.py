@@ -93,3 +93,21 @@ class PolicyServer:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
+
+
+@dataclass
+class ReportReceiver(PolicyServer):
+    """An HTTPS server taking TLS report POSTs (RFC 8460 §5.4): (head, body) of each."""
+
+    posts: list[tuple[str, bytes]] = field(default_factory=list)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+            length = next(int(line.split(":", 1)[1]) for line in head.split("\r\n")
+                          if line.lower().startswith("content-length:"))
+            self.posts.append((head, await reader.readexactly(length)))
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            await writer.drain()
+        finally:
+            writer.close()

@@ -45,6 +45,17 @@ def test_relay_domains_apply_live_but_listeners_and_workers_need_a_restart(
     assert restart_required(old, live) == []
 
 
+def test_tls_reporting_settings_need_a_restart(tmp_path: Path) -> None:
+    old = _cfg(tmp_path, BASE)
+    new = _cfg(tmp_path, BASE + "delivery:\n  tls_rpt:\n    enabled: true\n"
+               "  mta_sts: false\n")
+    assert restart_required(old, new) == ["delivery.tls_rpt"]
+    live = effective_reload(old, new)
+    assert live.delivery.tls_rpt.enabled is False  # not counting until a restart
+    assert live.delivery.mta_sts is False  # the rest of delivery applies live
+    assert restart_required(old, live) == []
+
+
 def test_the_archive_backend_needs_a_restart_but_its_timers_apply_live(
     tmp_path: Path,
 ) -> None:

@@ -1,0 +1,148 @@
+"""The TLS report counts (RFC 8460), shared by every worker process:
+``DATA_DIR/tlsrpt.db``, a :class:`gateway.shared_db.SharedDb`.
+
+The deliverer counts each MX session to a domain with an MTA-STS policy or DANE
+records (:meth:`TlsReportStore.count`) in memory, which costs nothing on the
+delivery path; :meth:`TlsReportStore.flush` adds them to one row per
+(UTC day, :class:`~gateway.deliver.tlsrpt.SessionKey`) in one transaction, from a
+thread.  The daily job claims (day, domain) in the same file before it reports
+(:meth:`TlsReportStore.claim`), so that of several workers or a restarted one,
+exactly one sends each domain's report.  A failed write keeps the counts in
+memory for the next flush; the file unusable, reports are incomplete, mail flows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+from collections import Counter
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+from gateway import log
+from gateway.deliver.tlsrpt import SessionKey
+from gateway.shared_db import SharedDb
+
+FILE_NAME = "tlsrpt.db"
+KEEP_DAYS = 14  # counts older than this are deleted after their report
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    day TEXT NOT NULL, policy_domain TEXT NOT NULL, policy_type TEXT NOT NULL,
+    policy_string TEXT NOT NULL, mx_host TEXT NOT NULL, result TEXT NOT NULL,
+    receiving_mx TEXT NOT NULL, receiving_ip TEXT NOT NULL, sending_ip TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    PRIMARY KEY (day, policy_domain, policy_type, policy_string, mx_host, result,
+                 receiving_mx, receiving_ip, sending_ip)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS reports (
+    day TEXT NOT NULL, policy_domain TEXT NOT NULL, claimed_by TEXT NOT NULL,
+    outcome TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (day, policy_domain)
+) WITHOUT ROWID;
+"""
+_ADD = ("INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT DO UPDATE SET count = count + excluded.count")
+
+
+def day_of(now: float) -> date:
+    return datetime.fromtimestamp(now, UTC).date()
+
+
+class TlsReportStore:
+    """The counts file; the connection is opened at first use (after a fork)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = SharedDb(path, _SCHEMA)
+        self._lock = self._file.lock  # the connection, between threads
+        self._conn = self._file.conn
+        self._pending: Counter[tuple[date, SessionKey]] = Counter()
+        self._pending_lock = threading.Lock()  # count() on the loop, flush() in a thread
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
+
+    def count(self, now: float, key: SessionKey) -> None:
+        """One session, in memory until the next :meth:`flush`."""
+        with self._pending_lock:
+            self._pending[(day_of(now), key)] += 1
+
+    def flush(self) -> int:
+        """Write the counts taken since the last flush (blocking: from a thread).
+        How many sessions were written; on a database error, none (kept for later)."""
+        with self._pending_lock:
+            pending, self._pending = self._pending, Counter()
+        if not pending:
+            return 0
+        rows = [(day.isoformat(), k.policy_domain, k.policy_type,
+                 json.dumps(list(k.policy_string)), json.dumps(list(k.mx_host)), k.result,
+                 k.receiving_mx, k.receiving_ip, k.sending_ip, n)
+                for (day, k), n in pending.items()]
+        try:
+            with self._lock:
+                db = self._conn()
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    db.executemany(_ADD, rows)
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+        except sqlite3.Error as exc:
+            with self._pending_lock:
+                self._pending.update(pending)
+            log.event("tlsrpt_store_error", logging.ERROR, file=str(self.path),
+                      error=f"{type(exc).__name__}: {exc}")
+            return 0
+        return sum(pending.values())
+
+    def sessions(self, day: date) -> list[tuple[SessionKey, int]]:
+        """Every count of ``day`` (what was flushed), in key order."""
+        with self._lock:
+            rows = self._conn().execute(
+                "SELECT policy_domain, policy_type, policy_string, mx_host, result, "
+                "receiving_mx, receiving_ip, sending_ip, count FROM sessions WHERE day = ?",
+                (day.isoformat(),)).fetchall()
+        out = [(SessionKey(d, t, tuple(json.loads(ps)), tuple(json.loads(mx)), r, rmx, rip,
+                           sip), n)
+               for d, t, ps, mx, r, rmx, rip, sip, n in rows]
+        return sorted(out)
+
+    def domains(self, day: date) -> list[str]:
+        """The policy domains with counts on ``day``."""
+        with self._lock:
+            rows = self._conn().execute(
+                "SELECT DISTINCT policy_domain FROM sessions WHERE day = ? "
+                "ORDER BY policy_domain", (day.isoformat(),)).fetchall()
+        return [r[0] for r in rows]
+
+    def claim(self, day: date, domain: str, who: str) -> bool:
+        """Take the report of (``day``, ``domain``): True for the one caller that gets
+        it, False if someone (another worker, an earlier run) already has."""
+        with self._lock:
+            cur = self._conn().execute(
+                "INSERT OR IGNORE INTO reports (day, policy_domain, claimed_by) "
+                "VALUES (?, ?, ?)", (day.isoformat(), domain, who))
+            return cur.rowcount == 1
+
+    def settle(self, day: date, domain: str, outcome: str) -> None:
+        """Record what became of a claimed report (for the operator; never retried)."""
+        with self._lock:
+            self._conn().execute(
+                "UPDATE reports SET outcome = ? WHERE day = ? AND policy_domain = ?",
+                (outcome, day.isoformat(), domain))
+
+    def purge(self, before: date) -> None:
+        """Forget counts and claims of days before ``before``."""
+        with self._lock:
+            db = self._conn()
+            db.execute("DELETE FROM sessions WHERE day < ?", (before.isoformat(),))
+            db.execute("DELETE FROM reports WHERE day < ?", (before.isoformat(),))
+
+
+def open_store(data_dir: Path) -> TlsReportStore:
+    return TlsReportStore(data_dir / FILE_NAME)
