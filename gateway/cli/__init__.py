@@ -25,6 +25,18 @@ EXIT_OK = 0
 EXIT_PROBLEM = 1
 EXIT_USAGE = 2
 
+
+def config_options(*, json: bool = True) -> argparse.ArgumentParser:
+    """The options most sub-commands share (``parents=[...]``): ``--config`` and,
+    unless ``json`` is False, ``--json``."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE",
+                        help="configuration file (default: $COFFER_CONFIG, else ./coffer.yaml)")
+    if json:
+        common.add_argument("--json", action="store_true",
+                            help="one JSON object per line on stdout")
+    return common
+
 COMMAND_MODULES: tuple[str, ...] = (
     "gateway.cli.init",
     "gateway.cli.serve",

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import config
+from gateway.cli import config_options
 from gateway.errors import ConfigError
 from gateway.transform import smime_caps
 from gateway.transform.config import CryptoConfig
@@ -32,10 +33,7 @@ EXIT_USAGE = 2
 
 
 def register(sub: Any) -> None:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", metavar="FILE",
-                        help="configuration file (default: $COFFER_CONFIG, else ./coffer.yaml)")
-    common.add_argument("--json", action="store_true", help="one JSON object per line on stdout")
+    common = config_options()
 
     p = sub.add_parser("keys", help="manage encryption keys and certificates",
                        description="Import, list, show and remove OpenPGP keys and S/MIME "

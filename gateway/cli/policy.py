@@ -26,6 +26,7 @@ from typing import Any
 
 from gateway import config, mailparse
 from gateway.check.headers import addresses
+from gateway.cli import config_options
 from gateway.envelope import Envelope, TlsInfo
 from gateway.errors import ConfigError
 from policies.conditions import DIRECTIONS
@@ -41,10 +42,7 @@ MAX_MESSAGE = 64 * 1024 * 1024
 
 
 def register(sub: Any) -> None:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", metavar="FILE",
-                        help="configuration file (default: $COFFER_CONFIG, else ./coffer.yaml)")
-    common.add_argument("--json", action="store_true", help="one JSON object per line on stdout")
+    common = config_options()
     common.add_argument("--local-domain", action="append", default=[], metavar="DOMAIN",
                         help="a local domain (default: relay.local_domains of the config)")
 

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import config, log
+from gateway.cli import config_options
 from gateway.config import Config
 from gateway.errors import SpoolError
 from gateway.queue import shape
@@ -87,10 +88,7 @@ def _bulk_options() -> argparse.ArgumentParser:
 
 
 def register(sub: Any) -> None:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", metavar="FILE",
-                        help="configuration file (default: $COFFER_CONFIG, else ./coffer.yaml)")
-    common.add_argument("--json", action="store_true", help="one JSON object per line on stdout")
+    common = config_options()
     sel, bulk = _selector_options(), _bulk_options()
 
     p = sub.add_parser("queue", help="list and manage queued messages",

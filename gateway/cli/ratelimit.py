@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from gateway import config, log
+from gateway.cli import config_options
 from gateway.cli.queue import _operator, _setup_log
 from gateway.receive.rate_limits import client_key, span
 from gateway.receive.rate_store import FILE_NAME, CounterRow, RateStore
@@ -26,10 +27,7 @@ NEAR = 0.8  # `list` shows counters at this share of their limit or above
 
 
 def register(sub: Any) -> None:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", metavar="FILE",
-                        help="configuration file (default: $COFFER_CONFIG, else ./coffer.yaml)")
-    common.add_argument("--json", action="store_true", help="one JSON object per line on stdout")
+    common = config_options()
 
     p = sub.add_parser("ratelimit", help="sending rate limits: who is near one, lift one",
                        description="Inspect and reset the sending rate-limit counters "

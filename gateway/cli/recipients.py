@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 from gateway import config, log
+from gateway.cli import config_options
 from gateway.cli.queue import _ago, _operator, _setup_log
 from gateway.deliver.routes import parse_routes
 from gateway.receive.addresses import AddressError, parse_path
@@ -33,10 +34,7 @@ EXIT_USAGE = 2
 
 
 def register(sub: Any) -> None:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", metavar="FILE",
-                        help="configuration file (default: $COFFER_CONFIG, else ./coffer.yaml)")
-    common.add_argument("--json", action="store_true", help="one JSON object per line on stdout")
+    common = config_options()
 
     p = sub.add_parser("recipients", help="recipient verification: probe an address, see or "
                        "forget the remembered answers",
