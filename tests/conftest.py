@@ -1,5 +1,9 @@
 """Suite-wide guards.
 
+Every test gets the gateway's logger back as it found it: a CLI command run in-process
+sets up the gateway's log (handlers on stderr or a file), which would otherwise stay for
+the tests after it (and hide their records from caplog).
+
 Tests talk to loopback only (127.0.0.0/8, ::1).  This guard makes an accidental
 lookup through the system resolver, or a connection to any other address, fail
 loudly in the process running the tests instead of leaking traffic.  (Gateways
@@ -14,6 +18,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
+from gateway import log
 
 _real_connect = socket.socket.connect
 _real_connect_ex = socket.socket.connect_ex
@@ -63,3 +69,10 @@ def loopback_only() -> Iterator[None]:
         socket.socket.connect = _real_connect  # type: ignore[method-assign]
         socket.socket.connect_ex = _real_connect_ex  # type: ignore[method-assign]
         socket.socket.sendto = _real_sendto  # type: ignore[method-assign]
+
+
+@pytest.fixture(autouse=True)
+def restore_gateway_logger() -> Iterator[None]:
+    saved = list(log.LOGGER.handlers), log.LOGGER.level, log.LOGGER.propagate
+    yield
+    log.LOGGER.handlers[:], log.LOGGER.level, log.LOGGER.propagate = saved

@@ -10,13 +10,12 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gateway import log
 from gateway.cli import main
 from gateway.config import load
 from gateway.receive.addresses import parse_path
@@ -27,14 +26,6 @@ from nexthop import NextHop
 
 LOCAL = "local.example"
 UNKNOWN = "550 5.1.1 <nobody@local.example>: User unknown in virtual mailbox table"
-
-
-@pytest.fixture(autouse=True)
-def restore_log() -> Iterator[None]:
-    """The CLI sets up the gateway's log (stderr here); put the test logger back."""
-    saved = list(log.LOGGER.handlers), log.LOGGER.level, log.LOGGER.propagate
-    yield
-    log.LOGGER.handlers[:], log.LOGGER.level, log.LOGGER.propagate = saved
 
 
 @pytest.fixture

@@ -20,6 +20,9 @@ def procs() -> Iterator[list[Gateway | Sink]]:
     yield started
     for p in reversed(started):
         if isinstance(p, Gateway) and p.proc is not None:
-            p.kill9()
+            try:
+                p.kill9()
+            except ProcessLookupError:  # it exited by itself (what some tests are about)
+                p.proc.wait(timeout=10)
         elif isinstance(p, Sink):
             p.stop()
