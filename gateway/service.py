@@ -616,9 +616,9 @@ class Service:
         log.event("stopped", pid=os.getpid(), seconds=round(time.monotonic() - started, 3))
 
     def _start_tls_jobs(self, tls_reports: TlsReportStore | None) -> None:
-        """RFC 8460 reports (every worker flushes its counts; the claims in the store
-        make one of them send each report) and, on worker 0, the RFC 8461 §5.1 refresh
-        of cached MTA-STS policies."""
+        """RFC 8460 reports (every worker flushes its counts; the leased claims in the
+        store make one of them send, or retry, each report at a time) and, on worker 0,
+        the RFC 8461 §5.1 refresh of cached MTA-STS policies."""
         assert self._deliverer is not None and self._worker is not None
         deliverer = self._deliverer
         if tls_reports is not None:

@@ -70,6 +70,8 @@ class HostPolicy:
 
     mode: Mode
     records: tuple[Tlsa, ...]
+    # RFC 7672 §3.2.2: the names a DANE-TA certificate may carry; () is the MX host name.
+    names: tuple[str, ...] = ()
 
 
 def usable(records: Sequence[Tlsa]) -> tuple[Tlsa, ...]:

@@ -263,11 +263,15 @@ class Deliverer:
         """
         if not self.cfg.delivery.dane or not host.secure:
             return None
-        answer = await self.resolver.tlsa(host.name, self.mx_port)
+        answer = await self._tlsa(host)
         if answer is None:
             raise _DaneLookupFailed(_dane_refusal(domain, host.name, "TLSA lookup failed",
                                                   "tlsa_lookup"))
         found = dane.host_policy(answer)
+        if found is not None and host.expanded:
+            # RFC 7672 §3.2.2: behind a secure CNAME chain, the original MX host name
+            # and the expanded one are both names the certificate may carry.
+            found = dataclasses.replace(found, names=(host.name, host.expanded))
         if found is not None and found.mode == "encrypt" and sts is not None \
                 and sts.mode == "enforce":
             # Only unusable records: DANE asks for TLS without authentication, an
@@ -275,6 +279,19 @@ class Deliverer:
             return None
         # RFC 8461 §2: usable TLSA records take precedence over MTA-STS.
         return found
+
+    async def _tlsa(self, host: MxHost) -> dane.TlsaAnswer | None:
+        """The TLSA records of a secure MX host (None: the lookup failed).
+
+        RFC 7672 §2.2.2: when the host name is an alias (its secure address answer
+        came through CNAMEs), the records are looked up first at the CNAME-expanded
+        name, and at the original name when the expanded one has no secure records.
+        """
+        if host.expanded:
+            answer = await self.resolver.tlsa(host.expanded, self.mx_port)
+            if answer is None or (answer.secure and answer.records):
+                return answer
+        return await self.resolver.tlsa(host.name, self.mx_port)
 
     async def _send_dane(
         self, host_dane: dane.HostPolicy, domain: str, dest: Destination, envelope: Envelope,
@@ -285,7 +302,8 @@ class Deliverer:
         is not used (session failed: the next MX host is tried, the recipients are
         deferred 4.7.5, nothing is ever sent in clear)."""
         DANE_SESSIONS.labels(host_dane.mode).inc()
-        dest = dataclasses.replace(dest, tls=host_dane.mode, tlsa=host_dane.records)
+        dest = dataclasses.replace(dest, tls=host_dane.mode, tlsa=host_dane.records,
+                                   tlsa_names=host_dane.names)
         result = await self._send(dest, envelope, data, rcpts)
         failure = _tls_failure(result)
         if failure is None:

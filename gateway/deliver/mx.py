@@ -46,6 +46,20 @@ class MxHost:
     # RFC 7672 §2.2.1, §2.2.2: the MX RRset and this host's address records were all
     # DNSSEC-validated (AD), so its TLSA records are worth looking up.
     secure: bool = False
+    # RFC 7672 §2.2.2: the name a CNAME chain led to from ``name`` to its address
+    # records ("" when ``name`` is no alias).  The AD bit of the address answer
+    # covers every CNAME of the chain: ``secure`` is False if one step was insecure.
+    expanded: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class _Addresses:
+    """What the address lookups of one name gave."""
+
+    addresses: tuple[str, ...]
+    temporary: bool  # a lookup failed temporarily
+    secure: bool  # every address RRset found was DNSSEC-validated (and there was one)
+    expanded: str  # the CNAME-expanded name, "" when the name is no alias
 
 
 def _temp(reply: str, message: str) -> DeliveryError:
@@ -121,14 +135,14 @@ class MxResolver:
 
     async def addresses(self, name: str) -> tuple[str, ...]:
         """The IPv4 then IPv6 addresses of ``name`` (none when the lookups fail)."""
-        return (await self._addresses(name))[0]
+        return (await self._addresses(name)).addresses
 
-    async def _addresses(self, name: str) -> tuple[tuple[str, ...], bool, bool]:
-        """(addresses, whether a lookup failed temporarily, whether every address
-        RRset found was DNSSEC-validated).  IPv4 first."""
+    async def _addresses(self, name: str) -> _Addresses:
+        """The addresses of ``name``, IPv4 first, and what the lookups said of them."""
         out: list[str] = []
         temporary = False
         secure = True
+        expanded = ""
         for rdtype in ("A", "AAAA"):
             try:
                 answer = await self._resolver.resolve(name, rdtype, search=False)
@@ -139,7 +153,10 @@ class MxResolver:
                 continue
             secure = secure and _secure(answer)
             out.extend(r.address for r in answer)
-        return tuple(out), temporary, secure and bool(out)
+            target = answer.canonical_name.to_text(omit_final_dot=True).lower()
+            if target != name.rstrip(".").lower():
+                expanded = target
+        return _Addresses(tuple(out), temporary, secure and bool(out), expanded)
 
     async def lookup(self, domain: str) -> list[MxHost]:
         """The hosts to try for ``domain``, most preferred first, each with its addresses."""
@@ -172,10 +189,10 @@ class MxResolver:
         if not records:
             # RFC 5321 §5.1: no MX records -> the domain itself is the implicit MX.
             # RFC 7672 §2.2.1: then the domain's own address records decide.
-            addrs, temporary, secure = await self._addresses(domain)
-            if addrs:
-                return [MxHost(domain, 0, addrs, secure)]
-            if temporary:
+            found = await self._addresses(domain)
+            if found.addresses:
+                return [MxHost(domain, 0, found.addresses, found.secure, found.expanded)]
+            if found.temporary:
                 raise _temp("451 4.4.3 Temporary DNS failure looking up the domain's address",
                             f"{domain}: A/AAAA lookup failed")
             raise _perm("550 5.1.2 Recipient domain has no mail server (no MX, A or AAAA)",
@@ -200,10 +217,11 @@ class MxResolver:
         for pref in sorted(hosts_by_pref):
             group = []
             for name in dict.fromkeys(hosts_by_pref[pref]):
-                addrs, temporary, secure = addrs_of[name]
-                any_temporary = any_temporary or temporary
-                if addrs:
-                    group.append(MxHost(name, pref, addrs, mx_secure and secure))
+                found = addrs_of[name]
+                any_temporary = any_temporary or found.temporary
+                if found.addresses:
+                    group.append(MxHost(name, pref, found.addresses,
+                                        mx_secure and found.secure, found.expanded))
             self._shuffle(group)
             out.extend(group)
         if not out:

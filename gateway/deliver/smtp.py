@@ -80,6 +80,8 @@ class Destination:
     tls: SessionTls
     server_name: str  # the name the certificate must carry (SNI), and for logs
     tlsa: tuple[dane.Tlsa, ...] = ()  # usable TLSA records, for tls="dane"
+    # The names a DANE-TA certificate may carry (RFC 7672 §3.2.2); () means server_name.
+    tlsa_names: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -262,7 +264,8 @@ class SmtpClient:
                 from None
         if dest.tls == "dane":
             # RFC 7672 §3: authenticated before anything else is said over TLS.
-            why = dane.verify(dest.tlsa, peer_chain(smtp), (dest.server_name,))
+            why = dane.verify(dest.tlsa, peer_chain(smtp),
+                              dest.tlsa_names or (dest.server_name,))
             if why is not None:
                 raise _SessionError(f"451 4.7.10 {why}")
         # RFC 3207 §4.2: forget what the server said before TLS, and ask again.

@@ -7,9 +7,13 @@ flushes the process's session counts to ``DATA_DIR/tlsrpt.db`` every
 policy domain with counts that it manages to claim in the store (one worker, once),
 it looks up ``_smtp._tls.<domain>`` and sends the gzipped JSON report to every
 ``rua`` URI: ``mailto:`` as a ``multipart/report`` message spooled in Coffer's own
-queue (as DSNs are), ``https:`` as a POST of ``application/tlsrpt+gzip``.  A report
-that fails is logged and counted, not retried (§5.4 leaves retries to the sender;
-the next day brings the next report).
+queue (as DSNs are, which retries it), ``https:`` as a POST of
+``application/tlsrpt+gzip``.  A claim is a lease of :data:`CLAIM_LEASE`: a worker that
+dies while reporting leaves the report to another one after it.  Each rua that got
+the report is recorded at once; a failed one is tried again after a backoff
+(:func:`retry_delay`; RFC 8460 §5.4 leaves retries to the sender) and only it, until
+:data:`GIVE_UP_AFTER` past the end of the reported day, then given up with one
+``tlsrpt_given_up`` log line.
 """
 
 from __future__ import annotations
@@ -41,6 +45,12 @@ FLUSH_EVERY = 60.0
 REPORT_DELAY = 600.0
 # A report's POST is bounded in time like a policy fetch; its response is not read.
 POST_TIMEOUT = 30.0
+# A claim not settled within this may be taken again (its worker died).
+CLAIM_LEASE = 1800.0
+# A failed rua is tried again after RETRY_FIRST, doubling, until this long after the
+# reported day's end (the next day's report is due then).
+RETRY_FIRST = 900.0
+GIVE_UP_AFTER = 86400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +76,17 @@ class Submitter:
 def due_day(now: float) -> date:
     """The last UTC day whose report is due at ``now``."""
     return day_of(now - REPORT_DELAY) - timedelta(days=1)
+
+
+def retry_delay(tries: int) -> float:
+    """How long to wait before the try after ``tries`` failed ones (1, 2, ...)."""
+    return RETRY_FIRST * 2.0 ** min(tries - 1, 16)
+
+
+def give_up_at(day: date) -> float:
+    """When the report of ``day`` stops being retried."""
+    end = datetime.combine(day + timedelta(days=1), datetime.min.time(), UTC)
+    return end.timestamp() + GIVE_UP_AFTER
 
 
 def preview(store: TlsReportStore, day: date, submitter: Submitter) -> list[dict[str, Any]]:
@@ -111,66 +132,94 @@ class TlsReporter:
             self.store.close()
 
     async def tick(self) -> list[str]:
-        """One round: flush this worker's counts, report the due day if not done yet.
-        The domains this worker reported."""
+        """One round: flush this worker's counts, report the due day's domains that are
+        open (not yet reported, a retry due, or a dead worker's lease run out).  The
+        domains this worker reported (or tried to)."""
         await asyncio.to_thread(self.store.flush)
         day = due_day(self.clock())
-        if self._reported == day:
-            return []
         done = await self.report_day(day)
-        self._reported = day
-        await asyncio.to_thread(self.store.purge, day - timedelta(days=KEEP_DAYS))
+        if self._reported != day:
+            self._reported = day
+            await asyncio.to_thread(self.store.purge, day - timedelta(days=KEEP_DAYS))
         return done
 
     async def report_day(self, day: date) -> list[str]:
         """Report ``day`` for every domain this worker claims."""
-        done = []
+        done: list[str] = []
+        now = self.clock()
+        domains = await asyncio.to_thread(self.store.open_domains, day, now)
+        if not domains:
+            return done  # the usual minute: nothing to do, the counts not read
         sessions = await asyncio.to_thread(self.store.sessions, day)
-        for domain in sorted({k.policy_domain for k, _ in sessions}):
-            if not await asyncio.to_thread(self.store.claim, day, domain, self.who):
-                continue  # another worker, or an earlier run, has it
-            outcome = await self._report(day, domain, sessions)
-            await asyncio.to_thread(self.store.settle, day, domain, outcome)
+        for domain in domains:
+            tries = await asyncio.to_thread(self.store.claim, day, domain, self.who,
+                                            now, CLAIM_LEASE)
+            if tries < 0:
+                continue  # another worker has it
+            await self._report_claimed(day, domain, sessions, tries)
             done.append(domain)
         return done
 
+    async def _report_claimed(self, day: date, domain: str,
+                              sessions: list[tuple[tlsrpt.SessionKey, int]],
+                              tries: int) -> None:
+        """Send a claimed report, then settle it or put it back for a retry."""
+        failed, outcome = await self._report(day, domain, sessions)
+        if not failed:
+            await asyncio.to_thread(self.store.finish, day, domain, outcome)
+            return
+        when = self.clock() + retry_delay(tries + 1)
+        if when > give_up_at(day):
+            log.event("tlsrpt_given_up", logging.WARNING, domain=domain,
+                      day=day.isoformat(), to=", ".join(failed), tries=tries + 1)
+            await asyncio.to_thread(self.store.finish, day, domain, outcome)
+            return
+        await asyncio.to_thread(self.store.retry_at, day, domain, outcome, when)
+
     async def _report(self, day: date, domain: str,
-                      sessions: list[tuple[tlsrpt.SessionKey, int]]) -> str:
+                      sessions: list[tuple[tlsrpt.SessionKey, int]]) -> tuple[list[str], str]:
+        """Send the report to each rua that does not have it yet: the ones that
+        failed, and the outcome for the operator."""
         records = await self.resolver.txt(f"_smtp._tls.{domain}")
         rua = tlsrpt.parse_txt(records) if records is not None else None
         if rua is None:
             # §3: no (single, valid) record: the domain asked for no report.
             log.event("tlsrpt_not_requested", domain=domain, day=day.isoformat(),
                       lookup="failed" if records is None else "no record")
-            return "not requested"
+            return [], "not requested"
+        served = await asyncio.to_thread(self.store.served, day, domain)
         s = self.submitter
         report = tlsrpt.build_report(day, domain, sessions, organization=s.organization,
                                      contact=s.contact, submitter=s.name)
         gz = tlsrpt.compress(report)
-        mailto = [tlsrpt.mailto_address(u) for u in rua if u.lower().startswith("mailto:")]
-        sends: list[tuple[str, str, Callable[[], Awaitable[None]]]] = []
+        mailto = [u for u in rua if u.lower().startswith("mailto:") and u not in served]
+        to = [tlsrpt.mailto_address(u) for u in mailto]
+        sends: list[tuple[str, list[str], Callable[[], Awaitable[None]]]] = []
         if mailto:
-            sends.append(("mailto", ", ".join(mailto),
-                          lambda: self._mail(report, gz, domain, day, mailto)))
+            sends.append(("mailto", mailto, lambda: self._mail(report, gz, domain, day, to)))
         for uri in rua:
-            if uri.lower().startswith("https:"):
-                sends.append(("https", uri, lambda uri=uri: post_report(  # type: ignore[misc]
+            if uri.lower().startswith("https:") and uri not in served:
+                sends.append(("https", [uri], lambda uri=uri: post_report(  # type: ignore[misc]
                     uri, gz, self.resolver, context=self.context)))
-        results = []
-        for channel, to, send in sends:
+        results, failed = [], []
+        for channel, uris, send in sends:
+            shown = ", ".join(to) if channel == "mailto" else uris[0]
             try:
                 await send()
             except (ReportError, SpoolError) as exc:
                 TLSRPT_REPORTS.labels(channel, "failed").inc()
                 log.event("tlsrpt_failed", logging.WARNING, domain=domain,
-                          day=day.isoformat(), to=to, error=str(exc))
+                          day=day.isoformat(), to=shown, error=str(exc))
                 results.append(f"{channel} failed")
+                failed.extend(uris)
                 continue
+            for uri in uris:
+                await asyncio.to_thread(self.store.serve, day, domain, uri)
             TLSRPT_REPORTS.labels(channel, "sent").inc()
-            log.event("tlsrpt_sent", domain=domain, day=day.isoformat(), to=to,
+            log.event("tlsrpt_sent", domain=domain, day=day.isoformat(), to=shown,
                       report_id=report["report-id"], bytes=len(gz))
             results.append(f"{channel} sent")
-        return ", ".join(results)
+        return failed, ", ".join(results)
 
     async def _mail(self, report: dict[str, Any], gz: bytes, domain: str, day: date,
                     to: list[str]) -> None:

@@ -7,8 +7,12 @@ delivery path; :meth:`TlsReportStore.flush` adds them to one row per
 (UTC day, :class:`~gateway.deliver.tlsrpt.SessionKey`) in one transaction, from a
 thread.  The daily job claims (day, domain) in the same file before it reports
 (:meth:`TlsReportStore.claim`), so that of several workers or a restarted one,
-exactly one sends each domain's report.  A failed write keeps the counts in
-memory for the next flush; the file unusable, reports are incomplete, mail flows.
+exactly one sends each domain's report at a time.  A claim is a lease: not settled
+(:meth:`TlsReportStore.finish`) before it runs out -- its worker died, or it put the
+report back for a retry (:meth:`TlsReportStore.retry_at`) -- any worker may take it
+again, and sends only to the rua URIs not yet recorded as served
+(:meth:`TlsReportStore.served`).  A failed write keeps the counts in memory for the
+next flush; the file unusable, reports are incomplete, mail flows.
 """
 
 from __future__ import annotations
@@ -42,7 +46,22 @@ CREATE TABLE IF NOT EXISTS reports (
     outcome TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (day, policy_domain)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS claims (
+    day TEXT NOT NULL, policy_domain TEXT NOT NULL, claimed_by TEXT NOT NULL,
+    lease_until REAL NOT NULL, done INTEGER NOT NULL DEFAULT 0,
+    tries INTEGER NOT NULL DEFAULT 0, outcome TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (day, policy_domain)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS served (
+    day TEXT NOT NULL, policy_domain TEXT NOT NULL, rua TEXT NOT NULL,
+    PRIMARY KEY (day, policy_domain, rua)
+) WITHOUT ROWID;
 """
+# ``reports`` holds the claims made before leases (never retried): a row there is a
+# report settled for good; it empties itself after KEEP_DAYS.
+_SETTLED = ("SELECT EXISTS (SELECT 1 FROM reports WHERE day = ?1 AND policy_domain = ?2) "
+            "OR EXISTS (SELECT 1 FROM claims WHERE day = ?1 AND policy_domain = ?2 "
+            "AND (done OR lease_until > ?3))")
 _ADD = ("INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
         "ON CONFLICT DO UPDATE SET count = count + excluded.count")
 
@@ -120,28 +139,80 @@ class TlsReportStore:
                 "ORDER BY policy_domain", (day.isoformat(),)).fetchall()
         return [r[0] for r in rows]
 
-    def claim(self, day: date, domain: str, who: str) -> bool:
-        """Take the report of (``day``, ``domain``): True for the one caller that gets
-        it, False if someone (another worker, an earlier run) already has."""
+    def open_domains(self, day: date, now: float) -> list[str]:
+        """The policy domains of ``day`` whose report is neither settled nor under a
+        live lease: the ones a worker may claim at ``now``."""
+        key = day.isoformat()
         with self._lock:
-            cur = self._conn().execute(
-                "INSERT OR IGNORE INTO reports (day, policy_domain, claimed_by) "
-                "VALUES (?, ?, ?)", (day.isoformat(), domain, who))
-            return cur.rowcount == 1
+            rows = self._conn().execute(
+                "SELECT DISTINCT policy_domain FROM sessions WHERE day = ? "
+                "AND policy_domain NOT IN (SELECT policy_domain FROM reports WHERE day = ?) "
+                "AND policy_domain NOT IN (SELECT policy_domain FROM claims WHERE day = ? "
+                "AND (done OR lease_until > ?)) ORDER BY policy_domain",
+                (key, key, key, now)).fetchall()
+        return [r[0] for r in rows]
 
-    def settle(self, day: date, domain: str, outcome: str) -> None:
-        """Record what became of a claimed report (for the operator; never retried)."""
+    def claim(self, day: date, domain: str, who: str, now: float, lease: float) -> int:
+        """Take the report of (``day``, ``domain``) until ``now + lease``: the number
+        of earlier tries (0 for a first claim) for the one caller that gets it, -1 if
+        it is settled or another worker holds a live lease on it."""
+        key = day.isoformat()
+        with self._lock:
+            db = self._conn()
+            db.execute("BEGIN IMMEDIATE")  # the check and the take, as one
+            try:
+                if db.execute(_SETTLED, (key, domain, now)).fetchone()[0]:
+                    db.execute("COMMIT")
+                    return -1
+                row = db.execute("SELECT tries FROM claims WHERE day = ? AND policy_domain = ?",
+                                 (key, domain)).fetchone()
+                db.execute(
+                    "INSERT INTO claims (day, policy_domain, claimed_by, lease_until) "
+                    "VALUES (?, ?, ?, ?) ON CONFLICT DO UPDATE SET "
+                    "claimed_by = excluded.claimed_by, lease_until = excluded.lease_until",
+                    (key, domain, who, now + lease))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return 0 if row is None else int(row[0])
+
+    def served(self, day: date, domain: str) -> set[str]:
+        """The rua URIs that already have the report of (``day``, ``domain``)."""
+        with self._lock:
+            rows = self._conn().execute(
+                "SELECT rua FROM served WHERE day = ? AND policy_domain = ?",
+                (day.isoformat(), domain)).fetchall()
+        return {r[0] for r in rows}
+
+    def serve(self, day: date, domain: str, rua: str) -> None:
+        """Record that ``rua`` has the report (right after it was sent: never twice)."""
+        with self._lock:
+            self._conn().execute("INSERT OR IGNORE INTO served VALUES (?, ?, ?)",
+                                 (day.isoformat(), domain, rua))
+
+    def finish(self, day: date, domain: str, outcome: str) -> None:
+        """Settle a claimed report for good (``outcome`` for the operator)."""
         with self._lock:
             self._conn().execute(
-                "UPDATE reports SET outcome = ? WHERE day = ? AND policy_domain = ?",
+                "UPDATE claims SET done = 1, outcome = ? WHERE day = ? AND policy_domain = ?",
                 (outcome, day.isoformat(), domain))
+
+    def retry_at(self, day: date, domain: str, outcome: str, when: float) -> None:
+        """Put a claimed report back, for any worker to take again at ``when``."""
+        with self._lock:
+            self._conn().execute(
+                "UPDATE claims SET lease_until = ?, tries = tries + 1, outcome = ? "
+                "WHERE day = ? AND policy_domain = ?",
+                (when, outcome, day.isoformat(), domain))
 
     def purge(self, before: date) -> None:
         """Forget counts and claims of days before ``before``."""
         with self._lock:
             db = self._conn()
             db.execute("DELETE FROM sessions WHERE day < ?", (before.isoformat(),))
-            db.execute("DELETE FROM reports WHERE day < ?", (before.isoformat(),))
+            for table in ("reports", "claims", "served"):
+                db.execute(f"DELETE FROM {table} WHERE day < ?", (before.isoformat(),))
 
 
 def open_store(data_dir: Path) -> TlsReportStore:

@@ -29,7 +29,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from dnslib import AAAA, MX, QTYPE, RCODE, RR, TLSA, TXT, A, DNSLabel, DNSRecord
+from dnslib import AAAA, CNAME, MX, QTYPE, RCODE, RR, TLSA, TXT, A, DNSLabel, DNSRecord
 from dnslib.server import DNSHandler, DNSLogger, DNSServer
 
 DROP = "drop"
@@ -238,8 +238,18 @@ class _ZoneResolver:
             reply.header.rcode = RCODE.SERVFAIL
             return reply
         # dnslib's reply() copies the query's flags, AD included: only "validated"
-        # names may keep it.
-        reply.header.ad = int(str(qname).lower().rstrip(".") in self.secure)
+        # names may keep it.  Through CNAMEs (answered with the chain, as a resolver
+        # does), every name of the chain must be "validated" (RFC 4035 §3.2.3).
+        secure = True
+        for _ in range(8):
+            secure = secure and str(qname).lower().rstrip(".") in self.secure
+            alias = next((rr for rr in self.records if rr.rname == qname
+                          and rr.rtype == QTYPE.CNAME and qtype != QTYPE.CNAME), None)
+            if alias is None:
+                break
+            reply.add_answer(alias)
+            qname = alias.rdata.label
+        reply.header.ad = int(secure)
         names = {str(rr.rname).lower() for rr in self.records}
         matched = False
         for rr in self.records:
@@ -278,6 +288,10 @@ class DnsZone:
 
     def aaaa(self, name: str, addr: str) -> None:
         self.add(RR(DNSLabel(name), QTYPE.AAAA, rdata=AAAA(addr), ttl=60))
+
+    def cname(self, name: str, target: str) -> None:
+        """``name`` an alias of ``target`` (answers for it follow the chain)."""
+        self.add(RR(DNSLabel(name), QTYPE.CNAME, rdata=CNAME(target), ttl=60))
 
     def tlsa(self, name: str, usage: int, selector: int, mtype: int, data: bytes) -> None:
         self.add(RR(DNSLabel(name), QTYPE.TLSA, rdata=TLSA(usage, selector, mtype, data),

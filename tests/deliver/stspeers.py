@@ -97,17 +97,27 @@ class PolicyServer:
 
 @dataclass
 class ReportReceiver(PolicyServer):
-    """An HTTPS server taking TLS report POSTs (RFC 8460 §5.4): (head, body) of each."""
+    """An HTTPS server taking TLS report POSTs (RFC 8460 §5.4): (head, body) of each it
+    accepted; the first ``refuse`` POSTs it answers 503 (``requests`` has every head)."""
 
     posts: list[tuple[str, bytes]] = field(default_factory=list)
+    refuse: int = 0
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
             length = next(int(line.split(":", 1)[1]) for line in head.split("\r\n")
                           if line.lower().startswith("content-length:"))
-            self.posts.append((head, await reader.readexactly(length)))
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            body = await reader.readexactly(length)
+            self.requests.append(head)
+            status = b"200 OK"
+            if self.refuse > 0:
+                self.refuse -= 1
+                status = b"503 Service Unavailable"
+            else:
+                self.posts.append((head, body))
+            writer.write(b"HTTP/1.1 " + status +
+                         b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
             await writer.drain()
         finally:
             writer.close()

@@ -288,3 +288,67 @@ async def test_unusable_records_leave_an_enforced_mta_sts_policy_in_charge(
     out = await rig.send(hop.port)
     assert out.reply.startswith("451 4.7.5 MTA-STS policy of dst.test"), out.reply
     assert hop.connections == 0
+
+
+TARGET = "smtp.hosting.test"  # what MX1 is an alias of, in the CNAME tests
+
+
+async def _aliased_mx1(rig: Rig, served: Served, *, secure_alias: bool = True) -> NextHop:
+    """A next hop presenting ``served`` as DOMAIN's one MX host MX1, a CNAME of TARGET
+    (127.0.0.1); all signed, the CNAME record too unless ``secure_alias`` is False."""
+    hop = await rig.hop(served)
+    rig.zone.mx(DOMAIN, 10, MX1)
+    rig.zone.cname(MX1, TARGET)
+    rig.zone.a(TARGET, "127.0.0.1")
+    rig.zone.secure(DOMAIN, TARGET, tlsa_name(MX1, hop.port), tlsa_name(TARGET, hop.port))
+    if secure_alias:
+        rig.zone.secure(MX1)
+    return hop
+
+
+async def test_behind_a_cname_the_tlsa_records_of_the_expanded_name_are_used(
+    rig: Rig,
+) -> None:
+    hop = await _aliased_mx1(rig, rig.pki.selfsigned)
+    # RFC 7672 §2.2.2: the expanded name first; the original's (wrong) record unused.
+    rig.zone.tlsa(tlsa_name(TARGET, hop.port), 3, 1, 1, spki_sha256(rig.pki.selfsigned.leaf))
+    rig.zone.tlsa(tlsa_name(MX1, hop.port), 3, 1, 1, spki_sha256(rig.pki.good.leaf))
+    out = await rig.send(hop.port)
+    assert out.status is RcptStatus.DELIVERED, out.reply
+    assert [m.tls for m in hop.received] == [True]
+
+
+async def test_behind_a_cname_without_records_at_the_expanded_name_the_original_s_apply(
+    rig: Rig,
+) -> None:
+    hop = await _aliased_mx1(rig, rig.pki.selfsigned)
+    rig.zone.tlsa(tlsa_name(MX1, hop.port), 3, 1, 1, spki_sha256(rig.pki.good.leaf))
+    out = await rig.send(hop.port)
+    assert _deferred_by_dane(out), out.reply  # the original name's record, not matched
+    assert "DANE-EE" in out.reply
+    assert hop.mail_commands == 0
+
+
+async def test_an_insecure_cname_step_makes_dane_not_apply(rig: Rig) -> None:
+    hop = await _aliased_mx1(rig, rig.pki.selfsigned, secure_alias=False)
+    rig.zone.tlsa(tlsa_name(TARGET, hop.port), 3, 1, 1, spki_sha256(rig.pki.good.leaf))
+    out = await rig.send(hop.port)
+    assert out.status is RcptStatus.DELIVERED, out.reply  # opportunistic TLS, as without
+
+
+@pytest.mark.parametrize("name", [TARGET, MX1], ids=["expanded", "original"])
+async def test_behind_a_cname_dane_ta_accepts_the_expanded_or_the_original_name(
+    rig: Rig, name: str,
+) -> None:
+    hop = await _aliased_mx1(rig, from_ca(rig.pki.ca, name))
+    rig.zone.tlsa(tlsa_name(TARGET, hop.port), 2, 0, 1, cert_sha256(rig.pki.ca.ca_pem))
+    out = await rig.send(hop.port)
+    assert out.status is RcptStatus.DELIVERED, out.reply
+
+
+async def test_behind_a_cname_dane_ta_refuses_a_third_name(rig: Rig) -> None:
+    hop = await _aliased_mx1(rig, rig.pki.wrong_name)
+    rig.zone.tlsa(tlsa_name(TARGET, hop.port), 2, 0, 1, cert_sha256(rig.pki.ca.ca_pem))
+    out = await rig.send(hop.port)
+    assert _deferred_by_dane(out), out.reply
+    assert f"not valid for {MX1}, {TARGET}" in out.reply

@@ -9,6 +9,7 @@ import asyncio
 import email
 import gzip
 import json
+import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -28,7 +29,7 @@ from gateway.deliver.deliverer import Deliverer
 from gateway.deliver.mta_sts_fetch import PolicySource, refresh_policies
 from gateway.deliver.mx import MxResolver
 from gateway.deliver.tlsrpt import SessionKey
-from gateway.deliver.tlsrpt_send import TlsReporter
+from gateway.deliver.tlsrpt_send import CLAIM_LEASE, RETRY_FIRST, TlsReporter, retry_delay
 from gateway.deliver.tlsrpt_store import TlsReportStore, open_store
 from gateway.envelope import Envelope
 from gateway.queue.spool import Spool
@@ -363,7 +364,7 @@ async def test_refresh_keeps_the_cached_policy_when_the_txt_record_is_gone(
     assert policy is not None and policy.mode == "enforce"  # RFC 8461 §5.1
 
 
-async def test_a_report_the_receiver_refuses_is_logged_failed_and_not_sent_again(
+async def test_a_report_the_receiver_refuses_is_logged_failed_and_not_retried_at_once(
     ca: StsCa, dns_zone: DnsZone, tmp_path: Path, events: Any,
 ) -> None:
     receiver = PolicyServer(ca.server_context("rua.dst.test"),
@@ -380,7 +381,7 @@ async def test_a_report_the_receiver_refuses_is_logged_failed_and_not_sent_again
                            context=ca.client_context(), clock=lambda: NEXT_MORNING)
     try:
         assert DOMAIN in await reporter.report_day(DAY)
-        assert await reporter.report_day(DAY) == []  # claimed: not tried again
+        assert await reporter.report_day(DAY) == []  # its retry is not due yet
     finally:
         await receiver.stop()
         store.close()
@@ -412,3 +413,138 @@ async def test_another_worker_takes_the_refreshed_policy_from_the_cache_file(
     policy = await worker1.policy_for(DOMAIN)
     assert policy is not None and policy.mode == "enforce"
     assert len(sts_rig.requests) == 2  # worker 1 did not fetch at all
+
+
+def _https_rua(zone: DnsZone, *receivers: ReportReceiver, mailto: bool = False) -> None:
+    ruas = [f"https://rua{i}.dst.test:{r.port}/" for i, r in enumerate(receivers)]
+    for i in range(len(receivers)):
+        zone.a(f"rua{i}.dst.test", "127.0.0.1")
+    if mailto:
+        ruas.insert(0, "mailto:tls-reports@dst.test")
+    zone.txt(f"_smtp._tls.{DOMAIN}", "v=TLSRPTv1; rua=" + ",".join(ruas))
+
+
+async def _receivers(ca: StsCa, *refuse: int) -> list[ReportReceiver]:
+    out = [ReportReceiver(ca.server_context(f"rua{i}.dst.test"), refuse=n)
+           for i, n in enumerate(refuse)]
+    for r in out:
+        await r.start()
+    return out
+
+
+async def _one_rua(ca: StsCa, zone: DnsZone, data_dir: Path, refuse: int) -> ReportReceiver:
+    """A day counted (``_counted``) whose domain asks for reports at one https receiver
+    that refuses the first ``refuse`` POSTs."""
+    (receiver,) = await _receivers(ca, refuse)
+    _https_rua(zone, receiver)
+    _counted(data_dir)
+    return receiver
+
+
+def _reporter(data_dir: Path, zone: DnsZone, ca: StsCa, now: list[float],
+              who: str = "0") -> TlsReporter:
+    return TlsReporter(_cfg(data_dir, zone), open_store(data_dir), _resolver(zone),
+                       Spool(data_dir / "spool", fsync=False), context=ca.client_context(),
+                       clock=lambda: now[0], who=who)
+
+
+async def test_a_claim_left_by_a_dead_reporter_is_taken_over_after_its_lease(
+    ca: StsCa, dns_zone: DnsZone, tmp_path: Path,
+) -> None:
+    receiver = await _one_rua(ca, dns_zone, tmp_path, 0)
+    dead = open_store(tmp_path)  # claimed, then its worker died before sending
+    assert dead.claim(DAY, DOMAIN, "dead", NEXT_MORNING, CLAIM_LEASE) == 0
+    dead.close()
+    now = [NEXT_MORNING + 60]
+    reporter = _reporter(tmp_path, dns_zone, ca, now)
+    try:
+        assert await reporter.tick() == ["quiet.test"]  # DOMAIN: the lease still runs
+        assert receiver.requests == []
+        now[0] = NEXT_MORNING + CLAIM_LEASE + 1
+        assert await reporter.tick() == [DOMAIN]
+        now[0] += 3 * CLAIM_LEASE
+        assert await reporter.tick() == []
+    finally:
+        await receiver.stop()
+        reporter.store.close()
+    assert len(receiver.posts) == 1
+
+
+async def test_a_receiver_failing_twice_then_accepting_gets_exactly_one_report(
+    ca: StsCa, dns_zone: DnsZone, tmp_path: Path, events: Any,
+) -> None:
+    receiver = await _one_rua(ca, dns_zone, tmp_path, 2)
+    now = [NEXT_MORNING]
+    # Two workers: a retry is taken by whichever ticks first, once.
+    workers = [_reporter(tmp_path, dns_zone, ca, now, who=f"w{i}") for i in range(2)]
+    try:
+        rounds = []
+        for step in (0.0, 60.0, RETRY_FIRST, retry_delay(2), retry_delay(3) * 4):
+            now[0] += step
+            done = await asyncio.gather(*(w.tick() for w in workers))
+            rounds.append(sorted(d for ds in done for d in ds if d == DOMAIN))
+    finally:
+        await receiver.stop()
+        for w in workers:
+            w.store.close()
+    assert rounds == [[DOMAIN], [], [DOMAIN], [DOMAIN], []]
+    assert (len(receiver.requests), len(receiver.posts)) == (3, 1)
+    report = json.loads(gzip.decompress(receiver.posts[0][1]))
+    assert report["report-id"] == tlsrpt.report_id(DAY, DOMAIN, "coffer.test")
+    assert len(events("tlsrpt_failed")) == 2
+
+
+async def test_a_retry_goes_only_to_the_rua_that_did_not_get_the_report(
+    ca: StsCa, dns_zone: DnsZone, tmp_path: Path,
+) -> None:
+    failing, fine = await _receivers(ca, 1, 0)
+    _https_rua(dns_zone, failing, fine, mailto=True)
+    _counted(tmp_path)
+    now = [NEXT_MORNING]
+    reporter = _reporter(tmp_path, dns_zone, ca, now)
+    try:
+        assert DOMAIN in await reporter.tick()
+        now[0] += RETRY_FIRST
+        assert await reporter.tick() == [DOMAIN]
+    finally:
+        await failing.stop()
+        await fine.stop()
+        reporter.store.close()
+    assert (len(failing.requests), len(failing.posts)) == (2, 1)
+    assert (len(fine.requests), len(fine.posts)) == (1, 1)
+    assert len(reporter.spool.queue_ids()) == 1  # the mailto: report, spooled once
+
+
+async def test_a_report_refused_all_the_next_day_is_given_up_with_one_log_line(
+    ca: StsCa, dns_zone: DnsZone, tmp_path: Path, events: Any,
+) -> None:
+    receiver = await _one_rua(ca, dns_zone, tmp_path, 1000)
+    now = [NEXT_MORNING]
+    reporter = _reporter(tmp_path, dns_zone, ca, now)
+    tries = 0
+    try:
+        while DOMAIN in await reporter.tick():
+            tries += 1
+            now[0] += retry_delay(tries)
+        now[0] += 3 * 86400  # the day after the next: nothing more for that day
+        await reporter.tick()
+    finally:
+        await receiver.stop()
+        reporter.store.close()
+    assert 3 <= len(receiver.requests) == tries
+    assert receiver.posts == []
+    (given_up,) = events("tlsrpt_given_up")
+    assert given_up["domain"] == DOMAIN and given_up["tries"] == tries
+
+
+def test_a_report_claimed_before_leases_existed_stays_settled(tmp_path: Path) -> None:
+    _counted(tmp_path)
+    with sqlite3.connect(tmp_path / "tlsrpt.db") as db:  # as an older Coffer left it
+        db.execute("INSERT INTO reports (day, policy_domain, claimed_by, outcome) "
+                   "VALUES (?, ?, 'old', 'https sent')", (DAY.isoformat(), DOMAIN))
+    store = open_store(tmp_path)
+    try:
+        assert store.open_domains(DAY, NEXT_MORNING) == ["quiet.test"]
+        assert store.claim(DAY, DOMAIN, "new", NEXT_MORNING, CLAIM_LEASE) == -1
+    finally:
+        store.close()
