@@ -590,19 +590,35 @@ class BlobStore(ZstdContexts):
         self.packs.mkdir(parents=True, exist_ok=True, mode=0o750)
         name = f"{time.time_ns():016x}-{secrets.token_hex(4)}"
         header = encode_segment_header()
-        fd = os.open(self.packs / f"{name}.pack", os.O_RDWR | os.O_CREAT | os.O_EXCL, PACK_MODE)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        # The key table and index change after the segment is closed (shred, recovery):
-        # owner-writable.  The .pack never does: read-only from birth.
-        kfd = os.open(self.packs / f"{name}.keys", os.O_WRONLY | os.O_CREAT | os.O_EXCL
-                      | os.O_APPEND, MUTABLE_MODE)
-        ifd = os.open(self.packs / f"{name}.ack", os.O_WRONLY | os.O_CREAT | os.O_EXCL
-                      | os.O_APPEND, MUTABLE_MODE)
-        write_all(fd, header)
-        write_all(kfd, KEYTABLE_HEADER)
-        for f in (fd, kfd, ifd):
-            os.fsync(f)
-        fsync_dir(self.packs)
+        paths = [self.packs / f"{name}{ext}" for ext in (".pack", ".keys", ".ack")]
+        fds: list[int] = []
+        try:
+            fd = os.open(paths[0], os.O_RDWR | os.O_CREAT | os.O_EXCL, PACK_MODE)
+            fds.append(fd)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            # The key table and index change after the segment is closed (shred,
+            # recovery): owner-writable.  The .pack never does: read-only from birth.
+            kfd = os.open(paths[1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND,
+                          MUTABLE_MODE)
+            fds.append(kfd)
+            ifd = os.open(paths[2], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND,
+                          MUTABLE_MODE)
+            fds.append(ifd)
+            write_all(fd, header)
+            write_all(kfd, KEYTABLE_HEADER)
+            for f in fds:
+                os.fsync(f)
+            fsync_dir(self.packs)
+        except OSError:
+            # A full disk (or any failure) before the segment held a record: it must not
+            # stay as files without their headers, which verify reports as altered.
+            for f in fds:
+                with contextlib.suppress(OSError):
+                    os.close(f)
+            for path in paths[:len(fds)]:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            raise
         self._mine.add(name)
         return _Writer(name, fd, kfd, os.fstat(kfd).st_ino, ifd, len(header))
 

@@ -396,6 +396,36 @@ def test_a_batch_cut_short_between_record_and_key_can_be_stored_again(
         reopened.close()
 
 
+@pytest.mark.parametrize("failing_write", [1, 2])  # the segment header, the key table's
+def test_a_segment_the_disk_had_no_room_to_start_leaves_no_files(
+        archive: Archive, monkeypatch: pytest.MonkeyPatch, failing_write: int) -> None:
+    # ENOSPC while a new segment's headers are written (a full disk:
+    # tests/service/test_full_disk.py found a .keys file without its header, which
+    # verify reports as an altered blob).
+    import archive.store as store_module
+
+    real = store_module.write_all
+    calls = {"n": 0}
+
+    def header_write_fails(fd: int, data: bytes) -> None:
+        calls["n"] += 1
+        if calls["n"] == failing_write:
+            raise OSError(28, "No space left on device")
+        real(fd, data)
+
+    monkeypatch.setattr(store_module, "write_all", header_write_fails)
+    with pytest.raises(OSError, match="No space left"):
+        archive.put(MESSAGE)
+    packs = archive.paths.root / "store" / "packs"
+    assert not packs.exists() or list(packs.iterdir()) == []
+    monkeypatch.setattr(store_module, "write_all", real)
+    ref = archive.put(MESSAGE)
+    assert archive.get(ref.sha256) == MESSAGE
+    summary, _ = verify(archive.paths.root)
+    assert summary.ok
+    archive.close()
+
+
 def test_a_shred_in_another_writers_segment_is_still_a_shred(tmp_path: Path) -> None:
     # The keyless-record check reads the segment's acknowledged end again: a view taken
     # while the other writer was still writing must not pass a later shred off as a
