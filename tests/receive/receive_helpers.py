@@ -120,6 +120,14 @@ StartGateway = Callable[..., Awaitable[Gateway]]
 Connect = Callable[..., Awaitable[RawClient]]  # the ``raw`` fixture
 
 
+async def greeted(gw: Gateway, raw: Connect) -> RawClient:
+    """A raw client of ``gw`` past the banner and ``EHLO client.example``."""
+    c: RawClient = await raw(gw.port())
+    await c.line()
+    await c.cmd("EHLO client.example")
+    return c
+
+
 async def tls_session(gw: Gateway, raw: Connect, tls_files: TlsFiles,
                       listener: str = "submission") -> RawClient:
     """A raw client on ``listener`` after banner, EHLO, STARTTLS and EHLO again."""

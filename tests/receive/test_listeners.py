@@ -8,7 +8,7 @@ import ssl
 from pathlib import Path
 
 import pytest
-from receive_helpers import Connect, RawClient, StartGateway, TlsFiles, make_tls_files
+from receive_helpers import Connect, RawClient, StartGateway, TlsFiles, greeted, make_tls_files
 
 from gateway.config import Config
 from gateway.errors import ConfigError
@@ -192,9 +192,7 @@ async def test_reconfigure_refuses_listener_changes_and_keeps_the_old_config(
     data["auth"]["passwd_file"] = "no-such-file"
     with pytest.raises(ConfigError, match="cannot read"):
         gw.listeners.reconfigure(Config.model_validate(data))
-    c: RawClient = await raw(gw.port())
-    await c.line()
-    await c.cmd("EHLO client.example")
+    c = await greeted(gw, raw)
     await c.cmd("MAIL FROM:<a@ext.example>")
     assert await c.cmd("RCPT TO:<x@local.example>") == "250 2.1.5 Recipient OK"
 

@@ -13,7 +13,16 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 import pytest
-from receive_helpers import PASSWORD, USER, Connect, Gateway, RawClient, StartGateway, TlsFiles
+from receive_helpers import (
+    PASSWORD,
+    USER,
+    Connect,
+    Gateway,
+    RawClient,
+    StartGateway,
+    TlsFiles,
+    greeted,
+)
 
 from gateway.receive.addresses import parse_path
 from gateway.receive.relay_control import RelayRules, check_recipient
@@ -151,9 +160,7 @@ async def test_authenticated_client_may_relay(
     import base64
 
     gw = await start_gateway()
-    c: RawClient = await raw(gw.port())
-    await c.line()
-    await c.cmd("EHLO client.example")
+    c = await greeted(gw, raw)
     await c.cmd("STARTTLS")
     await c.start_tls(tls_files.client_context())
     c.send(b"EHLO client.example\r\n")
@@ -169,9 +176,7 @@ async def test_tls_alone_does_not_allow_relaying(
     start_gateway: StartGateway, raw: Connect, tls_files: TlsFiles
 ) -> None:
     gw = await start_gateway()
-    c: RawClient = await raw(gw.port())
-    await c.line()
-    await c.cmd("EHLO client.example")
+    c = await greeted(gw, raw)
     await c.cmd("STARTTLS")
     await c.start_tls(tls_files.client_context())
     c.send(b"EHLO client.example\r\n")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import aiosmtplib
-from receive_helpers import Connect, RawClient, StartGateway
+from receive_helpers import Connect, StartGateway, greeted
 
 MSG = b"From: a@ext.example\r\nTo: bob@local.example\r\nSubject: hi\r\n\r\nHello\r\n"
 
@@ -40,9 +40,7 @@ async def test_bad_dsn_parameters_are_501_5_5_4_and_leave_the_transaction_as_it_
     start_gateway: StartGateway, raw: Connect
 ) -> None:
     gw = await start_gateway()
-    c: RawClient = await raw(gw.port())
-    await c.line()
-    await c.cmd("EHLO client.example")
+    c = await greeted(gw, raw)
     for bad in ("RET=BODY", "RET", "ENVID=a=b", "ENVID=" + "x" * 101, "RET=FULL RET=HDRS"):
         assert (await c.cmd(f"MAIL FROM:<a@ext.example> {bad}")).startswith("501 5.5.4 "), bad
     # No transaction was opened by any of them.
@@ -68,9 +66,7 @@ async def test_orcpt_in_utf8_with_smtputf8_and_no_parameters_after_helo(
     start_gateway: StartGateway, raw: Connect
 ) -> None:
     gw = await start_gateway()
-    c: RawClient = await raw(gw.port())
-    await c.line()
-    await c.cmd("EHLO client.example")
+    c = await greeted(gw, raw)
     assert await c.cmd("MAIL FROM:<a@ext.example> SMTPUTF8") == "250 2.1.0 Sender OK"
     # RFC 6533 §3: raw UTF-8 in the utf-8 address type within an SMTPUTF8 transaction.
     assert await c.cmd("RCPT TO:<jörg@local.example> ORCPT=utf-8;jörg@local.example") == \

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import aiosmtplib
 import pytest
-from receive_helpers import LOCAL, Connect, RawClient, StartGateway, TlsFiles
+from receive_helpers import LOCAL, Connect, RawClient, StartGateway, TlsFiles, greeted
 
 from gateway.config import Config
 from gateway.pipeline import Action, MessageContext, StageResult
@@ -55,9 +55,7 @@ async def test_ehlo_after_starttls_offers_auth_and_no_starttls(
     start_gateway: StartGateway, raw: Connect, tls_files: TlsFiles
 ) -> None:
     gw = await start_gateway()
-    c: RawClient = await raw(gw.port())
-    await c.line()
-    await c.cmd("EHLO client.example")
+    c = await greeted(gw, raw)
     assert (await c.cmd("STARTTLS")).startswith("220")
     await c.start_tls(tls_files.client_context())
     c.send(b"EHLO client.example\r\n")
@@ -179,9 +177,7 @@ async def test_raw_pipelined_transaction_gets_one_reply_per_command(
     start_gateway: StartGateway, raw: Connect
 ) -> None:
     gw = await start_gateway()
-    c: RawClient = await raw(gw.port())
-    await c.line()
-    await c.cmd("EHLO client.example")
+    c = await greeted(gw, raw)
     c.send(b"MAIL FROM:<a@ext.example>\r\nRCPT TO:<bob@local.example>\r\n"
            b"RCPT TO:<x@ext.example>\r\nDATA\r\n")
     assert [await c.line() for _ in range(4)] == [
@@ -198,9 +194,7 @@ async def test_raw_pipelined_transaction_gets_one_reply_per_command(
 async def test_dot_stuffing_is_undone(start_gateway: StartGateway, raw: Connect) -> None:
     # RFC 5321 §4.5.2: a leading dot is doubled by the client and removed by us.
     gw = await start_gateway()
-    c: RawClient = await raw(gw.port())
-    await c.line()
-    await c.cmd("EHLO client.example")
+    c = await greeted(gw, raw)
     await c.cmd("MAIL FROM:<a@ext.example>")
     await c.cmd("RCPT TO:<bob@local.example>")
     await c.cmd("DATA")
@@ -212,9 +206,7 @@ async def test_dot_stuffing_is_undone(start_gateway: StartGateway, raw: Connect)
 
 async def test_empty_message_is_accepted(start_gateway: StartGateway, raw: Connect) -> None:
     gw = await start_gateway()
-    c: RawClient = await raw(gw.port())
-    await c.line()
-    await c.cmd("EHLO client.example")
+    c = await greeted(gw, raw)
     await c.cmd("MAIL FROM:<>")
     await c.cmd("RCPT TO:<bob@local.example>")
     await c.cmd("DATA")
@@ -228,9 +220,7 @@ async def test_eight_bit_body_and_options_are_recorded(
     start_gateway: StartGateway, raw: Connect
 ) -> None:
     gw = await start_gateway()
-    c: RawClient = await raw(gw.port())
-    await c.line()
-    await c.cmd("EHLO client.example")
+    c = await greeted(gw, raw)
     assert await c.cmd("MAIL FROM:<a@ext.example> BODY=8BITMIME SIZE=100") == \
         "250 2.1.0 Sender OK"
     await c.cmd("RCPT TO:<bob@local.example>")
@@ -246,9 +236,7 @@ async def test_eight_bit_body_and_options_are_recorded(
 async def test_smtputf8_address_accepted_with_parameter(start_gateway: StartGateway,
                                                         raw: Connect) -> None:
     gw = await start_gateway()
-    c: RawClient = await raw(gw.port())
-    await c.line()
-    await c.cmd("EHLO client.example")
+    c = await greeted(gw, raw)
     assert await c.cmd("MAIL FROM:<jörg@ext.example> SMTPUTF8") == "250 2.1.0 Sender OK"
     assert await c.cmd("RCPT TO:<δοκιμή@local.example>") == "250 2.1.5 Recipient OK"
     await c.cmd("DATA")
@@ -268,9 +256,7 @@ async def test_utf8_address_without_smtputf8_is_refused_553_5_6_7(
     start_gateway: StartGateway, raw: Connect, command: str
 ) -> None:
     gw = await start_gateway()
-    c: RawClient = await raw(gw.port())
-    await c.line()
-    await c.cmd("EHLO client.example")
+    c = await greeted(gw, raw)
     if command.startswith("RCPT"):
         await c.cmd("MAIL FROM:<a@ext.example>")
     assert (await c.cmd(command)).startswith("553 5.6.7 ")
@@ -300,9 +286,7 @@ async def test_unknown_parameters_and_bad_sequence_get_enhanced_codes(
 
 async def test_bad_sender_syntax_is_553_5_1_7(start_gateway: StartGateway, raw: Connect) -> None:
     gw = await start_gateway()
-    c: RawClient = await raw(gw.port())
-    await c.line()
-    await c.cmd("EHLO client.example")
+    c = await greeted(gw, raw)
     assert (await c.cmd("MAIL FROM:<a@@ext.example>")).startswith("553 5.1.7 ")
     assert (await c.cmd("MAIL FROM:<a@ext.example.>")).startswith("553 5.1.7 ")
 
@@ -349,9 +333,7 @@ async def test_rejections_are_counted_by_reason_and_sessions_logged(
     conn_before = sample("coffer_smtp_connections_total", listener="inbound")
     caplog.set_level("INFO", logger="coffer")
     gw = await start_gateway()
-    c: RawClient = await raw(gw.port())
-    await c.line()
-    await c.cmd("EHLO client.example")
+    c = await greeted(gw, raw)
     await c.cmd("MAIL FROM:<a@ext.example>")
     assert (await c.cmd("RCPT TO:<x@ext.example>")).startswith("550 5.7.1")
     assert await c.cmd("QUIT") == "221 2.0.0 Bye"
@@ -371,9 +353,7 @@ async def test_commands_pipelined_before_half_close_are_still_answered(
     start_gateway: StartGateway, raw: Connect
 ) -> None:
     gw = await start_gateway()
-    c: RawClient = await raw(gw.port())
-    await c.line()
-    await c.cmd("EHLO client.example")
+    c = await greeted(gw, raw)
     await c.cmd("MAIL FROM:<a@ext.example>")
     await c.cmd("RCPT TO:<bob@local.example>")
     await c.cmd("DATA")
@@ -388,9 +368,7 @@ async def test_commands_pipelined_before_half_close_are_still_answered(
 async def test_eof_in_the_middle_of_data_spools_nothing(start_gateway: StartGateway,
                                                         raw: Connect) -> None:
     gw = await start_gateway()
-    c: RawClient = await raw(gw.port())
-    await c.line()
-    await c.cmd("EHLO client.example")
+    c = await greeted(gw, raw)
     await c.cmd("MAIL FROM:<a@ext.example>")
     await c.cmd("RCPT TO:<bob@local.example>")
     await c.cmd("DATA")
@@ -442,9 +420,7 @@ async def test_stage_results_reach_the_client_verbatim(tmp_path: Path, raw: Conn
 async def test_invalid_utf8_in_a_command_is_500_5_5_2(start_gateway: StartGateway,
                                                       raw: Connect) -> None:
     gw = await start_gateway()
-    c: RawClient = await raw(gw.port())
-    await c.line()
-    await c.cmd("EHLO client.example")
+    c = await greeted(gw, raw)
     assert await c.cmd(b"MAIL FROM:<\xff\xfe@ext.example> SMTPUTF8\r\n") == \
         "500 5.5.2 Command is not valid UTF-8"
     assert await c.cmd(b"NOOP\rRSET\r\n") == "500 5.5.2 Syntax error, command unrecognised"

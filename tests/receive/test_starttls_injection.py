@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
-from receive_helpers import Connect, RawClient, StartGateway, TlsFiles
+from receive_helpers import Connect, RawClient, StartGateway, TlsFiles, greeted
 
 
 async def test_pipelined_rset_after_starttls_is_not_executed_inside_tls(
@@ -48,9 +48,7 @@ async def test_starttls_twice_is_refused(
     start_gateway: StartGateway, raw: Connect, tls_files: TlsFiles
 ) -> None:
     gw = await start_gateway()
-    c: RawClient = await raw(gw.port())
-    await c.line()
-    await c.cmd("EHLO client.example")
+    c = await greeted(gw, raw)
     await c.cmd("STARTTLS")
     await c.start_tls(tls_files.client_context())
     assert await c.cmd("STARTTLS") == "503 5.5.1 TLS already active"
@@ -59,9 +57,7 @@ async def test_starttls_twice_is_refused(
 async def test_starttls_inside_a_transaction_is_refused(start_gateway: StartGateway,
                                                         raw: Connect) -> None:
     gw = await start_gateway()
-    c: RawClient = await raw(gw.port())
-    await c.line()
-    await c.cmd("EHLO client.example")
+    c = await greeted(gw, raw)
     await c.cmd("MAIL FROM:<a@ext.example>")
     assert await c.cmd("STARTTLS") == "503 5.5.1 Not permitted during a mail transaction"
 
@@ -70,9 +66,7 @@ async def test_failed_handshake_after_starttls_closes_cleanly(
     start_gateway: StartGateway, raw: Connect
 ) -> None:
     gw = await start_gateway()
-    c: RawClient = await raw(gw.port())
-    await c.line()
-    await c.cmd("EHLO client.example")
+    c = await greeted(gw, raw)
     assert (await c.cmd("STARTTLS")).startswith("220 ")
     c.send(b"EHLO this is not a TLS ClientHello\r\n")
     await asyncio.wait_for(c.reader.read(), 10)  # a TLS alert or nothing, then EOF
