@@ -14,16 +14,46 @@ translated here into one line on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import getpass
 import importlib
+import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from gateway import __version__
 from gateway.errors import CofferError, ConfigError
 
+if TYPE_CHECKING:
+    from gateway.config import Config
+
 EXIT_OK = 0
 EXIT_PROBLEM = 1
 EXIT_USAGE = 2
+
+
+def operator_name() -> str:
+    """Who runs this command, for the log lines of operator actions."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid {os.getuid()}"
+
+
+def ago(seconds: float) -> str:
+    """``seconds`` as the largest whole unit: 3d, 5h, 12m, 40s."""
+    s = int(max(seconds, 0))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= size:
+            return f"{s // size}{unit}"
+    return f"{s}s"
+
+
+def setup_log(cfg: Config) -> None:
+    """Operator actions go to the gateway's log (its file, or stderr)."""
+    from gateway import log  # not for `coffer --help`
+
+    log.setup(cfg.log.level, cfg.log.format, cfg.path(cfg.log.file) if cfg.log.file else None)
 
 
 def config_options(*, json: bool = True) -> argparse.ArgumentParser:

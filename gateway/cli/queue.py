@@ -27,18 +27,16 @@ import argparse
 import email.parser
 import email.policy
 import fcntl
-import getpass
 import json
 import os
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 from gateway import config, log
-from gateway.cli import config_options
+from gateway.cli import ago, config_options, operator_name, setup_log
 from gateway.config import Config
 from gateway.errors import SpoolError
 from gateway.queue import shape
@@ -165,21 +163,6 @@ def _emit(obj: dict[str, Any]) -> None:
     print(json.dumps(obj, ensure_ascii=False, default=str))
 
 
-def _operator() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return f"uid {os.getuid()}"
-
-
-def _ago(seconds: float) -> str:
-    s = int(max(seconds, 0))
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if s >= size:
-            return f"{s // size}{unit}"
-    return f"{s}s"
-
-
 def _size(n: int) -> str:
     if n < 1024:
         return f"{n}B"
@@ -296,8 +279,8 @@ def cmd_list(args: argparse.Namespace) -> int:
             print(f"{r['qid']:20} {'':>5} {'':>7} {'':>7} corrupt  {'':>7}  {r['last_error']}")
             continue
         nxt = r["next_attempt_at"]
-        when = "-" if r["status"] == "held" else (_ago(nxt - now) if nxt and nxt > now else "now")
-        print(f"{r['qid']:20} {_ago(r['age_s'] or 0):>5} {_size(r['size']):>7} "
+        when = "-" if r["status"] == "held" else (ago(nxt - now) if nxt and nxt > now else "now")
+        print(f"{r['qid']:20} {ago(r['age_s'] or 0):>5} {_size(r['size']):>7} "
               f"{r['pending']:>3}/{r['total']:<3} {r['status']:8} {when:>7}  "
               f"<{r['sender']}>")
         if r["status"] == "held":
@@ -464,8 +447,8 @@ def _log_bulk(cfg: Config, args: argparse.Namespace, action: str, done: list[str
     # retry --all / --held pick their own messages; selectors narrow them further.
     picked = [f"--{flag}" for flag in ("all", "held") if getattr(args, flag, False)]
     selection = ", ".join(picked + ([] if sel.empty and picked else [sel.describe()]))
-    _setup_log(cfg)
-    log.event("queue_bulk", action=action, by=_operator(), selector=selection,
+    setup_log(cfg)
+    log.event("queue_bulk", action=action, by=operator_name(), selector=selection,
               done=len(done), failed=failed, **extra)
 
 
@@ -494,7 +477,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
             continue
         # An explicit retry also releases a held message (gateway.queue.state.fold);
         # a selection holds no held message unless --held asked for them.
-        spool.append_event(qid, {"ev": "retry", "by": _operator()})
+        spool.append_event(qid, {"ev": "retry", "by": operator_name()})
         done.append(qid)
     poke_service(cfg)
     for qid in done:
@@ -521,9 +504,9 @@ def cmd_hold(args: argparse.Namespace) -> int:
         return qids
     if args.dry_run:
         return _dry_run(args, qids, "hold")
-    who = _operator()
+    who = operator_name()
     reason = f"held by {who}" + (f": {args.reason}" if args.reason else "")
-    _setup_log(cfg)
+    setup_log(cfg)
     rc, done = EXIT_OK, []
     for qid in qids:
         if not _known(spool, qid):
@@ -550,8 +533,8 @@ def cmd_release(args: argparse.Namespace) -> int:
         return qids
     if args.dry_run:
         return _dry_run(args, qids, "release")
-    who = _operator()
-    _setup_log(cfg)
+    who = operator_name()
+    setup_log(cfg)
     rc, done = EXIT_OK, []
     for qid in qids:
         if not _known(spool, qid):
@@ -573,11 +556,11 @@ def cmd_delete(args: argparse.Namespace) -> int:
         return qids
     if args.dry_run:
         return _dry_run(args, qids, "delete")
-    who = _operator()
+    who = operator_name()
     # One deadline for the whole selection: a gateway busy with many of them must not
     # make the command wait --wait seconds for each.
     deadline = time.monotonic() + max(args.wait, 0.0)
-    _setup_log(cfg)
+    setup_log(cfg)
     done: list[str] = []
     failed: list[str] = []
     for qid in qids:
@@ -619,8 +602,3 @@ def _delete_one(args: argparse.Namespace, spool: Spool, qid: str, who: str,
             undelivered=pending)
     return True
 
-
-def _setup_log(cfg: Config) -> None:
-    """Operator actions go to the gateway's log (its file, or stderr)."""
-    file: Path | None = cfg.path(cfg.log.file) if cfg.log.file else None
-    log.setup(cfg.log.level, cfg.log.format, file)

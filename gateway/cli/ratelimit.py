@@ -16,8 +16,7 @@ import time
 from typing import Any
 
 from gateway import config, log
-from gateway.cli import config_options
-from gateway.cli.queue import _operator, _setup_log
+from gateway.cli import config_options, operator_name, setup_log
 from gateway.receive.rate_limits import client_key, span
 from gateway.receive.rate_store import FILE_NAME, CounterRow, RateStore
 
@@ -102,8 +101,8 @@ def cmd_reset(args: argparse.Namespace) -> int:
     if removed == 0:
         print(f"coffer ratelimit: no counter for {key!r}", file=sys.stderr)
         return EXIT_PROBLEM
-    who = _operator()
-    _setup_log(cfg)
+    who = operator_name()
+    setup_log(cfg)
     log.event("ratelimit_reset", key=key, rule=args.rule, counters=removed, by=who)
     if args.json:
         print(json.dumps({"key": key, "action": "reset", "counters": removed}))

@@ -19,8 +19,7 @@ import time
 from typing import Any
 
 from gateway import config, log
-from gateway.cli import config_options
-from gateway.cli.queue import _ago, _operator, _setup_log
+from gateway.cli import ago, config_options, operator_name, setup_log
 from gateway.deliver.routes import parse_routes
 from gateway.receive.addresses import AddressError, parse_path
 from gateway.receive.recipient_probe import make_prober
@@ -105,7 +104,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"coffer recipients: {mailbox.address} cannot be verified: postmaster, or no "
               "smtp:// or smtps:// route for its domain in delivery.routes", file=sys.stderr)
         return EXIT_PROBLEM
-    _setup_log(cfg)  # the probe logs recipient_verified as the gateway does
+    setup_log(cfg)  # the probe logs recipient_verified as the gateway does
     prober = make_prober(cfg)
 
     async def probe() -> Cached:
@@ -146,7 +145,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             print(json.dumps(_record(r.address, r.answer), ensure_ascii=False))
         else:
             print(f"{r.address:<40} {r.answer.verdict.value:<12} "
-                  f"{_ago(now - r.answer.checked) + ' ago':<9} {r.answer.reply}")
+                  f"{ago(now - r.answer.checked) + ' ago':<9} {r.answer.reply}")
     if not rows and not args.json:
         print("no verdict is remembered")
     return EXIT_OK
@@ -176,8 +175,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
     if removed == 0:
         print(f"coffer recipients: no verdict remembered for {target}", file=sys.stderr)
         return EXIT_PROBLEM
-    who = _operator()
-    _setup_log(cfg)
+    who = operator_name()
+    setup_log(cfg)
     log.event("recipient_cache_forget", target=target, verdicts=removed, by=who)
     if args.json:
         print(json.dumps({"target": target, "action": "forget", "verdicts": removed}))

@@ -21,7 +21,6 @@ classifier that it was ham; ``delete`` removes it for good, logged.
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 import os
 import sys
@@ -34,6 +33,7 @@ from gateway import config, log
 from gateway.check.spam.bayes import BayesError, TokenStore
 from gateway.check.spam.config import spam_config_of
 from gateway.check.spam.scorer import Scorer, Verdict
+from gateway.cli import operator_name
 from gateway.errors import SpoolError
 from gateway.queue.spool import Spool
 
@@ -150,13 +150,6 @@ def _files(root: str) -> Iterator[Path]:
         for name in sorted(filenames):
             if not name.startswith("."):
                 yield Path(dirpath) / name
-
-
-def _operator() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return f"uid {os.getuid()}"
 
 
 def verdict_object(file: str, v: Verdict) -> dict[str, Any]:
@@ -396,7 +389,7 @@ def cmd_q_release(args: argparse.Namespace) -> int:
 
     cfg = _load_config(args)
     spool = _spool(cfg)
-    who = _operator()
+    who = operator_name()
     rc = EXIT_OK
     released: list[str] = []
     to_learn: list[tuple[bytes, bool]] = []
@@ -437,7 +430,7 @@ def cmd_q_release(args: argparse.Namespace) -> int:
 def cmd_q_delete(args: argparse.Namespace) -> int:
     cfg = _load_config(args)
     spool = _spool(cfg)
-    who = _operator()
+    who = operator_name()
     rc = EXIT_OK
     for qid in args.qids:
         if _quarantined(spool, qid) is None:
