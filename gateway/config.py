@@ -314,6 +314,13 @@ class QueueConfig(_Model):
     )
 
 
+def _address(addr: str) -> str:
+    """``addr`` if it has the shape local@domain (a config mistake otherwise)."""
+    if "@" not in addr.strip("@") or any(c.isspace() for c in addr):
+        raise ValueError(f"{addr!r} is not an address (local@domain)")
+    return addr
+
+
 class TlsRptConfig(_Model):
     """SMTP TLS Reporting (RFC 8460): daily reports to the domains that ask for them."""
 
@@ -336,6 +343,11 @@ class TlsRptConfig(_Model):
         None, alias="from", description="From: and envelope sender of mailed reports "
         "(default: noreply-tlsrpt@hostname)"
     )
+
+    @field_validator("from_address")
+    @classmethod
+    def _from(cls, value: str | None) -> str | None:
+        return None if value is None else _address(value)
 
 
 class DeliveryConfig(_Model):
@@ -424,10 +436,7 @@ class JournalConfig(_Model):
     @field_validator("addresses")
     @classmethod
     def _addresses(cls, value: list[str]) -> list[str]:
-        for addr in value:
-            if "@" not in addr.strip("@") or any(c.isspace() for c in addr):
-                raise ValueError(f"{addr!r} is not an address (local@domain)")
-        return [a.lower() for a in value]
+        return [_address(a).lower() for a in value]
 
     @field_validator("sources")
     @classmethod

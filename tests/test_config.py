@@ -164,3 +164,11 @@ def test_bad_journal_setting_is_located(tmp_path: Path, text: str, key: str, why
     err = _error(tmp_path, MINIMAL + "archive:\n  journal:\n" + text)
     assert err.key == key and why in err.message
     assert err.line == 6  # the line of the key in the file (1-based)
+
+
+def test_a_tls_report_sender_that_is_no_address_is_located(tmp_path: Path) -> None:
+    # It becomes the reports' envelope sender: a mistake must stop the start, not every
+    # report a day later.
+    err = _error(tmp_path, MINIMAL + "delivery:\n  tls_rpt:\n    from: noreply\n")
+    assert err.key == "delivery.tls_rpt.from" and "not an address" in err.message
+    assert err.line == 6
