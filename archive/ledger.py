@@ -219,6 +219,11 @@ def read_lines(path: Path, segs: list[tuple[int, Path]] | None = None) -> Iterat
             for lineno, line in enumerate(fh, 1):
                 complete = line.endswith(b"\n")
                 yield RawLine(seg, lineno, line.rstrip(b"\n"), complete)
+                if not complete:
+                    # A line without its newline was the end of the file when read; a
+                    # writer may finish it meanwhile, and reading on would yield its
+                    # remainder as a line of its own.
+                    break
 
 
 class Ledger:

@@ -889,7 +889,9 @@ class S3LedgerMirror:
                 continue  # every entry of this segment is at or before ``after``
             with open(path, "rb") as fh:
                 for line in fh:
-                    if not line.endswith(b"\n") or b'"kind":"checkpoint"' not in line:
+                    if not line.endswith(b"\n"):
+                        break  # the end when read: a writer may be finishing it
+                    if b'"kind":"checkpoint"' not in line:
                         continue
                     try:
                         obj = json.loads(line)

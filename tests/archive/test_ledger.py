@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from archive.errors import LedgerError
 from archive.keys import load_public_key, verify_signature
-from archive.ledger import GENESIS, Ledger, checkpoint_payload, entry_hash
+from archive.ledger import GENESIS, Ledger, checkpoint_payload, entry_hash, read_lines
 from archive.verify import verify
 
 
@@ -98,6 +98,24 @@ def test_torn_last_line_is_truncated_by_the_next_append_and_recorded(tmp_path: P
     assert entries[1].fields["truncated_bytes"] == len(b'{"seq":2,"time":"2026-')
     assert entries[1].prev == first.hash and nxt.seq == 3
     assert seg.read_bytes().endswith(b"\n")
+
+
+def test_a_line_finished_while_it_is_read_ends_the_segment_not_a_new_line(
+        tmp_path: Path) -> None:
+    # A verifier reading beside a running writer: the torn line it saw must not be
+    # followed by the line's remainder (written meanwhile) as a malformed line.
+    ledger = Ledger(tmp_path / "ledger")
+    ledger.append("audit", n=1)
+    seg = tmp_path / "ledger" / "000000000001.jsonl"
+    with open(seg, "ab") as fh:
+        fh.write(b'{"seq":2,"time":"2026-')
+    lines = read_lines(tmp_path / "ledger")
+    assert next(lines).complete
+    torn = next(lines)
+    assert not torn.complete
+    with open(seg, "ab") as fh:
+        fh.write(b'11-29T00:00:00Z"}\n')
+    assert list(lines) == []
 
 
 class _LocalTsa:
