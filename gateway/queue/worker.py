@@ -378,7 +378,7 @@ class QueueWorker:
         descriptor of its ``.msg`` file, which the stage records are appended to)."""
         qid, st = msg.qid, msg.state
         if st.deleted:
-            await self._remove(msg)
+            await self._remove(msg, recycle=False)  # its bytes must not stay in free/
             return
         if st.held:
             return
@@ -570,11 +570,12 @@ class QueueWorker:
             return False
         return True
 
-    async def _remove(self, msg: SpooledMessage) -> None:
-        # The unlink is immediate (a restart after kill -9 never sees the message
+    async def _remove(self, msg: SpooledMessage, *, recycle: bool = True) -> None:
+        # The removal is immediate (a restart after kill -9 never sees the message
         # again); its durability against power loss is group-committed: one
-        # directory fsync covers every message finished meanwhile.
-        self.spool.remove(msg.qid, sync=False, data=msg.has_data)
+        # directory fsync covers every message finished meanwhile.  Always under
+        # process()'s claim, whose end lets a recycled file be reused.
+        self.spool.remove(msg.qid, sync=False, data=msg.has_data, recycle=recycle)
         if self.spool.fsync:
             self._dir_sync.request()
 

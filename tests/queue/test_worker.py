@@ -624,7 +624,9 @@ async def test_a_message_never_transformed_is_removed_without_touching_a_data_fi
                                                            real(p, *a, **kw))[1])
     await rig.worker.run_due()
     assert rig.spool.queue_ids() == []
-    assert [Path(p).name for p in unlinked] == [f"{qid}.msg", f"{qid}.state"]
+    # The .msg is kept in free/ for the next message (Spool's _Recycler), not unlinked.
+    assert [Path(p).name for p in unlinked] == [f"{qid}.state"]
+    assert len(list((rig.spool.root / "free").iterdir())) == 1
 
 
 async def test_results_a_full_spool_could_not_take_are_written_before_any_retry(

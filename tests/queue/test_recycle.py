@@ -1,0 +1,157 @@
+"""Finished messages' spool files are written over by new ones (Spool's _Recycler),
+and nobody who opened one under its old name takes it for that message."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+import pytest
+
+from gateway.envelope import Envelope
+from gateway.errors import SpoolError
+from gateway.queue.spool import RECYCLE_FILES, RECYCLE_MAX_BYTES, STATE_MARK, Spool
+
+
+def _env(rcpt: str = "bob@dst.example") -> Envelope:
+    return Envelope(mail_from="alice@src.example", rcpt_to=[rcpt], client_ip="127.0.0.1",
+                    helo="client.example", received_at=1_700_000_000.0)
+
+
+def _finish(spool: Spool, qid: str) -> None:
+    """What the worker does with a delivered message: remove it under its claim."""
+    with spool.claimed_sized(qid) as got:
+        assert got is not None
+        spool.remove(qid, recycle=True)
+
+
+def _free(spool: Spool) -> list[Path]:
+    return list((spool.root / "free").iterdir())
+
+
+def test_a_finished_message_file_is_written_over_by_the_next_one(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    long = b"Subject: first\r\n\r\n" + b"a" * 50_000 + b"\r\n"
+    first = spool.store(_env(), long)
+    spool.append_event(first, {"ev": "attempt", "attempts": 1})  # sets STATE_MARK
+    inode = spool.msg_path(first).stat().st_ino
+    _finish(spool, first)
+    assert not spool.exists(first) and len(_free(spool)) == 1
+    short = b"Subject: second\r\n\r\nshort\r\n"
+    second = spool.store(_env("carol@dst.example"), short)
+    st = spool.msg_path(second).stat()
+    assert st.st_ino == inode and _free(spool) == [] and spool.recycler.reused == 1
+    assert st.st_mode & STATE_MARK == 0  # no .state log of its own
+    msg = spool.load(second)
+    assert msg.data == short and msg.envelope.rcpt_to == ["carol@dst.example"]
+    assert msg.state.pending == ["carol@dst.example"]
+    assert b"first" not in spool.msg_path(second).read_bytes()  # cut to its own length
+
+
+def test_a_reused_file_handed_to_the_worker_appends_stage_records(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.keep_claims(10)
+    first = spool.store(_env(), b"Subject: one\r\n\r\n" + b"x" * 9000 + b"\r\n")
+    _finish(spool, first)
+    second = spool.store(_env(), b"Subject: two\r\n\r\nbody\r\n")
+    assert spool.recycler.reused == 1
+    with spool.claimed_sized(second) as got:
+        assert got is not None
+        fd, _size = got
+        spool.append_stage(second, {"ev": "stage", "stage": "archive"}, sync=False, fd=fd)
+    spool.keep_claims(0)
+    msg = spool.load(second)
+    assert msg.data == b"Subject: two\r\n\r\nbody\r\n"
+    assert msg.state.stages_done == {"archive"}
+
+
+def test_a_claim_opened_under_a_name_since_reused_is_refused(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    old = spool.store(_env(), b"Subject: old\r\n\r\nx\r\n")
+    stale = os.open(spool.msg_path(old), os.O_RDWR)  # opened before the message finished
+    try:
+        _finish(spool, old)
+        new = spool.store(_env(), b"Subject: new\r\n\r\ny\r\n")
+        assert os.fstat(stale).st_ino == spool.msg_path(new).stat().st_ino
+        # What claimed_sized does with the stale descriptor once it has its lock:
+        real_open = os.open
+
+        def open_stale(path: str, flags: int, mode: int = 0o777) -> int:
+            return os.dup(stale) if path.endswith(f"{old}.msg") else real_open(path, flags, mode)
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(os, "open", open_stale)
+            with spool.claimed_sized(old) as got:
+                assert got is None
+        assert spool.load(new).data == b"Subject: new\r\n\r\ny\r\n"
+    finally:
+        os.close(stale)
+
+
+def test_a_free_file_someone_still_locks_is_not_reused(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.keep_claims(10)
+    old = spool.store(_env(), b"Subject: old\r\n\r\nx\r\n")
+    with spool.claimed_sized(old) as got:
+        assert got is not None
+        spool.remove(old, recycle=True)
+    (free,) = _free(spool)
+    holder = os.open(free, os.O_RDONLY)  # e.g. another process's stale claim attempt
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        new = spool.store(_env(), b"Subject: new\r\n\r\ny\r\n")
+        assert spool.msg_path(new).stat().st_ino != os.fstat(holder).st_ino
+        assert spool.recycler.reused == 0 and _free(spool) == []
+    finally:
+        os.close(holder)
+    spool.keep_claims(0)
+    assert spool.load(new).data == b"Subject: new\r\n\r\ny\r\n"
+
+
+def test_a_file_is_offered_for_reuse_only_once_its_claim_is_let_go(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    old = spool.store(_env(), b"Subject: old\r\n\r\nx\r\n")
+    with spool.claimed_sized(old) as got:
+        assert got is not None
+        spool.remove(old, recycle=True)
+        spool.store(_env(), b"Subject: meanwhile\r\n\r\ny\r\n")
+        assert spool.recycler.reused == 0  # still locked by this claim
+    spool.store(_env(), b"Subject: after\r\n\r\nz\r\n")
+    assert spool.recycler.reused == 1
+
+
+def test_an_operator_delete_and_large_files_are_unlinked_not_kept(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    deleted = spool.store(_env(), b"Subject: secret\r\n\r\nx\r\n")
+    with spool.claim(deleted):
+        spool.remove(deleted)  # recycle=False: an operator's delete
+    big = spool.store(_env(), b"Subject: big\r\n\r\n" + b"b" * RECYCLE_MAX_BYTES + b"\r\n")
+    _finish(spool, big)
+    assert _free(spool) == []
+
+
+def test_the_pool_is_bounded_and_taken_over_by_the_next_process(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    qids = [spool.store(_env(), b"Subject: n\r\n\r\nx\r\n") for _ in range(RECYCLE_FILES + 5)]
+    for qid in qids:
+        _finish(spool, qid)
+    assert len(_free(spool)) == RECYCLE_FILES
+    again = Spool(tmp_path)  # a restart: the files left in free/ are used again
+    qid = again.store(_env(), b"Subject: later\r\n\r\ny\r\n")
+    assert again.recycler.reused == 1 and len(_free(again)) == RECYCLE_FILES - 1
+    assert again.load(qid).data == b"Subject: later\r\n\r\ny\r\n"
+
+
+def test_reading_a_message_that_finished_meanwhile_is_not_reading_its_successor(
+    tmp_path: Path,
+) -> None:
+    spool = Spool(tmp_path)
+    old = spool.store(_env(), b"Subject: old\r\n\r\nx\r\n")
+    _finish(spool, old)
+    spool.store(_env(), b"Subject: new\r\n\r\ny\r\n")
+    with pytest.raises(SpoolError, match="no such queued message"):
+        spool.load(old)
+    with pytest.raises(FileNotFoundError):
+        spool.read_header(old)
+    assert spool.events(old) == []
