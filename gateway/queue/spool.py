@@ -151,7 +151,9 @@ def _overwrite(fd: int, parts: list[bytes], keep: bool) -> None:
     if stat.S_IMODE(st.st_mode) != 0o600:
         os.fchmod(fd, 0o600)
     if keep:
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
+        # F_SETFL sets only the status flags (O_APPEND, O_NONBLOCK, ...): opened with
+        # none of them, this one is all there is to set.
+        fcntl.fcntl(fd, fcntl.F_SETFL, os.O_APPEND)
 
 
 def _named(path: str, st: os.stat_result) -> bool:
