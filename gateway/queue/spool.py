@@ -43,6 +43,7 @@ its own process is locked from its creation and the claim handed to that worker
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import fcntl
@@ -140,14 +141,17 @@ def _write_all(fd: int, parts: list[bytes]) -> None:
 
 
 def _overwrite(fd: int, parts: list[bytes], keep: bool) -> None:
-    """Write ``parts`` over a reused spool file (opened at offset 0, not appending):
-    then cut it to their length, give it a new file's mode (no STATE_MARK from its
+    """Write ``parts`` over a reused spool file (opened at offset 0, not appending),
+    and over what is left of its last content a blank line, which the event log's
+    reader skips (see _Recycler); give it a new file's mode (no STATE_MARK from its
     last message) and, if ``keep``, O_APPEND as :meth:`Spool.begin` opens new files."""
     st = os.fstat(fd)
+    excess = st.st_size - sum(len(p) for p in parts)
+    if 0 < excess <= RECYCLE_PAD_BYTES:
+        parts = [*parts, b" " * (excess - 1) + b"\n"]
     _write_all(fd, parts)
-    total = sum(len(p) for p in parts)
-    if st.st_size > total:
-        os.ftruncate(fd, total)
+    if excess > RECYCLE_PAD_BYTES:  # not chosen so (_Recycler.take): cut it
+        os.ftruncate(fd, st.st_size - excess)
     if stat.S_IMODE(st.st_mode) != 0o600:
         os.fchmod(fd, 0o600)
     if keep:
@@ -296,11 +300,21 @@ class _DirSync:
 # only by messages about its size (most are tens of kB).
 RECYCLE_FILES = 64
 RECYCLE_MAX_BYTES = 1024 * 1024
+# How much longer than a new message a reused file may be: the rest is blanked.
+RECYCLE_PAD_BYTES = 4096
 
 
 class _Recycler:
     """The ``free/`` directory: finished messages' files waiting to be written over
     (thread-safe: the event loop and the spool threads both take files).
+
+    A file is never cut shorter: that frees blocks, and on a file system mounted
+    with ``discard`` (as here) waits for the device (0.2 ms a file; truncates in the
+    event loop stalled every session for up to 10 ms).  A new message takes the
+    largest free file at most RECYCLE_PAD_BYTES longer than itself and blanks the
+    rest (one line of spaces: a file's stage records follow the message bytes, and
+    a message's are a few hundred bytes, so one the same size as the last fits);
+    a message smaller than every free file gets a new one.
 
     A file put here is offered only once the claim on it is let go (:meth:`release`):
     until then its old holder's lock would make a new writer's lock fail.  Several
@@ -318,19 +332,23 @@ class _Recycler:
         self._prefix = f"{os.getpid()}-{secrets.token_hex(3)}-"
         self._seq = 0
         self._pending = 0  # put but not released yet (they count against the limit)
+        self._free: list[tuple[int, str]] = []  # (size, name), smallest first
         # Files left by earlier processes are taken over (any process may take them).
-        names = sorted(os.listdir(self.dir))
-        self._free = names[:limit]
-        for extra in names[limit:]:
-            _unlink(f"{self.dir}/{extra}")
+        for name in sorted(os.listdir(self.dir)):
+            try:
+                size = os.stat(f"{self.dir}/{name}").st_size
+            except FileNotFoundError:
+                continue
+            if len(self._free) < limit and size <= max_bytes:
+                bisect.insort(self._free, (size, name))
+            else:
+                _unlink(f"{self.dir}/{name}")
         self.reused = 0  # files written over (Spool._reuse; observability, tests)
 
-    def put(self, path: str, size: int) -> str | None:
-        """Move the file at ``path`` here; its new name (give it to :meth:`release`
-        when its claim is let go), or None when it is not kept (the pool is full,
-        the file too large, or the rename failed): then the caller unlinks it."""
-        if size > self.max_bytes:
-            return None
+    def put(self, path: str) -> tuple[int, str] | None:
+        """Move the file at ``path`` here; what to give :meth:`release` when its
+        claim is let go, or None when it is not kept (the pool is full, the file too
+        large, or it is gone): then the caller unlinks it."""
         with self._lock:
             if len(self._free) + self._pending >= self.limit:
                 return None
@@ -338,25 +356,31 @@ class _Recycler:
             self._pending += 1
             name = f"{self._prefix}{self._seq}"
         try:
-            os.rename(path, f"{self.dir}/{name}")
+            size = os.stat(path).st_size  # with the stage records appended since
+            if size <= self.max_bytes:
+                os.rename(path, f"{self.dir}/{name}")
+                return size, name
         except OSError:
-            with self._lock:
-                self._pending -= 1
-            return None
-        return name
-
-    def release(self, name: str) -> None:
+            pass
         with self._lock:
             self._pending -= 1
-            self._free.append(name)
+        return None
 
-    def take(self, dest: str) -> bool:
-        """Rename a free file to ``dest``; False when there is none."""
+    def release(self, entry: tuple[int, str]) -> None:
+        with self._lock:
+            self._pending -= 1
+            bisect.insort(self._free, entry)
+
+    def take(self, dest: str, size: int) -> bool:
+        """Rename the largest free file of at most ``size`` + RECYCLE_PAD_BYTES bytes
+        to ``dest``; False when there is none."""
+        limit = size + RECYCLE_PAD_BYTES
         while True:
             with self._lock:
-                if not self._free:
+                i = bisect.bisect_right(self._free, (limit, "\uffff")) - 1
+                if i < 0:
                     return False
-                name = self._free.pop()
+                _size, name = self._free.pop(i)
             try:
                 os.rename(f"{self.dir}/{name}", dest)
             except FileNotFoundError:
@@ -439,8 +463,8 @@ class Spool:
         self._queue_dir_sync = _DirSync(self.queue_dir)
         self.recycler = _Recycler(root / "free")
         # Files of messages this process removed while holding their claim: offered
-        # for reuse once the claim is let go (qid -> name in free/).
-        self._released: dict[str, str] = {}
+        # for reuse once the claim is let go (qid -> (size, name in free/)).
+        self._released: dict[str, tuple[int, str]] = {}
         self.free_space = _FreeSpace(root)
         self._qdir = str(self.queue_dir)  # for the per-message paths: cheaper than Path /
         # Claims on messages just spooled here, waiting for this process's worker
@@ -500,7 +524,7 @@ class Spool:
         header = header_text(qid, envelope.to_dict(), facts or {}, len(data)).encode() + b"\n"
         tmp = f"{self.tmp_dir}/{qid}.msg"
         keep = self._handoff_limit > 0
-        fd = self._reuse(tmp, keep)
+        fd = self._reuse(tmp, len(MAGIC) + len(header) + len(data), keep)
         reused = fd is not None
         if fd is None:
             try:
@@ -528,10 +552,10 @@ class Spool:
             if keep else None
         return PendingStore(qid, fd, tmp, handoff)
 
-    def _reuse(self, tmp: str, keep: bool) -> int | None:
-        """A finished message's file renamed to ``tmp`` and opened for writing over
-        (locked if ``keep``), or None when there is none to take."""
-        while self.recycler.take(tmp):
+    def _reuse(self, tmp: str, size: int, keep: bool) -> int | None:
+        """A finished message's file to hold ``size`` bytes (_Recycler.take) renamed
+        to ``tmp`` and opened for writing over (locked if ``keep``), or None."""
+        while self.recycler.take(tmp, size):
             try:
                 fd = os.open(tmp, os.O_RDWR)
             except OSError:
@@ -929,11 +953,11 @@ class Spool:
         # log (cleaned at start-up), never a message without its delivery record,
         # which would be delivered again to every recipient.
         path = self._path(qid, ".msg")
-        name = self.recycler.put(path, self._size(qid, path)) if recycle else None
-        if name is None:
+        kept = self.recycler.put(path) if recycle else None
+        if kept is None:
             _unlink(path)
         else:
-            self._released[qid] = name
+            self._released[qid] = kept
         if data:
             _unlink(self._path(qid, ".data"))
         fresh = self._fresh.get(qid)
@@ -944,15 +968,6 @@ class Spool:
         self._let_go(qid)  # removed by the store's caller (a failed split), not its worker
         if sync:
             self.sync_queue_dir()
-
-    def _size(self, qid: str, path: str) -> int:
-        fresh = self._fresh.get(qid)
-        if fresh is not None:
-            return fresh.size  # as committed (stage records add a few hundred bytes)
-        try:
-            return os.stat(path).st_size
-        except OSError:
-            return RECYCLE_MAX_BYTES + 1  # not kept
 
     def sync_queue_dir(self) -> None:
         """Make earlier ``remove(sync=False)`` calls durable."""

@@ -32,29 +32,52 @@ def _free(spool: Spool) -> list[Path]:
 
 def test_a_finished_message_file_is_written_over_by_the_next_one(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
-    long = b"Subject: first\r\n\r\n" + b"a" * 50_000 + b"\r\n"
-    first = spool.store(_env(), long)
+    first = spool.store(_env(), b"Subject: first\r\n\r\nshort\r\n")
     spool.append_event(first, {"ev": "attempt", "attempts": 1})  # sets STATE_MARK
     inode = spool.msg_path(first).stat().st_ino
     _finish(spool, first)
     assert not spool.exists(first) and len(_free(spool)) == 1
-    short = b"Subject: second\r\n\r\nshort\r\n"
-    second = spool.store(_env("carol@dst.example"), short)
+    long = b"Subject: second\r\n\r\n" + b"a" * 50_000 + b"\r\n"
+    second = spool.store(_env("carol@dst.example"), long)
     st = spool.msg_path(second).stat()
     assert st.st_ino == inode and _free(spool) == [] and spool.recycler.reused == 1
     assert st.st_mode & STATE_MARK == 0  # no .state log of its own
     msg = spool.load(second)
-    assert msg.data == short and msg.envelope.rcpt_to == ["carol@dst.example"]
+    assert msg.data == long and msg.envelope.rcpt_to == ["carol@dst.example"]
     assert msg.state.pending == ["carol@dst.example"]
-    assert b"first" not in spool.msg_path(second).read_bytes()  # cut to its own length
+
+
+def test_a_file_is_never_cut_shorter_the_largest_that_fits_is_taken(tmp_path: Path) -> None:
+    # Cutting a file frees blocks, which waits for the device on a file system
+    # mounted with discard: a file a little longer is blanked past the new message,
+    # and a message much smaller than every free file gets a new one.
+    spool = Spool(tmp_path)
+    sizes = {n: spool.store(_env(), b"Subject: s\r\n\r\n" + b"x" * n + b"\r\n")
+             for n in (10_000, 20_000, 40_000)}
+    spool.append_stage(sizes[20_000], {"ev": "stage", "stage": "archive", "facts": {}})
+    inodes = {n: spool.msg_path(q).stat().st_ino for n, q in sizes.items()}
+    for qid in sizes.values():
+        _finish(spool, qid)
+    tiny = spool.store(_env(), b"Subject: t\r\n\r\nx\r\n")
+    assert spool.msg_path(tiny).stat().st_ino not in inodes.values()
+    same = b"Subject: s\r\n\r\n" + b"y" * 20_000 + b"\r\n"  # shorter by the record
+    qid = spool.store(_env(), same)
+    path = spool.msg_path(qid)
+    assert path.stat().st_ino == inodes[20_000]
+    msg = spool.load(qid)
+    assert msg.data == same and msg.state.stages_done == set()  # the old record blanked
+    assert path.read_bytes().endswith(b" \n")
+    spool.append_stage(qid, {"ev": "stage", "stage": "check", "facts": {}})
+    assert spool.load(qid).state.stages_done == {"check"}
+    assert sorted(p.stat().st_size for p in _free(spool))[0] < 11_000  # the 10 kB one
 
 
 def test_a_reused_file_handed_to_the_worker_appends_stage_records(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     spool.keep_claims(10)
-    first = spool.store(_env(), b"Subject: one\r\n\r\n" + b"x" * 9000 + b"\r\n")
+    first = spool.store(_env(), b"Subject: one\r\n\r\nbody\r\n")
     _finish(spool, first)
-    second = spool.store(_env(), b"Subject: two\r\n\r\nbody\r\n")
+    second = spool.store(_env(), b"Subject: two\r\n\r\n" + b"x" * 9000 + b"\r\n")
     assert spool.recycler.reused == 1
     with spool.claimed_sized(second) as got:
         assert got is not None
@@ -62,7 +85,7 @@ def test_a_reused_file_handed_to_the_worker_appends_stage_records(tmp_path: Path
         spool.append_stage(second, {"ev": "stage", "stage": "archive"}, sync=False, fd=fd)
     spool.keep_claims(0)
     msg = spool.load(second)
-    assert msg.data == b"Subject: two\r\n\r\nbody\r\n"
+    assert msg.data == b"Subject: two\r\n\r\n" + b"x" * 9000 + b"\r\n"
     assert msg.state.stages_done == {"archive"}
 
 
