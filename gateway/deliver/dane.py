@@ -22,6 +22,8 @@ from typing import Literal
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.padding import PSS, PKCS1v15
 
 from gateway.deliver.mta_sts import mx_matches
 
@@ -167,15 +169,17 @@ def _verify_ta(
 ) -> str:
     """Why the chain is not authenticated by the DANE-TA(2) ``records``; '' when it is."""
     # RFC 7672 §3.1.2: the trust anchor is a certificate the server sends in its
-    # chain (a "2 1 0" public key alone is not supported: there is then no issuer
-    # certificate to check the next link against).  The leaf itself is not a trust
-    # anchor (RFC 7671 §5.2.2).
+    # chain, or (a "2 1 0" record, RFC 7671 §5.2.2) a public key that signed the
+    # topmost certificate it sends.  The leaf itself is not a trust anchor.
     anchor = next((i for i in range(1, len(certs))
                    if any(matches(r, certs[i], chain[i]) for r in records)), None)
     if anchor is None:
-        return "no certificate in the chain matches a DANE-TA TLSA record"
-    # Each certificate below the anchor must be signed by the one after it.
-    for i in range(anchor):
+        anchor = _key_anchor(records, certs)
+        if anchor is None:
+            return "no certificate in the chain matches a DANE-TA TLSA record"
+    # Each certificate below the anchor must be signed by the one after it (the one
+    # below a key anchor was checked against the key by _key_anchor).
+    for i in range(min(anchor, len(certs) - 1)):
         try:
             certs[i].verify_directly_issued_by(certs[i + 1])
         except (ValueError, TypeError, InvalidSignature) as exc:
@@ -193,6 +197,48 @@ def _verify_ta(
     if not any(name_matches(certs[0], name) for name in names):
         return f"certificate is not valid for {', '.join(names)}"
     return ""
+
+
+def _key_anchor(records: Sequence[Tlsa], certs: Sequence[x509.Certificate]) -> int | None:
+    """Where a "2 1 0" record's public key sits above the chain: ``len(certs)`` when
+    the topmost certificate sent is signed by it, else None.  Only the topmost: a
+    server that sends its trust anchor's certificate is matched by that certificate,
+    and one below it signed by the key would be a second path the chain does not
+    show."""
+    top = certs[-1]
+    own = _selected(top, b"", SPKI)
+    for record in records:
+        # The top's own key is not above it (a self-signed leaf is no trust anchor).
+        if (record.selector, record.mtype) != (SPKI, FULL) or record.data == own:
+            continue
+        try:
+            key = serialization.load_der_public_key(record.data)
+        except (ValueError, TypeError):  # not a key: the record is unusable
+            continue
+        if _signed_by(top, key):
+            return len(certs)
+    return None
+
+
+def _signed_by(cert: x509.Certificate, key: object) -> bool:
+    """Whether ``key`` made ``cert``'s signature (RFC 5280 §4.1.1.3)."""
+    params = cert.signature_algorithm_parameters
+    data, sig = cert.tbs_certificate_bytes, cert.signature
+    try:
+        if isinstance(key, rsa.RSAPublicKey) and isinstance(params, (PKCS1v15, PSS)):
+            hash_alg = cert.signature_hash_algorithm
+            if hash_alg is None:
+                return False
+            key.verify(sig, data, params, hash_alg)
+        elif isinstance(key, ec.EllipticCurvePublicKey) and isinstance(params, ec.ECDSA):
+            key.verify(sig, data, params)
+        elif isinstance(key, (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)):
+            key.verify(sig, data)
+        else:
+            return False
+    except (InvalidSignature, ValueError, TypeError):
+        return False
+    return True
 
 
 def _is_ca(cert: x509.Certificate) -> bool:

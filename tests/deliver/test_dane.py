@@ -85,6 +85,23 @@ CASES = [
      lambda p: [Tlsa(2, 0, 1, cert_sha256(p.ca.ca_pem))], "spliced", "chain broken"),
     ("a leaf certificate under the anchor cannot issue one for the MX host",
      lambda p: [Tlsa(2, 0, 1, cert_sha256(p.ca.ca_pem))], "forged", "not a CA"),
+    ("2 1 0 the CA's public key, the CA's certificate not sent",
+     lambda p: [Tlsa(2, 1, 0, _spki_full(p.ca.ca_pem))], "good_leaf_only", None),
+    ("2 1 0 the CA's public key, the CA's certificate sent",
+     lambda p: [Tlsa(2, 1, 0, _spki_full(p.ca.ca_pem))], "good", None),
+    ("2 1 0 another CA's key does not anchor the chain",
+     lambda p: [Tlsa(2, 1, 0, _spki_full(p.other_ca.ca_pem))], "good_leaf_only",
+     "no certificate"),
+    ("2 1 0 the CA's key, leaf named for another host",
+     lambda p: [Tlsa(2, 1, 0, _spki_full(p.ca.ca_pem))], "wrong_name_leaf_only",
+     "not valid for"),
+    ("2 1 0 the CA's key above a leaf that issued the MX host's certificate",
+     lambda p: [Tlsa(2, 1, 0, _spki_full(p.ca.ca_pem))], "forged_without_ca", "not a CA"),
+    ("2 1 0 a self-signed leaf's own key is no trust anchor",
+     lambda p: [Tlsa(2, 1, 0, _spki_full(p.selfsigned.leaf))], "selfsigned",
+     "no certificate"),
+    ("2 1 0 not a public key at all",
+     lambda p: [Tlsa(2, 1, 0, b"not a key")], "good_leaf_only", "no certificate"),
     ("2 x x never matches the leaf itself",
      lambda p: [Tlsa(2, 0, 1, cert_sha256(p.selfsigned.leaf))], "selfsigned", "no certificate"),
 ]
@@ -96,6 +113,10 @@ def test_verify(pki: Pki, case: str, records: Callable[[Pki], list[Tlsa]], serve
                 expected: str | None) -> None:
     if served == "spliced":  # the foreign leaf presented with our CA behind it
         chain = [der(pki.foreign.leaf), der(pki.ca.ca_pem)]
+    elif served.endswith("_leaf_only"):  # the server does not send its CA
+        chain = [der(getattr(pki, served.removesuffix("_leaf_only")).leaf)]
+    elif served == "forged_without_ca":
+        chain = pki.forged.ders()[:-1]
     else:
         chain = getattr(pki, served).ders()
     why = verify(records(pki), chain, [MX])
