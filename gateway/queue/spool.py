@@ -799,9 +799,13 @@ class Spool:
             raise SpoolError(f"{qid}: not a spool file")
         try:
             hdr = json.loads(line)
-            return Envelope.from_dict(hdr["envelope"]), hdr.get("facts", {}), int(hdr["size"])
-        except (ValueError, KeyError, TypeError) as exc:
+            named = hdr.get("qid", qid)
+            parsed = Envelope.from_dict(hdr["envelope"]), hdr.get("facts", {}), int(hdr["size"])
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise SpoolError(f"{qid}: corrupt spool header: {exc}") from exc
+        if named != qid:  # never another message's file taken for this one (_Recycler)
+            raise SpoolError(f"{qid}: spool file holds message {named}")
+        return parsed
 
     def events(self, qid: str) -> list[dict[str, Any]]:
         """Every event of a message: its stage records, then its ``.state`` log."""

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from gateway.envelope import Envelope
 from gateway.errors import SpoolError
+from gateway.queue import spool as spool_mod
 from gateway.queue.spool import RECYCLE_FILES, RECYCLE_MAX_BYTES, STATE_MARK, Spool
 
 
@@ -178,3 +183,66 @@ def test_reading_a_message_that_finished_meanwhile_is_not_reading_its_successor(
     with pytest.raises(FileNotFoundError):
         spool.read_header(old)
     assert spool.events(old) == []
+
+
+WRITER = """
+import sys, time
+from pathlib import Path
+from gateway.envelope import Envelope
+from gateway.queue.spool import Spool
+spool = Spool(Path(sys.argv[1]))
+inflight, i, end = [], 0, time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:
+    env = Envelope(mail_from=f"s{i}@src.example", rcpt_to=["b@dst.example"],
+                   client_ip="127.0.0.1", helo="h", received_at=time.time())
+    inflight.append(spool.store(env, (b"message %d " % i) * (1 + i % 50)))
+    i += 1
+    for qid in inflight[:-8]:  # finish the older ones, as a worker would
+        with spool.claimed_sized(qid) as got:
+            if got is not None:
+                spool.remove(qid, recycle=True)
+                inflight.remove(qid)
+print(i, spool.recycler.reused)
+"""
+
+
+def test_another_process_never_loads_a_reused_file_as_the_message_it_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # One process spools and finishes messages as fast as it can, so its files are
+    # written over at once; this one claims and reads whatever it finds queued, as a
+    # second worker (or `coffer queue show`) does, and must only ever see a message
+    # as it was spooled: its sender and its bytes carry the same number.
+    repo = Path(__file__).resolve().parents[2]
+    spool = Spool(tmp_path)
+    # Widen the windows between opening a file by name and locking or reading it, in
+    # which the writer may finish the message and write another over its file.
+    real_flock, real_read = fcntl.flock, spool_mod._read_fd
+    monkeypatch.setattr(fcntl, "flock", lambda fd, op: (time.sleep(0.002),
+                                                        real_flock(fd, op))[1])
+    monkeypatch.setattr(spool_mod, "_read_fd", lambda fd, n: (time.sleep(0.002),
+                                                              real_read(fd, n))[1])
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), "1.0"],
+                            env={**os.environ, "PYTHONPATH": str(repo)},
+                            stdout=subprocess.PIPE, text=True)
+    seen = 0
+    while proc.poll() is None:
+        for qid in spool.queue_ids():
+            try:
+                with spool.claimed_sized(qid) as got:
+                    msg = None if got is None else spool.load(qid, *got)
+                by_name = spool.load(qid)
+            except SpoolError as exc:
+                assert "no such queued message" in str(exc)
+                continue
+            for m in (msg, by_name):
+                if m is not None:
+                    n = re.fullmatch(r"s(\d+)@src\.example", m.envelope.mail_from)
+                    assert n is not None
+                    assert m.data == (b"message %s " % n.group(1).encode()) * (
+                        1 + int(n.group(1)) % 50)
+                    seen += 1
+    out, _ = proc.communicate()
+    assert proc.returncode == 0
+    stored, reused = map(int, out.split())
+    assert reused > stored // 2 and seen > 0
