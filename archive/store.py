@@ -793,9 +793,9 @@ class BlobStore(ZstdContexts):
         if not self.packs.is_dir():
             return found
         with self._store_lock():
-            self._remove_stillborn(repaired)
             self._finish_compactions()
             self.refresh()
+            self._remove_stillborn(repaired)
             ledgered: Collection[str] | None = None
             for name in sorted(self._segs):
                 seg = self._segs[name]
@@ -881,7 +881,10 @@ class BlobStore(ZstdContexts):
         once whole; these are left by older versions (or a power loss that kept a
         rename but not the bytes before it)."""
         dead: list[str] = []
-        for name in self.segment_names():
+        for name in self._segment_names_now():
+            seg = self._segs.get(name)
+            if seg is not None and seg.records:
+                continue  # the usual case, known from the index without a look at the files
             with _try_flock(self.packs / f"{name}.pack") as free:
                 if free and stillborn(self.packs, name):
                     dead.append(name)
@@ -936,7 +939,8 @@ class BlobStore(ZstdContexts):
         try:
             live_writer = not _flock_free(fd)
             head = read_segment_header(fd)
-            if head is None or (not live_writer and stillborn(self.packs, name)):
+            if head is None or (not live_writer and os.fstat(fd).st_size == head[1]
+                                and stillborn(self.packs, name)):
                 # Being created (by a writer older than _new_writer's renames), or its
                 # writer died doing so.
                 return SegmentView(name, [], 0, 0, KeyTable(), "", Scan(), live_writer,
