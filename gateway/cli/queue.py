@@ -13,7 +13,9 @@ contradicted by what the worker wrote after it: a retry undone by the attempt's
 deferral, a hold on a message the worker then delivered and removed (the operator
 told "held", and the hold left behind as an orphaned ``.state``).  A message still
 busy at the deadline, or gone meanwhile, is reported and the exit status is 1:
-nothing is ever silently not done.
+nothing is ever silently not done.  A hold alone is also written at once when the
+claim is taken, then confirmed under it (see _hold_one: the claim may be one the
+gateway keeps for a message it has not begun).
 
 After a change the running gateway (found through the locked pid file in the
 data directory) is sent SIGUSR1 so it rescans the spool at once instead of at
@@ -41,7 +43,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 from gateway import config, log
 from gateway.cli import ago, config_options, operator_name, setup_log
@@ -244,25 +246,66 @@ def _deadline(args: argparse.Namespace) -> float:
     return time.monotonic() + max(float(args.wait), 0.0)
 
 
-def _under_claim(args: argparse.Namespace, spool: Spool, qid: str, deadline: float,
-                 action: str, do: Callable[[], object]) -> bool:
+def _claim_then(spool: Spool, qid: str, deadline: float,
+                do: Callable[[], object]) -> Literal["done", "gone", "busy"]:
     """Run ``do`` while holding the message's claim, waiting until ``deadline`` for a
-    delivery attempt in progress (see the module docstring); False, said on stderr, if
-    the message left the queue meanwhile or is still claimed at the deadline."""
+    delivery attempt in progress (see the module docstring): "done"; "gone" if the
+    message left the queue meanwhile, "busy" if it is still claimed at the deadline."""
     while True:
         with spool.claim(qid) as mine:
             if mine:
                 do()
-                return True
+                return "done"
         if not spool.exists(qid):
-            _err(f"{qid}: delivered or removed meanwhile; not {action}")
-            return False
+            return "gone"
         if time.monotonic() >= deadline:
-            _err(f"{qid}: a delivery attempt still holds it after {args.wait:g}s (the "
-                 f"message is being delivered now); not {action}: try again (or --wait "
-                 "longer)")
-            return False
+            return "busy"
         time.sleep(0.1)
+
+
+def _under_claim(args: argparse.Namespace, spool: Spool, qid: str, deadline: float,
+                 action: str, do: Callable[[], object]) -> bool:
+    """:func:`_claim_then`; False, said on stderr, unless done."""
+    outcome = _claim_then(spool, qid, deadline, do)
+    if outcome == "gone":
+        _err(f"{qid}: delivered or removed meanwhile; not {action}")
+    elif outcome == "busy":
+        _err(f"{qid}: a delivery attempt still holds it after {args.wait:g}s (the "
+             f"message is being delivered now); not {action}: try again (or --wait longer)")
+    return outcome == "done"
+
+
+def _hold_one(args: argparse.Namespace, spool: Spool, qid: str, event: dict[str, Any],
+              deadline: float) -> bool:
+    """Hold a message under its claim, or, while another process has it, at once and
+    then wait for the claim to tell whether the hold took.
+
+    Written at once because the claim may be one a gateway keeps for a message it has
+    just spooled and not begun (gateway.queue.spool._Handoff): its worker reads the
+    state log when it takes the claim, so a hold written now stops that message, as
+    it must during a spam run.  Beside an attempt in progress a hold is never undone
+    (gateway.queue.state.fold keeps it through the attempt's records); it comes too
+    late only if the attempt finishes the message, and then the operator is told, and
+    the log the hold may have left beside a removed message goes."""
+    def confirm() -> None:
+        if not spool.read_state(qid, []).held:  # the early hold was not written after all
+            spool.append_event(qid, dict(event))
+
+    with spool.claim(qid) as mine:
+        if mine:
+            spool.append_event(qid, dict(event))
+            return True
+    if spool.exists(qid):
+        spool.append_event(qid, dict(event))
+    outcome = _claim_then(spool, qid, deadline, confirm)
+    if outcome == "gone":
+        spool.state_path(qid).unlink(missing_ok=True)  # an orphan: the .msg is gone for good
+        _err(f"{qid}: delivered or removed meanwhile; not held")
+    elif outcome == "busy":
+        _err(f"{qid}: a delivery attempt still holds it after {args.wait:g}s (the message "
+             "is being delivered now); the hold is written but takes effect only if that "
+             f"attempt leaves the message queued: see coffer queue show {qid}")
+    return outcome == "done"
 
 
 def poke_service(cfg: Config) -> bool:
@@ -558,9 +601,7 @@ def cmd_hold(args: argparse.Namespace) -> int:
     rc, done, failed = EXIT_OK, [], []
     deadline = _deadline(args)
     for qid in qids:
-        if not _known(spool, qid) or not _under_claim(
-                args, spool, qid, deadline, "held",
-                functools.partial(spool.append_event, qid, dict(event))):
+        if not _known(spool, qid) or not _hold_one(args, spool, qid, event, deadline):
             rc = EXIT_PROBLEM
             failed.append(qid)
             continue

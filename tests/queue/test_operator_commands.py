@@ -106,3 +106,23 @@ async def test_a_retry_during_a_delivery_that_is_deferred_is_not_undone_by_it(
     nexthop.data_reply, nexthop.data_gate = "250 2.0.0 Ok: queued", None
     assert await rig.worker.run_due() == 1  # due now, not in a minute
     assert nexthop.delivered_to("bob@dst.test") == 1
+
+
+async def test_a_hold_of_a_message_its_gateway_spooled_and_has_not_begun_stops_it(
+        rig: Rig, nexthop: NextHop, capsys: pytest.CaptureFixture[str]) -> None:
+    """The gateway keeps the claim of what it just spooled for its worker (a message
+    waiting for a delivery slot): the hold cannot wait for that claim, which is let go
+    only after delivery, so it is written at once and the worker reads it."""
+    rig.worker.spool.keep_claims(8)
+    env = Envelope(mail_from="alice@src.test", rcpt_to=["bob@dst.test"],
+                   received_at=rig.clock.now)
+    qid = rig.worker.spool.commit(rig.worker.spool.begin(env, MSG))
+    cli = asyncio.create_task(asyncio.to_thread(
+        main, ["queue", "hold", qid, "--wait", "10", "--config", str(rig.config_file)]))
+    await asyncio.sleep(0.3)
+    assert not cli.done()  # the claim is the gateway's
+    await rig.worker.process(qid)  # the worker takes it over, reads the hold, lets it go
+    assert await asyncio.wait_for(cli, 10) == 0
+    assert f"{qid}: held" in capsys.readouterr().out
+    assert nexthop.received == [] and not nexthop.in_data.is_set()
+    assert rig.spool.load(qid).state.held
