@@ -97,7 +97,8 @@ class Archive:
                         timestamper=timestamper)
         archive = cls(paths, keys, store, ledger)
         ledger.repair()
-        archive.recovered = store.recover(archive._ledger_recovered, archive._ledgered)
+        archive.recovered = store.recover(archive._ledger_recovered, archive._ledgered,
+                                          archive._ledger_repaired)
         return archive
 
     def close(self) -> None:
@@ -214,6 +215,11 @@ class Archive:
         """Every SHA-256 a message_stored or blob_recovered entry names."""
         return {str(e.fields.get("sha256")) for e in self.ledger.entries()
                 if e.kind in ("message_stored", "blob_recovered")}
+
+    def _ledger_repaired(self, segments: list[str]) -> None:
+        """Segments a writer died creating, removed by recover() (archive.store)."""
+        self.ledger.append("store_repaired", removed_segments=segments,
+                           reason="writer died creating the segment; it held no record")
 
     def _ledger_recovered(self, batch: list[Recovered]) -> None:
         self.ledger.append_many([

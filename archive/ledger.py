@@ -18,8 +18,9 @@ stored_size, new, plus the caller's record fields such as the archive id),
 ``blob_recovered`` (a blob from an interrupted batch, see archive.store),
 ``tombstone`` (sha256, reason: the data key was destroyed), ``key_rotated``,
 ``checkpoint``, ``ledger_repaired``, ``store_compacted`` (segments, records,
-freed_bytes: deleted records' bytes removed); other modules add ``audit``,
-``hold_placed``, ``hold_released`` (each naming, by SHA-256, an encrypted
+freed_bytes: deleted records' bytes removed), ``store_repaired`` (removed_segments:
+segments a writer died creating, which held no record; see archive.store); other
+modules add ``audit``, ``hold_placed``, ``hold_released`` (each naming, by SHA-256, an encrypted
 ledger document with its clear text: archive.documents).  The ledger is never erased, so record
 fields must be identifiers and hashes, never personal data such as addresses.
 

@@ -150,7 +150,9 @@ class BlobBackend(Protocol):
     def delete(self, sha256: str) -> bool: ...
 
     def recover(self, append: Callable[[list[Recovered]], object],
-                known: Callable[[], Collection[str]] | None = None) -> list[Recovered]: ...
+                known: Callable[[], Collection[str]] | None = None,
+                repaired: Callable[[list[str]], object] | None = None
+                ) -> list[Recovered]: ...
 
     def close(self) -> None: ...
 
@@ -762,7 +764,8 @@ class S3BlobStore(ZstdContexts):
         return self.s3.delete_all_versions(self.bucket, self.name(sha256)) > 0
 
     def recover(self, append: Callable[[list[Recovered]], object],
-                known: Callable[[], Collection[str]] | None = None) -> list[Recovered]:
+                known: Callable[[], Collection[str]] | None = None,
+                repaired: Callable[[list[str]], object] | None = None) -> list[Recovered]:
         """Nothing to finish: see the module docstring (a re-sent message is ledgered)."""
         return []
 

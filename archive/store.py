@@ -25,6 +25,8 @@ Properties, and how they are kept:
   record; the associated data is the record header, which holds the SHA-256.
 * **Write-once.**  A segment is created exclusively (O_EXCL) by one writer, which
   holds an exclusive flock on it while it appends; nobody else ever writes it.
+  Its files get their headers under temporary names and are renamed into place
+  (.pack last), so no segment is ever seen, or left by a crash, without them.
   Each writer thread has its own segment, so batches in a segment are in order.
   A segment full (SEGMENT_BYTES or SEGMENT_RECORDS) is closed and a new one made.
 * **Crypto-shredding per message.**  Data keys are not in the immutable segment
@@ -91,6 +93,7 @@ from archive.errors import (
 from archive.keys import KeyRing, fsync_dir
 from archive.pack import (
     KEYTABLE_HEADER,
+    FormatError,
     KeyTable,
     Sealed,
     dead_entry,
@@ -587,40 +590,63 @@ class BlobStore(ZstdContexts):
         return new
 
     def _new_writer(self) -> _Writer:
+        """A new segment, whole before it has its name (called under the store lock).
+
+        Its three files are made under temporary names, given their headers and fsynced,
+        then renamed into place, the .pack last: its name is the commit point, as for a
+        compaction.  A kill -9 or power loss at any moment thus leaves a whole segment,
+        or ``.tmp`` files and a .keys/.ack without their .pack, which recover() removes;
+        never a named segment without its headers (verify reported an empty .keys as an
+        altered key table, and the next writer's recover() could not open it).  The
+        flock goes with the inode through the rename.
+        """
         self.packs.mkdir(parents=True, exist_ok=True, mode=0o750)
-        name = f"{time.time_ns():016x}-{secrets.token_hex(4)}"
-        header = encode_segment_header()
-        paths = [self.packs / f"{name}{ext}" for ext in (".pack", ".keys", ".ack")]
+        name, header = self._unused_name(), encode_segment_header()
+        finals = [self.packs / f"{name}{ext}" for ext in (".pack", ".keys", ".ack")]
+        token = secrets.token_hex(4)
+        temps = [p.with_name(f"{p.name}.{token}.tmp") for p in finals]
         fds: list[int] = []
+        placed: list[Path] = []
         try:
-            fd = os.open(paths[0], os.O_RDWR | os.O_CREAT | os.O_EXCL, PACK_MODE)
+            fd = os.open(temps[0], os.O_RDWR | os.O_CREAT | os.O_EXCL, PACK_MODE)
             fds.append(fd)
             fcntl.flock(fd, fcntl.LOCK_EX)
             # The key table and index change after the segment is closed (shred,
             # recovery): owner-writable.  The .pack never does: read-only from birth.
-            kfd = os.open(paths[1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND,
-                          MUTABLE_MODE)
-            fds.append(kfd)
-            ifd = os.open(paths[2], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND,
-                          MUTABLE_MODE)
-            fds.append(ifd)
+            for tmp in temps[1:]:
+                fds.append(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND,
+                                   MUTABLE_MODE))
+            kfd, ifd = fds[1], fds[2]
             write_all(fd, header)
             write_all(kfd, KEYTABLE_HEADER)
             for f in fds:
                 os.fsync(f)
-            fsync_dir(self.packs)
+            for i in (1, 2, 0):  # the .pack last
+                os.rename(temps[i], finals[i])
+                placed.append(finals[i])
+            fsync_dir(self.packs)  # before any record: an fsynced record has its name
         except OSError:
             # A full disk (or any failure) before the segment held a record: it must not
             # stay as files without their headers, which verify reports as altered.
             for f in fds:
                 with contextlib.suppress(OSError):
                     os.close(f)
-            for path in paths[:len(fds)]:
+            for path in [*placed, *temps]:
                 with contextlib.suppress(OSError):
                     path.unlink()
             raise
         self._mine.add(name)
         return _Writer(name, fd, kfd, os.fstat(kfd).st_ino, ifd, len(header))
+
+    def _unused_name(self) -> str:
+        """A segment name no file has.  Renames replace, so O_EXCL on the temporary
+        names does not prove it; every segment is made under the store lock, so a
+        check here is enough (a clash of time and 32 random bits is unlikely anyway)."""
+        while True:
+            name = f"{time.time_ns():016x}-{secrets.token_hex(4)}"
+            if not any(os.path.lexists(self.packs / f"{name}.{ext}")
+                       for ext in ("pack", "keys", "ack")):
+                return name
 
     def _reopen_keys(self, w: _Writer) -> None:
         """A shred replaced our key table (rename): append to the new file."""
@@ -757,9 +783,11 @@ class BlobStore(ZstdContexts):
     # -- recovery ---------------------------------------------------------------------
 
     def recover(self, append: Callable[[list[Recovered]], object],
-                known: Callable[[], Collection[str]] | None = None) -> list[Recovered]:
+                known: Callable[[], Collection[str]] | None = None,
+                repaired: Callable[[list[str]], object] | None = None) -> list[Recovered]:
         """Finish what dead writers left: ledger their unacknowledged records, cut torn
-        tails, finish compactions.  ``known()`` gives the SHA-256s the ledger already
+        tails, finish compactions, remove segments a writer died creating (named in
+        ``repaired()`` first).  ``known()`` gives the SHA-256s the ledger already
         lists (read only if some segment needs it)."""
         found: list[Recovered] = []
         if not self.packs.is_dir():
@@ -767,6 +795,7 @@ class BlobStore(ZstdContexts):
         with self._store_lock():
             self._finish_compactions()
             self.refresh()
+            self._remove_stillborn(repaired)
             ledgered: Collection[str] | None = None
             for name in sorted(self._segs):
                 seg = self._segs[name]
@@ -845,6 +874,31 @@ class BlobStore(ZstdContexts):
             replace_file(self.packs / f"{name}.keys", table.encode(orphans), MUTABLE_MODE)
             self._keys.forget(name)
 
+    def _remove_stillborn(self, repaired: Callable[[list[str]], object] | None) -> None:
+        """Remove the segments whose writer died creating them (see stillborn()): they
+        hold no record, and their missing headers made verify report an altered key
+        table and recover() fail on it.  Writers since _new_writer name a segment only
+        once whole; these are left by older versions (or a power loss that kept a
+        rename but not the bytes before it)."""
+        dead: list[str] = []
+        for name in self._segment_names_now():
+            seg = self._segs.get(name)
+            if seg is not None and seg.records:
+                continue  # the usual case, known from the index without a look at the files
+            with _try_flock(self.packs / f"{name}.pack") as free:
+                if free and stillborn(self.packs, name):
+                    dead.append(name)
+        if not dead:
+            return
+        if repaired is not None:
+            repaired(dead)  # in the ledger before the files go
+        for name in dead:
+            self._drop_segment(name)
+            for ext in ("pack", "keys", "ack"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.packs / f"{name}.{ext}")
+        fsync_dir(self.packs)
+
     def _finish_compactions(self) -> None:
         """Remove segments a finished compaction superseded, and half-made leftovers."""
         try:
@@ -885,8 +939,12 @@ class BlobStore(ZstdContexts):
         try:
             live_writer = not _flock_free(fd)
             head = read_segment_header(fd)
-            if head is None:  # being created
-                return SegmentView(name, [], 0, 0, KeyTable(), "", Scan(), live_writer)
+            if head is None or (not live_writer and os.fstat(fd).st_size == head[1]
+                                and stillborn(self.packs, name)):
+                # Being created (by a writer older than _new_writer's renames), or its
+                # writer died doing so.
+                return SegmentView(name, [], 0, 0, KeyTable(), "", Scan(), live_writer,
+                                   stillborn=not live_writer)
             supersedes, hlen = head
             acked = read_acked(self.packs / f"{name}.ack", hlen)
             self._keys.forget(name)
@@ -918,6 +976,7 @@ class SegmentView:
     keys_error: str
     scan: Scan
     live_writer: bool
+    stillborn: bool = False  # its writer died creating it: no record (see stillborn())
 
 
 @dataclass
@@ -933,6 +992,36 @@ def _fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def stillborn(packs: Path, name: str) -> bool:
+    """Did the segment's writer die creating it, before its headers were whole?
+
+    Its .pack holds only part of a segment header, or a header and no record while
+    its .keys lacks the key table header (missing, empty or cut short).  No record
+    is written before both headers are fsynced, so such a segment never held one.
+    Any other bytes are not ours to judge: verify reports them.
+    """
+    try:
+        fd = os.open(packs / f"{name}.pack", os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        size = os.fstat(fd).st_size
+        head = read_segment_header(fd)
+    except FormatError:
+        return False
+    finally:
+        os.close(fd)
+    if head is None:
+        return True
+    if size != head[1]:
+        return False
+    try:
+        keys = (packs / f"{name}.keys").read_bytes()
+    except FileNotFoundError:
+        keys = b""
+    return len(keys) < len(KEYTABLE_HEADER) and KEYTABLE_HEADER.startswith(keys)
 
 
 def _flock_free(fd: int) -> bool:

@@ -30,6 +30,9 @@ What is checked, and the finding codes (severity error unless noted):
   batch_interrupted        (warning) such a tail in a segment whose writer died
                            (see archive.store; the next writer finishes it)
   segment_torn_tail        (warning) bytes of a record cut short at a segment's end
+  segment_unfinished       (warning) a segment whose writer died creating it, before its
+                           headers were whole: it holds no record (the next writer
+                           removes it and says so in the ledger, ``store_repaired``)
   segment_corrupt          a segment whose records cannot be framed (bytes inserted,
                            removed or altered)
   store_index_mismatch     a segment's .ack says more is acknowledged than the segment
@@ -332,8 +335,9 @@ class Verifier:
             if n.endswith(".tmp") or m:
                 if (store.packs / n).exists():
                     self.report("warning", "store_extra_file",
-                                f"{path}: left by an interrupted key table rewrite or "
-                                "compaction (the next writer removes it)", path=path)
+                                f"{path}: left by an interrupted segment creation, key "
+                                "table rewrite or compaction (the next writer removes it)",
+                                path=path)
             else:
                 self.report("error", "store_extra_file", f"{path}: not a file the store writes",
                             path=path)
@@ -388,6 +392,11 @@ class Verifier:
 
     def _check_segment(self, store: BlobStore, view: SegmentView, path: str) -> None:
         """Framing, index and key table of one segment."""
+        if view.stillborn:
+            self.report("warning", "segment_unfinished",
+                        f"{path}: its writer died creating it; it holds no record (the "
+                        "next writer removes it)", path=path)
+            return
         if view.keys_error:
             self.report("error", "blob_altered", f"{view.name}.keys: {view.keys_error}",
                         path=str(store.packs / f"{view.name}.keys"))

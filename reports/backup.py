@@ -192,6 +192,8 @@ def _copy_store(src: Path, dst: Path, shas: set[str], bar: Progress) -> int:
         for view in views:
             if view.name in superseded:
                 continue  # its records are in the compacted segment that replaced it
+            if view.stillborn:
+                continue  # its writer died creating it: no record, recover() removes it
             records = []
             for r in view.scan.records:
                 if r.sha256 not in shas:

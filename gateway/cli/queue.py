@@ -4,9 +4,18 @@ These commands work on the spool directory directly, so they work whether or
 not the gateway is running, and they change a message only the way the gateway
 itself does: by appending an event to its state log (gateway.queue.state), which
 the queue worker folds on its next look at the message.  ``delete`` is the one
-destructive command: it takes the message's claim (the same ``flock`` a worker
-holds while delivering), waiting for an in-flight attempt to finish, then
-removes the message and logs who deleted it and why.
+destructive command: it removes the message and logs who deleted it and why.
+
+Every command that changes a message first takes its claim (the ``flock`` a worker
+holds while it delivers), waiting up to ``--wait`` seconds for an attempt in
+progress to end.  An event written beside a running attempt was lost or
+contradicted by what the worker wrote after it: a retry undone by the attempt's
+deferral, a hold on a message the worker then delivered and removed (the operator
+told "held", and the hold left behind as an orphaned ``.state``).  A message still
+busy at the deadline, or gone meanwhile, is reported and the exit status is 1:
+nothing is ever silently not done.  A hold alone is also written at once when the
+claim is taken, then confirmed under it (see _hold_one: the claim may be one the
+gateway keeps for a message it has not begun).
 
 After a change the running gateway (found through the locked pid file in the
 data directory) is sent SIGUSR1 so it rescans the spool at once instead of at
@@ -27,13 +36,14 @@ import argparse
 import email.parser
 import email.policy
 import fcntl
+import functools
 import json
 import os
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 from gateway import config, log
 from gateway.cli import ago, config_options, operator_name, setup_log
@@ -85,6 +95,14 @@ def _bulk_options() -> argparse.ArgumentParser:
     return bulk
 
 
+def _wait_option(default: float) -> argparse.ArgumentParser:
+    opt = argparse.ArgumentParser(add_help=False)
+    opt.add_argument("--wait", type=float, default=default, metavar="SECONDS",
+                     help="how long to wait for delivery attempts in progress on the "
+                     f"messages (default {default:g}, for all of them together)")
+    return opt
+
+
 def register(sub: Any) -> None:
     common = config_options()
     sel, bulk = _selector_options(), _bulk_options()
@@ -113,7 +131,7 @@ def register(sub: Any) -> None:
                          help="the N largest rows (default 20)")
     summary.set_defaults(func=cmd_summary)
 
-    retry = qsub.add_parser("retry", parents=[common, sel, bulk],
+    retry = qsub.add_parser("retry", parents=[common, sel, bulk, _wait_option(10.0)],
                             help="attempt delivery now (QID..., --all deferred, --held failed, "
                             "or selectors)")
     retry.add_argument("qids", nargs="*", metavar="QID")
@@ -124,23 +142,21 @@ def register(sub: Any) -> None:
                        "start once the fault is fixed (quarantine and operator holds stay)")
     retry.set_defaults(func=cmd_retry)
 
-    hold = qsub.add_parser("hold", parents=[common, sel, bulk],
+    hold = qsub.add_parser("hold", parents=[common, sel, bulk, _wait_option(10.0)],
                            help="keep messages from delivery (QID... or selectors)")
     hold.add_argument("qids", nargs="*", metavar="QID")
     hold.add_argument("--reason", default="", help="recorded with the hold")
     hold.set_defaults(func=cmd_hold)
 
-    release = qsub.add_parser("release", parents=[common, sel, bulk],
+    release = qsub.add_parser("release", parents=[common, sel, bulk, _wait_option(10.0)],
                               help="let held messages go (QID... or selectors)")
     release.add_argument("qids", nargs="*", metavar="QID")
     release.set_defaults(func=cmd_release)
 
-    delete = qsub.add_parser("delete", parents=[common, sel, bulk],
+    delete = qsub.add_parser("delete", parents=[common, sel, bulk, _wait_option(60.0)],
                              help="remove messages for good (logged with who and why)")
     delete.add_argument("qids", nargs="*", metavar="QID")
     delete.add_argument("--reason", default="", help="recorded in the log")
-    delete.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
-                        help="how long to wait for in-flight deliveries (default 60)")
     delete.set_defaults(func=cmd_delete)
 
 
@@ -222,6 +238,74 @@ def _known(spool: Spool, qid: str) -> bool:
         return True
     _err(f"{qid}: no such queued message")
     return False
+
+
+def _deadline(args: argparse.Namespace) -> float:
+    """One deadline for the whole selection: a gateway busy with many of the messages
+    must not make the command wait --wait seconds for each."""
+    return time.monotonic() + max(float(args.wait), 0.0)
+
+
+def _claim_then(spool: Spool, qid: str, deadline: float,
+                do: Callable[[], object]) -> Literal["done", "gone", "busy"]:
+    """Run ``do`` while holding the message's claim, waiting until ``deadline`` for a
+    delivery attempt in progress (see the module docstring): "done"; "gone" if the
+    message left the queue meanwhile, "busy" if it is still claimed at the deadline."""
+    while True:
+        with spool.claim(qid) as mine:
+            if mine:
+                do()
+                return "done"
+        if not spool.exists(qid):
+            return "gone"
+        if time.monotonic() >= deadline:
+            return "busy"
+        time.sleep(0.1)
+
+
+def _under_claim(args: argparse.Namespace, spool: Spool, qid: str, deadline: float,
+                 action: str, do: Callable[[], object]) -> bool:
+    """:func:`_claim_then`; False, said on stderr, unless done."""
+    outcome = _claim_then(spool, qid, deadline, do)
+    if outcome == "gone":
+        _err(f"{qid}: delivered or removed meanwhile; not {action}")
+    elif outcome == "busy":
+        _err(f"{qid}: a delivery attempt still holds it after {args.wait:g}s (the "
+             f"message is being delivered now); not {action}: try again (or --wait longer)")
+    return outcome == "done"
+
+
+def _hold_one(args: argparse.Namespace, spool: Spool, qid: str, event: dict[str, Any],
+              deadline: float) -> bool:
+    """Hold a message under its claim, or, while another process has it, at once and
+    then wait for the claim to tell whether the hold took.
+
+    Written at once because the claim may be one a gateway keeps for a message it has
+    just spooled and not begun (gateway.queue.spool._Handoff): its worker reads the
+    state log when it takes the claim, so a hold written now stops that message, as
+    it must during a spam run.  Beside an attempt in progress a hold is never undone
+    (gateway.queue.state.fold keeps it through the attempt's records); it comes too
+    late only if the attempt finishes the message, and then the operator is told, and
+    the log the hold may have left beside a removed message goes."""
+    def confirm() -> None:
+        if not spool.read_state(qid, []).held:  # the early hold was not written after all
+            spool.append_event(qid, dict(event))
+
+    with spool.claim(qid) as mine:
+        if mine:
+            spool.append_event(qid, dict(event))
+            return True
+    if spool.exists(qid):
+        spool.append_event(qid, dict(event))
+    outcome = _claim_then(spool, qid, deadline, confirm)
+    if outcome == "gone":
+        spool.state_path(qid).unlink(missing_ok=True)  # an orphan: the .msg is gone for good
+        _err(f"{qid}: delivered or removed meanwhile; not held")
+    elif outcome == "busy":
+        _err(f"{qid}: a delivery attempt still holds it after {args.wait:g}s (the message "
+             "is being delivered now); the hold is written but takes effect only if that "
+             f"attempt leaves the message queued: see coffer queue show {qid}")
+    return outcome == "done"
 
 
 def poke_service(cfg: Config) -> bool:
@@ -471,20 +555,25 @@ def cmd_retry(args: argparse.Namespace) -> int:
         return _dry_run(args, qids, "retry")
     rc = EXIT_OK
     done: list[str] = []
+    failed: list[str] = []
+    deadline = _deadline(args)
+    event = {"ev": "retry", "by": operator_name()}
     for qid in qids:
-        if not _known(spool, qid):
-            rc = EXIT_PROBLEM
-            continue
         # An explicit retry also releases a held message (gateway.queue.state.fold);
         # a selection holds no held message unless --held asked for them.
-        spool.append_event(qid, {"ev": "retry", "by": operator_name()})
+        if not _known(spool, qid) or not _under_claim(
+                args, spool, qid, deadline, "retried",
+                functools.partial(spool.append_event, qid, dict(event))):
+            rc = EXIT_PROBLEM
+            failed.append(qid)
+            continue
         done.append(qid)
     poke_service(cfg)
     for qid in done:
         _report(args, qid, "retry", "scheduled for delivery now")
-    if (args.all or args.held) and not done and not args.json:
+    if (args.all or args.held) and not qids and not args.json:
         print("no held messages" if args.held else "no deferred messages")
-    _log_bulk(cfg, args, "retry", done, [])
+    _log_bulk(cfg, args, "retry", done, failed)
     return rc
 
 
@@ -507,17 +596,19 @@ def cmd_hold(args: argparse.Namespace) -> int:
     who = operator_name()
     reason = f"held by {who}" + (f": {args.reason}" if args.reason else "")
     setup_log(cfg)
-    rc, done = EXIT_OK, []
+    event = {"ev": "held", "stage": "operator", "error": reason, "by": who,
+             "reason": "operator"}
+    rc, done, failed = EXIT_OK, [], []
+    deadline = _deadline(args)
     for qid in qids:
-        if not _known(spool, qid):
+        if not _known(spool, qid) or not _hold_one(args, spool, qid, event, deadline):
             rc = EXIT_PROBLEM
+            failed.append(qid)
             continue
-        spool.append_event(qid, {"ev": "held", "stage": "operator", "error": reason, "by": who,
-                                 "reason": "operator"})
         log.event("queue_hold", qid=qid, by=who, reason=args.reason)
         done.append(qid)
-        _report(args, qid, "hold", "held (an attempt in progress finishes first)")
-    _log_bulk(cfg, args, "hold", done, [], reason=args.reason)
+        _report(args, qid, "hold", "held")
+    _log_bulk(cfg, args, "hold", done, failed, reason=args.reason)
     return rc
 
 
@@ -535,17 +626,20 @@ def cmd_release(args: argparse.Namespace) -> int:
         return _dry_run(args, qids, "release")
     who = operator_name()
     setup_log(cfg)
-    rc, done = EXIT_OK, []
+    rc, done, failed = EXIT_OK, [], []
+    deadline = _deadline(args)
     for qid in qids:
-        if not _known(spool, qid):
+        if not _known(spool, qid) or not _under_claim(
+                args, spool, qid, deadline, "released",
+                functools.partial(spool.append_event, qid, {"ev": "released", "by": who})):
             rc = EXIT_PROBLEM
+            failed.append(qid)
             continue
-        spool.append_event(qid, {"ev": "released", "by": who})
         log.event("queue_release", qid=qid, by=who)
         done.append(qid)
         _report(args, qid, "release", "released")
     poke_service(cfg)
-    _log_bulk(cfg, args, "release", done, [])
+    _log_bulk(cfg, args, "release", done, failed)
     return rc
 
 
@@ -557,9 +651,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
     if args.dry_run:
         return _dry_run(args, qids, "delete")
     who = operator_name()
-    # One deadline for the whole selection: a gateway busy with many of them must not
-    # make the command wait --wait seconds for each.
-    deadline = time.monotonic() + max(args.wait, 0.0)
+    deadline = _deadline(args)
     setup_log(cfg)
     done: list[str] = []
     failed: list[str] = []
@@ -576,26 +668,21 @@ def _delete_one(args: argparse.Namespace, spool: Spool, qid: str, who: str,
                 deadline: float) -> bool:
     """Take the message's claim (waiting for an attempt in progress until ``deadline``),
     remove it and log who deleted it, why and what was never delivered."""
-    while True:
-        with spool.claim(qid) as mine:
-            if mine:
-                try:
-                    env, _f, size = spool.read_header(qid)
-                    st = spool.read_state(qid, env.rcpt_to)
-                    sender, pending = env.mail_from, st.pending
-                except SpoolError:
-                    sender, pending, size = "", [], 0
-                spool.append_event(qid, {"ev": "deleted", "by": who, "reason": args.reason})
-                spool.remove(qid)
-                break
-            if not spool.exists(qid):
-                _err(f"{qid}: delivered or removed meanwhile")
-                return False
-        if time.monotonic() >= deadline:
-            _err(f"{qid}: a delivery attempt still holds it after {args.wait:g}s; "
-                 "try again (or --wait longer)")
-            return False
-        time.sleep(0.1)
+    sender, size = "", 0
+    pending: list[str] = []
+
+    def delete() -> None:
+        nonlocal sender, pending, size
+        try:
+            env, _f, size = spool.read_header(qid)
+            sender, pending = env.mail_from, spool.read_state(qid, env.rcpt_to).pending
+        except SpoolError:
+            pass
+        spool.append_event(qid, {"ev": "deleted", "by": who, "reason": args.reason})
+        spool.remove(qid)
+
+    if not _under_claim(args, spool, qid, deadline, "deleted", delete):
+        return False
     log.event("queue_delete", qid=qid, by=who, reason=args.reason, sender=sender,
               undelivered=pending, size=size)
     _report(args, qid, "delete", f"deleted ({len(pending)} recipient(s) never delivered)",

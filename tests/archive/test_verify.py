@@ -455,3 +455,90 @@ def test_records_written_without_their_keys_by_a_killed_writer_are_cut_not_shred
         assert a.get(ref.sha256) == b"message whose key was never written"
     ok, findings = run_verify(tmp_path)
     assert ok, [f for f in findings if f.severity == "error"]
+
+
+KILLED_CREATING_A_SEGMENT = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    import archive.store as store
+    from archive.facade import Archive
+    point = sys.argv[2]
+    a = Archive.open(Path(sys.argv[1]))
+    a.put_many([b"acknowledged message"], [{"archive_id": 1}])
+    store.SEGMENT_RECORDS = 1  # the next batch needs a new segment
+    real_write, real_rename = store.write_all, os.rename
+    steps = []
+    def step(what):
+        steps.append(what)
+        if "%s%d" % (what, steps.count(what)) == point:
+            os.kill(os.getpid(), signal.SIGKILL)
+    def write_all(fd, data):
+        real_write(fd, data)
+        step("write")
+    def rename(src, dst):
+        real_rename(src, dst)
+        if "/packs/" in str(dst):
+            step("rename")
+    store.write_all = write_all
+    os.rename = rename
+    a.put_many([b"message whose segment was being created"], [{"archive_id": 2}])
+""")
+
+
+@pytest.mark.parametrize("point", ["write1", "write2", "rename1", "rename2", "rename3"])
+def test_kill_9_while_creating_a_segment_leaves_an_archive_that_verify_accepts(
+        tmp_path: Path, point: str) -> None:
+    """Killed after the .pack header (write1), the key table header (write2) or each
+    rename into place: an older writer left a named .pack whose .keys was empty
+    there, which verify reported as an altered key table and Archive.open failed on."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", KILLED_CREATING_A_SEGMENT, str(tmp_path),
+                           point], env=env, capture_output=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+    ok, findings = run_verify(tmp_path)
+    assert ok, [f for f in findings if f.severity == "error"]
+    assert {f.code for f in findings if f.severity == "warning"} <= {"store_extra_file"}
+    with Archive.open(tmp_path) as a:
+        ref = a.put(b"message whose segment was being created")
+        assert a.get(ref.sha256) == b"message whose segment was being created"
+        live = {e.fields["sha256"] for e in a.ledger.entries() if e.kind == "message_stored"}
+        assert all(a.get(sha) for sha in live) and len(live) == 2
+    summary, findings = verify(tmp_path / "archive")
+    assert summary.ok and summary.warnings == 0, findings
+
+
+@pytest.mark.parametrize(("pack", "keys"), [
+    (b"", b""), (b"CFP", None), (b"CFPS\x01\x00\x00", None), (b"CFPS\x01\x00\x00", b""),
+    (b"CFPS\x01\x00\x00", b"CF")])
+def test_a_segment_an_older_writer_died_creating_is_a_warning_then_removed_and_ledgered(
+        tmp_path: Path, pack: bytes, keys: bytes | None) -> None:
+    """What an older _new_writer (files created under their final names) left when
+    killed: part of a header, or a header and a .keys without its own."""
+    shas = make_archive(tmp_path)
+    name = "18ec89a50b60e234-8ad63118"
+    (packs_dir(tmp_path) / f"{name}.pack").write_bytes(pack)
+    if keys is not None:
+        (packs_dir(tmp_path) / f"{name}.keys").write_bytes(keys)
+        (packs_dir(tmp_path) / f"{name}.ack").write_bytes(b"")
+    ok, findings = run_verify(tmp_path)
+    assert ok, [f for f in findings if f.severity == "error"]
+    assert [f.code for f in findings if f.severity == "warning"] == ["segment_unfinished"]
+    with Archive.open(tmp_path) as a:
+        last = list(a.ledger.entries())[-1]
+        assert all(a.get(sha) for sha in shas)
+    assert (last.kind, last.fields["removed_segments"]) == ("store_repaired", [name])
+    assert not list(packs_dir(tmp_path).glob(f"{name}.*"))
+    summary, findings = verify(tmp_path / "archive")
+    assert summary.ok and summary.warnings == 0, findings
+
+
+def test_a_segment_with_a_header_and_records_is_never_taken_for_unfinished(
+        tmp_path: Path) -> None:
+    """An emptied .keys beside records is tampering (an error), not a dead writer's
+    leftover to remove."""
+    make_archive(tmp_path)
+    keys = next(packs_dir(tmp_path).glob("*.keys"))
+    rewrite(keys, b"")
+    ok, findings = run_verify(tmp_path)
+    assert not ok and "blob_altered" in errors(findings)
+    assert "segment_unfinished" not in {f.code for f in findings}

@@ -68,6 +68,10 @@ class NextHop:
     # Every MAIL FROM / RCPT TO argument as received, parameters included.
     mail_args: list[str] = field(default_factory=list)
     rcpt_args: list[str] = field(default_factory=list)
+    # Set: the end of DATA waits for it before answering (a delivery caught in
+    # flight); ``in_data`` is set once a message's data has arrived.
+    data_gate: asyncio.Event | None = None
+    in_data: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def handle_EHLO(
         self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
@@ -109,6 +113,9 @@ class NextHop:
         return rule
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.data_gate is not None:
+            self.in_data.set()
+            await self.data_gate.wait()
         if self.data_reply == DROP:
             assert server.transport is not None
             server.transport.close()
