@@ -60,8 +60,8 @@ def _sendto(self: socket.socket, data: Any, *args: Any) -> int:
 
 @pytest.fixture(autouse=True, scope="session")
 def loopback_only() -> Iterator[None]:
-    socket.socket.connect = _connect  # type: ignore[method-assign]
-    socket.socket.connect_ex = _connect_ex  # type: ignore[method-assign]
+    socket.socket.connect = _connect  # type: ignore[method-assign,assignment]
+    socket.socket.connect_ex = _connect_ex  # type: ignore[method-assign,assignment]
     socket.socket.sendto = _sendto  # type: ignore[method-assign,assignment]
     try:
         yield
