@@ -17,6 +17,7 @@ from datetime import date
 from typing import Any
 
 from gateway import config
+from gateway.cli import config_options
 from gateway.deliver.tlsrpt_send import Submitter
 from gateway.deliver.tlsrpt_send import preview as preview_reports
 from gateway.deliver.tlsrpt_store import FILE_NAME, TlsReportStore, day_of
@@ -31,9 +32,8 @@ def register(sub: Any) -> None:
                        "(delivery.tls_rpt in coffer.yaml).")
     tsub = p.add_subparsers(dest="tlsrpt_command", metavar="TLSRPT_COMMAND")
     tsub.required = True
-    show = tsub.add_parser("show", help="the report each domain gets for a day")
-    show.add_argument("--config", metavar="FILE",
-                      help="configuration file (default: $COFFER_CONFIG, else ./coffer.yaml)")
+    show = tsub.add_parser("show", parents=[config_options(json=False)],
+                           help="the report each domain gets for a day")
     show.add_argument("--date", metavar="YYYY-MM-DD", type=date.fromisoformat,
                       help="the UTC day (default: today, so far)")
     show.add_argument("--json", action="store_true",
