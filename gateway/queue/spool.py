@@ -983,13 +983,17 @@ class Spool:
         """Remove half-written files left by a crash (never acknowledged).
 
         Only files older than ``older_than`` seconds go: another process sharing
-        the spool may be writing a fresh one right now.
+        the spool may be writing a fresh one right now.  Age is the later of the
+        modification and the change time: a finished message's file taken from
+        ``free/`` (_Recycler.take) keeps its old mtime until it is written over, but
+        the rename into ``tmp/`` set its ctime (Linux updates it on rename).
         """
         n = 0
         limit = time.time() - older_than
         for p in self.tmp_dir.iterdir():
             try:
-                if p.stat().st_mtime < limit:
+                st = p.stat()
+                if max(st.st_mtime, st.st_ctime) < limit:
                     p.unlink(missing_ok=True)
                     n += 1
             except FileNotFoundError:

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -167,12 +168,28 @@ def test_remove_forgets_message_and_state(tmp_path: Path) -> None:
 def test_clean_tmp_removes_only_stale_files(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     stale = spool.tmp_dir / "OLD.msg"
-    fresh = spool.tmp_dir / "NEW.msg"
     stale.write_bytes(b"half")
+    time.sleep(0.3)  # setting an old mtime (utime) would make the ctime new
+    fresh = spool.tmp_dir / "NEW.msg"
     fresh.write_bytes(b"being written")
-    os.utime(stale, (1, 1))
-    assert spool.clean_tmp() == 1
+    assert spool.clean_tmp(older_than=0.2) == 1
     assert not stale.exists() and fresh.exists()
+
+
+def test_clean_tmp_keeps_a_reused_file_just_renamed_in_with_its_old_mtime(
+        tmp_path: Path) -> None:
+    # A finished message's file taken from free/ for a new message is renamed into
+    # tmp/ and written over a moment later; a process starting in between must not
+    # take it for a crash's leftover by its old modification time.
+    spool = Spool(tmp_path)
+    old = Path(spool.recycler.dir) / "X.msg"
+    old.write_bytes(b"a delivered message")
+    time.sleep(0.3)
+    taken = spool.tmp_dir / "NEW.msg"
+    os.rename(old, taken)
+    assert taken.stat().st_mtime < time.time() - 0.2
+    assert spool.clean_tmp(older_than=0.2) == 0
+    assert taken.exists()
 
 
 def test_load_through_the_claim_descriptor_equals_load_by_name(tmp_path: Path) -> None:
