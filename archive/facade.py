@@ -216,6 +216,11 @@ class Archive:
         return {str(e.fields.get("sha256")) for e in self.ledger.entries()
                 if e.kind in ("message_stored", "blob_recovered")}
 
+    def damaged_segments(self) -> dict[str, str]:
+        """Store segments whose header does not parse, kept because they hold (or may
+        hold) committed messages: name -> why (archive.store, BlobStore._settle_damaged)."""
+        return self.store.damaged_segments() if isinstance(self.store, BlobStore) else {}
+
     def _ledgered_live(self) -> set[str]:
         """The SHA-256s whose last blob entry in the ledger stores them (not a tombstone):
         what the store must still hold."""

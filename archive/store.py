@@ -320,6 +320,12 @@ class BlobStore(ZstdContexts):
             if not locs:
                 self._where.pop(loc.sha256, None)
 
+    def damaged_segments(self) -> dict[str, str]:
+        """Segments in the index whose header does not parse: name -> why."""
+        with self._mutex:
+            self._ensure_loaded()
+            return {n: s.damaged for n, s in sorted(self._segs.items()) if s.damaged}
+
     def _ensure_loaded(self) -> None:
         if not self._loaded:
             self.refresh()

@@ -591,6 +591,7 @@ def test_a_garbled_header_of_a_segment_holding_nothing_committed_is_removed_and_
     assert not ok and "segment_header_damaged" in errors(findings)
     with Archive.open(tmp_path) as a:
         last = list(a.ledger.entries())[-1]
+        assert a.damaged_segments() == {}
         assert all(a.get(sha) for sha in shas)
         ref = a.put(b"Subject: after the power loss\r\n\r\ny\r\n")
         assert a.get(ref.sha256) == b"Subject: after the power loss\r\n\r\ny\r\n"
@@ -616,6 +617,8 @@ def test_a_garbled_header_of_a_segment_holding_committed_messages_is_kept_and_re
     assert finding.path == str(pack) and all(sha in finding.message for sha in shas)
     with Archive.open(tmp_path) as a:
         assert [e.kind for e in a.ledger.entries()][-1] != "store_repaired"
+        assert a.damaged_segments() == {
+            pack.name.removesuffix(".pack"): "not a Coffer pack segment (bad magic)"}
         assert all(a.get(sha) for sha in shas)
         ref = a.put(b"Subject: after the power loss\r\n\r\ny\r\n")
         assert a.get(ref.sha256) == b"Subject: after the power loss\r\n\r\ny\r\n"
@@ -669,6 +672,6 @@ def test_a_segment_a_power_loss_zeroed_whole_is_kept_while_the_ledger_misses_a_b
         assert all(a.get(sha) for sha in shas)
     assert pack.read_bytes() == zeroed
     ok, findings = run_verify(tmp_path)
-    assert errors(findings) == {"segment_header_damaged", "blob_missing"}
+    assert not ok and errors(findings) == {"segment_header_damaged", "blob_missing"}
     (missing,) = [f for f in findings if f.code == "blob_missing"]
     assert missing.sha256 == lost and pack.name.removesuffix(".pack") in missing.message
