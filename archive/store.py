@@ -767,7 +767,9 @@ class BlobStore(ZstdContexts):
     def _compact_one(self, name: str, result: CompactResult) -> None:
         self.refresh()
         seg = self._segs.get(name)
-        if seg is None:
+        if seg is None or seg.damaged or seg.corrupt_at is not None:
+            # Rewriting it would drop the bytes that no longer frame, which may hold
+            # committed records a backup can still restore (_settle_damaged).
             return
         table = self._keys.get(name)
         dead = [r for r in seg.records if r.dkid in table.dead]
