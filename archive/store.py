@@ -876,7 +876,7 @@ class BlobStore(ZstdContexts):
     def _torn(self, name: str, seg: SegmentState) -> int:
         """Bytes after the last whole record that a crash left (cut by _seal_tail).
 
-        None where the records stop framing, or before the acknowledged end: those
+        Nothing where the records stop framing, or before the acknowledged end: those
         bytes are altered or damaged, not torn, and the records after them (committed,
         in the ledger) must stay for verify to report and a backup to restore, never
         be cut off with them."""
