@@ -98,7 +98,7 @@ class Archive:
         archive = cls(paths, keys, store, ledger)
         ledger.repair()
         archive.recovered = store.recover(archive._ledger_recovered, archive._ledgered,
-                                          archive._ledger_repaired)
+                                          archive._ledger_repaired, archive._ledgered_live)
         return archive
 
     def close(self) -> None:
@@ -216,10 +216,32 @@ class Archive:
         return {str(e.fields.get("sha256")) for e in self.ledger.entries()
                 if e.kind in ("message_stored", "blob_recovered")}
 
-    def _ledger_repaired(self, segments: list[str]) -> None:
-        """Segments a writer died creating, removed by recover() (archive.store)."""
-        self.ledger.append("store_repaired", removed_segments=segments,
-                           reason="writer died creating the segment; it held no record")
+    def damaged_segments(self) -> dict[str, str]:
+        """Store segments whose header does not parse, kept because they hold (or may
+        hold) committed messages: name -> why (archive.store, BlobStore._settle_damaged)."""
+        return self.store.damaged_segments() if isinstance(self.store, BlobStore) else {}
+
+    def _ledgered_live(self) -> set[str]:
+        """The SHA-256s whose last blob entry in the ledger stores them (not a tombstone):
+        what the store must still hold."""
+        live: set[str] = set()
+        for e in self.ledger.entries():
+            if e.kind in ("message_stored", "blob_recovered"):
+                live.add(str(e.fields.get("sha256")))
+            elif e.kind == "tombstone":
+                live.discard(str(e.fields.get("sha256")))
+        return live
+
+    def _ledger_repaired(self, segments: list[str],
+                         reason: str = "writer died creating the segment; it held no record",
+                         dropped_records: Sequence[str] = ()) -> None:
+        """Segments recover() removed (archive.store): a writer died creating them, or
+        their header is damaged and they held nothing committed (``dropped_records``:
+        the records framed in them, none in the ledger)."""
+        extra: dict[str, Any] = {}
+        if dropped_records:
+            extra["dropped_records"] = list(dropped_records)
+        self.ledger.append("store_repaired", removed_segments=segments, reason=reason, **extra)
 
     def _ledger_recovered(self, batch: list[Recovered]) -> None:
         self.ledger.append_many([

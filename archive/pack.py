@@ -101,9 +101,12 @@ def encode_segment_header(supersedes: Iterable[str] = ()) -> bytes:
     return bytes(out)
 
 
+MIN_SEGMENT_HEADER = 7  # magic, version, count: a header that supersedes nothing
+
+
 def parse_segment_header(data: bytes) -> tuple[list[str], int] | None:
     """(superseded names, header length); None if ``data`` is too short to tell."""
-    if len(data) < 7:
+    if len(data) < MIN_SEGMENT_HEADER:
         if SEGMENT_MAGIC.startswith(data[:4]):
             return None
         raise FormatError("not a Coffer pack segment (bad magic)")
@@ -112,7 +115,7 @@ def parse_segment_header(data: bytes) -> tuple[list[str], int] | None:
     if data[4] != VERSION:
         raise FormatError(f"unsupported pack segment version {data[4]}")
     (count,) = struct.unpack_from(">H", data, 5)
-    pos, names = 7, []
+    pos, names = MIN_SEGMENT_HEADER, []
     for _ in range(count):
         if pos >= len(data) or pos + 1 + data[pos] > len(data):
             return None

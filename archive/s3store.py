@@ -151,7 +151,8 @@ class BlobBackend(Protocol):
 
     def recover(self, append: Callable[[list[Recovered]], object],
                 known: Callable[[], Collection[str]] | None = None,
-                repaired: Callable[[list[str]], object] | None = None
+                repaired: Callable[..., object] | None = None,
+                live: Callable[[], Collection[str]] | None = None,
                 ) -> list[Recovered]: ...
 
     def close(self) -> None: ...
@@ -765,7 +766,8 @@ class S3BlobStore(ZstdContexts):
 
     def recover(self, append: Callable[[list[Recovered]], object],
                 known: Callable[[], Collection[str]] | None = None,
-                repaired: Callable[[list[str]], object] | None = None) -> list[Recovered]:
+                repaired: Callable[..., object] | None = None,
+                live: Callable[[], Collection[str]] | None = None) -> list[Recovered]:
         """Nothing to finish: see the module docstring (a re-sent message is ledgered)."""
         return []
 

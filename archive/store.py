@@ -93,6 +93,10 @@ from archive.errors import (
 from archive.keys import KeyRing, fsync_dir
 from archive.pack import (
     KEYTABLE_HEADER,
+    MIN_SEGMENT_HEADER,
+    RECORD_HEADER_LEN,
+    RECORD_MAGIC,
+    VERSION,
     FormatError,
     KeyTable,
     Sealed,
@@ -100,6 +104,7 @@ from archive.pack import (
     encode_ack,
     encode_segment_header,
     parse_record_header,
+    record_fields,
     seal,
     unseal,
 )
@@ -144,6 +149,12 @@ class SegmentState:
     # No writer holds it any more (its flock is free): it never gets another record,
     # so refresh() no longer opens it (only a compaction's removal changes it now).
     final: bool = False
+    # Where the records stop framing (bytes altered, or lost to a power loss): nothing
+    # from there on is ever cut as a torn tail (recover).
+    corrupt_at: int | None = None
+    # Why its segment header does not parse, if it does not (see _settle_damaged): the
+    # records are then framed from the first record header found after it.
+    damaged: str = ""
 
 
 @dataclass
@@ -259,12 +270,16 @@ class BlobStore(ZstdContexts):
             return
         try:
             if seg is None:
-                head = read_segment_header(fd)
+                damaged = ""
+                try:
+                    head = read_segment_header(fd)
+                except FormatError as exc:
+                    head, damaged = ([], _first_record(fd)), str(exc)
                 if head is None:
                     return  # being created
                 supersedes, hlen = head
                 acked = read_acked(self.packs / f"{name}.ack", hlen)
-                seg = SegmentState(name, hlen, supersedes, acked, hlen)
+                seg = SegmentState(name, hlen, supersedes, acked, hlen, damaged=damaged)
                 self._segs[name] = seg
             if os.fstat(fd).st_size > seg.end:
                 found = scan(fd, name, seg.end)
@@ -280,6 +295,8 @@ class BlobStore(ZstdContexts):
             if _flock_free(fd):
                 found = scan(fd, name, seg.end)
                 self._add_records(seg, found.records, found.end)
+                # Only now: a running writer's last bytes may be read half written.
+                seg.corrupt_at = found.corrupt_at
                 seg.final = True
         finally:
             os.close(fd)
@@ -302,6 +319,12 @@ class BlobStore(ZstdContexts):
                 locs.remove(loc)
             if not locs:
                 self._where.pop(loc.sha256, None)
+
+    def damaged_segments(self) -> dict[str, str]:
+        """Segments in the index whose header does not parse: name -> why."""
+        with self._mutex:
+            self._ensure_loaded()
+            return {n: s.damaged for n, s in sorted(self._segs.items()) if s.damaged}
 
     def _ensure_loaded(self) -> None:
         if not self._loaded:
@@ -744,7 +767,9 @@ class BlobStore(ZstdContexts):
     def _compact_one(self, name: str, result: CompactResult) -> None:
         self.refresh()
         seg = self._segs.get(name)
-        if seg is None:
+        if seg is None or seg.damaged or seg.corrupt_at is not None:
+            # Rewriting it would drop the bytes that no longer frame, which may hold
+            # committed records a backup can still restore (_settle_damaged).
             return
         table = self._keys.get(name)
         dead = [r for r in seg.records if r.dkid in table.dead]
@@ -784,11 +809,14 @@ class BlobStore(ZstdContexts):
 
     def recover(self, append: Callable[[list[Recovered]], object],
                 known: Callable[[], Collection[str]] | None = None,
-                repaired: Callable[[list[str]], object] | None = None) -> list[Recovered]:
+                repaired: Callable[..., object] | None = None,
+                live: Callable[[], Collection[str]] | None = None) -> list[Recovered]:
         """Finish what dead writers left: ledger their unacknowledged records, cut torn
-        tails, finish compactions, remove segments a writer died creating (named in
-        ``repaired()`` first).  ``known()`` gives the SHA-256s the ledger already
-        lists (read only if some segment needs it)."""
+        tails, finish compactions, remove segments a writer died creating and damaged
+        ones that hold nothing committed (named in ``repaired(segments, reason=...,
+        dropped_records=...)`` first).  ``known()`` gives the SHA-256s the ledger
+        already lists, ``live()`` those it lists and has not tombstoned (each read only
+        if some segment needs it)."""
         found: list[Recovered] = []
         if not self.packs.is_dir():
             return found
@@ -796,6 +824,7 @@ class BlobStore(ZstdContexts):
             self._finish_compactions()
             self.refresh()
             self._remove_stillborn(repaired)
+            self._settle_damaged(known, live, repaired)
             ledgered: Collection[str] | None = None
             for name in sorted(self._segs):
                 seg = self._segs[name]
@@ -845,6 +874,14 @@ class BlobStore(ZstdContexts):
         return [r for r in tail if r.offset < cut]
 
     def _torn(self, name: str, seg: SegmentState) -> int:
+        """Bytes after the last whole record that a crash left (cut by _seal_tail).
+
+        Nothing where the records stop framing, or before the acknowledged end: those
+        bytes are altered or damaged, not torn, and the records after them (committed,
+        in the ledger) must stay for verify to report and a backup to restore, never
+        be cut off with them."""
+        if seg.corrupt_at is not None or seg.end < seg.acked:
+            return 0
         try:
             return os.stat(self.packs / f"{name}.pack").st_size - seg.end
         except FileNotFoundError:
@@ -899,6 +936,46 @@ class BlobStore(ZstdContexts):
                     os.unlink(self.packs / f"{name}.{ext}")
         fsync_dir(self.packs)
 
+    def _settle_damaged(self, known: Callable[[], Collection[str]] | None,
+                        live: Callable[[], Collection[str]] | None,
+                        repaired: Callable[..., object] | None) -> None:
+        """Remove a segment whose header is damaged if it can hold nothing committed.
+
+        Our writers fsync a segment's header before its name exists (_new_writer), so
+        after a kill -9 a header always parses; a power loss on a file system that does
+        not keep what fsync wrote (no journal, a lying disk cache) can still leave a
+        named .pack whose first block is garbage or zeros.  Such a segment is removed,
+        as an unfinished one is, only if no record framed in it is in the ledger and
+        every blob the ledger lists as live is found in another segment: then whatever
+        the unreadable bytes held was never acknowledged (the ledger append precedes
+        the SMTP reply).  Otherwise it stays, read as far as its records frame, so the
+        store opens and mail goes on into new segments, and verify reports it as
+        ``segment_header_damaged`` with the messages concerned, for an operator to
+        restore it from a backup.  Without ``known`` and ``live`` nothing is removed."""
+        damaged = [n for n, seg in sorted(self._segs.items()) if seg.damaged]
+        if not damaged or known is None or live is None:
+            return
+        ledgered, current = set(known()), set(live())
+        for name in damaged:
+            seg = self._segs[name]
+            framed = sorted({r.sha256 for r in seg.records})
+            if ledgered.intersection(framed) or any(
+                    not any(loc.segment != name for loc in self._where.get(sha, ()))
+                    for sha in current):
+                continue
+            with _try_flock(self.packs / f"{name}.pack") as free:
+                if not free:
+                    continue
+                if repaired is not None:
+                    repaired([name], reason=f"segment header unreadable ({seg.damaged}); "
+                             "no record in it is in the ledger and every live blob is "
+                             "stored elsewhere", dropped_records=framed)
+                self._drop_segment(name)
+                for ext in ("pack", "keys", "ack"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.packs / f"{name}.{ext}")
+            fsync_dir(self.packs)
+
     def _finish_compactions(self) -> None:
         """Remove segments a finished compaction superseded, and half-made leftovers."""
         try:
@@ -919,6 +996,8 @@ class BlobStore(ZstdContexts):
                 continue
             try:
                 head = read_segment_header(fd)
+            except FormatError:
+                head = None  # a damaged header names nothing (see _settle_damaged)
             finally:
                 os.close(fd)
             for old in head[0] if head else []:
@@ -936,9 +1015,13 @@ class BlobStore(ZstdContexts):
         writer's batches consistent: .ack, then key table, then records (the
         segment header never changes)."""
         fd = os.open(self.packs / f"{name}.pack", os.O_RDONLY)
+        damaged = ""
         try:
             live_writer = not _flock_free(fd)
-            head = read_segment_header(fd)
+            try:
+                head = read_segment_header(fd)
+            except FormatError as exc:  # framed from its first record (_first_record)
+                head, damaged = ([], _first_record(fd)), str(exc)
             if head is None or (not live_writer and os.fstat(fd).st_size == head[1]
                                 and stillborn(self.packs, name)):
                 # Being created (by a writer older than _new_writer's renames), or its
@@ -956,7 +1039,8 @@ class BlobStore(ZstdContexts):
             found = scan(fd, name, hlen)
         finally:
             os.close(fd)
-        return SegmentView(name, supersedes, hlen, acked, table, table_error, found, live_writer)
+        return SegmentView(name, supersedes, hlen, acked, table, table_error, found, live_writer,
+                           damaged=damaged)
 
     # -- helpers --
 
@@ -977,6 +1061,7 @@ class SegmentView:
     scan: Scan
     live_writer: bool
     stillborn: bool = False  # its writer died creating it: no record (see stillborn())
+    damaged: str = ""  # why its header does not parse (see BlobStore._settle_damaged)
 
 
 @dataclass
@@ -1022,6 +1107,30 @@ def stillborn(packs: Path, name: str) -> bool:
     except FileNotFoundError:
         keys = b""
     return len(keys) < len(KEYTABLE_HEADER) and KEYTABLE_HEADER.startswith(keys)
+
+
+_FIND_WINDOW = 1 << 20
+
+
+def _first_record(fd: int) -> int:
+    """Where the first record of a segment with a damaged header starts: the first
+    place a record header parses, past any segment header (a writer's is 7 bytes);
+    the file's size if none does.  A record is authenticated when it is read (its
+    AEAD covers its header), so a false match can make a read fail, never lie."""
+    size = os.fstat(fd).st_size
+    pos = MIN_SEGMENT_HEADER
+    while pos < size:
+        window = os.pread(fd, _FIND_WINDOW + RECORD_HEADER_LEN, pos)
+        at = window.find(RECORD_MAGIC + bytes([VERSION]))
+        while 0 <= at < _FIND_WINDOW:
+            try:
+                record_fields(window, at)
+            except FormatError:
+                at = window.find(RECORD_MAGIC + bytes([VERSION]), at + 1)
+                continue
+            return pos + at
+        pos += _FIND_WINDOW
+    return size
 
 
 def _flock_free(fd: int) -> bool:

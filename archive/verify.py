@@ -35,6 +35,12 @@ What is checked, and the finding codes (severity error unless noted):
                            removes it and says so in the ledger, ``store_repaired``)
   segment_corrupt          a segment whose records cannot be framed (bytes inserted,
                            removed or altered)
+  segment_header_damaged   a segment whose header does not parse (a power loss on a file
+                           system that lost fsynced bytes, or tampering) and which holds,
+                           or may hold, committed messages: the ones in the ledger still
+                           framed after the damage are named (and checked); those lost
+                           with it are blob_missing.  One that holds nothing committed is
+                           removed by the next writer instead (``store_repaired``)
   store_index_mismatch     a segment's .ack says more is acknowledged than the segment
                            holds, or not at a record boundary (records removed)
   compaction_unfinished    (warning) a segment a compaction replaced, not removed yet
@@ -362,6 +368,8 @@ class Verifier:
                             "(the next writer removes it)", path=path)
                 continue
             self._check_segment(store, view, path)
+            if view.damaged:
+                self._report_damaged(view, path, state)
             for r in view.scan.records:
                 if r.dkid in view.keys.dead:
                     continue  # deleted after shredding: compaction drops its bytes
@@ -375,10 +383,12 @@ class Verifier:
         # Up to the last whole record each scan saw: a record half on disk then was
         # being written, and may be listed by the ledger we read after it.
         seen = {v.name: v.scan.end for v in views}
+        damaged = [v.name for v in views if v.damaged]
+        lost = f"; or lost in the damaged segment(s) {', '.join(damaged)}" if damaged else ""
         for sha, st in sorted(state.blobs.items()):
             if st == "live" and sha not in present and not self._stored_since(store, sha, seen):
                 self.report("error", "blob_missing",
-                            f"blob {sha} is in the ledger but not in the store (deleted)",
+                            f"blob {sha} is in the ledger but not in the store (deleted{lost})",
                             sha256=sha)
             elif st == "tombstoned":
                 self.summary.tombstoned += 1
@@ -389,6 +399,20 @@ class Verifier:
         state, loc = store.locate(sha)
         return (state != "absent" and loc is not None
                 and (loc.segment not in seen or loc.offset >= seen[loc.segment]))
+
+    def _report_damaged(self, view: SegmentView, path: str, state: _LedgerState) -> None:
+        """A segment whose header does not parse (BlobStore._settle_damaged kept it: it
+        holds, or may hold, committed messages)."""
+        listed = sorted({r.sha256 for r in view.scan.records if r.sha256 in state.blobs})
+        first = view.scan.records[0].offset if view.scan.records else view.header_len
+        self.report("error", "segment_header_damaged",
+                    f"{path}: its segment header does not parse ({view.damaged}): its "
+                    f"first {first} bytes are unreadable (a power loss on a file system that lost "
+                    "fsynced bytes, or tampering).  "
+                    + (f"{len(listed)} message(s) in the ledger are framed after them and "
+                       f"checked below: {', '.join(listed)}.  " if listed else "")
+                    + "Messages it held in the unreadable bytes are reported as "
+                    "blob_missing; restore the segment from a backup", path=path)
 
     def _check_segment(self, store: BlobStore, view: SegmentView, path: str) -> None:
         """Framing, index and key table of one segment."""
@@ -422,7 +446,11 @@ class Verifier:
         in_segment = {r.dkid for r in view.scan.records}
         for dkid in sorted(set(view.keys.keys) - in_segment):
             kpath = str(store.packs / f"{view.name}.keys")
-            if view.scan.torn or unacked:
+            if view.damaged:
+                self.report("warning", "store_extra_file",
+                            f"{kpath}: data key {dkid}, whose record was in the damaged "
+                            "bytes of the segment (see segment_header_damaged)", path=kpath)
+            elif view.scan.torn or unacked:
                 self.report("warning", "store_extra_file",
                             f"{kpath}: data key {dkid} from an unfinished write", path=kpath)
             else:

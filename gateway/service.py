@@ -886,19 +886,35 @@ def _due_now(spool: Spool, now: float) -> list[str]:
 
 def _retry_deferred_by_archive(spool: Spool, now: float) -> list[str]:
     """Make the messages an archive outage deferred due now (thread-safe I/O): like
-    ``coffer queue retry``, a ``retry`` event in each one's log."""
+    ``coffer queue retry``, a ``retry`` event in each one's log, written under the
+    message's claim (gateway.cli.claims says why).
+
+    A message claimed now is skipped, never waited for: an attempt is in progress
+    (the archive is back, so it is not deferred for the archive again), or another
+    process's worker holds it, or this process's worker keeps its claim (``kept=False``:
+    results it could not write yet; taking that claim would let another process
+    deliver the message again).  Whoever holds it writes what became of it; one still
+    deferred afterwards waits for its scheduled attempt (or the archive's next return).
+    Whether it is deferred for the archive is asked again under the claim."""
     due = []
     for qid in spool.queue_ids():
-        try:
-            st = spool.read_state(qid, [])
-        except FileNotFoundError:
-            continue  # delivered and removed meanwhile
-        if st.held or st.next_attempt_at <= now:
-            continue
-        if st.last_error == str(ARCHIVE_UNAVAILABLE):
-            spool.append_event(qid, {"ev": "retry", "by": "archive-health"})
-            due.append(qid)
+        if _deferred_by_archive(spool, qid, now):
+            with spool.claim(qid, kept=False) as mine:
+                # Read again under the claim: the attempt that just ended may have
+                # delivered it, or deferred it for another reason.
+                if mine and _deferred_by_archive(spool, qid, now):
+                    spool.append_event(qid, {"ev": "retry", "by": "archive-health"})
+                    due.append(qid)
     return due
+
+
+def _deferred_by_archive(spool: Spool, qid: str, now: float) -> bool:
+    try:
+        st = spool.read_state(qid, [])
+    except FileNotFoundError:
+        return False  # delivered and removed meanwhile
+    return (not st.held and st.next_attempt_at > now
+            and st.last_error == str(ARCHIVE_UNAVAILABLE))
 
 
 async def serve_process(

@@ -7,11 +7,12 @@ the queue worker folds on its next look at the message.  ``delete`` is the one
 destructive command: it removes the message and logs who deleted it and why.
 
 Every command that changes a message first takes its claim (the ``flock`` a worker
-holds while it delivers), waiting up to ``--wait`` seconds for an attempt in
-progress to end.  An event written beside a running attempt was lost or
-contradicted by what the worker wrote after it: a retry undone by the attempt's
-deferral, a hold on a message the worker then delivered and removed (the operator
-told "held", and the hold left behind as an orphaned ``.state``).  A message still
+holds while it delivers; gateway.cli.claims, shared with ``coffer quarantine``),
+waiting up to ``--wait`` seconds for an attempt in progress to end.  An event
+written beside a running attempt was lost or contradicted by what the worker
+wrote after it: a retry undone by the attempt's deferral, a hold on a message the
+worker then delivered and removed (the operator told "held", and the hold left
+behind as an orphaned ``.state``).  A message still
 busy at the deadline, or gone meanwhile, is reported and the exit status is 1:
 nothing is ever silently not done.  A hold alone is also written at once when the
 claim is taken, then confirmed under it (see _hold_one: the claim may be one the
@@ -43,10 +44,11 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Literal
+from typing import Any
 
 from gateway import config, log
-from gateway.cli import ago, config_options, operator_name, setup_log
+from gateway.cli import ago, claims, config_options, operator_name, setup_log
+from gateway.cli.claims import wait_option
 from gateway.config import Config
 from gateway.errors import SpoolError
 from gateway.queue import shape
@@ -95,14 +97,6 @@ def _bulk_options() -> argparse.ArgumentParser:
     return bulk
 
 
-def _wait_option(default: float) -> argparse.ArgumentParser:
-    opt = argparse.ArgumentParser(add_help=False)
-    opt.add_argument("--wait", type=float, default=default, metavar="SECONDS",
-                     help="how long to wait for delivery attempts in progress on the "
-                     f"messages (default {default:g}, for all of them together)")
-    return opt
-
-
 def register(sub: Any) -> None:
     common = config_options()
     sel, bulk = _selector_options(), _bulk_options()
@@ -131,7 +125,7 @@ def register(sub: Any) -> None:
                          help="the N largest rows (default 20)")
     summary.set_defaults(func=cmd_summary)
 
-    retry = qsub.add_parser("retry", parents=[common, sel, bulk, _wait_option(10.0)],
+    retry = qsub.add_parser("retry", parents=[common, sel, bulk, wait_option(10.0)],
                             help="attempt delivery now (QID..., --all deferred, --held failed, "
                             "or selectors)")
     retry.add_argument("qids", nargs="*", metavar="QID")
@@ -142,18 +136,18 @@ def register(sub: Any) -> None:
                        "start once the fault is fixed (quarantine and operator holds stay)")
     retry.set_defaults(func=cmd_retry)
 
-    hold = qsub.add_parser("hold", parents=[common, sel, bulk, _wait_option(10.0)],
+    hold = qsub.add_parser("hold", parents=[common, sel, bulk, wait_option(10.0)],
                            help="keep messages from delivery (QID... or selectors)")
     hold.add_argument("qids", nargs="*", metavar="QID")
     hold.add_argument("--reason", default="", help="recorded with the hold")
     hold.set_defaults(func=cmd_hold)
 
-    release = qsub.add_parser("release", parents=[common, sel, bulk, _wait_option(10.0)],
+    release = qsub.add_parser("release", parents=[common, sel, bulk, wait_option(10.0)],
                               help="let held messages go (QID... or selectors)")
     release.add_argument("qids", nargs="*", metavar="QID")
     release.set_defaults(func=cmd_release)
 
-    delete = qsub.add_parser("delete", parents=[common, sel, bulk, _wait_option(60.0)],
+    delete = qsub.add_parser("delete", parents=[common, sel, bulk, wait_option(60.0)],
                              help="remove messages for good (logged with who and why)")
     delete.add_argument("qids", nargs="*", metavar="QID")
     delete.add_argument("--reason", default="", help="recorded in the log")
@@ -241,38 +235,13 @@ def _known(spool: Spool, qid: str) -> bool:
 
 
 def _deadline(args: argparse.Namespace) -> float:
-    """One deadline for the whole selection: a gateway busy with many of the messages
-    must not make the command wait --wait seconds for each."""
-    return time.monotonic() + max(float(args.wait), 0.0)
-
-
-def _claim_then(spool: Spool, qid: str, deadline: float,
-                do: Callable[[], object]) -> Literal["done", "gone", "busy"]:
-    """Run ``do`` while holding the message's claim, waiting until ``deadline`` for a
-    delivery attempt in progress (see the module docstring): "done"; "gone" if the
-    message left the queue meanwhile, "busy" if it is still claimed at the deadline."""
-    while True:
-        with spool.claim(qid) as mine:
-            if mine:
-                do()
-                return "done"
-        if not spool.exists(qid):
-            return "gone"
-        if time.monotonic() >= deadline:
-            return "busy"
-        time.sleep(0.1)
+    return claims.deadline(args.wait)
 
 
 def _under_claim(args: argparse.Namespace, spool: Spool, qid: str, deadline: float,
                  action: str, do: Callable[[], object]) -> bool:
-    """:func:`_claim_then`; False, said on stderr, unless done."""
-    outcome = _claim_then(spool, qid, deadline, do)
-    if outcome == "gone":
-        _err(f"{qid}: delivered or removed meanwhile; not {action}")
-    elif outcome == "busy":
-        _err(f"{qid}: a delivery attempt still holds it after {args.wait:g}s (the "
-             f"message is being delivered now); not {action}: try again (or --wait longer)")
-    return outcome == "done"
+    """gateway.cli.claims.under_claim, said on stderr as ``coffer queue``."""
+    return claims.under_claim(spool, qid, deadline, action, do, wait=args.wait, err=_err)
 
 
 def _hold_one(args: argparse.Namespace, spool: Spool, qid: str, event: dict[str, Any],
@@ -297,7 +266,7 @@ def _hold_one(args: argparse.Namespace, spool: Spool, qid: str, event: dict[str,
             return True
     if spool.exists(qid):
         spool.append_event(qid, dict(event))
-    outcome = _claim_then(spool, qid, deadline, confirm)
+    outcome = claims.claim_then(spool, qid, deadline, confirm)
     if outcome == "gone":
         spool.state_path(qid).unlink(missing_ok=True)  # an orphan: the .msg is gone for good
         _err(f"{qid}: delivered or removed meanwhile; not held")

@@ -15,7 +15,10 @@ under the two directories; ``coffer spam learn ham|spam MESSAGE...`` a few more
 "quarantine" (gateway.queue.state): ``release`` appends the ``released`` event,
 after which the worker delivers the message through the normal path (the
 quarantine decision is not applied again), and with ``--learn`` teaches the
-classifier that it was ham; ``delete`` removes it for good, logged.
+classifier that it was ham; ``delete`` removes it for good, logged.  Both act
+under the message's claim as ``coffer queue`` does (gateway.cli.claims): they
+wait up to ``--wait`` seconds (10 for release, 60 for delete) for a delivery
+attempt that holds it, and report a message still busy then with exit status 1.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +36,8 @@ from gateway import config, log
 from gateway.check.spam.bayes import BayesError, TokenStore
 from gateway.check.spam.config import spam_config_of
 from gateway.check.spam.scorer import Scorer, Verdict
-from gateway.cli import operator_name
+from gateway.cli import claims, operator_name
+from gateway.cli.claims import wait_option
 from gateway.errors import SpoolError
 from gateway.queue.spool import Spool
 
@@ -94,12 +98,13 @@ def register(sub: Any) -> None:
     qs = qsub.add_parser("show", parents=[common, js], help="one quarantined message")
     qs.add_argument("qid", metavar="QID")
     qs.set_defaults(func=cmd_q_show)
-    qr = qsub.add_parser("release", parents=[common, js, db],
+    qr = qsub.add_parser("release", parents=[common, js, db, wait_option(10.0)],
                          help="deliver quarantined messages after all")
     qr.add_argument("qids", nargs="+", metavar="QID")
     qr.add_argument("--learn", action="store_true", help="and teach the classifier they are ham")
     qr.set_defaults(func=cmd_q_release)
-    qd = qsub.add_parser("delete", parents=[common, js], help="remove quarantined messages")
+    qd = qsub.add_parser("delete", parents=[common, js, wait_option(60.0)],
+                         help="remove quarantined messages")
     qd.add_argument("qids", nargs="+", metavar="QID")
     qd.add_argument("--reason", default="", help="recorded in the log")
     qd.set_defaults(func=cmd_q_delete)
@@ -384,6 +389,32 @@ def _setup_log(cfg: Any) -> None:
     log.setup(cfg.log.level, cfg.log.format, file)
 
 
+def _quarantined_under_claim(args: argparse.Namespace, spool: Spool, qid: str,
+                             until: float, action: str,
+                             do: Callable[[], object]) -> bool:
+    """Run ``do`` under the message's claim if it is (still) in quarantine, as the
+    queue commands do (gateway.cli.claims); False, said on stderr, if not done.
+
+    Asked again under the claim: another operator may have released or deleted it
+    since the first look."""
+    if _quarantined(spool, qid) is None:
+        _err(f"{qid}: no such quarantined message")
+        return False
+    still = True
+
+    def checked() -> None:
+        nonlocal still
+        still = _quarantined(spool, qid) is not None
+        if still:
+            do()
+
+    if not claims.under_claim(spool, qid, until, action, checked, wait=args.wait, err=_err):
+        return False
+    if not still:
+        _err(f"{qid}: no longer in quarantine (released or deleted meanwhile); not {action}")
+    return still
+
+
 def cmd_q_release(args: argparse.Namespace) -> int:
     from gateway.cli.queue import poke_service
 
@@ -393,14 +424,16 @@ def cmd_q_release(args: argparse.Namespace) -> int:
     rc = EXIT_OK
     released: list[str] = []
     to_learn: list[tuple[bytes, bool]] = []
+    until = claims.deadline(args.wait)
     for qid in args.qids:
-        if _quarantined(spool, qid) is None:
-            _err(f"{qid}: no such quarantined message")
+        def release(qid: str = qid) -> None:
+            if args.learn:  # read first: a release whose message cannot be read is none
+                to_learn.append((spool.load(qid).data, False))
+            spool.append_event(qid, {"ev": "released", "by": who})
+
+        if not _quarantined_under_claim(args, spool, qid, until, "released", release):
             rc = EXIT_PROBLEM
             continue
-        if args.learn:
-            to_learn.append((spool.load(qid).data, False))
-        spool.append_event(qid, {"ev": "released", "by": who})
         released.append(qid)
     learned = 0
     if to_learn:
@@ -432,23 +465,21 @@ def cmd_q_delete(args: argparse.Namespace) -> int:
     spool = _spool(cfg)
     who = operator_name()
     rc = EXIT_OK
+    until = claims.deadline(args.wait)
     for qid in args.qids:
-        if _quarantined(spool, qid) is None:
-            _err(f"{qid}: no such quarantined message")
-            rc = EXIT_PROBLEM
-            continue
-        # a held message is not being delivered, but take its claim as the queue does
-        with spool.claim(qid, wait=True) as mine:
-            if not mine:
-                _err(f"{qid}: removed meanwhile")
-                rc = EXIT_PROBLEM
-                continue
+        gone: dict[str, Any] = {}
+
+        def delete(qid: str = qid, gone: dict[str, Any] = gone) -> None:
             env, _facts, size = spool.read_header(qid)
+            gone.update(sender=env.mail_from, recipients=env.rcpt_to, size=size)
             spool.append_event(qid, {"ev": "deleted", "by": who, "reason": args.reason})
             spool.remove(qid)
+
+        if not _quarantined_under_claim(args, spool, qid, until, "deleted", delete):
+            rc = EXIT_PROBLEM
+            continue
         _setup_log(cfg)
-        log.event("quarantine_delete", qid=qid, by=who, reason=args.reason,
-                  sender=env.mail_from, recipients=env.rcpt_to, size=size)
+        log.event("quarantine_delete", qid=qid, by=who, reason=args.reason, **gone)
         if args.json:
             _emit({"qid": qid, "action": "delete"})
         else:

@@ -865,10 +865,16 @@ class Spool:
 
     # -- ownership and removal ----------------------------------------------
     @contextmanager
-    def claim(self, qid: str, *, wait: bool = False) -> Iterator[bool]:
-        """Hold the message's lock; yields False if another process holds it."""
-        with self.claimed(qid, wait=wait) as fd:
-            yield fd is not None
+    def claim(self, qid: str, *, wait: bool = False, kept: bool = True) -> Iterator[bool]:
+        """Hold the message's lock; yields False if another process holds it.
+
+        ``kept=False``: a claim this process keeps for its own worker (a hand-off from
+        :meth:`commit`, or one :meth:`retain` holds for results not yet written) counts
+        as held by someone else instead of being taken over, as the worker's own
+        :meth:`claimed_sized` does: for the service's other threads, which must never
+        take a message from under the worker (gateway.service)."""
+        with self.claimed_sized(qid, wait=wait, kept=kept) as got:
+            yield got is not None
 
     @contextmanager
     def claimed(self, qid: str, *, wait: bool = False) -> Iterator[int | None]:
@@ -879,11 +885,13 @@ class Spool:
             yield None if got is None else got[0]
 
     @contextmanager
-    def claimed_sized(self, qid: str, *, wait: bool = False) -> Iterator[tuple[int, int] | None]:
+    def claimed_sized(self, qid: str, *, wait: bool = False,
+                      kept: bool = True) -> Iterator[tuple[int, int] | None]:
         """:meth:`claimed`, yielding the descriptor and the file's size when claimed
-        (from the fstat the claim makes anyway: for :meth:`load`)."""
+        (from the fstat the claim makes anyway: for :meth:`load`).  ``kept``: see
+        :meth:`claim` (when False, a kept claim's flock refuses the new one)."""
         h = None
-        if self._handoffs:
+        if kept and self._handoffs:
             with self._handoff_lock:
                 h = self._handoffs.pop(qid, None)
         if h is not None:
@@ -896,16 +904,16 @@ class Spool:
                 os.close(h.fd)
                 self._release(qid)
             return
-        kept = None
-        if self._retained:
+        retained = None
+        if kept and self._retained:
             with self._handoff_lock:
-                kept = self._retained.pop(qid, None)
-        if kept is not None:
+                retained = self._retained.pop(qid, None)
+        if retained is not None:
             try:
-                st = os.fstat(kept)
-                yield (kept, st.st_size) if _named(self._path(qid, ".msg"), st) else None
+                st = os.fstat(retained)
+                yield (retained, st.st_size) if _named(self._path(qid, ".msg"), st) else None
             finally:
-                os.close(kept)
+                os.close(retained)
                 self._release(qid)
             return
         try:
@@ -914,11 +922,17 @@ class Spool:
             yield None
             return
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            except BlockingIOError:
-                yield None
-                return
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            # Not ours to let go: a file the holder removed stays kept until its own
+            # claim ends (it may be a thread of this process: _release).
+            os.close(fd)
+            yield None
+            return
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
             # The file may have been removed between open and lock (by the process
             # that held the lock), and even written over for another message since:
             # then the name no longer leads to it.

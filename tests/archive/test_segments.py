@@ -305,3 +305,19 @@ def test_the_windowed_scan_finds_what_one_read_per_record_finds(tmp_path: Path) 
                     fd, name, start), (label, start)
         finally:
             os.close(fd)
+
+
+def test_compaction_leaves_a_segment_whose_header_is_damaged_as_it_is(tmp_path: Path) -> None:
+    """Rewriting it would drop its damaged bytes, which may hold committed records a
+    backup can still restore: it waits for the operator (docs/recovery.md)."""
+    with Archive.open(tmp_path) as a:
+        a.put_many(MSGS)
+        a.shred(sha(MSGS[1]), reason="retention", delete_blob=True)
+    (pack,) = packs_dir(tmp_path).glob("*.pack")
+    pack.chmod(0o640)
+    damaged = bytes(7) + pack.read_bytes()[7:]
+    pack.write_bytes(damaged)
+    with Archive.open(tmp_path) as a:
+        assert a.compact().segments == 0
+        assert a.get(sha(MSGS[2])) == MSGS[2]
+    assert pack.read_bytes() == damaged

@@ -542,3 +542,136 @@ def test_a_segment_with_a_header_and_records_is_never_taken_for_unfinished(
     ok, findings = run_verify(tmp_path)
     assert not ok and "blob_altered" in errors(findings)
     assert "segment_unfinished" not in {f.code for f in findings}
+
+
+# -- a segment header lost to a power loss ------------------------------------------------
+
+
+def _garble(path: Path, upto: int, fill: bytes) -> bytes:
+    """Overwrite the first ``upto`` bytes of ``path`` the way a power loss on a file
+    system without a journal can (a block never written: zeros, or stale bytes)."""
+    data = path.read_bytes()
+    rewrite(path, (fill * upto)[:upto] + data[upto:])
+    return path.read_bytes()
+
+
+def _unledgered_segment(data_dir: Path, message: bytes) -> Path:
+    """A newer segment holding one whole record the ledger never got (its batch's ledger
+    append was lost): what the writer of an archive's last batch left."""
+    from archive.facade import ArchivePaths
+    from archive.keys import KeyRing
+
+    paths = ArchivePaths(data_dir)
+    before = set(packs_dir(data_dir).glob("*.pack"))
+    store = BlobStore(paths.store, KeyRing.open(paths.keys, create=False), fsync_threads=1)
+    try:
+        store.write_many([message])  # no ledger append
+    finally:
+        store.close()
+    (new,) = set(packs_dir(data_dir).glob("*.pack")) - before
+    return new
+
+
+@pytest.mark.parametrize("fill", [b"\0", b"\xa5\x17"])
+@pytest.mark.parametrize("record", [False, True])
+def test_a_garbled_header_of_a_segment_holding_nothing_committed_is_removed_and_ledgered(
+        tmp_path: Path, fill: bytes, record: bool) -> None:
+    """The newest segment, its header lost: with nothing in it (a block of zeros) or
+    with a record no ledger entry names, it is repaired as an unfinished one is."""
+    shas = make_archive(tmp_path)
+    if record:
+        pack = _unledgered_segment(tmp_path, b"Subject: never acknowledged\r\n\r\nx\r\n")
+    else:
+        pack = packs_dir(tmp_path) / "18ec89a50b60e234-8ad63118.pack"
+        pack.write_bytes(b"CFPS\x01\x00\x00" + bytes(4089))
+        pack.with_suffix(".keys").write_bytes(b"CFKT\x01")
+        pack.with_suffix(".ack").write_bytes(b"")
+    _garble(pack, 7, fill)
+    ok, findings = run_verify(tmp_path)
+    assert not ok and "segment_header_damaged" in errors(findings)
+    with Archive.open(tmp_path) as a:
+        last = list(a.ledger.entries())[-1]
+        assert a.damaged_segments() == {}
+        assert all(a.get(sha) for sha in shas)
+        ref = a.put(b"Subject: after the power loss\r\n\r\ny\r\n")
+        assert a.get(ref.sha256) == b"Subject: after the power loss\r\n\r\ny\r\n"
+    name = pack.name.removesuffix(".pack")
+    assert last.kind == "store_repaired" and last.fields["removed_segments"] == [name]
+    assert "segment header unreadable" in last.fields["reason"]
+    assert len(last.fields.get("dropped_records", [])) == int(record)
+    assert not list(packs_dir(tmp_path).glob(f"{name}.*"))
+    summary, findings = verify(tmp_path / "archive")
+    assert summary.ok and summary.warnings == 0, findings
+
+
+def test_a_garbled_header_of_a_segment_holding_committed_messages_is_kept_and_reported(
+        tmp_path: Path) -> None:
+    """Never silently dropped: the store opens (mail goes on into a new segment), the
+    records after the damage are still read, and verify names the segment and them."""
+    shas = make_archive(tmp_path)
+    (pack,) = packs_dir(tmp_path).glob("*.pack")
+    damaged = _garble(pack, 7, b"\0")
+    ok, findings = run_verify(tmp_path)
+    assert not ok and errors(findings) == {"segment_header_damaged"}
+    (finding,) = [f for f in findings if f.code == "segment_header_damaged"]
+    assert finding.path == str(pack) and all(sha in finding.message for sha in shas)
+    with Archive.open(tmp_path) as a:
+        assert [e.kind for e in a.ledger.entries()][-1] != "store_repaired"
+        assert a.damaged_segments() == {
+            pack.name.removesuffix(".pack"): "not a Coffer pack segment (bad magic)"}
+        assert all(a.get(sha) for sha in shas)
+        ref = a.put(b"Subject: after the power loss\r\n\r\ny\r\n")
+        assert a.get(ref.sha256) == b"Subject: after the power loss\r\n\r\ny\r\n"
+    assert pack.read_bytes() == damaged  # evidence is not cut, rewritten or removed
+    ok, findings = run_verify(tmp_path)
+    assert not ok and errors(findings) == {"segment_header_damaged"}
+
+
+def test_messages_lost_with_a_garbled_header_are_named_missing_and_the_rest_read(
+        tmp_path: Path) -> None:
+    shas = make_archive(tmp_path)
+    first = record_of(tmp_path, shas[0])
+    pack = packs_dir(tmp_path) / f"{first.segment}.pack"
+    damaged = _garble(pack, first.offset + first.length, b"\0")
+    ok, findings = run_verify(tmp_path)
+    assert not ok
+    assert errors(findings) == {"segment_header_damaged", "blob_missing"}
+    (missing,) = [f for f in findings if f.code == "blob_missing"]
+    assert missing.sha256 == shas[0] and first.segment in missing.message
+    with Archive.open(tmp_path) as a:
+        assert all(a.get(sha) for sha in shas[1:])
+    assert pack.read_bytes() == damaged
+
+
+def test_opening_the_archive_never_cuts_a_segment_at_a_corrupt_record(tmp_path: Path) -> None:
+    """A record header that does not parse ends what the store can frame; the records
+    after it are committed, so recover() must not take them for a torn tail."""
+    shas = make_archive(tmp_path)
+    flip_byte(tmp_path, shas[2], 1)
+    (pack,) = packs_dir(tmp_path).glob("*.pack")
+    altered = pack.read_bytes()
+    with Archive.open(tmp_path):
+        pass
+    assert pack.read_bytes() == altered
+    ok, findings = run_verify(tmp_path)
+    assert not ok and "segment_corrupt" in errors(findings)
+
+
+def test_a_segment_a_power_loss_zeroed_whole_is_kept_while_the_ledger_misses_a_blob(
+        tmp_path: Path) -> None:
+    """Nothing in it frames, so nothing in it is named by the ledger; but a committed
+    message is in no other segment: it was in this one, which must stay for a backup."""
+    shas = make_archive(tmp_path)
+    before = set(packs_dir(tmp_path).glob("*.pack"))
+    with Archive.open(tmp_path) as a:  # another process: a segment of its own
+        lost = a.put(b"Subject: in the newest segment\r\n\r\nz\r\n").sha256
+    (pack,) = set(packs_dir(tmp_path).glob("*.pack")) - before
+    zeroed = _garble(pack, pack.stat().st_size, b"\0")
+    with Archive.open(tmp_path) as a:
+        assert [e.kind for e in a.ledger.entries()][-1] != "store_repaired"
+        assert all(a.get(sha) for sha in shas)
+    assert pack.read_bytes() == zeroed
+    ok, findings = run_verify(tmp_path)
+    assert not ok and errors(findings) == {"segment_header_damaged", "blob_missing"}
+    (missing,) = [f for f in findings if f.code == "blob_missing"]
+    assert missing.sha256 == lost and pack.name.removesuffix(".pack") in missing.message

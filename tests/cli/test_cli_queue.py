@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
@@ -11,11 +10,11 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from claimkit import claimed_by_another_process
 
 from gateway.cli import main
 from gateway.cli.queue import poke_service
@@ -244,30 +243,6 @@ def test_delete_waits_for_the_claim_of_an_in_flight_delivery(
     assert not spool.exists(qid)
 
 
-_CLAIMER = textwrap.dedent("""
-    import fcntl, os, sys, time
-    fd = os.open(sys.argv[1], os.O_RDWR | os.O_APPEND)
-    fcntl.flock(fd, fcntl.LOCK_EX)  # what a worker holds while it delivers
-    print("claimed", flush=True)
-    sys.stdin.readline()  # until the test lets go
-""")
-
-
-@contextlib.contextmanager
-def _claimed_by_another_process(spool: Spool, qid: str) -> Iterator[subprocess.Popen[str]]:
-    proc = subprocess.Popen([sys.executable, "-c", _CLAIMER, str(spool.msg_path(qid))],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None and proc.stdout.readline() == "claimed\n"
-        yield proc
-    finally:
-        proc.kill()
-        proc.wait()
-        for stream in (proc.stdin, proc.stdout):
-            if stream:
-                stream.close()
-
-
 def _held_message(spool: Spool) -> str:
     qid = _store(spool, "bob@dst.test")
     spool.append_event(qid, {"ev": "held", "stage": "operator", "error": "x",
@@ -283,7 +258,7 @@ def test_a_command_on_a_message_being_delivered_says_so_exits_1_and_changes_noth
     qid = _held_message(spool) if command == "release" else _store(spool, "bob@dst.test")
     before = spool.events(qid)
     capsys.readouterr()
-    with _claimed_by_another_process(spool, qid):
+    with claimed_by_another_process(spool, qid):
         started = time.monotonic()
         assert main(["queue", command, qid, "--wait", "0.3", "--config", str(cfg_path)]) == 1
         assert time.monotonic() - started >= 0.3
@@ -304,7 +279,7 @@ def test_a_hold_of_a_message_being_delivered_is_written_and_says_it_may_come_too
     spool = _spool(cfg_path)
     qid = _store(spool, "bob@dst.test")
     capsys.readouterr()
-    with _claimed_by_another_process(spool, qid):
+    with claimed_by_another_process(spool, qid):
         assert main(["queue", "hold", qid, "--wait", "0.3", "--config", str(cfg_path)]) == 1
     out, err = capsys.readouterr()
     assert f"{qid}: a delivery attempt still holds it after 0.3s" in err
@@ -318,7 +293,7 @@ def test_a_hold_waits_for_the_attempt_in_progress_then_holds(
 ) -> None:
     spool = _spool(cfg_path)
     qid = _store(spool, "bob@dst.test")
-    with _claimed_by_another_process(spool, qid) as worker:
+    with claimed_by_another_process(spool, qid) as worker:
         threading.Timer(0.3, worker.kill).start()  # the attempt ends (kill -9 releases too)
         started = time.monotonic()
         assert main(["queue", "hold", qid, "--wait", "10", "--config", str(cfg_path)]) == 0
@@ -333,7 +308,7 @@ def test_a_selection_holds_the_messages_it_can_and_reports_the_busy_one(
     spool = _spool(cfg_path)
     busy, free = _store(spool, "a@dst.test"), _store(spool, "b@dst.test")
     capsys.readouterr()
-    with _claimed_by_another_process(spool, busy):
+    with claimed_by_another_process(spool, busy):
         assert main(["queue", "hold", "--to-domain", "dst.test", "--yes", "--wait", "0.2",
                      "--json", "--config", str(cfg_path)]) == 1
     out, err = capsys.readouterr()
@@ -355,7 +330,7 @@ def test_a_command_on_a_message_removed_while_it_waited_says_so_and_exits_1(
         spool.remove(qid)  # the claim holder finished the message
         worker.kill()
 
-    with _claimed_by_another_process(spool, qid) as worker:
+    with claimed_by_another_process(spool, qid) as worker:
         threading.Timer(0.3, deliver_and_remove).start()
         assert main(["queue", "hold", qid, "--wait", "10", "--config", str(cfg_path)]) == 1
     assert f"{qid}: delivered or removed meanwhile; not held" in capsys.readouterr().err

@@ -183,3 +183,32 @@ async def test_a_rerun_after_the_metadata_write_failed_is_one_row_for_audit_db_a
         assert rebuilt.count() == 1
     finally:
         rebuilt.close()
+
+
+def test_the_gateway_logs_a_damaged_segment_the_archive_kept_when_it_opens(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A segment header lost to a power loss, its messages committed: the archive opens
+    (mail goes on) and the operator hears of it at once (archive.store)."""
+    import json
+
+    from gateway import config, log
+
+    cfg_file = tmp_path / "coffer.yaml"
+    cfg_file.write_text("listeners:\n  - name: in\n    tls: none\nmetrics:\n  address: null\n")
+    cfg = config.load(cfg_file)
+    with Archive.open(cfg.data_dir) as a:
+        a.put(b"Subject: committed\r\n\r\nx\r\n")
+    (pack,) = (cfg.data_dir / "archive" / "store" / "packs").glob("*.pack")
+    pack.chmod(0o640)
+    data = pack.read_bytes()
+    pack.write_bytes(bytes(7) + data[7:])
+    log.setup("INFO", "json")  # to stderr, captured
+    capsys.readouterr()
+    stage = ArchiveStage.open(cfg)
+    stage.archive.close()
+    stage.meta.close()
+    events = [json.loads(line) for line in capsys.readouterr().err.splitlines()
+              if line.startswith("{")]
+    (damaged,) = [e for e in events if e["event"] == "archive_segment_damaged"]
+    assert damaged["segment"] == pack.name.removesuffix(".pack")
+    assert "bad magic" in damaged["error"]
