@@ -72,7 +72,8 @@ class HostPolicy:
 
     mode: Mode
     records: tuple[Tlsa, ...]
-    # RFC 7672 §3.2.2: the names a DANE-TA certificate may carry; () is the MX host name.
+    # RFC 7672 §3.2.2: the names a DANE-TA certificate may carry (the MX host name,
+    # its CNAME expansion, the next-hop domain); () is the MX host name alone.
     names: tuple[str, ...] = ()
 
 
@@ -142,7 +143,8 @@ def verify(
 ) -> str | None:
     """None when ``chain`` (DER certificates as the server sent them, leaf first)
     is authenticated by one of the usable ``records`` for a server known by
-    ``names`` (the MX host name, RFC 7672 §3.2.2); else why not."""
+    ``names`` (its reference identifiers, RFC 7672 §3.2.2: any one will do); else
+    why not."""
     if not chain:
         return "the server sent no certificate"
     try:

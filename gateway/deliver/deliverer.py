@@ -268,10 +268,8 @@ class Deliverer:
             raise _DaneLookupFailed(_dane_refusal(domain, host.name, "TLSA lookup failed",
                                                   "tlsa_lookup"))
         found = dane.host_policy(answer)
-        if found is not None and host.expanded:
-            # RFC 7672 §3.2.2: behind a secure CNAME chain, the original MX host name
-            # and the expanded one are both names the certificate may carry.
-            found = dataclasses.replace(found, names=(host.name, host.expanded))
+        if found is not None:
+            found = dataclasses.replace(found, names=_reference_ids(domain, host))
         if found is not None and found.mode == "encrypt" and sts is not None \
                 and sts.mode == "enforce":
             # Only unusable records: DANE asks for TLS without authentication, an
@@ -414,6 +412,20 @@ class Deliverer:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+def _reference_ids(domain: str, host: MxHost) -> tuple[str, ...]:
+    """The names a DANE-TA(2) certificate of ``host`` may carry (RFC 7672 §3.2.2).
+
+    The MX host name as the MX record gives it and, behind a secure CNAME chain, the
+    name it expands to (§2.2.2: the TLSA base domain is one of the two); and the
+    next-hop domain, the recipient domain whose MX records named the host (the host
+    itself when it has none).  Only a host reached through a secure MX RRset gets
+    here (``MxHost.secure``), so the next-hop domain is bound to the host by DNSSEC,
+    not by an attacker's answer.
+    """
+    names = (host.name, host.expanded, domain.rstrip(".").lower())
+    return tuple(dict.fromkeys(n for n in names if n))
 
 
 class _DaneLookupFailed(Exception):
