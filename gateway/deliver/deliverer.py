@@ -306,9 +306,15 @@ class Deliverer:
         failure = _tls_failure(result)
         if failure is None:
             if not result.session_failed and result.new_session:
-                self._count_tlsa(domain, dest.server_name, host_dane.records, tlsrpt.SUCCESS)
+                # RFC 8460 §4.3.2.1: with no usable record the policy could not be
+                # applied ("none of the records in the RRset were found to be valid"),
+                # though RFC 7672 §2.2 has the mail go over unauthenticated TLS.
+                ok = host_dane.mode == "dane"
+                self._count_tlsa(domain, dest.server_name, host_dane.published,
+                                 tlsrpt.SUCCESS if ok else tlsrpt.TLSA_INVALID,
+                                 "" if ok else dest.host, "" if ok else result.local_ip)
             return result
-        self._count_tlsa(domain, dest.server_name, host_dane.records,
+        self._count_tlsa(domain, dest.server_name, host_dane.published,
                          tlsrpt.result_type(failure, dane=True), dest.host, result.local_ip)
         reply = _dane_refusal(domain, dest.server_name, failure, "tls")
         return TransactionResult(dict.fromkeys(rcpts, reply), session_failed=True)

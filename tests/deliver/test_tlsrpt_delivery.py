@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from danepeers import Served, self_signed, spki_sha256
+from danepeers import (
+    Served,
+    cert_sha256,
+    expired_from_ca,
+    from_ca,
+    issued_by,
+    self_signed,
+    spki_sha256,
+)
 from nexthop import DnsZone, NextHop
 from stspeers import PolicyServer, ReportReceiver, StsCa, make_ca, policy_response
 from tlsrptschema import problems
@@ -242,6 +250,75 @@ async def test_dane_mismatch_then_match_are_counted_as_tlsa_sessions(
                                ("tlsa", "success", ""): 1}
     (failure,) = [k for k, _ in store.sessions(DAY) if k.result != "success"]
     assert failure.sending_ip == "127.0.0.1"  # our end of the failed session
+
+
+async def _dane_session(zone: DnsZone, data_dir: Path, served: Served,
+                        *tlsa: int | bytes) -> tuple[RcptStatus, TlsReportStore]:
+    """One message to DOMAIN, whose one MX host MX1 (all signed) publishes the TLSA
+    record ``tlsa`` (usage, selector, matching type, data) and presents ``served``:
+    how it went, and the store that counted the session."""
+    usage, selector, mtype, data = tlsa
+    assert isinstance(data, bytes)
+    store = open_store(data_dir)
+    hop = NextHop(tls_context=served.context())
+    await hop.start()
+    zone.mx(DOMAIN, 10, MX1)
+    zone.a(MX1, "127.0.0.1")
+    zone.secure(DOMAIN, MX1, tlsa_name(MX1, hop.port))
+    zone.tlsa(tlsa_name(MX1, hop.port), int(usage), int(selector), int(mtype), data)
+    try:
+        d = Deliverer(_cfg(data_dir, zone), resolver=_resolver(zone, dnssec=True),
+                      mx_port=hop.port, tls_reports=store, clock=lambda: IN_DAY)
+        status = await _send(d)
+    finally:
+        await hop.stop()
+    return status, store
+
+
+@pytest.fixture(scope="module")
+def dane_ta_chains(ca: StsCa, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Served]:
+    """Chains under ``ca`` that a DANE-TA record on it anchors, each failing one check."""
+    tmp = tmp_path_factory.mktemp("tlsrpt-dane-ta")
+    elsewhere = from_ca(ca, "elsewhere.test")
+    return {"another-name": elsewhere,
+            "expired": expired_from_ca(ca, tmp / "expired", MX1),
+            # A leaf for MX1 signed by another leaf's key: a chain error below the anchor.
+            "issued-by-a-leaf": issued_by(elsewhere, tmp / "forged", MX1)}
+
+
+@pytest.mark.parametrize(("chain", "result"), [
+    ("another-name", "certificate-host-mismatch"),
+    ("expired", "certificate-expired"),
+    ("issued-by-a-leaf", "certificate-not-trusted"),
+])
+async def test_a_dane_ta_chain_failing_a_check_counts_as_its_rfc8460_result_type(
+    dns_zone: DnsZone, ca: StsCa, dane_ta_chains: dict[str, Served], tmp_path: Path,
+    chain: str, result: str,
+) -> None:
+    status, store = await _dane_session(dns_zone, tmp_path, dane_ta_chains[chain],
+                                        2, 0, 1, cert_sha256(ca.ca_pem))
+    try:
+        assert status is RcptStatus.DEFERRED
+        assert _results(store) == {("tlsa", result, MX1): 1}
+    finally:
+        store.close()
+
+
+async def test_only_unusable_tlsa_records_count_as_tlsa_invalid_though_mail_goes(
+    dns_zone: DnsZone, selfsigned: Served, tmp_path: Path,
+) -> None:
+    # A PKIX-EE record, unusable for SMTP (RFC 7672 §3.1.3): TLS without authentication.
+    record = spki_sha256(selfsigned.leaf)
+    status, store = await _dane_session(dns_zone, tmp_path, selfsigned, 1, 1, 1, record)
+    try:
+        assert status is RcptStatus.DELIVERED
+        assert _results(store) == {("tlsa", "tlsa-invalid", MX1): 1}
+        ((key, _),) = store.sessions(DAY)
+    finally:
+        store.close()
+    # The report names the records the domain published, and where the session went.
+    assert key.policy_string == (f"1 1 1 {record.hex()}",)
+    assert (key.receiving_ip, key.sending_ip) == ("127.0.0.1", "127.0.0.1")
 
 
 def _counted(data_dir: Path) -> None:
