@@ -63,7 +63,8 @@ DANE_SESSIONS = Counter(
 )
 TLSRPT_REPORTS = Counter(
     "coffer_tlsrpt_reports_total", "SMTP TLS reports (RFC 8460) sent to a domain's rua "
-    "address, by channel (mailto: spooled, https: POSTed) and result (sent, failed)",
+    "address, by channel (mailto: spooled, https: POSTed) and result (sent, failed, "
+    "interrupted: a send cut short by a crash, not repeated)",
     ["channel", "result"], registry=REGISTRY,
 )
 DANE_REFUSED = Counter(

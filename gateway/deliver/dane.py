@@ -72,8 +72,12 @@ class HostPolicy:
 
     mode: Mode
     records: tuple[Tlsa, ...]
-    # RFC 7672 §3.2.2: the names a DANE-TA certificate may carry; () is the MX host name.
+    # RFC 7672 §3.2.2: the names a DANE-TA certificate may carry (the MX host name,
+    # its CNAME expansion, the next-hop domain); () is the MX host name alone.
     names: tuple[str, ...] = ()
+    # Every record of the secure answer, usable or not: what the domain published
+    # (the policy-string of a TLS report, RFC 8460 §4.4).
+    published: tuple[Tlsa, ...] = ()
 
 
 def usable(records: Sequence[Tlsa]) -> tuple[Tlsa, ...]:
@@ -110,7 +114,7 @@ def host_policy(answer: TlsaAnswer) -> HostPolicy | None:
     records = usable(answer.records)
     # RFC 7672 §2.2: "TLSA records present but unusable" -> mandatory TLS,
     # no authentication.
-    return HostPolicy("dane" if records else "encrypt", records)
+    return HostPolicy("dane" if records else "encrypt", records, published=answer.records)
 
 
 def tlsa_name(host: str, port: int) -> str:
@@ -142,7 +146,8 @@ def verify(
 ) -> str | None:
     """None when ``chain`` (DER certificates as the server sent them, leaf first)
     is authenticated by one of the usable ``records`` for a server known by
-    ``names`` (the MX host name, RFC 7672 §3.2.2); else why not."""
+    ``names`` (its reference identifiers, RFC 7672 §3.2.2: any one will do); else
+    why not."""
     if not chain:
         return "the server sent no certificate"
     try:
@@ -187,8 +192,14 @@ def _verify_ta(
     # RFC 7672 §3.1.2: with DANE-TA the usual PKIX checks apply below the anchor:
     # validity dates, intermediates that are CAs, and the server name.
     for i in range(anchor):
-        if not (certs[i].not_valid_before_utc <= now <= certs[i].not_valid_after_utc):
-            return f"certificate at depth {i} is outside its validity period"
+        # The two ways out of the validity period are told apart: an expired
+        # certificate is its own TLS-RPT result type (RFC 8460 §4.3.1).
+        if now > certs[i].not_valid_after_utc:
+            return (f"certificate at depth {i} expired on "
+                    f"{certs[i].not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC")
+        if now < certs[i].not_valid_before_utc:
+            return (f"certificate at depth {i} is not yet valid (from "
+                    f"{certs[i].not_valid_before_utc:%Y-%m-%d %H:%M:%S} UTC)")
     for i in range(1, anchor):
         # RFC 5280 §4.2.1.9, §4.2.1.3: only a CA may issue certificates, else any
         # holder of a leaf under the trust anchor could mint one for our MX host.

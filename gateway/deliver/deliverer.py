@@ -268,10 +268,8 @@ class Deliverer:
             raise _DaneLookupFailed(_dane_refusal(domain, host.name, "TLSA lookup failed",
                                                   "tlsa_lookup"))
         found = dane.host_policy(answer)
-        if found is not None and host.expanded:
-            # RFC 7672 §3.2.2: behind a secure CNAME chain, the original MX host name
-            # and the expanded one are both names the certificate may carry.
-            found = dataclasses.replace(found, names=(host.name, host.expanded))
+        if found is not None:
+            found = dataclasses.replace(found, names=_reference_ids(domain, host))
         if found is not None and found.mode == "encrypt" and sts is not None \
                 and sts.mode == "enforce":
             # Only unusable records: DANE asks for TLS without authentication, an
@@ -308,9 +306,15 @@ class Deliverer:
         failure = _tls_failure(result)
         if failure is None:
             if not result.session_failed and result.new_session:
-                self._count_tlsa(domain, dest.server_name, host_dane.records, tlsrpt.SUCCESS)
+                # RFC 8460 §4.3.2.1: with no usable record the policy could not be
+                # applied ("none of the records in the RRset were found to be valid"),
+                # though RFC 7672 §2.2 has the mail go over unauthenticated TLS.
+                ok = host_dane.mode == "dane"
+                self._count_tlsa(domain, dest.server_name, host_dane.published,
+                                 tlsrpt.SUCCESS if ok else tlsrpt.TLSA_INVALID,
+                                 "" if ok else dest.host, "" if ok else result.local_ip)
             return result
-        self._count_tlsa(domain, dest.server_name, host_dane.records,
+        self._count_tlsa(domain, dest.server_name, host_dane.published,
                          tlsrpt.result_type(failure, dane=True), dest.host, result.local_ip)
         reply = _dane_refusal(domain, dest.server_name, failure, "tls")
         return TransactionResult(dict.fromkeys(rcpts, reply), session_failed=True)
@@ -414,6 +418,20 @@ class Deliverer:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+def _reference_ids(domain: str, host: MxHost) -> tuple[str, ...]:
+    """The names a DANE-TA(2) certificate of ``host`` may carry (RFC 7672 §3.2.2).
+
+    The MX host name as the MX record gives it and, behind a secure CNAME chain, the
+    name it expands to (§2.2.2: the TLSA base domain is one of the two); and the
+    next-hop domain, the recipient domain whose MX records named the host (the host
+    itself when it has none).  Only a host reached through a secure MX RRset gets
+    here (``MxHost.secure``), so the next-hop domain is bound to the host by DNSSEC,
+    not by an attacker's answer.
+    """
+    names = (host.name, host.expanded, domain.rstrip(".").lower())
+    return tuple(dict.fromkeys(n for n in names if n))
 
 
 class _DaneLookupFailed(Exception):

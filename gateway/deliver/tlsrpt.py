@@ -80,6 +80,11 @@ def result_type(reason: str, *, dane: bool) -> str:
     if "mx pattern" in low:
         # RFC 8461 §4.1: the MX host is not one the policy names.
         return VALIDATION_FAILURE
+    if dane and ("chain broken" in low or "is not a ca" in low or "not yet valid" in low):
+        # §4.3.1 "certificate chain errors": below a matched DANE-TA trust anchor, a
+        # signature that does not verify, an issuer that is no CA, or a certificate
+        # not valid yet (what OpenSSL's PKIX check reports as not trusted too).
+        return CERTIFICATE_NOT_TRUSTED
     if not dane and ("certificate verify failed" in low or "self-signed" in low
                      or "unable to get local issuer" in low):
         # §4.3.1: no chain to a trusted root (for MTA-STS, the Web PKI of §4.2).

@@ -9,8 +9,10 @@ it looks up ``_smtp._tls.<domain>`` and sends the gzipped JSON report to every
 ``rua`` URI: ``mailto:`` as a ``multipart/report`` message spooled in Coffer's own
 queue (as DSNs are, which retries it), ``https:`` as a POST of
 ``application/tlsrpt+gzip``.  A claim is a lease of :data:`CLAIM_LEASE`: a worker that
-dies while reporting leaves the report to another one after it.  Each rua that got
-the report is recorded at once; a failed one is tried again after a backoff
+dies while reporting leaves the report to another one after it.  Each send is marked
+in the store before it starts and each rua that got the report is recorded at once;
+a rua whose send a crash cut short is not sent the report again (at most once per
+report-id and rua, ``tlsrpt_interrupted``); a failed one is tried again after a backoff
 (:func:`retry_delay`; RFC 8460 §5.4 leaves retries to the sender) and only it, until
 :data:`GIVE_UP_AFTER` past the end of the reported day, then given up with one
 ``tlsrpt_given_up`` log line.
@@ -192,6 +194,20 @@ class TlsReporter:
         report = tlsrpt.build_report(day, domain, sessions, organization=s.organization,
                                      contact=s.contact, submitter=s.name)
         gz = tlsrpt.compress(report)
+        results: list[str] = []
+        cut = sorted(await asyncio.to_thread(self.store.interrupted, day, domain) - served)
+        for uri in cut:
+            # A send cut short (its worker died): the rua may have the report or not.
+            # RFC 8460 asks no receiver to drop a second copy of a report-id (§4.4 only
+            # makes it unique), and reports are optional, their redelivery a best
+            # effort (§5.4): better none than one counted twice.
+            await asyncio.to_thread(self.store.serve, day, domain, uri)
+            channel = "mailto" if uri.lower().startswith("mailto:") else "https"
+            TLSRPT_REPORTS.labels(channel, "interrupted").inc()
+            log.event("tlsrpt_interrupted", logging.WARNING, domain=domain,
+                      day=day.isoformat(), to=uri, report_id=report["report-id"])
+            results.append(f"{channel} interrupted")
+        served.update(cut)
         mailto = [u for u in rua if u.lower().startswith("mailto:") and u not in served]
         to = [tlsrpt.mailto_address(u) for u in mailto]
         sends: list[tuple[str, list[str], Callable[[], Awaitable[None]]]] = []
@@ -201,12 +217,18 @@ class TlsReporter:
             if uri.lower().startswith("https:") and uri not in served:
                 sends.append(("https", [uri], lambda uri=uri: post_report(  # type: ignore[misc]
                     uri, gz, self.resolver, context=self.context)))
-        results, failed = [], []
+        failed: list[str] = []
         for channel, uris, send in sends:
             shown = ", ".join(to) if channel == "mailto" else uris[0]
+            # Marked before, settled after: a crash in between is seen by whoever
+            # claims the report next (above), and the report is not sent again.
+            await asyncio.to_thread(self.store.sending, day, domain, uris, self.who,
+                                    self.clock())
             try:
                 await send()
             except (ReportError, SpoolError) as exc:
+                for uri in uris:  # it did not arrive: a retry may send it
+                    await asyncio.to_thread(self.store.unsent, day, domain, uri)
                 TLSRPT_REPORTS.labels(channel, "failed").inc()
                 log.event("tlsrpt_failed", logging.WARNING, domain=domain,
                           day=day.isoformat(), to=shown, error=str(exc))

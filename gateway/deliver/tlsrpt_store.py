@@ -11,7 +11,11 @@ exactly one sends each domain's report at a time.  A claim is a lease: not settl
 (:meth:`TlsReportStore.finish`) before it runs out -- its worker died, or it put the
 report back for a retry (:meth:`TlsReportStore.retry_at`) -- any worker may take it
 again, and sends only to the rua URIs not yet recorded as served
-(:meth:`TlsReportStore.served`).  A failed write keeps the counts in memory for the
+(:meth:`TlsReportStore.served`).  Each send is marked in the file before it starts
+(:meth:`TlsReportStore.sending`) and the mark replaced by the served record when it
+ends: a mark found by the next claim is a send cut short, whose outcome is unknown,
+and that rua is not sent the report again (:meth:`TlsReportStore.interrupted`): at
+most once per (report-id, rua).  A failed write keeps the counts in memory for the
 next flush; the file unusable, reports are incomplete, mail flows.
 """
 
@@ -54,6 +58,11 @@ CREATE TABLE IF NOT EXISTS claims (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS served (
     day TEXT NOT NULL, policy_domain TEXT NOT NULL, rua TEXT NOT NULL,
+    PRIMARY KEY (day, policy_domain, rua)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sending (
+    day TEXT NOT NULL, policy_domain TEXT NOT NULL, rua TEXT NOT NULL,
+    claimed_by TEXT NOT NULL, started REAL NOT NULL,
     PRIMARY KEY (day, policy_domain, rua)
 ) WITHOUT ROWID;
 """
@@ -185,11 +194,61 @@ class TlsReportStore:
                 (day.isoformat(), domain)).fetchall()
         return {r[0] for r in rows}
 
-    def serve(self, day: date, domain: str, rua: str) -> None:
-        """Record that ``rua`` has the report (right after it was sent: never twice)."""
+    def sending(self, day: date, domain: str, ruas: list[str], who: str, now: float) -> None:
+        """Record, before the report goes to ``ruas``, that it is being sent there.
+
+        Written with ``synchronous=FULL`` (the file's other writes are NORMAL): the
+        mark must outlive a power cut as well as a crash, or a report whose send was
+        cut short could go out a second time.
+        """
+        rows = [(day.isoformat(), domain, rua, who, now) for rua in ruas]
         with self._lock:
-            self._conn().execute("INSERT OR IGNORE INTO served VALUES (?, ?, ?)",
-                                 (day.isoformat(), domain, rua))
+            db = self._conn()
+            db.execute("PRAGMA synchronous=FULL")
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    db.executemany("INSERT OR REPLACE INTO sending VALUES (?, ?, ?, ?, ?)",
+                                   rows)
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+            finally:
+                db.execute("PRAGMA synchronous=NORMAL")
+
+    def interrupted(self, day: date, domain: str) -> set[str]:
+        """The rua URIs whose send of the report began and never ended, neither
+        recorded as served nor as failed: a worker died (or lost its lease) meanwhile,
+        and whether the report arrived is unknown."""
+        with self._lock:
+            rows = self._conn().execute(
+                "SELECT rua FROM sending WHERE day = ? AND policy_domain = ?",
+                (day.isoformat(), domain)).fetchall()
+        return {r[0] for r in rows}
+
+    def unsent(self, day: date, domain: str, rua: str) -> None:
+        """The send to ``rua`` failed for sure: it may be tried again."""
+        with self._lock:
+            self._conn().execute(
+                "DELETE FROM sending WHERE day = ? AND policy_domain = ? AND rua = ?",
+                (day.isoformat(), domain, rua))
+
+    def serve(self, day: date, domain: str, rua: str) -> None:
+        """Record that ``rua`` has the report, or is not to get it again (right after
+        it was sent, or found interrupted): never twice."""
+        key = day.isoformat()
+        with self._lock:
+            db = self._conn()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute("INSERT OR IGNORE INTO served VALUES (?, ?, ?)", (key, domain, rua))
+                db.execute("DELETE FROM sending WHERE day = ? AND policy_domain = ? AND rua = ?",
+                           (key, domain, rua))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
 
     def finish(self, day: date, domain: str, outcome: str) -> None:
         """Settle a claimed report for good (``outcome`` for the operator)."""
@@ -211,7 +270,7 @@ class TlsReportStore:
         with self._lock:
             db = self._conn()
             db.execute("DELETE FROM sessions WHERE day < ?", (before.isoformat(),))
-            for table in ("reports", "claims", "served"):
+            for table in ("reports", "claims", "served", "sending"):
                 db.execute(f"DELETE FROM {table} WHERE day < ?", (before.isoformat(),))
 
 

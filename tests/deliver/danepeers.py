@@ -85,3 +85,18 @@ def issued_by(issuer: Served, tmp: Path, name: str) -> Served:
             str(issuer.key), "-CAcreateserial", "-days", "2", "-sha256", "-extfile",
             str(ext), "-out", str(crt), cwd=tmp)
     return Served((crt, *issuer.chain), key)
+
+
+def expired_from_ca(ca: StsCa, tmp: Path, name: str) -> Served:
+    """A leaf for ``name`` signed by ``ca`` and sent with it, whose validity ends a day
+    before it begins (``-days -1``): expired from the moment it is made."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    key, csr, crt = (tmp / f"{name}.expired.{s}" for s in ("key", "csr", "pem"))
+    openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={name}", cwd=tmp)
+    ext = tmp / f"{name}.expired.ext"
+    ext.write_text(f"subjectAltName=DNS:{name}\n")
+    openssl("x509", "-req", "-in", str(csr), "-CA", str(ca.ca_pem), "-CAkey",
+            str(ca.dir / "ca.key"), "-CAcreateserial", "-days", "-1", "-sha256", "-extfile",
+            str(ext), "-out", str(crt), cwd=tmp)
+    return Served((crt, ca.ca_pem), key)

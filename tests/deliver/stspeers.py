@@ -4,6 +4,7 @@ HTTPS server (asyncio + ssl) that serves ``/.well-known/mta-sts.txt``."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import subprocess
 from dataclasses import dataclass, field
@@ -98,10 +99,14 @@ class PolicyServer:
 @dataclass
 class ReportReceiver(PolicyServer):
     """An HTTPS server taking TLS report POSTs (RFC 8460 §5.4): (head, body) of each it
-    accepted; the first ``refuse`` POSTs it answers 503 (``requests`` has every head)."""
+    accepted; the first ``refuse`` POSTs it answers 503 (``requests`` has every head).
+    With ``hold``, it reads a whole POST, sets ``held`` and never answers: the sender
+    cannot know whether the report arrived."""
 
     posts: list[tuple[str, bytes]] = field(default_factory=list)
     refuse: int = 0
+    hold: bool = False
+    held: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -110,6 +115,11 @@ class ReportReceiver(PolicyServer):
                           if line.lower().startswith("content-length:"))
             body = await reader.readexactly(length)
             self.requests.append(head)
+            if self.hold:
+                self.held.set()
+                with contextlib.suppress(OSError, ssl.SSLError):
+                    await reader.read()  # until the sender goes away
+                return
             status = b"200 OK"
             if self.refuse > 0:
                 self.refuse -= 1

@@ -126,10 +126,14 @@ def test_verify(pki: Pki, case: str, records: Callable[[Pki], list[Tlsa]], serve
         assert why is not None and expected in why
 
 
-def test_dane_ta_leaf_out_of_its_validity_period_fails(pki: Pki) -> None:
-    later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=30)
-    why = verify([Tlsa(2, 0, 1, cert_sha256(pki.ca.ca_pem))], pki.good.ders(), [MX], now=later)
-    assert why is not None and "validity" in why
+@pytest.mark.parametrize(("days", "expected"), [(30, "expired on"), (-30, "is not yet valid")],
+                         ids=["expired", "not-yet-valid"])
+def test_dane_ta_leaf_out_of_its_validity_period_fails_saying_which_way(
+    pki: Pki, days: int, expected: str,
+) -> None:
+    then = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=days)
+    why = verify([Tlsa(2, 0, 1, cert_sha256(pki.ca.ca_pem))], pki.good.ders(), [MX], now=then)
+    assert why is not None and why.startswith(f"certificate at depth 0 {expected}")
 
 
 def test_dane_ee_ignores_the_validity_period(pki: Pki) -> None:
@@ -162,9 +166,11 @@ def test_usable_keeps_dane_ta_and_dane_ee_records_only(record: Tlsa, kept: bool)
     (TlsaAnswer((), secure=True), None),  # no records: not a DANE host
     (TlsaAnswer((Tlsa(3, 1, 1, b"\1" * 32),), secure=False), None),  # insecure: ignored
     (TlsaAnswer((Tlsa(3, 1, 1, b"\1" * 32), Tlsa(1, 1, 1, b"\2" * 32)), secure=True),
-     HostPolicy("dane", (Tlsa(3, 1, 1, b"\1" * 32),))),
+     HostPolicy("dane", (Tlsa(3, 1, 1, b"\1" * 32),),
+                published=(Tlsa(3, 1, 1, b"\1" * 32), Tlsa(1, 1, 1, b"\2" * 32)))),
     # RFC 7672 §2.2: present but unusable -> TLS required, no authentication.
-    (TlsaAnswer((Tlsa(1, 1, 1, b"\2" * 32),), secure=True), HostPolicy("encrypt", ())),
+    (TlsaAnswer((Tlsa(1, 1, 1, b"\2" * 32),), secure=True),
+     HostPolicy("encrypt", (), published=(Tlsa(1, 1, 1, b"\2" * 32),))),
 ])
 def test_host_policy_follows_rfc7672_section_2_2(
     answer: TlsaAnswer, expected: HostPolicy | None

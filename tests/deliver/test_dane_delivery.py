@@ -174,7 +174,28 @@ async def test_dane_ta_with_a_certificate_for_another_name_defers(rig: Rig) -> N
     hop = await rig.mx1(rig.pki.wrong_name, 2, 0, 1, cert_sha256(rig.pki.ca.ca_pem))
     out = await rig.send(hop.port)
     assert _deferred_by_dane(out), out.reply
-    assert f"not valid for {MX1}" in out.reply
+    # RFC 7672 §3.2.2: the MX host name and the next-hop domain, nothing else.
+    assert f"not valid for {MX1}, {DOMAIN}" in out.reply
+    assert hop.mail_commands == 0
+
+
+async def test_dane_ta_accepts_a_certificate_for_the_next_hop_domain_alone(rig: Rig) -> None:
+    # RFC 7672 §3.2.2: the recipient domain, whose secure MX records named MX1, is a
+    # reference identifier as well as MX1 (a provider's certificate for its domain).
+    hop = await rig.mx1(from_ca(rig.pki.ca, DOMAIN), 2, 0, 1, cert_sha256(rig.pki.ca.ca_pem))
+    out = await rig.send(hop.port)
+    assert out.status is RcptStatus.DELIVERED, out.reply
+    assert [m.tls for m in hop.received] == [True]
+
+
+@pytest.mark.parametrize("name", [f"mx1.{DOMAIN}.example", f"sub.{DOMAIN}", "test"],
+                         ids=["suffixed", "subdomain", "parent"])
+async def test_dane_ta_refuses_names_that_only_resemble_the_next_hop_domain(
+    rig: Rig, name: str,
+) -> None:
+    hop = await rig.mx1(from_ca(rig.pki.ca, name), 2, 0, 1, cert_sha256(rig.pki.ca.ca_pem))
+    out = await rig.send(hop.port)
+    assert _deferred_by_dane(out), out.reply
     assert hop.mail_commands == 0
 
 
@@ -351,4 +372,4 @@ async def test_behind_a_cname_dane_ta_refuses_a_third_name(rig: Rig) -> None:
     rig.zone.tlsa(tlsa_name(TARGET, hop.port), 2, 0, 1, cert_sha256(rig.pki.ca.ca_pem))
     out = await rig.send(hop.port)
     assert _deferred_by_dane(out), out.reply
-    assert f"not valid for {MX1}, {TARGET}" in out.reply
+    assert f"not valid for {MX1}, {TARGET}, {DOMAIN}" in out.reply

@@ -10,13 +10,24 @@ import email
 import gzip
 import json
 import sqlite3
+import subprocess
+import sys
+import textwrap
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from danepeers import Served, self_signed, spki_sha256
+from danepeers import (
+    Served,
+    cert_sha256,
+    expired_from_ca,
+    from_ca,
+    issued_by,
+    self_signed,
+    spki_sha256,
+)
 from nexthop import DnsZone, NextHop
 from stspeers import PolicyServer, ReportReceiver, StsCa, make_ca, policy_response
 from tlsrptschema import problems
@@ -35,6 +46,7 @@ from gateway.envelope import Envelope
 from gateway.queue.spool import Spool
 from gateway.queue.state import RcptStatus
 
+ROOT = Path(__file__).resolve().parents[2]
 DOMAIN = "dst.test"
 MX1 = "mx1.dst.test"
 RCPT = f"u@{DOMAIN}"
@@ -242,6 +254,75 @@ async def test_dane_mismatch_then_match_are_counted_as_tlsa_sessions(
                                ("tlsa", "success", ""): 1}
     (failure,) = [k for k, _ in store.sessions(DAY) if k.result != "success"]
     assert failure.sending_ip == "127.0.0.1"  # our end of the failed session
+
+
+async def _dane_session(zone: DnsZone, data_dir: Path, served: Served,
+                        *tlsa: int | bytes) -> tuple[RcptStatus, TlsReportStore]:
+    """One message to DOMAIN, whose one MX host MX1 (all signed) publishes the TLSA
+    record ``tlsa`` (usage, selector, matching type, data) and presents ``served``:
+    how it went, and the store that counted the session."""
+    usage, selector, mtype, data = tlsa
+    assert isinstance(data, bytes)
+    store = open_store(data_dir)
+    hop = NextHop(tls_context=served.context())
+    await hop.start()
+    zone.mx(DOMAIN, 10, MX1)
+    zone.a(MX1, "127.0.0.1")
+    zone.secure(DOMAIN, MX1, tlsa_name(MX1, hop.port))
+    zone.tlsa(tlsa_name(MX1, hop.port), int(usage), int(selector), int(mtype), data)
+    try:
+        d = Deliverer(_cfg(data_dir, zone), resolver=_resolver(zone, dnssec=True),
+                      mx_port=hop.port, tls_reports=store, clock=lambda: IN_DAY)
+        status = await _send(d)
+    finally:
+        await hop.stop()
+    return status, store
+
+
+@pytest.fixture(scope="module")
+def dane_ta_chains(ca: StsCa, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Served]:
+    """Chains under ``ca`` that a DANE-TA record on it anchors, each failing one check."""
+    tmp = tmp_path_factory.mktemp("tlsrpt-dane-ta")
+    elsewhere = from_ca(ca, "elsewhere.test")
+    return {"another-name": elsewhere,
+            "expired": expired_from_ca(ca, tmp / "expired", MX1),
+            # A leaf for MX1 signed by another leaf's key: a chain error below the anchor.
+            "issued-by-a-leaf": issued_by(elsewhere, tmp / "forged", MX1)}
+
+
+@pytest.mark.parametrize(("chain", "result"), [
+    ("another-name", "certificate-host-mismatch"),
+    ("expired", "certificate-expired"),
+    ("issued-by-a-leaf", "certificate-not-trusted"),
+])
+async def test_a_dane_ta_chain_failing_a_check_counts_as_its_rfc8460_result_type(
+    dns_zone: DnsZone, ca: StsCa, dane_ta_chains: dict[str, Served], tmp_path: Path,
+    chain: str, result: str,
+) -> None:
+    status, store = await _dane_session(dns_zone, tmp_path, dane_ta_chains[chain],
+                                        2, 0, 1, cert_sha256(ca.ca_pem))
+    try:
+        assert status is RcptStatus.DEFERRED
+        assert _results(store) == {("tlsa", result, MX1): 1}
+    finally:
+        store.close()
+
+
+async def test_only_unusable_tlsa_records_count_as_tlsa_invalid_though_mail_goes(
+    dns_zone: DnsZone, selfsigned: Served, tmp_path: Path,
+) -> None:
+    # A PKIX-EE record, unusable for SMTP (RFC 7672 §3.1.3): TLS without authentication.
+    record = spki_sha256(selfsigned.leaf)
+    status, store = await _dane_session(dns_zone, tmp_path, selfsigned, 1, 1, 1, record)
+    try:
+        assert status is RcptStatus.DELIVERED
+        assert _results(store) == {("tlsa", "tlsa-invalid", MX1): 1}
+        ((key, _),) = store.sessions(DAY)
+    finally:
+        store.close()
+    # The report names the records the domain published, and where the session went.
+    assert key.policy_string == (f"1 1 1 {record.hex()}",)
+    assert (key.receiving_ip, key.sending_ip) == ("127.0.0.1", "127.0.0.1")
 
 
 def _counted(data_dir: Path) -> None:
@@ -548,3 +629,96 @@ def test_a_report_claimed_before_leases_existed_stays_settled(tmp_path: Path) ->
         assert store.claim(DAY, DOMAIN, "new", NEXT_MORNING, CLAIM_LEASE) == -1
     finally:
         store.close()
+
+
+def _doomed_reporter(data_dir: Path, zone: DnsZone, ca: StsCa) -> subprocess.Popen[str]:
+    """A worker process reporting the day after DAY, as a real Coffer worker would, to be
+    killed -9 while it sends."""
+    script = textwrap.dedent(f"""
+        import asyncio, ssl
+        from pathlib import Path
+        from gateway.config import (Config, DeliveryConfig, DnsConfig, RelayConfig,
+                                    TlsRptConfig)
+        from gateway.deliver.mx import MxResolver
+        from gateway.deliver.tlsrpt_send import TlsReporter
+        from gateway.deliver.tlsrpt_store import open_store
+        from gateway.queue.spool import Spool
+        data = Path({str(data_dir)!r})
+        cfg = Config(hostname="coffer.test", data_dir=data,
+                     relay=RelayConfig(local_domains=["src.test"]),
+                     delivery=DeliveryConfig(routes={{"*": "mx"}},
+                                             tls_rpt=TlsRptConfig(enabled=True)),
+                     dns=DnsConfig(nameservers=[{zone.nameserver!r}], timeout=2.0))
+        reporter = TlsReporter(cfg, open_store(data),
+                               MxResolver([{zone.nameserver!r}], timeout=2.0),
+                               Spool(data / "spool", fsync=False),
+                               context=ssl.create_default_context(cafile={str(ca.ca_pem)!r}),
+                               clock=lambda: {NEXT_MORNING!r}, who="doomed")
+        asyncio.run(reporter.tick())
+    """)
+    return subprocess.Popen([sys.executable, "-c", script], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+async def test_a_report_whose_send_a_crash_cut_short_is_not_sent_to_that_rua_again(
+    ca: StsCa, dns_zone: DnsZone, tmp_path: Path, events: Any,
+) -> None:
+    # The receiver reads the whole POST and never answers; the worker is killed -9
+    # meanwhile: whether the report counts as received is the receiver's secret.
+    (receiver,) = await _receivers(ca, 0)
+    receiver.hold = True
+    _https_rua(dns_zone, receiver)
+    uri = f"https://rua0.dst.test:{receiver.port}/"
+    _counted(tmp_path)
+    child = _doomed_reporter(tmp_path, dns_zone, ca)
+    try:
+        async with asyncio.timeout(30):
+            while not receiver.held.is_set():
+                assert child.poll() is None, child.communicate()[1]
+                await asyncio.sleep(0.02)
+    finally:
+        child.kill()
+        child.communicate()
+    marks = open_store(tmp_path)
+    try:
+        assert marks.interrupted(DAY, DOMAIN) == {uri}  # written before the POST
+        assert marks.served(DAY, DOMAIN) == set()
+    finally:
+        marks.close()
+    receiver.hold = False
+    now = [NEXT_MORNING + CLAIM_LEASE + 1]  # the dead worker's lease has run out
+    reporter = _reporter(tmp_path, dns_zone, ca, now)
+    try:
+        assert await reporter.tick() == [DOMAIN, "quiet.test"]
+        now[0] += 3 * RETRY_FIRST
+        assert await reporter.tick() == []  # settled: no retry either
+    finally:
+        await receiver.stop()
+        reporter.store.close()
+    assert (len(receiver.requests), receiver.posts) == (1, [])  # the first POST only
+    (cut,) = events("tlsrpt_interrupted")
+    assert (cut["domain"], cut["to"]) == (DOMAIN, uri)
+    assert cut["report_id"] == tlsrpt.report_id(DAY, DOMAIN, "coffer.test")
+    assert events("tlsrpt_sent") == [] and events("tlsrpt_failed") == []
+
+
+async def test_a_crash_before_the_send_leaves_no_mark_and_the_report_goes_out_once(
+    ca: StsCa, dns_zone: DnsZone, tmp_path: Path,
+) -> None:
+    # The guard of the test above: a claim without a mark (the worker died before it
+    # began to send) is an ordinary takeover, the report is sent.
+    receiver = await _one_rua(ca, dns_zone, tmp_path, 0)
+    dead = open_store(tmp_path)
+    assert dead.claim(DAY, DOMAIN, "dead", NEXT_MORNING, CLAIM_LEASE) == 0
+    assert dead.interrupted(DAY, DOMAIN) == set()
+    dead.close()
+    now = [NEXT_MORNING + CLAIM_LEASE + 1]
+    reporter = _reporter(tmp_path, dns_zone, ca, now)
+    try:
+        assert DOMAIN in await reporter.tick()
+        assert reporter.store.interrupted(DAY, DOMAIN) == set()  # the mark is gone
+        assert reporter.store.served(DAY, DOMAIN) == {f"https://rua0.dst.test:{receiver.port}/"}
+    finally:
+        await receiver.stop()
+        reporter.store.close()
+    assert len(receiver.posts) == 1
