@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
+from json.encoder import encode_basestring_ascii
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -151,6 +152,21 @@ class Archive:
 
     def exists(self, sha256: str) -> bool:
         return self.store.exists(sha256)
+
+    def stored_queue_id(self, qid: str, since: datetime) -> bool:
+        """Whether a message spooled under the queue id ``qid`` was stored at or after
+        ``since``: the gateway's archive stage writes the queue id into the
+        ``message_stored`` entry of every message it keeps (archive.receipts).
+
+        Reads only this node's ledger from ``since`` on (Ledger.entries_since: a
+        binary search into the segment, not the chain's history) and parses only the
+        lines that name the id.  Local files only: it answers while the metadata
+        database or the object storage is down.
+        """
+        # As the ledger writes it (ASCII JSON), quotes included: no other id matches.
+        needle = encode_basestring_ascii(qid).encode("ascii")
+        return any(e.kind == "message_stored" and e.fields.get("qid") == qid
+                   for e in self.ledger.entries_since(since, containing=needle))
 
     def shred(self, sha256: str, *, reason: str, delete_blob: bool = False,
               **fields: Any) -> LedgerEntry:

@@ -337,13 +337,16 @@ class Ledger:
                 return
             yield parse_entry(raw)
 
-    def entries_since(self, since: datetime) -> Iterator[LedgerEntry]:
+    def entries_since(self, since: datetime, *,
+                      containing: bytes | None = None) -> Iterator[LedgerEntry]:
         """The complete entries appended at or after ``since``, in order.
 
         Reads only the segments that can hold them: from the last one whose first
         entry is older than ``since`` (entry times follow the chain: each append
         stamps the clock under the lock).  A ledger sealed into many segments
-        answers "what is new" without reading its history.
+        answers "what is new" without reading its history.  ``containing``: only the
+        entries whose stored line holds these bytes (the others are not parsed: a
+        lookup of one identifier costs a byte search per line, not a JSON parse).
         """
         segs = segments(self.path)
         start = 0
@@ -361,6 +364,8 @@ class Ledger:
                 for line in fh:
                     if not line.endswith(b"\n"):
                         return  # a torn tail: not an entry (yet)
+                    if containing is not None and containing not in line:
+                        continue
                     entry = parse_entry(RawLine(seg, 0, line.rstrip(b"\n"), True))
                     if _entry_time(entry.time) >= since:
                         yield entry

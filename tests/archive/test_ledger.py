@@ -279,3 +279,15 @@ def test_entries_since_reads_the_tail_from_any_segment_layout(
         assert want[0] <= everything[k].seq
         assert [e.seq for e in ledger.entries_since(since)] == want
     assert list(ledger.entries_since(t0 + timedelta(days=1))) == []
+
+
+def test_entries_since_containing_yields_only_the_entries_whose_line_holds_the_bytes(
+        tmp_path: Path) -> None:
+    t0 = datetime(2026, 11, 1, tzinfo=UTC)
+    ledger = Ledger(tmp_path / "ledger", segment_entries=4, clock=lambda: t0)
+    ledger.append_many([("message_stored", {"qid": f"Q{n}", "sha256": "0" * 64})
+                        for n in range(10)])
+    found = list(ledger.entries_since(t0, containing=b'"Q7"'))
+    assert [e.fields["qid"] for e in found] == ["Q7"]
+    assert list(ledger.entries_since(t0, containing=b'"Q70"')) == []
+    assert len(list(ledger.entries_since(t0))) == 10

@@ -7,6 +7,7 @@ import hashlib
 import stat
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -443,3 +444,22 @@ def test_a_shred_in_another_writers_segment_is_still_a_shred(tmp_path: Path) -> 
     finally:
         a.close()
         b.close()
+
+
+def test_a_queue_id_is_found_among_messages_stored_since_the_given_time_only(
+        tmp_path: Path) -> None:
+    now = [datetime(2026, 11, 1, tzinfo=UTC)]
+    a = Archive.open(tmp_path, clock=lambda: now[0])
+    try:
+        a.put(b"first", {"qid": "019A00000000AAAA"})
+        now[0] += timedelta(hours=1)
+        a.put(b"second", {"qid": "019A00000000BBBB"})
+        a.append("audit", qid="019A00000000CCCC")  # names an id, stores no message
+        since = now[0]
+        assert a.stored_queue_id("019A00000000BBBB", since)
+        assert not a.stored_queue_id("019A00000000AAAA", since)  # before the bound: unread
+        assert a.stored_queue_id("019A00000000AAAA", since - timedelta(hours=2))
+        assert not a.stored_queue_id("019A00000000CCCC", since - timedelta(hours=2))
+        assert not a.stored_queue_id("019A00000000BBB", since)  # a prefix is another id
+    finally:
+        a.close()
