@@ -366,6 +366,18 @@ class ArchiveStage:
             return StageResult(action=Action.TEMPFAIL, reply=ARCHIVE_UNAVAILABLE,
                                reason=f"archive backend unavailable: {reason}")
 
+    def archived(self, qid: str, since: float) -> bool:
+        """Whether the message spooled under ``qid`` was archived at or after ``since``
+        (seconds since the epoch).  Blocking (reads the ledger: run it in a thread).
+
+        The queue worker asks this about a notice a crash left unsettled and the
+        spool no longer has: nothing is delivered before this stage stored it, so a
+        queue id the archive does not know was never delivered (gateway.queue.worker).
+        The ledger is this node's own files: the answer needs neither the metadata
+        database nor the object storage.
+        """
+        return self.archive.stored_queue_id(qid, datetime.fromtimestamp(since, UTC))
+
     def probe(self) -> None:
         """Raise unless the metadata database and the blob store answer (a cheap request)
         and the archive's local files have room to grow (after a full disk)."""
@@ -464,6 +476,10 @@ class ArchivePending:
     async def run(self, ctx: MessageContext) -> StageResult:
         return StageResult(action=Action.TEMPFAIL, reply=ARCHIVE_UNAVAILABLE,
                            reason=f"archive backend unavailable: {self.health.reason}")
+
+    def archived(self, qid: str, since: float) -> bool:
+        """ArchiveStage.archived, which cannot be answered before the archive opens."""
+        raise ArchiveError(f"the archive is not open yet: {self.health.reason}")
 
     def open(self) -> ArchiveStage:
         """The real stage, sharing this health flag (blocking I/O: run it in a thread)."""

@@ -204,6 +204,15 @@ def new_queue_id(now: float | None = None) -> str:
     return f"{ms:012X}{secrets.token_hex(4).upper()}"
 
 
+def queue_id_time(qid: str) -> float:
+    """When a queue id was made (:func:`new_queue_id`), in seconds since the epoch;
+    ValueError when it does not start with 12 hex digits."""
+    head = qid[:12]
+    if len(head) != 12 or not all(c in "0123456789abcdefABCDEF" for c in head):
+        raise ValueError(f"queue id {qid!r} does not start with its time")
+    return int(head, 16) / 1000.0
+
+
 @dataclass(slots=True, frozen=True)
 class PendingStore:
     """A message written under ``tmp/`` (Spool.begin), waiting for Spool.commit."""

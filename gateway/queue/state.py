@@ -45,9 +45,12 @@ class NoticeState(StrEnum):
     A notice is recorded ``spooling`` (with the queue id it will have) before it is
     written to the spool, and ``spooled`` or ``refused`` after: it counts as sent
     only once it is durable, and one the spool refused is made again.  A ``spooling``
-    left by a crash is settled from the spool: still there, ``spooled``; gone,
-    ``unconfirmed`` (spooled and already sent, or never written): never made again,
-    as a lost notice is preferred to a duplicate.
+    left by a crash is settled from the spool: still there, ``spooled``; gone, from
+    the archive, which every spooled message passes before delivery: archived,
+    ``spooled`` (sent); not archived, never written, so made again under the same
+    queue id.  ``unconfirmed`` only when no archive can answer (none, or one that
+    could not until ``queue.max_age``): never made again, as a lost notice is
+    preferred to a duplicate (gateway.queue.worker.QueueWorker._settle_notices).
     """
 
     SPOOLING = "spooling"

@@ -42,7 +42,11 @@ For each due message (not held, not locked by another process: ``Spool.claim``):
    then the message is removed.  Each notice (failure, success, delay) is recorded
    in the message's log with the queue id it will have before it is spooled, and
    as spooled (or refused) after: a retry makes only the notices the spool refused,
-   and a crash in between never makes a second copy (``state.NoticeState``).  If
+   and a crash in between never makes a second copy (``state.NoticeState``).  A
+   notice a crash left unsettled that the spool no longer has is asked of the
+   archive, which every spooled message passes before delivery: archived, it was
+   sent; unknown there, it was never written, and is made again
+   (:meth:`QueueWorker._settle_notices`).  If
    the delivery attempt itself made every recipient final without a bounce,
    removing the message is the durable record: the window in which a crash
    repeats the delivery is the same as with a log write first, and it saves an
@@ -59,9 +63,10 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from gateway import log, metrics, replies
+from gateway.archive_health import ARCHIVE_UNAVAILABLE, describe
 from gateway.config import Config
 from gateway.deliver.deliverer import Outcome
 from gateway.deliver.dsn import ReportedRecipient, build_dsn
@@ -72,7 +77,13 @@ from gateway.journal_intake import is_journal_copy
 from gateway.offload import in_thread
 from gateway.pipeline import Action, MessageContext, Stage, apply
 from gateway.queue import scheduler
-from gateway.queue.spool import Spool, SpooledMessage, new_queue_id, store_from_loop
+from gateway.queue.spool import (
+    Spool,
+    SpooledMessage,
+    new_queue_id,
+    queue_id_time,
+    store_from_loop,
+)
 from gateway.queue.state import (
     FINAL_STATUSES,
     NoticeState,
@@ -98,6 +109,23 @@ class DeliveryBackend(Protocol):
     async def aclose(self) -> None: ...
 
 
+@runtime_checkable
+class NoticeArchive(Protocol):
+    """What the worker asks the archive stage (gateway.archive_stage) about a notice a
+    crash left unsettled and the spool no longer has."""
+
+    def archived(self, qid: str, since: float) -> bool:
+        """Whether the message spooled under ``qid`` was archived at or after ``since``
+        (seconds since the epoch).  Blocking; raises when the archive cannot answer."""
+        ...
+
+
+# How far before a notice's queue id time its archiving is looked for: the wall clock
+# may be stepped back (NTP) between the id's making and the ledger's entry, both
+# stamped from it.  The ledger is searched from there on only (Ledger.entries_since).
+NOTICE_CLOCK_SLACK = 600.0
+
+
 def message_id(data: bytes) -> str:
     """The Message-ID of a message ("" if none), looked up in the header section only."""
     end = data.find(b"\r\n\r\n")
@@ -111,7 +139,7 @@ def arrival_time(qid: str, envelope: Envelope) -> float:
     if envelope.received_at:
         return envelope.received_at
     try:
-        return int(qid[:12], 16) / 1000.0  # new_queue_id: 12 hex digits of milliseconds
+        return queue_id_time(qid)
     except ValueError:
         return 0.0
 
@@ -385,8 +413,8 @@ class QueueWorker:
         now = self.clock()
         if st.next_attempt_at > now:
             return  # not due: a stale notification, or another process deferred it
-        if st.unsettled_notices:
-            await self._settle_notices(msg, st)
+        if st.unsettled_notices and not await self._settle_notices(msg, st):
+            return  # deferred: the archive cannot tell yet whether a notice was sent
         if st.finished:
             # Every recipient is final but the message is still here: a crash
             # between the last record and the removal.  Finish it.
@@ -662,15 +690,8 @@ class QueueWorker:
             raise
         self._log_attempt(msg, mid, attempts, events)
         if delayed:
-            requests = recipient_requests(msg.envelope)
-            outcome = await self._spool_notice(msg, delay_notice, [
-                ReportedRecipient(
-                    r.address, r.reply, remote.get(r.address, ""), action="delayed",
-                    will_retry_until=arrived + self.cfg.queue.max_age,
-                    original_recipient=requests.get(
-                        r.address, RecipientRequest()).original_recipient)
-                for r in delayed
-            ])
+            outcome = await self._spool_notice(msg, delay_notice, self._reported(
+                msg, st, "delay", [r.address for r in delayed], remote))
             await self._io(self.spool.append_events, qid, [outcome])
         if st.finished:
             await self._finish(msg, st, remote)
@@ -738,27 +759,47 @@ class QueueWorker:
             # missing one, never a second copy of one already spooled.
             notices: list[tuple[str, list[ReportedRecipient]]] = []
             if bounced and not st.notice_made("failure"):
-                notices.append(("failure", [
-                    ReportedRecipient(
-                        r.address, r.reply, remote.get(r.address, ""),
-                        expired=r.reply.startswith("4"),
-                        original_recipient=requests.get(
-                            r.address, RecipientRequest()).original_recipient)
-                    for r in bounced
-                ]))
+                notices.append(("failure", self._reported(
+                    msg, st, "failure", [r.address for r in bounced], remote, requests)))
             if succeeded and not st.notice_made("success"):
-                notices.append(("success", [
-                    ReportedRecipient(
-                        r.address, r.reply, r.remote,
-                        action="delivered" if r.notice == "delivered" else "relayed",
-                        original_recipient=requests.get(
-                            r.address, RecipientRequest()).original_recipient)
-                    for r in succeeded
-                ]))
+                notices.append(("success", self._reported(
+                    msg, st, "success", [r.address for r in succeeded], remote, requests)))
             if notices and not await self._send_notices(msg, notices):
                 return  # kept (every recipient is final): the next scan tries again
         await self._remove(msg)
         log.event("done", qid=qid, message_id=message_id(msg.data), attempts=st.attempts)
+
+    def _reported(
+        self, msg: SpooledMessage, st: QueueState, kind: str, addresses: list[str],
+        remote: dict[str, str], requests: dict[str, RecipientRequest] | None = None,
+    ) -> list[ReportedRecipient]:
+        """What a notice of ``kind`` says about each of ``addresses`` (RFC 3464 §2.3),
+        from their recorded state: a failure (its last reply; a 4xx one expired), a
+        success ("delivered" or "relayed", RFC 3464 §2.3.3) or a delay (retried until
+        ``queue.max_age``).  ``remote``: the host each one last reached, where known."""
+        if requests is None:
+            requests = recipient_requests(msg.envelope)
+        until = arrival_time(msg.qid, msg.envelope) + self.cfg.queue.max_age
+        out: list[ReportedRecipient] = []
+        for addr in addresses:
+            r = st.recipients.get(addr)
+            if r is None:
+                continue
+            orcpt = requests.get(addr, RecipientRequest()).original_recipient
+            if kind == "failure":
+                out.append(ReportedRecipient(addr, r.reply, remote.get(addr, ""),
+                                             expired=r.reply.startswith("4"),
+                                             original_recipient=orcpt))
+            elif kind == "success":
+                out.append(ReportedRecipient(
+                    addr, r.reply, r.remote,
+                    action="delivered" if r.notice == "delivered" else "relayed",
+                    original_recipient=orcpt))
+            else:
+                out.append(ReportedRecipient(addr, r.reply, remote.get(addr, ""),
+                                             action="delayed", will_retry_until=until,
+                                             original_recipient=orcpt))
+        return out
 
     def _notice_event(self, kind: str, rcpts: list[str], now: float) -> dict[str, Any]:
         """The record of a notice about to be spooled, with the queue id it will have."""
@@ -781,20 +822,106 @@ class QueueWorker:
         await self._io(self.spool.append_events, msg.qid, outcomes)
         return all(o["state"] == NoticeState.SPOOLED for o in outcomes)
 
-    async def _settle_notices(self, msg: SpooledMessage, st: QueueState) -> None:
-        """Give each notice a crash left ``spooling`` its outcome, from the spool."""
+    async def _settle_notices(self, msg: SpooledMessage, st: QueueState) -> bool:
+        """Give each notice a crash left ``spooling`` its outcome; False when the
+        message waits for the archive to answer (deferred, its log says until when).
+
+        Still in the spool: ``spooled``.  Gone from it: sent (archived, delivered and
+        removed), or never written.  Every spooled message passes the archive stage
+        before it is delivered (nothing is delivered unarchived), and the archive's
+        ledger records its queue id, so the archive tells them apart: archived, the
+        notice is ``spooled``; unknown there, it never left and is made again under
+        the same queue id (a crash during the remake settles the same way).
+
+        When the archive cannot answer (not open yet: its backend was down at start;
+        its ledger unreadable) the message is deferred like mail an archive outage
+        deferred, and retried when the archive is back (gateway.service), until
+        ``queue.max_age`` after the notice was made.  Then, or with no archive stage
+        at all, the notice is ``unconfirmed`` and not made again: a lost notice is
+        preferred to a duplicate.
+        """
+        archive = next((s for s in self.stages if isinstance(s, NoticeArchive)), None)
+        now = self.clock()
         events: list[dict[str, Any]] = []
+        waiting: dict[str, float] = {}  # unanswered notice -> when it was made
+        why = ""
         for dsn_qid in st.unsettled_notices:
             notice = st.notices[dsn_qid]
-            spooled = await self._io(self.spool.exists, dsn_qid)
-            notice.state = NoticeState.SPOOLED if spooled else NoticeState.UNCONFIRMED
-            events.append({"ev": "notice", "kind": notice.kind, "dsn_qid": dsn_qid,
-                           "state": str(notice.state)})
-            if not spooled:
+            if await self._io(self.spool.exists, dsn_qid):
+                notice.state = NoticeState.SPOOLED
+                events.append(self._settled(notice.kind, dsn_qid, notice.state))
+                continue
+            try:
+                made = queue_id_time(dsn_qid)
+            except ValueError as exc:
+                made, why = 0.0, str(exc)
+                archived = None
+            else:
+                archived, why = await self._archived(archive, dsn_qid, made)
+            if archived:
+                notice.state = NoticeState.SPOOLED
+                events.append(self._settled(notice.kind, dsn_qid, notice.state))
+                log.event("dsn_archived", qid=msg.qid, dsn_qid=dsn_qid, kind=notice.kind)
+            elif archived is not None:
+                outcome = await self._remake(msg, st, dsn_qid, notice.kind, notice.rcpts)
+                notice.state = NoticeState(outcome["state"])
+                events.append(outcome)
+            elif archive is not None and made and not scheduler.expired(
+                    made, now, self.cfg.queue):
+                waiting[dsn_qid] = made
+            else:
                 # Spooled and already sent, or lost in the crash: not made again.
+                notice.state = NoticeState.UNCONFIRMED
+                events.append(self._settled(notice.kind, dsn_qid, notice.state))
                 log.event("dsn_unconfirmed", level=logging.WARNING, qid=msg.qid,
-                          dsn_qid=dsn_qid, kind=notice.kind, recipients=notice.rcpts)
+                          dsn_qid=dsn_qid, kind=notice.kind, recipients=notice.rcpts,
+                          reason=why)
+        if waiting:
+            # Like a TEMPFAIL of the archive stage, and with its reply: the archive's
+            # return retries it at once (service._retry_deferred_by_archive).
+            attempts = st.attempts + 1
+            next_at = scheduler.next_attempt(min(waiting.values()), attempts, now,
+                                             self.cfg.queue, self.rand) or now
+            events.append({"ev": "attempt", "attempts": attempts, "next_at": next_at,
+                           "error": str(ARCHIVE_UNAVAILABLE)})
+            log.event("dsn_settle_deferred", level=logging.WARNING, qid=msg.qid,
+                      dsn_qids=list(waiting), error=why, next_at=next_at)
         await self._io(self.spool.append_events, msg.qid, events)
+        return not waiting
+
+    @staticmethod
+    def _settled(kind: str, dsn_qid: str, state: NoticeState) -> dict[str, Any]:
+        return {"ev": "notice", "kind": kind, "dsn_qid": dsn_qid, "state": str(state)}
+
+    async def _archived(
+        self, archive: NoticeArchive | None, dsn_qid: str, made: float
+    ) -> tuple[bool | None, str]:
+        """Whether the archive stored the notice ``dsn_qid`` (made at ``made``); None
+        when it cannot answer, with the reason."""
+        if archive is None:
+            return None, "no archive stage"
+        try:
+            # Bounded by the notice's time: the ledger is read from there on only.
+            return await self._io(archive.archived, dsn_qid, made - NOTICE_CLOCK_SLACK), ""
+        except Exception as exc:  # not an answer: never made again on a guess
+            return None, describe(exc)
+
+    async def _remake(
+        self, msg: SpooledMessage, st: QueueState, dsn_qid: str, kind: str, rcpts: list[str]
+    ) -> dict[str, Any]:
+        """Make again a notice the crash kept from being written, under its queue id;
+        the event recording the outcome (spooled, or refused by the spool)."""
+        reported = self._reported(msg, st, kind, rcpts, {})
+        if not reported:  # recipients this log does not know: nothing to report
+            log.event("dsn_unconfirmed", level=logging.WARNING, qid=msg.qid,
+                      dsn_qid=dsn_qid, kind=kind, recipients=rcpts,
+                      reason="its recipients are not in the message's log")
+            return self._settled(kind, dsn_qid, NoticeState.UNCONFIRMED)
+        outcome = await self._spool_notice(msg, {"kind": kind, "dsn_qid": dsn_qid}, reported)
+        outcome["remade"] = True
+        log.event("dsn_remade", qid=msg.qid, dsn_qid=dsn_qid, kind=kind,
+                  recipients=rcpts, state=outcome["state"])
+        return outcome
 
     async def _spool_notice(
         self, msg: SpooledMessage, record: dict[str, Any], reported: list[ReportedRecipient]
