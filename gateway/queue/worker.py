@@ -844,7 +844,7 @@ class QueueWorker:
         now = self.clock()
         events: list[dict[str, Any]] = []
         waiting: dict[str, float] = {}  # unanswered notice -> when it was made
-        why = ""
+        waiting_why = ""
         for dsn_qid in st.unsettled_notices:
             notice = st.notices[dsn_qid]
             if await self._io(self.spool.exists, dsn_qid):
@@ -868,7 +868,7 @@ class QueueWorker:
                 events.append(outcome)
             elif archive is not None and made and not scheduler.expired(
                     made, now, self.cfg.queue):
-                waiting[dsn_qid] = made
+                waiting[dsn_qid], waiting_why = made, why
             else:
                 # Spooled and already sent, or lost in the crash: not made again.
                 notice.state = NoticeState.UNCONFIRMED
@@ -885,7 +885,7 @@ class QueueWorker:
             events.append({"ev": "attempt", "attempts": attempts, "next_at": next_at,
                            "error": str(ARCHIVE_UNAVAILABLE)})
             log.event("dsn_settle_deferred", level=logging.WARNING, qid=msg.qid,
-                      dsn_qids=list(waiting), error=why, next_at=next_at)
+                      dsn_qids=list(waiting), error=waiting_why, next_at=next_at)
         await self._io(self.spool.append_events, msg.qid, events)
         return not waiting
 
