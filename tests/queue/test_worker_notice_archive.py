@@ -88,9 +88,10 @@ def _bounce(rig: Rig) -> str:
 
 
 async def _crash_at_the_notice(rig: Rig, monkeypatch: pytest.MonkeyPatch, *,
-                               written: bool) -> tuple[str, str]:
-    """Bounce a message; the process dies as it spools the failure notice, before the
-    spool ``written`` it or after.  (message qid, notice qid) as the crash left them."""
+                               written: bool, qid: str = "") -> tuple[str, str]:
+    """Try a message (default: one that bounces); the process dies as it spools the
+    notice, before the spool ``written`` it or after.  (message qid, notice qid) as the
+    crash left them."""
     real = worker_module.store_from_loop
 
     async def killed(*args: Any, **kwargs: Any) -> str:
@@ -98,7 +99,7 @@ async def _crash_at_the_notice(rig: Rig, monkeypatch: pytest.MonkeyPatch, *,
             await real(*args, **kwargs)
         raise RuntimeError("killed at the notice's spool write")
 
-    qid = _bounce(rig)
+    qid = qid or _bounce(rig)
     monkeypatch.setattr(worker_module, "store_from_loop", killed)
     await rig.worker.run_due()
     monkeypatch.undo()
@@ -132,6 +133,34 @@ async def test_a_notice_never_written_before_the_crash_is_made_again_once_and_de
     assert kept.archive.stored_queue_id(
         dsn_qid, datetime.fromtimestamp(queue_id_time(dsn_qid), UTC))
     assert events("dsn_unconfirmed") == []
+
+
+async def test_a_delay_notice_never_written_is_made_again_and_the_message_retried_as_before(
+    make_rig: Callable[..., Rig], nexthop: NextHop, kept: Kept, clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch, events: Callable[[str], list[dict[str, Any]]],
+) -> None:
+    nexthop.rules = {"b@dst.test": "451 4.3.0 Try later"}
+    rig = make_rig(stages=[kept.stage], retry_initial=300.0, retry_max=300.0,
+                   delay_warning=600.0)
+    qid = rig.store("b@dst.test")
+    await rig.worker.run_due()
+    clock.advance(600)  # the next attempt owes the sender a "delayed" notice
+    _, dsn_qid = await _crash_at_the_notice(rig, monkeypatch, written=False, qid=qid)
+    clock.advance(300)
+    for _ in range(2):
+        await rig.worker.run_due()
+    [remade] = events("dsn_remade")
+    assert (remade["dsn_qid"], remade["kind"]) == (dsn_qid, "delay")
+    [notice] = [m for m in nexthop.received if m.rcpt_tos == ["alice@src.test"]]
+    report = parse_report(notice.data)
+    assert report.top["Subject"] == "Delayed Mail (still being retried)"
+    assert [(r["Final-Recipient"], r["Action"]) for r in report.recipients] == [
+        ("rfc822; b@dst.test", "delayed")]
+    assert rig.spool.queue_ids() == [qid]  # still retried, and warned once only
+    nexthop.rules.clear()
+    clock.advance(300)
+    await rig.worker.run_due()
+    assert rig.spool.queue_ids() == [] and len(_notices_to_sender(nexthop)) == 1
 
 
 async def test_a_notice_archived_delivered_and_removed_before_the_restart_is_not_made_again(
