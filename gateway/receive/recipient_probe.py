@@ -131,6 +131,8 @@ class RecipientProber:
             future: _Answer = loop.create_future()
             asked[mailbox.address] = (key, self._track(key, future))
         if asked:
+            log.event("recipient_verify_together", logging.DEBUG, next_hop=dest.label,
+                      recipients=len(asked))
             task = asyncio.create_task(self._probe_many(dest, asked),
                                        name=f"verify {len(asked)} at {dest.label}")
             self._batches.add(task)
