@@ -289,12 +289,16 @@ class RecipientGate:
     def would_probe(self, mailbox: Mailbox) -> Destination | None:
         """Where :meth:`refusal` would probe ``mailbox`` now (listed, verified, nothing
         remembered, no probe under way); None if it would not."""
-        if self.prober is None or self.rules.unlisted(mailbox) is not None:
-            return None
-        dest = self.rules.probe_target(mailbox)
-        if dest is None or not self.prober.wants(mailbox):
+        dest = self._probe_target(mailbox)
+        if dest is None or self.prober is None or not self.prober.wants(mailbox):
             return None
         return dest
+
+    def _probe_target(self, mailbox: Mailbox) -> Destination | None:
+        """Where ``mailbox`` is verified, if it is (listed, a verified route)."""
+        if self.prober is None or self.rules.unlisted(mailbox) is not None:
+            return None
+        return self.rules.probe_target(mailbox)
 
     def probe_together(self, mailboxes: list[Mailbox]) -> int:
         """Start probing, one session per next hop, those of ``mailboxes`` that
@@ -305,7 +309,7 @@ class RecipientGate:
             return 0
         by_hop: dict[Destination, list[Mailbox]] = {}
         for mailbox in mailboxes:
-            dest = self.would_probe(mailbox)
+            dest = self._probe_target(mailbox)  # the prober leaves out what it knows
             if dest is not None:
                 by_hop.setdefault(dest, []).append(mailbox)
         return sum(self.prober.probe_together(dest, group) for dest, group in by_hop.items())

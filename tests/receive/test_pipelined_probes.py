@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from nexthop import DROP, NextHop
@@ -235,3 +236,16 @@ async def test_a_probe_under_way_is_joined_not_repeated(
     assert await first.line() == OK
     assert hop.rcpt_args.count(f"TO:<slow@{LOCAL}>") == 1
     assert hop.rcpt_args[-2:] == [f"TO:<a@{LOCAL}>", f"TO:<b@{LOCAL}>"]
+
+
+async def test_recipients_the_list_refuses_are_never_probed(
+    start_gateway: StartGateway, raw: Connect, hops: list[NextHop], tmp_path: Path,
+) -> None:
+    hop = await _hop(hops, pipelining=True)
+    (tmp_path / "recipients.txt").write_text(f"a@{LOCAL}\nb@{LOCAL}\n")
+    gw = await _gateway(start_gateway, hop, file="recipients.txt")
+    replies, _, _ = await _pipeline(gw, raw, _at("a", "mallory", "b"))
+    assert replies == [OK, f"550 5.1.1 <mallory@{LOCAL}>: Recipient address rejected: "
+                           "user unknown", OK]
+    assert hop.rcpt_args == [f"TO:<a@{LOCAL}>", f"TO:<b@{LOCAL}>"]
+    assert hop.mail_commands == 1
