@@ -407,6 +407,7 @@ class SmtpClient:
     async def probe_many(
         self, dest: Destination, rcpts: Sequence[str],
         answer: Callable[[str, ProbeResult], None],
+        on_mail: Callable[[], None] = lambda: None,
     ) -> None:
         """:meth:`probe` for several recipients in one session: ``MAIL FROM:<>``, every
         ``RCPT TO``, ``RSET``; pipelined as one group when the next hop offers PIPELINING
@@ -418,7 +419,9 @@ class SmtpClient:
         them, as it would each one's own probe.  A ``421`` to an RCPT, or a connection
         lost or timed out at one, answers that recipient as its own probe would have
         been answered and ends the session: the recipients after it are left
-        unanswered, for the caller to ask about again."""
+        unanswered, for the caller to ask about again.  ``on_mail()`` is called when
+        the next hop has accepted ``MAIL FROM:<>``: from then on a stall is a
+        recipient's, before it the session's."""
         answered: set[str] = set()
 
         def reply(rcpt: str, result: ProbeResult) -> None:
@@ -435,7 +438,7 @@ class SmtpClient:
             return
 
         async def ask(conn: _Conn) -> tuple[None, bool]:
-            return None, await self._probe_many(conn.smtp, dest, asked, reply)
+            return None, await self._probe_many(conn.smtp, dest, asked, reply, on_mail)
 
         result = await self._on_connection(dest, ask)
         if isinstance(result, _SessionError):
@@ -445,7 +448,7 @@ class SmtpClient:
 
     async def _probe_many(
         self, smtp: aiosmtplib.SMTP, dest: Destination, rcpts: list[str],
-        reply: Callable[[str, ProbeResult], None],
+        reply: Callable[[str, ProbeResult], None], on_mail: Callable[[], None],
     ) -> bool:
         """The session of :meth:`probe_many`; whether the connection can be reused.
         _SessionError before any recipient is answered (so a stale pooled connection
@@ -463,12 +466,14 @@ class SmtpClient:
                         reply(rcpt, ProbeResult("553 5.6.7 Next hop does not support "
                                                 "SMTPUTF8", answered=False))
         if self.pipelining and smtp.supports_extension("pipelining") and _plain("", asked):
-            return await self._probe_group(smtp, dest, asked, options, encoding, reply)
-        return await self._probe_each(smtp, dest, asked, options, encoding, reply)
+            return await self._probe_group(smtp, dest, asked, options, encoding, reply,
+                                           on_mail)
+        return await self._probe_each(smtp, dest, asked, options, encoding, reply, on_mail)
 
     async def _probe_each(
         self, smtp: aiosmtplib.SMTP, dest: Destination, rcpts: list[str],
         options: list[str], encoding: str, reply: Callable[[str, ProbeResult], None],
+        on_mail: Callable[[], None],
     ) -> bool:
         """One command at a time, each answered as :meth:`_probe` answers it."""
         if not rcpts:
@@ -485,6 +490,7 @@ class SmtpClient:
             return smtp.is_connected
         except (SMTPException, OSError, TimeoutError) as exc:
             raise _SessionError(_network_reply(exc, dest)) from None
+        on_mail()
         for rcpt in rcpts:
             try:
                 resp = await _command(smtp, b"RCPT TO:", rcpt, (), encoding, (250, 251))
@@ -507,6 +513,7 @@ class SmtpClient:
     async def _probe_group(
         self, smtp: aiosmtplib.SMTP, dest: Destination, rcpts: list[str],
         options: list[str], encoding: str, reply: Callable[[str, ProbeResult], None],
+        on_mail: Callable[[], None],
     ) -> bool:
         """:meth:`_probe_each` as one RFC 2920 group ``MAIL``, ``RCPT``..., ``RSET``,
         its replies read in order (§3.2) by a :class:`_ReplyReader`; the same answers."""
@@ -534,6 +541,8 @@ class SmtpClient:
             if mail.code == 421:
                 smtp.close()
                 raise _SessionError(refused)
+            if not refused:
+                on_mail()
             for rcpt in rcpts:
                 try:
                     resp = await reader.read(timeout)

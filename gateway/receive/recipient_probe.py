@@ -21,7 +21,8 @@ which asks each next hop about all of them in one session
 joins that probe.  Every recipient's reply must come within the timeout of the one
 before it, so each is bounded as its own probe would be; one that gets none (a
 timeout, a 421, a lost connection) is answered as its own probe would have been,
-and those after it are asked again at their turn.
+and those after it are asked again at their turn.  A next hop that stalls before
+any RCPT stalls every recipient's probe alike: all are undetermined after one timeout.
 """
 
 from __future__ import annotations
@@ -168,6 +169,11 @@ class RecipientProber:
         first within the timeout of the start), as if each recipient had its own probe."""
         self.probes += 1
         waiting = dict(asked)
+        mail_accepted = False
+
+        def on_mail() -> None:
+            nonlocal mail_accepted
+            mail_accepted = True
 
         def settle(address: str, result: ProbeResult) -> bool:
             entry = waiting.pop(address, None)
@@ -184,11 +190,14 @@ class RecipientProber:
                     if settle(address, result):
                         deadline.reschedule(asyncio.get_running_loop().time() + self.timeout)
 
-                await self.client.probe_many(dest, list(waiting), answer)
+                await self.client.probe_many(dest, list(waiting), answer, on_mail)
         except TimeoutError:
-            # The recipient whose reply was awaited gets its own probe's answer; the
-            # rest were not asked yet, as far as anyone knows.
-            for address in list(waiting)[:1]:
+            # Stalled before MAIL FROM:<> was accepted (connect, greeting, TLS): each
+            # recipient's own probe would have stalled there too, so all are answered
+            # now rather than after a timeout each.  Stalled at an RCPT: that recipient
+            # gets its own probe's answer; the rest were not asked yet, as far as
+            # anyone knows.
+            for address in list(waiting) if not mail_accepted else list(waiting)[:1]:
                 settle(address, self._timed_out(dest))
         except Exception as exc:  # as in _probe: every recipient left is unverified
             for address in list(waiting):

@@ -156,3 +156,22 @@ async def test_an_address_that_would_split_the_command_line_is_never_sent() -> N
     assert got["x@dst.test\r\nRSET"] == ProbeResult("553 5.1.3 Invalid recipient address",
                                                     answered=False)
     assert hop.rcpt_args == ["TO:<a@dst.test>"]
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelined", "one-by-one"])
+async def test_on_mail_says_when_the_null_sender_was_accepted(pipelining: bool) -> None:
+    hop = NextHop(pipelining=pipelining)
+    await hop.start()
+    client = _client()
+    dest = Destination("127.0.0.1", hop.port, "off", "nexthop.test")
+    calls: list[str] = []
+    try:
+        await client.probe_many(dest, RCPTS[:2], lambda _r, _p: None,
+                                lambda: calls.append("accepted"))
+        hop.mail_reply = "550 5.7.1 Null sender refused"
+        await client.probe_many(dest, RCPTS[2:], lambda _r, _p: None,
+                                lambda: calls.append("refused"))
+    finally:
+        await client.aclose()
+        await hop.stop()
+    assert calls == ["accepted"]

@@ -249,3 +249,16 @@ async def test_recipients_the_list_refuses_are_never_probed(
                            "user unknown", OK]
     assert hop.rcpt_args == [f"TO:<a@{LOCAL}>", f"TO:<b@{LOCAL}>"]
     assert hop.mail_commands == 1
+
+
+async def test_a_next_hop_that_stalls_before_any_rcpt_costs_one_timeout_not_one_each(
+    start_gateway: StartGateway, raw: Connect, hops: list[NextHop],
+) -> None:
+    # Stuck at MAIL FROM:<>: every recipient's own probe would have stuck there too.
+    hop = await _hop(hops, pipelining=True, mail_delay=3.0)
+    gw = await _gateway(start_gateway, hop, verify_timeout="300ms")
+    users = ("a", "b", "c", "d", "e")
+    replies, elapsed, _ = await _pipeline(gw, raw, _at(*users))
+    assert replies == [UNVERIFIED.format(f"{u}@{LOCAL}") for u in users]
+    assert elapsed < 3 * 0.3  # one after another: five timeouts, 1.5 s
+    assert hop.mail_commands == 1
