@@ -150,11 +150,13 @@ class RecipientsConfig(_Model):
     )
     verify: bool = Field(
         False, description="Probe the next hop (delivery.routes smtp:// or smtps://) with "
-        "MAIL FROM:<> and RCPT TO before answering RCPT, and cache its answer",
+        "MAIL FROM:<> and RCPT TO before answering RCPT, and cache its answer; RCPTs a "
+        "client pipelines are probed together, in one next-hop session",
     )
     verify_timeout: Duration = Field(
         10.0, gt=0, description="Longest a probe may take (connect included); then the "
-        "recipient is undetermined",
+        "recipient is undetermined. Recipients probed together: each one's reply may take "
+        "this long after the one before",
     )
     positive_ttl: Duration = Field(
         7 * 86400.0, gt=0, description="How long a recipient the next hop accepted is "

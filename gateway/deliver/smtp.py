@@ -404,6 +404,179 @@ class SmtpClient:
         await _rset(smtp)
         return ProbeResult(_fmt(resp.code, resp.message), answered=True), smtp.is_connected
 
+    async def probe_many(
+        self, dest: Destination, rcpts: Sequence[str],
+        answer: Callable[[str, ProbeResult], None],
+        on_mail: Callable[[], None] = lambda: None,
+    ) -> None:
+        """:meth:`probe` for several recipients in one session: ``MAIL FROM:<>``, every
+        ``RCPT TO``, ``RSET``; pipelined as one group when the next hop offers PIPELINING
+        (RFC 2920 §3.1: RSET may sit anywhere in a group, so one round trip asks all).
+
+        ``answer(rcpt, result)`` is called for each recipient as soon as its reply is
+        read (a caller waiting on one recipient need not wait for the rest).  A failure
+        before any RCPT is judged (connect, TLS, ``MAIL FROM:<>``) answers every one of
+        them, as it would each one's own probe.  A ``421`` to an RCPT, or a connection
+        lost or timed out at one, answers that recipient as its own probe would have
+        been answered and ends the session: the recipients after it are left
+        unanswered, for the caller to ask about again.  ``on_mail()`` is called when
+        the next hop has accepted ``MAIL FROM:<>``: from then on a stall is a
+        recipient's, before it the session's."""
+        answered: set[str] = set()
+
+        def reply(rcpt: str, result: ProbeResult) -> None:
+            answered.add(rcpt)
+            answer(rcpt, result)
+
+        asked: list[str] = []
+        for rcpt in rcpts:
+            if _unsafe(rcpt):
+                reply(rcpt, ProbeResult("553 5.1.3 Invalid recipient address", answered=False))
+            else:
+                asked.append(rcpt)
+        if not asked:
+            return
+
+        async def ask(conn: _Conn) -> tuple[None, bool]:
+            return None, await self._probe_many(conn.smtp, dest, asked, reply, on_mail)
+
+        result = await self._on_connection(dest, ask)
+        if isinstance(result, _SessionError):
+            for rcpt in asked:
+                if rcpt not in answered:
+                    answer(rcpt, ProbeResult(result.reply, answered=False))
+
+    async def _probe_many(
+        self, smtp: aiosmtplib.SMTP, dest: Destination, rcpts: list[str],
+        reply: Callable[[str, ProbeResult], None], on_mail: Callable[[], None],
+    ) -> bool:
+        """The session of :meth:`probe_many`; whether the connection can be reused.
+        _SessionError before any recipient is answered (so a stale pooled connection
+        is retried once by _on_connection, as for :meth:`probe`)."""
+        options: list[str] = []
+        encoding = "ascii"
+        asked = rcpts
+        if not all(r.isascii() for r in rcpts):
+            if smtp.supports_extension("smtputf8"):  # RFC 6531 §3.4
+                options, encoding = ["SMTPUTF8"], "utf-8"
+            else:  # RFC 6531 §3.2: those addresses cannot be asked about; the rest can
+                asked = [r for r in rcpts if r.isascii()]
+                for rcpt in rcpts:
+                    if not rcpt.isascii():
+                        reply(rcpt, ProbeResult("553 5.6.7 Next hop does not support "
+                                                "SMTPUTF8", answered=False))
+        if self.pipelining and smtp.supports_extension("pipelining") and _plain("", asked):
+            return await self._probe_group(smtp, dest, asked, options, encoding, reply,
+                                           on_mail)
+        return await self._probe_each(smtp, dest, asked, options, encoding, reply, on_mail)
+
+    async def _probe_each(
+        self, smtp: aiosmtplib.SMTP, dest: Destination, rcpts: list[str],
+        options: list[str], encoding: str, reply: Callable[[str, ProbeResult], None],
+        on_mail: Callable[[], None],
+    ) -> bool:
+        """One command at a time, each answered as :meth:`_probe` answers it."""
+        if not rcpts:
+            return True
+        try:
+            await _command(smtp, b"MAIL FROM:", "", options, encoding, (250,))
+        except SMTPResponseException as exc:
+            refused = _fmt(exc.code, exc.message)
+            if exc.code == 421 or not smtp.is_connected:
+                raise _SessionError(refused) from None
+            await _rset(smtp)
+            for rcpt in rcpts:
+                reply(rcpt, ProbeResult(refused, answered=False))
+            return smtp.is_connected
+        except (SMTPException, OSError, TimeoutError) as exc:
+            raise _SessionError(_network_reply(exc, dest)) from None
+        on_mail()
+        for rcpt in rcpts:
+            try:
+                resp = await _command(smtp, b"RCPT TO:", rcpt, (), encoding, (250, 251))
+            except SMTPResponseException as exc:
+                text = _fmt(exc.code, exc.message)
+                if exc.code == 421:  # RFC 5321 §3.8: the server is closing; not an answer
+                    smtp.close()
+                    reply(rcpt, ProbeResult(text, answered=False))
+                    return False
+                reply(rcpt, ProbeResult(text, answered=True))
+                continue
+            except (SMTPException, OSError, TimeoutError) as exc:
+                smtp.close()
+                reply(rcpt, ProbeResult(_network_reply(exc, dest), answered=False))
+                return False
+            reply(rcpt, ProbeResult(_fmt(resp.code, resp.message), answered=True))
+        await _rset(smtp)
+        return smtp.is_connected
+
+    async def _probe_group(
+        self, smtp: aiosmtplib.SMTP, dest: Destination, rcpts: list[str],
+        options: list[str], encoding: str, reply: Callable[[str, ProbeResult], None],
+        on_mail: Callable[[], None],
+    ) -> bool:
+        """:meth:`_probe_each` as one RFC 2920 group ``MAIL``, ``RCPT``..., ``RSET``,
+        its replies read in order (§3.2) by a :class:`_ReplyReader`; the same answers."""
+        if not rcpts:
+            return True
+        protocol = smtp.protocol
+        transport = protocol.transport if protocol is not None else None
+        if protocol is None or transport is None:
+            raise _SessionError(_network_reply(SMTPServerDisconnected("Server not connected"),
+                                               dest))
+        group = [_line(b"MAIL FROM:", "", options, encoding)]
+        group += [_line(b"RCPT TO:", rcpt, (), encoding) for rcpt in rcpts]
+        group.append(b"RSET\r\n")  # RFC 5321 §4.1.1.5: the connection can carry another
+        timeout = self.command_timeout
+        reader = _ReplyReader(protocol)
+        transport.set_protocol(reader)
+        try:
+            try:
+                protocol.write(b"".join(group))
+                mail = await reader.read(timeout)
+            except (SMTPException, OSError, TimeoutError) as exc:
+                smtp.close()
+                raise _SessionError(_network_reply(exc, dest)) from None
+            refused = "" if mail.code == 250 else _fmt(mail.code, mail.message)
+            if mail.code == 421:
+                smtp.close()
+                raise _SessionError(refused)
+            if not refused:
+                on_mail()
+            for rcpt in rcpts:
+                try:
+                    resp = await reader.read(timeout)
+                except (SMTPException, OSError, TimeoutError) as exc:
+                    smtp.close()
+                    if refused:  # the refused MAIL said it all (as _probe_each's)
+                        break
+                    reply(rcpt, ProbeResult(_network_reply(exc, dest), answered=False))
+                    return False
+                if refused:
+                    continue  # a 503 behind the refused MAIL (answered below)
+                text = _fmt(resp.code, resp.message)
+                if resp.code == 421:  # RFC 5321 §3.8: the server is closing; not an answer
+                    smtp.close()
+                    reply(rcpt, ProbeResult(text, answered=False))
+                    return False
+                reply(rcpt, ProbeResult(text, answered=True))
+            if refused:
+                for rcpt in rcpts:
+                    reply(rcpt, ProbeResult(refused, answered=False))
+            if not smtp.is_connected:
+                return False
+            try:
+                rset = await reader.read(timeout)
+            except (SMTPException, OSError, TimeoutError):
+                smtp.close()
+                return False
+            if rset.code != 250:
+                smtp.close()
+                return False
+            return True
+        finally:
+            transport.set_protocol(protocol)
+
     async def _transaction(
         self, smtp: aiosmtplib.SMTP, dest: Destination, sender: str, rcpts: list[str],
         data: bytes, *, smtputf8: bool, mail_dsn: Sequence[str],

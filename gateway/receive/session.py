@@ -27,7 +27,7 @@ import secrets
 import ssl
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, AnyStr, cast
 
@@ -141,6 +141,15 @@ class _Transaction:
     recipients: list[str] = field(default_factory=list)
     rcpt_options: list[list[str]] = field(default_factory=list)  # one list per recipient
     commands: int = 1  # MAIL, RCPT and DATA so far: credited back if a message is accepted
+
+
+@dataclass(frozen=True, slots=True)
+class _Refused:
+    """Why an RCPT is refused: a protocol error (no ``reason``) or a logged rejection."""
+
+    reply: Reply
+    reason: str | None = None  # None: SmtpSession._error; else _reject's reason
+    fields: dict[str, Any] = field(default_factory=dict)  # for _reject's log line
 
 
 class _LineTooLong(Exception):
@@ -784,50 +793,14 @@ class SmtpSession(SMTP):
         if tx is None:
             await self._error(NEED_MAIL)
             return
-        split = addresses.split_argument(arg or "", "TO:")
-        if split is None:
-            bad_path = (arg or "").upper().startswith("TO:") and len(arg or "") > 3
-            await self._error(replies.BAD_MAILBOX_SYNTAX if bad_path else RCPT_SYNTAX)
+        parsed = self._parse_rcpt(arg, tx)
+        if isinstance(parsed, _Refused):
+            if parsed.reason is None:
+                await self._error(parsed.reply)
+            else:
+                await self._reject(parsed.reply, parsed.reason, **parsed.fields)
             return
-        path, raw_params = split
-        if raw_params and not self.session.extended_smtp:
-            await self._error(RCPT_SYNTAX)  # extension parameters need EHLO (RFC 5321 §2.2.1)
-            return
-        params = addresses.parse_params(raw_params)
-        if params is None:  # malformed, or a parameter given twice
-            await self._error(DSN_PARAM.with_text("Syntax error in RCPT parameters"))
-            return
-        options: list[str] = []
-        for key, value in params.items():
-            if key not in dsn_params.RCPT_KEYS:  # RFC 3461 §4.1 NOTIFY, §4.2 ORCPT only
-                await self._error(PARAM_UNKNOWN)
-                return
-            try:
-                options.append(dsn_params.rcpt_param(key, value, smtputf8=tx.smtputf8))
-            except dsn_params.DsnParamError as exc:
-                await self._error(DSN_PARAM.with_text(f"Invalid DSN parameter: {exc}"))
-                return
-        try:
-            mailbox = self._recipient(path)
-        except AddressError as exc:
-            await self._reject(replies.BAD_MAILBOX_SYNTAX, "bad_recipient_syntax",
-                               detail=str(exc))
-            return
-        if not mailbox.is_ascii and not tx.smtputf8:
-            await self._reject(NEED_SMTPUTF8, "smtputf8_required")
-            return
-        if self.rules.is_journal(mailbox):
-            # Never relayed (archived only): its sources decide, not relay control.
-            denied = relay_control.check_journal(self.rules, mailbox, self.client_ip,
-                                                 authenticated=self.auth_user is not None)
-            reason = "journal_denied"
-        else:
-            may_relay = self.auth_user is not None or self._trusted_client()
-            denied = relay_control.check_recipient(self.rules, mailbox, may_relay=may_relay)
-            reason = "relay_denied"
-        if denied is not None:
-            await self._reject(denied, reason, recipient=mailbox.address)
-            return
+        mailbox, options = parsed
         if mailbox.address in tx.recipients:  # the same mailbox twice: deliver once
             await self.reply(replies.RECIPIENT_OK)
             return
@@ -839,6 +812,9 @@ class SmtpSession(SMTP):
         # retires the old ones (their list is stale, their probe client closed).
         gate = self.ctx.recipients
         if gate.active and self.rules.is_local(mailbox) and not self.rules.is_journal(mailbox):
+            # Pipelined RCPTs behind this one (RFC 2920): probe them along with it.
+            if self._next_command_buffered() and gate.would_probe(mailbox) is not None:
+                self._probe_buffered(gate, mailbox, tx)
             self._busy += 1  # a probe waits for the next hop, not for the client
             try:
                 refusal = await gate.refusal(mailbox)
@@ -857,6 +833,105 @@ class SmtpSession(SMTP):
         tx.rcpt_options.append(options)
         tx.commands += 1  # refused RCPTs stay charged: address probing is what to stop
         await self.reply(replies.RECIPIENT_OK)
+
+    def _parse_rcpt(
+        self, arg: str | None, tx: _Transaction,
+    ) -> tuple[Mailbox, list[str]] | _Refused:
+        """RCPT's argument as the recipient and its DSN options, or why it is refused
+        (syntax, parameters, SMTPUTF8, relay control).  No effect on the session: the
+        same answer for a command's own turn and for a look at it while it waits in the buffer."""
+        split = addresses.split_argument(arg or "", "TO:")
+        if split is None:
+            bad_path = (arg or "").upper().startswith("TO:") and len(arg or "") > 3
+            return _Refused(replies.BAD_MAILBOX_SYNTAX if bad_path else RCPT_SYNTAX)
+        path, raw_params = split
+        assert self.session is not None
+        if raw_params and not self.session.extended_smtp:
+            # Extension parameters need EHLO (RFC 5321 §2.2.1).
+            return _Refused(RCPT_SYNTAX)
+        params = addresses.parse_params(raw_params)
+        if params is None:  # malformed, or a parameter given twice
+            return _Refused(DSN_PARAM.with_text("Syntax error in RCPT parameters"))
+        options: list[str] = []
+        for key, value in params.items():
+            if key not in dsn_params.RCPT_KEYS:  # RFC 3461 §4.1 NOTIFY, §4.2 ORCPT only
+                return _Refused(PARAM_UNKNOWN)
+            try:
+                options.append(dsn_params.rcpt_param(key, value, smtputf8=tx.smtputf8))
+            except dsn_params.DsnParamError as exc:
+                return _Refused(DSN_PARAM.with_text(f"Invalid DSN parameter: {exc}"))
+        try:
+            mailbox = self._recipient(path)
+        except AddressError as exc:
+            return _Refused(replies.BAD_MAILBOX_SYNTAX, "bad_recipient_syntax",
+                            {"detail": str(exc)})
+        if not mailbox.is_ascii and not tx.smtputf8:
+            return _Refused(NEED_SMTPUTF8, "smtputf8_required")
+        if self.rules.is_journal(mailbox):
+            # Never relayed (archived only): its sources decide, not relay control.
+            denied = relay_control.check_journal(self.rules, mailbox, self.client_ip,
+                                                 authenticated=self.auth_user is not None)
+            reason = "journal_denied"
+        else:
+            may_relay = self.auth_user is not None or self._trusted_client()
+            denied = relay_control.check_recipient(self.rules, mailbox, may_relay=may_relay)
+            reason = "relay_denied"
+        if denied is not None:
+            return _Refused(denied, reason, {"recipient": mailbox.address})
+        return mailbox, options
+
+    def _probe_buffered(self, gate: RecipientGate, mailbox: Mailbox, tx: _Transaction) -> None:
+        """``mailbox`` needs a probe: probe with it the recipients of the RCPTs the
+        client has already sent after it (RFC 2920 pipelining) that would need one at
+        their turn, so that N pipelined RCPTs wait for one next-hop session, not N.
+
+        Only what their turn would probe: each line is read as its turn reads it; the
+        look stops at the first command that is not RCPT (it may end the transaction)
+        and at what the transaction's recipient limit, the session's command limit or
+        its error limit would not let through.  A malformed RCPT is left to its turn.
+        Nothing is read from the client: the replies still go one per command, in order."""
+        limits = self.cfg.limits
+        room = limits.max_recipients - len(tx.recipients) - 1  # this RCPT takes one
+        commands = limits.max_commands - self.charged
+        errors = MAX_ERRORS - self.errors - 1  # the one that closes the session is not run
+        seen = {mailbox.address, *tx.recipients}
+        together = [mailbox]
+        for arg in self._buffered_rcpts():
+            commands -= 1
+            if commands < 0 or room <= 0 or errors <= 0:
+                break
+            parsed = self._parse_rcpt(arg, tx)
+            if isinstance(parsed, _Refused):
+                errors -= 1
+                continue
+            other = parsed[0]
+            if other.address in seen:  # answered 250 at its turn without a check
+                continue
+            seen.add(other.address)
+            room -= 1
+            if self.rules.is_local(other) and not self.rules.is_journal(other):
+                together.append(other)
+        if len(together) > 1:
+            gate.probe_together(together)
+
+    def _buffered_rcpts(self) -> Iterator[str | None]:
+        """The arguments of the RCPT commands at the head of the reader's buffer (the
+        complete lines only), read as _dispatch reads a line; stops at anything else."""
+        buffered = getattr(self._reader, "_buffer", None)  # see _next_command_buffered
+        if not isinstance(buffered, bytearray):
+            return
+        end = buffered.rfind(b"\n")
+        for raw in bytes(buffered[:end + 1]).split(b"\n")[:-1]:
+            if len(raw) + 1 > self.max_line:
+                return
+            line = raw[:-1] if raw.endswith(b"\r") else raw
+            verb, _, arg_b = line.partition(b" ")
+            if verb.upper() != b"RCPT" or b"\r" in line:
+                return
+            try:
+                yield arg_b.decode("utf-8").strip() or None
+            except UnicodeDecodeError:
+                continue  # answered 500 at its turn
 
     def _trusted_client(self) -> bool:
         """Whether the client is in a trusted network (relay.trusted_networks).

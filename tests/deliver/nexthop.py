@@ -72,6 +72,12 @@ class NextHop:
     # flight); ``in_data`` is set once a message's data has arrived.
     data_gate: asyncio.Event | None = None
     in_data: asyncio.Event = field(default_factory=asyncio.Event)
+    # Seconds to wait before answering MAIL, or RCPT for a (lower-cased) address: a
+    # slow mail store.  aiosmtpd answers one command at a time, so a delay holds up
+    # the replies behind it, as a real server's would.
+    mail_delay: float = 0.0
+    delays: dict[str, float] = field(default_factory=dict)
+    rset_commands: int = 0
 
     async def handle_EHLO(
         self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
@@ -89,6 +95,8 @@ class NextHop:
         mail_options: list[str],
     ) -> str:
         self.mail_commands += 1
+        if self.mail_delay:
+            await asyncio.sleep(self.mail_delay)
         if self.mail_reply == DROP:
             assert server.transport is not None
             server.transport.close()
@@ -103,6 +111,9 @@ class NextHop:
         self, server: SMTP, session: Session, envelope: Envelope, address: str,
         rcpt_options: list[str],
     ) -> str:
+        delay = self.delays.get(address.lower())
+        if delay:
+            await asyncio.sleep(delay)
         rule = self.rules.get(address.lower(), "250 2.1.5 Recipient ok")
         if rule == DROP:
             assert server.transport is not None
@@ -150,6 +161,10 @@ class NextHop:
             async def smtp_RCPT(self, arg: str) -> None:
                 hop.rcpt_args.append(arg)
                 await super().smtp_RCPT(_strip(arg, ("NOTIFY", "ORCPT")) if hop.dsn else arg)
+
+            async def smtp_RSET(self, arg: str) -> None:
+                hop.rset_commands += 1
+                await super().smtp_RSET(arg)
 
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(

@@ -38,6 +38,7 @@ from gateway.queue.spool import Spool
 from gateway.receive import start_listeners
 from gateway.receive.auth import hash_password
 from gateway.receive.recipient_probe import RecipientGate
+from gateway.receive.session import SmtpSession
 from gateway.runner import Runner
 
 # The next-hop server lives with the delivery tests; share it rather than copy it.
@@ -132,3 +133,24 @@ async def gates() -> AsyncIterator[list[RecipientGate]]:
     yield made
     for g in made:
         await g.aclose()
+
+
+@pytest.fixture
+def writes(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Every transport write of every session, in order."""
+    seen: list[bytes] = []
+    original = SmtpSession.connection_made
+
+    def connection_made(self: SmtpSession, transport: Any) -> None:
+        if self.transport is None:
+            write = transport.write
+
+            def recording(data: bytes) -> None:
+                seen.append(bytes(data))
+                write(data)
+
+            transport.write = recording
+        original(self, transport)
+
+    monkeypatch.setattr(SmtpSession, "connection_made", connection_made)
+    return seen

@@ -10,39 +10,16 @@ server that writes each at once.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import pytest
 from receive_helpers import Connect, RawClient, StartGateway
 
 from gateway.receive import session
-from gateway.receive.session import SmtpSession
 
 GROUP = (b"MAIL FROM:<a@ext.example>\r\nRCPT TO:<bob@local.example>\r\n"
          b"RCPT TO:<x@ext.example>\r\nDATA\r\n")
 GROUP_REPLIES = ["250 2.1.0 Sender OK", "250 2.1.5 Recipient OK",
                  "550 5.7.1 Relay access denied", "354 End data with <CR><LF>.<CR><LF>"]
-
-
-@pytest.fixture
-def writes(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
-    """Every transport write of every session, in order."""
-    seen: list[bytes] = []
-    original = SmtpSession.connection_made
-
-    def connection_made(self: SmtpSession, transport: Any) -> None:
-        if self.transport is None:
-            write = transport.write
-
-            def recording(data: bytes) -> None:
-                seen.append(bytes(data))
-                write(data)
-
-            transport.write = recording
-        original(self, transport)
-
-    monkeypatch.setattr(SmtpSession, "connection_made", connection_made)
-    return seen
 
 
 async def _ready(c: RawClient) -> None:
