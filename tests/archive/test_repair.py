@@ -224,3 +224,30 @@ def test_with_no_damaged_segment_repair_does_nothing_and_succeeds(
     assert "nothing to repair" in err
     assert pack.read_bytes() == whole
     assert [action for _, action in audit_actions(tmp_path)] == ["repair"]
+
+
+def test_a_header_is_not_replaced_unless_its_ledger_entry_was_written(tmp_path: Path) -> None:
+    """The ledger entry (the old bytes are evidence) comes before the rename: if it
+    fails, the damaged file stays as it was and the new one is removed."""
+    from archive.facade import ArchivePaths
+    from archive.keys import KeyRing
+    from archive.store import BlobStore, HeaderRepair
+
+    make_archive(tmp_path)
+    pack = the_pack(tmp_path)
+    damaged = garble(pack, 7, b"\0")
+    paths = ArchivePaths(tmp_path)
+    store = BlobStore(paths.store, KeyRing.open(paths.keys, create=False), fsync_threads=1)
+
+    def ledger_fails(plan: HeaderRepair) -> None:
+        raise OSError(28, "No space left on device")
+
+    try:
+        with pytest.raises(OSError):
+            store.repair_header(pack.name.removesuffix(".pack"), commit=ledger_fails)
+        assert store.damaged_segments() == {pack.name.removesuffix(".pack"):
+                                            "not a Coffer pack segment (bad magic)"}
+    finally:
+        store.close()
+    assert pack.read_bytes() == damaged
+    assert not list(packs_dir(tmp_path).glob("*.tmp"))
