@@ -4,6 +4,8 @@
     coffer archive import PATH [--json] [--progress] [--retention PERIOD]
     coffer archive reindex [--engine fts5|whoosh|pg] [--progress]
     coffer archive audit-db [--json]                 cross-check the database and ledger
+    coffer archive repair [--dry-run] [--json] [--progress]
+                                                     rebuild a damaged segment header
     coffer hold create CASE --query QUERY [--reason TEXT] [--json]
     coffer hold list [--active] [--json] | show CASE [--json] | release CASE [--json]
     coffer audit log [--since DATE] [--json]
@@ -11,7 +13,7 @@
 Every command takes ``--data-dir DIR | --config FILE`` and ``--database URL``
 (default $COFFER_ARCHIVE_DB, else DATA_DIR/archive/meta.db); commands that act
 for an officer take ``--officer NAME`` (default $USER).  Holds, releases and
-expiries are audited in the database and the ledger (archive.audit).
+expiries and repairs are audited in the database and the ledger (archive.audit).
 
 There is no command that deletes a message: ``expire`` removes only what
 retention allows and no hold covers (archive.retention).
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from archive.audit import check_database
+from archive.audit import check_database, record
 from archive.cli_common import (
     SubParsers,
     add_location_arguments,
@@ -45,6 +47,7 @@ from archive.metadata import Metadata, current_officer
 from archive.query import QueryError
 from archive.retention import expire
 from archive.search import Searcher
+from archive.store import HeaderRepair
 
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
 ENGINES = ("fts5", "whoosh", "pg")
@@ -96,6 +99,23 @@ def register(sub: SubParsers) -> None:
                    "then a summary")
     _common(a, index=False)
     a.set_defaults(func=cmd_audit_db)
+
+    rp = asub.add_parser(
+        "repair", help="rebuild a store segment header a power loss damaged, if provable",
+        description="For each store segment whose header does not parse (verify's "
+        "segment_header_damaged): if its first record starts at byte 7, right after a "
+        "writer's 7-byte header, and every record frames to the end and authenticates "
+        "with its key table, write the segment again with that header (new file, fsync, "
+        "rename) and record it in the ledger (store_repaired, with the old header bytes). "
+        "Otherwise say why not and change nothing.  Exit 1 if any damaged segment was left "
+        "as it was.")
+    rp.add_argument("--dry-run", action="store_true", help="report, change nothing")
+    rp.add_argument("--json", action="store_true", help="one JSON object per segment, "
+                    "then a summary")
+    rp.add_argument("--progress", action="store_true",
+                    help="show progress on stderr even when it is not a terminal")
+    _common(rp, officer=True, index=False)
+    rp.set_defaults(func=cmd_repair)
 
     h = sub.add_parser("hold", help="legal holds: create, list, show, release",
                        description="Legal holds by case.  A held message is never expired.")
@@ -330,6 +350,55 @@ def cmd_audit_db(args: argparse.Namespace) -> int:
         print(f"{'OK' if errors == 0 else 'PROBLEMS FOUND'}: {len(findings)} finding(s), "
               f"{errors} error(s)")
     return EXIT_OK if errors == 0 else EXIT_PROBLEM
+
+
+# -- repair -----------------------------------------------------------------------------
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    who = current_officer(args.officer)
+    bar = _Progress("repair", args.progress or sys.stderr.isatty())
+    with _open(args, need_index=False) as env:
+        plans = env.archive.repair_headers(
+            dry_run=args.dry_run,
+            progress=lambda done, total: bar(f"{done}/{total} segments", force=done >= total))
+        repaired = [p for p in plans if p.done]
+        refused = [p for p in plans if not p.repairable]
+        if not args.dry_run:
+            # An officer's action on the archive's bytes: audited even when nothing was
+            # done, as an expiry run is (archive.retention).
+            record(env.meta, env.archive, who, "repair", result_count=len(repaired),
+                   detail={"repaired": [p.segment for p in repaired],
+                           "refused": [p.segment for p in refused]})
+    bar.done()
+    for p in plans:
+        if args.json:
+            print(json.dumps(_repair_json(p, args.dry_run)))
+        elif p.repairable:
+            print(f"{'repaired' if p.done else 'would repair'} {p.segment}: {p.reason}")
+        else:
+            print(f"cannot repair {p.segment}: {p.reason}; nothing changed")
+    ok = not refused
+    if args.json:
+        print(json.dumps({"type": "summary", "damaged": len(plans), "repaired": len(repaired),
+                          "would_repair": len([p for p in plans if p.repairable and not p.done]),
+                          "refused": len(refused), "dry_run": args.dry_run, "ok": ok}))
+    elif not plans:
+        print("no store segment has a damaged header: nothing to repair", file=sys.stderr)
+    else:
+        verb = "would be repaired" if args.dry_run else "repaired"
+        print(f"{len(plans)} damaged segment(s): "
+              f"{len(plans) - len(refused)} {verb}, {len(refused)} left as they are"
+              + ("" if ok else " (restore them from a backup: docs/recovery.md)"),
+              file=sys.stderr)
+    return EXIT_OK if ok else EXIT_PROBLEM
+
+
+def _repair_json(p: HeaderRepair, dry_run: bool) -> dict[str, object]:
+    action = "repaired" if p.done else "would_repair" if p.repairable else "refused"
+    return {"type": "segment", "segment": p.segment, "action": action, "reason": p.reason,
+            "old_header": p.old_header.hex(), "new_header": p.new_header.hex(),
+            "records": p.records, "authenticated": p.authenticated, "dry_run": dry_run}
 
 
 # -- holds ------------------------------------------------------------------------------

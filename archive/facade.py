@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from archive.errors import ArchiveError
 from archive.keys import KeyRing
 from archive.ledger import Ledger, LedgerEntry, Timestamper
-from archive.store import BlobRef, BlobStore, CompactResult, Recovered, check_sha
+from archive.store import BlobRef, BlobStore, CompactResult, HeaderRepair, Recovered, check_sha
 
 if TYPE_CHECKING:
     from archive.s3config import S3Config
@@ -211,6 +211,31 @@ class Archive:
             self.ledger.append("store_compacted", segments=result.segments,
                                records=result.removed_records, freed_bytes=result.freed_bytes)
         return result
+
+    def repair_headers(self, *, dry_run: bool = False,
+                       progress: Callable[[int, int], None] | None = None
+                       ) -> list[HeaderRepair]:
+        """Rebuild the header of every damaged store segment that proves what it was
+        (BlobStore.repair_header); the others are left as they are, with the reason.
+        Each rebuilt header gets a ``store_repaired`` ledger entry (the segment, its old
+        header bytes, the reason) before the new file takes the old one's place."""
+        if not isinstance(self.store, BlobStore):
+            raise ArchiveError("repair applies to the local pack store; objects in S3 "
+                               "have no segment header")
+        names = list(self.store.damaged_segments())
+        out: list[HeaderRepair] = []
+        for i, name in enumerate(names, 1):
+            out.append(self.store.repair_header(name, dry_run=dry_run,
+                                                commit=self._ledger_header_repaired))
+            if progress:
+                progress(i, len(names))
+        return out
+
+    def _ledger_header_repaired(self, plan: HeaderRepair) -> None:
+        self.ledger.append("store_repaired", repaired_segment=plan.segment,
+                           old_header_hex=plan.old_header.hex(),
+                           new_header_hex=plan.new_header.hex(), records=plan.records,
+                           reason=plan.reason)
 
     # -- ledger --
 

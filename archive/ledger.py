@@ -19,7 +19,9 @@ stored_size, new, plus the caller's record fields such as the archive id),
 ``tombstone`` (sha256, reason: the data key was destroyed), ``key_rotated``,
 ``checkpoint``, ``ledger_repaired``, ``store_compacted`` (segments, records,
 freed_bytes: deleted records' bytes removed), ``store_repaired`` (removed_segments:
-segments a writer died creating, which held no record; see archive.store); other
+segments a writer died creating, which held no record, or whose damaged header hid nothing
+committed; or repaired_segment, old_header_hex, new_header_hex, records, reason: a damaged
+segment header ``coffer archive repair`` rebuilt; see archive.store); other
 modules add ``audit``, ``hold_placed``, ``hold_released`` (each naming, by SHA-256, an encrypted
 ledger document with its clear text: archive.documents).  The ledger is never erased, so record
 fields must be identifiers and hashes, never personal data such as addresses.

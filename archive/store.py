@@ -85,6 +85,7 @@ from archive.blob import (
     check_sha,
 )
 from archive.errors import (
+    ArchiveError,
     BlobIntegrityError,
     BlobNotFoundError,
     BlobShreddedError,
@@ -119,7 +120,8 @@ from archive.segment import (
     write_all,
 )
 
-__all__ = ["SHA_RE", "BlobRef", "BlobStore", "Location", "Recovered", "check_sha"]
+__all__ = ["SHA_RE", "BlobRef", "BlobStore", "HeaderRepair", "Location", "Recovered",
+           "check_sha"]
 
 PACK_DIR = "packs"
 LOCK_FILE = ".lock"
@@ -1008,6 +1010,151 @@ class BlobStore(ZstdContexts):
         if changed:
             fsync_dir(self.packs)
 
+    # -- rebuilding a damaged segment header (coffer archive repair) ------------------
+
+    def repair_header(self, name: str, *, dry_run: bool = False,
+                      commit: Callable[[HeaderRepair], object] | None = None) -> HeaderRepair:
+        """Rewrite the header of segment ``name`` if the segment proves what it was.
+
+        A writer's segment starts with exactly ``encode_segment_header()`` (7 bytes:
+        magic, version, no superseded name) and its first record right after it
+        (_new_writer).  So if a record that authenticates starts at byte 7, the header
+        was those 7 bytes and nothing else: a compaction's header names the segments
+        it superseded and is longer, and a record is never moved.  The first record's
+        AEAD covers its header, length included (archive.pack), so each authenticated
+        record also proves where the next one starts; every record must frame to the
+        end of the file and every one whose data key is in the key table must decrypt.
+        Records whose data key was destroyed (expiry) cannot be decrypted by anyone;
+        they are counted, and need not be: the header does not depend on them.
+
+        Refused (``repairable`` False, nothing changed) otherwise, and while a writer
+        holds the segment's flock.  Else, unless ``dry_run``: the whole segment with
+        the new header is written under a temporary name and fsynced, ``commit(plan)``
+        runs (the ledger entry: the old header bytes are evidence), then the new file
+        is renamed over the old one and the directory fsynced.  The records keep their
+        offsets, so every index, .ack and reader stays right; a crash before the rename
+        leaves a ``.tmp`` file the next recover() removes, and the damage as it was.
+        """
+        path = self.packs / f"{name}.pack"
+        with self._store_lock():
+            self.refresh()
+            if name not in self._segs:
+                return HeaderRepair(name, False, "no such segment in the store")
+            with _try_flock(path) as free:
+                if not free:
+                    return HeaderRepair(
+                        name, False, "a writer holds the segment (its flock): it may still "
+                        "be appending; stop the gateway (or let the writer close the segment) "
+                        "and run repair again")
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    plan = self._plan_header(name, fd)
+                    if plan.repairable and not dry_run:
+                        self._rewrite_header(path, fd, plan, commit)
+                finally:
+                    os.close(fd)
+            if plan.done:
+                self._segs[name].damaged = ""
+        return plan
+
+    def _plan_header(self, name: str, fd: int) -> HeaderRepair:
+        """Can segment ``name`` (open as ``fd``, its flock held) have its header rebuilt?"""
+        old = os.pread(fd, MIN_SEGMENT_HEADER, 0)
+        new = encode_segment_header()
+        try:
+            head = read_segment_header(fd)
+        except FormatError as exc:
+            damage = str(exc)
+        else:
+            # Read from the file, not the index: another repair may have run meanwhile.
+            return HeaderRepair(name, False, "its segment header parses"
+                                + (": nothing to repair" if head is not None
+                                   else " in part (a writer is creating it)"), old)
+
+        def refuse(why: str) -> HeaderRepair:
+            return HeaderRepair(name, False, f"header unreadable ({damage}); {why}", old, new)
+
+        size = os.fstat(fd).st_size
+        first = _first_record(fd)
+        if first >= size:
+            return refuse("no record header parses in it, so nothing shows what it held: "
+                          "restore it from a backup")
+        if first != MIN_SEGMENT_HEADER:
+            return refuse(
+                f"its first record that parses starts at byte {first}, not at byte "
+                f"{MIN_SEGMENT_HEADER} where a writer's first record starts: the bytes "
+                "before it were a longer header (a compaction's output, which names the "
+                "segments it superseded; nothing in the segment proves those names) or "
+                "records the damage reached: restore it from a backup")
+        found = scan(fd, name, MIN_SEGMENT_HEADER)
+        if found.corrupt_at is not None:
+            return refuse(f"its records stop framing at byte {found.corrupt_at} "
+                          f"({found.corrupt}): restore it from a backup")
+        if found.end != size:
+            return refuse(f"{size - found.end} bytes after its last whole record (byte "
+                          f"{found.end}) do not frame: restore it from a backup")
+        self._keys.forget(name)
+        try:
+            table = self._keys.get(name)
+        except BlobIntegrityError as exc:
+            return refuse(f"its key table cannot be read ({exc}), so no record "
+                          "authenticates")
+        if found.records[0].dkid not in table.keys:
+            return refuse(f"the data key of its first record (blob {found.records[0].sha256}) "
+                          "was destroyed, so nothing authenticates the record at byte "
+                          f"{MIN_SEGMENT_HEADER}: restore it from a backup")
+        checked = 0
+        for r in found.records:
+            if r.dkid not in table.keys:
+                continue
+            try:
+                self.open_record(self.read_record(r), table, r.sha256)
+            except ArchiveError as exc:
+                return refuse(f"the record at byte {r.offset} (blob {r.sha256}) does not "
+                              f"authenticate with the key table ({exc}): restore it from "
+                              "a backup")
+            checked += 1
+        keyless = len(found.records) - checked
+        return HeaderRepair(
+            name, True,
+            f"header unreadable ({damage}); its first record starts at byte "
+            f"{MIN_SEGMENT_HEADER}, right after a writer's {MIN_SEGMENT_HEADER}-byte header "
+            f"(which supersedes nothing), and its {len(found.records)} record(s) frame to the "
+            f"end of the file; {checked} authenticate with its key table"
+            + (f" ({keyless} more had their data key destroyed)" if keyless else "")
+            + f": the header was {new.hex()}",
+            old, new, records=len(found.records), authenticated=checked)
+
+    def _rewrite_header(self, path: Path, fd: int, plan: HeaderRepair,
+                        commit: Callable[[HeaderRepair], object] | None) -> None:
+        """Give segment ``path`` (open as ``fd``) ``plan.new_header``: a new file under a
+        temporary name, fsynced, ``commit``, rename over, fsync the directory.  Never
+        edited in place: a crash leaves the old file or the new one, never a mix."""
+        tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
+        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PACK_MODE)
+        try:
+            try:
+                write_all(out, plan.new_header)
+                pos, size = len(plan.new_header), os.fstat(fd).st_size
+                while pos < size:
+                    chunk = os.pread(fd, min(_COPY_CHUNK, size - pos), pos)
+                    if not chunk:
+                        raise ArchiveError(f"{path}: shrank while being copied")
+                    write_all(out, chunk)
+                    pos += len(chunk)
+                os.fsync(out)
+            finally:
+                os.close(out)
+            if commit is not None:
+                commit(plan)  # in the ledger before the old header bytes are gone
+            os.rename(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
+        fsync_dir(self.packs)
+        plan.done = True
+
     # -- reading segments whole (verify, backup) --------------------------------------
 
     def inspect(self, name: str) -> SegmentView:
@@ -1065,6 +1212,20 @@ class SegmentView:
 
 
 @dataclass
+class HeaderRepair:
+    """What ``BlobStore.repair_header`` found for one segment, and whether it acted."""
+
+    segment: str
+    repairable: bool
+    reason: str  # why the header can be rebuilt exactly, or why not
+    old_header: bytes = b""  # the segment's first 7 bytes as they were
+    new_header: bytes = b""
+    records: int = 0
+    authenticated: int = 0
+    done: bool = False  # the new header is in place
+
+
+@dataclass
 class CompactResult:
     segments: int = 0
     removed_records: int = 0
@@ -1110,6 +1271,7 @@ def stillborn(packs: Path, name: str) -> bool:
 
 
 _FIND_WINDOW = 1 << 20
+_COPY_CHUNK = 1 << 20
 
 
 def _first_record(fd: int) -> int:

@@ -40,7 +40,8 @@ What is checked, and the finding codes (severity error unless noted):
                            or may hold, committed messages: the ones in the ledger still
                            framed after the damage are named (and checked); those lost
                            with it are blob_missing.  One that holds nothing committed is
-                           removed by the next writer instead (``store_repaired``)
+                           removed by the next writer instead (``store_repaired``); one
+                           whose header ``coffer archive repair`` can prove is rebuilt
   store_index_mismatch     a segment's .ack says more is acknowledged than the segment
                            holds, or not at a record boundary (records removed)
   compaction_unfinished    (warning) a segment a compaction replaced, not removed yet
@@ -412,7 +413,9 @@ class Verifier:
                     + (f"{len(listed)} message(s) in the ledger are framed after them and "
                        f"checked below: {', '.join(listed)}.  " if listed else "")
                     + "Messages it held in the unreadable bytes are reported as "
-                    "blob_missing; restore the segment from a backup", path=path)
+                    "blob_missing; run coffer archive repair (it rebuilds the header if "
+                    "the segment proves it), else restore the segment from a backup",
+                    path=path)
 
     def _check_segment(self, store: BlobStore, view: SegmentView, path: str) -> None:
         """Framing, index and key table of one segment."""

@@ -348,7 +348,7 @@ class ArchiveStage:
             # mail goes on into new segments, and the operator must hear of it now.
             log.event("archive_segment_damaged", level=logging.ERROR, segment=name,
                       error=reason, detail="its header does not parse; run coffer archive "
-                      "verify and restore the segment from a backup (docs/recovery.md)")
+                      "repair, or restore the segment from a backup (docs/recovery.md)")
         return cls(archive, meta, health=health)
 
     async def run(self, ctx: MessageContext) -> StageResult:
