@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -102,6 +103,8 @@ def encode_segment_header(supersedes: Iterable[str] = ()) -> bytes:
 
 
 MIN_SEGMENT_HEADER = 7  # magic, version, count: a header that supersedes nothing
+# A segment's name (archive.store.SEGMENT_FILE without the extension).
+SEGMENT_NAME = re.compile(r"[0-9a-f]{16}-[0-9a-f]{8}")
 
 
 def parse_segment_header(data: bytes) -> tuple[list[str], int] | None:
@@ -120,7 +123,13 @@ def parse_segment_header(data: bytes) -> tuple[list[str], int] | None:
         if pos >= len(data) or pos + 1 + data[pos] > len(data):
             return None
         n = data[pos]
-        names.append(data[pos + 1:pos + 1 + n].decode("ascii", "replace"))
+        name = data[pos + 1:pos + 1 + n].decode("ascii", "replace")
+        if not SEGMENT_NAME.fullmatch(name):
+            # A damaged count or name (a power loss): the segments a compaction's
+            # header names are removed once it is in place, so a garbled name must
+            # make the header damaged, never name a segment to delete.
+            raise FormatError(f"segment header names {name!r}, not a segment")
+        names.append(name)
         pos += 1 + n
     return names, pos
 

@@ -123,6 +123,11 @@ def test_segment_header_round_trips_the_superseded_names() -> None:
         ["0000000000000001-aaaaaaaa", "0000000000000002-bbbbbbbb"], len(head))
     assert parse_segment_header(encode_segment_header()) == ([], 7)
     assert parse_segment_header(head[:3]) is None  # still being written
+    # A garbled count reads the records' bytes as names: damaged, never names to delete.
+    garbled = bytearray(head + b"\x19" + b"\xc3RECORD-BYTES-not-a-name" + b"x" * 64)
+    garbled[5:7] = b"\x00\x03"
+    with pytest.raises(FormatError, match="not a segment"):
+        parse_segment_header(bytes(garbled))
     with pytest.raises(FormatError):
         parse_segment_header(b"CFRRxxxxxx")
 
