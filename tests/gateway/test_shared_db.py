@@ -20,6 +20,8 @@ import pytest
 
 from gateway.receive.rate_limits import Charge
 from gateway.receive.rate_store import RateStore
+from gateway.receive.recipients import Verdict, VerifyCache
+from gateway.receive.verify_store import SharedVerifyCache, VerdictStore
 from gateway.shared_db import BUSY_TIMEOUT_MS, JOURNAL_SIZE_LIMIT, SharedDb
 
 HOUR = 3600.0
@@ -198,3 +200,31 @@ def test_deferred_charges_whose_window_has_passed_are_not_counted(
     store.take(T0 + 3 * HOUR, [_charge("bob")])
     assert [r.key for r in store.counters(T0 + 3 * HOUR)] == ["bob"]
     store.close()
+
+
+def test_a_verdict_answered_while_the_file_is_locked_is_kept_in_memory_and_the_file_kept(
+    tmp_path: Path, lock_holder: Callable[[Path], subprocess.Popen[str]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    path = tmp_path / "recipients.db"
+    now = [T0]
+    memory = VerifyCache(3600.0, 600.0, 60.0, clock=lambda: now[0])
+    cache = SharedVerifyCache(memory, VerdictStore(path))
+    cache.put("a@example.com", Verdict.VALID, "250 ok")
+    caplog.set_level(logging.WARNING, logger="coffer")
+    holder = lock_holder(path)
+    started = time.monotonic()
+    answer = cache.put("b@example.com", Verdict.UNKNOWN, "550 no")
+    assert time.monotonic() - started < BUSY_TIMEOUT_MS / 1000 / 2
+    assert answer.verdict is Verdict.UNKNOWN
+    assert cache.store is not None, "a locked file is not an unusable one"
+    assert caplog.records == []
+    # WAL readers do not wait for the writer: the file still answers, memory too.
+    answer_a = cache.get("a@example.com")
+    assert answer_a is not None and answer_a.verdict is Verdict.VALID
+    answer_b = cache.get("b@example.com")
+    assert answer_b is not None and answer_b.verdict is Verdict.UNKNOWN
+    _release(holder)
+    cache.put("c@example.com", Verdict.VALID, "250 ok")
+    assert [r.address for r in cache.store.rows(T0)] == ["a@example.com", "c@example.com"]
+    cache.close()
