@@ -18,9 +18,16 @@ off it:
   ``PASSIVE`` checkpoint every :data:`CHECKPOINT_EVERY` seconds and sooner after
   :data:`CHECKPOINT_AFTER_WRITES` commits.  PASSIVE takes no lock a writer needs
   (https://sqlite.org/c3ref/wal_checkpoint_v2.html), so the loop's commits go on while
-  it flushes.  Readers that never let it finish would let the WAL grow; past
-  :data:`WAL_TRUNCATE_BYTES` the thread waits for them and truncates it (``TRUNCATE``,
-  blocking only itself), and ``journal_size_limit`` gives the disk back after a reset.
+  it flushes.  The WAL starts afresh only when a writer finds every frame copied back,
+  which a busy gateway (commits while each checkpoint runs) never lets happen: the WAL
+  file would grow without bound.  So once the WAL holds :data:`WAL_RESTART_FRAMES`
+  frames without having restarted, the thread runs a ``RESTART`` checkpoint, which
+  holds the write lock while it copies the few frames left, syncs, and waits (at most
+  :data:`CHECKPOINTER_BUSY_TIMEOUT_MS`) for readers of old frames: the loop's writers
+  then wait their short busy timeout (below) or defer, never the flush.  A WAL file is
+  reused from its start after a reset, so it stays at its largest size, at most about
+  :data:`WAL_RESTART_FRAMES` pages (no ``journal_size_limit``: that truncation would
+  run in the loop's next commit).
 * The wait for another process's write lock: the loop's connection waits at most
   ``busy_timeout_ms`` (the stores on the loop pass :data:`LOOP_BUSY_TIMEOUT_MS`), then
   gets ``SQLITE_BUSY`` (:func:`is_busy`); each store says what it does then.
@@ -29,7 +36,6 @@ off it:
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
 import threading
 import weakref
@@ -39,12 +45,13 @@ from gateway import log
 
 BUSY_TIMEOUT_MS = 2000  # off the loop (threads, the CLI): wait this long for a writer
 # On the loop: another worker's charge holds the lock for tens of microseconds; a lock
-# still held after this is a long transaction (the CLI, a purge) not worth stalling for.
-LOOP_BUSY_TIMEOUT_MS = 20
+# still held after this is a long transaction (the CLI, a purge) or the checkpointer's
+# RESTART flush, not worth stalling every session for.
+LOOP_BUSY_TIMEOUT_MS = 5
 CHECKPOINT_EVERY = 1.0  # seconds between two background checkpoints
 CHECKPOINT_AFTER_WRITES = 200  # commits that wake the checkpointer early (~600 WAL pages)
-WAL_TRUNCATE_BYTES = 64 * 1024 * 1024  # a WAL this big is truncated, waiting for readers
-JOURNAL_SIZE_LIMIT = 4 * 1024 * 1024  # what a reset WAL file is cut back to
+WAL_RESTART_FRAMES = 4000  # pages, about 16 MiB: a backstop, not the usual path
+CHECKPOINTER_BUSY_TIMEOUT_MS = 200  # RESTART holds the write lock while it waits
 
 
 def is_busy(exc: sqlite3.Error) -> bool:
@@ -64,7 +71,6 @@ def _open(path: Path, busy_timeout_ms: int) -> sqlite3.Connection:
         db.execute("PRAGMA synchronous=NORMAL")
         # Per connection: a commit of this one never checkpoints (the Checkpointer does).
         db.execute("PRAGMA wal_autocheckpoint=0")
-        db.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
     except sqlite3.Error:
         db.close()
         raise
@@ -76,12 +82,13 @@ class Checkpointer:
 
     def __init__(self, path: Path, every: float = CHECKPOINT_EVERY,
                  after_writes: int = CHECKPOINT_AFTER_WRITES,
-                 truncate_bytes: int = WAL_TRUNCATE_BYTES) -> None:
+                 restart_frames: int = WAL_RESTART_FRAMES) -> None:
         self.path = path
         self.every = every
         self.after_writes = after_writes
-        self.truncate_bytes = truncate_bytes
-        self.runs = 0  # checkpoints done (tests and metrics read it)
+        self.restart_frames = restart_frames
+        self.runs = 0  # checkpoints done (tests read them)
+        self.restarts = 0  # of which RESTART ones
         self._writes = 0
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -112,7 +119,7 @@ class Checkpointer:
                     break  # closed, or the file was removed (a test's temporary one)
                 try:
                     if db is None:
-                        db = _open(self.path, BUSY_TIMEOUT_MS)
+                        db = _open(self.path, CHECKPOINTER_BUSY_TIMEOUT_MS)
                     self.checkpoint(db)
                 except sqlite3.Error as exc:
                     # The store reports an unusable file where it is used; here a failed
@@ -127,18 +134,16 @@ class Checkpointer:
                 db.close()
 
     def checkpoint(self, db: sqlite3.Connection) -> None:
-        _busy, frames, done = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        # frames: the WAL's length when this PASSIVE began, all copied back unless a
+        # reader holds old ones; commits made meanwhile are beyond it.
+        _busy, frames, _done = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         self.runs += 1
-        if frames > done and self._wal_bytes() >= self.truncate_bytes:
-            # Readers kept PASSIVE from reaching the end of the WAL for so long that it
-            # grew this big: wait for them (busy timeout) and start the file afresh.
-            db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-
-    def _wal_bytes(self) -> int:
-        try:
-            return os.stat(f"{self.path}-wal").st_size
-        except OSError:
-            return 0
+        if frames >= self.restart_frames:
+            # The WAL has not restarted for this many frames: writes never left it a
+            # moment with everything copied (see the module docstring).  Copy the rest
+            # holding the write lock, so that the next writer starts it afresh.
+            db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+            self.restarts += 1
 
 
 class SharedDb:

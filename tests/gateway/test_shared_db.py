@@ -22,7 +22,7 @@ from gateway.receive.rate_limits import Charge
 from gateway.receive.rate_store import RateStore
 from gateway.receive.recipients import Verdict, VerifyCache
 from gateway.receive.verify_store import SharedVerifyCache, VerdictStore
-from gateway.shared_db import BUSY_TIMEOUT_MS, JOURNAL_SIZE_LIMIT, SharedDb
+from gateway.shared_db import BUSY_TIMEOUT_MS, SharedDb
 
 HOUR = 3600.0
 T0 = 1_000_000 * HOUR
@@ -100,8 +100,29 @@ def test_the_checkpointer_thread_copies_the_wal_back_and_it_restarts(tmp_path: P
     store.take(T0 + 3000, [_charge("last")])
     frames, _ = _wal_frames(path)
     assert 0 < frames < 10
-    # The WAL file grew past journal_size_limit and was cut back to it at the reset.
-    assert path.with_name(path.name + "-wal").stat().st_size <= JOURNAL_SIZE_LIMIT
+    store.close()
+
+
+def test_under_writes_without_a_pause_the_wal_is_restarted_not_grown(tmp_path: Path) -> None:
+    """A PASSIVE checkpoint never catches up with a writer that never pauses, and the WAL
+    restarts only when one has: past restart_frames the thread copies the rest holding
+    the write lock (RESTART), and the WAL starts afresh."""
+    path = tmp_path / "ratelimit.db"
+    store = RateStore(path)
+    store.file.checkpoint_every = 0.01
+    store.take(T0, [_charge("first")])
+    checkpointer = store.file.checkpointer
+    assert checkpointer is not None
+    checkpointer.restart_frames = 300
+    takes = 0
+    deadline = time.monotonic() + 60
+    while checkpointer.restarts < 2:
+        assert time.monotonic() < deadline, "no RESTART checkpoint"
+        store.take(T0 + takes, [_charge(f"user{takes % 200}")])
+        takes += 1
+    checkpointer.stop()
+    frames, _ = _wal_frames(path)
+    assert frames < takes  # each take wrote at least one frame: the WAL was restarted
     store.close()
 
 
