@@ -111,6 +111,7 @@ class Checkpointer:
 
     def _run(self) -> None:
         db: sqlite3.Connection | None = None
+        failing = False
         try:
             while not self._stop.is_set():
                 self._wake.wait(self.every)
@@ -121,11 +122,15 @@ class Checkpointer:
                     if db is None:
                         db = _open(self.path, CHECKPOINTER_BUSY_TIMEOUT_MS)
                     self.checkpoint(db)
+                    failing = False
                 except sqlite3.Error as exc:
                     # The store reports an unusable file where it is used; here a failed
-                    # checkpoint is retried at the next turn, on a fresh connection.
-                    log.event("shared_db_checkpoint_error", logging.WARNING,
-                              file=str(self.path), error=f"{type(exc).__name__}: {exc}")
+                    # checkpoint is retried at the next turn, on a fresh connection, and
+                    # logged once per run of failures.
+                    if not failing:
+                        log.event("shared_db_checkpoint_error", logging.WARNING,
+                                  file=str(self.path), error=f"{type(exc).__name__}: {exc}")
+                    failing = True
                     if db is not None:
                         db.close()
                         db = None
