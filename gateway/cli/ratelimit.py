@@ -19,6 +19,7 @@ from gateway import config, log
 from gateway.cli import config_options, operator_name, setup_log
 from gateway.receive.rate_limits import client_key, span
 from gateway.receive.rate_store import FILE_NAME, CounterRow, RateStore
+from gateway.shared_db import BUSY_TIMEOUT_MS
 
 EXIT_OK = 0
 EXIT_PROBLEM = 1
@@ -53,7 +54,7 @@ def register(sub: Any) -> None:
 def _store(args: argparse.Namespace) -> tuple[config.Config, RateStore | None]:
     cfg = config.load(config.find_config(args.config))
     path = cfg.data_dir / FILE_NAME
-    return cfg, RateStore(path) if path.exists() else None
+    return cfg, RateStore(path, busy_timeout_ms=BUSY_TIMEOUT_MS) if path.exists() else None
 
 
 def _state(row: CounterRow) -> str:

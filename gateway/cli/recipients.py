@@ -26,6 +26,7 @@ from gateway.receive.recipient_probe import make_prober
 from gateway.receive.recipients import Cached, RecipientRules, Verdict, address_or_domain
 from gateway.receive.relay_control import RelayRules
 from gateway.receive.verify_store import FILE_NAME, SharedVerifyCache, VerdictRow, VerdictStore
+from gateway.shared_db import BUSY_TIMEOUT_MS
 
 EXIT_OK = 0
 EXIT_PROBLEM = 1
@@ -69,7 +70,7 @@ def register(sub: Any) -> None:
 
 def _store(cfg: config.Config) -> VerdictStore | None:
     path = cfg.data_dir / FILE_NAME
-    return VerdictStore(path) if path.exists() else None
+    return VerdictStore(path, busy_timeout_ms=BUSY_TIMEOUT_MS) if path.exists() else None
 
 
 def _unreadable(store: VerdictStore, exc: sqlite3.Error) -> int:

@@ -100,6 +100,13 @@ def charge(w: Window, c: Charge, now: float) -> Outcome:
     return Outcome(replace(w, current=w.current + c.amount), count + c.amount, False, False)
 
 
+def add(w: Window, c: Charge, now: float) -> Window:
+    """``c`` added to ``w`` whatever the limit: a charge that was let through while the
+    file was locked (:mod:`gateway.receive.rate_store`), counted afterwards."""
+    w = advance(w, now, c.window)
+    return replace(w, current=w.current + c.amount)
+
+
 def client_key(ip: str) -> str:
     """The client_ip key: the address, an IPv6 client by its /64 (one site, one end user:
     RFC 6177 §2 assigns at least a /64 to a subscriber, who may use any address in it)."""

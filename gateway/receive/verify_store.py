@@ -15,6 +15,12 @@ Internet: a dictionary attack leaves one "unknown" row per guess), those that wo
 expire first.  If the file cannot be opened or used (permissions, disk full, not a
 database), verification goes on in memory for this process, as it did before the file
 existed; ``recipient_cache_unavailable`` is logged once.
+
+Lookups and answers are made on the SMTP event loop, so the file waits at most
+:data:`gateway.shared_db.LOOP_BUSY_TIMEOUT_MS` for another process's lock, not 2 s.
+Still locked (``SQLITE_BUSY``), that one lookup or answer uses this process's memory
+and the file stays in use: an answer not written only means another worker may ask
+the next hop again; this worker uses it until it expires.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from pathlib import Path
 
 from gateway import log
 from gateway.receive.recipients import Cached, Verdict, VerifyCache
-from gateway.shared_db import SharedDb
+from gateway.shared_db import LOOP_BUSY_TIMEOUT_MS, SharedDb, is_busy
 
 FILE_NAME = "recipients.db"
 PURGE_EVERY = 500  # answers stored between two deletions of expired rows
@@ -53,11 +59,12 @@ class VerdictStore:
     """The verdicts file; every method may raise sqlite3.Error."""
 
     def __init__(self, path: Path, *, max_rows: int = MAX_ROWS,
-                 purge_every: int = PURGE_EVERY) -> None:
+                 purge_every: int = PURGE_EVERY,
+                 busy_timeout_ms: int = LOOP_BUSY_TIMEOUT_MS) -> None:
         self.path = path
         self.max_rows = max_rows
         self.purge_every = purge_every
-        self._file = SharedDb(path, _SCHEMA)
+        self._file = SharedDb(path, _SCHEMA, busy_timeout_ms=busy_timeout_ms)
         self._puts = 0
 
     def get(self, key: str, now: float) -> Cached | None:
@@ -74,9 +81,11 @@ class VerdictStore:
                        "checked, expires) VALUES (?, ?, ?, ?, ?, ?)",
                        (key, key.rpartition("@")[2], answer.verdict.value, answer.reply,
                         answer.checked, answer.expires))
+            self._file.wrote()
             self._puts += 1
             if self._puts % self.purge_every == 1 % self.purge_every:
                 self._purge(db, answer.checked)
+                self._file.wrote()
 
     def _purge(self, db: sqlite3.Connection, now: float) -> None:
         db.execute("DELETE FROM verdicts WHERE expires <= ?", (now,))
@@ -104,7 +113,9 @@ class VerdictStore:
                 args.append(value)
         sql = "DELETE FROM verdicts" + (" WHERE " + " AND ".join(where) if where else "")
         with self._file.lock:
-            return self._file.conn().execute(sql, args).rowcount
+            n = self._file.conn().execute(sql, args).rowcount
+            self._file.wrote()
+            return n
 
     def close(self) -> None:
         self._file.close()
@@ -126,9 +137,13 @@ class SharedVerifyCache:
     def get(self, key: str) -> Cached | None:
         if self.store is not None:
             try:
-                return self.store.get(key, self.memory.clock())
+                found = self.store.get(key, self.memory.clock())
+                if found is not None:
+                    return found
             except sqlite3.Error as exc:
-                self._unusable(exc)
+                if not is_busy(exc):  # locked (rare: WAL readers do not wait): memory
+                    self._unusable(exc)
+        # Memory holds what this worker learnt while the file was locked or unusable.
         return self.memory.get(key)
 
     def put(self, key: str, verdict: Verdict, reply: str) -> Cached:
@@ -138,7 +153,8 @@ class SharedVerifyCache:
                 self.store.put(key, answer)
                 return answer
             except sqlite3.Error as exc:
-                self._unusable(exc)
+                if not is_busy(exc):  # locked: this answer in memory, the file kept
+                    self._unusable(exc)
         return self.memory.put(key, verdict, reply)
 
     def forget_undetermined(self) -> None:
@@ -148,7 +164,8 @@ class SharedVerifyCache:
             try:
                 self.store.forget(verdict=Verdict.UNDETERMINED)
             except sqlite3.Error as exc:
-                self._unusable(exc)
+                if not is_busy(exc):  # locked: they expire after undetermined_ttl anyway
+                    self._unusable(exc)
 
     def _unusable(self, exc: sqlite3.Error) -> None:
         assert self.store is not None
