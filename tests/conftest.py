@@ -13,8 +13,9 @@ started as subprocesses are configured with loopback nameservers and routes.)
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -76,3 +77,19 @@ def restore_gateway_logger() -> Iterator[None]:
     saved = list(log.LOGGER.handlers), log.LOGGER.level, log.LOGGER.propagate
     yield
     log.LOGGER.handlers[:], log.LOGGER.level, log.LOGGER.propagate = saved
+
+
+@pytest.fixture
+def events(caplog: pytest.LogCaptureFixture) -> Iterator[Callable[[str], list[dict[str, Any]]]]:
+    """events(name) -> the fields of every ``gateway.log`` event of that name so far."""
+    logger = logging.getLogger("coffer")
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="coffer")
+
+    def named(name: str) -> list[dict[str, Any]]:
+        # The handler may see a record twice (directly and through propagation).
+        records = {id(r): r for r in caplog.records}.values()
+        return [r.__dict__["fields"] for r in records if r.getMessage() == name]
+
+    yield named
+    logger.removeHandler(caplog.handler)

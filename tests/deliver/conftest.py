@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -49,17 +48,3 @@ def make_cfg(tmp_path: Path) -> Callable[..., Config]:
         )
     return make
 
-
-@pytest.fixture
-def events(caplog: pytest.LogCaptureFixture) -> Iterator[Any]:
-    logger = logging.getLogger("coffer")
-    logger.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="coffer")
-
-    def named(name: str) -> list[dict[str, Any]]:
-        # The handler may see a record twice (directly and through propagation).
-        records = {id(r): r for r in caplog.records}.values()
-        return [r.__dict__["fields"] for r in records if r.getMessage() == name]
-
-    yield named
-    logger.removeHandler(caplog.handler)

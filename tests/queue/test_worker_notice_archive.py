@@ -8,9 +8,8 @@ restart is a new worker on the same spool and archive.
 
 from __future__ import annotations
 
-import logging
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -64,21 +63,6 @@ async def kept(backend: str, tmp_path: Path, pg_admin: PgAdmin, clock: FakeClock
     archive.close()
     pg_admin.close(meta)
 
-
-@pytest.fixture
-def events(caplog: pytest.LogCaptureFixture) -> Iterator[Callable[[str], list[dict[str, Any]]]]:
-    """events(name) -> the fields of every log event of that name so far."""
-    logger = logging.getLogger("coffer")
-    logger.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="coffer")
-
-    def named(name: str) -> list[dict[str, Any]]:
-        # The handler may see a record twice (directly and through propagation).
-        records = {id(r): r for r in caplog.records}.values()
-        return [r.__dict__["fields"] for r in records if r.getMessage() == name]
-
-    yield named
-    logger.removeHandler(caplog.handler)
 
 
 def _bounce(rig: Rig) -> str:
