@@ -3,15 +3,21 @@
     coffer archive verify [--data-dir DIR | --config FILE] [--json] [--progress]
                           [--public-key FILE] [--ciphertext-only]
     coffer archive checkpoint            sign the ledger head now
-    coffer archive compact [--json] [--progress]   drop deleted records' bytes
+    coffer archive compact [--json] [--progress] [--officer NAME]
+                                         drop deleted records' bytes (audited)
     coffer archive keys list             archive key ids, the current one, signing key id
-    coffer archive keys rotate           new blobs use a new archive key from now on
+    coffer archive keys rotate [--officer NAME]  new blobs use a new archive key (audited)
     coffer archive keys escrow --recipient FPR [--gnupghome DIR] [--output FILE]
     coffer archive keys restore FILE [--gnupghome DIR]
 
 verify exits 1 when it finds any problem (see archive.verify for the codes), 0
 when the archive is intact; warnings (a torn ledger tail or an interrupted batch
 after a crash) do not fail it.
+
+compact and keys rotate change the archive's bytes or keys for an officer, so they
+are audited like expire and repair (archive.audit.record: a database row and an
+``audit`` ledger entry), failures included.  verify, checkpoint and keys list show
+no message content and change nothing an officer chose, so they are not.
 """
 
 from __future__ import annotations
@@ -21,8 +27,11 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from archive.audit import record
 from archive.cli_common import (
     SubParsers,
     add_location_arguments,
@@ -33,6 +42,7 @@ from archive.errors import ArchiveError
 from archive.facade import Archive, ArchivePaths
 from archive.keys import KeyRing, escrow_restore, load_public_key, public_key_id
 from archive.location import location_from_args
+from archive.metadata import Metadata, current_officer
 from archive.verify import Finding, verify
 
 EXIT_OK, EXIT_PROBLEM = 0, 1
@@ -74,6 +84,7 @@ def register(sub: SubParsers) -> None:
     cp.add_argument("--json", action="store_true", help="print one JSON object")
     cp.add_argument("--progress", action="store_true",
                     help="show progress on stderr even when it is not a terminal")
+    _audited(cp)
     cp.set_defaults(func=cmd_compact)
 
     k = asub.add_parser("keys", help="archive keys: list, rotate, escrow",
@@ -86,6 +97,7 @@ def register(sub: SubParsers) -> None:
     kl.set_defaults(func=cmd_keys_list)
     kr = ksub.add_parser("rotate", help="make a new archive key current")
     add_location_arguments(kr)
+    _audited(kr)
     kr.set_defaults(func=cmd_keys_rotate)
     ke = ksub.add_parser(
         "escrow", help="export the archive keys encrypted to an officer's OpenPGP key",
@@ -107,6 +119,14 @@ def register(sub: SubParsers) -> None:
     ks.add_argument("file", metavar="FILE", help="the escrow file (ASCII armour)")
     ks.add_argument("--gnupghome", metavar="DIR", help="gpg home holding the officer's key")
     ks.set_defaults(func=cmd_keys_restore)
+
+
+def _audited(p: argparse.ArgumentParser) -> None:
+    """--database and --officer, as the commands of archive.cli_admin take them."""
+    p.add_argument("--database", metavar="URL",
+                   help="metadata database URL (default $COFFER_ARCHIVE_DB, else "
+                   "DATA_DIR/archive/meta.db)")
+    p.add_argument("--officer", metavar="NAME", help="who is acting (default $USER)")
 
 
 class _Progress:
@@ -171,11 +191,19 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
 
 
 def cmd_compact(args: argparse.Namespace) -> int:
+    who = current_officer(args.officer)
     show = args.progress or sys.stderr.isatty()
     bar = _Progress("compact")
-    with _open(args) as archive:
-        result = archive.compact(
-            (lambda done, total: bar("segments", done, total)) if show else None)
+    with _audit_env(args) as (meta, archive):
+        try:
+            result = archive.compact(
+                (lambda done, total: bar("segments", done, total)) if show else None)
+        except ArchiveError as exc:
+            # A refusal (objects in S3) is audited too, as a refused repair is.
+            record(meta, archive, who, "compact", result_count=0, detail={"error": str(exc)})
+            raise
+        record(meta, archive, who, "compact", result_count=result.segments,
+               detail={"records": result.removed_records, "freed_bytes": result.freed_bytes})
     if args.json:
         print(json.dumps({"segments": result.segments, "records": result.removed_records,
                           "freed_bytes": result.freed_bytes}))
@@ -203,8 +231,14 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
-    with _open(args) as archive:
-        kid = archive.rotate_key()
+    who = current_officer(args.officer)
+    with _audit_env(args) as (meta, archive):
+        try:
+            kid = archive.rotate_key()
+        except ArchiveError as exc:
+            record(meta, archive, who, "key-rotate", detail={"error": str(exc)})
+            raise
+        record(meta, archive, who, "key-rotate", target=kid)
     print(f"new blobs are now wrapped with archive key {kid}; export it to escrow "
           "(coffer archive keys escrow)")
     return EXIT_OK
@@ -242,3 +276,23 @@ def cmd_keys_restore(args: argparse.Namespace) -> int:
 
 def _open(args: argparse.Namespace) -> Archive:
     return location_from_args(args).open_archive(create=False)
+
+
+@contextmanager
+def _audit_env(args: argparse.Namespace) -> Iterator[tuple[Metadata, Archive]]:
+    """The archive and its metadata database, for a command that records an audit event.
+
+    The archive is opened first, so a directory without one fails with the same one
+    line as before; the database is created if missing (SQLite), so the audit is never
+    skipped for want of it.
+    """
+    loc = location_from_args(args)
+    archive = loc.open_archive(create=False)
+    try:
+        meta = loc.open_metadata()
+        try:
+            yield meta, archive
+        finally:
+            meta.close()
+    finally:
+        archive.close()

@@ -165,7 +165,8 @@ def test_keys_cli_lists_rotates_and_checkpoints(
     assert listing["keys"] == ["k1", "k2"] and listing["current"] == "k2"
     assert len(listing["signing_key_id"]) == 16
     assert run_coffer(["archive", "checkpoint", *where]) == 0
-    assert capsys.readouterr().out.startswith("checkpoint 2: head 1 ")
+    # 1 key_rotated, then the rotation's audit document and audit entry (archive.audit)
+    assert capsys.readouterr().out.startswith("checkpoint 4: head 3 ")
     assert run_coffer(["archive", "verify", *where]) == 0
 
 
