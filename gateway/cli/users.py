@@ -7,6 +7,15 @@
     coffer users address NAME ADDR...
     coffer users list [--json]
 
+Every change (add, passwd, role, disable, enable, address) is audited as an officer
+action on the archive (archive.audit.record: a row in the archive's metadata database
+and an ``audit`` entry in its ledger, refusals included): who may read the archive is
+part of what an auditor must be able to reconstruct.  The actor is ``--officer NAME``
+(default $USER); the password is never recorded.  The archive is that of --data-dir or
+--config (created if the data directory has none yet), so a change needs one of them
+even when ``--database`` names the account database.  ``list`` shows no message content
+and changes nothing: not audited.
+
 Accounts live in ``--database URL``, else the configuration's ``imap.accounts_database``
 (with ``--config FILE`` or $COFFER_CONFIG), else ``DATA_DIR/archive/imap.db``, with argon2id
 password hashes; see archive.imap.accounts.  Passwords are read from stdin (one line)
@@ -20,6 +29,8 @@ import argparse
 import getpass
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from archive.cli_common import add_location_arguments
@@ -35,11 +46,14 @@ def register(sub: Any) -> None:
     users_sub = users.add_subparsers(dest="users_command", metavar="COMMAND")
     users_sub.required = True
 
-    def common(p: argparse.ArgumentParser) -> None:
+    def common(p: argparse.ArgumentParser, *, officer: bool = True) -> None:
         add_location_arguments(p)
         p.add_argument("--database", metavar="URL",
                        help="account database URL (default: imap.accounts_database of the "
                        "configuration, else DATA_DIR/archive/imap.db)")
+        if officer:
+            p.add_argument("--officer", metavar="NAME",
+                           help="who is making the change, for the audit log (default $USER)")
 
     p = users_sub.add_parser("add", help="create an account")
     p.add_argument("name")
@@ -77,7 +91,7 @@ def register(sub: Any) -> None:
 
     p = users_sub.add_parser("list", help="list accounts")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    common(p)
+    common(p, officer=False)
     p.set_defaults(func=run_list)
 
 
@@ -101,51 +115,89 @@ def read_password(args: argparse.Namespace) -> str:
     return first
 
 
+@contextmanager
+def audited(args: argparse.Namespace, action: str, **detail: Any) -> Iterator[None]:
+    """Audit the account change the block makes, or its refusal (then re-raised).
+
+    The archive and its metadata database are opened before the change, so a change
+    whose audit could not be written is never made.  ``--database`` here names the
+    account database, so the metadata database comes from $COFFER_ARCHIVE_DB or the
+    configuration (archive.location).
+    """
+    from archive.audit import record
+    from archive.imap.errors import AccountError
+    from archive.location import location_from_args
+    from archive.metadata import current_officer
+
+    who = current_officer(args.officer)
+    loc = location_from_args(argparse.Namespace(**{**vars(args), "database": None}))
+    archive = loc.open_archive(create=True)
+    try:
+        meta = loc.open_metadata()
+        try:
+            try:
+                yield
+            except AccountError as exc:
+                record(meta, archive, who, action, target=args.name,
+                       detail={**detail, "error": str(exc)})
+                raise
+            record(meta, archive, who, action, target=args.name, detail=detail or None)
+        finally:
+            meta.close()
+    finally:
+        archive.close()
+
+
 def run_add(args: argparse.Namespace) -> int:
     password = read_password(args)
-    accounts = open_accounts(args)
-    try:
-        accounts.add(args.name, args.role, password, args.address)
-    finally:
-        accounts.close()
+    with audited(args, "user-add", role=args.role, addresses=list(args.address)):
+        accounts = open_accounts(args)
+        try:
+            accounts.add(args.name, args.role, password, args.address)
+        finally:
+            accounts.close()
     print(f"added {args.role} {args.name}", file=sys.stderr)
     return EXIT_OK
 
 
 def run_passwd(args: argparse.Namespace) -> int:
     password = read_password(args)
-    accounts = open_accounts(args)
-    try:
-        accounts.passwd(args.name, password)
-    finally:
-        accounts.close()
+    with audited(args, "user-passwd"):
+        accounts = open_accounts(args)
+        try:
+            accounts.passwd(args.name, password)
+        finally:
+            accounts.close()
     return EXIT_OK
 
 
 def run_role(args: argparse.Namespace) -> int:
-    accounts = open_accounts(args)
-    try:
-        accounts.set_role(args.name, args.role)
-    finally:
-        accounts.close()
+    with audited(args, "user-role", role=args.role):
+        accounts = open_accounts(args)
+        try:
+            accounts.set_role(args.name, args.role)
+        finally:
+            accounts.close()
     return EXIT_OK
 
 
 def run_disable(args: argparse.Namespace) -> int:
-    accounts = open_accounts(args)
-    try:
-        accounts.set_disabled(args.name, args.disabled)
-    finally:
-        accounts.close()
+    with audited(args, "user-disable" if args.disabled else "user-enable"):
+        accounts = open_accounts(args)
+        try:
+            accounts.set_disabled(args.name, args.disabled)
+        finally:
+            accounts.close()
     return EXIT_OK
 
 
 def run_address(args: argparse.Namespace) -> int:
-    accounts = open_accounts(args)
-    try:
-        accounts.add_addresses(args.name, args.addresses)
-    finally:
-        accounts.close()
+    with audited(args, "user-address", addresses=list(args.addresses)):
+        accounts = open_accounts(args)
+        try:
+            accounts.add_addresses(args.name, args.addresses)
+        finally:
+            accounts.close()
     return EXIT_OK
 
 
