@@ -7,16 +7,18 @@
                                          drop deleted records' bytes (audited)
     coffer archive keys list             archive key ids, the current one, signing key id
     coffer archive keys rotate [--officer NAME]  new blobs use a new archive key (audited)
-    coffer archive keys escrow --recipient FPR [--gnupghome DIR] [--output FILE]
-    coffer archive keys restore FILE [--gnupghome DIR]
+    coffer archive keys escrow --recipient FPR [--gnupghome DIR] [--output FILE]  (audited)
+    coffer archive keys restore FILE [--gnupghome DIR]                            (audited)
 
 verify exits 1 when it finds any problem (see archive.verify for the codes), 0
 when the archive is intact; warnings (a torn ledger tail or an interrupted batch
 after a crash) do not fail it.
 
-compact and keys rotate change the archive's bytes or keys for an officer, so they
-are audited like expire and repair (archive.audit.record: a database row and an
-``audit`` ledger entry), failures included.  verify, checkpoint and keys list show
+compact, keys rotate, keys escrow and keys restore change the archive's bytes or
+keys, or let its keys leave the server, for an officer, so they are audited like
+expire and repair (archive.audit.record: a database row and an ``audit`` ledger
+entry), failures included (a failed restore only when the archive opens without
+the keys it could not restore).  verify, checkpoint and keys list show
 no message content and change nothing an officer chose, so they are not.
 """
 
@@ -109,6 +111,7 @@ def register(sub: SubParsers) -> None:
                     help="recipient key fingerprint (repeat for several officers)")
     ke.add_argument("--gnupghome", metavar="DIR", help="gpg home holding the recipients' keys")
     ke.add_argument("--output", metavar="FILE", help="write here (default: standard output)")
+    _audited(ke)
     ke.set_defaults(func=cmd_keys_escrow)
     ks = ksub.add_parser(
         "restore", help="write archive keys back from an escrow file (needs the officer's key)",
@@ -118,6 +121,7 @@ def register(sub: SubParsers) -> None:
     add_location_arguments(ks)
     ks.add_argument("file", metavar="FILE", help="the escrow file (ASCII armour)")
     ks.add_argument("--gnupghome", metavar="DIR", help="gpg home holding the officer's key")
+    _audited(ks)
     ks.set_defaults(func=cmd_keys_restore)
 
 
@@ -245,19 +249,30 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_escrow(args: argparse.Namespace) -> int:
+    who = current_officer(args.officer)
     paths = ArchivePaths(data_dir_from_args(args))
-    ring = KeyRing.open(paths.keys, need_signer=False)
-    armored = ring.escrow_export(list(args.recipient),
-                                 Path(args.gnupghome) if args.gnupghome else None)
-    if args.output:
-        out = Path(args.output)
+    with _audit_env(args) as (meta, archive):
+        ring = KeyRing.open(paths.keys, need_signer=False)
+        # Every archive key leaves the server here (encrypted): who, to whom, and where to.
+        detail: dict[str, object] = {"recipients": list(args.recipient), "keys": ring.ids(),
+                                     "output": args.output or "-"}
         try:
-            fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            raise ArchiveError(f"{out}: already exists, not overwriting") from None
-        with os.fdopen(fd, "w", encoding="ascii") as fh:
-            fh.write(armored)
-    else:
+            armored = ring.escrow_export(list(args.recipient),
+                                         Path(args.gnupghome) if args.gnupghome else None)
+            if args.output:
+                out = Path(args.output)
+                try:
+                    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                except FileExistsError:
+                    raise ArchiveError(f"{out}: already exists, not overwriting") from None
+                with os.fdopen(fd, "w", encoding="ascii") as fh:
+                    fh.write(armored)
+        except ArchiveError as exc:
+            record(meta, archive, who, "key-escrow", result_count=0,
+                   detail={**detail, "error": str(exc)})
+            raise
+        record(meta, archive, who, "key-escrow", result_count=len(ring.ids()), detail=detail)
+    if not args.output:
         sys.stdout.write(armored)
     return EXIT_OK
 
@@ -268,10 +283,29 @@ def cmd_keys_restore(args: argparse.Namespace) -> int:
         armored = Path(args.file).read_text(encoding="ascii")
     except (OSError, UnicodeDecodeError) as exc:
         raise ArchiveError(f"{args.file}: cannot read the escrow file ({exc})") from None
-    written = escrow_restore(paths.keys, armored,
-                             Path(args.gnupghome) if args.gnupghome else None)
+    try:
+        written = escrow_restore(paths.keys, armored,
+                                 Path(args.gnupghome) if args.gnupghome else None)
+    except ArchiveError as exc:
+        _audit_restore(args, {"file": args.file, "error": str(exc)}, 0, best_effort=True)
+        raise
+    # Audited after the keys are back: before, the archive may not open (its keys are
+    # what was lost), so there is no ledger to write to yet.
+    _audit_restore(args, {"file": args.file, "restored": written}, len(written))
     print(f"restored archive keys: {', '.join(written) or '(none: all were present)'}")
     return EXIT_OK
+
+
+def _audit_restore(args: argparse.Namespace, detail: dict[str, object], count: int, *,
+                   best_effort: bool = False) -> None:
+    """Record a key restore; a refused one only if the archive opens without the keys."""
+    who = current_officer(args.officer)
+    try:
+        with _audit_env(args) as (meta, archive):
+            record(meta, archive, who, "key-restore", result_count=count, detail=detail)
+    except ArchiveError:
+        if not best_effort:
+            raise
 
 
 def _open(args: argparse.Namespace) -> Archive:

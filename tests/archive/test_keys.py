@@ -11,12 +11,15 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from archive.audit import sha256_text
 from archive.errors import EscrowError, KeyFileError
 from archive.facade import Archive
 from archive.keys import KeyRing
+from archive.metadata import Metadata
 
 
 def mode(path: Path) -> int:
@@ -246,3 +249,59 @@ def test_escrow_restore_brings_back_lost_archive_keys(
     (keys / "archive-k1.key").write_text(json.dumps(doc))
     assert run_coffer(["archive", "keys", "restore", str(escrow), *where]) == 1
     assert "exists with a different key; not overwriting" in capsys.readouterr().err
+
+
+def _audits(data_dir: Path) -> tuple[list[Any], list[dict[str, Any]]]:
+    """The audit rows of the metadata database and the ``audit`` ledger entries."""
+    meta = Metadata.for_data_dir(data_dir)
+    try:
+        rows = list(meta.audit_events())
+    finally:
+        meta.close()
+    with Archive.open(data_dir, create=False) as a:
+        return rows, [e.fields for e in a.ledger.entries() if e.kind == "audit"]
+
+
+def test_escrow_is_audited_with_the_recipients_and_a_refused_one_too(
+    tmp_path: Path, gnupghome: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from archive_verify_cli import run_coffer
+
+    fpr = _officer_key(gnupghome, "officer4@example.com")
+    Archive.open(tmp_path).close()
+    out = tmp_path / "escrow.asc"
+    args = ["archive", "keys", "escrow", "--data-dir", str(tmp_path), "--recipient", fpr,
+            "--gnupghome", str(gnupghome), "--output", str(out), "--officer", "dora"]
+    assert run_coffer(args) == 0
+    assert run_coffer(args) == 1  # the file exists: refused, and audited as refused
+    capsys.readouterr()
+    rows, entries = _audits(tmp_path)
+    assert [(r.who, r.action, r.result_count) for r in rows] == [
+        ("dora", "key-escrow", 1), ("dora", "key-escrow", 0)]
+    assert rows[0].detail == {"recipients": [fpr], "keys": ["k1"], "output": str(out)}
+    assert rows[1].detail["error"] == f"{out}: already exists, not overwriting"
+    assert [e["event"] for e in entries] == [r.id for r in rows]
+    assert entries[0]["who_sha256"] == sha256_text("dora")
+    assert entries[0]["action"] == "key-escrow" and entries[0]["result_count"] == 1
+
+
+def test_restore_is_audited_once_the_keys_are_back(
+    tmp_path: Path, gnupghome: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from archive_verify_cli import run_coffer
+
+    fpr = _officer_key(gnupghome, "officer5@example.com")
+    with Archive.open(tmp_path) as a:
+        escrow = tmp_path / "escrow.asc"
+        escrow.write_text(a.keys.escrow_export([fpr], gnupghome))
+    keys = tmp_path / "archive" / "keys"
+    for name in ("archive-k1.key", "current"):
+        (keys / name).unlink()
+    where = ["--data-dir", str(tmp_path), "--gnupghome", str(gnupghome), "--officer", "erin"]
+    assert run_coffer(["archive", "keys", "restore", str(escrow), *where]) == 0
+    capsys.readouterr()
+    rows, entries = _audits(tmp_path)
+    ((row,), (entry,)) = rows, entries
+    assert (row.who, row.action, row.result_count) == ("erin", "key-restore", 1)
+    assert row.detail == {"file": str(escrow), "restored": ["k1"]}
+    assert entry["event"] == row.id and entry["who_sha256"] == sha256_text("erin")
