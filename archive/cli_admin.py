@@ -13,7 +13,9 @@
 Every command takes ``--data-dir DIR | --config FILE`` and ``--database URL``
 (default $COFFER_ARCHIVE_DB, else DATA_DIR/archive/meta.db); commands that act
 for an officer take ``--officer NAME`` (default $USER).  Holds, releases and
-expiries and repairs are audited in the database and the ledger (archive.audit).
+expiries, imports and repairs are audited in the database and the ledger
+(archive.audit); dry runs, ``reindex`` (derived data), ``audit-db`` and the read-only
+``hold list|show`` and ``audit log`` are not.
 
 There is no command that deletes a message: ``expire`` removes only what
 retention allows and no hold covers (archive.retention).
@@ -37,6 +39,7 @@ from archive.cli_common import (
     add_location_arguments,
     archive_subparsers,
 )
+from archive.errors import ArchiveError
 from archive.facade import Archive
 from archive.holds import HoldInfo, create_hold, get_hold, list_holds, release_hold
 from archive.importer import ImportFailure, ImportReport, import_path
@@ -299,9 +302,22 @@ def cmd_import(args: argparse.Namespace) -> int:
         else:
             print(f"coffer: {f.where}: {f.error}", file=sys.stderr)
 
+    who = current_officer(args.officer)
     with _open(args, create=True) as env:
-        report = import_path(env.meta, env.archive, env.index, path, retention=args.retention,
-                             progress=progress, on_failure=failed)
+        # Messages added to the archive by hand, not by the gateway: audited with what came
+        # in (and what could not), as an expiry is with what went out.
+        detail: dict[str, object] = {"source": str(path), "retention": args.retention}
+        try:
+            report = import_path(env.meta, env.archive, env.index, path,
+                                 retention=args.retention, progress=progress,
+                                 on_failure=failed)
+        except ArchiveError as exc:
+            record(env.meta, env.archive, who, "import", result_count=0,
+                   detail={**detail, "error": str(exc)})
+            raise
+        record(env.meta, env.archive, who, "import", result_count=report.stored,
+               detail={**detail, "found": report.found, "new_blobs": report.new_blobs,
+                       "duplicates": report.duplicates, "failed": len(report.failures)})
     bar.done()
     if args.json:
         print(json.dumps(report.to_json(), ensure_ascii=False))

@@ -14,6 +14,7 @@ from admin_env import Env, ledger_kinds
 from archive_db import *  # noqa: F403 - fixtures: backend, meta, pg_admin
 from archive_db import M1, M2, M3
 
+from archive.audit import sha256_text
 from archive.metadata import Message, Participant
 from gateway.cli import build_parser, main
 
@@ -80,12 +81,33 @@ def test_hold_lifecycle_and_audit_log(env: Env, emls: Path,
     assert code == 2 and "column" in err
 
     code, rows, _ = run(capsys, "audit", "log", "--json", *env.cli_args())
-    assert [(r["who"], r["action"], r["target"], r["result_count"]) for r in rows] == [
+    assert [(r["who"], r["action"], r["target"], r["result_count"]) for r in rows][1:] == [
         ("hugo", "hold", "C-9", 2), ("ines", "release", "C-9", 2)]
+    assert rows[0]["action"] == "import"  # the import before the holds
     code, rows, _ = run(capsys, "audit", "log", "--since", "2999-01-01", "--json",
                         *env.cli_args())
     assert code == 0 and rows == []
-    assert ledger_kinds(env.archive).count("audit") == 2
+    assert ledger_kinds(env.archive).count("audit") == 3
+
+
+def test_import_is_audited_with_the_officer_and_what_came_in(
+        env: Env, emls: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (emls / "junk.eml").write_bytes(b"\x00\x00 garbage")
+    code, _, _ = run(capsys, "archive", "import", str(emls), "--retention", "7y",
+                     "--officer", "ivan", *env.cli_args())
+    assert code == 1  # one file failed: the import is audited all the same
+    code, _, _ = run(capsys, "archive", "import", str(emls), "--officer", "ivan",
+                     *env.cli_args())
+    code, rows, _ = run(capsys, "audit", "log", "--json", *env.cli_args())
+    assert [(r["who"], r["action"], r["result_count"]) for r in rows] == [
+        ("ivan", "import", 3), ("ivan", "import", 0)]
+    assert rows[0]["detail"] == {"source": str(emls), "retention": "7y", "found": 3,
+                                 "new_blobs": 3, "duplicates": 0, "failed": 1}
+    assert rows[1]["detail"]["duplicates"] == 3  # type: ignore[index]
+    entries = [e.fields for e in env.archive.ledger.entries() if e.kind == "audit"]
+    assert [(e["event"], e["action"], e["result_count"]) for e in entries] == [
+        (rows[0]["id"], "import", 3), (rows[1]["id"], "import", 0)]
+    assert entries[0]["who_sha256"] == sha256_text("ivan")
 
 
 def test_expire_dry_run_then_expire_respects_holds(
@@ -148,8 +170,8 @@ def test_search_and_show_are_audited_in_the_ledger(
     code, _, _ = run(capsys, "show", str(rows[0]["id"]), *index, *env.cli_args())
     assert code == 0
     audits = [e.fields for e in env.archive.ledger.entries() if e.kind == "audit"]
-    assert [(a["action"], a.get("result_count")) for a in audits] == [("search", 2),
-                                                                      ("show", 1)]
+    assert [(a["action"], a.get("result_count")) for a in audits] == [
+        ("import", 3), ("search", 2), ("show", 1)]
 
 
 def _commands(parser: argparse.ArgumentParser, prefix: str = "") -> list[str]:
