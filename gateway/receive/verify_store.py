@@ -237,9 +237,12 @@ class VerdictStore:
             self.file.wrote()
             return n
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Close the file; ``wait=False`` (on the loop) does not wait for the purge
+        thread, which may be waiting up to 2 s for another process's lock: it closes
+        its own connection when it stops."""
         if self.purger is not None:
-            self.purger.stop()
+            self.purger.stop(wait)
             self.purger = None
         self.file.close()
 
@@ -295,7 +298,7 @@ class SharedVerifyCache:
         log.event("recipient_cache_unavailable", logging.WARNING, file=str(self.store.path),
                   error=f"{type(exc).__name__}: {exc}",
                   then="verdicts kept in memory by this process")
-        self.store.close()
+        self.store.close(wait=False)
         self.store = None
 
     def close(self) -> None:
