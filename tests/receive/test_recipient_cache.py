@@ -34,6 +34,7 @@ from gateway.receive.addresses import Mailbox
 from gateway.receive.recipient_probe import RecipientGate
 from gateway.receive.recipients import Cached, Verdict
 from gateway.receive.verify_store import FILE_NAME, VerdictStore
+from gateway.shared_db import BUSY_TIMEOUT_MS
 
 
 def _mb(local: str) -> Mailbox:
@@ -145,7 +146,9 @@ async def test_with_the_cache_off_each_gate_remembers_for_itself_and_no_file_is_
 def test_the_file_keeps_at_most_max_rows_dropping_those_that_expire_first(
     tmp_path: Path,
 ) -> None:
-    store = VerdictStore(tmp_path / FILE_NAME, max_rows=2, purge_every=1)
+    # The 2 s busy timeout: the purge thread may hold the lock while a put is made.
+    store = VerdictStore(tmp_path / FILE_NAME, max_rows=2, purge_every=1,
+                         busy_timeout_ms=BUSY_TIMEOUT_MS)
     try:
         for i, ttl in enumerate((300.0, 100.0, 400.0, 200.0)):
             store.put(f"u{i}@{LOCAL}", Cached(Verdict.UNKNOWN, "550", 1000.0 + ttl, 1000.0))

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from gateway.receive.recipients import Cached, Verdict
 from gateway.receive.verify_store import FILE_NAME, PURGE_BATCH, VerdictStore
+from gateway.shared_db import BUSY_TIMEOUT_MS
 
 T0 = 1_000_000.0
 EXPIRED = 200_000
@@ -71,8 +72,11 @@ def _wait_for(cond: Callable[[], bool], what: str) -> None:
 def test_the_loop_s_answers_write_one_verdict_each_and_never_purge(tmp_path: Path) -> None:
     path = tmp_path / FILE_NAME
     _fill(path, EXPIRED, expires=_expired_at_t0)
-    # A purge due at every answer: each of them hands it to the thread.
-    store = VerdictStore(path, purge_every=1)
+    # A purge due at every answer: each of them hands it to the thread.  The CLI's 2 s
+    # busy timeout, not the loop's 5 ms: on a loaded machine a batch (or the index made
+    # on this older file) may hold the lock longer, and an answer not written would be
+    # kept in memory by SharedVerifyCache (tests/gateway/test_shared_db.py), not counted.
+    store = VerdictStore(path, purge_every=1, busy_timeout_ms=BUSY_TIMEOUT_MS)
     try:
         db = store.file.conn()
         for i in range(100):
