@@ -63,7 +63,7 @@ def is_busy(exc: sqlite3.Error) -> bool:
     return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
-def _open(path: Path, busy_timeout_ms: int) -> sqlite3.Connection:
+def open_db(path: Path, busy_timeout_ms: int) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
                          timeout=busy_timeout_ms / 1000)
     try:
@@ -120,7 +120,7 @@ class Checkpointer:
                     break  # closed, or the file was removed (a test's temporary one)
                 try:
                     if db is None:
-                        db = _open(self.path, CHECKPOINTER_BUSY_TIMEOUT_MS)
+                        db = open_db(self.path, CHECKPOINTER_BUSY_TIMEOUT_MS)
                     self.checkpoint(db)
                     failing = False
                 except sqlite3.Error as exc:
@@ -170,7 +170,7 @@ class SharedDb:
         """The open connection (sqlite3.Error if the file cannot be opened or created)."""
         if self._db is None:
             # The schema may wait for another worker creating it at the same moment.
-            db = _open(self.path, BUSY_TIMEOUT_MS)
+            db = open_db(self.path, BUSY_TIMEOUT_MS)
             try:
                 db.executescript(self._schema)  # one or more CREATE statements
                 db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")

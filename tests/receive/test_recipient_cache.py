@@ -8,7 +8,9 @@ or gateway opens the file with its own SQLite connection, as each worker does.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ from gateway.receive.addresses import Mailbox
 from gateway.receive.recipient_probe import RecipientGate
 from gateway.receive.recipients import Cached, Verdict
 from gateway.receive.verify_store import FILE_NAME, VerdictStore
+from gateway.shared_db import BUSY_TIMEOUT_MS
 
 
 def _mb(local: str) -> Mailbox:
@@ -89,8 +92,12 @@ async def test_an_expired_answer_is_asked_again_by_any_gate_and_purged_from_the_
     second = make_gate(gates, cfg, clock)
     assert await second.refusal(_mb("alice")) is None
     assert hop.rcpt_args == [f"TO:<alice@{LOCAL}>", f"TO:<nobody@{LOCAL}>"]
-    await second.refusal(_mb("bob"))  # the second gate's first answer purges expired rows
-    assert _rows_in_file(tmp_path) == [f"alice@{LOCAL}", f"bob@{LOCAL}"]
+    # The second gate's first answer starts its purge of expired rows, in its thread.
+    await second.refusal(_mb("bob"))
+    deadline = time.monotonic() + 30
+    while _rows_in_file(tmp_path) != [f"alice@{LOCAL}", f"bob@{LOCAL}"]:
+        assert time.monotonic() < deadline, _rows_in_file(tmp_path)
+        await asyncio.sleep(0.01)
     refusal = await first.refusal(_mb("nobody"))
     assert refusal is not None and refusal.reply.code == 550
     assert hop.rcpt_args.count(f"TO:<nobody@{LOCAL}>") == 2
@@ -139,10 +146,17 @@ async def test_with_the_cache_off_each_gate_remembers_for_itself_and_no_file_is_
 def test_the_file_keeps_at_most_max_rows_dropping_those_that_expire_first(
     tmp_path: Path,
 ) -> None:
-    store = VerdictStore(tmp_path / FILE_NAME, max_rows=2, purge_every=1)
+    # The 2 s busy timeout: the purge thread may hold the lock while a put is made.
+    store = VerdictStore(tmp_path / FILE_NAME, max_rows=2, purge_every=1,
+                         busy_timeout_ms=BUSY_TIMEOUT_MS)
     try:
         for i, ttl in enumerate((300.0, 100.0, 400.0, 200.0)):
             store.put(f"u{i}@{LOCAL}", Cached(Verdict.UNKNOWN, "550", 1000.0 + ttl, 1000.0))
+        # The purge runs in the store's thread (tests/receive/test_verify_store_purge.py).
+        deadline = time.monotonic() + 30
+        while len(store.rows(1000.0)) > 2:
+            assert time.monotonic() < deadline, "surplus never purged"
+            time.sleep(0.01)
         assert [r.address for r in store.rows(1000.0)] == [f"u0@{LOCAL}", f"u2@{LOCAL}"]
     finally:
         store.close()
