@@ -37,6 +37,19 @@ from gateway.receive.verify_store import FILE_NAME, VerdictStore
 from gateway.shared_db import BUSY_TIMEOUT_MS
 
 
+def _patient(gate: RecipientGate) -> RecipientGate:
+    """``gate`` with its verdicts file waiting 2 s for a lock instead of the loop's 5 ms:
+    on a loaded machine a purge thread descheduled while it holds the lock would make an
+    answer go to memory (correct, tested in tests/gateway/test_shared_db.py), and this
+    file's tests count the rows the file holds."""
+    cache = gate.prober.cache if gate.prober is not None else None
+    store = getattr(cache, "store", None)
+    assert isinstance(store, VerdictStore)
+    store.file.busy_timeout_ms = BUSY_TIMEOUT_MS  # for a connection opened again
+    store.file.conn().execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    return gate
+
+
 def _mb(local: str) -> Mailbox:
     return mailbox(f"{local}@{LOCAL}")
 
@@ -85,11 +98,11 @@ async def test_an_expired_answer_is_asked_again_by_any_gate_and_purged_from_the_
 ) -> None:
     clock = Clock()
     cfg = verify_config(tmp_path, hop.port, positive_ttl="1d", negative_ttl="1h")
-    first = make_gate(gates, cfg, clock)
+    first = _patient(make_gate(gates, cfg, clock))
     await first.refusal(_mb("alice"))
     await first.refusal(_mb("nobody"))
     clock.now += 3600  # the refusal expires, the acceptance holds
-    second = make_gate(gates, cfg, clock)
+    second = _patient(make_gate(gates, cfg, clock))
     assert await second.refusal(_mb("alice")) is None
     assert hop.rcpt_args == [f"TO:<alice@{LOCAL}>", f"TO:<nobody@{LOCAL}>"]
     # The second gate's first answer starts its purge of expired rows, in its thread.
