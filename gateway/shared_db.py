@@ -77,37 +77,39 @@ def open_db(path: Path, busy_timeout_ms: int) -> sqlite3.Connection:
     return db
 
 
-class Checkpointer:
-    """The background thread that checkpoints one file's WAL (see the module docstring)."""
+class FileThread:
+    """A daemon thread working on one shared file over a connection of its own.
 
-    def __init__(self, path: Path, every: float = CHECKPOINT_EVERY,
-                 after_writes: int = CHECKPOINT_AFTER_WRITES,
-                 restart_frames: int = WAL_RESTART_FRAMES) -> None:
+    It runs :meth:`work` when woken (:meth:`wake`) or every ``every`` seconds (None: only
+    when woken).  A failure is logged once per run of failures (``failure_event``) and
+    retried at the next turn on a fresh connection; the thread ends when stopped or when
+    the file is gone (a test's temporary one).  Subclasses set their own attributes
+    before calling ``__init__``, which starts the thread."""
+
+    failure_event = "shared_db_thread_error"
+
+    def __init__(self, path: Path, name: str, busy_timeout_ms: int,
+                 every: float | None = None) -> None:
         self.path = path
         self.every = every
-        self.after_writes = after_writes
-        self.restart_frames = restart_frames
-        self.runs = 0  # checkpoints done (tests read them)
-        self.restarts = 0  # of which RESTART ones
-        self._writes = 0
+        self._busy_timeout_ms = busy_timeout_ms
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"checkpoint {path.name}",
+        self._thread = threading.Thread(target=self._run, name=f"{name} {path.name}",
                                         daemon=True)
         self._thread.start()
 
-    def wrote(self) -> None:
-        """A commit was made on the file: wake the thread after ``after_writes`` of them."""
-        self._writes += 1
-        if self._writes >= self.after_writes:
-            self._writes = 0
-            self._wake.set()
+    def wake(self) -> None:
+        self._wake.set()
 
     def stop(self, wait: bool = True) -> None:
         self._stop.set()
         self._wake.set()
         if wait and self._thread is not threading.current_thread():
             self._thread.join()
+
+    def work(self, db: sqlite3.Connection) -> None:
+        raise NotImplementedError
 
     def _run(self) -> None:
         db: sqlite3.Connection | None = None
@@ -117,18 +119,15 @@ class Checkpointer:
                 self._wake.wait(self.every)
                 self._wake.clear()
                 if self._stop.is_set() or not self.path.exists():
-                    break  # closed, or the file was removed (a test's temporary one)
+                    break
                 try:
                     if db is None:
-                        db = open_db(self.path, CHECKPOINTER_BUSY_TIMEOUT_MS)
-                    self.checkpoint(db)
+                        db = open_db(self.path, self._busy_timeout_ms)
+                    self.work(db)
                     failing = False
                 except sqlite3.Error as exc:
-                    # The store reports an unusable file where it is used; here a failed
-                    # checkpoint is retried at the next turn, on a fresh connection, and
-                    # logged once per run of failures.
                     if not failing:
-                        log.event("shared_db_checkpoint_error", logging.WARNING,
+                        log.event(self.failure_event, logging.WARNING,
                                   file=str(self.path), error=f"{type(exc).__name__}: {exc}")
                     failing = True
                     if db is not None:
@@ -137,6 +136,34 @@ class Checkpointer:
         finally:
             if db is not None:
                 db.close()
+
+
+class Checkpointer(FileThread):
+    """The background thread that checkpoints one file's WAL (see the module docstring);
+    a failed checkpoint is logged ``shared_db_checkpoint_error`` (the store reports an
+    unusable file where it is used)."""
+
+    failure_event = "shared_db_checkpoint_error"
+
+    def __init__(self, path: Path, every: float = CHECKPOINT_EVERY,
+                 after_writes: int = CHECKPOINT_AFTER_WRITES,
+                 restart_frames: int = WAL_RESTART_FRAMES) -> None:
+        self.after_writes = after_writes
+        self.restart_frames = restart_frames
+        self.runs = 0  # checkpoints done (tests read them)
+        self.restarts = 0  # of which RESTART ones
+        self._writes = 0
+        super().__init__(path, "checkpoint", CHECKPOINTER_BUSY_TIMEOUT_MS, every)
+
+    def wrote(self) -> None:
+        """A commit was made on the file: wake the thread after ``after_writes`` of them."""
+        self._writes += 1
+        if self._writes >= self.after_writes:
+            self._writes = 0
+            self.wake()
+
+    def work(self, db: sqlite3.Connection) -> None:
+        self.checkpoint(db)
 
     def checkpoint(self, db: sqlite3.Connection) -> None:
         # frames: the WAL's length when this PASSIVE began, all copied back unless a

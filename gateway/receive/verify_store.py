@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -45,9 +44,9 @@ from gateway.receive.recipients import Cached, Verdict, VerifyCache
 from gateway.shared_db import (
     BUSY_TIMEOUT_MS,
     LOOP_BUSY_TIMEOUT_MS,
+    FileThread,
     SharedDb,
     is_busy,
-    open_db,
 )
 
 FILE_NAME = "recipients.db"
@@ -80,13 +79,15 @@ class VerdictRow:
     answer: Cached
 
 
-class Purger:
+class Purger(FileThread):
     """The background thread that deletes one file's expired and surplus verdicts (see
-    the module docstring)."""
+    the module docstring); a failed purge is logged ``recipient_cache_purge_error`` and
+    tried again at the next wake-up (expired rows are never used meanwhile, only kept)."""
+
+    failure_event = "recipient_cache_purge_error"
 
     def __init__(self, path: Path, max_rows: int, batch: int = PURGE_BATCH,
                  pause: float = PURGE_PAUSE) -> None:
-        self.path = path
         self.max_rows = max_rows
         self.batch = batch
         self.pause = pause
@@ -96,50 +97,15 @@ class Purger:
         self.transactions = 0
         self.largest_transaction = 0
         self._now = 0.0
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"purge {path.name}",
-                                        daemon=True)
-        self._thread.start()
+        super().__init__(path, "purge", BUSY_TIMEOUT_MS)
 
     def due(self, now: float) -> None:
         """Purge what has expired at ``now`` (the verdicts' clock), soon, in the thread."""
         self._now = now
-        self._wake.set()
+        self.wake()
 
-    def stop(self, wait: bool = True) -> None:
-        self._stop.set()
-        self._wake.set()
-        if wait and self._thread is not threading.current_thread():
-            self._thread.join()
-
-    def _run(self) -> None:
-        db: sqlite3.Connection | None = None
-        failing = False
-        try:
-            while True:
-                self._wake.wait()
-                self._wake.clear()
-                if self._stop.is_set() or not self.path.exists():
-                    break
-                try:
-                    if db is None:
-                        db = open_db(self.path, BUSY_TIMEOUT_MS)
-                    self.purge(db, self._now)
-                    failing = False
-                except sqlite3.Error as exc:
-                    # Retried at the next wake-up on a fresh connection; expired rows
-                    # are never used meanwhile, only kept.
-                    if not failing:
-                        log.event("recipient_cache_purge_error", logging.WARNING,
-                                  file=str(self.path), error=f"{type(exc).__name__}: {exc}")
-                    failing = True
-                    if db is not None:
-                        db.close()
-                        db = None
-        finally:
-            if db is not None:
-                db.close()
+    def work(self, db: sqlite3.Connection) -> None:
+        self.purge(db, self._now)
 
     def purge(self, db: sqlite3.Connection, now: float) -> None:
         """Delete, one batch per transaction (autocommit), the rows expired at ``now``,
