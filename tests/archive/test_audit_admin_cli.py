@@ -7,30 +7,17 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 from archive_verify_cli import run_coffer
+from auditkit import audit_rows, ledger_audits
 
 from archive.audit import sha256_text
 from archive.facade import Archive
-from archive.metadata import Metadata
 from archive.verify import verify
 
 MSGS = [b"Subject: compact %d\r\n\r\nbody %d\r\n" % (i, i) for i in range(3)]
 
-
-def audit_rows(data_dir: Path) -> list[Any]:
-    meta = Metadata.for_data_dir(data_dir)
-    try:
-        return list(meta.audit_events())
-    finally:
-        meta.close()
-
-
-def ledger_audits(data_dir: Path) -> list[dict[str, Any]]:
-    with Archive.open(data_dir) as a:
-        return [e.fields for e in a.ledger.entries() if e.kind == "audit"]
 
 
 def test_compact_is_audited_with_the_officer_and_what_it_freed(

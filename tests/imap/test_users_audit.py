@@ -8,13 +8,11 @@ from __future__ import annotations
 import io
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
+from auditkit import audit_rows, ledger_audits
 
 from archive.audit import sha256_text
-from archive.facade import Archive
-from archive.metadata import Metadata
 from gateway.cli import main
 
 
@@ -24,18 +22,6 @@ def coffer(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
     rc = main(list(argv))
     return rc, capsys.readouterr().err
 
-
-def audit_rows(data_dir: Path) -> list[Any]:
-    meta = Metadata.for_data_dir(data_dir)
-    try:
-        return list(meta.audit_events())
-    finally:
-        meta.close()
-
-
-def ledger_audits(data_dir: Path) -> list[dict[str, Any]]:
-    with Archive.open(data_dir, create=False) as a:
-        return [e.fields for e in a.ledger.entries() if e.kind == "audit"]
 
 
 def test_every_account_change_is_audited_with_the_officer_and_no_password(
