@@ -519,11 +519,7 @@ class SmtpClient:
         its replies read in order (§3.2) by a :class:`_ReplyReader`; the same answers."""
         if not rcpts:
             return True
-        protocol = smtp.protocol
-        transport = protocol.transport if protocol is not None else None
-        if protocol is None or transport is None:
-            raise _SessionError(_network_reply(SMTPServerDisconnected("Server not connected"),
-                                               dest))
+        protocol, transport = _group_transport(smtp, dest)
         group = [_line(b"MAIL FROM:", "", options, encoding)]
         group += [_line(b"RCPT TO:", rcpt, (), encoding) for rcpt in rcpts]
         group.append(b"RSET\r\n")  # RFC 5321 §4.1.1.5: the connection can carry another
@@ -531,16 +527,8 @@ class SmtpClient:
         reader = _ReplyReader(protocol)
         transport.set_protocol(reader)
         try:
-            try:
-                protocol.write(b"".join(group))
-                mail = await reader.read(timeout)
-            except (SMTPException, OSError, TimeoutError) as exc:
-                smtp.close()
-                raise _SessionError(_network_reply(exc, dest)) from None
+            mail = await _write_group(smtp, protocol, reader, group, dest, timeout)
             refused = "" if mail.code == 250 else _fmt(mail.code, mail.message)
-            if mail.code == 421:
-                smtp.close()
-                raise _SessionError(refused)
             if not refused:
                 on_mail()
             for rcpt in rcpts:
@@ -666,11 +654,7 @@ class SmtpClient:
         exactly one reply per command written and would drop or strand the
         others of a group.  Connection, TLS, EHLO and RSET stay aiosmtplib's.
         """
-        protocol = smtp.protocol
-        transport = protocol.transport if protocol is not None else None
-        if protocol is None or transport is None:
-            raise _SessionError(_network_reply(SMTPServerDisconnected("Server not connected"),
-                                               dest))
+        protocol, transport = _group_transport(smtp, dest)
         replies: dict[str, str] = {}
         sent: list[str] = []  # the recipients whose RCPT is in the group, in order
         group = [_line(b"MAIL FROM:", sender, options, encoding)]
@@ -685,18 +669,9 @@ class SmtpClient:
         reader = _ReplyReader(protocol)
         transport.set_protocol(reader)
         try:
-            try:
-                protocol.write(b"".join(group))
-                mail = await reader.read(timeout)
-            except (SMTPException, OSError, TimeoutError) as exc:
-                # Nothing judged yet (as a failed MAIL FROM one by one): the session failed.
-                smtp.close()
-                raise _SessionError(_network_reply(exc, dest)) from None
+            mail = await _write_group(smtp, protocol, reader, group, dest, timeout)
             if mail.code != 250:
                 reply = _fmt(mail.code, mail.message)
-                if mail.code == 421:
-                    smtp.close()
-                    raise _SessionError(reply)
                 # The RCPTs and DATA behind a refused MAIL are refused too (503): read
                 # their replies so that the connection stays in step, then RSET.
                 try:
@@ -900,6 +875,39 @@ def _parse_reply(buf: bytearray) -> SMTPResponse | None:
         if line[3:4] != b"-":
             del buf[:offset]
             return SMTPResponse(code, b"\n".join(lines).decode("utf-8", "surrogateescape"))
+
+
+def _group_transport(
+    smtp: aiosmtplib.SMTP, dest: Destination,
+) -> tuple[SMTPProtocol, asyncio.BaseTransport]:
+    """aiosmtplib's protocol and the transport under it, for a command group."""
+    protocol = smtp.protocol
+    transport = protocol.transport if protocol is not None else None
+    if protocol is None or transport is None:
+        raise _SessionError(_network_reply(SMTPServerDisconnected("Server not connected"),
+                                           dest))
+    return protocol, transport
+
+
+async def _write_group(
+    smtp: aiosmtplib.SMTP, protocol: SMTPProtocol, reader: _ReplyReader, group: list[bytes],
+    dest: Destination, timeout: float | None,
+) -> SMTPResponse:
+    """Write an RFC 2920 command group and read the reply to its first command (MAIL).
+
+    A network error or a 421 (RFC 5321 §3.8) closes the session and raises
+    _SessionError: nothing in the group is judged yet, as with a failed MAIL FROM
+    sent one command at a time."""
+    try:
+        protocol.write(b"".join(group))
+        mail = await reader.read(timeout)
+    except (SMTPException, OSError, TimeoutError) as exc:
+        smtp.close()
+        raise _SessionError(_network_reply(exc, dest)) from None
+    if mail.code == 421:
+        smtp.close()
+        raise _SessionError(_fmt(mail.code, mail.message))
+    return mail
 
 
 class _ReplyReader(asyncio.Protocol):
