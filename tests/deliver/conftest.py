@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from grouppeers import GroupServer
 from nexthop import DnsZone, NextHop, TlsPair, make_tls
 
 from gateway.config import Config, DeliveryConfig, DnsConfig, QueueConfig
@@ -48,3 +49,11 @@ def make_cfg(tmp_path: Path) -> Callable[..., Config]:
         )
     return make
 
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[list[GroupServer]]:
+    """The scripted group servers a test starts (grouppeers.GroupServer), stopped at its end."""
+    servers: list[GroupServer] = []
+    yield servers
+    for s in servers:
+        await s.stop()

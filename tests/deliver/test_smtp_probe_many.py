@@ -12,23 +12,14 @@ left unanswered.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 
 import pytest
+from grouppeers import GroupServer, answers
 from nexthop import DROP, NextHop
-from test_smtp_pipelining import GroupServer, answers
 
 from gateway.deliver.smtp import Destination, ProbeResult, SmtpClient
 
 RCPTS = ["a@dst.test", "b@dst.test", "c@dst.test", "d@dst.test"]
-
-
-@pytest.fixture
-async def scripted() -> AsyncIterator[list[GroupServer]]:
-    servers: list[GroupServer] = []
-    yield servers
-    for s in servers:
-        await s.stop()
 
 
 def _client(command_timeout: float = 5.0) -> SmtpClient:
